@@ -1,0 +1,160 @@
+//! The full check of a DPoP-bound request: credentials from the headers,
+//! the access token (from the verified-token cache when it can), the proof
+//! against the request and the token, then the replay cache — last, so a
+//! request that fails any check does not burn its proof.
+
+use super::{AuthError, credentials};
+use crate::dpop::proof::{self, NonceRule, ProofConfig, ProofContext, TokenHash, VerifiedProof};
+use crate::dpop::{Nonces, NormalizedUri, ReplayCache, ReplayError};
+use crate::token::access::{self, TokenClaims, TokenConfig};
+use crate::token::{Jwks, VerifiedTokens};
+use std::sync::Arc;
+
+/// Verifier settings.
+#[derive(Debug, Clone)]
+pub struct VerifierConfig {
+    /// Access-token checks.
+    pub token: TokenConfig,
+    /// Proof checks.
+    pub proof: ProofConfig,
+    /// Most live proofs remembered for replay detection.
+    pub replay_capacity: usize,
+    /// Most verified tokens cached (0 turns the cache off).
+    pub token_cache_capacity: usize,
+    /// Demand server nonces in proofs, valid for this many seconds per slot.
+    pub nonce_slot_secs: Option<u64>,
+}
+
+impl VerifierConfig {
+    /// Defaults: 1M replay entries, 10k cached tokens, no nonces.
+    pub fn new(token: TokenConfig) -> Self {
+        Self {
+            token,
+            proof: ProofConfig::default(),
+            replay_capacity: 1 << 20,
+            token_cache_capacity: 10_000,
+            nonce_slot_secs: None,
+        }
+    }
+}
+
+/// The parts of an HTTP request the check needs.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    /// Method, e.g. `GET`.
+    pub method: &'a str,
+    /// Absolute request URI as this server sees it (scheme, host, path).
+    pub uri: &'a str,
+    /// Every `Authorization` header value.
+    pub authorization: &'a [&'a [u8]],
+    /// Every `DPoP` header value.
+    pub dpop: &'a [&'a [u8]],
+}
+
+/// A request that passed.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The access token's claims.
+    pub token: Arc<TokenClaims>,
+    /// The proof.
+    pub proof: VerifiedProof,
+}
+
+/// Verifies DPoP-bound requests. Share it between threads behind an `Arc`.
+#[derive(Debug)]
+pub struct RequestVerifier {
+    config: VerifierConfig,
+    replay: ReplayCache,
+    tokens: Option<VerifiedTokens>,
+    nonces: Option<Nonces>,
+}
+
+impl RequestVerifier {
+    /// Builds a verifier with its caches.
+    ///
+    /// # Errors
+    /// If the system random source fails (salts and nonce keys).
+    pub fn new(config: VerifierConfig) -> Result<Self, aws_lc_rs::error::Unspecified> {
+        let window = config.proof.max_age + config.proof.max_skew;
+        let replay = ReplayCache::new(config.replay_capacity, window)?;
+        let tokens = (config.token_cache_capacity > 0)
+            .then(|| VerifiedTokens::new(config.token_cache_capacity, config.token.leeway));
+        let nonces = config.nonce_slot_secs.map(Nonces::random).transpose()?;
+        Ok(Self {
+            config,
+            replay,
+            tokens,
+            nonces,
+        })
+    }
+
+    /// Checks one request against the trusted `jwks` at `now`.
+    ///
+    /// # Errors
+    /// The [`AuthError`] to answer with (see [`super::answer`]).
+    pub fn verify(
+        &self,
+        request: &Request<'_>,
+        jwks: &Jwks,
+        now: u64,
+    ) -> Result<Verified, AuthError> {
+        let creds = credentials::parse(request.authorization, request.dpop)?;
+        let uri = NormalizedUri::parse(request.uri).map_err(|_| super::RequestError::Malformed)?;
+        let hash = TokenHash::of(creds.token);
+
+        let token = match self.cached(&hash, jwks, now) {
+            Some(claims) => claims,
+            None => {
+                let claims = Arc::new(access::verify(
+                    creds.token,
+                    jwks,
+                    &self.config.token,
+                    now,
+                    &mut (),
+                )?);
+                if let Some(cache) = &self.tokens {
+                    cache.insert(hash, Arc::clone(&claims), now);
+                }
+                claims
+            }
+        };
+
+        let ctx = ProofContext {
+            method: request.method,
+            uri: &uri,
+            token_hash: Some(&hash),
+            expected_jkt: Some(&token.jkt),
+            nonce: self
+                .nonces
+                .as_ref()
+                .map_or(NonceRule::NotRequired, NonceRule::Issued),
+        };
+        let proof = proof::verify(creds.proof, &ctx, &self.config.proof, now, &mut ())?;
+
+        let key = self.replay.key(&proof.jkt, &proof.jti);
+        let expires_at = proof.iat.saturating_add(self.config.proof.max_age);
+        match self.replay.check_and_insert(key, expires_at, now) {
+            Ok(()) => Ok(Verified { token, proof }),
+            Err(ReplayError::Replayed) => Err(proof::ProofError::Replayed.into()),
+            Err(ReplayError::Full) => Err(AuthError::Overloaded),
+        }
+    }
+
+    /// A cached token, if its signing key is still trusted.
+    fn cached(&self, hash: &TokenHash, jwks: &Jwks, now: u64) -> Option<Arc<TokenClaims>> {
+        let claims = self.tokens.as_ref()?.get(hash, now)?;
+        // A key dropped from the JWKS (rotation past overlap, compromise)
+        // invalidates what it signed, cached or not.
+        jwks.get(&claims.kid).is_some().then_some(claims)
+    }
+
+    /// The HTTP answer for `error`, with a fresh nonce when one is asked for.
+    pub fn answer(&self, error: &AuthError, now: u64) -> super::HttpAnswer {
+        super::answer(error, self.nonces.as_ref().map(|n| n.issue(now)))
+    }
+
+    /// The replay cache (for metrics).
+    pub fn replay_cache(&self) -> &ReplayCache {
+        &self.replay
+    }
+}

@@ -1,0 +1,205 @@
+//! ES256 signing keys.
+//!
+//! The private scalar lives inside aws-lc, whose allocator wipes memory on
+//! free (`OPENSSL_free` cleanses), so dropping a [`SigningKey`] erases it.
+//! PKCS#8 copies we hand out are wrapped in [`Zeroizing`].
+
+use super::jwk::{Jkt, JwkError, PublicKey};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::PemObject;
+use std::fmt;
+use zeroize::Zeroizing;
+
+/// Why a private key could not be loaded or made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Not PEM, or no `PRIVATE KEY` block.
+    #[error("no PKCS#8 \"PRIVATE KEY\" PEM block found")]
+    NotPem,
+    /// PKCS#8, but not a valid P-256 ECDSA key.
+    #[error("not a valid P-256 ECDSA PKCS#8 key")]
+    NotP256,
+    /// The system random source failed.
+    #[error("could not generate a key")]
+    Generate,
+    /// The public half is unusable (should not happen for a key aws-lc made).
+    #[error(transparent)]
+    Public(#[from] JwkError),
+}
+
+/// A P-256 private key that signs ES256 JWS.
+pub struct SigningKey {
+    pair: EcdsaKeyPair,
+    public: PublicKey,
+    jkt: Jkt,
+}
+
+impl SigningKey {
+    /// Generates a fresh key from the system CSPRNG.
+    ///
+    /// # Errors
+    /// [`KeyError::Generate`] if the random source fails.
+    pub fn generate() -> Result<Self, KeyError> {
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
+            .map_err(|_| KeyError::Generate)?;
+        Self::from_pair(pair)
+    }
+
+    /// Loads a key from PKCS#8 DER.
+    ///
+    /// # Errors
+    /// [`KeyError::NotP256`] for anything but a valid P-256 key.
+    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, KeyError> {
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
+            .map_err(|_| KeyError::NotP256)?;
+        Self::from_pair(pair)
+    }
+
+    /// Loads a key from a `-----BEGIN PRIVATE KEY-----` PEM document.
+    ///
+    /// # Errors
+    /// [`KeyError::NotPem`] or [`KeyError::NotP256`].
+    pub fn from_pkcs8_pem(pem: &[u8]) -> Result<Self, KeyError> {
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|_| KeyError::NotPem)?;
+        Self::from_pkcs8_der(der.secret_pkcs8_der())
+    }
+
+    fn from_pair(pair: EcdsaKeyPair) -> Result<Self, KeyError> {
+        let public = PublicKey::from_sec1(pair.public_key().as_ref())?;
+        let jkt = public.thumbprint();
+        Ok(Self { pair, public, jkt })
+    }
+
+    /// The private key as PKCS#8 v1 DER, wiped when dropped.
+    ///
+    /// # Errors
+    /// [`KeyError::NotP256`] if aws-lc cannot serialize it.
+    pub fn to_pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let doc = self.pair.to_pkcs8v1().map_err(|_| KeyError::NotP256)?;
+        Ok(Zeroizing::new(doc.as_ref().to_vec()))
+    }
+
+    /// The private key as a PKCS#8 PEM document, wiped when dropped.
+    ///
+    /// # Errors
+    /// As [`SigningKey::to_pkcs8_der`].
+    pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
+        let der = self.to_pkcs8_der()?;
+        let body = Zeroizing::new(base64_std(&der));
+        let mut pem = Zeroizing::new(String::with_capacity(body.len() + 80));
+        pem.push_str("-----BEGIN PRIVATE KEY-----\n");
+        for line in body.as_bytes().chunks(64) {
+            // The body is base64 text, so every chunk is ASCII.
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END PRIVATE KEY-----\n");
+        Ok(pem)
+    }
+
+    /// The public half.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// The public key's RFC 7638 thumbprint.
+    pub fn thumbprint(&self) -> Jkt {
+        self.jkt
+    }
+
+    /// Signs `message` with ES256, returning the 64-byte `R ‖ S` signature.
+    ///
+    /// # Errors
+    /// Only if aws-lc's signing fails, which it does not for a valid key.
+    pub fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError> {
+        // aws-lc draws its own randomness; the argument exists for ring
+        // API compatibility.
+        let signature = self
+            .pair
+            .sign(&SystemRandom::new(), message)
+            .map_err(|_| SignError)?;
+        let mut out = [0u8; 64];
+        if signature.as_ref().len() != 64 {
+            return Err(SignError);
+        }
+        out.copy_from_slice(signature.as_ref());
+        Ok(out)
+    }
+}
+
+/// Signing failed inside the crypto library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("ES256 signing failed")]
+pub struct SignError;
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("jkt", &self.jkt)
+            .field("private", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Standard (padded) base64 for PEM bodies.
+fn base64_std(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_round_trip_keeps_the_key() {
+        let key = SigningKey::generate().unwrap();
+        let pem = key.to_pkcs8_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        let again = SigningKey::from_pkcs8_pem(pem.as_bytes()).unwrap();
+        assert_eq!(again.thumbprint(), key.thumbprint());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_private_key() {
+        let key = SigningKey::generate().unwrap();
+        let pem = key.to_pkcs8_pem().unwrap();
+        let body: String = pem.lines().nth(1).unwrap().to_owned();
+        let debug = format!("{key:?}");
+        assert!(debug.contains("<redacted>"));
+        assert!(!debug.contains(&body[..20]));
+    }
+
+    #[test]
+    fn garbage_is_not_a_key() {
+        assert_eq!(
+            SigningKey::from_pkcs8_pem(b"hello").unwrap_err(),
+            KeyError::NotPem
+        );
+        assert_eq!(
+            SigningKey::from_pkcs8_der(&[0x30, 0x03, 0x02, 0x01, 0x00]).unwrap_err(),
+            KeyError::NotP256
+        );
+    }
+
+    #[test]
+    fn signatures_are_fixed_64_bytes_and_verify() {
+        let key = SigningKey::generate().unwrap();
+        let sig = key.sign(b"message").unwrap();
+        assert!(
+            key.public_key()
+                .parsed()
+                .verify_sig(b"message", &sig)
+                .is_ok()
+        );
+        assert!(
+            key.public_key()
+                .parsed()
+                .verify_sig(b"messagf", &sig)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,32 @@
+//! JOSE building blocks: strict base64url, strict JSON, P-256 JWKs and
+//! thumbprints, ES256 keys, and the compact JWS parser. Pure: no I/O, no
+//! clock.
+
+pub mod b64;
+pub mod json;
+pub mod jwk;
+pub mod jws;
+pub mod key;
+
+pub use jwk::{Jkt, JwkError, PublicKey};
+pub use jws::{Jws, JwsError, Limits};
+pub use key::{KeyError, SigningKey};
+
+/// Receives each named check of a verification as it passes, so a tool can
+/// print a step-by-step report. The hot path passes `&mut ()`, which does
+/// nothing and compiles away.
+pub trait Observer<C> {
+    /// `check` passed.
+    fn passed(&mut self, check: C);
+}
+
+impl<C> Observer<C> for () {
+    #[inline]
+    fn passed(&mut self, _: C) {}
+}
+
+impl<C> Observer<C> for Vec<C> {
+    fn passed(&mut self, check: C) {
+        self.push(check);
+    }
+}

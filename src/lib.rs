@@ -1,0 +1,25 @@
+//! tally: DPoP-bound workload identity for service meshes.
+//!
+//! # Layout
+//!
+//! - [`jose`]: strict base64url and JSON, P-256 JWKs and RFC 7638
+//!   thumbprints, ES256 keys, the compact JWS parser.
+//! - [`identity`]: SPIFFE IDs.
+//! - [`dpop`]: RFC 9449 proofs (mint and verify), `htu` normalization, the
+//!   replay cache and stateless server nonces.
+//! - [`token`]: RFC 9068 access tokens (mint and verify), JWKS key sets, the
+//!   verified-token cache.
+//! - [`auth`]: a whole DPoP-bound request check, and the one mapping from
+//!   failures to HTTP status and `WWW-Authenticate`.
+//! - [`cli`]: the `tally` command line (thin: parses and calls the above).
+//!
+//! Everything but [`cli`] is pure: checks take bytes and a `now` (Unix
+//! seconds) and return typed results.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod dpop;
+pub mod identity;
+pub mod jose;
+pub mod token;
