@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cli;
 pub mod dpop;
 pub mod identity;
 pub mod jose;

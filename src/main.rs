@@ -1,1 +1,32 @@
-fn main() {}
+//! The `tally` binary: parse the command line, start tracing, run, and map
+//! the outcome to an exit code (64 for bad usage, as sysexits.h says).
+
+use clap::Parser as _;
+use std::process::ExitCode;
+use tally::cli::{Cli, EXIT_USAGE};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version are not errors.
+            let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match tally::cli::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("tally: error: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The `tally` command line. Thin: each command parses its arguments, calls
+//! the library, and prints.
+
+/// `println!` that does not panic when the reader has gone (`| head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+mod dpop;
+mod token;
+
+use clap::{Args, Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Exit code for bad usage or configuration (sysexits.h `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for a feature this build does not have yet
+/// (sysexits.h `EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// tally: DPoP-bound workload identity for service meshes.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// DPoP proofs: verify one step by step, sign one, make a key.
+    #[command(subcommand)]
+    Dpop(dpop::DpopCommand),
+    /// Access tokens: inspect one.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Run the broker (not in this build yet).
+    Broker(NotYet),
+    /// Run a sidecar (not in this build yet).
+    Sidecar(NotYet),
+    /// Run the Kubernetes admission webhook (not in this build yet).
+    Injector(NotYet),
+    /// Administer a broker (not in this build yet).
+    Ctl(NotYet),
+    /// Run the loopback demo (not in this build yet).
+    Demo(NotYet),
+}
+
+/// Arguments of a subcommand this build does not implement yet.
+#[derive(Debug, Args)]
+pub struct NotYet {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad arguments or input files.
+    #[error("{0}")]
+    Usage(String),
+    /// The subcommand exists in the design but not in this build.
+    #[error("`tally {0}` is not implemented in this build yet")]
+    NotImplemented(&'static str),
+    /// Anything else.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => EXIT_USAGE,
+            Self::NotImplemented(_) => EXIT_UNAVAILABLE,
+            Self::Failed(_) => 1,
+        }
+    }
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+/// [`CliError`], whose [`CliError::exit_code`] the binary exits with.
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Dpop(cmd) => dpop::run(cmd),
+        Command::Token(cmd) => token::run(cmd),
+        Command::Broker(_) => Err(CliError::NotImplemented("broker")),
+        Command::Sidecar(_) => Err(CliError::NotImplemented("sidecar")),
+        Command::Injector(_) => Err(CliError::NotImplemented("injector")),
+        Command::Ctl(_) => Err(CliError::NotImplemented("ctl")),
+        Command::Demo(_) => Err(CliError::NotImplemented("demo")),
+    }
+}
+
+/// Seconds since the Unix epoch from the wall clock: only the CLI shell
+/// reads it; the core is always handed `now`.
+pub(crate) fn wall_clock_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads a value given on the command line, or standard input for `-`
+/// (keeps tokens out of shell history and `ps`).
+pub(crate) fn arg_or_stdin(value: &str) -> Result<String, CliError> {
+    if value != "-" {
+        return Ok(value.to_owned());
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(std::io::stdin(), 64 * 1024), &mut text)
+        .map_err(|e| CliError::Usage(format!("reading standard input: {e}")))?;
+    Ok(text.trim().to_owned())
+}
