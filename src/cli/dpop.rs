@@ -1,8 +1,10 @@
 //! `tally dpop verify|sign|keygen`.
 
 use super::{CliError, arg_or_stdin, wall_clock_now};
-use crate::dpop::proof::{self, NonceRule, ProofCheck, ProofConfig, ProofContext, ProofKey, TokenHash};
 use crate::dpop::NormalizedUri;
+use crate::dpop::proof::{
+    self, NonceRule, ProofCheck, ProofConfig, ProofContext, ProofKey, TokenHash,
+};
 use crate::jose::SigningKey;
 use crate::token::access::{self, TokenCheck, TokenConfig};
 use crate::token::{Audience, Jwks};
@@ -120,7 +122,13 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
         report(&all_token_checks(), &passed, result.as_ref().err());
         match result {
             Ok(claims) => {
-                say!("  token: sub={} jti={} scope=\"{}\" exp={}", claims.sub, claims.jti, claims.scope, claims.exp);
+                say!(
+                    "  token: sub={} jti={} scope=\"{}\" exp={}",
+                    claims.sub,
+                    claims.jti,
+                    claims.scope,
+                    claims.exp
+                );
                 expected_jkt = Some(claims.jkt);
             }
             Err(e) => {
@@ -136,7 +144,10 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
         uri: &uri,
         token_hash: hash.as_ref(),
         expected_jkt: expected_jkt.as_ref(),
-        nonce: args.nonce.as_deref().map_or(NonceRule::NotRequired, NonceRule::Exact),
+        nonce: args
+            .nonce
+            .as_deref()
+            .map_or(NonceRule::NotRequired, NonceRule::Exact),
     };
     let config = ProofConfig {
         max_age: args.window,
@@ -157,7 +168,9 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
         .collect();
     report(&applicable, &passed, result.as_ref().err());
     if token_text.is_some() && args.jwks.is_none() {
-        say!("note: the access token itself was NOT verified (no --jwks): it was treated as opaque and only ath was checked against it");
+        say!(
+            "note: the access token itself was NOT verified (no --jwks): it was treated as opaque and only ath was checked against it"
+        );
     }
     if token_text.is_none() {
         say!("note: no --token given, so ath and the key binding were not checked");
@@ -191,12 +204,26 @@ fn report<C: Copy + PartialEq + Display>(all: &[C], passed: &[C], error: Option<
 
 fn all_proof_checks() -> Vec<ProofCheck> {
     use ProofCheck::*;
-    vec![Syntax, Typ, Jwk, Signature, Jti, Htm, Htu, Iat, Ath, KeyBinding, Nonce]
+    vec![
+        Syntax, Typ, Jwk, Signature, Jti, Htm, Htu, Iat, Ath, KeyBinding, Nonce,
+    ]
 }
 
 fn all_token_checks() -> Vec<TokenCheck> {
     use TokenCheck::*;
-    vec![Syntax, Typ, Kid, Signature, Issuer, Audience, Subject, Times, Jti, Confirmation, ScopeAndClass]
+    vec![
+        Syntax,
+        Typ,
+        Kid,
+        Signature,
+        Issuer,
+        Audience,
+        Subject,
+        Times,
+        Jti,
+        Confirmation,
+        ScopeAndClass,
+    ]
 }
 
 fn read_jwks(path: &PathBuf) -> Result<Jwks, CliError> {
@@ -206,7 +233,8 @@ fn read_jwks(path: &PathBuf) -> Result<Jwks, CliError> {
 
 fn read_limited(path: &PathBuf, max: u64) -> Result<Vec<u8>, CliError> {
     use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
     let mut bytes = Vec::new();
     file.take(max)
         .read_to_end(&mut bytes)
@@ -219,7 +247,8 @@ fn sign(args: &SignArgs) -> Result<ExitCode, CliError> {
     let key = SigningKey::from_pkcs8_pem(&pem)
         .map_err(|e| CliError::Usage(format!("{}: {e}", args.key.display())))?;
     let token = args.token.as_deref().map(arg_or_stdin).transpose()?;
-    NormalizedUri::parse(&args.url).map_err(|e| CliError::Usage(format!("--url {:?}: {e}", args.url)))?;
+    NormalizedUri::parse(&args.url)
+        .map_err(|e| CliError::Usage(format!("--url {:?}: {e}", args.url)))?;
     let proof = ProofKey::new(key)
         .mint(
             &args.method,
@@ -235,7 +264,9 @@ fn sign(args: &SignArgs) -> Result<ExitCode, CliError> {
 
 fn keygen(out: Option<PathBuf>) -> Result<ExitCode, CliError> {
     let key = SigningKey::generate().map_err(|e| CliError::Failed(e.to_string()))?;
-    let pem = key.to_pkcs8_pem().map_err(|e| CliError::Failed(e.to_string()))?;
+    let pem = key
+        .to_pkcs8_pem()
+        .map_err(|e| CliError::Failed(e.to_string()))?;
     match out {
         Some(path) => {
             use std::os::unix::fs::OpenOptionsExt as _;

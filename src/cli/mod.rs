@@ -114,7 +114,10 @@ pub(crate) fn arg_or_stdin(value: &str) -> Result<String, CliError> {
         return Ok(value.to_owned());
     }
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::io::Read::take(std::io::stdin(), 64 * 1024), &mut text)
-        .map_err(|e| CliError::Usage(format!("reading standard input: {e}")))?;
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::io::stdin(), 64 * 1024),
+        &mut text,
+    )
+    .map_err(|e| CliError::Usage(format!("reading standard input: {e}")))?;
     Ok(text.trim().to_owned())
 }

@@ -35,8 +35,8 @@ fn inspect(token: &str) -> Result<ExitCode, CliError> {
         )));
     }
     let decode = |segment: &str, name: &str| -> Result<Map<String, Value>, CliError> {
-        let bytes = b64::decode(segment.as_bytes())
-            .map_err(|e| CliError::Usage(format!("{name}: {e}")))?;
+        let bytes =
+            b64::decode(segment.as_bytes()).map_err(|e| CliError::Usage(format!("{name}: {e}")))?;
         json::parse_object(&bytes).map_err(|e| CliError::Usage(format!("{name}: {e}")))
     };
     let header = decode(parts[0], "header")?;
@@ -60,11 +60,19 @@ fn inspect(token: &str) -> Result<ExitCode, CliError> {
 }
 
 fn describe_time(secs: u64, now: u64) -> String {
-    let stamp = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs.min(253_402_300_799)));
+    let stamp = humantime::format_rfc3339_seconds(
+        UNIX_EPOCH + Duration::from_secs(secs.min(253_402_300_799)),
+    );
     let relative = if secs >= now {
-        format!("in {}", humantime::format_duration(Duration::from_secs(secs - now)))
+        format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(secs - now))
+        )
     } else {
-        format!("{} ago", humantime::format_duration(Duration::from_secs(now - secs)))
+        format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(now - secs))
+        )
     };
     format!("{secs} = {stamp} ({relative})")
 }

@@ -1,0 +1,201 @@
+//! The `tally` binary, run as a user would: exit codes and output.
+
+mod support;
+
+use std::process::{Command, Output};
+use support::*;
+
+const FIGURE_13: &str = "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19.eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFFbyJ9.2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA";
+
+fn tally(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn dpop_verify_accepts_the_rfc_proof_and_says_the_token_was_opaque() {
+    let o = tally(&[
+        "dpop",
+        "verify",
+        "--proof",
+        FIGURE_13,
+        "--method",
+        "GET",
+        "--url",
+        "https://resource.example.org/protectedresource",
+        "--token",
+        "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU",
+        "--now",
+        "1562262618",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(out.contains("ok    ath matches the access token"));
+    assert!(out.contains("NOT verified"));
+    assert!(out.contains("VALID"));
+}
+
+#[test]
+fn dpop_verify_names_the_failed_check_and_exits_1() {
+    let o = tally(&[
+        "dpop",
+        "verify",
+        "--proof",
+        FIGURE_13,
+        "--method",
+        "GET",
+        "--url",
+        "https://resource.example.org/elsewhere",
+        "--now",
+        "1562262618",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains("FAIL  htu matches the request URI"));
+    assert!(out.contains("(not reached)"));
+    assert!(out.contains("INVALID"));
+}
+
+#[test]
+fn dpop_verify_checks_a_real_token_against_a_jwks_file() {
+    let fx = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, fx.jwks.to_json().to_string()).unwrap();
+    let token = fx.token();
+    let proof = fx.proof(token.expose());
+    let now = NOW.to_string();
+    let base = [
+        "dpop",
+        "verify",
+        "--proof",
+        &proof,
+        "--method",
+        "POST",
+        "--url",
+        URL,
+        "--token",
+        token.expose(),
+        "--jwks",
+        jwks.to_str().unwrap(),
+        "--issuer",
+        ISSUER,
+        "--now",
+        &now,
+    ];
+    let o = tally(&[&base[..], &["--audience", SERVICE]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("ok    proof key thumbprint matches the token's cnf.jkt"));
+    let o = tally(&[&base[..], &["--audience", "spiffe://example.org/ns/x/sa/y"]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("FAIL  aud includes the expected audience"));
+}
+
+#[test]
+fn bad_usage_exits_64() {
+    assert_eq!(
+        tally(&["dpop", "verify", "--method", "GET"]).status.code(),
+        Some(64)
+    );
+    assert_eq!(tally(&["no-such-command"]).status.code(), Some(64));
+    let o = tally(&[
+        "dpop", "verify", "--proof", "x", "--method", "GET", "--url", "ftp://x",
+    ]);
+    assert_eq!(o.status.code(), Some(64));
+    // --jwks needs --issuer and --audience.
+    let o = tally(&[
+        "dpop",
+        "verify",
+        "--proof",
+        "x",
+        "--method",
+        "GET",
+        "--url",
+        "https://a/",
+        "--token",
+        "t",
+        "--jwks",
+        "f",
+    ]);
+    assert_eq!(o.status.code(), Some(64));
+}
+
+#[test]
+fn unbuilt_subcommands_refuse_to_run() {
+    for cmd in ["broker", "sidecar", "injector", "ctl", "demo"] {
+        let o = tally(&[cmd]);
+        assert_eq!(o.status.code(), Some(69), "{cmd}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not implemented"));
+    }
+}
+
+#[test]
+fn keygen_sign_and_verify_round_trip_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("dpop.pem");
+    let k = key.to_str().unwrap();
+    assert_eq!(
+        tally(&["dpop", "keygen", "--out", k]).status.code(),
+        Some(0)
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Never overwrites a key.
+    assert_eq!(
+        tally(&["dpop", "keygen", "--out", k]).status.code(),
+        Some(64)
+    );
+    let o = tally(&[
+        "dpop",
+        "sign",
+        "--key",
+        k,
+        "--method",
+        "GET",
+        "--url",
+        "https://api.example/x?y=1",
+        "--token",
+        "tok",
+        "--now",
+        "1800000000",
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    let proof = stdout(&o).trim().to_owned();
+    let o = tally(&[
+        "dpop",
+        "verify",
+        "--proof",
+        &proof,
+        "--method",
+        "GET",
+        "--url",
+        "https://API.example:443/x",
+        "--token",
+        "tok",
+        "--now",
+        "1800000010",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
+#[test]
+fn token_inspect_marks_output_unverified() {
+    let fx = Fixture::new();
+    let token = fx.token();
+    let o = tally(&["token", "inspect", token.expose()]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    assert!(out.starts_with("UNVERIFIED"));
+    assert!(out.contains(CALLER));
+    assert!(out.contains("exp 1800000300 = 2027-01-15T08:05:00Z"));
+    assert_eq!(tally(&["token", "inspect", "a.b"]).status.code(), Some(64));
+}
