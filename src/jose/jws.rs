@@ -213,7 +213,11 @@ fn check_header(header: &Map<String, Value>) -> Result<(), JwsError> {
     if alg != ALG_ES256 {
         return Err(if alg.eq_ignore_ascii_case("none") {
             JwsError::AlgNone
-        } else if alg.len() >= 2 && alg[..2].eq_ignore_ascii_case("hs") {
+        } else if alg
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"hs"))
+        {
             JwsError::AlgHmac(truncate(alg))
         } else {
             JwsError::AlgNotAllowed(truncate(alg))
@@ -367,6 +371,20 @@ mod tests {
         }
         let text = make(&json!({"typ":"jwt"}), &json!({}), &key);
         assert_eq!(parse(&text).unwrap_err(), JwsError::AlgMissing);
+    }
+
+    #[test]
+    fn multibyte_alg_is_rejected_without_panicking() {
+        // Found by fuzzing: the HMAC prefix check sliced `alg` at byte 2,
+        // inside a multi-byte character.
+        let key = SigningKey::generate().unwrap();
+        for alg in ["4\u{d5}\u{91}C6", "H\u{e9}256", "\u{1f600}"] {
+            let text = make(&json!({"alg": alg}), &json!({}), &key);
+            assert!(
+                matches!(parse(&text), Err(JwsError::AlgNotAllowed(_))),
+                "{alg}"
+            );
+        }
     }
 
     #[test]
