@@ -9,6 +9,9 @@ use tally::jose::jws::JwsError;
 use tally::jose::{SigningKey, b64};
 use tally::token::{ClaimValueError, TokenCheck, TokenError, verify};
 
+/// A named hostile token and the error it must get.
+type Case = (&'static str, String, fn(&TokenError) -> bool);
+
 fn refused(fx: &Fixture, token: &str) -> TokenError {
     verify(token, &fx.jwks, &fx.token_config(), NOW, &mut ()).unwrap_err()
 }
@@ -99,7 +102,7 @@ fn hostile_tokens_are_refused() {
         sign_raw(&h, &claims, &attacker)
     };
 
-    let cases: Vec<(&str, String, fn(&TokenError) -> bool)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "expired",
             with(|c| {

@@ -15,10 +15,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 const SHARDS: usize = 16;
 
+type Shard = Mutex<HashMap<TokenHash, Arc<TokenClaims>>>;
+
 /// Verified tokens by hash.
 #[derive(Debug)]
 pub struct VerifiedTokens {
-    shards: Box<[Mutex<HashMap<TokenHash, Arc<TokenClaims>>>]>,
+    shards: Box<[Shard]>,
     shard_capacity: usize,
     leeway: u64,
 }
@@ -33,7 +35,7 @@ impl VerifiedTokens {
         }
     }
 
-    fn shard(&self, hash: &TokenHash) -> &Mutex<HashMap<TokenHash, Arc<TokenClaims>>> {
+    fn shard(&self, hash: &TokenHash) -> &Shard {
         &self.shards[usize::from(hash.as_bytes()[0]) % SHARDS]
     }
 
