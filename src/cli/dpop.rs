@@ -119,7 +119,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
         say!("access token");
         let mut passed = Vec::new();
         let result = access::verify(token, &jwks, &config, now, &mut passed);
-        report(&all_token_checks(), &passed, result.as_ref().err());
+        report(&TokenCheck::ALL, &passed, result.as_ref().err());
         match result {
             Ok(claims) => {
                 say!(
@@ -157,7 +157,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
     say!("DPoP proof");
     let mut passed = Vec::new();
     let result = proof::verify(&proof_text, &ctx, &config, now, &mut passed);
-    let applicable: Vec<ProofCheck> = all_proof_checks()
+    let applicable: Vec<ProofCheck> = ProofCheck::ALL
         .into_iter()
         .filter(|c| match c {
             ProofCheck::Ath => hash.is_some(),
@@ -200,30 +200,6 @@ fn report<C: Copy + PartialEq + Display>(all: &[C], passed: &[C], error: Option<
             say!("  --    {check} (not reached)");
         }
     }
-}
-
-fn all_proof_checks() -> Vec<ProofCheck> {
-    use ProofCheck::*;
-    vec![
-        Syntax, Typ, Jwk, Signature, Jti, Htm, Htu, Iat, Ath, KeyBinding, Nonce,
-    ]
-}
-
-fn all_token_checks() -> Vec<TokenCheck> {
-    use TokenCheck::*;
-    vec![
-        Syntax,
-        Typ,
-        Kid,
-        Signature,
-        Issuer,
-        Audience,
-        Subject,
-        Times,
-        Jti,
-        Confirmation,
-        ScopeAndClass,
-    ]
 }
 
 fn read_jwks(path: &PathBuf) -> Result<Jwks, CliError> {

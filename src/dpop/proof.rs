@@ -9,6 +9,7 @@
 
 use super::htu::{NormalizedUri, UriError, strip_query_and_fragment};
 use super::nonce::{NonceError, Nonces};
+use crate::jose::claims::{self, ClaimError};
 use crate::jose::jws::{self, Jws, JwsError, Limits};
 use crate::jose::key::SignError;
 use crate::jose::{Jkt, JwkError, Observer, PublicKey, SigningKey, b64};
@@ -142,6 +143,23 @@ pub enum ProofCheck {
     KeyBinding,
     /// `nonce` accepted.
     Nonce,
+}
+
+impl ProofCheck {
+    /// Every check, in the order they run.
+    pub const ALL: [Self; 11] = [
+        Self::Syntax,
+        Self::Typ,
+        Self::Jwk,
+        Self::Signature,
+        Self::Jti,
+        Self::Htm,
+        Self::Htu,
+        Self::Iat,
+        Self::Ath,
+        Self::KeyBinding,
+        Self::Nonce,
+    ];
 }
 
 impl fmt::Display for ProofCheck {
@@ -303,7 +321,7 @@ pub fn verify(
     observer.passed(ProofCheck::Signature);
 
     let claims = jws.payload();
-    let jti = string_claim(claims, "jti")?;
+    let jti = claims::string(claims, "jti")?;
     if jti.is_empty() {
         return Err(ProofError::JtiEmpty);
     }
@@ -315,7 +333,7 @@ pub fn verify(
     }
     observer.passed(ProofCheck::Jti);
 
-    let htm = string_claim(claims, "htm")?;
+    let htm = claims::string(claims, "htm")?;
     if htm != ctx.method {
         return Err(ProofError::HtmMismatch {
             expected: jws::truncate(ctx.method),
@@ -324,7 +342,8 @@ pub fn verify(
     }
     observer.passed(ProofCheck::Htm);
 
-    let htu = NormalizedUri::parse(string_claim(claims, "htu")?).map_err(ProofError::HtuInvalid)?;
+    let htu =
+        NormalizedUri::parse(claims::string(claims, "htu")?).map_err(ProofError::HtuInvalid)?;
     if &htu != ctx.uri {
         return Err(ProofError::HtuMismatch {
             expected: jws::truncate(ctx.uri.as_str()),
@@ -333,7 +352,7 @@ pub fn verify(
     }
     observer.passed(ProofCheck::Htu);
 
-    let iat = integer_claim(claims, "iat")?;
+    let iat = claims::integer(claims, "iat")?;
     if iat.saturating_add(config.max_age) < now {
         return Err(ProofError::IatTooOld {
             iat,
@@ -351,16 +370,7 @@ pub fn verify(
     observer.passed(ProofCheck::Iat);
 
     if let Some(expected) = ctx.token_hash {
-        let ath = match claims.get("ath") {
-            None => return Err(ProofError::AthMissing),
-            Some(Value::String(s)) => s,
-            Some(_) => {
-                return Err(ProofError::ClaimType {
-                    claim: "ath",
-                    expected: "a string",
-                });
-            }
-        };
+        let ath = claims::optional_string(claims, "ath")?.ok_or(ProofError::AthMissing)?;
         // Compare digests, not strings: one canonical encoding only.
         let found = b64::decode_array::<32>(ath.as_bytes()).map_err(|_| ProofError::AthMismatch)?;
         if found != expected.0 {
@@ -403,41 +413,15 @@ pub fn verify(
 }
 
 fn nonce_claim(claims: &Map<String, Value>) -> Result<&str, ProofError> {
-    match claims.get("nonce") {
-        None => Err(ProofError::NonceMissing),
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(ProofError::ClaimType {
-            claim: "nonce",
-            expected: "a string",
-        }),
-    }
+    claims::optional_string(claims, "nonce")?.ok_or(ProofError::NonceMissing)
 }
 
-fn string_claim<'a>(
-    claims: &'a Map<String, Value>,
-    name: &'static str,
-) -> Result<&'a str, ProofError> {
-    match claims.get(name) {
-        None => Err(ProofError::MissingClaim(name)),
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(ProofError::ClaimType {
-            claim: name,
-            expected: "a string",
-        }),
-    }
-}
-
-fn integer_claim(claims: &Map<String, Value>, name: &'static str) -> Result<u64, ProofError> {
-    match claims.get(name) {
-        None => Err(ProofError::MissingClaim(name)),
-        Some(Value::Number(n)) => n.as_u64().ok_or(ProofError::ClaimType {
-            claim: name,
-            expected: "a non-negative integer",
-        }),
-        Some(_) => Err(ProofError::ClaimType {
-            claim: name,
-            expected: "a non-negative integer",
-        }),
+impl From<ClaimError> for ProofError {
+    fn from(e: ClaimError) -> Self {
+        match e {
+            ClaimError::Missing(name) => Self::MissingClaim(name),
+            ClaimError::WrongType { claim, expected } => Self::ClaimType { claim, expected },
+        }
     }
 }
 

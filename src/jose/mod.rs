@@ -3,6 +3,7 @@
 //! clock.
 
 pub mod b64;
+pub mod claims;
 pub mod json;
 pub mod jwk;
 pub mod jws;

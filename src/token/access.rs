@@ -9,6 +9,7 @@
 use super::claims::{Audience, ClaimValueError, Scopes, TokenClass};
 use super::jwks::Jwks;
 use crate::identity::{SpiffeId, SpiffeIdError};
+use crate::jose::claims::{self, ClaimError};
 use crate::jose::jws::{self, Jws, JwsError, Limits};
 use crate::jose::key::SignError;
 use crate::jose::{Jkt, Observer, SigningKey, b64};
@@ -123,6 +124,23 @@ pub enum TokenCheck {
     Confirmation,
     /// `scope` and `tcl` well-formed.
     ScopeAndClass,
+}
+
+impl TokenCheck {
+    /// Every check, in the order they run.
+    pub const ALL: [Self; 11] = [
+        Self::Syntax,
+        Self::Typ,
+        Self::Kid,
+        Self::Signature,
+        Self::Issuer,
+        Self::Audience,
+        Self::Subject,
+        Self::Times,
+        Self::Jti,
+        Self::Confirmation,
+        Self::ScopeAndClass,
+    ];
 }
 
 impl fmt::Display for TokenCheck {
@@ -274,7 +292,7 @@ pub fn verify(
     observer.passed(TokenCheck::Signature);
 
     let claims = jws.payload();
-    let iss = string_claim(claims, "iss")?;
+    let iss = claims::string(claims, "iss")?;
     if iss != config.issuer {
         return Err(TokenError::IssuerMismatch {
             expected: config.issuer.clone(),
@@ -291,19 +309,16 @@ pub fn verify(
     }
     observer.passed(TokenCheck::Audience);
 
-    let sub_text = string_claim(claims, "sub")?;
+    let sub_text = claims::string(claims, "sub")?;
     let sub: SpiffeId = sub_text.parse().map_err(TokenError::Subject)?;
-    if string_claim(claims, "client_id")? != sub_text {
+    if claims::string(claims, "client_id")? != sub_text {
         return Err(TokenError::ClientIdMismatch);
     }
     observer.passed(TokenCheck::Subject);
 
-    let exp = integer_claim(claims, "exp")?;
-    let iat = integer_claim(claims, "iat")?;
-    let nbf = match claims.get("nbf") {
-        None => None,
-        Some(_) => Some(integer_claim(claims, "nbf")?),
-    };
+    let exp = claims::integer(claims, "exp")?;
+    let iat = claims::integer(claims, "iat")?;
+    let nbf = claims::optional_integer(claims, "nbf")?;
     if now >= exp.saturating_add(config.leeway) {
         return Err(TokenError::Expired { exp, now });
     }
@@ -320,7 +335,7 @@ pub fn verify(
     }
     observer.passed(TokenCheck::Times);
 
-    let jti = string_claim(claims, "jti")?;
+    let jti = claims::string(claims, "jti")?;
     if jti.is_empty() || jti.len() > config.max_jti_len {
         return Err(TokenError::Jti {
             max: config.max_jti_len,
@@ -338,20 +353,21 @@ pub fn verify(
             });
         }
     };
-    let jkt: Jkt = match cnf.get("jkt") {
-        None => return Err(TokenError::MissingClaim("cnf.jkt")),
-        Some(Value::String(s)) => s.parse().map_err(|_| TokenError::Confirmation)?,
-        Some(_) => {
+    // Errors name the claim by its full path, cnf.jkt.
+    let jkt: Jkt = match claims::string(cnf, "jkt") {
+        Ok(text) => text.parse().map_err(|_| TokenError::Confirmation)?,
+        Err(ClaimError::Missing(_)) => return Err(TokenError::MissingClaim("cnf.jkt")),
+        Err(ClaimError::WrongType { expected, .. }) => {
             return Err(TokenError::ClaimType {
                 claim: "cnf.jkt",
-                expected: "a string",
+                expected,
             });
         }
     };
     observer.passed(TokenCheck::Confirmation);
 
-    let scope: Scopes = string_claim(claims, "scope")?.parse()?;
-    let class: TokenClass = string_claim(claims, "tcl")?.parse()?;
+    let scope: Scopes = claims::string(claims, "scope")?.parse()?;
+    let class: TokenClass = claims::string(claims, "tcl")?.parse()?;
     observer.passed(TokenCheck::ScopeAndClass);
 
     Ok(TokenClaims {
@@ -391,29 +407,12 @@ fn audiences(claims: &Map<String, Value>) -> Result<Vec<Audience>, TokenError> {
     }
 }
 
-fn string_claim<'a>(
-    claims: &'a Map<String, Value>,
-    name: &'static str,
-) -> Result<&'a str, TokenError> {
-    match claims.get(name) {
-        None => Err(TokenError::MissingClaim(name)),
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(TokenError::ClaimType {
-            claim: name,
-            expected: "a string",
-        }),
-    }
-}
-
-fn integer_claim(claims: &Map<String, Value>, name: &'static str) -> Result<u64, TokenError> {
-    let wrong = TokenError::ClaimType {
-        claim: name,
-        expected: "a non-negative integer",
-    };
-    match claims.get(name) {
-        None => Err(TokenError::MissingClaim(name)),
-        Some(Value::Number(n)) => n.as_u64().ok_or(wrong),
-        Some(_) => Err(wrong),
+impl From<ClaimError> for TokenError {
+    fn from(e: ClaimError) -> Self {
+        match e {
+            ClaimError::Missing(name) => Self::MissingClaim(name),
+            ClaimError::WrongType { claim, expected } => Self::ClaimType { claim, expected },
+        }
     }
 }
 
