@@ -15,9 +15,11 @@
 //!   expiry); beyond that the cache **fails closed** with
 //!   [`ReplayError::Full`] rather than forgetting a live proof.
 //!
-//! Memory: a live entry costs 16 bytes in its shard's hash set (plus one
-//! control byte, at a load factor between 7/16 and 7/8) and 16 bytes in its
-//! bucket list: 35–55 bytes. `docs/BENCHMARKS.md` has the measured figure.
+//! Memory: a live entry costs 16 bytes in its shard's hash set plus one
+//! control byte, at a load factor between 7/16 and 7/8 (19–39 bytes), and
+//! 16 bytes in its bucket list, whose capacity is at most twice its length
+//! (16–32 bytes): 35–71 bytes per live entry, plus at most two recycled
+//! lists per shard. `docs/BENCHMARKS.md` has the measured figure.
 
 use crate::jose::Jkt;
 use aws_lc_rs::digest;
@@ -29,6 +31,8 @@ use std::sync::Mutex;
 const SHARDS: usize = 64;
 /// How many buckets a window is cut into.
 const BUCKETS_PER_WINDOW: u64 = 16;
+/// Emptied bucket lists kept per shard for reuse.
+const MAX_SPARE_LISTS: usize = 2;
 
 /// Why a proof was not recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -112,7 +116,11 @@ impl Shard {
             for key in bucket.keys.drain(..) {
                 self.live.remove(&key);
             }
-            self.spare.push(bucket.keys);
+            // Keep a couple of emptied lists for reuse; more would hold
+            // memory for entries that no longer exist.
+            if self.spare.len() < MAX_SPARE_LISTS {
+                self.spare.push(bucket.keys);
+            }
         }
     }
 
