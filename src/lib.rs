@@ -5,6 +5,7 @@
 //! - [`jose`]: strict base64url and JSON, P-256 JWKs and RFC 7638
 //!   thumbprints, ES256 keys, the compact JWS parser.
 //! - [`identity`]: SPIFFE IDs.
+//! - [`ca`]: the identity CA: root and intermediate, X.509-SVIDs from CSRs.
 //! - [`dpop`]: RFC 9449 proofs (mint and verify), `htu` normalization, the
 //!   replay cache and stateless server nonces.
 //! - [`token`]: RFC 9068 access tokens (mint and verify), JWKS key sets, the
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod ca;
 pub mod cli;
 pub mod dpop;
 pub mod identity;

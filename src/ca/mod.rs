@@ -1,0 +1,417 @@
+//! The identity CA: a root and an intermediate (P-256), and X.509-SVIDs
+//! issued from PKCS#10 CSRs, following the SPIFFE X509-SVID
+//! specification. Pure: certificates are made for the `now` passed in.
+//!
+//! The broker decides *which* SPIFFE ID a caller proved (join token, service
+//! account token, or its current SVID); this module only checks that the
+//! CSR is well-formed, signed by its own P-256 key, and asks for no other
+//! identity, then signs.
+
+use crate::identity::SpiffeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateSigningRequestDer;
+use std::fmt;
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+/// Largest CSR accepted, in bytes.
+pub const MAX_CSR_LEN: usize = 8 * 1024;
+/// How far before `now` certificates become valid, for clock skew.
+pub const BACKDATE_SECS: u64 = 60;
+
+/// Why the CA could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// The CSR is larger than [`MAX_CSR_LEN`].
+    #[error("CSR is larger than {MAX_CSR_LEN} bytes")]
+    CsrTooLarge,
+    /// Not a DER PKCS#10 request, its self-signature does not verify, or it
+    /// carries extensions we do not accept.
+    #[error("CSR is malformed or its signature does not verify")]
+    CsrInvalid,
+    /// The CSR's key is not P-256 ECDSA.
+    #[error("CSR key must be ECDSA P-256")]
+    CsrKeyType,
+    /// The CSR asks for a name other than the attested SPIFFE ID.
+    #[error("CSR asks for identity {requested:?}, but the caller proved {attested}")]
+    CsrIdentity {
+        /// What the CSR asked for.
+        requested: String,
+        /// What the caller proved.
+        attested: String,
+    },
+    /// The requested lifetime is zero or beyond what the issuing CA allows.
+    #[error("certificate lifetime must be between 1 s and {max} s")]
+    Lifetime {
+        /// The cap.
+        max: u64,
+    },
+    /// The CA's own certificate or key could not be loaded.
+    #[error("CA material is invalid: {0}")]
+    Material(String),
+    /// Certificate generation failed inside the library.
+    #[error("certificate generation failed: {0}")]
+    Generate(String),
+}
+
+impl From<rcgen::Error> for CaError {
+    fn from(e: rcgen::Error) -> Self {
+        Self::Generate(e.to_string())
+    }
+}
+
+/// Lifetimes of what the CA issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Root CA certificate.
+    pub root_secs: u64,
+    /// Intermediate CA certificate.
+    pub intermediate_secs: u64,
+    /// Longest X.509-SVID.
+    pub max_svid_secs: u64,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            root_secs: 10 * 365 * 86_400,
+            intermediate_secs: 90 * 86_400,
+            max_svid_secs: 24 * 3_600,
+        }
+    }
+}
+
+/// An issued X.509-SVID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Svid {
+    /// The leaf certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// Certificates between the leaf and the root (the intermediate), DER.
+    pub chain_der: Vec<Vec<u8>>,
+    /// Not valid after (Unix seconds).
+    pub expires_at: u64,
+}
+
+/// The CA: a root (whose key may be offline, i.e. absent) and the
+/// intermediate that signs SVIDs.
+pub struct Authority {
+    trust_domain: String,
+    root_der: Vec<u8>,
+    intermediate_der: Vec<u8>,
+    intermediate_expires_at: u64,
+    intermediate: Issuer<'static, KeyPair>,
+    lifetimes: Lifetimes,
+}
+
+/// A freshly signed intermediate CA.
+struct NewIntermediate {
+    issuer: Issuer<'static, KeyPair>,
+    der: Vec<u8>,
+    key_pem: Zeroizing<String>,
+    expires_at: u64,
+}
+
+/// The CA's persistent parts: certificates in PEM, keys in PKCS#8 PEM
+/// (wiped on drop). The store keeps these, encrypted.
+pub struct CaMaterial {
+    /// Root certificate.
+    pub root_cert_pem: String,
+    /// Root key: needed only to sign a new intermediate.
+    pub root_key_pem: Option<Zeroizing<String>>,
+    /// Intermediate certificate.
+    pub intermediate_cert_pem: String,
+    /// Intermediate key.
+    pub intermediate_key_pem: Zeroizing<String>,
+}
+
+impl fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaMaterial")
+            .field(
+                "root_key_pem",
+                &self.root_key_pem.as_ref().map(|_| "<redacted>"),
+            )
+            .field("intermediate_key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+fn at(secs: u64) -> Result<OffsetDateTime, CaError> {
+    let secs = i64::try_from(secs).map_err(|_| CaError::Generate("time out of range".into()))?;
+    OffsetDateTime::from_unix_timestamp(secs).map_err(|e| CaError::Generate(e.to_string()))
+}
+
+fn random_serial() -> Result<SerialNumber, CaError> {
+    use aws_lc_rs::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CaError::Generate("random source failed".into()))?;
+    // Positive and never zero-length when DER-encoded.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn ca_params(
+    td: &str,
+    common_name: &str,
+    not_before: u64,
+    not_after: u64,
+    path_len: Option<u8>,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "tally");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(match path_len {
+        Some(n) => BasicConstraints::Constrained(n),
+        None => BasicConstraints::Unconstrained,
+    });
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{td}")
+            .try_into()
+            .map_err(|_| CaError::Generate("trust domain".into()))?,
+    )];
+    params.not_before = at(not_before)?;
+    params.not_after = at(not_after)?;
+    params.serial_number = Some(random_serial()?);
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+impl Authority {
+    /// Generates a new root and intermediate for `trust_domain`, valid from
+    /// `now`. Returns the authority and the material to persist.
+    ///
+    /// # Errors
+    /// [`CaError::Generate`] if key or certificate generation fails.
+    pub fn generate(
+        trust_domain: &SpiffeId,
+        lifetimes: Lifetimes,
+        now: u64,
+    ) -> Result<(Self, CaMaterial), CaError> {
+        let td = trust_domain.trust_domain().to_owned();
+        let start = now.saturating_sub(BACKDATE_SECS);
+        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let root_params = ca_params(
+            &td,
+            &format!("tally root CA {td}"),
+            start,
+            now + lifetimes.root_secs,
+            None,
+        )?;
+        let root_cert = root_params.self_signed(&root_key)?;
+        let root_issuer = Issuer::new(root_params, root_key);
+        let inter = Self::new_intermediate(&td, &root_issuer, lifetimes, now)?;
+        let material = CaMaterial {
+            root_cert_pem: root_cert.pem(),
+            root_key_pem: Some(Zeroizing::new(root_issuer.key().serialize_pem())),
+            intermediate_cert_pem: pem("CERTIFICATE", &inter.der),
+            intermediate_key_pem: inter.key_pem,
+        };
+        let authority = Self {
+            trust_domain: td,
+            root_der: root_cert.der().to_vec(),
+            intermediate_der: inter.der,
+            intermediate_expires_at: inter.expires_at,
+            intermediate: inter.issuer,
+            lifetimes,
+        };
+        Ok((authority, material))
+    }
+
+    fn new_intermediate(
+        td: &str,
+        root: &Issuer<'_, KeyPair>,
+        lifetimes: Lifetimes,
+        now: u64,
+    ) -> Result<NewIntermediate, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let expires = now + lifetimes.intermediate_secs;
+        let params = ca_params(
+            td,
+            &format!("tally intermediate CA {td}"),
+            now.saturating_sub(BACKDATE_SECS),
+            expires,
+            Some(0),
+        )?;
+        let cert = params.signed_by(&key, root)?;
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        Ok(NewIntermediate {
+            issuer: Issuer::new(params, key),
+            der: cert.der().to_vec(),
+            key_pem,
+            expires_at: expires,
+        })
+    }
+
+    /// Loads an authority from persisted material.
+    ///
+    /// # Errors
+    /// [`CaError::Material`] if a certificate or key does not parse, or the
+    /// intermediate key does not match its certificate.
+    pub fn load(
+        trust_domain: &SpiffeId,
+        material: &CaMaterial,
+        lifetimes: Lifetimes,
+    ) -> Result<Self, CaError> {
+        let bad = |what: &str| CaError::Material(what.to_owned());
+        let root_der =
+            pem_body(&material.root_cert_pem).ok_or_else(|| bad("root certificate is not PEM"))?;
+        let intermediate_der = pem_body(&material.intermediate_cert_pem)
+            .ok_or_else(|| bad("intermediate certificate is not PEM"))?;
+        let key = KeyPair::from_pem(&material.intermediate_key_pem)
+            .map_err(|_| bad("intermediate key"))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&intermediate_der)
+            .map_err(|_| bad("intermediate certificate"))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad("intermediate key does not match its certificate"));
+        }
+        let intermediate_expires_at =
+            u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0);
+        let cert = rustls_pki_types::CertificateDer::from(intermediate_der.as_slice());
+        let intermediate =
+            Issuer::from_ca_cert_der(&cert, key).map_err(|_| bad("intermediate certificate"))?;
+        Ok(Self {
+            trust_domain: trust_domain.trust_domain().to_owned(),
+            root_der,
+            intermediate_der,
+            intermediate_expires_at,
+            intermediate,
+            lifetimes,
+        })
+    }
+
+    /// The trust bundle (root certificates), DER.
+    pub fn bundle_der(&self) -> Vec<Vec<u8>> {
+        vec![self.root_der.clone()]
+    }
+
+    /// The trust bundle as PEM.
+    pub fn bundle_pem(&self) -> String {
+        pem("CERTIFICATE", &self.root_der)
+    }
+
+    /// The intermediate certificate, DER.
+    pub fn intermediate_der(&self) -> &[u8] {
+        &self.intermediate_der
+    }
+
+    /// Issues an X.509-SVID for `id` from `csr_der`, valid from `now` for
+    /// `ttl_secs` (never past the intermediate's own expiry).
+    ///
+    /// # Errors
+    /// [`CaError`] for a bad CSR, a CSR asking for another identity, an ID
+    /// outside this trust domain, or a lifetime out of range.
+    pub fn issue_svid(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        ttl_secs: u64,
+        now: u64,
+    ) -> Result<Svid, CaError> {
+        if csr_der.len() > MAX_CSR_LEN {
+            return Err(CaError::CsrTooLarge);
+        }
+        if id.trust_domain() != self.trust_domain {
+            return Err(CaError::CsrIdentity {
+                requested: id.to_string(),
+                attested: format!("an identity in spiffe://{}", self.trust_domain),
+            });
+        }
+        if ttl_secs == 0 || ttl_secs > self.lifetimes.max_svid_secs {
+            return Err(CaError::Lifetime {
+                max: self.lifetimes.max_svid_secs,
+            });
+        }
+        // from_der verifies the CSR's self-signature (proof of possession)
+        // with aws-lc-rs.
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|_| CaError::CsrInvalid)?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::CsrKeyType);
+        }
+        for san in &csr.params.subject_alt_names {
+            let requested = match san {
+                SanType::URI(uri) => uri.as_str().to_owned(),
+                other => format!("{other:?}"),
+            };
+            if requested != id.as_str() {
+                return Err(CaError::CsrIdentity {
+                    requested,
+                    attested: id.to_string(),
+                });
+            }
+        }
+
+        let expires_at = (now + ttl_secs).min(self.intermediate_expires_at);
+        let mut params = CertificateParams::default();
+        // X509-SVID §2: the SPIFFE ID is the one URI SAN; the subject is
+        // informational.
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "tally");
+        params.distinguished_name = dn;
+        params.subject_alt_names =
+            vec![SanType::URI(id.as_str().try_into().map_err(|_| {
+                CaError::Generate("SPIFFE ID is not IA5".into())
+            })?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = at(now.saturating_sub(BACKDATE_SECS))?;
+        params.not_after = at(expires_at)?;
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&csr.public_key, &self.intermediate)?;
+        Ok(Svid {
+            cert_der: cert.der().to_vec(),
+            chain_der: vec![self.intermediate_der.clone()],
+            expires_at,
+        })
+    }
+}
+
+impl fmt::Debug for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.trust_domain)
+            .field("intermediate_expires_at", &self.intermediate_expires_at)
+            .field("keys", &"<redacted>")
+            .finish()
+    }
+}
+
+/// PEM-encodes one DER block.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn pem_body(text: &str) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::from_pem_slice(text.as_bytes())
+        .ok()
+        .map(|c| c.to_vec())
+}
