@@ -12,6 +12,7 @@
 //!   verified-token cache.
 //! - [`auth`]: a whole DPoP-bound request check, and the one mapping from
 //!   failures to HTTP status and `WWW-Authenticate`.
+//! - [`proto`]: the gRPC contract (generated from `proto/tally/v1`).
 //! - [`cli`]: the `tally` command line (thin: parses and calls the above).
 //!
 //! Everything but [`cli`] is pure: checks take bytes and a `now` (Unix
@@ -25,4 +26,5 @@ pub mod cli;
 pub mod dpop;
 pub mod identity;
 pub mod jose;
+pub mod proto;
 pub mod token;

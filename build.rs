@@ -1,0 +1,15 @@
+//! Generates the gRPC code for `proto/tally/v1/*.proto` with protox (a
+//! protobuf compiler in Rust, so no `protoc` is needed) and
+//! tonic-prost-build.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/tally/v1/identity.proto",
+        "proto/tally/v1/tokens.proto",
+        "proto/tally/v1/watch.proto",
+    ];
+    let descriptors = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}
