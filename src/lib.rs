@@ -10,6 +10,8 @@
 //!   replay cache and stateless server nonces.
 //! - [`token`]: RFC 9068 access tokens (mint and verify), JWKS key sets, the
 //!   verified-token cache.
+//! - [`policy`]: trust policy: parsing with positioned errors, issue and
+//!   access decisions, explanations.
 //! - [`auth`]: a whole DPoP-bound request check, and the one mapping from
 //!   failures to HTTP status and `WWW-Authenticate`.
 //! - [`proto`]: the gRPC contract (generated from `proto/tally/v1`).
@@ -26,5 +28,6 @@ pub mod cli;
 pub mod dpop;
 pub mod identity;
 pub mod jose;
+pub mod policy;
 pub mod proto;
 pub mod token;

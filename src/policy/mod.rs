@@ -1,0 +1,136 @@
+//! Trust policy: who may get a token for what (`issue:`), token lifetimes
+//! by class (`classes:`), and what each workload accepts (`access:`).
+//!
+//! Parsing ([`Policy::parse`]) reports every problem at once, each with
+//! its line and column. Decisions ([`Policy::decide_issue`],
+//! [`Policy::decide_access`]) and explanations are pure functions of the
+//! policy and the request.
+//!
+//! ```yaml
+//! trust_domain: example.org
+//! classes:                       # optional; built-in defaults below
+//!   service: { default_ttl: 5m, max_ttl: 15m }
+//! issue:
+//!   - from: spiffe://example.org/ns/shop/sa/checkout   # `*` = one segment
+//!     to: spiffe://example.org/ns/pay/sa/payments      # or a URI, exact
+//!     scopes: [payments:charge, payments:read]
+//!     class: service
+//!     rate: 50/s                  # optional, per rule
+//!     max_ttl: 10m                # optional, below the class cap
+//! access:
+//!   - workload: spiffe://example.org/ns/pay/sa/payments
+//!     allow:
+//!       - from: spiffe://example.org/ns/shop/sa/checkout
+//!         methods: [POST]          # optional; any method when absent
+//!         paths: [/v1/charges, /v1/charges/*]   # optional; `**` = rest
+//!         scopes: [payments:charge]             # all required
+//!         rate: 100/s              # optional, per caller
+//! ```
+
+mod decide;
+mod parse;
+mod pattern;
+pub mod yaml;
+
+pub use decide::{
+    AccessDenial, AccessGrant, AccessRequest, IssueDenial, IssueGrant, IssueRequest, RuleVerdict,
+};
+pub use parse::{Diagnostic, PolicyErrors};
+pub use pattern::{AudiencePattern, IdPattern, PathPattern};
+pub use yaml::Pos;
+
+use crate::token::{Scopes, TokenClass};
+use std::collections::BTreeMap;
+
+/// Token lifetimes for a class, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassLimits {
+    /// Lifetime when the caller asks for none.
+    pub default_ttl: u64,
+    /// Longest lifetime a token of the class may have.
+    pub max_ttl: u64,
+}
+
+/// Built-in class lifetimes, used for classes the policy does not list.
+pub fn default_classes() -> BTreeMap<TokenClass, ClassLimits> {
+    let limits = |d, m| ClassLimits {
+        default_ttl: d,
+        max_ttl: m,
+    };
+    BTreeMap::from([
+        (TokenClass::Service, limits(300, 900)),
+        (TokenClass::Partner, limits(300, 900)),
+        (TokenClass::Admin, limits(60, 300)),
+        (TokenClass::User, limits(300, 900)),
+    ])
+}
+
+/// `N/s`, `N/m` or `N/h`: at most `count` per `per_secs`, bursts up to
+/// `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Events allowed per window.
+    pub count: u32,
+    /// Window length in seconds.
+    pub per_secs: u64,
+}
+
+/// Who may get which tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueRule {
+    /// Where the rule starts in the source.
+    pub pos: Pos,
+    /// Callers.
+    pub from: IdPattern,
+    /// Audiences.
+    pub to: AudiencePattern,
+    /// Scopes the rule grants.
+    pub scopes: Scopes,
+    /// Class of the tokens it issues.
+    pub class: TokenClass,
+    /// Issuance rate limit for the rule, if any.
+    pub rate: Option<Rate>,
+    /// A lifetime cap below the class's, if any.
+    pub max_ttl: Option<u64>,
+}
+
+/// What a workload accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRule {
+    /// Where the rule starts.
+    pub pos: Pos,
+    /// The workload (destination) the rule protects.
+    pub workload: IdPattern,
+    /// Allowed calls; anything else is denied.
+    pub allow: Vec<Allow>,
+}
+
+/// One allowed kind of call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allow {
+    /// Where it starts.
+    pub pos: Pos,
+    /// Callers.
+    pub from: IdPattern,
+    /// Methods (upper case); empty means any.
+    pub methods: Vec<String>,
+    /// Paths; empty means any.
+    pub paths: Vec<PathPattern>,
+    /// Scopes the token must carry, all of them.
+    pub scopes: Scopes,
+    /// Per-caller request rate limit, if any.
+    pub rate: Option<Rate>,
+}
+
+/// A parsed, validated trust policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// The trust domain every ID in the policy belongs to.
+    pub trust_domain: String,
+    /// Lifetimes per class (built-in defaults merged with the file's).
+    pub classes: BTreeMap<TokenClass, ClassLimits>,
+    /// Issuance rules, in file order.
+    pub issue: Vec<IssueRule>,
+    /// Access rules, in file order.
+    pub access: Vec<AccessRule>,
+}
