@@ -107,10 +107,21 @@ fn proofs(c: &mut Criterion) {
         token_hash: Some(&hash),
         expected_jkt: Some(&jkt),
         nonce: NonceRule::NotRequired,
+        keys: None,
     };
     let config = ProofConfig::default();
     c.bench_function("proof/verify", |b| {
         b.iter(|| proof::verify(black_box(&p), &ctx, &config, NOW, &mut ()).unwrap())
+    });
+    // The same, with the caller's key already parsed (a verifier's steady
+    // state: a caller's DPoP key lives for hours).
+    let keys = tally::jose::KeyCache::new(16);
+    let warm = ProofContext {
+        keys: Some(&keys),
+        ..ctx
+    };
+    c.bench_function("proof/verify_known_key", |b| {
+        b.iter(|| proof::verify(black_box(&p), &warm, &config, NOW, &mut ()).unwrap())
     });
     let public = s.client.signing_key().public_key().clone();
     c.bench_function("jwk/thumbprint", |b| {

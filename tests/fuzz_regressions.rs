@@ -20,6 +20,7 @@ fn every_saved_crash_input_is_refused_without_panicking() {
             token_hash: None,
             expected_jkt: None,
             nonce: NonceRule::NotRequired,
+            keys: None,
         };
         assert!(
             proof::verify(&text, &ctx, &ProofConfig::default(), 1_562_262_616, &mut ()).is_err()

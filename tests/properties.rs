@@ -59,6 +59,7 @@ proptest! {
             token_hash: Some(&hash),
             expected_jkt: Some(&jkt),
             nonce: nonce.as_deref().map_or(NonceRule::NotRequired, NonceRule::Exact),
+            keys: None,
         };
         let verified = proof::verify(&proof, &ctx, &ProofConfig::default(), iat, &mut ()).unwrap();
         prop_assert_eq!(verified.iat, iat);

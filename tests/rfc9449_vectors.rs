@@ -34,6 +34,7 @@ fn verify_at(
         token_hash: hash.as_ref(),
         expected_jkt: jkt.as_ref(),
         nonce: NonceRule::NotRequired,
+        keys: None,
     };
     proof::verify(proof, &ctx, &ProofConfig::default(), now, &mut ())
 }
@@ -65,6 +66,7 @@ fn figure_13_resource_proof_verifies_with_its_access_token() {
         token_hash: Some(&hash),
         expected_jkt: Some(&jkt),
         nonce: NonceRule::NotRequired,
+        keys: None,
     };
     let mut passed = Vec::new();
     let p = proof::verify(

@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
             token_hash,
             expected_jkt: None,
             nonce,
+            keys: None,
         };
         let _ = proof::verify(text, &ctx, &ProofConfig::default(), 1_562_262_618, &mut ());
     }

@@ -6,6 +6,7 @@
 use super::{AuthError, credentials};
 use crate::dpop::proof::{self, NonceRule, ProofConfig, ProofContext, TokenHash, VerifiedProof};
 use crate::dpop::{Nonces, NormalizedUri, ReplayCache, ReplayError};
+use crate::jose::KeyCache;
 use crate::token::access::{self, TokenClaims, TokenConfig};
 use crate::token::{Jwks, VerifiedTokens};
 use std::sync::Arc;
@@ -21,18 +22,22 @@ pub struct VerifierConfig {
     pub replay_capacity: usize,
     /// Most verified tokens cached (0 turns the cache off).
     pub token_cache_capacity: usize,
+    /// Most parsed DPoP proof keys kept (callers' keys live for hours).
+    pub key_cache_capacity: usize,
     /// Demand server nonces in proofs, valid for this many seconds per slot.
     pub nonce_slot_secs: Option<u64>,
 }
 
 impl VerifierConfig {
-    /// Defaults: 1M replay entries, 10k cached tokens, no nonces.
+    /// Defaults: 1M replay entries, 10k cached tokens, 4k cached proof
+    /// keys, no nonces.
     pub fn new(token: TokenConfig) -> Self {
         Self {
             token,
             proof: ProofConfig::default(),
             replay_capacity: 1 << 20,
             token_cache_capacity: 10_000,
+            key_cache_capacity: 4_096,
             nonce_slot_secs: None,
         }
     }
@@ -66,6 +71,7 @@ pub struct RequestVerifier {
     config: VerifierConfig,
     replay: ReplayCache,
     tokens: Option<VerifiedTokens>,
+    keys: KeyCache,
     nonces: Option<Nonces>,
 }
 
@@ -81,6 +87,7 @@ impl RequestVerifier {
             .then(|| VerifiedTokens::new(config.token_cache_capacity, config.token.leeway));
         let nonces = config.nonce_slot_secs.map(Nonces::random).transpose()?;
         Ok(Self {
+            keys: KeyCache::new(config.key_cache_capacity),
             config,
             replay,
             tokens,
@@ -128,6 +135,7 @@ impl RequestVerifier {
                 .nonces
                 .as_ref()
                 .map_or(NonceRule::NotRequired, NonceRule::Issued),
+            keys: Some(&self.keys),
         };
         let proof = proof::verify(creds.proof, &ctx, &self.config.proof, now, &mut ())?;
 

@@ -148,6 +148,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
             .nonce
             .as_deref()
             .map_or(NonceRule::NotRequired, NonceRule::Exact),
+        keys: None,
     };
     let config = ProofConfig {
         max_age: args.window,

@@ -12,7 +12,7 @@ use super::nonce::{NonceError, Nonces};
 use crate::jose::claims::{self, ClaimError};
 use crate::jose::jws::{self, Jws, JwsError, Limits};
 use crate::jose::key::SignError;
-use crate::jose::{Jkt, JwkError, Observer, PublicKey, SigningKey, b64};
+use crate::jose::{Jkt, JwkError, KeyCache, Observer, PublicKey, SigningKey, b64};
 use aws_lc_rs::digest;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use serde_json::{Map, Value, json};
@@ -103,6 +103,8 @@ pub struct ProofContext<'a> {
     pub expected_jkt: Option<&'a Jkt>,
     /// The nonce rule.
     pub nonce: NonceRule<'a>,
+    /// Parsed proof keys seen before, if the verifier keeps them.
+    pub keys: Option<&'a KeyCache>,
 }
 
 /// A proof that passed every check but replay.
@@ -314,7 +316,15 @@ pub fn verify(
     }
     observer.passed(ProofCheck::Typ);
 
-    let key = PublicKey::from_jwk(jws.header().get("jwk").ok_or(ProofError::JwkMissing)?)?;
+    let jwk = jws.header().get("jwk").ok_or(ProofError::JwkMissing)?;
+    let (key, jkt) = match ctx.keys {
+        Some(cache) => PublicKey::from_jwk_cached(jwk, cache)?,
+        None => {
+            let key = PublicKey::from_jwk(jwk)?;
+            let jkt = key.thumbprint();
+            (key, jkt)
+        }
+    };
     observer.passed(ProofCheck::Jwk);
 
     jws.verify(&key)?;
@@ -379,7 +389,6 @@ pub fn verify(
         observer.passed(ProofCheck::Ath);
     }
 
-    let jkt = key.thumbprint();
     if let Some(expected) = ctx.expected_jkt {
         if *expected != jkt {
             return Err(ProofError::KeyBindingMismatch {

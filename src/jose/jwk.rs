@@ -5,9 +5,10 @@ use super::b64;
 use aws_lc_rs::digest;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, ParsedPublicKey};
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Why a JWK was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,24 +104,25 @@ impl PublicKey {
     /// # Errors
     /// [`JwkError`] naming the first problem found.
     pub fn from_jwk(value: &Value) -> Result<Self, JwkError> {
-        let map = value.as_object().ok_or(JwkError::NotAnObject)?;
-        let kty = member(map, "kty")?;
-        if kty == "oct" {
-            return Err(JwkError::SymmetricKey);
-        }
-        if let Some(name) = PRIVATE_MEMBERS.iter().find(|m| map.contains_key(**m)) {
-            return Err(JwkError::PrivateKey(name));
-        }
-        if kty != "EC" {
-            return Err(JwkError::UnsupportedKeyType(kty.to_owned()));
-        }
-        let crv = member(map, "crv")?;
-        if crv != "P-256" {
-            return Err(JwkError::UnsupportedCurve(crv.to_owned()));
-        }
-        let x = coordinate(map, "x")?;
-        let y = coordinate(map, "y")?;
+        let (x, y) = coordinates(value)?;
         Self::from_coordinates(x, y)
+    }
+
+    /// As [`PublicKey::from_jwk`], but through `cache`: a key seen before
+    /// (same thumbprint, hence same coordinates) is not parsed and
+    /// validated again. Returns the key and its thumbprint.
+    ///
+    /// # Errors
+    /// [`JwkError`] naming the first problem found.
+    pub fn from_jwk_cached(value: &Value, cache: &KeyCache) -> Result<(Self, Jkt), JwkError> {
+        let (x, y) = coordinates(value)?;
+        let jkt = thumbprint_of(&x, &y);
+        if let Some(key) = cache.get(&jkt) {
+            return Ok((key, jkt));
+        }
+        let key = Self::from_coordinates(x, y)?;
+        cache.insert(jkt, key.clone());
+        Ok((key, jkt))
     }
 
     /// Parses a JWK from a key set: as [`PublicKey::from_jwk`], and `alg`
@@ -152,21 +154,104 @@ impl PublicKey {
     /// The RFC 7638 JSON members in lexicographic order, which is also a
     /// valid minimal public JWK.
     pub fn to_jwk_json(&self) -> String {
-        let mut out = String::with_capacity(128);
-        out.push_str(r#"{"crv":"P-256","kty":"EC","x":""#);
-        b64::encode_into(self.x, &mut out);
-        out.push_str(r#"","y":""#);
-        b64::encode_into(self.y, &mut out);
-        out.push_str(r#""}"#);
-        out
+        jwk_json(&self.x, &self.y)
     }
 
     /// The RFC 7638 SHA-256 thumbprint.
     pub fn thumbprint(&self) -> Jkt {
-        let hash = digest::digest(&digest::SHA256, self.to_jwk_json().as_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(hash.as_ref());
-        Jkt(out)
+        thumbprint_of(&self.x, &self.y)
+    }
+}
+
+fn jwk_json(x: &[u8; 32], y: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(128);
+    out.push_str(r#"{"crv":"P-256","kty":"EC","x":""#);
+    b64::encode_into(x, &mut out);
+    out.push_str(r#"","y":""#);
+    b64::encode_into(y, &mut out);
+    out.push_str(r#""}"#);
+    out
+}
+
+fn thumbprint_of(x: &[u8; 32], y: &[u8; 32]) -> Jkt {
+    let hash = digest::digest(&digest::SHA256, jwk_json(x, y).as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(hash.as_ref());
+    Jkt(out)
+}
+
+/// Checks the members of a public P-256 JWK and returns its coordinates.
+fn coordinates(value: &Value) -> Result<([u8; 32], [u8; 32]), JwkError> {
+    let map = value.as_object().ok_or(JwkError::NotAnObject)?;
+    let kty = member(map, "kty")?;
+    if kty == "oct" {
+        return Err(JwkError::SymmetricKey);
+    }
+    if let Some(name) = PRIVATE_MEMBERS.iter().find(|m| map.contains_key(**m)) {
+        return Err(JwkError::PrivateKey(name));
+    }
+    if kty != "EC" {
+        return Err(JwkError::UnsupportedKeyType(kty.to_owned()));
+    }
+    let crv = member(map, "crv")?;
+    if crv != "P-256" {
+        return Err(JwkError::UnsupportedCurve(crv.to_owned()));
+    }
+    Ok((coordinate(map, "x")?, coordinate(map, "y")?))
+}
+
+/// Parsed P-256 keys by thumbprint. DPoP keys are stable for hours and a
+/// verifier sees few of them, so each is validated and parsed once.
+/// Bounded: a full shard drops an arbitrary entry.
+#[derive(Debug)]
+pub struct KeyCache {
+    shards: Box<[Mutex<HashMap<Jkt, PublicKey>>]>,
+    shard_capacity: usize,
+}
+
+const KEY_CACHE_SHARDS: usize = 16;
+
+impl KeyCache {
+    /// A cache of at most `capacity` keys.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..KEY_CACHE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            shard_capacity: capacity.div_ceil(KEY_CACHE_SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, jkt: &Jkt) -> std::sync::MutexGuard<'_, HashMap<Jkt, PublicKey>> {
+        self.shards[usize::from(jkt.0[0]) % KEY_CACHE_SHARDS]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, jkt: &Jkt) -> Option<PublicKey> {
+        self.shard(jkt).get(jkt).cloned()
+    }
+
+    fn insert(&self, jkt: Jkt, key: PublicKey) {
+        let mut shard = self.shard(&jkt);
+        if shard.len() >= self.shard_capacity
+            && let Some(victim) = shard.keys().next().copied()
+        {
+            shard.remove(&victim);
+        }
+        shard.insert(jkt, key);
+    }
+
+    /// Number of cached keys.
+    pub fn len(&self) -> usize {
+        (0..KEY_CACHE_SHARDS)
+            .map(|i| self.shards[i].lock().map_or(0, |s| s.len()))
+            .sum()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -344,6 +429,40 @@ mod tests {
             PublicKey::from_jwks_member(&jwk),
             Err(JwkError::WrongUse("enc".into()))
         );
+    }
+
+    #[test]
+    fn cached_parse_returns_the_same_key_and_validates_new_ones() {
+        let cache = KeyCache::new(4);
+        let (a, jkt) = PublicKey::from_jwk_cached(&rfc_jwk(), &cache).unwrap();
+        assert_eq!(jkt.to_string(), RFC9449_JKT);
+        assert_eq!(cache.len(), 1);
+        let (b, _) = PublicKey::from_jwk_cached(&rfc_jwk(), &cache).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(cache.len(), 1);
+        let mut off_curve = rfc_jwk();
+        off_curve["y"] = json!(b64::encode([1u8; 32]));
+        assert_eq!(
+            PublicKey::from_jwk_cached(&off_curve, &cache).unwrap_err(),
+            JwkError::NotOnCurve
+        );
+        let mut private = rfc_jwk();
+        private["d"] = json!("AAAA");
+        assert_eq!(
+            PublicKey::from_jwk_cached(&private, &cache).unwrap_err(),
+            JwkError::PrivateKey("d")
+        );
+    }
+
+    #[test]
+    fn key_cache_stays_bounded() {
+        let cache = KeyCache::new(16);
+        for _ in 0..200 {
+            let key = crate::jose::SigningKey::generate().unwrap();
+            let jwk: Value = serde_json::from_str(&key.public_key().to_jwk_json()).unwrap();
+            PublicKey::from_jwk_cached(&jwk, &cache).unwrap();
+        }
+        assert!(cache.len() <= 16);
     }
 
     #[test]

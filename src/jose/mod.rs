@@ -9,7 +9,7 @@ pub mod jwk;
 pub mod jws;
 pub mod key;
 
-pub use jwk::{Jkt, JwkError, PublicKey};
+pub use jwk::{Jkt, JwkError, KeyCache, PublicKey};
 pub use jws::{Jws, JwsError, Limits};
 pub use key::{KeyError, SigningKey};
 

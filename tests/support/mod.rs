@@ -132,6 +132,7 @@ pub fn context<'a>(
         token_hash: hash,
         expected_jkt: jkt,
         nonce: NonceRule::NotRequired,
+        keys: None,
     }
 }
 
