@@ -6,7 +6,7 @@
 //!
 //! The verify reference checks a *different* signature each time, as a
 //! verifier does (every request brings a new proof): re-verifying one
-//! signature in a loop runs about 10% faster on warm caches and trained
+//! signature in a loop runs 5–10% faster on warm caches and trained
 //! branch predictors, which flatters the reference. That ratio is printed
 //! too.
 //!

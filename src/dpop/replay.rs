@@ -16,10 +16,11 @@
 //!   [`ReplayError::Full`] rather than forgetting a live proof.
 //!
 //! Memory: a live entry costs 16 bytes in its shard's hash set plus one
-//! control byte, at a load factor between 7/16 and 7/8 (19–39 bytes), and
-//! 16 bytes in its bucket list, whose capacity is at most twice its length
-//! (16–32 bytes): 35–71 bytes per live entry, plus at most two recycled
-//! lists per shard. `docs/BENCHMARKS.md` has the measured figure.
+//! control byte, at a load factor between 7/16 and 7/8 (19–39 bytes),
+//! doubled at worst because removals leave tombstones; and 16–32 bytes in
+//! its bucket list. About 110 bytes per live entry at worst; measured 61
+//! right after filling and 103–106 under steady churn
+//! (`docs/BENCHMARKS.md`).
 
 use crate::jose::Jkt;
 use aws_lc_rs::digest;
