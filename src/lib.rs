@@ -15,9 +15,11 @@
 //! - [`auth`]: a whole DPoP-bound request check, and the one mapping from
 //!   failures to HTTP status and `WWW-Authenticate`.
 //! - [`proto`]: the gRPC contract (generated from `proto/tally/v1`).
+//! - [`store`]: durable broker state (SQLite; keys sealed at rest, join
+//!   tokens hashed, issued-token inventory with group commit).
 //! - [`cli`]: the `tally` command line (thin: parses and calls the above).
 //!
-//! Everything but [`cli`] is pure: checks take bytes and a `now` (Unix
+//! Everything but [`cli`] and [`store`] is pure: checks take bytes and a `now` (Unix
 //! seconds) and return typed results.
 
 #![forbid(unsafe_code)]
@@ -30,4 +32,5 @@ pub mod identity;
 pub mod jose;
 pub mod policy;
 pub mod proto;
+pub mod store;
 pub mod token;

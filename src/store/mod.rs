@@ -1,0 +1,281 @@
+//! The broker's durable state: CA material and signing keys (sealed),
+//! join tokens (hashed), and the inventory of issued tokens (never the
+//! token itself).
+//!
+//! [`Store`] is the one interface the broker uses; the embedded SQLite
+//! backend ([`sqlite`]) is the default, and a PostgreSQL backend will be a
+//! second variant behind the same methods. Writes that matter are durable
+//! (committed, fsynced) before the call returns.
+
+mod schema;
+pub mod seal;
+pub mod sqlite;
+
+pub use seal::{SealError, Sealer};
+
+use crate::identity::{JoinTokenHash, SpiffeId};
+use zeroize::Zeroizing;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed (I/O, corruption, locked past the timeout).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The database holds a newer schema than this build understands.
+    #[error(
+        "database schema version {found} is newer than this build's {supported}; upgrade tally"
+    )]
+    SchemaTooNew {
+        /// In the database.
+        found: i64,
+        /// Known to this build.
+        supported: i64,
+    },
+    /// A sealed value does not open.
+    #[error("{0}")]
+    Seal(#[from] SealError),
+    /// A stored value is not what it should be.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The group-commit writer has stopped.
+    #[error("the store's writer has stopped")]
+    WriterGone,
+    /// A group commit failed; nothing in it was recorded.
+    #[error("recording issued tokens failed: {0}")]
+    WriteFailed(String),
+}
+
+/// Why a join token was not accepted. Each case is audited; callers see
+/// one generic refusal so a probe learns nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinTokenRefusal {
+    /// No such token.
+    #[error("unknown join token")]
+    Unknown,
+    /// Past its expiry.
+    #[error("join token expired")]
+    Expired,
+    /// Already used once.
+    #[error("join token already used")]
+    AlreadyUsed,
+}
+
+/// A signing key as stored.
+pub struct SigningKeyRecord {
+    /// Key id.
+    pub kid: String,
+    /// PKCS#8 DER of the private key (sealed at rest).
+    pub pkcs8: Zeroizing<Vec<u8>>,
+    /// When it was created.
+    pub created_at: u64,
+    /// When it may start signing (published in the JWKS before that).
+    pub sign_from: u64,
+    /// When it stopped signing, if it has.
+    pub retired_at: Option<u64>,
+}
+
+impl std::fmt::Debug for SigningKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeyRecord")
+            .field("kid", &self.kid)
+            .field("pkcs8", &"<redacted>")
+            .field("created_at", &self.created_at)
+            .field("sign_from", &self.sign_from)
+            .field("retired_at", &self.retired_at)
+            .finish()
+    }
+}
+
+/// One issued token, as the inventory keeps it: never the token, only its
+/// id and a keyed hash (for leaked-token lookup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// Token id.
+    pub jti: String,
+    /// Holder.
+    pub sub: String,
+    /// Audience.
+    pub aud: String,
+    /// Space-separated scopes.
+    pub scope: String,
+    /// Token class.
+    pub class: String,
+    /// DPoP key thumbprint it is bound to.
+    pub jkt: String,
+    /// Issued at.
+    pub iat: u64,
+    /// Expires at.
+    pub exp: u64,
+    /// Signing key id.
+    pub kid: String,
+    /// HMAC-SHA256 of the token under the deployment's token-hash key.
+    pub token_hmac: [u8; 32],
+}
+
+/// The broker's store.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// Embedded SQLite (the default).
+    Sqlite(sqlite::SqliteStore),
+}
+
+impl Store {
+    /// Opens (creating and migrating) a SQLite store at `path`.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be opened or migrated.
+    pub async fn open_sqlite(path: &std::path::Path, sealer: Sealer) -> Result<Self, StoreError> {
+        sqlite::SqliteStore::open(path, sealer)
+            .await
+            .map(Self::Sqlite)
+    }
+
+    /// The schema version in the database.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.schema_version().await,
+        }
+    }
+
+    /// A secret by name, created with `generate` (and stored sealed) if it
+    /// does not exist yet. Concurrent callers all get the same value.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn secret_or_create(
+        &self,
+        name: &str,
+        generate: impl FnOnce() -> Zeroizing<Vec<u8>>,
+        now: u64,
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.secret_or_create(name, generate, now).await,
+        }
+    }
+
+    /// Saves the CA material (keys sealed). Refuses to overwrite an existing
+    /// CA unless `replace` is set (rotation).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn save_ca(
+        &self,
+        material: &crate::ca::CaMaterial,
+        replace: bool,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.save_ca(material, replace, now).await,
+        }
+    }
+
+    /// The CA material, if a CA was saved.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn load_ca(&self) -> Result<Option<crate::ca::CaMaterial>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.load_ca().await,
+        }
+    }
+
+    /// Stores a new signing key (sealed).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn insert_signing_key(&self, record: &SigningKeyRecord) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.insert_signing_key(record).await,
+        }
+    }
+
+    /// Marks a signing key as no longer signing.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn retire_signing_key(&self, kid: &str, at: u64) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.retire_signing_key(kid, at).await,
+        }
+    }
+
+    /// Every stored signing key, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.signing_keys().await,
+        }
+    }
+
+    /// Records a join token (by hash) for `id`, valid until `expires_at`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn create_join_token(
+        &self,
+        hash: &JoinTokenHash,
+        id: &SpiffeId,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.create_join_token(hash, id, expires_at, now).await,
+        }
+    }
+
+    /// Uses a join token: atomically marks it used and returns its SPIFFE
+    /// ID. Of many concurrent callers with the same token, exactly one
+    /// succeeds.
+    ///
+    /// # Errors
+    /// `Ok(Err(refusal))` for an unknown, expired or used token;
+    /// [`StoreError`] for a database failure.
+    pub async fn consume_join_token(
+        &self,
+        hash: &JoinTokenHash,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.consume_join_token(hash, now).await,
+        }
+    }
+
+    /// Durably records issued tokens, batching concurrent callers into one
+    /// transaction (group commit). Returns once this record is committed.
+    ///
+    /// # Errors
+    /// [`StoreError`]; the token must then not be handed out.
+    pub async fn record_issued(&self, token: IssuedToken) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.record_issued(token).await,
+        }
+    }
+
+    /// Tokens not yet expired at `now`, soonest expiry first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn live_tokens(&self, now: u64, limit: u32) -> Result<Vec<IssuedToken>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.live_tokens(now, limit).await,
+        }
+    }
+
+    /// The inventory record of a token, by its keyed hash.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn token_by_hmac(&self, hmac: &[u8; 32]) -> Result<Option<IssuedToken>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.token_by_hmac(hmac).await,
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! Versioned schema. Each migration runs once, in order, in its own
+//! transaction; `schema_version` holds the last one applied. SQL is kept to
+//! what SQLite and PostgreSQL both accept.
+
+/// Migrations, oldest first. Never edit one that has shipped: add another.
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "
+CREATE TABLE secrets (
+    name        TEXT PRIMARY KEY,
+    sealed      BLOB NOT NULL,
+    created_at  BIGINT NOT NULL
+);
+CREATE TABLE ca (
+    id                     INTEGER PRIMARY KEY CHECK (id = 1),
+    root_cert_pem          TEXT NOT NULL,
+    root_key_sealed        BLOB,
+    intermediate_cert_pem  TEXT NOT NULL,
+    intermediate_key_sealed BLOB NOT NULL,
+    updated_at             BIGINT NOT NULL
+);
+CREATE TABLE signing_keys (
+    kid         TEXT PRIMARY KEY,
+    key_sealed  BLOB NOT NULL,
+    created_at  BIGINT NOT NULL,
+    sign_from   BIGINT NOT NULL,
+    retired_at  BIGINT
+);
+CREATE TABLE join_tokens (
+    hash        BLOB PRIMARY KEY,
+    spiffe_id   TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    used_at     BIGINT
+);
+CREATE TABLE issued_tokens (
+    jti         TEXT PRIMARY KEY,
+    sub         TEXT NOT NULL,
+    aud         TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    class       TEXT NOT NULL,
+    jkt         TEXT NOT NULL,
+    iat         BIGINT NOT NULL,
+    exp         BIGINT NOT NULL,
+    kid         TEXT NOT NULL,
+    token_hmac  BLOB NOT NULL
+);
+CREATE INDEX issued_tokens_exp ON issued_tokens (exp);
+CREATE INDEX issued_tokens_sub ON issued_tokens (sub);
+CREATE UNIQUE INDEX issued_tokens_hmac ON issued_tokens (token_hmac);
+",
+)];
+
+/// The newest schema this build knows.
+pub(crate) fn latest() -> i64 {
+    MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}

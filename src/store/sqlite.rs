@@ -1,0 +1,398 @@
+//! The embedded SQLite store: one file in the data directory, WAL mode,
+//! `synchronous=FULL` so a commit is on disk before it is acknowledged.
+//! Issuance records go through one writer task that commits whatever has
+//! queued up as a single transaction (group commit), so one fsync covers
+//! many issuances.
+
+use super::schema::{MIGRATIONS, latest};
+use super::{IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, StoreError};
+use crate::ca::CaMaterial;
+use crate::identity::{JoinTokenHash, SpiffeId};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, sqlite::SqliteRow};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use zeroize::Zeroizing;
+
+/// Most issuance records committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// Queued issuance records before callers wait.
+const QUEUE: usize = 8192;
+
+type Pending = (IssuedToken, oneshot::Sender<Result<(), StoreError>>);
+
+/// SQLite backend of [`super::Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    sealer: Arc<Sealer>,
+    writer: mpsc::Sender<Pending>,
+}
+
+fn db_time(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+fn time_of(row: &SqliteRow, column: &str) -> Result<u64, StoreError> {
+    let v: i64 = row.try_get(column)?;
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative time in {column}")))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn open(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        migrate(&pool).await?;
+        let (writer, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(group_commit(pool.clone(), queue));
+        Ok(Self {
+            pool,
+            sealer: Arc::new(sealer),
+            writer,
+        })
+    }
+
+    pub(super) async fn schema_version(&self) -> Result<i64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    pub(super) async fn secret_or_create(
+        &self,
+        name: &str,
+        generate: impl FnOnce() -> Zeroizing<Vec<u8>>,
+        now: u64,
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        let record = format!("secret/{name}");
+        if let Some(found) = self.secret(&record).await? {
+            return Ok(found);
+        }
+        let sealed = self.sealer.seal(&record, &generate())?;
+        // Another replica may have won the race: keep whichever was first.
+        sqlx::query("INSERT INTO secrets (name, sealed, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING")
+            .bind(&record)
+            .bind(sealed)
+            .bind(db_time(now))
+            .execute(&self.pool)
+            .await?;
+        self.secret(&record)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("{record} vanished after insert")))
+    }
+
+    async fn secret(&self, record: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let sealed: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT sealed FROM secrets WHERE name = ?")
+                .bind(record)
+                .fetch_optional(&self.pool)
+                .await?;
+        sealed
+            .map(|s| self.sealer.open(record, &s).map_err(StoreError::from))
+            .transpose()
+    }
+
+    pub(super) async fn save_ca(
+        &self,
+        m: &CaMaterial,
+        replace: bool,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let root_key = m
+            .root_key_pem
+            .as_ref()
+            .map(|k| self.sealer.seal("ca/root", k.as_bytes()))
+            .transpose()?;
+        let inter_key = self
+            .sealer
+            .seal("ca/intermediate", m.intermediate_key_pem.as_bytes())?;
+        const INSERT: &str = "INSERT INTO ca (id, root_cert_pem, root_key_sealed, intermediate_cert_pem, \
+             intermediate_key_sealed, updated_at) VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING";
+        const UPSERT: &str = "INSERT INTO ca (id, root_cert_pem, root_key_sealed, intermediate_cert_pem, \
+             intermediate_key_sealed, updated_at) VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET \
+             root_cert_pem = excluded.root_cert_pem, root_key_sealed = excluded.root_key_sealed, \
+             intermediate_cert_pem = excluded.intermediate_cert_pem, \
+             intermediate_key_sealed = excluded.intermediate_key_sealed, updated_at = excluded.updated_at";
+        let done = sqlx::query(if replace { UPSERT } else { INSERT })
+            .bind(&m.root_cert_pem)
+            .bind(root_key)
+            .bind(&m.intermediate_cert_pem)
+            .bind(inter_key)
+            .bind(db_time(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn load_ca(&self) -> Result<Option<CaMaterial>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT root_cert_pem, root_key_sealed, intermediate_cert_pem, intermediate_key_sealed FROM ca WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let text = |bytes: Zeroizing<Vec<u8>>| {
+            String::from_utf8(bytes.to_vec())
+                .map(Zeroizing::new)
+                .map_err(|_| StoreError::Corrupt("CA key is not UTF-8 PEM".into()))
+        };
+        let root_key: Option<Vec<u8>> = row.try_get("root_key_sealed")?;
+        let root_key_pem = root_key
+            .map(|s| self.sealer.open("ca/root", &s))
+            .transpose()?
+            .map(text)
+            .transpose()?;
+        let inter: Vec<u8> = row.try_get("intermediate_key_sealed")?;
+        Ok(Some(CaMaterial {
+            root_cert_pem: row.try_get("root_cert_pem")?,
+            root_key_pem,
+            intermediate_cert_pem: row.try_get("intermediate_cert_pem")?,
+            intermediate_key_pem: text(self.sealer.open("ca/intermediate", &inter)?)?,
+        }))
+    }
+
+    pub(super) async fn insert_signing_key(&self, r: &SigningKeyRecord) -> Result<(), StoreError> {
+        let sealed = self
+            .sealer
+            .seal(&format!("signing-key/{}", r.kid), &r.pkcs8)?;
+        sqlx::query("INSERT INTO signing_keys (kid, key_sealed, created_at, sign_from, retired_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&r.kid)
+            .bind(sealed)
+            .bind(db_time(r.created_at))
+            .bind(db_time(r.sign_from))
+            .bind(r.retired_at.map(db_time))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn retire_signing_key(&self, kid: &str, at: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE kid = ? AND retired_at IS NULL")
+            .bind(db_time(at))
+            .bind(kid)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError> {
+        let rows = sqlx::query("SELECT kid, key_sealed, created_at, sign_from, retired_at FROM signing_keys ORDER BY created_at, kid")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let kid: String = row.try_get("kid")?;
+                let sealed: Vec<u8> = row.try_get("key_sealed")?;
+                let retired: Option<i64> = row.try_get("retired_at")?;
+                Ok(SigningKeyRecord {
+                    pkcs8: self.sealer.open(&format!("signing-key/{kid}"), &sealed)?,
+                    kid,
+                    created_at: time_of(row, "created_at")?,
+                    sign_from: time_of(row, "sign_from")?,
+                    retired_at: retired.map(|t| u64::try_from(t).unwrap_or(0)),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn create_join_token(
+        &self,
+        hash: &JoinTokenHash,
+        id: &SpiffeId,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&hash.0[..])
+        .bind(id.as_str())
+        .bind(db_time(now))
+        .bind(db_time(expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn consume_join_token(
+        &self,
+        hash: &JoinTokenHash,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+        // One statement decides: of concurrent callers, only one sees the
+        // row still unused.
+        let claimed: Option<String> = sqlx::query_scalar(
+            "UPDATE join_tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL AND expires_at > ? RETURNING spiffe_id",
+        )
+        .bind(db_time(now))
+        .bind(&hash.0[..])
+        .bind(db_time(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(id) = claimed {
+            return id
+                .parse()
+                .map(Ok)
+                .map_err(|e| StoreError::Corrupt(format!("join token SPIFFE ID: {e}")));
+        }
+        let row = sqlx::query("SELECT used_at FROM join_tokens WHERE hash = ?")
+            .bind(&hash.0[..])
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(Err(match row {
+            None => JoinTokenRefusal::Unknown,
+            Some(r) if r.try_get::<Option<i64>, _>("used_at")?.is_some() => {
+                JoinTokenRefusal::AlreadyUsed
+            }
+            Some(_) => JoinTokenRefusal::Expired,
+        }))
+    }
+
+    pub(super) async fn record_issued(&self, token: IssuedToken) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send((token, done))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        wait.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    pub(super) async fn live_tokens(
+        &self,
+        now: u64,
+        limit: u32,
+    ) -> Result<Vec<IssuedToken>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens \
+             WHERE exp > ? ORDER BY exp, jti LIMIT ?",
+        )
+        .bind(db_time(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(issued_from_row).collect()
+    }
+
+    pub(super) async fn token_by_hmac(
+        &self,
+        hmac: &[u8; 32],
+    ) -> Result<Option<IssuedToken>, StoreError> {
+        let row = sqlx::query(
+            "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens WHERE token_hmac = ?",
+        )
+        .bind(&hmac[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(issued_from_row).transpose()
+    }
+}
+
+fn issued_from_row(row: &SqliteRow) -> Result<IssuedToken, StoreError> {
+    let hmac: Vec<u8> = row.try_get("token_hmac")?;
+    Ok(IssuedToken {
+        jti: row.try_get("jti")?,
+        sub: row.try_get("sub")?,
+        aud: row.try_get("aud")?,
+        scope: row.try_get("scope")?,
+        class: row.try_get("class")?,
+        jkt: row.try_get("jkt")?,
+        iat: time_of(row, "iat")?,
+        exp: time_of(row, "exp")?,
+        kid: row.try_get("kid")?,
+        token_hmac: hmac
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("token_hmac is not 32 bytes".into()))?,
+    })
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .execute(pool)
+        .await?;
+    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+        .fetch_one(pool)
+        .await?;
+    let current = current.unwrap_or(0);
+    if current > latest() {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported: latest(),
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let mut tx = pool.begin().await?;
+        sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO schema_version (version) VALUES (?)")
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(version, "applied store migration");
+    }
+    Ok(())
+}
+
+/// The writer task: takes whatever has queued, commits it as one
+/// transaction, and answers every caller in the batch.
+async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let result = insert_batch(&pool, &batch).await.map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, records = batch.len(), "group commit failed");
+        }
+        for (_, done) in batch.drain(..) {
+            let _ = done.send(result.clone().map_err(StoreError::WriteFailed));
+        }
+    }
+}
+
+async fn insert_batch(pool: &SqlitePool, batch: &[Pending]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for (t, _) in batch {
+        sqlx::query(
+            "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.jti)
+        .bind(&t.sub)
+        .bind(&t.aud)
+        .bind(&t.scope)
+        .bind(&t.class)
+        .bind(&t.jkt)
+        .bind(db_time(t.iat))
+        .bind(db_time(t.exp))
+        .bind(&t.kid)
+        .bind(&t.token_hmac[..])
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}

@@ -1,0 +1,290 @@
+//! The embedded store, on a real SQLite file in a temp directory.
+
+use std::sync::Arc;
+use tally::ca::{Authority, Lifetimes};
+use tally::identity::{JoinToken, SpiffeId};
+use tally::store::{IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, Store, StoreError};
+use zeroize::Zeroizing;
+
+const NOW: u64 = 1_800_000_000;
+
+fn key_text() -> Zeroizing<String> {
+    Sealer::generate_key_text().unwrap()
+}
+
+async fn open(dir: &std::path::Path, key: &str) -> Store {
+    Store::open_sqlite(
+        &dir.join("tally.db"),
+        Sealer::from_key_material(key.as_bytes()).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+fn file_bytes(dir: &std::path::Path) -> Vec<u8> {
+    // The main file and the WAL: a secret must be in neither.
+    let mut all = std::fs::read(dir.join("tally.db")).unwrap();
+    if let Ok(wal) = std::fs::read(dir.join("tally.db-wal")) {
+        all.extend(wal);
+    }
+    all
+}
+
+fn issued(i: u64, exp: u64) -> IssuedToken {
+    IssuedToken {
+        jti: format!("jti-{i}"),
+        sub: "spiffe://example.org/ns/shop/sa/checkout".into(),
+        aud: "spiffe://example.org/ns/pay/sa/payments".into(),
+        scope: "payments:charge".into(),
+        class: "service".into(),
+        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into(),
+        iat: NOW,
+        exp,
+        kid: "k1".into(),
+        token_hmac: {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&i.to_le_bytes());
+            h
+        },
+    }
+}
+
+#[tokio::test]
+async fn a_new_store_is_migrated_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_text();
+    let store = open(dir.path(), &key).await;
+    assert_eq!(store.schema_version().await.unwrap(), 1);
+    drop(store);
+    let again = open(dir.path(), &key).await;
+    assert_eq!(again.schema_version().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn ca_keys_are_sealed_at_rest_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_text();
+    let td: SpiffeId = "spiffe://example.org".parse().unwrap();
+    let (_, material) = Authority::generate(&td, Lifetimes::default(), NOW).unwrap();
+    {
+        let store = open(dir.path(), &key).await;
+        assert!(store.save_ca(&material, false, NOW).await.unwrap());
+        // A second CA does not silently replace the first.
+        let (_, other) = Authority::generate(&td, Lifetimes::default(), NOW).unwrap();
+        assert!(!store.save_ca(&other, false, NOW).await.unwrap());
+    }
+    let key_line = material
+        .intermediate_key_pem
+        .lines()
+        .nth(1)
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    let raw = file_bytes(dir.path());
+    assert!(
+        !raw.windows(key_line.len())
+            .any(|w| w == key_line.as_slice()),
+        "private key in plaintext on disk"
+    );
+    let store = open(dir.path(), &key).await;
+    let loaded = store.load_ca().await.unwrap().unwrap();
+    assert_eq!(loaded.root_cert_pem, material.root_cert_pem);
+    assert_eq!(*loaded.intermediate_key_pem, *material.intermediate_key_pem);
+    Authority::load(&td, &loaded, Lifetimes::default()).unwrap();
+}
+
+#[tokio::test]
+async fn the_wrong_sealing_key_cannot_open_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    store
+        .secret_or_create("token-hmac", || Zeroizing::new(vec![42u8; 32]), NOW)
+        .await
+        .unwrap();
+    drop(store);
+    let other = open(dir.path(), &key_text()).await;
+    let err = other
+        .secret_or_create("token-hmac", || Zeroizing::new(vec![0u8; 32]), NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Seal(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_secret_is_created_once_and_then_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    let first = store
+        .secret_or_create("n", || Zeroizing::new(vec![1u8; 32]), NOW)
+        .await
+        .unwrap();
+    let second = store
+        .secret_or_create("n", || Zeroizing::new(vec![2u8; 32]), NOW)
+        .await
+        .unwrap();
+    assert_eq!(first.as_slice(), &[1u8; 32]);
+    assert_eq!(second.as_slice(), &[1u8; 32]);
+}
+
+#[tokio::test]
+async fn signing_keys_round_trip_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    let key = tally::jose::SigningKey::generate().unwrap();
+    let pkcs8 = key.to_pkcs8_der().unwrap();
+    store
+        .insert_signing_key(&SigningKeyRecord {
+            kid: "k1".into(),
+            pkcs8: pkcs8.clone(),
+            created_at: NOW,
+            sign_from: NOW + 60,
+            retired_at: None,
+        })
+        .await
+        .unwrap();
+    store.retire_signing_key("k1", NOW + 3600).await.unwrap();
+    let keys = store.signing_keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].retired_at, Some(NOW + 3600));
+    let again = tally::jose::SigningKey::from_pkcs8_der(&keys[0].pkcs8).unwrap();
+    assert_eq!(again.thumbprint(), key.thumbprint());
+    assert!(format!("{:?}", keys[0]).contains("<redacted>"));
+    assert!(
+        !file_bytes(dir.path())
+            .windows(pkcs8.len())
+            .any(|w| w == pkcs8.as_slice())
+    );
+}
+
+#[tokio::test]
+async fn a_join_token_works_once_and_is_stored_only_as_a_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    let id: SpiffeId = "spiffe://example.org/vm/build-1".parse().unwrap();
+    let token = JoinToken::generate().unwrap();
+    store
+        .create_join_token(&token.hash(), &id, NOW + 600, NOW)
+        .await
+        .unwrap();
+    assert!(
+        !file_bytes(dir.path())
+            .windows(20)
+            .any(|w| w == &token.expose().as_bytes()[..20])
+    );
+
+    assert_eq!(
+        store
+            .consume_join_token(&token.hash(), NOW + 1)
+            .await
+            .unwrap(),
+        Ok(id)
+    );
+    assert_eq!(
+        store
+            .consume_join_token(&token.hash(), NOW + 2)
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::AlreadyUsed)
+    );
+    let unknown = JoinToken::generate().unwrap();
+    assert_eq!(
+        store
+            .consume_join_token(&unknown.hash(), NOW)
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Unknown)
+    );
+}
+
+#[tokio::test]
+async fn an_expired_join_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    let id: SpiffeId = "spiffe://example.org/vm/build-1".parse().unwrap();
+    let token = JoinToken::generate().unwrap();
+    store
+        .create_join_token(&token.hash(), &id, NOW + 600, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .consume_join_token(&token.hash(), NOW + 600)
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Expired)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_many_concurrent_uses_of_one_join_token_exactly_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    let id: SpiffeId = "spiffe://example.org/vm/build-1".parse().unwrap();
+    let token = JoinToken::generate().unwrap();
+    let hash = token.hash();
+    store
+        .create_join_token(&hash, &id, NOW + 600, NOW)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.consume_join_token(&hash, NOW + 1).await.unwrap() })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(refusal) => assert_eq!(refusal, JoinTokenRefusal::AlreadyUsed),
+        }
+    }
+    assert_eq!(wins, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_issuance_records_are_all_committed_and_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_text();
+    {
+        let store = Arc::new(open(dir.path(), &key).await);
+        let tasks: Vec<_> = (0..2000u64)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(
+                    async move { store.record_issued(issued(i, NOW + 300 + i % 10)).await },
+                )
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+    // Reopened: every acknowledged record is there.
+    let store = open(dir.path(), &key).await;
+    let live = store.live_tokens(NOW, 5000).await.unwrap();
+    assert_eq!(live.len(), 2000);
+    assert!(live.windows(2).all(|w| w[0].exp <= w[1].exp));
+    // Expired ones are not live.
+    assert_eq!(
+        store.live_tokens(NOW + 305, 5000).await.unwrap().len(),
+        2000 * 4 / 10
+    );
+    let found = store
+        .token_by_hmac(&issued(7, 0).token_hmac)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.jti, "jti-7");
+}
+
+#[tokio::test]
+async fn a_duplicate_record_fails_its_batch_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    store.record_issued(issued(1, NOW + 300)).await.unwrap();
+    let err = store.record_issued(issued(1, NOW + 300)).await.unwrap_err();
+    assert!(matches!(err, StoreError::WriteFailed(_)), "{err:?}");
+    // The writer keeps working after a failed batch.
+    store.record_issued(issued(2, NOW + 300)).await.unwrap();
+}
