@@ -17,16 +17,21 @@
 //! - [`proto`]: the gRPC contract (generated from `proto/tally/v1`).
 //! - [`store`]: durable broker state (SQLite; keys sealed at rest, join
 //!   tokens hashed, issued-token inventory with group commit).
+//! - [`broker`]: the broker: shared state ([`broker::Broker`]), signing
+//!   keys, rate limits, and the gRPC services (Identity, Tokens, Watch).
+//! - [`clock`]: the clock services hold (pure code takes `now`).
 //! - [`cli`]: the `tally` command line (thin: parses and calls the above).
 //!
-//! Everything but [`cli`] and [`store`] is pure: checks take bytes and a `now` (Unix
+//! Everything but [`cli`], [`broker`] and [`store`] is pure: checks take bytes and a `now` (Unix
 //! seconds) and return typed results.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod broker;
 pub mod ca;
 pub mod cli;
+pub mod clock;
 pub mod dpop;
 pub mod identity;
 pub mod jose;

@@ -386,6 +386,117 @@ impl Authority {
     }
 }
 
+/// A certificate with a key generated for it (the broker's own server
+/// certificate, the admin credential): PEM, the key wiped on drop.
+pub struct Credential {
+    /// Leaf then intermediate, PEM.
+    pub cert_chain_pem: String,
+    /// PKCS#8 private key, PEM.
+    pub key_pem: Zeroizing<String>,
+    /// Not valid after (Unix seconds).
+    pub expires_at: u64,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("expires_at", &self.expires_at)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// Generates a key and issues it a certificate for `id`, with `dns`
+    /// and `ips` as further SANs (for a server), valid for `ttl_secs`.
+    ///
+    /// # Errors
+    /// [`CaError`] as for [`Authority::issue_svid`].
+    pub fn issue_credential(
+        &self,
+        id: &SpiffeId,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+        ttl_secs: u64,
+        now: u64,
+    ) -> Result<Credential, CaError> {
+        if id.trust_domain() != self.trust_domain {
+            return Err(CaError::CsrIdentity {
+                requested: id.to_string(),
+                attested: format!("an identity in spiffe://{}", self.trust_domain),
+            });
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let expires_at = (now + ttl_secs).min(self.intermediate_expires_at);
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "tally");
+        if let Some(name) = dns.first() {
+            dn.push(DnType::CommonName, name.as_str());
+        }
+        params.distinguished_name = dn;
+        let uri = SanType::URI(
+            id.as_str()
+                .try_into()
+                .map_err(|_| CaError::Generate("SPIFFE ID is not IA5".into()))?,
+        );
+        params.subject_alt_names = std::iter::once(Ok(uri))
+            .chain(dns.iter().map(|d| {
+                d.as_str()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|_| CaError::Generate(format!("DNS name {d:?} is not IA5")))
+            }))
+            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, _>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = at(now.saturating_sub(BACKDATE_SECS))?;
+        params.not_after = at(expires_at)?;
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.intermediate)?;
+        Ok(Credential {
+            cert_chain_pem: format!(
+                "{}{}",
+                cert.pem(),
+                pem("CERTIFICATE", &self.intermediate_der)
+            ),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+            expires_at,
+        })
+    }
+}
+
+/// The SPIFFE ID of an X.509-SVID: its one URI SAN.
+///
+/// # Errors
+/// A message saying what is wrong (not a certificate, no or several URI
+/// SANs, not a SPIFFE ID).
+pub fn spiffe_id_of(cert_der: &[u8]) -> Result<SpiffeId, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|_| "not an X.509 certificate".to_owned())?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| "malformed subjectAltName".to_owned())?
+        .ok_or_else(|| "certificate has no subjectAltName".to_owned())?;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    match (uris.next(), uris.next()) {
+        (Some(uri), None) => uri
+            .parse()
+            .map_err(|e| format!("URI SAN is not a SPIFFE ID: {e}")),
+        (None, _) => Err("certificate has no URI SAN (SPIFFE ID)".to_owned()),
+        (Some(_), Some(_)) => Err("certificate has more than one URI SAN".to_owned()),
+    }
+}
+
 impl fmt::Debug for Authority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authority")

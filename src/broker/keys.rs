@@ -1,0 +1,152 @@
+//! Token-signing keys: the first is made on first start; rotation publishes
+//! the next key in the JWKS before it signs, and keeps a retired key
+//! published until every token it signed has expired, so no token is ever
+//! unverifiable during a rotation.
+
+use crate::jose::SigningKey;
+use crate::store::{SigningKeyRecord, Store, StoreError};
+use crate::token::{Jwks, TokenSigner};
+
+/// Why key management failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored key does not load, or a new one cannot be made.
+    #[error("signing key: {0}")]
+    Key(#[from] crate::jose::KeyError),
+}
+
+struct Managed {
+    signer: TokenSigner,
+    sign_from: u64,
+    retired_at: Option<u64>,
+}
+
+/// The broker's signing keys, oldest first.
+pub struct SigningKeys {
+    keys: Vec<Managed>,
+    issuer: String,
+}
+
+impl std::fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeys")
+            .field(
+                "kids",
+                &self.keys.iter().map(|k| k.signer.kid()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl SigningKeys {
+    /// Loads the stored keys, making and storing a first one (signing from
+    /// `now`) if there are none.
+    ///
+    /// # Errors
+    /// [`KeyError`].
+    pub async fn load_or_create(store: &Store, issuer: &str, now: u64) -> Result<Self, KeyError> {
+        let mut keys = Self {
+            keys: Vec::new(),
+            issuer: issuer.to_owned(),
+        };
+        for record in store.signing_keys().await? {
+            let key = SigningKey::from_pkcs8_der(&record.pkcs8)?;
+            keys.keys.push(Managed {
+                signer: TokenSigner::new(key, record.kid, issuer),
+                sign_from: record.sign_from,
+                retired_at: record.retired_at,
+            });
+        }
+        if keys.keys.is_empty() {
+            keys.add(store, now, now).await?;
+        }
+        Ok(keys)
+    }
+
+    async fn add(&mut self, store: &Store, now: u64, sign_from: u64) -> Result<String, KeyError> {
+        let key = SigningKey::generate()?;
+        // The thumbprint names the key: unique, and checkable by anyone
+        // holding the JWKS.
+        let kid = key.thumbprint().to_string();
+        store
+            .insert_signing_key(&SigningKeyRecord {
+                kid: kid.clone(),
+                pkcs8: key.to_pkcs8_der()?,
+                created_at: now,
+                sign_from,
+                retired_at: None,
+            })
+            .await?;
+        self.keys.push(Managed {
+            signer: TokenSigner::new(key, kid.clone(), &self.issuer),
+            sign_from,
+            retired_at: None,
+        });
+        Ok(kid)
+    }
+
+    /// Starts a rotation: a new key is published now and signs from
+    /// `now + publish_lead`; the key signing until then is retired at that
+    /// moment. With `publish_lead = 0` (incident response) the new key signs
+    /// at once.
+    ///
+    /// # Errors
+    /// [`KeyError`].
+    pub async fn rotate(
+        &mut self,
+        store: &Store,
+        now: u64,
+        publish_lead: u64,
+    ) -> Result<String, KeyError> {
+        let sign_from = now + publish_lead;
+        let retiring: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|k| k.retired_at.is_none())
+            .map(|k| k.signer.kid().to_owned())
+            .collect();
+        let kid = self.add(store, now, sign_from).await?;
+        for old in retiring {
+            store.retire_signing_key(&old, sign_from).await?;
+            if let Some(k) = self.keys.iter_mut().find(|k| k.signer.kid() == old) {
+                k.retired_at = Some(sign_from);
+            }
+        }
+        Ok(kid)
+    }
+
+    /// The key that signs at `now`: the newest whose `sign_from` has come
+    /// and which is not retired by then.
+    pub fn current(&self, now: u64) -> Option<&TokenSigner> {
+        self.keys
+            .iter()
+            .rev()
+            .find(|k| k.sign_from <= now && k.retired_at.is_none_or(|r| r > now))
+            .or_else(|| {
+                // A retired key whose successor is not signing yet keeps
+                // signing: there must always be one.
+                self.keys.iter().rev().find(|k| k.sign_from <= now)
+            })
+            .map(|k| &k.signer)
+    }
+
+    /// The keys to publish at `now`: every key not yet retired, and every
+    /// retired key that may still have signed a live token (retired less
+    /// than `max_token_ttl + leeway` ago).
+    pub fn jwks(&self, now: u64, max_token_ttl: u64, leeway: u64) -> Jwks {
+        let mut jwks = Jwks::default();
+        for k in &self.keys {
+            let live = k
+                .retired_at
+                .is_none_or(|r| r.saturating_add(max_token_ttl).saturating_add(leeway) > now);
+            if live {
+                jwks.insert(k.signer.kid(), k.signer.key().public_key().clone());
+            }
+        }
+        jwks
+    }
+}

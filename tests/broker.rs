@@ -1,0 +1,501 @@
+//! The broker over real mTLS gRPC on 127.0.0.1:0, with a real SQLite store.
+
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use std::sync::Arc;
+use tally::broker::{Broker, BrokerSettings};
+use tally::clock::{Clock, SystemClock};
+use tally::dpop::ProofKey;
+use tally::identity::SpiffeId;
+use tally::policy::Policy;
+use tally::proto::v1 as pb;
+use tally::store::{Sealer, Store};
+use tally::token::{TokenConfig, verify};
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const CHECKOUT: &str = "spiffe://example.org/ns/shop/sa/checkout";
+const PAYMENTS: &str = "spiffe://example.org/ns/pay/sa/payments";
+const POLICY: &str = include_str!("fixtures/policy.yaml");
+
+struct Running {
+    broker: Arc<Broker>,
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+    }
+}
+
+async fn start_in(dir: &std::path::Path, key: &str, policy: &str) -> Running {
+    let store = Store::open_sqlite(
+        &dir.join("tally.db"),
+        Sealer::from_key_material(key.as_bytes()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let settings = BrokerSettings::new("example.org", Policy::parse(policy).unwrap()).unwrap();
+    let broker = Arc::new(
+        Broker::open(settings, store, Arc::new(SystemClock))
+            .await
+            .unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let credential = broker
+        .server_credential(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let b = Arc::clone(&broker);
+    let server = tokio::spawn(async move {
+        tally::broker::serve(b, listener, &credential, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running {
+        broker,
+        addr,
+        stop: Some(stop),
+        server,
+        _dir: None,
+    }
+}
+
+async fn start(policy: &str) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Sealer::generate_key_text().unwrap();
+    let mut running = start_in(dir.path(), &key, policy).await;
+    running._dir = Some(dir);
+    running
+}
+
+async fn channel(
+    r: &Running,
+    identity: Option<Identity>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(r.broker.bundle_pem()))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(id);
+    }
+    Channel::from_shared(format!("https://127.0.0.1:{}", r.addr.port()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+fn csr(sans: &[&str]) -> (KeyPair, Vec<u8>) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = sans
+        .iter()
+        .map(|s| SanType::URI((*s).try_into().unwrap()))
+        .collect();
+    let der = params.serialize_request(&key).unwrap().der().to_vec();
+    (key, der)
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    tally::ca::pem(label, der)
+}
+
+/// Attests `id` with a fresh join token and returns an mTLS identity.
+async fn workload(r: &Running, id: &str) -> Identity {
+    let token = r
+        .broker
+        .create_join_token(&id.parse().unwrap(), 600)
+        .await
+        .unwrap();
+    let mut client = pb::identity_client::IdentityClient::new(channel(r, None).await.unwrap());
+    let (key, der) = csr(&[]);
+    let svid = client
+        .attest(pb::AttestRequest {
+            credential: Some(pb::attest_request::Credential::JoinToken(
+                token.expose().into(),
+            )),
+            csr_der: der,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain: String = std::iter::once(&svid.svid_der)
+        .chain(&svid.chain_der)
+        .map(|d| pem("CERTIFICATE", d))
+        .collect();
+    Identity::from_pem(chain, key.serialize_pem())
+}
+
+fn issue_request(r: &Running, key: &ProofKey, scopes: &[&str], ttl: u32) -> pb::IssueRequest {
+    pb::IssueRequest {
+        audience: PAYMENTS.into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        ttl_seconds: ttl,
+        dpop_proof: key
+            .mint("POST", r.broker.issue_uri(), None, None, SystemClock.now())
+            .unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn attest_with_a_join_token_gives_an_svid_once() {
+    let r = start(POLICY).await;
+    let id: SpiffeId = "spiffe://example.org/vm/build-1".parse().unwrap();
+    let token = r.broker.create_join_token(&id, 600).await.unwrap();
+    let mut client = pb::identity_client::IdentityClient::new(channel(&r, None).await.unwrap());
+    let attest = |t: &str| pb::AttestRequest {
+        credential: Some(pb::attest_request::Credential::JoinToken(t.into())),
+        csr_der: csr(&[]).1,
+    };
+    let svid = client
+        .attest(attest(token.expose()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(svid.spiffe_id, id.to_string());
+    assert_eq!(tally::ca::spiffe_id_of(&svid.svid_der).unwrap(), id);
+    let ttl = svid.expires_at - SystemClock.now() as i64;
+    assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
+    assert!(!svid.bundle_der.is_empty());
+
+    let again = client.attest(attest(token.expose())).await.unwrap_err();
+    assert_eq!(again.code(), Code::PermissionDenied);
+    let unknown = client.attest(attest("tally-jt-nope")).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::PermissionDenied);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_csr_for_another_identity_is_refused() {
+    let r = start(POLICY).await;
+    let token = r
+        .broker
+        .create_join_token(&"spiffe://example.org/vm/a".parse().unwrap(), 600)
+        .await
+        .unwrap();
+    let mut client = pb::identity_client::IdentityClient::new(channel(&r, None).await.unwrap());
+    let err = client
+        .attest(pb::AttestRequest {
+            credential: Some(pb::attest_request::Credential::JoinToken(
+                token.expose().into(),
+            )),
+            csr_der: csr(&[CHECKOUT]).1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains(CHECKOUT), "{}", err.message());
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn renew_needs_the_current_svid_and_keeps_the_identity() {
+    let r = start(POLICY).await;
+    let identity = workload(&r, CHECKOUT).await;
+    let mut client =
+        pb::identity_client::IdentityClient::new(channel(&r, Some(identity)).await.unwrap());
+    let renewed = client
+        .renew(pb::RenewRequest {
+            csr_der: csr(&[]).1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.spiffe_id, CHECKOUT);
+
+    let mut anonymous = pb::identity_client::IdentityClient::new(channel(&r, None).await.unwrap());
+    let err = anonymous
+        .renew(pb::RenewRequest {
+            csr_der: csr(&[]).1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    let r = start(POLICY).await;
+    let other = start(POLICY).await;
+    let foreign = workload(&other, CHECKOUT).await;
+    // The TLS handshake or the first call fails: either way, no token.
+    let result = async {
+        let mut client = pb::tokens_client::TokensClient::new(channel(&r, Some(foreign)).await?);
+        let key = ProofKey::generate().unwrap();
+        client
+            .issue(issue_request(&r, &key, &["payments:read"], 0))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    assert!(result.is_err());
+    r.stop().await;
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn an_allowed_request_gets_a_bound_verifiable_recorded_token() {
+    let r = start(POLICY).await;
+    let mut client = pb::tokens_client::TokensClient::new(
+        channel(&r, Some(workload(&r, CHECKOUT).await))
+            .await
+            .unwrap(),
+    );
+    let key = ProofKey::generate().unwrap();
+    let issued = client
+        .issue(issue_request(&r, &key, &["payments:charge"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.token_type, "DPoP");
+    assert_eq!(issued.scopes, vec!["payments:charge".to_owned()]);
+
+    let config = TokenConfig::new("https://localhost:8444", PAYMENTS.parse().unwrap());
+    let now = SystemClock.now();
+    let claims = verify(
+        &issued.access_token,
+        &r.broker.jwks(),
+        &config,
+        now,
+        &mut (),
+    )
+    .unwrap();
+    assert_eq!(claims.sub.as_str(), CHECKOUT);
+    assert_eq!(claims.jkt, key.thumbprint());
+    assert_eq!(claims.exp - claims.iat, 300);
+    assert_eq!(claims.jti, issued.jti);
+
+    let live = r.broker.store().live_tokens(now, 10).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].jti, issued.jti);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn policy_scope_and_ttl_limits_are_enforced() {
+    let r = start(POLICY).await;
+    let mut client = pb::tokens_client::TokensClient::new(
+        channel(&r, Some(workload(&r, CHECKOUT).await))
+            .await
+            .unwrap(),
+    );
+    let key = ProofKey::generate().unwrap();
+    let err = client
+        .issue(issue_request(&r, &key, &["payments:refund"], 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("payments:refund"));
+
+    let long = client
+        .issue(issue_request(&r, &key, &["payments:read"], 86_400))
+        .await
+        .unwrap()
+        .into_inner();
+    let ttl = long.expires_at - SystemClock.now() as i64;
+    assert!((890..=900).contains(&ttl), "ttl {ttl}");
+
+    let mut other = pb::tokens_client::TokensClient::new(
+        channel(
+            &r,
+            Some(workload(&r, "spiffe://example.org/ns/shop/sa/cart").await),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        other
+            .issue(issue_request(&r, &key, &["payments:read"], 0))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn bad_or_replayed_proofs_are_refused() {
+    let r = start(POLICY).await;
+    let mut client = pb::tokens_client::TokensClient::new(
+        channel(&r, Some(workload(&r, CHECKOUT).await))
+            .await
+            .unwrap(),
+    );
+    let key = ProofKey::generate().unwrap();
+    let mut wrong_uri = issue_request(&r, &key, &["payments:read"], 0);
+    wrong_uri.dpop_proof = key
+        .mint(
+            "POST",
+            "https://localhost:8444/elsewhere",
+            None,
+            None,
+            SystemClock.now(),
+        )
+        .unwrap();
+    let err = client.issue(wrong_uri).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("htu"), "{}", err.message());
+
+    let once = issue_request(&r, &key, &["payments:read"], 0);
+    client.issue(once.clone()).await.unwrap();
+    let err = client.issue(once).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("already used"));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn rule_rate_limits_answer_resource_exhausted_with_retry_after() {
+    let policy = POLICY.replace("rate: 50/s", "rate: 2/m");
+    let r = start(&policy).await;
+    let mut client = pb::tokens_client::TokensClient::new(
+        channel(&r, Some(workload(&r, CHECKOUT).await))
+            .await
+            .unwrap(),
+    );
+    let key = ProofKey::generate().unwrap();
+    client
+        .issue(issue_request(&r, &key, &["payments:read"], 0))
+        .await
+        .unwrap();
+    client
+        .issue(issue_request(&r, &key, &["payments:read"], 0))
+        .await
+        .unwrap();
+    let err = client
+        .issue(issue_request(&r, &key, &["payments:read"], 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let retry: u64 = err
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_ca_and_keys_so_old_tokens_still_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Sealer::generate_key_text().unwrap();
+    let r = start_in(dir.path(), &key, POLICY).await;
+    let bundle = r.broker.bundle_pem();
+    let mut client = pb::tokens_client::TokensClient::new(
+        channel(&r, Some(workload(&r, CHECKOUT).await))
+            .await
+            .unwrap(),
+    );
+    let proof_key = ProofKey::generate().unwrap();
+    let issued = client
+        .issue(issue_request(&r, &proof_key, &["payments:read"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    r.stop().await;
+
+    let again = start_in(dir.path(), &key, POLICY).await;
+    assert_eq!(again.broker.bundle_pem(), bundle);
+    let config = TokenConfig::new("https://localhost:8444", PAYMENTS.parse().unwrap());
+    verify(
+        &issued.access_token,
+        &again.broker.jwks(),
+        &config,
+        SystemClock.now(),
+        &mut (),
+    )
+    .unwrap();
+    // The token is in the inventory, and nowhere on disk as a string.
+    assert_eq!(
+        again
+            .broker
+            .store()
+            .live_tokens(SystemClock.now(), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut disk = std::fs::read(dir.path().join("tally.db")).unwrap();
+    disk.extend(std::fs::read(dir.path().join("tally.db-wal")).unwrap_or_default());
+    let needle = issued.access_token.split('.').nth(2).unwrap().as_bytes();
+    assert!(!disk.windows(needle.len()).any(|w| w == needle));
+    again.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_signed_before_a_rotation_verify_after_it() {
+    let r = start(POLICY).await;
+    let mut client = pb::tokens_client::TokensClient::new(
+        channel(&r, Some(workload(&r, CHECKOUT).await))
+            .await
+            .unwrap(),
+    );
+    let key = ProofKey::generate().unwrap();
+    let before = client
+        .issue(issue_request(&r, &key, &["payments:read"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let new_kid = r.broker.rotate_signing_key(0).await.unwrap();
+    let after = client
+        .issue(issue_request(&r, &key, &["payments:read"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let config = TokenConfig::new("https://localhost:8444", PAYMENTS.parse().unwrap());
+    let jwks = r.broker.jwks();
+    assert_eq!(jwks.len(), 2);
+    let now = SystemClock.now();
+    let old = verify(&before.access_token, &jwks, &config, now, &mut ()).unwrap();
+    let new = verify(&after.access_token, &jwks, &config, now, &mut ()).unwrap();
+    assert_ne!(old.kid, new.kid);
+    assert_eq!(new.kid, new_kid);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn watch_sends_the_jwks_and_bundle_first() {
+    let r = start(POLICY).await;
+    let mut client = pb::watch_client::WatchClient::new(
+        channel(&r, Some(workload(&r, CHECKOUT).await))
+            .await
+            .unwrap(),
+    );
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let Some(pb::update::Kind::Jwks(jwks)) = first.kind else {
+        panic!("{first:?}")
+    };
+    assert_eq!(
+        tally::token::Jwks::parse(jwks.json.as_bytes())
+            .unwrap()
+            .len(),
+        1
+    );
+    let second = stream.message().await.unwrap().unwrap();
+    assert!(matches!(second.kind, Some(pb::update::Kind::Bundle(_))));
+    r.stop().await;
+}
