@@ -9,6 +9,7 @@ macro_rules! say {
     }};
 }
 
+mod ctl;
 mod dpop;
 mod token;
 
@@ -45,8 +46,10 @@ pub enum Command {
     Sidecar(NotYet),
     /// Run the Kubernetes admission webhook (not in this build yet).
     Injector(NotYet),
-    /// Administer a broker (not in this build yet).
-    Ctl(NotYet),
+    /// Administer: trust policy tools (offline); broker commands are not in
+    /// this build yet.
+    #[command(subcommand)]
+    Ctl(ctl::CtlCommand),
     /// Run the loopback demo (not in this build yet).
     Demo(NotYet),
 }
@@ -94,7 +97,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Broker(_) => Err(CliError::NotImplemented("broker")),
         Command::Sidecar(_) => Err(CliError::NotImplemented("sidecar")),
         Command::Injector(_) => Err(CliError::NotImplemented("injector")),
-        Command::Ctl(_) => Err(CliError::NotImplemented("ctl")),
+        Command::Ctl(cmd) => ctl::run(cmd),
         Command::Demo(_) => Err(CliError::NotImplemented("demo")),
     }
 }
