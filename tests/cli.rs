@@ -129,8 +129,7 @@ fn bad_usage_exits_64() {
 #[test]
 fn unbuilt_subcommands_refuse_to_run() {
     for cmd in [
-        &["broker"][..],
-        &["sidecar"],
+        &["sidecar"][..],
         &["injector"],
         &["demo"],
         &["ctl", "join-token", "create"],

@@ -5,6 +5,7 @@
 //! to it; [`serve`] runs the gRPC server on a listener until a shutdown
 //! future resolves.
 
+pub mod config;
 pub mod grpc;
 pub mod keys;
 pub mod rate;

@@ -9,6 +9,7 @@ macro_rules! say {
     }};
 }
 
+mod broker;
 mod ctl;
 mod dpop;
 mod token;
@@ -40,8 +41,8 @@ pub enum Command {
     /// Access tokens: inspect one.
     #[command(subcommand)]
     Token(token::TokenCommand),
-    /// Run the broker (not in this build yet).
-    Broker(NotYet),
+    /// Run the broker: identity CA and token issuer over mTLS gRPC.
+    Broker(crate::broker::config::BrokerFlags),
     /// Run a sidecar (not in this build yet).
     Sidecar(NotYet),
     /// Run the Kubernetes admission webhook (not in this build yet).
@@ -94,7 +95,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Dpop(cmd) => dpop::run(cmd),
         Command::Token(cmd) => token::run(cmd),
-        Command::Broker(_) => Err(CliError::NotImplemented("broker")),
+        Command::Broker(flags) => broker::run(flags),
         Command::Sidecar(_) => Err(CliError::NotImplemented("sidecar")),
         Command::Injector(_) => Err(CliError::NotImplemented("injector")),
         Command::Ctl(cmd) => ctl::run(cmd),

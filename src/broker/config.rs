@@ -1,0 +1,253 @@
+//! `tally broker` configuration: command-line flags, then `TALLY_*`
+//! environment variables (clap reads both), then a YAML file, then
+//! defaults. Every problem is reported at once.
+
+use crate::policy::yaml::{self, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Settings as given (flags and environment); `None` means "not given".
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct BrokerFlags {
+    /// YAML file with any of the settings below (flags and TALLY_* win).
+    #[arg(long, env = "TALLY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the store, trust bundle and admin credential.
+    #[arg(long, env = "TALLY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Trust domain name, e.g. example.org.
+    #[arg(long, env = "TALLY_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// gRPC (mTLS) listen address.
+    #[arg(long, env = "TALLY_GRPC_LISTEN")]
+    pub grpc_listen: Option<String>,
+    /// Trust policy YAML, reloaded when it changes.
+    #[arg(long, env = "TALLY_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Extra DNS names for the broker's server certificate (repeatable).
+    #[arg(long = "dns-name", env = "TALLY_DNS_NAMES", value_delimiter = ',')]
+    pub dns_names: Vec<String>,
+    /// File holding the store sealing key (base64url, 32 bytes). Without
+    /// it, TALLY_STORE_KEY is used, else a key file in the data dir.
+    #[arg(long, env = "TALLY_STORE_KEY_FILE")]
+    pub store_key_file: Option<PathBuf>,
+    /// Token issuer URL (the `iss` claim).
+    #[arg(long, env = "TALLY_ISSUER")]
+    pub issuer: Option<String>,
+    /// X.509-SVID lifetime, e.g. 1h.
+    #[arg(long, env = "TALLY_SVID_TTL")]
+    pub svid_ttl: Option<String>,
+}
+
+/// Resolved, validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Trust domain name.
+    pub trust_domain: String,
+    /// gRPC listen address.
+    pub grpc_listen: SocketAddr,
+    /// Policy file, if any.
+    pub policy: Option<PathBuf>,
+    /// Extra DNS names for the server certificate.
+    pub dns_names: Vec<String>,
+    /// Store key file, if any.
+    pub store_key_file: Option<PathBuf>,
+    /// Issuer URL.
+    pub issuer: String,
+    /// SVID lifetime in seconds.
+    pub svid_ttl: u64,
+}
+
+const KEYS: &[&str] = &[
+    "data_dir",
+    "trust_domain",
+    "grpc_listen",
+    "policy",
+    "dns_names",
+    "store_key_file",
+    "issuer",
+    "svid_ttl",
+];
+
+impl BrokerConfig {
+    /// Resolves `flags` (already merged with the environment by clap) over
+    /// the config file's text, if any (`file` is its name, for errors).
+    ///
+    /// # Errors
+    /// Every problem found, one line each.
+    pub fn resolve(flags: &BrokerFlags, file: Option<(&str, &str)>) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut from_file: std::collections::HashMap<&str, Vec<String>> =
+            std::collections::HashMap::new();
+        let mut file_doc = None;
+        if let Some((name, text)) = file {
+            match yaml::parse(text) {
+                Err(e) => errors.push(format!("{name}:{}: {}", e.pos, e.message)),
+                Ok(doc) => file_doc = Some((name, doc)),
+            }
+        }
+        if let Some((name, doc)) = &file_doc {
+            match &doc.value {
+                Value::Map(entries) => {
+                    for (key, pos, node) in entries {
+                        if !KEYS.contains(&key.as_str()) {
+                            errors.push(format!(
+                                "{name}:{pos}: unknown key {key:?} (expected one of: {})",
+                                KEYS.join(", ")
+                            ));
+                            continue;
+                        }
+                        let values = match &node.value {
+                            Value::Str(s) => vec![s.clone()],
+                            Value::Seq(items) => items
+                                .iter()
+                                .filter_map(|i| match &i.value {
+                                    Value::Str(s) => Some(s.clone()),
+                                    _ => {
+                                        errors.push(format!(
+                                            "{name}:{}: {key} items must be text",
+                                            i.pos
+                                        ));
+                                        None
+                                    }
+                                })
+                                .collect(),
+                            _ => {
+                                errors.push(format!("{name}:{}: {key} must be text", node.pos));
+                                continue;
+                            }
+                        };
+                        let k = KEYS
+                            .iter()
+                            .find(|k| **k == key.as_str())
+                            .copied()
+                            .unwrap_or("");
+                        from_file.insert(k, values);
+                    }
+                }
+                Value::Null => {}
+                _ => errors.push(format!(
+                    "{name}:{}: the config file must be a mapping",
+                    doc.pos
+                )),
+            }
+        }
+        let one = |flag: Option<String>, key: &str| -> Option<String> {
+            flag.or_else(|| from_file.get(key).and_then(|v| v.first().cloned()))
+        };
+        let path = |flag: &Option<PathBuf>, key: &str| -> Option<PathBuf> {
+            flag.clone().or_else(|| {
+                from_file
+                    .get(key)
+                    .and_then(|v| v.first())
+                    .map(PathBuf::from)
+            })
+        };
+
+        let trust_domain =
+            one(flags.trust_domain.clone(), "trust_domain").unwrap_or_else(|| "tally.local".into());
+        if let Err(e) = format!("spiffe://{trust_domain}").parse::<crate::identity::SpiffeId>() {
+            errors.push(format!("trust_domain {trust_domain:?}: {e}"));
+        }
+        let grpc_text = one(flags.grpc_listen.clone(), "grpc_listen")
+            .unwrap_or_else(|| "127.0.0.1:8443".into());
+        let grpc_listen = grpc_text
+            .parse::<SocketAddr>()
+            .map_err(|e| errors.push(format!("grpc_listen {grpc_text:?}: {e}")))
+            .ok();
+        let issuer =
+            one(flags.issuer.clone(), "issuer").unwrap_or_else(|| "https://localhost:8444".into());
+        if crate::dpop::NormalizedUri::parse(&issuer).is_err() || !issuer.starts_with("https://") {
+            errors.push(format!("issuer {issuer:?} must be an https:// URL"));
+        }
+        let ttl_text = one(flags.svid_ttl.clone(), "svid_ttl").unwrap_or_else(|| "1h".into());
+        let svid_ttl = match humantime::parse_duration(&ttl_text) {
+            Ok(d) if (60..=86_400).contains(&d.as_secs()) => Some(d.as_secs()),
+            _ => {
+                errors.push(format!(
+                    "svid_ttl {ttl_text:?} must be a duration from 1m to 24h"
+                ));
+                None
+            }
+        };
+        let dns_names = if flags.dns_names.is_empty() {
+            from_file.get("dns_names").cloned().unwrap_or_default()
+        } else {
+            flags.dns_names.clone()
+        };
+        for name in &dns_names {
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                errors.push(format!("dns_names: {name:?} is not a DNS name"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            data_dir: path(&flags.data_dir, "data_dir")
+                .unwrap_or_else(|| PathBuf::from("tally-data")),
+            trust_domain,
+            grpc_listen: grpc_listen.unwrap_or_else(|| unreachable!("checked above")),
+            policy: path(&flags.policy, "policy"),
+            dns_names,
+            store_key_file: path(&flags.store_key_file, "store_key_file"),
+            issuer,
+            svid_ttl: svid_ttl.unwrap_or_else(|| unreachable!("checked above")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_with_nothing_given() {
+        let c = BrokerConfig::resolve(&BrokerFlags::default(), None).unwrap();
+        assert_eq!(c.trust_domain, "tally.local");
+        assert_eq!(c.grpc_listen, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("tally-data"));
+        assert_eq!(c.svid_ttl, 3600);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let flags = BrokerFlags {
+            trust_domain: Some("flag.example".into()),
+            ..BrokerFlags::default()
+        };
+        let file = "trust_domain: file.example\ngrpc_listen: 127.0.0.1:9443\ndns_names: [broker.example]\n";
+        let c = BrokerConfig::resolve(&flags, Some(("broker.yaml", file))).unwrap();
+        assert_eq!(c.trust_domain, "flag.example");
+        assert_eq!(c.grpc_listen.port(), 9443);
+        assert_eq!(c.dns_names, vec!["broker.example".to_owned()]);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let flags = BrokerFlags {
+            grpc_listen: Some("nowhere".into()),
+            svid_ttl: Some("5s".into()),
+            ..BrokerFlags::default()
+        };
+        let file = "trust_domain: Bad_Domain\nissuer: http://x\ncolour: blue\n";
+        let errors = BrokerConfig::resolve(&flags, Some(("broker.yaml", file))).unwrap_err();
+        let all = errors.join("\n");
+        assert!(
+            all.contains("broker.yaml:3:1: unknown key \"colour\""),
+            "{all}"
+        );
+        assert!(all.contains("trust_domain \"Bad_Domain\""), "{all}");
+        assert!(all.contains("grpc_listen \"nowhere\""), "{all}");
+        assert!(all.contains("issuer \"http://x\""), "{all}");
+        assert!(all.contains("svid_ttl \"5s\""), "{all}");
+        assert_eq!(errors.len(), 5, "{all}");
+    }
+}

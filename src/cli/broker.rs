@@ -1,0 +1,255 @@
+//! `tally broker`: configuration, data directory, then the gRPC server
+//! until SIGTERM or SIGINT.
+
+use super::CliError;
+use crate::broker::config::{BrokerConfig, BrokerFlags};
+use crate::broker::{Broker, BrokerSettings};
+use crate::clock::{Clock, SystemClock};
+use crate::policy::Policy;
+use crate::store::{Sealer, Store};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(super) fn run(flags: BrokerFlags) -> Result<ExitCode, CliError> {
+    let file = match &flags.config {
+        Some(path) => Some((path.display().to_string(), read_text(path)?)),
+        None => None,
+    };
+    let config =
+        BrokerConfig::resolve(&flags, file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())))
+            .map_err(|errors| {
+                CliError::Usage(format!("bad configuration:\n  {}", errors.join("\n  ")))
+            })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))?;
+    runtime.block_on(serve(config))
+}
+
+fn read_text(path: &Path) -> Result<String, CliError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    if meta.len() > 1024 * 1024 {
+        return Err(CliError::Usage(format!(
+            "{}: larger than 1 MiB",
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+}
+
+fn load_policy(path: Option<&PathBuf>, trust_domain: &str) -> Result<Policy, CliError> {
+    match path {
+        Some(p) => Policy::parse(&read_text(p)?)
+            .map_err(|e| CliError::Usage(e.with_file(p.display().to_string()).to_string())),
+        None => Policy::parse(&format!("trust_domain: {trust_domain}\n"))
+            .map_err(|e| CliError::Usage(e.to_string())),
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename) with `mode`.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
+    let failed = |e: std::io::Error| CliError::Failed(format!("writing {}: {e}", path.display()));
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(failed)?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(failed)?;
+    std::fs::rename(&tmp, path).map_err(failed)
+}
+
+fn sealer(config: &BrokerConfig) -> Result<Sealer, CliError> {
+    let usage = |what: String| CliError::Usage(what);
+    if let Some(path) = &config.store_key_file {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| usage(format!("store key file {}: {e}", path.display())))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(usage(format!(
+                "store key file {} must not be readable by group or others (chmod 600)",
+                path.display()
+            )));
+        }
+        let text = zeroize::Zeroizing::new(
+            std::fs::read(path).map_err(|e| usage(format!("{}: {e}", path.display())))?,
+        );
+        return Sealer::from_key_material(&text)
+            .map_err(|e| usage(format!("store key file {}: {e}", path.display())));
+    }
+    if let Ok(key) = std::env::var("TALLY_STORE_KEY") {
+        return Sealer::from_key_material(key.as_bytes())
+            .map_err(|e| usage(format!("TALLY_STORE_KEY: {e}")));
+    }
+    let path = config.data_dir.join("store.key");
+    if !path.exists() {
+        let key = Sealer::generate_key_text().map_err(|e| CliError::Failed(e.to_string()))?;
+        write_file(&path, key.as_bytes(), 0o600)?;
+        tracing::warn!(
+            path = %path.display(),
+            "generated a store sealing key next to the data; in production keep it elsewhere (--store-key-file or TALLY_STORE_KEY)"
+        );
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read(&path).map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?,
+    );
+    Sealer::from_key_material(&text)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+}
+
+async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| CliError::Failed(format!("{what}: {e}"));
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| failed("creating the data dir", &e))?;
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| failed("securing the data dir", &e))?;
+    let policy = load_policy(config.policy.as_ref(), &config.trust_domain)?;
+    if config.policy.is_none() {
+        tracing::warn!("no --policy given: every token request will be denied");
+    }
+    let store = Store::open_sqlite(&config.data_dir.join("tally.db"), sealer(&config)?)
+        .await
+        .map_err(|e| failed("opening the store", &e))?;
+    let mut settings = BrokerSettings::new(&config.trust_domain, policy)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    settings.issuer.clone_from(&config.issuer);
+    settings.svid_ttl = config.svid_ttl;
+    let admin = settings.admins[0].clone();
+    let broker = Arc::new(
+        Broker::open(settings, store, Arc::new(SystemClock))
+            .await
+            .map_err(|e| failed("starting the broker", &e))?,
+    );
+
+    write_file(
+        &config.data_dir.join("bundle.pem"),
+        broker.bundle_pem().as_bytes(),
+        0o644,
+    )?;
+    let admin_dir = config.data_dir.join("admin");
+    std::fs::create_dir_all(&admin_dir).map_err(|e| failed("creating the admin dir", &e))?;
+    let credential = broker
+        .mint_credential(&admin, 30 * 86_400)
+        .map_err(|e| failed("issuing the admin credential", &e))?;
+    write_file(
+        &admin_dir.join("cert.pem"),
+        credential.cert_chain_pem.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &admin_dir.join("key.pem"),
+        credential.key_pem.as_bytes(),
+        0o600,
+    )?;
+
+    let listener = tokio::net::TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|e| failed(&format!("binding {}", config.grpc_listen), &e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| failed("reading the bound address", &e))?;
+    let mut dns = vec!["localhost".to_owned()];
+    dns.extend(config.dns_names.iter().cloned());
+    let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
+        ips.push(addr.ip());
+    }
+    let server_credential = broker
+        .server_credential(&dns, &ips)
+        .map_err(|e| failed("issuing the server certificate", &e))?;
+
+    if let Some(path) = config.policy.clone() {
+        tokio::spawn(reload_policy(Arc::clone(&broker), path));
+    }
+    // Scripts and tests wait for this line instead of sleeping.
+    say!(
+        "tally broker: trust domain {}, gRPC (mTLS) listening on {addr}",
+        config.trust_domain
+    );
+    say!(
+        "tally broker: data in {}; admin credential in {}",
+        config.data_dir.display(),
+        admin_dir.display()
+    );
+    say!("tally broker: the HTTPS OAuth endpoints and the admin port are not in this build yet");
+    let (stopping, stop_started) = tokio::sync::oneshot::channel::<()>();
+    let server = crate::broker::serve(broker, listener, &server_credential, async move {
+        shutdown_signal().await;
+        let _ = stopping.send(());
+    });
+    // In-flight calls get DRAIN to finish; a client that never lets go of
+    // its connection does not keep the broker from exiting.
+    let drain_limit = async {
+        if stop_started.await.is_ok() {
+            tokio::time::sleep(DRAIN).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result.map_err(|e| failed("gRPC server", &e))?,
+        () = drain_limit => tracing::warn!("connections still open {} s after the shutdown signal; exiting anyway", DRAIN.as_secs()),
+    }
+    say!("tally broker: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How long shutdown waits for connections to finish.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down: no new connections, finishing calls in flight");
+}
+
+/// Reloads the policy file when it changes. A file that does not parse is
+/// logged with every error and the running policy stays.
+async fn reload_policy(broker: Arc<Broker>, path: PathBuf) {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let now = modified(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let result = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                Policy::parse(&text)
+                    .map_err(|e| e.with_file(path.display().to_string()).to_string())
+            })
+            .and_then(|policy| broker.set_policy(policy).map_err(|e| e.to_string()));
+        match result {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), at = SystemClock.now(), "policy reloaded")
+            }
+            Err(errors) => {
+                tracing::error!(path = %path.display(), %errors, "policy NOT reloaded; keeping the previous one")
+            }
+        }
+    }
+}
