@@ -118,3 +118,67 @@ fn bad_configuration_lists_every_error_and_exits_64() {
         assert!(err.contains(needle), "{err}");
     }
 }
+
+/// Reads lines from `lines` until one contains `needle`, or panics after
+/// `limit` lines (the broker logs little, so this bounds the wait).
+fn wait_for_line(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    needle: &str,
+) -> String {
+    for line in lines.take(200) {
+        let line = line.unwrap();
+        if line.contains(needle) {
+            return line;
+        }
+    }
+    panic!("no line containing {needle:?}");
+}
+
+#[test]
+fn a_changed_policy_is_reloaded_and_a_broken_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::copy(POLICY, &policy).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "broker",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            "example.org",
+        ])
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("TALLY_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    wait_for_line(&mut log, "watching the policy file for changes");
+
+    // A broken file: logged with its position, the old policy stays.
+    std::fs::write(
+        &policy,
+        "trust_domain: example.org\nissue:\n  - from: nope\n",
+    )
+    .unwrap();
+    let line = wait_for_line(&mut log, "policy NOT reloaded");
+    assert!(line.contains("policy.yaml:3:"), "{line}");
+
+    // A good change is picked up.
+    std::fs::write(&policy, "trust_domain: example.org\n").unwrap();
+    wait_for_line(&mut log, "policy reloaded");
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -228,6 +228,7 @@ async fn shutdown_signal() {
 async fn reload_policy(broker: Arc<Broker>, path: PathBuf) {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = modified(&path);
+    tracing::info!(path = %path.display(), "watching the policy file for changes");
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
