@@ -357,26 +357,7 @@ impl Authority {
         }
 
         let expires_at = (now + ttl_secs).min(self.intermediate_expires_at);
-        let mut params = CertificateParams::default();
-        // X509-SVID §2: the SPIFFE ID is the one URI SAN; the subject is
-        // informational.
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "tally");
-        params.distinguished_name = dn;
-        params.subject_alt_names =
-            vec![SanType::URI(id.as_str().try_into().map_err(|_| {
-                CaError::Generate("SPIFFE ID is not IA5".into())
-            })?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = at(now.saturating_sub(BACKDATE_SECS))?;
-        params.not_after = at(expires_at)?;
-        params.serial_number = Some(random_serial()?);
-        params.use_authority_key_identifier_extension = true;
+        let params = leaf_params(id, &[], &[], expires_at, now)?;
         let cert = params.signed_by(&csr.public_key, &self.intermediate)?;
         Ok(Svid {
             cert_der: cert.der().to_vec(),
@@ -428,37 +409,7 @@ impl Authority {
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let expires_at = (now + ttl_secs).min(self.intermediate_expires_at);
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "tally");
-        if let Some(name) = dns.first() {
-            dn.push(DnType::CommonName, name.as_str());
-        }
-        params.distinguished_name = dn;
-        let uri = SanType::URI(
-            id.as_str()
-                .try_into()
-                .map_err(|_| CaError::Generate("SPIFFE ID is not IA5".into()))?,
-        );
-        params.subject_alt_names = std::iter::once(Ok(uri))
-            .chain(dns.iter().map(|d| {
-                d.as_str()
-                    .try_into()
-                    .map(SanType::DnsName)
-                    .map_err(|_| CaError::Generate(format!("DNS name {d:?} is not IA5")))
-            }))
-            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
-            .collect::<Result<_, _>>()?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = at(now.saturating_sub(BACKDATE_SECS))?;
-        params.not_after = at(expires_at)?;
-        params.serial_number = Some(random_serial()?);
-        params.use_authority_key_identifier_extension = true;
+        let params = leaf_params(id, dns, ips, expires_at, now)?;
         let cert = params.signed_by(&key, &self.intermediate)?;
         Ok(Credential {
             cert_chain_pem: format!(
@@ -470,6 +421,50 @@ impl Authority {
             expires_at,
         })
     }
+}
+
+/// The X509-SVID leaf profile (SPIFFE X509-SVID §4): the SPIFFE ID as the
+/// one URI SAN (plus DNS/IP SANs for servers), not a CA, digitalSignature,
+/// server and client auth; the subject is informational.
+fn leaf_params(
+    id: &SpiffeId,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+    expires_at: u64,
+    now: u64,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "tally");
+    if let Some(name) = dns.first() {
+        dn.push(DnType::CommonName, name.as_str());
+    }
+    params.distinguished_name = dn;
+    let uri = SanType::URI(
+        id.as_str()
+            .try_into()
+            .map_err(|_| CaError::Generate("SPIFFE ID is not IA5".into()))?,
+    );
+    params.subject_alt_names = std::iter::once(Ok(uri))
+        .chain(dns.iter().map(|d| {
+            d.as_str()
+                .try_into()
+                .map(SanType::DnsName)
+                .map_err(|_| CaError::Generate(format!("DNS name {d:?} is not IA5")))
+        }))
+        .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+        .collect::<Result<_, _>>()?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = at(now.saturating_sub(BACKDATE_SECS))?;
+    params.not_after = at(expires_at)?;
+    params.serial_number = Some(random_serial()?);
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
 }
 
 /// The SPIFFE ID of an X.509-SVID: its one URI SAN.
