@@ -9,7 +9,7 @@ use crate::dpop::ReplayError;
 use crate::dpop::proof::{self, NonceRule, ProofContext};
 use crate::identity::{JoinToken, SpiffeId};
 use crate::proto::v1 as pb;
-use crate::store::{IssuedToken, JoinTokenRefusal};
+use crate::store::IssuedToken;
 use crate::token::{Audience, MintRequest, Scope, Scopes};
 use aws_lc_rs::hmac;
 use std::pin::Pin;
@@ -103,7 +103,6 @@ impl pb::identity_server::Identity for IdentityService {
                         // The reason is logged; the caller learns only that
                         // the token does not work.
                         tracing::warn!(?refusal, token = ?hash, "join token refused");
-                        let _: JoinTokenRefusal = refusal;
                         return Err(Status::permission_denied(
                             "join token is not valid (unknown, expired or already used)",
                         ));

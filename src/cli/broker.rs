@@ -122,7 +122,11 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
         .map_err(|e| CliError::Usage(e.to_string()))?;
     settings.issuer.clone_from(&config.issuer);
     settings.svid_ttl = config.svid_ttl;
-    let admin = settings.admins[0].clone();
+    let admin = settings
+        .admins
+        .first()
+        .cloned()
+        .ok_or_else(|| CliError::Usage("no admin identity configured".into()))?;
     let broker = Arc::new(
         Broker::open(settings, store, Arc::new(SystemClock))
             .await
