@@ -499,3 +499,59 @@ async fn watch_sends_the_jwks_and_bundle_first() {
     assert!(matches!(second.kind, Some(pb::update::Kind::Bundle(_))));
     r.stop().await;
 }
+
+#[tokio::test]
+async fn an_expired_client_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Sealer::generate_key_text().unwrap();
+    let r = start_in(dir.path(), &key, POLICY).await;
+    // The same CA, opened with a clock two days back, mints a one-hour
+    // credential that expired long ago.
+    let past = Arc::new(tally::clock::ManualClock::new(
+        SystemClock.now() - 2 * 86_400,
+    ));
+    let store = Store::open_sqlite(
+        &dir.path().join("tally.db"),
+        Sealer::from_key_material(key.as_bytes()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let settings = BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
+    let then = Broker::open(settings, store, past).await.unwrap();
+    let expired = then
+        .mint_credential(&CHECKOUT.parse().unwrap(), 3600)
+        .unwrap();
+    assert!(expired.expires_at < SystemClock.now());
+
+    let result = async {
+        let identity = Identity::from_pem(&expired.cert_chain_pem, expired.key_pem.as_bytes());
+        let mut client =
+            pb::identity_client::IdentityClient::new(channel(&r, Some(identity)).await?);
+        client
+            .renew(pb::RenewRequest {
+                csr_der: csr(&[]).1,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    assert!(result.is_err(), "an expired certificate was accepted");
+
+    // The same identity with a current certificate is fine, so the refusal
+    // was about expiry.
+    let current = r
+        .broker
+        .mint_credential(&CHECKOUT.parse().unwrap(), 3600)
+        .unwrap();
+    let identity = Identity::from_pem(&current.cert_chain_pem, current.key_pem.as_bytes());
+    let mut client =
+        pb::identity_client::IdentityClient::new(channel(&r, Some(identity)).await.unwrap());
+    client
+        .renew(pb::RenewRequest {
+            csr_der: csr(&[]).1,
+        })
+        .await
+        .unwrap();
+    r.stop().await;
+}
