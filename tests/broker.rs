@@ -35,7 +35,13 @@ impl Running {
     }
 }
 
-async fn start_in(dir: &std::path::Path, key: &str, policy: &str) -> Running {
+/// A broker on the store in `dir`, with `clock`.
+async fn open_broker(
+    dir: &std::path::Path,
+    key: &str,
+    policy: &str,
+    clock: Arc<dyn Clock>,
+) -> Broker {
     let store = Store::open_sqlite(
         &dir.join("tally.db"),
         Sealer::from_key_material(key.as_bytes()).unwrap(),
@@ -43,11 +49,11 @@ async fn start_in(dir: &std::path::Path, key: &str, policy: &str) -> Running {
     .await
     .unwrap();
     let settings = BrokerSettings::new("example.org", Policy::parse(policy).unwrap()).unwrap();
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
+    Broker::open(settings, store, clock).await.unwrap()
+}
+
+async fn start_in(dir: &std::path::Path, key: &str, policy: &str) -> Running {
+    let broker = Arc::new(open_broker(dir, key, policy, Arc::new(SystemClock)).await);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let credential = broker
