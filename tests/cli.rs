@@ -236,54 +236,27 @@ fn policy_check_accepts_a_good_file_and_lists_every_error_of_a_bad_one() {
 
 #[test]
 fn policy_explain_names_the_rule_and_exits_by_verdict() {
-    let o = tally(&[
-        "ctl",
-        "policy",
-        "explain",
-        "--policy",
-        POLICY,
-        "--from",
-        CHECKOUT,
-        "--to",
-        PAYMENTS,
-        "--scope",
-        "payments:charge",
-    ]);
+    let explain = |extra: &[&str]| {
+        let base = [
+            "ctl", "policy", "explain", "--policy", POLICY, "--from", CHECKOUT, "--to", PAYMENTS,
+        ];
+        tally(&[&base[..], extra].concat())
+    };
+    let o = explain(&["--scope", "payments:charge"]);
     assert_eq!(o.status.code(), Some(0));
     assert!(
         stdout(&o).contains("ALLOW: rule at line 7"),
         "{}",
         stdout(&o)
     );
-    let o = tally(&[
-        "ctl",
-        "policy",
-        "explain",
-        "--policy",
-        POLICY,
-        "--from",
-        CHECKOUT,
-        "--to",
-        PAYMENTS,
-        "--scope",
-        "payments:refund",
-    ]);
+    let o = explain(&["--scope", "payments:refund"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stdout(&o).contains("DENY: scope payments:refund is not granted"),
         "{}",
         stdout(&o)
     );
-    let o = tally(&[
-        "ctl",
-        "policy",
-        "explain",
-        "--policy",
-        POLICY,
-        "--from",
-        CHECKOUT,
-        "--to",
-        PAYMENTS,
+    let o = explain(&[
         "--scope",
         "payments:charge",
         "--method",
