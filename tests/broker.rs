@@ -143,6 +143,12 @@ async fn workload(r: &Running, id: &str) -> Identity {
     Identity::from_pem(chain, key.serialize_pem())
 }
 
+/// A Tokens client authenticated as a freshly attested `id`.
+async fn tokens_as(r: &Running, id: &str) -> pb::tokens_client::TokensClient<Channel> {
+    let identity = workload(r, id).await;
+    pb::tokens_client::TokensClient::new(channel(r, Some(identity)).await.unwrap())
+}
+
 fn issue_request(r: &Running, key: &ProofKey, scopes: &[&str], ttl: u32) -> pb::IssueRequest {
     pb::IssueRequest {
         audience: PAYMENTS.into(),
@@ -255,11 +261,7 @@ async fn a_certificate_from_another_ca_is_refused() {
 #[tokio::test]
 async fn an_allowed_request_gets_a_bound_verifiable_recorded_token() {
     let r = start(POLICY).await;
-    let mut client = pb::tokens_client::TokensClient::new(
-        channel(&r, Some(workload(&r, CHECKOUT).await))
-            .await
-            .unwrap(),
-    );
+    let mut client = tokens_as(&r, CHECKOUT).await;
     let key = ProofKey::generate().unwrap();
     let issued = client
         .issue(issue_request(&r, &key, &["payments:charge"], 0))
@@ -293,11 +295,7 @@ async fn an_allowed_request_gets_a_bound_verifiable_recorded_token() {
 #[tokio::test]
 async fn policy_scope_and_ttl_limits_are_enforced() {
     let r = start(POLICY).await;
-    let mut client = pb::tokens_client::TokensClient::new(
-        channel(&r, Some(workload(&r, CHECKOUT).await))
-            .await
-            .unwrap(),
-    );
+    let mut client = tokens_as(&r, CHECKOUT).await;
     let key = ProofKey::generate().unwrap();
     let err = client
         .issue(issue_request(&r, &key, &["payments:refund"], 0))
@@ -336,11 +334,7 @@ async fn policy_scope_and_ttl_limits_are_enforced() {
 #[tokio::test]
 async fn bad_or_replayed_proofs_are_refused() {
     let r = start(POLICY).await;
-    let mut client = pb::tokens_client::TokensClient::new(
-        channel(&r, Some(workload(&r, CHECKOUT).await))
-            .await
-            .unwrap(),
-    );
+    let mut client = tokens_as(&r, CHECKOUT).await;
     let key = ProofKey::generate().unwrap();
     let mut wrong_uri = issue_request(&r, &key, &["payments:read"], 0);
     wrong_uri.dpop_proof = key
@@ -368,11 +362,7 @@ async fn bad_or_replayed_proofs_are_refused() {
 async fn rule_rate_limits_answer_resource_exhausted_with_retry_after() {
     let policy = POLICY.replace("rate: 50/s", "rate: 2/m");
     let r = start(&policy).await;
-    let mut client = pb::tokens_client::TokensClient::new(
-        channel(&r, Some(workload(&r, CHECKOUT).await))
-            .await
-            .unwrap(),
-    );
+    let mut client = tokens_as(&r, CHECKOUT).await;
     let key = ProofKey::generate().unwrap();
     client
         .issue(issue_request(&r, &key, &["payments:read"], 0))
@@ -405,11 +395,7 @@ async fn a_restart_keeps_the_ca_and_keys_so_old_tokens_still_verify() {
     let key = Sealer::generate_key_text().unwrap();
     let r = start_in(dir.path(), &key, POLICY).await;
     let bundle = r.broker.bundle_pem();
-    let mut client = pb::tokens_client::TokensClient::new(
-        channel(&r, Some(workload(&r, CHECKOUT).await))
-            .await
-            .unwrap(),
-    );
+    let mut client = tokens_as(&r, CHECKOUT).await;
     let proof_key = ProofKey::generate().unwrap();
     let issued = client
         .issue(issue_request(&r, &proof_key, &["payments:read"], 0))
@@ -450,11 +436,7 @@ async fn a_restart_keeps_the_ca_and_keys_so_old_tokens_still_verify() {
 #[tokio::test]
 async fn tokens_signed_before_a_rotation_verify_after_it() {
     let r = start(POLICY).await;
-    let mut client = pb::tokens_client::TokensClient::new(
-        channel(&r, Some(workload(&r, CHECKOUT).await))
-            .await
-            .unwrap(),
-    );
+    let mut client = tokens_as(&r, CHECKOUT).await;
     let key = ProofKey::generate().unwrap();
     let before = client
         .issue(issue_request(&r, &key, &["payments:read"], 0))

@@ -160,9 +160,4 @@ impl RequestVerifier {
     pub fn answer(&self, error: &AuthError, now: u64) -> super::HttpAnswer {
         super::answer(error, self.nonces.as_ref().map(|n| n.issue(now)))
     }
-
-    /// The replay cache (for metrics).
-    pub fn replay_cache(&self) -> &ReplayCache {
-        &self.replay
-    }
 }

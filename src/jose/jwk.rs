@@ -245,7 +245,12 @@ impl KeyCache {
     /// Number of cached keys.
     pub fn len(&self) -> usize {
         (0..KEY_CACHE_SHARDS)
-            .map(|i| self.shards[i].lock().map_or(0, |s| s.len()))
+            .map(|i| {
+                self.shards[i]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len()
+            })
             .sum()
     }
 
