@@ -14,11 +14,16 @@
 //!   access decisions, explanations.
 //! - [`auth`]: a whole DPoP-bound request check, and the one mapping from
 //!   failures to HTTP status and `WWW-Authenticate`.
+//! - [`audit`]: audit events and their JSON-lines form (tokens only by
+//!   `jti` and keyed hash).
 //! - [`proto`]: the gRPC contract (generated from `proto/tally/v1`).
 //! - [`store`]: durable broker state (SQLite; keys sealed at rest, join
 //!   tokens hashed, issued-token inventory with group commit).
 //! - [`broker`]: the broker: shared state ([`broker::Broker`]), signing
 //!   keys, rate limits, and the gRPC services (Identity, Tokens, Watch).
+//! - [`http`]: the HTTP server loop (hyper, optional TLS) the HTTPS and
+//!   admin listeners share.
+//! - [`metrics`]: Prometheus text exposition.
 //! - [`clock`]: the clock services hold (pure code takes `now`).
 //! - [`cli`]: the `tally` command line (thin: parses and calls the above).
 //!
@@ -27,14 +32,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod dpop;
+pub mod http;
 pub mod identity;
 pub mod jose;
+pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod store;

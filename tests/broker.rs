@@ -48,7 +48,8 @@ async fn open_broker(
     )
     .await
     .unwrap();
-    let settings = BrokerSettings::new("example.org", Policy::parse(policy).unwrap()).unwrap();
+    let mut settings = BrokerSettings::new("example.org", Policy::parse(policy).unwrap()).unwrap();
+    settings.audit_file = Some(dir.join("audit.jsonl"));
     Broker::open(settings, store, clock).await.unwrap()
 }
 
@@ -185,6 +186,42 @@ async fn attest_with_a_join_token_gives_an_svid_once() {
     assert_eq!(again.code(), Code::PermissionDenied);
     let unknown = client.attest(attest("tally-jt-nope")).await.unwrap_err();
     assert_eq!(unknown.code(), Code::PermissionDenied);
+
+    // Audited: the attestation, then both refusals with their reasons;
+    // the join token itself appears nowhere.
+    let lines: Vec<serde_json::Value> = r
+        .broker
+        .store()
+        .audit_after(0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| serde_json::from_str(&a.line).unwrap())
+        .collect();
+    let summary: Vec<(&str, &str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["kind"].as_str().unwrap(),
+                l["outcome"].as_str().unwrap(),
+                l["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("identity.attest", "ok", ""),
+            ("identity.attest", "denied", "join token already used"),
+            ("identity.attest", "denied", "unknown join token"),
+        ]
+    );
+    assert_eq!(lines[0]["actor"], id.as_str());
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.to_string().contains(token.expose()))
+    );
     r.stop().await;
 }
 
@@ -426,8 +463,15 @@ async fn a_restart_keeps_the_ca_and_keys_so_old_tokens_still_verify() {
             .len(),
         1
     );
+    // The audit log names it by jti.
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains(&format!("\"jti\":\"{}\"", issued.jti)),
+        "{audit}"
+    );
     let mut disk = std::fs::read(dir.path().join("tally.db")).unwrap();
     disk.extend(std::fs::read(dir.path().join("tally.db-wal")).unwrap_or_default());
+    disk.extend(audit.as_bytes());
     let needle = issued.access_token.split('.').nth(2).unwrap().as_bytes();
     assert!(!disk.windows(needle.len()).any(|w| w == needle));
     again.stop().await;

@@ -16,13 +16,12 @@ async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_o
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args([
             "broker",
-            "--grpc-listen",
-            "127.0.0.1:0",
             "--trust-domain",
             "example.org",
             "--policy",
             POLICY,
         ])
+        .args(EPHEMERAL_PORTS)
         .arg("--data-dir")
         .arg(&data)
         .env_remove("TALLY_STORE_KEY")
@@ -32,10 +31,38 @@ async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_o
         .unwrap();
     // The broker prints its address once it listens: no sleeping.
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(line.contains("listening on 127.0.0.1:"), "{line}");
+    let mut next_line = || {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line
+    };
+    let (grpc, https, admin) = (next_line(), next_line(), next_line());
+    let addr = grpc.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(
+        grpc.contains("gRPC (mTLS) listening on 127.0.0.1:"),
+        "{grpc}"
+    );
+    // The issuer follows the HTTPS port when not configured.
+    let https_port = https
+        .split("listening on 127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        https.contains(&format!("issuer https://localhost:{https_port}")),
+        "{https}"
+    );
+    let admin_addr = admin
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let ready = http_get(&admin_addr, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 
     let mode = |p: &str| {
         std::fs::metadata(data.join(p))
@@ -92,6 +119,38 @@ async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_o
     assert_eq!(status.code(), Some(0));
     let rest: Vec<String> = out.lines().map(Result::unwrap).collect();
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+
+    // The renewal was audited, in the store's JSON-lines copy.
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"kind\":\"identity.renew\""), "{audit}");
+    assert!(
+        audit.contains("\"actor\":\"spiffe://example.org/admin\""),
+        "{audit}"
+    );
+}
+
+/// Every listener on an ephemeral port, so tests never collide.
+const EPHEMERAL_PORTS: [&str; 6] = [
+    "--grpc-listen",
+    "127.0.0.1:0",
+    "--http-listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+];
+
+/// A plain HTTP/1.1 GET; the whole response as text.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).unwrap();
+    out
 }
 
 #[test]
@@ -140,13 +199,8 @@ fn a_changed_policy_is_reloaded_and_a_broken_one_is_refused() {
     let policy = dir.path().join("policy.yaml");
     std::fs::copy(POLICY, &policy).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "broker",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--trust-domain",
-            "example.org",
-        ])
+        .args(["broker", "--trust-domain", "example.org"])
+        .args(EPHEMERAL_PORTS)
         .arg("--policy")
         .arg(&policy)
         .arg("--data-dir")

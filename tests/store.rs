@@ -1,9 +1,12 @@
 //! The embedded store, on a real SQLite file in a temp directory.
 
 use std::sync::Arc;
+use tally::audit::{AuditEvent, AuditKind, Outcome};
 use tally::ca::{Authority, Lifetimes};
 use tally::identity::{JoinToken, SpiffeId};
-use tally::store::{IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, Store, StoreError};
+use tally::store::{
+    IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, Store, StoreError, Write,
+};
 use zeroize::Zeroizing;
 
 const NOW: u64 = 1_800_000_000;
@@ -54,10 +57,10 @@ async fn a_new_store_is_migrated_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_text();
     let store = open(dir.path(), &key).await;
-    assert_eq!(store.schema_version().await.unwrap(), 1);
+    assert_eq!(store.schema_version().await.unwrap(), 2);
     drop(store);
     let again = open(dir.path(), &key).await;
-    assert_eq!(again.schema_version().await.unwrap(), 1);
+    assert_eq!(again.schema_version().await.unwrap(), 2);
 }
 
 #[tokio::test]
@@ -252,7 +255,7 @@ async fn concurrent_issuance_records_are_all_committed_and_durable() {
             .map(|i| {
                 let store = Arc::clone(&store);
                 tokio::spawn(
-                    async move { store.record_issued(issued(i, NOW + 300 + i % 10)).await },
+                    async move { record_issued(&store, issued(i, NOW + 300 + i % 10)).await },
                 )
             })
             .collect();
@@ -282,9 +285,67 @@ async fn concurrent_issuance_records_are_all_committed_and_durable() {
 async fn a_duplicate_record_fails_its_batch_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), &key_text()).await;
-    store.record_issued(issued(1, NOW + 300)).await.unwrap();
-    let err = store.record_issued(issued(1, NOW + 300)).await.unwrap_err();
+    let first = record_issued(&store, issued(1, NOW + 300)).await.unwrap();
+    let err = record_issued(&store, issued(1, NOW + 300))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::WriteFailed(_)), "{err:?}");
-    // The writer keeps working after a failed batch.
-    store.record_issued(issued(2, NOW + 300)).await.unwrap();
+    // The writer keeps working after a failed batch, and the failed
+    // batch's audit record was not kept: the next one follows without a gap.
+    let next = record_issued(&store, issued(2, NOW + 300)).await.unwrap();
+    assert_eq!((first.seq, next.seq), (1, 2));
+    let audit = store.audit_after(0, 10).await.unwrap();
+    assert_eq!(audit.iter().map(|a| a.seq).collect::<Vec<_>>(), [1, 2]);
+}
+
+async fn record_issued(
+    store: &Store,
+    token: IssuedToken,
+) -> Result<tally::audit::AuditRecord, StoreError> {
+    let event = AuditEvent::new(AuditKind::TokenIssue, Outcome::Ok, token.iat)
+        .actor(&token.sub)
+        .field("jti", token.jti.as_str());
+    store.record(Some(Write::Issued(token)), event).await
+}
+
+#[tokio::test]
+async fn audit_records_are_numbered_without_gaps_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_text();
+    {
+        let store = Arc::new(open(dir.path(), &key).await);
+        let tasks: Vec<_> = (0..50u64)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    store
+                        .record(
+                            None,
+                            AuditEvent::new(AuditKind::Renew, Outcome::Ok, NOW + i),
+                        )
+                        .await
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap().unwrap().seq);
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+    }
+    let store = open(dir.path(), &key).await;
+    let next = store
+        .record(
+            None,
+            AuditEvent::new(AuditKind::Attest, Outcome::Denied, NOW),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.seq, 51);
+    let line: serde_json::Value = serde_json::from_str(&next.line).unwrap();
+    assert_eq!(line["seq"], 51);
+    assert_eq!(line["kind"], "identity.attest");
+    let tail = store.audit_after(49, 10).await.unwrap();
+    assert_eq!(tail.iter().map(|a| a.seq).collect::<Vec<_>>(), [50, 51]);
 }

@@ -92,9 +92,14 @@ pub fn answer(error: &AuthError, fresh_nonce: Option<String>) -> HttpAnswer {
 /// The error's text, restricted to `%x20-21 / %x23-5B / %x5D-7E` and 200
 /// characters.
 pub fn description(error: &AuthError) -> String {
-    error
-        .to_string()
-        .chars()
+    safe_description(&error.to_string())
+}
+
+/// `text` restricted to the characters RFC 6749/6750 allow in
+/// `error_description` (`%x20-21 / %x23-5B / %x5D-7E`), at most 200, so
+/// text a client sent cannot break the header or JSON it lands in.
+pub fn safe_description(text: &str) -> String {
+    text.chars()
         .filter(|&c| matches!(c, '\x20'..='\x21' | '\x23'..='\x5b' | '\x5d'..='\x7e'))
         .take(200)
         .collect()

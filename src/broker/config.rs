@@ -21,6 +21,15 @@ pub struct BrokerFlags {
     /// gRPC (mTLS) listen address.
     #[arg(long, env = "TALLY_GRPC_LISTEN")]
     pub grpc_listen: Option<String>,
+    /// HTTPS listen address (OAuth token endpoint, JWKS, metadata).
+    #[arg(long, env = "TALLY_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Admin listen address (/metrics, /healthz, /readyz; plain HTTP).
+    #[arg(long, env = "TALLY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Audit JSON-lines file [default: DATA_DIR/audit.jsonl].
+    #[arg(long, env = "TALLY_AUDIT_FILE")]
+    pub audit_file: Option<PathBuf>,
     /// Trust policy YAML, reloaded when it changes.
     #[arg(long, env = "TALLY_POLICY")]
     pub policy: Option<PathBuf>,
@@ -31,7 +40,8 @@ pub struct BrokerFlags {
     /// it, TALLY_STORE_KEY is used, else a key file in the data dir.
     #[arg(long, env = "TALLY_STORE_KEY_FILE")]
     pub store_key_file: Option<PathBuf>,
-    /// Token issuer URL (the `iss` claim).
+    /// Token issuer URL (the `iss` claim) [default:
+    /// https://localhost:<HTTPS port>].
     #[arg(long, env = "TALLY_ISSUER")]
     pub issuer: Option<String>,
     /// X.509-SVID lifetime, e.g. 1h.
@@ -48,14 +58,20 @@ pub struct BrokerConfig {
     pub trust_domain: String,
     /// gRPC listen address.
     pub grpc_listen: SocketAddr,
+    /// HTTPS listen address.
+    pub http_listen: SocketAddr,
+    /// Admin listen address.
+    pub admin_listen: SocketAddr,
+    /// Audit JSON-lines file.
+    pub audit_file: PathBuf,
     /// Policy file, if any.
     pub policy: Option<PathBuf>,
     /// Extra DNS names for the server certificate.
     pub dns_names: Vec<String>,
     /// Store key file, if any.
     pub store_key_file: Option<PathBuf>,
-    /// Issuer URL.
-    pub issuer: String,
+    /// Issuer URL, if given (else derived from the bound HTTPS port).
+    pub issuer: Option<String>,
     /// SVID lifetime in seconds.
     pub svid_ttl: u64,
 }
@@ -64,6 +80,9 @@ const KEYS: &[&str] = &[
     "data_dir",
     "trust_domain",
     "grpc_listen",
+    "http_listen",
+    "admin_listen",
+    "audit_file",
     "policy",
     "dns_names",
     "store_key_file",
@@ -151,15 +170,20 @@ impl BrokerConfig {
         if let Err(e) = format!("spiffe://{trust_domain}").parse::<crate::identity::SpiffeId>() {
             errors.push(format!("trust_domain {trust_domain:?}: {e}"));
         }
-        let grpc_text = one(flags.grpc_listen.clone(), "grpc_listen")
-            .unwrap_or_else(|| "127.0.0.1:8443".into());
-        let grpc_listen = grpc_text
-            .parse::<SocketAddr>()
-            .map_err(|e| errors.push(format!("grpc_listen {grpc_text:?}: {e}")))
-            .ok();
-        let issuer =
-            one(flags.issuer.clone(), "issuer").unwrap_or_else(|| "https://localhost:8444".into());
-        if crate::dpop::NormalizedUri::parse(&issuer).is_err() || !issuer.starts_with("https://") {
+        let mut address = |flag: &Option<String>, key: &str, default: &str| {
+            let text = one(flag.clone(), key).unwrap_or_else(|| default.into());
+            text.parse::<SocketAddr>()
+                .map_err(|e| errors.push(format!("{key} {text:?}: {e}")))
+                .ok()
+        };
+        let grpc_listen = address(&flags.grpc_listen, "grpc_listen", "127.0.0.1:8443");
+        let http_listen = address(&flags.http_listen, "http_listen", "127.0.0.1:8444");
+        let admin_listen = address(&flags.admin_listen, "admin_listen", "127.0.0.1:9090");
+        let issuer = one(flags.issuer.clone(), "issuer");
+        if let Some(issuer) = &issuer
+            && (crate::dpop::NormalizedUri::parse(issuer).is_err()
+                || !issuer.starts_with("https://"))
+        {
             errors.push(format!("issuer {issuer:?} must be an https:// URL"));
         }
         let ttl_text = one(flags.svid_ttl.clone(), "svid_ttl").unwrap_or_else(|| "1h".into());
@@ -190,11 +214,16 @@ impl BrokerConfig {
         if !errors.is_empty() {
             return Err(errors);
         }
+        let data_dir =
+            path(&flags.data_dir, "data_dir").unwrap_or_else(|| PathBuf::from("tally-data"));
         Ok(Self {
-            data_dir: path(&flags.data_dir, "data_dir")
-                .unwrap_or_else(|| PathBuf::from("tally-data")),
+            audit_file: path(&flags.audit_file, "audit_file")
+                .unwrap_or_else(|| data_dir.join("audit.jsonl")),
+            data_dir,
             trust_domain,
             grpc_listen: grpc_listen.unwrap_or_else(|| unreachable!("checked above")),
+            http_listen: http_listen.unwrap_or_else(|| unreachable!("checked above")),
+            admin_listen: admin_listen.unwrap_or_else(|| unreachable!("checked above")),
             policy: path(&flags.policy, "policy"),
             dns_names,
             store_key_file: path(&flags.store_key_file, "store_key_file"),

@@ -4,14 +4,13 @@
 //! the detail.
 
 use super::Broker;
+use super::issue::{IssueError, IssueInput};
+use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::ca::CaError;
-use crate::dpop::ReplayError;
-use crate::dpop::proof::{self, NonceRule, ProofContext};
 use crate::identity::{JoinToken, SpiffeId};
 use crate::proto::v1 as pb;
-use crate::store::IssuedToken;
-use crate::token::{Audience, MintRequest, Scope, Scopes};
-use aws_lc_rs::hmac;
+use crate::store::{SvidRecord, Write};
+use crate::token::{Audience, Scope, Scopes};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::Stream;
@@ -55,16 +54,58 @@ fn peer_id<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status>
     Ok(id)
 }
 
-fn svid_response(
+/// Issues an X.509-SVID for `id` from the CSR, records it (inventory and
+/// audit, durably) and counts it. `method` says how the caller proved who
+/// it is: `join_token`, `k8s_sa` or `renew`.
+async fn issue_svid(
     broker: &Broker,
     id: &SpiffeId,
     csr: &[u8],
+    method: &'static str,
 ) -> Result<Response<pb::SvidResponse>, Status> {
     let now = broker.clock.now();
-    let svid = broker
-        .ca
-        .issue_svid(csr, id, broker.settings.svid_ttl, now)
-        .map_err(ca_status)?;
+    let kind = if method == "renew" {
+        AuditKind::Renew
+    } else {
+        AuditKind::Attest
+    };
+    let svid = match broker.ca.issue_svid(csr, id, broker.settings.svid_ttl, now) {
+        Ok(svid) => svid,
+        Err(e) => {
+            let status = ca_status(e);
+            let outcome = if status.code() == tonic::Code::Internal {
+                Outcome::Error
+            } else {
+                Outcome::Denied
+            };
+            broker.metrics.attestations.inc(&[method, outcome.as_str()]);
+            let event = AuditEvent::new(kind, outcome, now)
+                .actor(id)
+                .field("method", method)
+                .field("reason", "csr")
+                .field("detail", status.message());
+            broker.audit(event).await;
+            return Err(status);
+        }
+    };
+    let event = AuditEvent::new(kind, Outcome::Ok, now)
+        .actor(id)
+        .field("method", method)
+        .field("serial", svid.serial.as_str())
+        .field("expires_at", svid.expires_at);
+    let record = SvidRecord {
+        serial: svid.serial.clone(),
+        spiffe_id: id.to_string(),
+        method,
+        issued_at: now,
+        expires_at: svid.expires_at,
+    };
+    broker
+        .record(Some(Write::Svid(record)), event)
+        .await
+        .map_err(|e| internal("recording an X.509-SVID", e))?;
+    broker.metrics.attestations.inc(&[method, "ok"]);
+    tracing::info!(spiffe_id = %id, method, serial = %svid.serial, "issued X.509-SVID");
     Ok(Response::new(pb::SvidResponse {
         spiffe_id: id.to_string(),
         svid_der: svid.cert_der,
@@ -84,7 +125,7 @@ impl pb::identity_server::Identity for IdentityService {
     ) -> Result<Response<pb::SvidResponse>, Status> {
         let broker = &self.0;
         let body = request.into_inner();
-        let id = match body.credential {
+        let (id, method) = match body.credential {
             Some(pb::attest_request::Credential::JoinToken(text)) => {
                 let token = JoinToken::presented(&text)
                     .ok_or_else(|| Status::invalid_argument("join_token is empty or too long"))?;
@@ -95,14 +136,18 @@ impl pb::identity_server::Identity for IdentityService {
                     .await
                     .map_err(|e| internal("using a join token", e))?
                 {
-                    Ok(id) => {
-                        tracing::info!(spiffe_id = %id, "attested with a join token");
-                        id
-                    }
+                    Ok(id) => (id, "join_token"),
                     Err(refusal) => {
-                        // The reason is logged; the caller learns only that
-                        // the token does not work.
+                        // The reason is logged and audited; the caller
+                        // learns only that the token does not work.
                         tracing::warn!(?refusal, token = ?hash, "join token refused");
+                        broker.metrics.attestations.inc(&["join_token", "denied"]);
+                        let event =
+                            AuditEvent::new(AuditKind::Attest, Outcome::Denied, broker.clock.now())
+                                .field("method", "join_token")
+                                .field("reason", refusal.to_string())
+                                .field("join_token_sha256", crate::audit::hex(&hash.0));
+                        broker.audit(event).await;
                         return Err(Status::permission_denied(
                             "join token is not valid (unknown, expired or already used)",
                         ));
@@ -120,7 +165,7 @@ impl pb::identity_server::Identity for IdentityService {
                 ));
             }
         };
-        svid_response(broker, &id, &body.csr_der)
+        issue_svid(broker, &id, &body.csr_der, method).await
     }
 
     async fn renew(
@@ -128,9 +173,24 @@ impl pb::identity_server::Identity for IdentityService {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::SvidResponse>, Status> {
         let id = peer_id(&self.0, &request)?;
-        let response = svid_response(&self.0, &id, &request.get_ref().csr_der)?;
-        tracing::info!(spiffe_id = %id, "renewed X.509-SVID");
-        Ok(response)
+        issue_svid(&self.0, &id, &request.get_ref().csr_der, "renew").await
+    }
+}
+
+/// The one mapping from issuance refusals to gRPC statuses.
+fn issue_status(e: IssueError) -> Status {
+    match e {
+        IssueError::Proof(_) => Status::unauthenticated(e.to_string()),
+        IssueError::Busy => Status::unavailable(e.to_string()),
+        IssueError::Denied(_) => Status::permission_denied(e.to_string()),
+        IssueError::RateLimited { retry_after, .. } => {
+            let mut status = Status::resource_exhausted(e.to_string());
+            if let Ok(v) = retry_after.to_string().parse() {
+                status.metadata_mut().insert("retry-after", v);
+            }
+            status
+        }
+        IssueError::Internal => Status::internal("internal error"),
     }
 }
 
@@ -145,8 +205,6 @@ impl pb::tokens_server::Tokens for TokensService {
         let broker = &self.0;
         let caller = peer_id(broker, &request)?;
         let body = request.into_inner();
-        let now = broker.clock.now();
-
         let audience: Audience = body
             .audience
             .parse()
@@ -159,101 +217,20 @@ impl pb::tokens_server::Tokens for TokensService {
             .and_then(Scopes::new)
             .map_err(|e| Status::invalid_argument(format!("scopes: {e}")))?;
 
-        let ctx = ProofContext {
-            method: "POST",
-            uri: &broker.issue_uri,
-            token_hash: None,
-            expected_jkt: None,
-            nonce: NonceRule::NotRequired,
-            keys: Some(&broker.proof_keys),
-        };
-        let proof = proof::verify(&body.dpop_proof, &ctx, &broker.proof_config, now, &mut ())
-            .map_err(|e| Status::unauthenticated(format!("invalid DPoP proof: {e}")))?;
-        let key = broker.replay.key(&proof.jkt, &proof.jti);
-        match broker
-            .replay
-            .check_and_insert(key, proof.iat + broker.proof_config.max_age, now)
-        {
-            Ok(()) => {}
-            Err(ReplayError::Replayed) => {
-                return Err(Status::unauthenticated("invalid DPoP proof: already used"));
-            }
-            Err(ReplayError::Full) => {
-                return Err(Status::unavailable(
-                    "too many proofs in flight; retry shortly",
-                ));
-            }
-        }
-
-        let policy = broker.policy();
-        let grant = policy
-            .decide_issue(&crate::policy::IssueRequest {
-                from: &caller,
+        let issued = broker
+            .issue(&IssueInput {
+                caller: &caller,
                 audience: &audience,
                 scopes: &requested,
                 ttl: (body.ttl_seconds > 0).then_some(u64::from(body.ttl_seconds)),
-            })
-            .map_err(|denial| {
-                tracing::info!(caller = %caller, %audience, reason = %denial, "issuance denied");
-                Status::permission_denied(denial.to_string())
-            })?;
-        if let Some(rate) = grant.rate {
-            let now_ms = now.saturating_mul(1000);
-            if let Err(retry_after) = broker.rule_limits.take(&grant.rule, rate, now_ms) {
-                let mut status = Status::resource_exhausted(format!(
-                    "rate limit of the issue rule at line {} reached; retry in {retry_after} s",
-                    grant.pos.line
-                ));
-                if let Ok(v) = retry_after.to_string().parse() {
-                    status.metadata_mut().insert("retry-after", v);
-                }
-                return Err(status);
-            }
-        }
-
-        let (token, claims) = {
-            let keys = broker
-                .keys
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let signer = keys
-                .current(now)
-                .ok_or_else(|| internal("issuing a token", "no signing key is active"))?;
-            signer
-                .mint(
-                    &MintRequest {
-                        subject: &caller,
-                        audience: &audience,
-                        scope: &grant.scopes,
-                        class: grant.class,
-                        ttl: grant.ttl,
-                        jkt: proof.jkt,
-                    },
-                    now,
-                )
-                .map_err(|e| internal("signing a token", e))?
-        };
-        let mut token_hmac = [0u8; 32];
-        token_hmac
-            .copy_from_slice(hmac::sign(&broker.token_hmac, token.expose().as_bytes()).as_ref());
-        // Durable before the token leaves the broker.
-        broker
-            .store
-            .record_issued(IssuedToken {
-                jti: claims.jti.clone(),
-                sub: caller.to_string(),
-                aud: audience.to_string(),
-                scope: claims.scope.to_string(),
-                class: claims.class.to_string(),
-                jkt: claims.jkt.to_string(),
-                iat: claims.iat,
-                exp: claims.exp,
-                kid: claims.kid.clone(),
-                token_hmac,
+                proof: &body.dpop_proof,
+                htu: &broker.issue_uri,
+                require_nonce: false,
+                via: "grpc",
             })
             .await
-            .map_err(|e| internal("recording an issued token", e))?;
-        tracing::info!(caller = %caller, %audience, jti = %claims.jti, class = %claims.class, "token issued");
+            .map_err(issue_status)?;
+        let (token, claims) = (issued.token, issued.claims);
         Ok(Response::new(pb::IssueResponse {
             access_token: token.expose().to_owned(),
             token_type: "DPoP".into(),

@@ -122,6 +122,16 @@ impl SigningKeys {
     /// The key that signs at `now`: the newest whose `sign_from` has come
     /// and which is not retired by then.
     pub fn current(&self, now: u64) -> Option<&TokenSigner> {
+        self.current_key(now).map(|k| &k.signer)
+    }
+
+    /// Since when the current key has been signing (for the key-age
+    /// metric).
+    pub fn current_since(&self, now: u64) -> Option<u64> {
+        self.current_key(now).map(|k| k.sign_from)
+    }
+
+    fn current_key(&self, now: u64) -> Option<&Managed> {
         self.keys
             .iter()
             .rev()
@@ -131,7 +141,6 @@ impl SigningKeys {
                 // signing: there must always be one.
                 self.keys.iter().rev().find(|k| k.sign_from <= now)
             })
-            .map(|k| &k.signer)
     }
 
     /// The keys to publish at `now`: every key not yet retired, and every

@@ -5,19 +5,24 @@
 //! to it; [`serve`] runs the gRPC server on a listener until a shutdown
 //! future resolves.
 
+pub mod admin_port;
 pub mod config;
 pub mod grpc;
+pub mod issue;
 pub mod keys;
+pub mod oauth;
 pub mod rate;
 
+use crate::audit::{AuditEvent, AuditKind, AuditRecord, Outcome};
 use crate::ca::{Authority, CaError, Credential, Lifetimes};
 use crate::clock::Clock;
 use crate::dpop::proof::ProofConfig;
-use crate::dpop::{NormalizedUri, ReplayCache};
+use crate::dpop::{Nonces, NormalizedUri, ReplayCache};
 use crate::identity::SpiffeId;
 use crate::jose::KeyCache;
+use crate::metrics::{CounterVec, Histogram};
 use crate::policy::Policy;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Write};
 use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use keys::SigningKeys;
@@ -46,6 +51,25 @@ pub enum BrokerError {
     Random,
 }
 
+/// Opens the audit JSON-lines file for appending (0600, created if
+/// missing).
+fn open_audit_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// 32 random bytes for a new deployment secret. A failing random source
+/// leaves zeros, which [`Broker::open`] refuses.
+fn random_secret() -> Zeroizing<Vec<u8>> {
+    let mut k = Zeroizing::new(vec![0u8; 32]);
+    let _ = SystemRandom::new().fill(&mut k);
+    k
+}
+
 /// What the broker needs to know that is not in the store.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
@@ -61,6 +85,11 @@ pub struct BrokerSettings {
     pub admins: Vec<SpiffeId>,
     /// The trust policy.
     pub policy: Policy,
+    /// JSON-lines file that receives a copy of every audit record.
+    pub audit_file: Option<std::path::PathBuf>,
+    /// Whether `POST /oauth2/token` demands a server-issued DPoP nonce
+    /// (RFC 9449 §8), which bounds how long a pre-made proof is usable.
+    pub token_endpoint_nonce: bool,
 }
 
 impl BrokerSettings {
@@ -83,6 +112,8 @@ impl BrokerSettings {
             ca_lifetimes: Lifetimes::default(),
             admins: vec![admin],
             policy,
+            audit_file: None,
+            token_endpoint_nonce: true,
         })
     }
 }
@@ -96,13 +127,56 @@ pub struct Broker {
     keys: RwLock<SigningKeys>,
     policy: RwLock<Arc<Policy>>,
     issue_uri: NormalizedUri,
+    token_uri: NormalizedUri,
     proof_config: ProofConfig,
     replay: ReplayCache,
     proof_keys: KeyCache,
     token_hmac: hmac::Key,
+    nonces: Nonces,
     rule_limits: RateLimiter<usize>,
     /// Flips to true when the broker shuts down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
+    metrics: BrokerMetrics,
+    audit_lines: Option<std::sync::Mutex<std::fs::File>>,
+}
+
+/// What the broker counts (rendered by [`Broker::render_metrics`]).
+#[derive(Debug)]
+pub struct BrokerMetrics {
+    /// Token requests by result (`issued` or the refusal reason) and class.
+    pub issuance: CounterVec,
+    /// Time to answer a token request.
+    pub issue_latency: Histogram,
+    /// Attestations and renewals by method and result.
+    pub attestations: CounterVec,
+    /// Policy reloads by result.
+    pub policy_reloads: CounterVec,
+}
+
+impl BrokerMetrics {
+    fn new() -> Self {
+        Self {
+            issuance: CounterVec::new(
+                "tally_broker_issuance_total",
+                "Token requests by result (issued or the refusal reason) and token class.",
+                &["result", "class"],
+            ),
+            issue_latency: Histogram::new(
+                "tally_broker_issuance_duration_seconds",
+                "Time to answer a token request, including the durable inventory write.",
+            ),
+            attestations: CounterVec::new(
+                "tally_broker_attestations_total",
+                "X.509-SVID requests by method (join_token, k8s_sa, renew, admin_mint) and result.",
+                &["method", "result"],
+            ),
+            policy_reloads: CounterVec::new(
+                "tally_broker_policy_reloads_total",
+                "Trust policy reloads by result (ok, error).",
+                &["result"],
+            ),
+        }
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -155,18 +229,13 @@ impl Broker {
         };
         let keys = SigningKeys::load_or_create(&store, &settings.issuer, now).await?;
         let hmac_key = store
-            .secret_or_create(
-                "token-hmac",
-                || {
-                    let mut k = Zeroizing::new(vec![0u8; 32]);
-                    // A failing random source leaves zeros; checked below.
-                    let _ = SystemRandom::new().fill(&mut k);
-                    k
-                },
-                now,
-            )
+            .secret_or_create("token-hmac", random_secret, now)
             .await?;
-        if hmac_key.iter().all(|b| *b == 0) {
+        let nonce_key = store
+            .secret_or_create("dpop-nonce", random_secret, now)
+            .await?;
+        // A failing random source leaves zeros.
+        if hmac_key.iter().all(|b| *b == 0) || nonce_key.iter().all(|b| *b == 0) {
             return Err(BrokerError::Random);
         }
         let issue_uri = NormalizedUri::parse(&format!(
@@ -174,6 +243,18 @@ impl Broker {
             settings.issuer.trim_end_matches('/')
         ))
         .map_err(|e| BrokerError::Config(format!("issuer {:?}: {e}", settings.issuer)))?;
+        let token_uri = NormalizedUri::parse(&format!(
+            "{}{}",
+            settings.issuer.trim_end_matches('/'),
+            oauth::TOKEN_PATH
+        ))
+        .map_err(|e| BrokerError::Config(format!("issuer {:?}: {e}", settings.issuer)))?;
+        let audit_lines = match &settings.audit_file {
+            Some(path) => Some(std::sync::Mutex::new(open_audit_file(path).map_err(
+                |e| BrokerError::Config(format!("audit file {}: {e}", path.display())),
+            )?)),
+            None => None,
+        };
         let proof_config = ProofConfig::default();
         let window = proof_config.max_age + proof_config.max_skew;
         Ok(Self {
@@ -184,18 +265,135 @@ impl Broker {
             ca,
             keys: RwLock::new(keys),
             issue_uri,
+            token_uri,
             proof_config,
             replay: ReplayCache::new(1 << 20, window).map_err(|_| BrokerError::Random)?,
             proof_keys: KeyCache::new(16_384),
             token_hmac: hmac::Key::new(hmac::HMAC_SHA256, &hmac_key),
+            // Shared by replicas (same store), valid 30–60 s.
+            nonces: Nonces::new(&nonce_key, 30),
             rule_limits: RateLimiter::new(),
             closing: tokio::sync::watch::Sender::new(false),
+            metrics: BrokerMetrics::new(),
+            audit_lines,
         })
+    }
+
+    /// What the broker counts.
+    pub fn metrics(&self) -> &BrokerMetrics {
+        &self.metrics
+    }
+
+    /// Every metric in Prometheus text format.
+    pub async fn render_metrics(&self) -> String {
+        let now = self.clock.now();
+        let mut out = String::new();
+        self.metrics.issuance.render(&mut out);
+        self.metrics.issue_latency.render(&mut out);
+        self.metrics.attestations.render(&mut out);
+        self.metrics.policy_reloads.render(&mut out);
+        match self.store.live_svids(now).await {
+            Ok(n) => {
+                #[expect(clippy::cast_precision_loss, reason = "a count far below 2^52")]
+                let n = n as f64;
+                crate::metrics::render_gauge(
+                    &mut out,
+                    "tally_broker_svids_live",
+                    "X.509-SVIDs issued and not yet expired.",
+                    &[],
+                    &[(vec![], n)],
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "counting live SVIDs for /metrics failed"),
+        }
+        let since = self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .current_since(now);
+        if let Some(since) = since {
+            #[expect(clippy::cast_precision_loss, reason = "seconds, far below 2^52")]
+            let age = now.saturating_sub(since) as f64;
+            crate::metrics::render_gauge(
+                &mut out,
+                "tally_broker_signing_key_age_seconds",
+                "How long the current token-signing key has been signing.",
+                &[],
+                &[(vec![], age)],
+            );
+        }
+        out
+    }
+
+    /// Whether the broker can issue now; the reason when it cannot.
+    ///
+    /// # Errors
+    /// What is missing, in words.
+    pub async fn readiness(&self) -> Result<(), String> {
+        if *self.closing.borrow() {
+            return Err("shutting down".into());
+        }
+        let now = self.clock.now();
+        if self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .current(now)
+            .is_none()
+        {
+            return Err("no signing key is active".into());
+        }
+        self.store
+            .schema_version()
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("store unreachable: {e}"))
+    }
+
+    /// Durably records `event` (and `write`, in the same transaction),
+    /// then appends its line to the audit file.
+    ///
+    /// # Errors
+    /// [`StoreError`]: nothing was recorded.
+    pub async fn record(
+        &self,
+        write: Option<Write>,
+        event: AuditEvent,
+    ) -> Result<AuditRecord, StoreError> {
+        let record = self.store.record(write, event).await?;
+        if let Some(file) = &self.audit_lines {
+            use std::io::Write as _;
+            let mut file = file
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut line = Vec::with_capacity(record.line.len() + 1);
+            line.extend_from_slice(record.line.as_bytes());
+            line.push(b'\n');
+            // The store holds the authoritative copy; a failing file is
+            // logged, not fatal.
+            if let Err(e) = file.write_all(&line) {
+                tracing::error!(error = %e, seq = record.seq, "appending to the audit file failed");
+            }
+        }
+        Ok(record)
+    }
+
+    /// Records an event that accompanies a refusal: a store failure is
+    /// logged (the refusal stands either way).
+    pub async fn audit(&self, event: AuditEvent) {
+        if let Err(e) = self.record(None, event).await {
+            tracing::error!(error = %e, "recording an audit event failed");
+        }
     }
 
     /// The trust bundle, PEM.
     pub fn bundle_pem(&self) -> String {
         self.ca.bundle_pem()
+    }
+
+    /// The token issuer URL (`iss`).
+    pub fn issuer(&self) -> &str {
+        &self.settings.issuer
     }
 
     /// The DPoP `htu` a client must use for `Tokens.Issue`.
@@ -249,6 +447,23 @@ impl Broker {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
         Ok(())
+    }
+
+    /// Counts and audits a policy reload from `source` (a file name).
+    pub async fn note_policy_reload(&self, source: &str, result: Result<(), String>) {
+        let now = self.clock.now();
+        let event = match &result {
+            Ok(()) => {
+                self.metrics.policy_reloads.inc(&["ok"]);
+                AuditEvent::new(AuditKind::PolicyReload, Outcome::Ok, now)
+            }
+            Err(errors) => {
+                self.metrics.policy_reloads.inc(&["error"]);
+                AuditEvent::new(AuditKind::PolicyReload, Outcome::Error, now)
+                    .field("detail", errors.as_str())
+            }
+        };
+        self.audit(event.field("source", source)).await;
     }
 
     /// A certificate and key for the broker's own TLS servers, naming
@@ -366,4 +581,45 @@ pub async fn serve(
             },
         )
         .await
+}
+
+/// Runs the HTTPS listener (OAuth token endpoint, JWKS, metadata) on
+/// `listener` until `shutdown` resolves, then lets requests in flight
+/// finish.
+///
+/// # Errors
+/// If TLS cannot be set up or accepting fails.
+pub async fn serve_https(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    credential: &Credential,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let tls = oauth::tls_config(&broker, credential).map_err(std::io::Error::other)?;
+    crate::http::serve(
+        listener,
+        Some(tls),
+        move |req, peer| oauth::handle(Arc::clone(&broker), req, peer),
+        shutdown,
+    )
+    .await
+}
+
+/// Runs the admin port (`/metrics`, `/healthz`, `/readyz`, plain HTTP) on
+/// `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// If accepting fails.
+pub async fn serve_admin(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    crate::http::serve(
+        listener,
+        None,
+        move |req, peer| admin_port::handle(Arc::clone(&broker), req, peer),
+        shutdown,
+    )
+    .await
 }

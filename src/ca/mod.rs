@@ -95,6 +95,8 @@ pub struct Svid {
     pub chain_der: Vec<Vec<u8>>,
     /// Not valid after (Unix seconds).
     pub expires_at: u64,
+    /// Serial number, lowercase hex (for inventory and audit).
+    pub serial: String,
 }
 
 /// The CA: a root (whose key may be offline, i.e. absent) and the
@@ -358,11 +360,13 @@ impl Authority {
 
         let expires_at = (now + ttl_secs).min(self.intermediate_expires_at);
         let params = leaf_params(id, &[], &[], expires_at, now)?;
+        let serial = serial_hex(&params);
         let cert = params.signed_by(&csr.public_key, &self.intermediate)?;
         Ok(Svid {
             cert_der: cert.der().to_vec(),
             chain_der: vec![self.intermediate_der.clone()],
             expires_at,
+            serial,
         })
     }
 }
@@ -376,6 +380,8 @@ pub struct Credential {
     pub key_pem: Zeroizing<String>,
     /// Not valid after (Unix seconds).
     pub expires_at: u64,
+    /// Serial number, lowercase hex (for inventory and audit).
+    pub serial: String,
 }
 
 impl fmt::Debug for Credential {
@@ -410,6 +416,7 @@ impl Authority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let expires_at = (now + ttl_secs).min(self.intermediate_expires_at);
         let params = leaf_params(id, dns, ips, expires_at, now)?;
+        let serial = serial_hex(&params);
         let cert = params.signed_by(&key, &self.intermediate)?;
         Ok(Credential {
             cert_chain_pem: format!(
@@ -419,8 +426,17 @@ impl Authority {
             ),
             key_pem: Zeroizing::new(key.serialize_pem()),
             expires_at,
+            serial,
         })
     }
+}
+
+fn serial_hex(params: &CertificateParams) -> String {
+    params
+        .serial_number
+        .as_ref()
+        .map(|s| s.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap_or_default()
 }
 
 /// The X509-SVID leaf profile (SPIFFE X509-SVID §4): the SPIFFE ID as the

@@ -106,6 +106,12 @@ fn sealer(config: &BrokerConfig) -> Result<Sealer, CliError> {
         .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
 }
 
+async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<tokio::net::TcpListener, CliError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::Failed(format!("binding the {what} address {addr}: {e}")))
+}
+
 async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     let failed = |what: &str, e: &dyn std::fmt::Display| CliError::Failed(format!("{what}: {e}"));
     std::fs::create_dir_all(&config.data_dir).map_err(|e| failed("creating the data dir", &e))?;
@@ -115,13 +121,28 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     if config.policy.is_none() {
         tracing::warn!("no --policy given: every token request will be denied");
     }
+    // Bind first: a port in use fails fast, and port 0 gets its real
+    // number before the issuer URL and certificates are made.
+    let grpc = bind(config.grpc_listen, "gRPC").await?;
+    let https = bind(config.http_listen, "HTTPS").await?;
+    let admin_port = bind(config.admin_listen, "admin").await?;
+    let local = |l: &tokio::net::TcpListener| {
+        l.local_addr()
+            .map_err(|e| failed("reading the bound address", &e))
+    };
+    let (grpc_addr, https_addr, admin_addr) = (local(&grpc)?, local(&https)?, local(&admin_port)?);
+
     let store = Store::open_sqlite(&config.data_dir.join("tally.db"), sealer(&config)?)
         .await
         .map_err(|e| failed("opening the store", &e))?;
     let mut settings = BrokerSettings::new(&config.trust_domain, policy)
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    settings.issuer.clone_from(&config.issuer);
+    settings.issuer = config
+        .issuer
+        .clone()
+        .unwrap_or_else(|| format!("https://localhost:{}", https_addr.port()));
     settings.svid_ttl = config.svid_ttl;
+    settings.audit_file = Some(config.audit_file.clone());
     let admin = settings
         .admins
         .first()
@@ -154,17 +175,13 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
         0o600,
     )?;
 
-    let listener = tokio::net::TcpListener::bind(config.grpc_listen)
-        .await
-        .map_err(|e| failed(&format!("binding {}", config.grpc_listen), &e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| failed("reading the bound address", &e))?;
     let mut dns = vec!["localhost".to_owned()];
     dns.extend(config.dns_names.iter().cloned());
     let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
-    if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
-        ips.push(addr.ip());
+    for addr in [grpc_addr, https_addr] {
+        if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
+            ips.push(addr.ip());
+        }
     }
     let server_credential = broker
         .server_credential(&dns, &ips)
@@ -173,34 +190,58 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     if let Some(path) = config.policy.clone() {
         tokio::spawn(reload_policy(Arc::clone(&broker), path));
     }
-    // Scripts and tests wait for this line instead of sleeping.
+    // Scripts and tests wait for these lines instead of sleeping.
     say!(
-        "tally broker: trust domain {}, gRPC (mTLS) listening on {addr}",
+        "tally broker: trust domain {}, gRPC (mTLS) listening on {grpc_addr}",
         config.trust_domain
     );
     say!(
-        "tally broker: data in {}; admin credential in {}",
-        config.data_dir.display(),
-        admin_dir.display()
+        "tally broker: HTTPS (OAuth token endpoint, JWKS) listening on {https_addr}, issuer {}",
+        broker.issuer()
     );
-    say!("tally broker: the HTTPS OAuth endpoints and the admin port are not in this build yet");
-    let (stopping, stop_started) = tokio::sync::oneshot::channel::<()>();
-    let server = crate::broker::serve(broker, listener, &server_credential, async move {
-        shutdown_signal().await;
-        let _ = stopping.send(());
-    });
+    say!("tally broker: admin (/metrics, /healthz, /readyz) listening on {admin_addr}");
+    say!(
+        "tally broker: data in {}; admin credential in {}; audit log {}",
+        config.data_dir.display(),
+        admin_dir.display(),
+        config.audit_file.display()
+    );
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let on_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grpc_server = crate::broker::serve(
+        Arc::clone(&broker),
+        grpc,
+        &server_credential,
+        on_stop(stopped.clone()),
+    );
+    let https_server = crate::broker::serve_https(
+        Arc::clone(&broker),
+        https,
+        &server_credential,
+        on_stop(stopped.clone()),
+    );
+    let admin_server =
+        crate::broker::serve_admin(Arc::clone(&broker), admin_port, on_stop(stopped.clone()));
+    let servers = async {
+        let (g, h, a) = tokio::join!(grpc_server, https_server, admin_server);
+        g.map_err(|e| failed("gRPC server", &e))?;
+        h.map_err(|e| failed("HTTPS server", &e))?;
+        a.map_err(|e| failed("admin server", &e))
+    };
     // In-flight calls get DRAIN to finish; a client that never lets go of
     // its connection does not keep the broker from exiting.
-    let drain_limit = async {
-        if stop_started.await.is_ok() {
-            tokio::time::sleep(DRAIN).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
+    let signal_then_drain = async {
+        shutdown_signal().await;
+        stop.send_replace(true);
+        tokio::time::sleep(DRAIN).await;
     };
     tokio::select! {
-        result = server => result.map_err(|e| failed("gRPC server", &e))?,
-        () = drain_limit => tracing::warn!("connections still open {} s after the shutdown signal; exiting anyway", DRAIN.as_secs()),
+        result = servers => result?,
+        () = signal_then_drain => tracing::warn!("connections still open {} s after the shutdown signal; exiting anyway", DRAIN.as_secs()),
     }
     say!("tally broker: stopped");
     Ok(ExitCode::SUCCESS)
@@ -248,13 +289,16 @@ async fn reload_policy(broker: Arc<Broker>, path: PathBuf) {
                     .map_err(|e| e.with_file(path.display().to_string()).to_string())
             })
             .and_then(|policy| broker.set_policy(policy).map_err(|e| e.to_string()));
-        match result {
+        match &result {
             Ok(()) => {
-                tracing::info!(path = %path.display(), at = SystemClock.now(), "policy reloaded")
+                tracing::info!(path = %path.display(), at = SystemClock.now(), "policy reloaded");
             }
             Err(errors) => {
-                tracing::error!(path = %path.display(), %errors, "policy NOT reloaded; keeping the previous one")
+                tracing::error!(path = %path.display(), %errors, "policy NOT reloaded; keeping the previous one");
             }
         }
+        broker
+            .note_policy_reload(&path.display().to_string(), result)
+            .await;
     }
 }

@@ -1,6 +1,6 @@
 //! The broker's durable state: CA material and signing keys (sealed),
-//! join tokens (hashed), and the inventory of issued tokens (never the
-//! token itself).
+//! join tokens (hashed), the inventory of issued tokens (never the token
+//! itself) and X.509-SVIDs, and the audit log.
 //!
 //! [`Store`] is the one interface the broker uses; the embedded SQLite
 //! backend ([`sqlite`]) is the default, and a PostgreSQL backend will be a
@@ -13,6 +13,7 @@ pub mod sqlite;
 
 pub use seal::{SealError, Sealer};
 
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::identity::{JoinTokenHash, SpiffeId};
 use zeroize::Zeroizing;
 
@@ -113,6 +114,30 @@ pub struct IssuedToken {
     pub kid: String,
     /// HMAC-SHA256 of the token under the deployment's token-hash key.
     pub token_hmac: [u8; 32],
+}
+
+/// An X.509-SVID as the inventory keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvidRecord {
+    /// Serial number, hex.
+    pub serial: String,
+    /// Whom it names.
+    pub spiffe_id: String,
+    /// How it was obtained: `join_token`, `k8s_sa`, `renew`, `admin_mint`.
+    pub method: &'static str,
+    /// Issued at.
+    pub issued_at: u64,
+    /// Expires at.
+    pub expires_at: u64,
+}
+
+/// An inventory record written in the same transaction as its audit event.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A token was issued.
+    Issued(IssuedToken),
+    /// An X.509-SVID was issued.
+    Svid(SvidRecord),
 }
 
 /// The broker's store.
@@ -248,14 +273,45 @@ impl Store {
         }
     }
 
-    /// Durably records issued tokens, batching concurrent callers into one
-    /// transaction (group commit). Returns once this record is committed.
+    /// Durably records an audit event, and with it (same transaction) an
+    /// inventory record if given. Concurrent callers are batched into one
+    /// transaction (group commit); this returns once this record is
+    /// committed, with the sequence number the event got.
     ///
     /// # Errors
-    /// [`StoreError`]; the token must then not be handed out.
-    pub async fn record_issued(&self, token: IssuedToken) -> Result<(), StoreError> {
+    /// [`StoreError`]; nothing was recorded, so an issued token or
+    /// certificate must then not be handed out.
+    pub async fn record(
+        &self,
+        write: Option<Write>,
+        event: AuditEvent,
+    ) -> Result<AuditRecord, StoreError> {
         match self {
-            Self::Sqlite(s) => s.record_issued(token).await,
+            Self::Sqlite(s) => s.write(write, event).await,
+        }
+    }
+
+    /// Audit records after sequence number `after`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn audit_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.audit_after(after, limit).await,
+        }
+    }
+
+    /// How many X.509-SVIDs have not expired at `now`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn live_svids(&self, now: u64) -> Result<u64, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.live_svids(now).await,
         }
     }
 

@@ -3,9 +3,10 @@
 //! what SQLite and PostgreSQL both accept.
 
 /// Migrations, oldest first. Never edit one that has shipped: add another.
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "
 CREATE TABLE secrets (
     name        TEXT PRIMARY KEY,
     sealed      BLOB NOT NULL,
@@ -49,7 +50,29 @@ CREATE INDEX issued_tokens_exp ON issued_tokens (exp);
 CREATE INDEX issued_tokens_sub ON issued_tokens (sub);
 CREATE UNIQUE INDEX issued_tokens_hmac ON issued_tokens (token_hmac);
 ",
-)];
+    ),
+    (
+        2,
+        "
+CREATE TABLE audit (
+    seq         BIGINT PRIMARY KEY,
+    at          BIGINT NOT NULL,
+    kind        TEXT NOT NULL,
+    line        TEXT NOT NULL
+);
+CREATE INDEX audit_at ON audit (at);
+CREATE TABLE svids (
+    serial      TEXT PRIMARY KEY,
+    spiffe_id   TEXT NOT NULL,
+    method      TEXT NOT NULL,
+    issued_at   BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL
+);
+CREATE INDEX svids_expires_at ON svids (expires_at);
+CREATE INDEX svids_spiffe_id ON svids (spiffe_id);
+",
+    ),
+];
 
 /// The newest schema this build knows.
 pub(crate) fn latest() -> i64 {

@@ -5,7 +5,8 @@
 //! many issuances.
 
 use super::schema::{MIGRATIONS, latest};
-use super::{IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, StoreError};
+use super::{IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, StoreError, Write};
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::ca::CaMaterial;
 use crate::identity::{JoinTokenHash, SpiffeId};
 use sqlx::sqlite::{
@@ -23,7 +24,13 @@ const MAX_BATCH: usize = 512;
 /// Queued issuance records before callers wait.
 const QUEUE: usize = 8192;
 
-type Pending = (IssuedToken, oneshot::Sender<Result<(), StoreError>>);
+/// One queued write: an optional inventory record and the audit event
+/// that goes with it, committed together.
+struct Pending {
+    write: Option<Write>,
+    event: AuditEvent,
+    done: oneshot::Sender<Result<AuditRecord, StoreError>>,
+}
 
 /// SQLite backend of [`super::Store`].
 #[derive(Debug, Clone)]
@@ -60,8 +67,14 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         migrate(&pool).await?;
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM audit")
+            .fetch_one(&pool)
+            .await?;
+        let next_seq = u64::try_from(last.unwrap_or(0))
+            .map_err(|_| StoreError::Corrupt("negative audit sequence".into()))?
+            + 1;
         let (writer, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(group_commit(pool.clone(), queue));
+        tokio::spawn(group_commit(pool.clone(), queue, next_seq));
         Ok(Self {
             pool,
             sealer: Arc::new(sealer),
@@ -268,13 +281,48 @@ impl SqliteStore {
         }))
     }
 
-    pub(super) async fn record_issued(&self, token: IssuedToken) -> Result<(), StoreError> {
+    pub(super) async fn write(
+        &self,
+        write: Option<Write>,
+        event: AuditEvent,
+    ) -> Result<AuditRecord, StoreError> {
         let (done, wait) = oneshot::channel();
         self.writer
-            .send((token, done))
+            .send(Pending { write, event, done })
             .await
             .map_err(|_| StoreError::WriterGone)?;
         wait.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    pub(super) async fn audit_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows =
+            sqlx::query("SELECT seq, at, kind, line FROM audit WHERE seq > ? ORDER BY seq LIMIT ?")
+                .bind(db_time(after))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    seq: time_of(row, "seq")?,
+                    at: time_of(row, "at")?,
+                    kind: row.try_get("kind")?,
+                    line: row.try_get("line")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn live_svids(&self, now: u64) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM svids WHERE expires_at > ?")
+            .bind(db_time(now))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     pub(super) async fn live_tokens(
@@ -353,8 +401,9 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
 }
 
 /// The writer task: takes whatever has queued, commits it as one
-/// transaction, and answers every caller in the batch.
-async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
+/// transaction (audit records numbered in queue order), and answers every
+/// caller in the batch.
+async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut next_seq: u64) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -364,35 +413,82 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let result = insert_batch(&pool, &batch).await.map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, records = batch.len(), "group commit failed");
-        }
-        for (_, done) in batch.drain(..) {
-            let _ = done.send(result.clone().map_err(StoreError::WriteFailed));
+        let records: Vec<AuditRecord> = batch
+            .iter()
+            .zip(next_seq..)
+            .map(|(p, seq)| AuditRecord {
+                seq,
+                at: p.event.at,
+                kind: p.event.kind.as_str().to_owned(),
+                line: p.event.to_line(seq),
+            })
+            .collect();
+        match insert_batch(&pool, &batch, &records).await {
+            Ok(()) => {
+                next_seq += records.len() as u64;
+                for (p, record) in batch.drain(..).zip(records) {
+                    let _ = p.done.send(Ok(record));
+                }
+            }
+            Err(e) => {
+                // Nothing in the batch was recorded; sequence numbers are
+                // reused by the next batch, so the log has no gaps.
+                tracing::error!(error = %e, records = batch.len(), "group commit failed");
+                for p in batch.drain(..) {
+                    let _ = p.done.send(Err(StoreError::WriteFailed(e.to_string())));
+                }
+            }
         }
     }
 }
 
-async fn insert_batch(pool: &SqlitePool, batch: &[Pending]) -> Result<(), sqlx::Error> {
+async fn insert_batch(
+    pool: &SqlitePool,
+    batch: &[Pending],
+    records: &[AuditRecord],
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    for (t, _) in batch {
-        sqlx::query(
-            "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&t.jti)
-        .bind(&t.sub)
-        .bind(&t.aud)
-        .bind(&t.scope)
-        .bind(&t.class)
-        .bind(&t.jkt)
-        .bind(db_time(t.iat))
-        .bind(db_time(t.exp))
-        .bind(&t.kid)
-        .bind(&t.token_hmac[..])
-        .execute(&mut *tx)
-        .await?;
+    for (p, record) in batch.iter().zip(records) {
+        match &p.write {
+            Some(Write::Issued(t)) => {
+                sqlx::query(
+                    "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&t.jti)
+                .bind(&t.sub)
+                .bind(&t.aud)
+                .bind(&t.scope)
+                .bind(&t.class)
+                .bind(&t.jkt)
+                .bind(db_time(t.iat))
+                .bind(db_time(t.exp))
+                .bind(&t.kid)
+                .bind(&t.token_hmac[..])
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(Write::Svid(v)) => {
+                sqlx::query(
+                    "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&v.serial)
+                .bind(&v.spiffe_id)
+                .bind(v.method)
+                .bind(db_time(v.issued_at))
+                .bind(db_time(v.expires_at))
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {}
+        }
+        sqlx::query("INSERT INTO audit (seq, at, kind, line) VALUES (?, ?, ?, ?)")
+            .bind(db_time(record.seq))
+            .bind(db_time(record.at))
+            .bind(&record.kind)
+            .bind(&record.line)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await
 }

@@ -1,0 +1,433 @@
+//! The HTTPS listener: the OAuth 2.0 token endpoint (client credentials
+//! with DPoP, RFC 9449; client authentication by the caller's X.509-SVID,
+//! RFC 8705 `tls_client_auth`), the JWKS, and the RFC 8414 metadata.
+//!
+//! The JWKS and metadata are readable without a client certificate; the
+//! token endpoint requires one. Errors are RFC 6749 §5.2 JSON, mapped in
+//! one place ([`oauth_error`]).
+
+use super::Broker;
+use super::issue::{IssueError, IssueInput};
+use crate::auth::answer::safe_description;
+use crate::http::{Body, Peer, json, read_body};
+use crate::identity::SpiffeId;
+use crate::token::{Audience, Scope, Scopes};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::json;
+use std::sync::Arc;
+
+/// Largest token request body read.
+const MAX_FORM: usize = 8 * 1024;
+
+/// Paths served.
+pub const TOKEN_PATH: &str = "/oauth2/token";
+/// JWKS path.
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// RFC 8414 metadata path.
+pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
+
+/// The TLS settings of the HTTPS listener: the broker's certificate, and
+/// client certificates verified against the trust bundle when sent (the
+/// token endpoint requires one; the well-known documents do not).
+///
+/// # Errors
+/// If the credential or bundle does not load.
+pub fn tls_config(
+    broker: &Broker,
+    credential: &crate::ca::Credential,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for der in broker.ca.bundle_der() {
+        roots
+            .add(CertificateDer::from(der))
+            .map_err(|e| format!("trust bundle: {e}"))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| format!("client verifier: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(credential.cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("server certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(credential.key_pem.as_bytes())
+        .map_err(|e| format!("server key: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("server certificate: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Answers one request on the HTTPS listener.
+pub async fn handle(
+    broker: Arc<Broker>,
+    req: Request<Incoming>,
+    peer: Arc<Peer>,
+) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, TOKEN_PATH) => token(&broker, req, &peer).await,
+        (&Method::GET | &Method::HEAD, JWKS_PATH) => {
+            let mut r = json(StatusCode::OK, &broker.jwks().to_json());
+            // Verifiers refetch on an unknown kid anyway; a short cache
+            // keeps rotations quick to reach them.
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=60"),
+            );
+            r
+        }
+        (&Method::GET | &Method::HEAD, METADATA_PATH) => json(StatusCode::OK, &metadata(&broker)),
+        (_, TOKEN_PATH) => not_allowed("POST"),
+        (_, JWKS_PATH | METADATA_PATH) => not_allowed("GET, HEAD"),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not_found", "error_description": "no such endpoint"}),
+        ),
+    }
+}
+
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({"error": "invalid_request", "error_description": format!("method not allowed; use {allow}")}),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// RFC 8414 authorization server metadata.
+fn metadata(broker: &Broker) -> serde_json::Value {
+    let issuer = broker.settings.issuer.trim_end_matches('/');
+    json!({
+        "issuer": issuer,
+        "token_endpoint": broker.token_uri.as_str(),
+        "jwks_uri": format!("{issuer}{JWKS_PATH}"),
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "dpop_signing_alg_values_supported": ["ES256"],
+        // Tokens are bound to the DPoP key (cnf.jkt), not to the client
+        // certificate (cnf.x5t#S256).
+        "tls_client_certificate_bound_access_tokens": false,
+        "token_endpoint_dpop_nonce_required": broker.settings.token_endpoint_nonce,
+        // The DPoP htu for the gRPC Tokens.Issue call.
+        "tally_grpc_issue_htu": broker.issue_uri(),
+    })
+}
+
+/// An RFC 6749 §5.2 error answer.
+#[derive(Debug)]
+struct OAuthError {
+    status: StatusCode,
+    code: &'static str,
+    description: String,
+    nonce: Option<String>,
+    retry_after: Option<u64>,
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, code: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            description: description.into(),
+            nonce: None,
+            retry_after: None,
+        }
+    }
+
+    fn invalid_request(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut r = json(
+            self.status,
+            &json!({"error": self.code, "error_description": safe_description(&self.description)}),
+        );
+        let headers = r.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(nonce) = self.nonce.and_then(|n| HeaderValue::from_str(&n).ok()) {
+            headers.insert("dpop-nonce", nonce);
+        }
+        if let Some(v) = self
+            .retry_after
+            .and_then(|s| HeaderValue::from_str(&s.to_string()).ok())
+        {
+            headers.insert(header::RETRY_AFTER, v);
+        }
+        r
+    }
+}
+
+/// The one mapping from issuance refusals to OAuth errors.
+fn oauth_error(broker: &Broker, e: &IssueError) -> OAuthError {
+    let text = e.to_string();
+    match e {
+        IssueError::Proof(p) if p.wants_nonce() => OAuthError {
+            nonce: Some(broker.dpop_nonce()),
+            ..OAuthError::new(StatusCode::BAD_REQUEST, "use_dpop_nonce", text)
+        },
+        IssueError::Proof(_) => {
+            OAuthError::new(StatusCode::BAD_REQUEST, "invalid_dpop_proof", text)
+        }
+        IssueError::Denied(crate::policy::IssueDenial::NoRule { .. }) => {
+            OAuthError::new(StatusCode::BAD_REQUEST, "unauthorized_client", text)
+        }
+        IssueError::Denied(_) => OAuthError::new(StatusCode::BAD_REQUEST, "invalid_scope", text),
+        IssueError::RateLimited { retry_after, .. } => OAuthError {
+            retry_after: Some(*retry_after),
+            ..OAuthError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "temporarily_unavailable",
+                text,
+            )
+        },
+        IssueError::Busy => OAuthError {
+            retry_after: Some(1),
+            ..OAuthError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                text,
+            )
+        },
+        IssueError::Internal => OAuthError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal error",
+        ),
+    }
+}
+
+async fn token(broker: &Broker, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    match token_checked(broker, req, peer).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The client's SPIFFE ID from its certificate (RFC 8705 §2.1.2: the
+/// client is identified by the SAN of a certificate that chains to our
+/// bundle, which the TLS layer has checked).
+fn client_id(broker: &Broker, peer: &Peer) -> Result<SpiffeId, OAuthError> {
+    let invalid_client = |d: String| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", d);
+    let leaf = peer.certs.as_ref().and_then(|c| c.first()).ok_or_else(|| {
+        invalid_client("a client certificate (X.509-SVID) is required (tls_client_auth)".into())
+    })?;
+    let id = crate::ca::spiffe_id_of(leaf)
+        .map_err(|e| invalid_client(format!("client certificate: {e}")))?;
+    if id.trust_domain() != broker.settings.trust_domain.trust_domain() {
+        return Err(invalid_client(format!(
+            "{id} is not in trust domain {}",
+            broker.settings.trust_domain
+        )));
+    }
+    Ok(id)
+}
+
+/// The parameters of a token request, each at most once.
+#[derive(Debug, Default)]
+struct TokenForm {
+    grant_type: Option<String>,
+    scope: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
+    client_id: Option<String>,
+}
+
+fn parse_form(body: &[u8]) -> Result<TokenForm, OAuthError> {
+    let mut form = TokenForm::default();
+    for (name, value) in form_urlencoded::parse(body) {
+        let slot = match name.as_ref() {
+            "grant_type" => &mut form.grant_type,
+            "scope" => &mut form.scope,
+            "audience" => &mut form.audience,
+            "resource" => &mut form.resource,
+            "client_id" => &mut form.client_id,
+            // RFC 6749 §3.2: unrecognized parameters are ignored.
+            _ => continue,
+        };
+        if slot.is_some() {
+            // RFC 6749 §3.2: parameters must not be included more than once.
+            return Err(OAuthError::invalid_request(format!(
+                "parameter {name} is repeated"
+            )));
+        }
+        *slot = Some(value.into_owned());
+    }
+    Ok(form)
+}
+
+async fn token_checked(
+    broker: &Broker,
+    req: Request<Incoming>,
+    peer: &Peer,
+) -> Result<Response<Body>, OAuthError> {
+    let caller = client_id(broker, peer)?;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if content_type.as_deref() != Some("application/x-www-form-urlencoded") {
+        return Err(OAuthError::invalid_request(
+            "the body must be application/x-www-form-urlencoded",
+        ));
+    }
+    let mut proofs = req.headers().get_all("dpop").iter();
+    let proof = match (proofs.next(), proofs.next()) {
+        (Some(p), None) => p
+            .to_str()
+            .map_err(|_| {
+                OAuthError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_dpop_proof",
+                    "DPoP header is not ASCII",
+                )
+            })?
+            .to_owned(),
+        (None, _) => {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_dpop_proof",
+                "a DPoP header with a proof for this request is required",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_dpop_proof",
+                "exactly one DPoP header is allowed",
+            ));
+        }
+    };
+    let body = read_body(req.into_body(), MAX_FORM)
+        .await
+        .map_err(|e| OAuthError::invalid_request(e.to_string()))?;
+    let form = parse_form(&body)?;
+
+    match form.grant_type.as_deref() {
+        Some("client_credentials") => {}
+        Some(other) => {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                format!("grant_type {other} is not supported; use client_credentials"),
+            ));
+        }
+        None => return Err(OAuthError::invalid_request("grant_type is required")),
+    }
+    if let Some(id) = &form.client_id
+        && id != caller.as_str()
+    {
+        return Err(OAuthError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            format!("client_id {id} does not match the client certificate ({caller})"),
+        ));
+    }
+    let audience_text = match (&form.audience, &form.resource) {
+        (Some(a), Some(r)) if a != r => {
+            return Err(OAuthError::invalid_request(
+                "audience and resource name different targets; send one",
+            ));
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => {
+            return Err(OAuthError::invalid_request(
+                "audience (or resource) is required",
+            ));
+        }
+    };
+    let audience: Audience = audience_text.parse().map_err(|e| {
+        OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_target",
+            format!("audience: {e}"),
+        )
+    })?;
+    let scopes = form
+        .scope
+        .as_deref()
+        .unwrap_or("")
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<Scope>)
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(Scopes::new)
+        .map_err(|e| {
+            OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                format!("scope: {e}"),
+            )
+        })?;
+
+    let issued = broker
+        .issue(&IssueInput {
+            caller: &caller,
+            audience: &audience,
+            scopes: &scopes,
+            ttl: None,
+            proof: &proof,
+            htu: &broker.token_uri,
+            require_nonce: broker.settings.token_endpoint_nonce,
+            via: "oauth",
+        })
+        .await
+        .map_err(|e| oauth_error(broker, &e))?;
+    let now = broker.clock.now();
+    let mut r = json(
+        StatusCode::OK,
+        &json!({
+            "access_token": issued.token.expose(),
+            "token_type": "DPoP",
+            "expires_in": issued.claims.exp.saturating_sub(now),
+            "scope": issued.claims.scope.to_string(),
+        }),
+    );
+    let headers = r.headers_mut();
+    // RFC 6749 §5.1: token responses are never cached.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    if broker.settings.token_endpoint_nonce
+        && let Ok(nonce) = HeaderValue::from_str(&broker.dpop_nonce())
+    {
+        // The nonce for the client's next request (RFC 9449 §8.2).
+        headers.insert("dpop-nonce", nonce);
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_parameter_is_refused() {
+        let e = parse_form(b"grant_type=client_credentials&scope=a&scope=b").unwrap_err();
+        assert_eq!(e.code, "invalid_request");
+        assert!(e.description.contains("scope is repeated"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_parameters_are_ignored_and_values_decoded() {
+        let f = parse_form(
+            b"grant_type=client_credentials&foo=1&scope=a%3Ab+c&audience=spiffe%3A%2F%2Ftd%2Fx",
+        )
+        .unwrap();
+        assert_eq!(f.scope.as_deref(), Some("a:b c"));
+        assert_eq!(f.audience.as_deref(), Some("spiffe://td/x"));
+    }
+}

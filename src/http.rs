@@ -1,0 +1,177 @@
+//! A small HTTP server loop (hyper, HTTP/1.1 and HTTP/2) over a TCP
+//! listener, with or without TLS, and the helpers handlers share.
+//!
+//! [`serve`] takes a listener and a shutdown future, like every server in
+//! tally: tests bind `127.0.0.1:0` and stop it cleanly. Handlers are plain
+//! async functions from a request and the [`Peer`] to a response.
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::CertificateDer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The response body every handler returns.
+pub type Body = Full<Bytes>;
+
+/// How long a client may take for the TLS handshake or request headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of a connection.
+#[derive(Debug)]
+pub struct Peer {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// The client certificate chain, leaf first, if the client sent one
+    /// (already verified by the TLS layer).
+    pub certs: Option<Vec<CertificateDer<'static>>>,
+}
+
+/// Serves HTTP on `listener` (over TLS when `tls` is set) until `shutdown`
+/// resolves; then stops accepting, lets requests in flight finish, and
+/// returns once every connection has closed.
+///
+/// # Errors
+/// If accepting a connection fails for a reason other than the client.
+pub async fn serve<H, F>(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                // The client went away between SYN and accept: not ours.
+                Err(e) if is_per_connection(&e) => continue,
+                Err(e) => return Err(e),
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT);
+            builder.http2().max_concurrent_streams(256);
+            let result = match acceptor {
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%addr, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let certs = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+                    let peer = Arc::new(Peer { addr, certs });
+                    let service = hyper::service::service_fn(move |req| {
+                        let response = handler(req, Arc::clone(&peer));
+                        async move { Ok::<_, std::convert::Infallible>(response.await) }
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(tls), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                None => {
+                    let peer = Arc::new(Peer { addr, certs: None });
+                    let service = hyper::service::service_fn(move |req| {
+                        let response = handler(req, Arc::clone(&peer));
+                        async move { Ok::<_, std::convert::Infallible>(response.await) }
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%addr, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Accept errors that concern one connection, not the listener.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    )
+}
+
+/// Why a request body was not read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// Larger than the limit.
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The connection failed while reading.
+    #[error("reading the request body failed")]
+    Read,
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+///
+/// # Errors
+/// [`BodyError`].
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
+        Err(_) => Err(BodyError::Read),
+    }
+}
+
+/// A response with `body` and a content type.
+pub fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    respond(status, "application/json", value.to_string())
+}
