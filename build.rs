@@ -4,6 +4,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
+        "proto/tally/v1/admin.proto",
         "proto/tally/v1/identity.proto",
         "proto/tally/v1/tokens.proto",
         "proto/tally/v1/watch.proto",

@@ -122,7 +122,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 async fn workload(r: &Running, id: &str) -> Identity {
     let token = r
         .broker
-        .create_join_token(&id.parse().unwrap(), 600)
+        .create_join_token(&id.parse().unwrap(), 600, None)
         .await
         .unwrap();
     let mut client = pb::identity_client::IdentityClient::new(channel(r, None).await.unwrap());
@@ -165,7 +165,7 @@ fn issue_request(r: &Running, key: &ProofKey, scopes: &[&str], ttl: u32) -> pb::
 async fn attest_with_a_join_token_gives_an_svid_once() {
     let r = start(POLICY).await;
     let id: SpiffeId = "spiffe://example.org/vm/build-1".parse().unwrap();
-    let token = r.broker.create_join_token(&id, 600).await.unwrap();
+    let token = r.broker.create_join_token(&id, 600, None).await.unwrap();
     let mut client = pb::identity_client::IdentityClient::new(channel(&r, None).await.unwrap());
     let attest = |t: &str| pb::AttestRequest {
         credential: Some(pb::attest_request::Credential::JoinToken(t.into())),
@@ -196,7 +196,8 @@ async fn attest_with_a_join_token_gives_an_svid_once() {
         .await
         .unwrap()
         .iter()
-        .map(|a| serde_json::from_str(&a.line).unwrap())
+        .map(|a| serde_json::from_str::<serde_json::Value>(&a.line).unwrap())
+        .filter(|l| l["kind"] == "identity.attest")
         .collect();
     let summary: Vec<(&str, &str, &str)> = lines
         .iter()
@@ -230,7 +231,7 @@ async fn a_csr_for_another_identity_is_refused() {
     let r = start(POLICY).await;
     let token = r
         .broker
-        .create_join_token(&"spiffe://example.org/vm/a".parse().unwrap(), 600)
+        .create_join_token(&"spiffe://example.org/vm/a".parse().unwrap(), 600, None)
         .await
         .unwrap();
     let mut client = pb::identity_client::IdentityClient::new(channel(&r, None).await.unwrap());
@@ -487,7 +488,7 @@ async fn tokens_signed_before_a_rotation_verify_after_it() {
         .await
         .unwrap()
         .into_inner();
-    let new_kid = r.broker.rotate_signing_key(0).await.unwrap();
+    let (new_kid, _) = r.broker.rotate_signing_key(0, None).await.unwrap();
     let after = client
         .issue(issue_request(&r, &key, &["payments:read"], 0))
         .await

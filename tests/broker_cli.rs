@@ -9,40 +9,89 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/policy.yaml");
 
+/// A broker binary on ephemeral ports, and where it listens.
+struct Spawned {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+    grpc: String,
+    https_line: String,
+    admin: String,
+}
+
+impl Spawned {
+    fn start(data: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "broker",
+                "--trust-domain",
+                "example.org",
+                "--policy",
+                POLICY,
+            ])
+            .args(EPHEMERAL_PORTS)
+            .arg("--data-dir")
+            .arg(data)
+            .env_remove("TALLY_STORE_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The broker prints its addresses once it listens: no sleeping.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut next_line = || {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            line
+        };
+        let (grpc, https_line, admin) = (next_line(), next_line(), next_line());
+        assert!(
+            grpc.contains("gRPC (mTLS) listening on 127.0.0.1:"),
+            "{grpc}"
+        );
+        let after = |line: &str| {
+            line.split("listening on ")
+                .nth(1)
+                .unwrap()
+                .split([',', '\n'])
+                .next()
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        Self {
+            grpc: after(&grpc),
+            admin: after(&admin),
+            https_line,
+            child,
+            out,
+        }
+    }
+
+    /// SIGTERM, then the exit code and the rest of stdout.
+    fn stop(mut self) -> (Option<i32>, Vec<String>) {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = self.child.wait().unwrap();
+        (
+            status.code(),
+            self.out.lines().map(Result::unwrap).collect(),
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "broker",
-            "--trust-domain",
-            "example.org",
-            "--policy",
-            POLICY,
-        ])
-        .args(EPHEMERAL_PORTS)
-        .arg("--data-dir")
-        .arg(&data)
-        .env_remove("TALLY_STORE_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The broker prints its address once it listens: no sleeping.
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut next_line = || {
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        line
-    };
-    let (grpc, https, admin) = (next_line(), next_line(), next_line());
-    let addr = grpc.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(
-        grpc.contains("gRPC (mTLS) listening on 127.0.0.1:"),
-        "{grpc}"
-    );
+    let broker = Spawned::start(&data);
+    let addr = broker.grpc.clone();
     // The issuer follows the HTTPS port when not configured.
+    let https = &broker.https_line;
     let https_port = https
         .split("listening on 127.0.0.1:")
         .nth(1)
@@ -55,13 +104,7 @@ async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_o
         https.contains(&format!("issuer https://localhost:{https_port}")),
         "{https}"
     );
-    let admin_addr = admin
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let ready = http_get(&admin_addr, "/readyz");
+    let ready = http_get(&broker.admin, "/readyz");
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 
     let mode = |p: &str| {
@@ -108,16 +151,8 @@ async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_o
     assert_eq!(svid.spiffe_id, "spiffe://example.org/admin");
     drop(client);
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
-    let rest: Vec<String> = out.lines().map(Result::unwrap).collect();
+    let (code, rest) = broker.stop();
+    assert_eq!(code, Some(0));
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
 
     // The renewal was audited, in the store's JSON-lines copy.
@@ -127,6 +162,180 @@ async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_o
         audit.contains("\"actor\":\"spiffe://example.org/admin\""),
         "{audit}"
     );
+}
+
+fn ctl(broker: &Spawned, data: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("ctl")
+        .args(args)
+        .arg("--broker")
+        .arg(format!(
+            "https://{}",
+            broker.grpc.replace("127.0.0.1", "localhost")
+        ))
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start(&data);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+
+    // A join token, printed alone, that attests once.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "join-token",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/vm/build-7",
+            "--ttl",
+            "5m",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let token = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.lines().count(), 1);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read_to_string(data.join("bundle.pem")).unwrap(),
+        ))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", broker.grpc))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let svid = pb::identity_client::IdentityClient::new(channel)
+        .attest(pb::AttestRequest {
+            credential: Some(pb::attest_request::Credential::JoinToken(token.clone())),
+            csr_der: csr,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(svid.spiffe_id, "spiffe://example.org/vm/build-7");
+
+    // A credential for a workload without a sidecar: three files, key 0600.
+    let out = dir.path().join("legacy");
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "svid",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/ns/legacy/sa/batch",
+            "--ttl",
+            "2h",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let cert = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    let leaf = rustls_pki_types::pem::PemObject::pem_slice_iter(cert.as_bytes())
+        .next()
+        .map(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.unwrap())
+        .unwrap();
+    assert_eq!(
+        tally::ca::spiffe_id_of(&leaf).unwrap().as_str(),
+        "spiffe://example.org/ns/legacy/sa/batch"
+    );
+    assert_eq!(
+        std::fs::metadata(out.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("bundle.pem")).unwrap(),
+        std::fs::read_to_string(data.join("bundle.pem")).unwrap()
+    );
+    // Never overwrites.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "svid",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/x",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+
+    // That credential is not an admin's: the broker refuses, and says why.
+    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["ctl", "keys", "rotate"])
+        .arg("--broker")
+        .arg(format!(
+            "https://{}",
+            broker.grpc.replace("127.0.0.1", "localhost")
+        ))
+        .arg("--cert")
+        .arg(out.join("cert.pem"))
+        .arg("--key")
+        .arg(out.join("key.pem"))
+        .arg("--bundle")
+        .arg(out.join("bundle.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("is not an admin"), "{}", text(&o));
+
+    // The admin rotates the signing key.
+    let o = ctl(&broker, &data, &["keys", "rotate"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let kid = String::from_utf8(o.stdout)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+    // All of it audited with the admin as actor; the join token itself is
+    // nowhere in the log.
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    for kind in [
+        "join_token.create",
+        "identity.attest",
+        "svid.mint",
+        "keys.rotate",
+    ] {
+        assert!(
+            audit.contains(&format!("\"kind\":\"{kind}\"")),
+            "{kind}: {audit}"
+        );
+    }
+    assert!(audit.contains(&kid), "{audit}");
+    assert!(!audit.contains(&token), "{audit}");
 }
 
 /// Every listener on an ephemeral port, so tests never collide.

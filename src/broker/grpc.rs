@@ -17,7 +17,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 /// Logs an internal fault and hides it from the caller.
-fn internal(context: &str, error: impl std::fmt::Display) -> Status {
+pub(super) fn internal(context: &str, error: impl std::fmt::Display) -> Status {
     tracing::error!(%error, "{context}");
     Status::internal("internal error")
 }
@@ -34,7 +34,7 @@ fn ca_status(e: CaError) -> Status {
 }
 
 /// The caller's SPIFFE ID from its verified client certificate.
-fn peer_id<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status> {
+pub(super) fn peer_id<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status> {
     let certs = request
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate (X.509-SVID) is required"))?;
@@ -54,22 +54,25 @@ fn peer_id<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status>
     Ok(id)
 }
 
-/// Issues an X.509-SVID for `id` from the CSR, records it (inventory and
-/// audit, durably) and counts it. `method` says how the caller proved who
-/// it is: `join_token`, `k8s_sa` or `renew`.
-async fn issue_svid(
+/// Issues an X.509-SVID for `id` from the CSR, valid `ttl` seconds,
+/// records it (inventory and audit, durably) and counts it. `method` says
+/// how the identity was proved: `join_token`, `k8s_sa`, `renew`, or
+/// `admin_mint` (then `actor` is the admin; otherwise it is `id`).
+pub(super) async fn issue_svid(
     broker: &Broker,
     id: &SpiffeId,
     csr: &[u8],
     method: &'static str,
+    ttl: u64,
+    actor: &SpiffeId,
 ) -> Result<Response<pb::SvidResponse>, Status> {
     let now = broker.clock.now();
-    let kind = if method == "renew" {
-        AuditKind::Renew
-    } else {
-        AuditKind::Attest
+    let kind = match method {
+        "renew" => AuditKind::Renew,
+        "admin_mint" => AuditKind::SvidMint,
+        _ => AuditKind::Attest,
     };
-    let svid = match broker.ca.issue_svid(csr, id, broker.settings.svid_ttl, now) {
+    let svid = match broker.ca.issue_svid(csr, id, ttl, now) {
         Ok(svid) => svid,
         Err(e) => {
             let status = ca_status(e);
@@ -80,7 +83,8 @@ async fn issue_svid(
             };
             broker.metrics.attestations.inc(&[method, outcome.as_str()]);
             let event = AuditEvent::new(kind, outcome, now)
-                .actor(id)
+                .actor(actor)
+                .field("spiffe_id", id.as_str())
                 .field("method", method)
                 .field("reason", "csr")
                 .field("detail", status.message());
@@ -89,7 +93,8 @@ async fn issue_svid(
         }
     };
     let event = AuditEvent::new(kind, Outcome::Ok, now)
-        .actor(id)
+        .actor(actor)
+        .field("spiffe_id", id.as_str())
         .field("method", method)
         .field("serial", svid.serial.as_str())
         .field("expires_at", svid.expires_at);
@@ -165,7 +170,15 @@ impl pb::identity_server::Identity for IdentityService {
                 ));
             }
         };
-        issue_svid(broker, &id, &body.csr_der, method).await
+        issue_svid(
+            broker,
+            &id,
+            &body.csr_der,
+            method,
+            broker.settings.svid_ttl,
+            &id,
+        )
+        .await
     }
 
     async fn renew(
@@ -173,7 +186,8 @@ impl pb::identity_server::Identity for IdentityService {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::SvidResponse>, Status> {
         let id = peer_id(&self.0, &request)?;
-        issue_svid(&self.0, &id, &request.get_ref().csr_der, "renew").await
+        let ttl = self.0.settings.svid_ttl;
+        issue_svid(&self.0, &id, &request.get_ref().csr_der, "renew", ttl, &id).await
     }
 }
 

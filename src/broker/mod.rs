@@ -6,6 +6,7 @@
 //! future resolves.
 
 pub mod admin_port;
+pub mod admin_rpc;
 pub mod config;
 pub mod grpc;
 pub mod issue;
@@ -494,7 +495,8 @@ impl Broker {
             .issue_credential(id, &[], &[], ttl, self.clock.now())?)
     }
 
-    /// Makes a join token for `id`, valid for `ttl` seconds.
+    /// Makes a join token for `id`, valid for `ttl` seconds, and audits
+    /// it (with `actor`, the admin who asked, if any).
     ///
     /// # Errors
     /// [`BrokerError`].
@@ -502,6 +504,7 @@ impl Broker {
         &self,
         id: &SpiffeId,
         ttl: u64,
+        actor: Option<&SpiffeId>,
     ) -> Result<crate::identity::JoinToken, BrokerError> {
         if id.trust_domain() != self.settings.trust_domain.trust_domain() {
             return Err(BrokerError::Config(format!(
@@ -511,9 +514,18 @@ impl Broker {
         }
         let token = crate::identity::JoinToken::generate().map_err(|_| BrokerError::Random)?;
         let now = self.clock.now();
+        let hash = token.hash();
         self.store
-            .create_join_token(&token.hash(), id, now + ttl, now)
+            .create_join_token(&hash, id, now + ttl, now)
             .await?;
+        let mut event = AuditEvent::new(AuditKind::JoinTokenCreate, Outcome::Ok, now)
+            .field("spiffe_id", id.as_str())
+            .field("expires_at", now + ttl)
+            .field("join_token_sha256", crate::audit::hex(&hash.0));
+        if let Some(actor) = actor {
+            event = event.actor(actor);
+        }
+        self.record(None, event).await?;
         Ok(token)
     }
 
@@ -529,11 +541,17 @@ impl Broker {
         let _ = rx.wait_for(|closing| *closing).await;
     }
 
-    /// Rotates the token-signing key (see [`SigningKeys::rotate`]).
+    /// Rotates the token-signing key (see [`SigningKeys::rotate`]): the
+    /// new key signs from `now + publish_lead`. Audited, with `actor` if an
+    /// admin asked. Returns the new key id and when it starts signing.
     ///
     /// # Errors
     /// [`BrokerError::Keys`].
-    pub async fn rotate_signing_key(&self, publish_lead: u64) -> Result<String, BrokerError> {
+    pub async fn rotate_signing_key(
+        &self,
+        publish_lead: u64,
+        actor: Option<&SpiffeId>,
+    ) -> Result<(String, u64), BrokerError> {
         let now = self.clock.now();
         // The store write happens outside the lock; the in-memory set is
         // swapped in afterwards.
@@ -543,11 +561,24 @@ impl Broker {
             .keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
-        Ok(kid)
+        let mut event = AuditEvent::new(AuditKind::KeyRotate, Outcome::Ok, now)
+            .field("kid", kid.as_str())
+            .field("signs_from", now + publish_lead);
+        if let Some(actor) = actor {
+            event = event.actor(actor);
+        }
+        self.audit(event).await;
+        tracing::info!(%kid, signs_from = now + publish_lead, "token-signing key rotated");
+        Ok((kid, now + publish_lead))
+    }
+
+    /// Whether `id` may call admin RPCs.
+    pub fn is_admin(&self, id: &SpiffeId) -> bool {
+        self.settings.admins.contains(id)
     }
 }
 
-/// Runs the gRPC server (Identity, Tokens, Watch) with TLS on `listener`
+/// Runs the gRPC server (Identity, Tokens, Watch, Admin) with TLS on `listener`
 /// until `shutdown` resolves: then Watch streams end, and in-flight calls
 /// finish before this returns.
 ///
@@ -573,6 +604,7 @@ pub async fn serve(
         .add_service(grpc::identity_server(Arc::clone(&broker)))
         .add_service(grpc::tokens_server(Arc::clone(&broker)))
         .add_service(grpc::watch_server(Arc::clone(&broker)))
+        .add_service(admin_rpc::admin_server(Arc::clone(&broker)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {

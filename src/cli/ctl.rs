@@ -1,24 +1,123 @@
 //! `tally ctl`: administration. The policy tools work offline on a file;
-//! commands that talk to a broker are not built yet and say so.
+//! `join-token`, `svid` and `keys` talk to a broker over mTLS gRPC as an
+//! admin identity (by default the credential the broker wrote into its
+//! data directory). Commands of the design not built yet say so.
 
 use super::{CliError, EXIT_UNAVAILABLE};
 use crate::identity::SpiffeId;
 use crate::policy::{AccessRequest, IssueRequest, Policy};
+use crate::proto::v1 as pb;
 use crate::token::{Audience, Scopes};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `tally ctl`: how to reach the broker, and the command.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// How to reach the broker.
+    #[command(flatten)]
+    broker: BrokerConnection,
+    /// The command.
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+/// How `tally ctl` reaches the broker: its gRPC URL and an admin
+/// credential (by default the one in the broker's data directory).
+#[derive(Debug, Args)]
+pub struct BrokerConnection {
+    /// The broker's gRPC URL.
+    #[arg(
+        long,
+        env = "TALLY_BROKER",
+        default_value = "https://localhost:8443",
+        global = true
+    )]
+    broker: String,
+    /// The broker's data directory: admin/cert.pem, admin/key.pem and
+    /// bundle.pem in it are used unless given below.
+    #[arg(
+        long,
+        env = "TALLY_DATA_DIR",
+        default_value = "tally-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// Admin certificate chain (PEM) [default: DATA_DIR/admin/cert.pem].
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// Admin private key (PEM) [default: DATA_DIR/admin/key.pem].
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
+    /// Trust bundle (PEM) [default: DATA_DIR/bundle.pem].
+    #[arg(long, global = true)]
+    bundle: Option<PathBuf>,
+}
+
 /// Administration commands.
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// Trust policy: check a file, explain a decision.
+    /// Trust policy: check a file, explain a decision (offline).
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Everything that talks to a running broker (join-token, svid, revoke,
-    /// keys, audit, tokens, identities, review): not in this build yet.
+    /// One-time join tokens for workloads without Kubernetes.
+    #[command(subcommand)]
+    JoinToken(JoinTokenCommand),
+    /// Credentials for workloads that cannot run a sidecar.
+    #[command(subcommand)]
+    Svid(SvidCommand),
+    /// Token-signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Commands of the design not in this build yet (revoke, audit,
+    /// tokens, identities, review, policy apply).
     #[command(external_subcommand)]
     Other(Vec<String>),
+}
+
+/// `tally ctl join-token`.
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCommand {
+    /// Make a join token; prints only the token.
+    Create {
+        /// The SPIFFE ID the token attests.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Lifetime (up to 24h).
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+}
+
+/// `tally ctl svid`.
+#[derive(Debug, Subcommand)]
+pub enum SvidCommand {
+    /// Issue a certificate (cert.pem, key.pem, bundle.pem in --out). The key
+    /// is made here; only a CSR goes to the broker.
+    Mint {
+        /// The SPIFFE ID it names.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Lifetime (up to 24h).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Directory to write into (created 0700; existing files are never
+        /// overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `tally ctl keys`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Start a new signing key now (incident response); prints its kid.
+    Rotate {
+        /// Publish the new key this long before it signs (e.g. 5m).
+        #[arg(long, default_value = "0s")]
+        publish_lead: String,
+    },
 }
 
 /// Policy commands.
@@ -56,18 +155,198 @@ pub struct ExplainArgs {
     path: Option<String>,
 }
 
-pub(super) fn run(cmd: CtlCommand) -> Result<ExitCode, CliError> {
-    match cmd {
+pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
+    let conn = args.broker;
+    match args.command {
         CtlCommand::Policy(PolicyCommand::Check { file }) => check(&file),
         CtlCommand::Policy(PolicyCommand::Explain(args)) => explain(&args),
+        CtlCommand::JoinToken(JoinTokenCommand::Create { spiffe_id, ttl }) => {
+            let ttl = duration("--ttl", &ttl)?;
+            block_on(async {
+                let mut admin = admin_client(&conn).await?;
+                let made = admin
+                    .create_join_token(pb::CreateJoinTokenRequest {
+                        spiffe_id,
+                        ttl_seconds: ttl,
+                    })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                // Only the token on stdout, so `$(tally ctl join-token create …)` works.
+                say!("{}", made.join_token);
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        CtlCommand::Svid(SvidCommand::Mint {
+            spiffe_id,
+            ttl,
+            out,
+        }) => {
+            let ttl = duration("--ttl", &ttl)?;
+            mint(&conn, spiffe_id, ttl, &out)
+        }
+        CtlCommand::Keys(KeysCommand::Rotate { publish_lead }) => {
+            let lead = duration("--publish-lead", &publish_lead)?;
+            block_on(async {
+                let mut admin = admin_client(&conn).await?;
+                let rotated = admin
+                    .rotate_signing_key(pb::RotateSigningKeyRequest {
+                        publish_lead_seconds: lead,
+                    })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                say!("{} (signs from {})", rotated.kid, rotated.signs_from);
+                Ok(ExitCode::SUCCESS)
+            })
+        }
         CtlCommand::Other(args) => {
             let name = args.first().map_or("", String::as_str);
-            eprintln!(
-                "tally: error: `tally ctl {name}` talks to a running broker, which this build cannot do yet"
-            );
+            eprintln!("tally: error: `tally ctl {name}` is not implemented in this build yet");
             Ok(ExitCode::from(EXIT_UNAVAILABLE))
         }
     }
+}
+
+fn duration(flag: &str, text: &str) -> Result<u32, CliError> {
+    humantime::parse_duration(text)
+        .ok()
+        .and_then(|d| u32::try_from(d.as_secs()).ok())
+        .filter(|s| *s > 0 || flag == "--publish-lead")
+        .ok_or_else(|| CliError::Usage(format!("{flag} {text:?} is not a duration like 10m")))
+}
+
+fn block_on<T, F: std::future::Future<Output = Result<T, CliError>>>(f: F) -> Result<T, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))?
+        .block_on(f)
+}
+
+/// A refusal from the broker, as the broker worded it.
+fn refused(status: tonic::Status) -> CliError {
+    CliError::Failed(format!(
+        "the broker refused: {}: {}",
+        status.code(),
+        status.message()
+    ))
+}
+
+fn read_pem(path: &Path, what: &str) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        CliError::Usage(format!(
+            "{what} {}: {e} (use --data-dir, or --cert/--key/--bundle)",
+            path.display()
+        ))
+    })
+}
+
+/// An Admin client over mTLS with the admin credential.
+async fn admin_client(
+    conn: &BrokerConnection,
+) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>, CliError> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let dir = &conn.data_dir;
+    let cert = read_pem(
+        conn.cert.as_deref().unwrap_or(&dir.join("admin/cert.pem")),
+        "admin certificate",
+    )?;
+    let key = zeroize::Zeroizing::new(read_pem(
+        conn.key.as_deref().unwrap_or(&dir.join("admin/key.pem")),
+        "admin key",
+    )?);
+    let bundle = read_pem(
+        conn.bundle.as_deref().unwrap_or(&dir.join("bundle.pem")),
+        "trust bundle",
+    )?;
+    let endpoint = Channel::from_shared(conn.broker.clone())
+        .map_err(|e| CliError::Usage(format!("--broker {:?}: {e}", conn.broker)))?;
+    let host = endpoint.uri().host().unwrap_or("localhost").to_owned();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(bundle))
+        .identity(Identity::from_pem(cert, key.as_bytes()))
+        .domain_name(host);
+    let channel = endpoint
+        .tls_config(tls)
+        .map_err(|e| CliError::Usage(format!("TLS settings: {e}")))?
+        .connect()
+        .await
+        .map_err(|e| {
+            CliError::Failed(format!(
+                "cannot reach the broker at {}: {e}{}",
+                conn.broker,
+                std::error::Error::source(&e)
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            ))
+        })?;
+    Ok(pb::admin_client::AdminClient::new(channel))
+}
+
+/// `tally ctl svid mint`: key made here, CSR to the broker, three files out.
+fn mint(
+    conn: &BrokerConnection,
+    spiffe_id: String,
+    ttl: u32,
+    out: &Path,
+) -> Result<ExitCode, CliError> {
+    let files = ["cert.pem", "key.pem", "bundle.pem"].map(|f| out.join(f));
+    if let Some(existing) = files.iter().find(|f| f.exists()) {
+        return Err(CliError::Usage(format!(
+            "{} already exists; choose an empty --out directory",
+            existing.display()
+        )));
+    }
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| CliError::Failed(format!("generating a key: {e}")))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| CliError::Failed(format!("making the CSR: {e}")))?
+        .der()
+        .to_vec();
+    let svid = block_on(async {
+        let mut admin = admin_client(conn).await?;
+        admin
+            .mint_svid(pb::MintSvidRequest {
+                spiffe_id,
+                ttl_seconds: ttl,
+                csr_der: csr,
+            })
+            .await
+            .map_err(refused)
+            .map(tonic::Response::into_inner)
+    })?;
+    std::fs::create_dir_all(out)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|e| CliError::Failed(format!("creating {}: {e}", out.display())))?;
+    let chain: String = std::iter::once(&svid.svid_der)
+        .chain(&svid.chain_der)
+        .map(|d| crate::ca::pem("CERTIFICATE", d))
+        .collect();
+    let bundle: String = svid
+        .bundle_der
+        .iter()
+        .map(|d| crate::ca::pem("CERTIFICATE", d))
+        .collect();
+    let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
+    for (path, text, mode) in [
+        (&files[1], key_pem.as_str(), 0o600),
+        (&files[0], chain.as_str(), 0o644),
+        (&files[2], bundle.as_str(), 0o644),
+    ] {
+        super::write_new_file(path, text.as_bytes(), mode)?;
+    }
+    say!(
+        "{}: cert.pem, key.pem (0600), bundle.pem for {} (expires {})",
+        out.display(),
+        svid.spiffe_id,
+        svid.expires_at
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load(path: &Path) -> Result<Policy, CliError> {

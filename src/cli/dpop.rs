@@ -246,16 +246,7 @@ fn keygen(out: Option<PathBuf>) -> Result<ExitCode, CliError> {
         .map_err(|e| CliError::Failed(e.to_string()))?;
     match out {
         Some(path) => {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
-            file.write_all(pem.as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
+            super::write_new_file(&path, pem.as_bytes(), 0o600)?;
             eprintln!("wrote {}", path.display());
         }
         None => {

@@ -47,10 +47,9 @@ pub enum Command {
     Sidecar(NotYet),
     /// Run the Kubernetes admission webhook (not in this build yet).
     Injector(NotYet),
-    /// Administer: trust policy tools (offline); broker commands are not in
-    /// this build yet.
-    #[command(subcommand)]
-    Ctl(ctl::CtlCommand),
+    /// Administer: trust policy tools (offline), join tokens, credentials
+    /// and key rotation (on a running broker, as an admin).
+    Ctl(ctl::CtlArgs),
     /// Run the loopback demo (not in this build yet).
     Demo(NotYet),
 }
@@ -124,4 +123,24 @@ pub(crate) fn arg_or_stdin(value: &str) -> Result<String, CliError> {
     )
     .map_err(|e| CliError::Usage(format!("reading standard input: {e}")))?;
     Ok(text.trim().to_owned())
+}
+
+/// Writes `bytes` to a file that must not exist yet, with `mode`, and
+/// syncs it: secrets are never written over something else.
+pub(crate) fn write_new_file(
+    path: &std::path::Path,
+    bytes: &[u8],
+    mode: u32,
+) -> Result<(), CliError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))
 }

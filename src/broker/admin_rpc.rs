@@ -1,0 +1,123 @@
+//! The Admin gRPC service: join tokens, credentials for workloads without
+//! a sidecar, forced key rotation. Only identities the broker lists as
+//! admins may call it; every call is audited with the admin as actor.
+
+use super::Broker;
+use super::grpc::{internal, issue_svid, peer_id};
+use crate::identity::SpiffeId;
+use crate::proto::v1 as pb;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// Longest join token lifetime.
+const MAX_JOIN_TOKEN_TTL: u64 = 86_400;
+/// Longest admin-minted SVID lifetime.
+const MAX_MINT_TTL: u64 = 86_400;
+
+/// The caller, if it is an admin.
+fn admin<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status> {
+    let id = peer_id(broker, request)?;
+    if broker.is_admin(&id) {
+        Ok(id)
+    } else {
+        tracing::warn!(caller = %id, "admin call refused: not an admin");
+        Err(Status::permission_denied(format!(
+            "{id} is not an admin of this broker"
+        )))
+    }
+}
+
+fn workload_id(text: &str, broker: &Broker) -> Result<SpiffeId, Status> {
+    let id: SpiffeId = text
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+    if id.trust_domain() != broker.settings.trust_domain.trust_domain() {
+        return Err(Status::invalid_argument(format!(
+            "spiffe_id {id} is not in trust domain {}",
+            broker.settings.trust_domain
+        )));
+    }
+    if id.path().is_empty() {
+        return Err(Status::invalid_argument(
+            "spiffe_id must name a workload, not the trust domain",
+        ));
+    }
+    Ok(id)
+}
+
+struct AdminService(Arc<Broker>);
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request)?;
+        let body = request.into_inner();
+        let id = workload_id(&body.spiffe_id, broker)?;
+        let ttl = match u64::from(body.ttl_seconds) {
+            0 => 600,
+            t if t <= MAX_JOIN_TOKEN_TTL => t,
+            t => {
+                return Err(Status::invalid_argument(format!(
+                    "ttl_seconds {t} is longer than {MAX_JOIN_TOKEN_TTL}"
+                )));
+            }
+        };
+        let token = broker
+            .create_join_token(&id, ttl, Some(&caller))
+            .await
+            .map_err(|e| internal("creating a join token", e))?;
+        tracing::info!(admin = %caller, spiffe_id = %id, ttl, "join token created");
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            join_token: token.expose().to_owned(),
+            expires_at: i64::try_from(broker.clock.now() + ttl).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn mint_svid(
+        &self,
+        request: Request<pb::MintSvidRequest>,
+    ) -> Result<Response<pb::SvidResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request)?;
+        let body = request.into_inner();
+        let id = workload_id(&body.spiffe_id, broker)?;
+        let ttl = match u64::from(body.ttl_seconds) {
+            0 => broker.settings.svid_ttl,
+            t if t <= MAX_MINT_TTL => t,
+            t => {
+                return Err(Status::invalid_argument(format!(
+                    "ttl_seconds {t} is longer than {MAX_MINT_TTL}"
+                )));
+            }
+        };
+        issue_svid(broker, &id, &body.csr_der, "admin_mint", ttl, &caller).await
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        request: Request<pb::RotateSigningKeyRequest>,
+    ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request)?;
+        let lead = u64::from(request.get_ref().publish_lead_seconds);
+        let (kid, signs_from) = broker
+            .rotate_signing_key(lead, Some(&caller))
+            .await
+            .map_err(|e| internal("rotating the signing key", e))?;
+        Ok(Response::new(pb::RotateSigningKeyResponse {
+            kid,
+            signs_from: i64::try_from(signs_from).unwrap_or(i64::MAX),
+        }))
+    }
+}
+
+/// The Admin service.
+pub fn admin_server(
+    broker: Arc<Broker>,
+) -> pb::admin_server::AdminServer<impl pb::admin_server::Admin> {
+    pb::admin_server::AdminServer::new(AdminService(broker))
+}
