@@ -274,11 +274,19 @@ async fn concurrent_issuance_records_are_all_committed_and_durable() {
         2000 * 4 / 10
     );
     let found = store
-        .token_by_hmac(&issued(7, 0).token_hmac)
+        .token_by_jti("jti-7", &issued(7, 0).token_hmac)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(found.jti, "jti-7");
+    // The right jti with another token's hash finds nothing.
+    assert!(
+        store
+            .token_by_jti("jti-7", &issued(8, 0).token_hmac)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ macro_rules! say {
     }};
 }
 
+mod bench;
 mod broker;
 mod ctl;
 mod dpop;
@@ -52,6 +53,9 @@ pub enum Command {
     Ctl(ctl::CtlArgs),
     /// Run the loopback demo (not in this build yet).
     Demo(NotYet),
+    /// Load generators: token issuance against a broker started for the run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Arguments of a subcommand this build does not implement yet.
@@ -99,6 +103,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Injector(_) => Err(CliError::NotImplemented("injector")),
         Command::Ctl(cmd) => ctl::run(cmd),
         Command::Demo(_) => Err(CliError::NotImplemented("demo")),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 

@@ -305,6 +305,16 @@ impl Store {
         }
     }
 
+    /// How many tokens the inventory holds (live or not).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn count_issued(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.count_issued().await,
+        }
+    }
+
     /// How many X.509-SVIDs have not expired at `now`.
     ///
     /// # Errors
@@ -325,13 +335,19 @@ impl Store {
         }
     }
 
-    /// The inventory record of a token, by its keyed hash.
+    /// The inventory record of a token: by its `jti`, and only if its keyed
+    /// hash matches too (so a forged token naming a real `jti` finds
+    /// nothing).
     ///
     /// # Errors
     /// [`StoreError`].
-    pub async fn token_by_hmac(&self, hmac: &[u8; 32]) -> Result<Option<IssuedToken>, StoreError> {
+    pub async fn token_by_jti(
+        &self,
+        jti: &str,
+        hmac: &[u8; 32],
+    ) -> Result<Option<IssuedToken>, StoreError> {
         match self {
-            Self::Sqlite(s) => s.token_by_hmac(hmac).await,
+            Self::Sqlite(s) => s.token_by_jti(jti, hmac).await,
         }
     }
 }

@@ -1,6 +1,8 @@
-//! Versioned schema. Each migration runs once, in order, in its own
-//! transaction; `schema_version` holds the last one applied. SQL is kept to
-//! what SQLite and PostgreSQL both accept.
+//! Versioned schema of the SQLite store. Each migration runs once, in
+//! order, in its own transaction; `schema_version` holds the last one
+//! applied. Layout choices here are SQLite's (`WITHOUT ROWID`, `INTEGER
+//! PRIMARY KEY` row ids); the PostgreSQL backend keeps the same tables and
+//! version numbers in its own dialect.
 
 /// Migrations, oldest first. Never edit one that has shipped: add another.
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
@@ -54,13 +56,13 @@ CREATE UNIQUE INDEX issued_tokens_hmac ON issued_tokens (token_hmac);
     (
         2,
         "
+-- The audit log: seq is the row id (one B-tree, appended in order).
 CREATE TABLE audit (
-    seq         BIGINT PRIMARY KEY,
+    seq         INTEGER PRIMARY KEY,
     at          BIGINT NOT NULL,
     kind        TEXT NOT NULL,
     line        TEXT NOT NULL
 );
-CREATE INDEX audit_at ON audit (at);
 CREATE TABLE svids (
     serial      TEXT PRIMARY KEY,
     spiffe_id   TEXT NOT NULL,
@@ -70,6 +72,26 @@ CREATE TABLE svids (
 );
 CREATE INDEX svids_expires_at ON svids (expires_at);
 CREATE INDEX svids_spiffe_id ON svids (spiffe_id);
+-- The inventory clustered on jti (time-prefixed, so inserts append), and
+-- no index on the token HMAC: random keys dirty a random page per insert.
+-- A leaked token is found by its jti and confirmed by its HMAC.
+CREATE TABLE issued_tokens_v2 (
+    jti         TEXT PRIMARY KEY,
+    sub         TEXT NOT NULL,
+    aud         TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    class       TEXT NOT NULL,
+    jkt         TEXT NOT NULL,
+    iat         BIGINT NOT NULL,
+    exp         BIGINT NOT NULL,
+    kid         TEXT NOT NULL,
+    token_hmac  BLOB NOT NULL
+) WITHOUT ROWID;
+INSERT INTO issued_tokens_v2 SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens;
+DROP TABLE issued_tokens;
+ALTER TABLE issued_tokens_v2 RENAME TO issued_tokens;
+CREATE INDEX issued_tokens_exp ON issued_tokens (exp);
+CREATE INDEX issued_tokens_sub ON issued_tokens (sub);
 ",
     ),
 ];

@@ -61,7 +61,19 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Reads through a memory map and a 32 MiB page cache instead of
+            // a read() per page: under issuance load the page reads were a
+            // visible share of the broker's CPU.
+            .pragma("mmap_size", "268435456")
+            .pragma("cache_size", "-32768")
+            // No checkpoint inside a commit: it stalled every writer for
+            // hundreds of milliseconds under load. A background task
+            // checkpoints instead (see `checkpoints`).
+            .pragma("wal_autocheckpoint", "0")
+            // Statement journals (multi-row inserts inside a transaction)
+            // in memory, not in a temporary file written per batch.
+            .pragma("temp_store", "MEMORY");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -75,6 +87,7 @@ impl SqliteStore {
             + 1;
         let (writer, queue) = mpsc::channel(QUEUE);
         tokio::spawn(group_commit(pool.clone(), queue, next_seq));
+        tokio::spawn(checkpoints(pool.clone(), writer.downgrade()));
         Ok(Self {
             pool,
             sealer: Arc::new(sealer),
@@ -317,6 +330,13 @@ impl SqliteStore {
             .collect()
     }
 
+    pub(super) async fn count_issued(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM issued_tokens")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     pub(super) async fn live_svids(&self, now: u64) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM svids WHERE expires_at > ?")
             .bind(db_time(now))
@@ -341,13 +361,16 @@ impl SqliteStore {
         rows.iter().map(issued_from_row).collect()
     }
 
-    pub(super) async fn token_by_hmac(
+    pub(super) async fn token_by_jti(
         &self,
+        jti: &str,
         hmac: &[u8; 32],
     ) -> Result<Option<IssuedToken>, StoreError> {
         let row = sqlx::query(
-            "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens WHERE token_hmac = ?",
+            "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens \
+             WHERE jti = ? AND token_hmac = ?",
         )
+        .bind(jti)
         .bind(&hmac[..])
         .fetch_optional(&self.pool)
         .await?;
@@ -400,6 +423,27 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Copies the WAL into the database file once a second, beside the writer
+/// rather than inside its commits (PASSIVE: never waits for, nor blocks,
+/// the writer). Ends when the store is dropped (`alive` no longer
+/// upgrades).
+async fn checkpoints(pool: SqlitePool, alive: mpsc::WeakSender<Pending>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if alive.upgrade().is_none() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed; retrying in a second");
+        }
+    }
+}
+
 /// The writer task: takes whatever has queued, commits it as one
 /// transaction (audit records numbered in queue order), and answers every
 /// caller in the batch.
@@ -442,53 +486,68 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut 
     }
 }
 
+/// Writes a batch with a constant number of statements, whatever its size:
+/// each table gets one `INSERT … SELECT … FROM json_each(?)` over a JSON
+/// array of its rows. (One statement per row costs a round trip to the
+/// SQLite worker thread each, which dominated commit time under load.)
 async fn insert_batch(
     pool: &SqlitePool,
     batch: &[Pending],
     records: &[AuditRecord],
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    for (p, record) in batch.iter().zip(records) {
+    use serde_json::{Value, json};
+    let mut issued = Vec::new();
+    let mut svids = Vec::new();
+    for p in batch {
         match &p.write {
-            Some(Write::Issued(t)) => {
-                sqlx::query(
-                    "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(&t.jti)
-                .bind(&t.sub)
-                .bind(&t.aud)
-                .bind(&t.scope)
-                .bind(&t.class)
-                .bind(&t.jkt)
-                .bind(db_time(t.iat))
-                .bind(db_time(t.exp))
-                .bind(&t.kid)
-                .bind(&t.token_hmac[..])
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some(Write::Svid(v)) => {
-                sqlx::query(
-                    "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(&v.serial)
-                .bind(&v.spiffe_id)
-                .bind(v.method)
-                .bind(db_time(v.issued_at))
-                .bind(db_time(v.expires_at))
-                .execute(&mut *tx)
-                .await?;
-            }
+            Some(Write::Issued(t)) => issued.push(json!({
+                "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
+                "class": t.class, "jkt": t.jkt, "iat": db_time(t.iat),
+                "exp": db_time(t.exp), "kid": t.kid,
+                "token_hmac": crate::audit::hex(&t.token_hmac),
+            })),
+            Some(Write::Svid(v)) => svids.push(json!({
+                "serial": v.serial, "spiffe_id": v.spiffe_id, "method": v.method,
+                "issued_at": db_time(v.issued_at), "expires_at": db_time(v.expires_at),
+            })),
             None => {}
         }
-        sqlx::query("INSERT INTO audit (seq, at, kind, line) VALUES (?, ?, ?, ?)")
-            .bind(db_time(record.seq))
-            .bind(db_time(record.at))
-            .bind(&record.kind)
-            .bind(&record.line)
-            .execute(&mut *tx)
-            .await?;
     }
+    let audit: Vec<Value> = records
+        .iter()
+        .map(
+            |r| json!({"seq": db_time(r.seq), "at": db_time(r.at), "kind": r.kind, "line": r.line}),
+        )
+        .collect();
+
+    let mut tx = pool.begin().await?;
+    if !issued.is_empty() {
+        sqlx::query(
+            "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
+             SELECT value->>'jti', value->>'sub', value->>'aud', value->>'scope', value->>'class', \
+             value->>'jkt', value->>'iat', value->>'exp', value->>'kid', unhex(value->>'token_hmac') \
+             FROM json_each(?)",
+        )
+        .bind(Value::Array(issued).to_string())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !svids.is_empty() {
+        sqlx::query(
+            "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at) \
+             SELECT value->>'serial', value->>'spiffe_id', value->>'method', value->>'issued_at', \
+             value->>'expires_at' FROM json_each(?)",
+        )
+        .bind(Value::Array(svids).to_string())
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(
+        "INSERT INTO audit (seq, at, kind, line) \
+         SELECT value->>'seq', value->>'at', value->>'kind', value->>'line' FROM json_each(?)",
+    )
+    .bind(Value::Array(audit).to_string())
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await
 }
