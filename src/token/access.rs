@@ -439,6 +439,8 @@ pub struct TokenSigner {
     kid: String,
     issuer: String,
     header_b64: String,
+    /// Orders tokens minted in the same second (see [`TokenSigner::mint`]).
+    sequence: std::sync::atomic::AtomicU32,
 }
 
 impl TokenSigner {
@@ -455,6 +457,7 @@ impl TokenSigner {
             kid,
             issuer: issuer.into(),
             header_b64,
+            sequence: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -477,15 +480,19 @@ impl TokenSigner {
         request: &MintRequest<'_>,
         now: u64,
     ) -> Result<(AccessToken, TokenClaims), SignError> {
-        // jti = issue second (40 bits, big-endian) ‖ 128 random bits. The
-        // randomness makes it unguessable; the time prefix keeps the
-        // broker's inventory index append-mostly instead of dirtying a
-        // random page per token.
-        let mut jti_bytes = [0u8; 21];
-        jti_bytes[..5].copy_from_slice(&now.to_be_bytes()[3..]);
+        // jti = issue second (9 hex digits) ‖ this signer's sequence number
+        // (6 hex digits) ‖ 128 random bits (base64url). The randomness makes
+        // it unguessable; the prefix sorts in issue order, so the broker's
+        // inventory (keyed by jti) appends instead of dirtying a random page
+        // per token.
+        let mut random = [0u8; 16];
         SystemRandom::new()
-            .fill(&mut jti_bytes[5..])
+            .fill(&mut random)
             .map_err(|_| SignError)?;
+        let sequence = self
+            .sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            & 0xff_ffff;
         let claims = TokenClaims {
             iss: self.issuer.clone(),
             sub: request.subject.clone(),
@@ -494,7 +501,11 @@ impl TokenSigner {
             iat: now,
             nbf: Some(now),
             exp: now.saturating_add(request.ttl.max(1)),
-            jti: b64::encode(jti_bytes),
+            jti: format!(
+                "{:09x}{sequence:06x}{}",
+                now & 0xf_ffff_ffff,
+                b64::encode(random)
+            ),
             jkt: request.jkt,
             class: request.class,
             kid: self.kid.clone(),
@@ -525,5 +536,39 @@ impl fmt::Debug for TokenSigner {
             .field("issuer", &self.issuer)
             .field("key", &self.key)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::TokenClass;
+
+    #[test]
+    fn jtis_sort_in_issue_order_and_carry_128_random_bits() {
+        let signer = TokenSigner::new(SigningKey::generate().unwrap(), "k", "https://i");
+        let key = SigningKey::generate().unwrap();
+        let request = MintRequest {
+            subject: &"spiffe://td/a".parse().unwrap(),
+            audience: &"spiffe://td/b".parse().unwrap(),
+            scope: &"s".parse().unwrap(),
+            class: TokenClass::Service,
+            ttl: 60,
+            jkt: key.thumbprint(),
+        };
+        let jtis: Vec<String> = [1_800_000_000, 1_800_000_000, 1_800_000_001, 1_800_000_001]
+            .iter()
+            .map(|now| signer.mint(&request, *now).unwrap().1.jti)
+            .collect();
+        let mut sorted = jtis.clone();
+        sorted.sort();
+        assert_eq!(sorted, jtis, "issue order is sort order");
+        for jti in &jtis {
+            // 9 + 6 hex digits, then 16 random bytes as 22 base64url chars.
+            assert_eq!(jti.len(), 9 + 6 + 22, "{jti}");
+            assert!(jti[..15].bytes().all(|b| b.is_ascii_hexdigit()), "{jti}");
+            assert_eq!(b64::decode(&jti.as_bytes()[15..]).unwrap().len(), 16);
+        }
+        assert_ne!(jtis[0][15..], jtis[1][15..]);
     }
 }
