@@ -44,6 +44,16 @@ pub struct BrokerFlags {
     /// https://localhost:<HTTPS port>].
     #[arg(long, env = "TALLY_ISSUER")]
     pub issuer: Option<String>,
+    /// Kubernetes ServiceAccount token keys: the cluster's JWKS document
+    /// (from the API server's /openid/v1/jwks). Enables SA attestation.
+    #[arg(long, env = "TALLY_SA_JWKS")]
+    pub sa_jwks: Option<PathBuf>,
+    /// Issuer of ServiceAccount tokens (the cluster's --service-account-issuer).
+    #[arg(long, env = "TALLY_SA_ISSUER")]
+    pub sa_issuer: Option<String>,
+    /// Audience ServiceAccount tokens must carry [default: the broker's issuer URL].
+    #[arg(long, env = "TALLY_SA_AUDIENCE")]
+    pub sa_audience: Option<String>,
     /// X.509-SVID lifetime, e.g. 1h.
     #[arg(long, env = "TALLY_SVID_TTL")]
     pub svid_ttl: Option<String>,
@@ -74,6 +84,9 @@ pub struct BrokerConfig {
     pub issuer: Option<String>,
     /// SVID lifetime in seconds.
     pub svid_ttl: u64,
+    /// ServiceAccount JWKS file, issuer and audience (if given), when SA
+    /// attestation is on.
+    pub sa: Option<(PathBuf, String, Option<String>)>,
 }
 
 const KEYS: &[&str] = &[
@@ -88,6 +101,9 @@ const KEYS: &[&str] = &[
     "store_key_file",
     "issuer",
     "svid_ttl",
+    "sa_jwks",
+    "sa_issuer",
+    "sa_audience",
 ];
 
 impl BrokerConfig {
@@ -211,6 +227,20 @@ impl BrokerConfig {
                 errors.push(format!("dns_names: {name:?} is not a DNS name"));
             }
         }
+        let sa_jwks = path(&flags.sa_jwks, "sa_jwks");
+        let sa_issuer = one(flags.sa_issuer.clone(), "sa_issuer");
+        let sa_audience = one(flags.sa_audience.clone(), "sa_audience");
+        let sa = match (sa_jwks, sa_issuer) {
+            (Some(jwks), Some(issuer)) => Some((jwks, issuer, sa_audience)),
+            (None, None) if sa_audience.is_none() => None,
+            _ => {
+                errors.push(
+                    "sa_jwks and sa_issuer go together (ServiceAccount token attestation needs both)"
+                        .into(),
+                );
+                None
+            }
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -229,6 +259,7 @@ impl BrokerConfig {
             store_key_file: path(&flags.store_key_file, "store_key_file"),
             issuer,
             svid_ttl: svid_ttl.unwrap_or_else(|| unreachable!("checked above")),
+            sa,
         })
     }
 }

@@ -159,10 +159,32 @@ impl pb::identity_server::Identity for IdentityService {
                     }
                 }
             }
-            Some(pb::attest_request::Credential::ServiceAccountToken(_)) => {
-                return Err(Status::unimplemented(
-                    "Kubernetes ServiceAccount token attestation is not implemented in this build; use a join token",
-                ));
+            Some(pb::attest_request::Credential::ServiceAccountToken(text)) => {
+                let Some((keys, config)) = &broker.settings.service_accounts else {
+                    return Err(Status::failed_precondition(
+                        "this broker does not accept Kubernetes ServiceAccount tokens (start it with --sa-jwks and --sa-issuer); use a join token",
+                    ));
+                };
+                let now = broker.clock.now();
+                let account = crate::identity::k8s::verify(&text, keys, config, now)
+                    .map_err(|e| e.to_string())
+                    .and_then(|account| {
+                        account
+                            .spiffe_id(broker.settings.trust_domain.trust_domain())
+                            .map_err(|e| format!("ServiceAccount name: {e}"))
+                    });
+                match account {
+                    Ok(id) => (id, "k8s_sa"),
+                    Err(reason) => {
+                        tracing::warn!(%reason, "ServiceAccount token refused");
+                        broker.metrics.attestations.inc(&["k8s_sa", "denied"]);
+                        let event = AuditEvent::new(AuditKind::Attest, Outcome::Denied, now)
+                            .field("method", "k8s_sa")
+                            .field("reason", reason.as_str());
+                        broker.audit(event).await;
+                        return Err(Status::permission_denied(reason));
+                    }
+                }
             }
             None => {
                 return Err(Status::invalid_argument(

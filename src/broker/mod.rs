@@ -116,6 +116,12 @@ pub struct BrokerSettings {
     pub policy: Policy,
     /// JSON-lines file that receives a copy of every audit record.
     pub audit_file: Option<std::path::PathBuf>,
+    /// Kubernetes ServiceAccount token attestation: the cluster's keys and
+    /// what tokens must say. `None` refuses such attestations.
+    pub service_accounts: Option<(
+        crate::identity::k8s::SaKeys,
+        crate::identity::k8s::SaTokenConfig,
+    )>,
     /// Whether `POST /oauth2/token` demands a server-issued DPoP nonce
     /// (RFC 9449 §8), which bounds how long a pre-made proof is usable.
     pub token_endpoint_nonce: bool,
@@ -142,6 +148,7 @@ impl BrokerSettings {
             admins: vec![admin],
             policy,
             audit_file: None,
+            service_accounts: None,
             token_endpoint_nonce: true,
         })
     }

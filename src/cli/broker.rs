@@ -143,6 +143,20 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
         .unwrap_or_else(|| format!("https://localhost:{}", https_addr.port()));
     settings.svid_ttl = config.svid_ttl;
     settings.audit_file = Some(config.audit_file.clone());
+    if let Some((jwks, issuer, audience)) = &config.sa {
+        let bytes = std::fs::read(jwks)
+            .map_err(|e| CliError::Usage(format!("sa_jwks {}: {e}", jwks.display())))?;
+        let keys = crate::identity::k8s::SaKeys::parse(&bytes)
+            .map_err(|e| CliError::Usage(format!("sa_jwks {}: {e}", jwks.display())))?;
+        tracing::info!(keys = keys.len(), %issuer, "ServiceAccount token attestation on");
+        settings.service_accounts = Some((
+            keys,
+            crate::identity::k8s::SaTokenConfig {
+                issuer: issuer.clone(),
+                audience: audience.clone().unwrap_or_else(|| settings.issuer.clone()),
+            },
+        ));
+    }
     let admin = settings
         .admins
         .first()

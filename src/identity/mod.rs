@@ -1,6 +1,8 @@
-//! Workload identity: SPIFFE IDs and one-time join tokens.
+//! Workload identity: SPIFFE IDs, one-time join tokens, and Kubernetes
+//! ServiceAccount tokens ([`k8s`]).
 
 pub mod join_token;
+pub mod k8s;
 mod spiffe_id;
 
 pub use join_token::{JoinToken, JoinTokenHash};
