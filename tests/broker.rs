@@ -506,31 +506,158 @@ async fn tokens_signed_before_a_rotation_verify_after_it() {
 }
 
 #[tokio::test]
-async fn watch_sends_the_jwks_and_bundle_first() {
+async fn watch_sends_the_state_then_every_change_and_resumes_where_it_left_off() {
     let r = start(POLICY).await;
-    let mut client = pb::watch_client::WatchClient::new(
-        channel(&r, Some(workload(&r, CHECKOUT).await))
-            .await
-            .unwrap(),
-    );
+    let identity = workload(&r, CHECKOUT).await;
+    let mut client = pb::watch_client::WatchClient::new(channel(&r, Some(identity)).await.unwrap());
     let mut stream = client
         .subscribe(pb::SubscribeRequest { after_sequence: 0 })
         .await
         .unwrap()
         .into_inner();
-    let first = stream.message().await.unwrap().unwrap();
-    let Some(pb::update::Kind::Jwks(jwks)) = first.kind else {
-        panic!("{first:?}")
-    };
-    assert_eq!(
-        tally::token::Jwks::parse(jwks.json.as_bytes())
+    let keys_in = |u: &pb::Update| match &u.kind {
+        Some(pb::update::Kind::Jwks(jwks)) => tally::token::Jwks::parse(jwks.json.as_bytes())
             .unwrap()
             .len(),
-        1
-    );
+        other => panic!("expected a JWKS, got {other:?}"),
+    };
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(keys_in(&first), 1);
     let second = stream.message().await.unwrap().unwrap();
     assert!(matches!(second.kind, Some(pb::update::Kind::Bundle(_))));
+    assert!(second.sequence > first.sequence);
+
+    // A rotation reaches the open stream as the next update.
+    r.broker.rotate_signing_key(300, None).await.unwrap();
+    let third = stream.message().await.unwrap().unwrap();
+    assert_eq!(
+        keys_in(&third),
+        2,
+        "the next key is published before it signs"
+    );
+    assert!(third.sequence > second.sequence);
+    drop(stream);
+
+    // Reconnecting after the bundle gets exactly the rotation again...
+    let mut resumed = client
+        .subscribe(pb::SubscribeRequest {
+            after_sequence: second.sequence,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let again = resumed.message().await.unwrap().unwrap();
+    assert_eq!(again.sequence, third.sequence);
+    // ...and a fresh start gets the current state: bundle, then new JWKS.
+    let mut fresh = client
+        .subscribe(pb::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let a = fresh.message().await.unwrap().unwrap();
+    let b = fresh.message().await.unwrap().unwrap();
+    assert_eq!((a.sequence, b.sequence), (second.sequence, third.sequence));
+    assert_eq!(keys_in(&b), 2);
     r.stop().await;
+}
+
+#[tokio::test]
+async fn keys_rotate_on_schedule_and_no_token_is_ever_unverifiable() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Sealer::generate_key_text().unwrap();
+    let start = 1_800_000_000;
+    let clock = Arc::new(tally::clock::ManualClock::new(start));
+    let store = Store::open_sqlite(
+        &dir.path().join("tally.db"),
+        Sealer::from_key_material(key.as_bytes()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut settings = BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
+    settings.key_rotation = 3600;
+    settings.key_publish_lead = 600;
+    let broker = Broker::open(settings, store, clock.clone()).await.unwrap();
+    let config = TokenConfig::new("https://localhost:8444", PAYMENTS.parse().unwrap());
+    let proof_key = ProofKey::generate().unwrap();
+    let caller: SpiffeId = CHECKOUT.parse().unwrap();
+    let audience = PAYMENTS.parse().unwrap();
+    let issue = |ttl: u64| {
+        let broker = &broker;
+        let proof_key = &proof_key;
+        let caller = &caller;
+        let audience = &audience;
+        let clock = clock.clone();
+        async move {
+            let proof = proof_key
+                .mint("POST", broker.issue_uri(), None, None, clock.now())
+                .unwrap();
+            let scopes: tally::token::Scopes = "payments:read".parse().unwrap();
+            broker
+                .issue(&tally::broker::issue::IssueInput {
+                    caller,
+                    audience,
+                    scopes: &scopes,
+                    ttl: Some(ttl),
+                    proof: &proof,
+                    htu: &tally::dpop::NormalizedUri::parse(broker.issue_uri()).unwrap(),
+                    require_nonce: false,
+                    via: "test",
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let first_kid = broker.jwks().to_json()["keys"][0]["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(broker.maintain().await.unwrap(), None, "not due yet");
+
+    clock.advance(3600);
+    let before = issue(900).await;
+    let next_kid = broker.maintain().await.unwrap().expect("due after an hour");
+    assert_eq!(broker.jwks().len(), 2, "published before it signs");
+    let again = broker.maintain().await.unwrap();
+    assert_eq!(again, None, "one rotation at a time");
+    clock.advance(599);
+    let during = issue(900).await;
+    assert_eq!(
+        during.claims.kid, first_kid,
+        "the old key signs during the lead"
+    );
+
+    clock.advance(1);
+    let after = issue(900).await;
+    assert_eq!(after.claims.kid, next_kid);
+    let check = |t: &tally::broker::issue::Issued, now: u64| {
+        verify(t.token.expose(), &broker.jwks(), &config, now, &mut ()).unwrap();
+    };
+    for t in [&before, &during, &after] {
+        check(t, clock.now());
+    }
+    // The last token the old key signed still verifies at its very end.
+    clock.advance(899);
+    broker.maintain().await.unwrap();
+    check(&during, clock.now());
+    clock.set(start + 4200);
+    // The old key stays published until its last token (max_ttl 15 m +
+    // leeway) is over, then the feed drops it.
+    clock.advance(900);
+    broker.maintain().await.unwrap();
+    assert_eq!(broker.jwks().len(), 2);
+    clock.advance(31);
+    broker.maintain().await.unwrap();
+    assert_eq!(broker.jwks().len(), 1);
+    let latest = broker.store().latest_changes().await.unwrap();
+    let jwks = latest.iter().find(|c| c.kind == "jwks").unwrap();
+    assert!(!jwks.body.contains(&first_kid), "the feed has the new JWKS");
+    // Rotations are audited.
+    let audit = broker.store().audit_after(0, 50).await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.kind == "keys.rotate" && a.line.contains("\"by\":\"schedule\""))
+    );
 }
 
 #[tokio::test]

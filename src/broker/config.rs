@@ -54,6 +54,9 @@ pub struct BrokerFlags {
     /// Audience ServiceAccount tokens must carry [default: the broker's issuer URL].
     #[arg(long, env = "TALLY_SA_AUDIENCE")]
     pub sa_audience: Option<String>,
+    /// Rotate the token-signing key after it has signed this long [default: 24h].
+    #[arg(long, env = "TALLY_KEY_ROTATION")]
+    pub key_rotation: Option<String>,
     /// X.509-SVID lifetime, e.g. 1h.
     #[arg(long, env = "TALLY_SVID_TTL")]
     pub svid_ttl: Option<String>,
@@ -84,6 +87,8 @@ pub struct BrokerConfig {
     pub issuer: Option<String>,
     /// SVID lifetime in seconds.
     pub svid_ttl: u64,
+    /// Signing-key rotation period in seconds.
+    pub key_rotation: u64,
     /// ServiceAccount JWKS file, issuer and audience (if given), when SA
     /// attestation is on.
     pub sa: Option<(PathBuf, String, Option<String>)>,
@@ -101,6 +106,7 @@ const KEYS: &[&str] = &[
     "store_key_file",
     "issuer",
     "svid_ttl",
+    "key_rotation",
     "sa_jwks",
     "sa_issuer",
     "sa_audience",
@@ -212,6 +218,17 @@ impl BrokerConfig {
                 None
             }
         };
+        let rotation_text =
+            one(flags.key_rotation.clone(), "key_rotation").unwrap_or_else(|| "24h".into());
+        let key_rotation = match humantime::parse_duration(&rotation_text) {
+            Ok(d) if (600..=90 * 86_400).contains(&d.as_secs()) => Some(d.as_secs()),
+            _ => {
+                errors.push(format!(
+                    "key_rotation {rotation_text:?} must be a duration from 10m to 90d"
+                ));
+                None
+            }
+        };
         let dns_names = if flags.dns_names.is_empty() {
             from_file.get("dns_names").cloned().unwrap_or_default()
         } else {
@@ -259,6 +276,7 @@ impl BrokerConfig {
             store_key_file: path(&flags.store_key_file, "store_key_file"),
             issuer,
             svid_ttl: svid_ttl.unwrap_or_else(|| unreachable!("checked above")),
+            key_rotation: key_rotation.unwrap_or_else(|| unreachable!("checked above")),
             sa,
         })
     }

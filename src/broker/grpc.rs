@@ -289,47 +289,90 @@ impl pb::watch_server::Watch for WatchService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let broker = &self.0;
-        peer_id(broker, &request)?;
-        // The current state, complete: JWKS and trust bundle. Sequence
-        // numbers and the change feed (rotations, revocations, policy) come
-        // with the governance work; until then a subscriber gets the state
-        // once and the stream stays open.
-        let now_ms = i64::try_from(broker.clock.now().saturating_mul(1000)).unwrap_or(i64::MAX);
-        let first = vec![
-            Ok(pb::Update {
-                sequence: 1,
-                committed_at_ms: now_ms,
-                kind: Some(pb::update::Kind::Jwks(pb::Jwks {
-                    json: broker.jwks().to_json().to_string(),
-                })),
-            }),
-            Ok(pb::Update {
-                sequence: 2,
-                committed_at_ms: now_ms,
-                kind: Some(pb::update::Kind::Bundle(pb::TrustBundle {
-                    roots_der: broker.ca.bundle_der(),
-                })),
-            }),
-        ];
+        let broker = Arc::clone(&self.0);
+        let caller = peer_id(&broker, &request)?;
+        let after = request.get_ref().after_sequence;
+        let newest = *broker.watch_changes().borrow();
+        // A fresh start, or a sequence this broker never issued (another
+        // store): the whole current state. Otherwise every change since.
+        let first = if after == 0 || after > newest {
+            broker.store.latest_changes().await
+        } else {
+            broker.store.changes_after(after, CHANGE_PAGE).await
+        }
+        .map_err(|e| internal("reading the change feed", e))?;
+        tracing::debug!(%caller, after, "watch subscriber");
         // One task per subscriber feeds its stream; the stream ends when
         // the broker closes (so shutdown can finish) or the client leaves.
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let broker = Arc::clone(broker);
         tokio::spawn(async move {
-            for update in first {
-                if tx.send(update).await.is_err() {
-                    return;
+            let mut changes = broker.watch_changes();
+            let mut last = after;
+            let mut pending = first;
+            loop {
+                for change in pending.drain(..) {
+                    last = change.seq;
+                    if tx.send(update(&change)).await.is_err() {
+                        return;
+                    }
                 }
-            }
-            tokio::select! {
-                () = broker.closed() => {}
-                () = tx.closed() => {}
+                // Page through a backlog before waiting.
+                if last < *changes.borrow_and_update() {
+                    match broker.store.changes_after(last, CHANGE_PAGE).await {
+                        Ok(more) if !more.is_empty() => {
+                            pending = more;
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(internal("reading the change feed", e))).await;
+                            return;
+                        }
+                    }
+                }
+                tokio::select! {
+                    () = broker.closed() => return,
+                    () = tx.closed() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
             }
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// Changes read from the store at a time.
+const CHANGE_PAGE: u32 = 256;
+
+/// A stored change as a Watch update.
+fn update(change: &crate::store::Change) -> Result<pb::Update, Status> {
+    let kind = match change.kind.as_str() {
+        "jwks" => pb::update::Kind::Jwks(pb::Jwks {
+            json: change.body.clone(),
+        }),
+        "bundle" => {
+            let roots: Vec<String> = serde_json::from_str(&change.body)
+                .map_err(|e| internal("reading a stored bundle change", e))?;
+            let roots_der = roots
+                .iter()
+                .map(|r| crate::jose::b64::decode(r.as_bytes()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| internal("reading a stored bundle change", e))?;
+            pb::update::Kind::Bundle(pb::TrustBundle { roots_der })
+        }
+        other => {
+            return Err(internal(
+                "reading the change feed",
+                format!("unknown change kind {other:?}"),
+            ));
+        }
+    };
+    Ok(pb::Update {
+        sequence: change.seq,
+        committed_at_ms: i64::try_from(change.at_ms).unwrap_or(i64::MAX),
+        kind: Some(kind),
+    })
 }
 
 /// The Identity service.

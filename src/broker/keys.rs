@@ -125,6 +125,12 @@ impl SigningKeys {
         self.current_key(now).map(|k| &k.signer)
     }
 
+    /// When the newest key starts (or started) signing: later than `now`
+    /// while a rotation is being published.
+    pub fn newest_sign_from(&self) -> Option<u64> {
+        self.keys.iter().map(|k| k.sign_from).max()
+    }
+
     /// Since when the current key has been signing (for the key-age
     /// metric).
     pub fn current_since(&self, now: u64) -> Option<u64> {

@@ -122,6 +122,12 @@ pub struct BrokerSettings {
         crate::identity::k8s::SaKeys,
         crate::identity::k8s::SaTokenConfig,
     )>,
+    /// Rotate the token-signing key when the current one has signed this
+    /// long (seconds; default 24 h).
+    pub key_rotation: u64,
+    /// Publish a new key this long before it signs (seconds; default 10
+    /// min), so verifiers polling the JWKS have it in time.
+    pub key_publish_lead: u64,
     /// Whether `POST /oauth2/token` demands a server-issued DPoP nonce
     /// (RFC 9449 §8), which bounds how long a pre-made proof is usable.
     pub token_endpoint_nonce: bool,
@@ -149,6 +155,8 @@ impl BrokerSettings {
             policy,
             audit_file: None,
             service_accounts: None,
+            key_rotation: 86_400,
+            key_publish_lead: 600,
             token_endpoint_nonce: true,
         })
     }
@@ -173,6 +181,10 @@ pub struct Broker {
     /// Flips to true when the broker shuts down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
     metrics: BrokerMetrics,
+    /// The newest change-feed sequence number; Watch streams wait on it.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// What was last published per kind, so only real changes are fed.
+    published: tokio::sync::Mutex<std::collections::HashMap<&'static str, String>>,
     /// Lines for the audit file, written by one task in batches.
     audit_lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
@@ -299,7 +311,20 @@ impl Broker {
         };
         let proof_config = ProofConfig::default();
         let window = proof_config.max_age + proof_config.max_skew;
-        Ok(Self {
+        let latest = store.latest_changes().await?;
+        let last_seq = latest.iter().map(|c| c.seq).max().unwrap_or(0);
+        let published = latest
+            .into_iter()
+            .filter_map(|c| {
+                let kind = match c.kind.as_str() {
+                    "jwks" => "jwks",
+                    "bundle" => "bundle",
+                    _ => return None,
+                };
+                Some((kind, c.body))
+            })
+            .collect();
+        let broker = Self {
             policy: RwLock::new(Arc::new(settings.policy.clone())),
             settings,
             clock,
@@ -318,7 +343,76 @@ impl Broker {
             closing: tokio::sync::watch::Sender::new(false),
             metrics: BrokerMetrics::new(),
             audit_lines,
-        })
+            changes: tokio::sync::watch::Sender::new(last_seq),
+            published: tokio::sync::Mutex::new(published),
+        };
+        // The feed starts with the state this broker opened with.
+        broker.publish_state().await?;
+        Ok(broker)
+    }
+
+    /// Feeds the JWKS and trust bundle to Watch subscribers if either
+    /// differs from what was last fed.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn publish_state(&self) -> Result<(), StoreError> {
+        let jwks = self.jwks().to_json().to_string();
+        let bundle = serde_json::Value::from(
+            self.ca
+                .bundle_der()
+                .iter()
+                .map(crate::jose::b64::encode)
+                .collect::<Vec<_>>(),
+        )
+        .to_string();
+        let mut published = self.published.lock().await;
+        for (kind, body) in [("jwks", jwks), ("bundle", bundle)] {
+            if published.get(kind) == Some(&body) {
+                continue;
+            }
+            let at_ms = self.clock.now().saturating_mul(1000);
+            let seq = self.store.append_change(kind, &body, at_ms).await?;
+            tracing::info!(kind, seq, "published a change to Watch subscribers");
+            published.insert(kind, body);
+            self.changes.send_replace(seq);
+        }
+        Ok(())
+    }
+
+    /// A receiver that sees the newest change-feed sequence number.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Periodic upkeep: rotates the signing key when it is due (the new key
+    /// published `key_publish_lead` before it signs), and feeds JWKS changes
+    /// (a new key, or a retired key whose tokens have all expired) to Watch.
+    /// Returns the new key id if it rotated.
+    ///
+    /// # Errors
+    /// [`BrokerError`].
+    pub async fn maintain(&self) -> Result<Option<String>, BrokerError> {
+        let now = self.clock.now();
+        let due = {
+            let keys = self
+                .keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let newest = keys.newest_sign_from().unwrap_or(0);
+            // Not while a rotation is being published.
+            newest <= now && now.saturating_sub(newest) >= self.settings.key_rotation
+        };
+        let rotated = if due {
+            let (kid, _) = self
+                .rotate_signing_key(self.settings.key_publish_lead, None)
+                .await?;
+            Some(kid)
+        } else {
+            None
+        };
+        self.publish_state().await?;
+        Ok(rotated)
     }
 
     /// What the broker counts.
@@ -598,8 +692,11 @@ impl Broker {
         if let Some(actor) = actor {
             event = event.actor(actor);
         }
-        self.audit(event).await;
+        self.audit(event.field("by", if actor.is_some() { "admin" } else { "schedule" }))
+            .await;
         tracing::info!(%kid, signs_from = now + publish_lead, "token-signing key rotated");
+        // Subscribers learn the new key at once.
+        self.publish_state().await?;
         Ok((kid, now + publish_lead))
     }
 
@@ -687,4 +784,19 @@ pub async fn serve_admin(
         shutdown,
     )
     .await
+}
+
+/// Runs [`Broker::maintain`] every `every` until the broker closes.
+pub async fn run_maintenance(broker: Arc<Broker>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = broker.closed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = broker.maintain().await {
+            tracing::error!(error = %e, "broker upkeep (key rotation, change feed) failed; retrying");
+        }
+    }
 }

@@ -142,6 +142,7 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
         .clone()
         .unwrap_or_else(|| format!("https://localhost:{}", https_addr.port()));
     settings.svid_ttl = config.svid_ttl;
+    settings.key_rotation = config.key_rotation;
     settings.audit_file = Some(config.audit_file.clone());
     if let Some((jwks, issuer, audience)) = &config.sa {
         let bytes = std::fs::read(jwks)
@@ -204,6 +205,11 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     if let Some(path) = config.policy.clone() {
         tokio::spawn(reload_policy(Arc::clone(&broker), path));
     }
+    // Scheduled key rotation and the Watch change feed.
+    tokio::spawn(crate::broker::run_maintenance(
+        Arc::clone(&broker),
+        Duration::from_secs(30),
+    ));
     // Scripts and tests wait for these lines instead of sleeping.
     say!(
         "tally broker: trust domain {}, gRPC (mTLS) listening on {grpc_addr}",

@@ -116,6 +116,19 @@ pub struct IssuedToken {
     pub token_hmac: [u8; 32],
 }
 
+/// One entry of the change feed (what `Watch` streams).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Position in the feed, from 1.
+    pub seq: u64,
+    /// When it was committed, Unix milliseconds.
+    pub at_ms: u64,
+    /// `jwks` or `bundle` (revocations and policy come with governance).
+    pub kind: String,
+    /// The new state, JSON.
+    pub body: String,
+}
+
 /// An X.509-SVID as the inventory keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SvidRecord {
@@ -302,6 +315,42 @@ impl Store {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         match self {
             Self::Sqlite(s) => s.audit_after(after, limit).await,
+        }
+    }
+
+    /// Appends a change to the feed, durably; returns its sequence number.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn append_change(
+        &self,
+        kind: &str,
+        body: &str,
+        at_ms: u64,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.append_change(kind, body, at_ms).await,
+        }
+    }
+
+    /// Changes after sequence number `after`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn changes_after(&self, after: u64, limit: u32) -> Result<Vec<Change>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.changes_after(after, limit).await,
+        }
+    }
+
+    /// The newest change of each kind, oldest first: the whole current
+    /// state, for a subscriber starting fresh.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn latest_changes(&self) -> Result<Vec<Change>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.latest_changes().await,
         }
     }
 

@@ -94,6 +94,20 @@ CREATE INDEX issued_tokens_exp ON issued_tokens (exp);
 CREATE INDEX issued_tokens_sub ON issued_tokens (sub);
 ",
     ),
+    (
+        3,
+        "
+-- The change feed behind Watch: JWKS and trust bundle states (later also
+-- revocations and policy), numbered in commit order.
+CREATE TABLE changes (
+    seq         INTEGER PRIMARY KEY,
+    at_ms       BIGINT NOT NULL,
+    kind        TEXT NOT NULL,
+    body        TEXT NOT NULL
+);
+CREATE INDEX changes_kind ON changes (kind, seq);
+",
+    ),
 ];
 
 /// The newest schema this build knows.

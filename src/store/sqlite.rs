@@ -5,7 +5,7 @@
 //! many issuances.
 
 use super::schema::{MIGRATIONS, latest};
-use super::{IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, StoreError, Write};
+use super::{Change, IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, StoreError, Write};
 use crate::audit::{AuditEvent, AuditRecord};
 use crate::ca::CaMaterial;
 use crate::identity::{JoinTokenHash, SpiffeId};
@@ -334,6 +334,48 @@ impl SqliteStore {
             .collect()
     }
 
+    pub(super) async fn append_change(
+        &self,
+        kind: &str,
+        body: &str,
+        at_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO changes (at_ms, kind, body) VALUES (?, ?, ?) RETURNING seq",
+        )
+        .bind(db_time(at_ms))
+        .bind(kind)
+        .bind(body)
+        .fetch_one(&self.pool)
+        .await?;
+        u64::try_from(seq).map_err(|_| StoreError::Corrupt("negative change sequence".into()))
+    }
+
+    pub(super) async fn changes_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Change>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at_ms, kind, body FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(db_time(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(change_from_row).collect()
+    }
+
+    pub(super) async fn latest_changes(&self) -> Result<Vec<Change>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at_ms, kind, body FROM changes \
+             WHERE seq IN (SELECT MAX(seq) FROM changes GROUP BY kind) ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(change_from_row).collect()
+    }
+
     pub(super) async fn count_issued(&self) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM issued_tokens")
             .fetch_one(&self.pool)
@@ -380,6 +422,15 @@ impl SqliteStore {
         .await?;
         row.as_ref().map(issued_from_row).transpose()
     }
+}
+
+fn change_from_row(row: &SqliteRow) -> Result<Change, StoreError> {
+    Ok(Change {
+        seq: time_of(row, "seq")?,
+        at_ms: time_of(row, "at_ms")?,
+        kind: row.try_get("kind")?,
+        body: row.try_get("body")?,
+    })
 }
 
 fn issued_from_row(row: &SqliteRow) -> Result<IssuedToken, StoreError> {
