@@ -27,6 +27,8 @@ pub enum AuditKind {
     PolicyReload,
     /// A signing key was rotated.
     KeyRotate,
+    /// The CA's intermediate was replaced.
+    CaRotate,
 }
 
 impl AuditKind {
@@ -40,6 +42,7 @@ impl AuditKind {
             Self::SvidMint => "svid.mint",
             Self::PolicyReload => "policy.reload",
             Self::KeyRotate => "keys.rotate",
+            Self::CaRotate => "ca.rotate_intermediate",
         }
     }
 }

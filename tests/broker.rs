@@ -715,3 +715,70 @@ async fn an_expired_client_certificate_is_refused() {
         .unwrap();
     r.stop().await;
 }
+
+#[tokio::test]
+async fn the_intermediate_rotates_before_it_runs_out_and_a_foreign_root_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Sealer::generate_key_text().unwrap();
+    let start = 1_800_000_000;
+    let clock = Arc::new(tally::clock::ManualClock::new(start));
+    let open = |clock: Arc<tally::clock::ManualClock>, root: Option<tally::ca::SuppliedRoot>| {
+        let path = dir.path().join("tally.db");
+        let key = key.clone();
+        async move {
+            let store =
+                Store::open_sqlite(&path, Sealer::from_key_material(key.as_bytes()).unwrap())
+                    .await
+                    .unwrap();
+            let mut settings =
+                BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
+            settings.ca_lifetimes.intermediate_secs = 3 * 86_400;
+            settings.ca_root = root;
+            Broker::open(settings, store, clock).await
+        }
+    };
+    let broker = open(clock.clone(), None).await.unwrap();
+    let bundle = broker.bundle_pem();
+    let id: SpiffeId = CHECKOUT.parse().unwrap();
+    let chain_of = |b: &Broker| {
+        let c = b.mint_credential(&id, 600).unwrap();
+        c.cert_chain_pem
+            .split("-----END CERTIFICATE-----")
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    };
+    let first_chain = chain_of(&broker);
+    broker.maintain().await.unwrap();
+    assert_eq!(
+        chain_of(&broker),
+        first_chain,
+        "two thirds of its life left"
+    );
+
+    clock.advance(2 * 86_400 + 1);
+    broker.maintain().await.unwrap();
+    assert_ne!(chain_of(&broker), first_chain, "a new intermediate");
+    assert_eq!(broker.bundle_pem(), bundle, "under the same root");
+    let audit = broker.store().audit_after(0, 20).await.unwrap();
+    assert!(audit.iter().any(|a| a.kind == "ca.rotate_intermediate"));
+    drop(broker);
+
+    // Reopened, it keeps the rotated CA; with another root, it refuses.
+    let again = open(clock.clone(), None).await.unwrap();
+    assert_ne!(chain_of(&again), first_chain);
+    drop(again);
+    let other = tally::ca::Authority::generate(
+        &"spiffe://example.org".parse().unwrap(),
+        tally::ca::Lifetimes::default(),
+        start,
+    )
+    .unwrap()
+    .1;
+    let foreign = tally::ca::SuppliedRoot {
+        cert_pem: other.root_cert_pem.clone(),
+        key_pem: other.root_key_pem.clone().unwrap(),
+    };
+    let err = open(clock, Some(foreign)).await.unwrap_err();
+    assert!(err.to_string().contains("--ca-cert"), "{err}");
+}

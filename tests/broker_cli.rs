@@ -445,3 +445,36 @@ fn a_changed_policy_is_reloaded_and_a_broken_one_is_refused() {
     );
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn a_supplied_root_key_readable_by_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tally::ca::Authority::generate(
+        &"spiffe://example.org".parse().unwrap(),
+        tally::ca::Lifetimes::default(),
+        1_800_000_000,
+    )
+    .unwrap()
+    .1;
+    let (cert, key) = (dir.path().join("root.pem"), dir.path().join("root.key"));
+    std::fs::write(&cert, &root.root_cert_pem).unwrap();
+    std::fs::write(&key, root.root_key_pem.unwrap().as_bytes()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["broker", "--trust-domain", "example.org"])
+        .args(EPHEMERAL_PORTS)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--ca-cert")
+        .arg(&cert)
+        .arg("--ca-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("must not be readable by group or others"),
+        "{err}"
+    );
+}

@@ -213,3 +213,97 @@ fn ca_material_debug_hides_the_keys() {
         .to_owned();
     assert!(!debug.contains(&key_line));
 }
+
+/// A root CA made elsewhere (as an operator's PKI would), valid around NOW.
+fn external_root(is_ca: bool, not_after: u64) -> (String, String) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = if is_ca {
+        rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)
+    } else {
+        rcgen::IsCa::NoCa
+    };
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    params.not_before = time::OffsetDateTime::from_unix_timestamp((NOW - 86_400) as i64).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after as i64).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn an_operator_supplied_root_anchors_the_svids() {
+    let (cert, key) = external_root(true, NOW + 365 * 86_400);
+    let td = id("spiffe://example.org");
+    let (ca, material) = Authority::from_root(&td, &cert, &key, Lifetimes::default(), NOW).unwrap();
+    assert_eq!(
+        ca.bundle_pem(),
+        tally::ca::pem("CERTIFICATE", &ca.bundle_der()[0])
+    );
+    assert!(
+        cert.contains(ca.bundle_pem().lines().nth(1).unwrap()),
+        "the bundle is the supplied root"
+    );
+    let svid = ca
+        .issue_svid(&csr(&[], &PKCS_ECDSA_P256_SHA256), &id(ID), 3600, NOW)
+        .unwrap();
+    verify_chain(&ca.bundle_der()[0], &svid, NOW + 60).unwrap();
+    assert!(
+        material.root_key_pem.is_some(),
+        "kept (sealed) for intermediate rotation"
+    );
+
+    // The intermediate never outlives a root that ends sooner.
+    let (short, short_key) = external_root(true, NOW + 10 * 86_400);
+    let (ca, _) = Authority::from_root(&td, &short, &short_key, Lifetimes::default(), NOW).unwrap();
+    assert_eq!(ca.intermediate_expires_at(), NOW + 10 * 86_400);
+}
+
+#[test]
+fn an_unusable_supplied_root_is_refused_with_the_reason() {
+    let td = id("spiffe://example.org");
+    let (cert, _) = external_root(true, NOW + 86_400);
+    let (_, other_key) = external_root(true, NOW + 86_400);
+    let (leaf, leaf_key) = external_root(false, NOW + 86_400);
+    let (expired, expired_key) = external_root(true, NOW - 1);
+    for (c, k, needle) in [
+        (&cert, &other_key, "does not match"),
+        (&leaf, &leaf_key, "not a CA"),
+        (&expired, &expired_key, "not valid now"),
+        (&"junk".to_owned(), &other_key, "not PEM"),
+    ] {
+        let err = Authority::from_root(&td, c, k, Lifetimes::default(), NOW).unwrap_err();
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+}
+
+#[test]
+fn rotating_the_intermediate_keeps_the_bundle_and_old_svids_valid() {
+    let td = id("spiffe://example.org");
+    let (ca, material) = authority();
+    let before = ca
+        .issue_svid(&csr(&[], &PKCS_ECDSA_P256_SHA256), &id(ID), 3600, NOW)
+        .unwrap();
+    let later = NOW + 60 * 86_400;
+    let (next, next_material) =
+        Authority::rotate_intermediate(&td, &material, Lifetimes::default(), later).unwrap();
+    assert_eq!(next.bundle_der(), ca.bundle_der());
+    assert_ne!(
+        next_material.intermediate_cert_pem,
+        material.intermediate_cert_pem
+    );
+    assert_eq!(next.intermediate_expires_at(), later + 90 * 86_400);
+    let after = next
+        .issue_svid(&csr(&[], &PKCS_ECDSA_P256_SHA256), &id(ID), 3600, later)
+        .unwrap();
+    assert_ne!(after.chain_der, before.chain_der);
+    verify_chain(&next.bundle_der()[0], &after, later + 60).unwrap();
+    verify_chain(&ca.bundle_der()[0], &before, NOW + 60).unwrap();
+    // Without the root key there is nothing to rotate with.
+    let offline = tally::ca::CaMaterial {
+        root_key_pem: None,
+        ..material
+    };
+    let err =
+        Authority::rotate_intermediate(&td, &offline, Lifetimes::default(), later).unwrap_err();
+    assert!(matches!(err, CaError::Material(_)), "{err}");
+}

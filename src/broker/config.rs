@@ -44,6 +44,13 @@ pub struct BrokerFlags {
     /// https://localhost:<HTTPS port>].
     #[arg(long, env = "TALLY_ISSUER")]
     pub issuer: Option<String>,
+    /// Root CA certificate (PEM) to issue under instead of generating one
+    /// on first start; needs --ca-key.
+    #[arg(long, env = "TALLY_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// The root CA's private key (PEM); refused if group or others can read it.
+    #[arg(long, env = "TALLY_CA_KEY")]
+    pub ca_key: Option<PathBuf>,
     /// Kubernetes ServiceAccount token keys: the cluster's JWKS document
     /// (from the API server's /openid/v1/jwks). Enables SA attestation.
     #[arg(long, env = "TALLY_SA_JWKS")]
@@ -89,6 +96,8 @@ pub struct BrokerConfig {
     pub svid_ttl: u64,
     /// Signing-key rotation period in seconds.
     pub key_rotation: u64,
+    /// Supplied root CA certificate and key files.
+    pub ca_root: Option<(PathBuf, PathBuf)>,
     /// ServiceAccount JWKS file, issuer and audience (if given), when SA
     /// attestation is on.
     pub sa: Option<(PathBuf, String, Option<String>)>,
@@ -107,6 +116,8 @@ const KEYS: &[&str] = &[
     "issuer",
     "svid_ttl",
     "key_rotation",
+    "ca_cert",
+    "ca_key",
     "sa_jwks",
     "sa_issuer",
     "sa_audience",
@@ -244,6 +255,17 @@ impl BrokerConfig {
                 errors.push(format!("dns_names: {name:?} is not a DNS name"));
             }
         }
+        let ca_root = match (
+            path(&flags.ca_cert, "ca_cert"),
+            path(&flags.ca_key, "ca_key"),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                errors.push("ca_cert and ca_key go together".into());
+                None
+            }
+        };
         let sa_jwks = path(&flags.sa_jwks, "sa_jwks");
         let sa_issuer = one(flags.sa_issuer.clone(), "sa_issuer");
         let sa_audience = one(flags.sa_audience.clone(), "sa_audience");
@@ -277,6 +299,7 @@ impl BrokerConfig {
             issuer,
             svid_ttl: svid_ttl.unwrap_or_else(|| unreachable!("checked above")),
             key_rotation: key_rotation.unwrap_or_else(|| unreachable!("checked above")),
+            ca_root,
             sa,
         })
     }

@@ -72,7 +72,7 @@ pub(super) async fn issue_svid(
         "admin_mint" => AuditKind::SvidMint,
         _ => AuditKind::Attest,
     };
-    let svid = match broker.ca.issue_svid(csr, id, ttl, now) {
+    let svid = match broker.ca().issue_svid(csr, id, ttl, now) {
         Ok(svid) => svid,
         Err(e) => {
             let status = ca_status(e);
@@ -115,7 +115,7 @@ pub(super) async fn issue_svid(
         spiffe_id: id.to_string(),
         svid_der: svid.cert_der,
         chain_der: svid.chain_der,
-        bundle_der: broker.ca.bundle_der(),
+        bundle_der: broker.ca().bundle_der(),
         expires_at: i64::try_from(svid.expires_at).unwrap_or(i64::MAX),
     }))
 }

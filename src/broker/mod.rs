@@ -116,6 +116,8 @@ pub struct BrokerSettings {
     pub policy: Policy,
     /// JSON-lines file that receives a copy of every audit record.
     pub audit_file: Option<std::path::PathBuf>,
+    /// A root CA to use instead of generating one on first start.
+    pub ca_root: Option<crate::ca::SuppliedRoot>,
     /// Kubernetes ServiceAccount token attestation: the cluster's keys and
     /// what tokens must say. `None` refuses such attestations.
     pub service_accounts: Option<(
@@ -155,6 +157,7 @@ impl BrokerSettings {
             policy,
             audit_file: None,
             service_accounts: None,
+            ca_root: None,
             key_rotation: 86_400,
             key_publish_lead: 600,
             token_endpoint_nonce: true,
@@ -167,7 +170,8 @@ pub struct Broker {
     settings: BrokerSettings,
     clock: Arc<dyn Clock>,
     store: Store,
-    ca: Authority,
+    /// Swapped whole when the intermediate rotates.
+    ca: RwLock<Arc<Authority>>,
     keys: RwLock<SigningKeys>,
     policy: RwLock<Arc<Policy>>,
     issue_uri: NormalizedUri,
@@ -256,26 +260,7 @@ impl Broker {
                 settings.trust_domain.trust_domain()
             )));
         }
-        let ca = match store.load_ca().await? {
-            Some(material) => {
-                Authority::load(&settings.trust_domain, &material, settings.ca_lifetimes)?
-            }
-            None => {
-                let (ca, material) =
-                    Authority::generate(&settings.trust_domain, settings.ca_lifetimes, now)?;
-                if store.save_ca(&material, false, now).await? {
-                    tracing::info!(trust_domain = %settings.trust_domain, "created a new root and intermediate CA");
-                    ca
-                } else {
-                    // Another replica saved one first: use that.
-                    let material = store
-                        .load_ca()
-                        .await?
-                        .ok_or_else(|| BrokerError::Config("CA vanished".into()))?;
-                    Authority::load(&settings.trust_domain, &material, settings.ca_lifetimes)?
-                }
-            }
-        };
+        let ca = Self::open_ca(&settings, &store, now).await?;
         let keys = SigningKeys::load_or_create(&store, &settings.issuer, now).await?;
         let hmac_key = store
             .secret_or_create("token-hmac", random_secret, now)
@@ -329,7 +314,7 @@ impl Broker {
             settings,
             clock,
             store,
-            ca,
+            ca: RwLock::new(Arc::new(ca)),
             keys: RwLock::new(keys),
             issue_uri,
             token_uri,
@@ -359,7 +344,7 @@ impl Broker {
     pub async fn publish_state(&self) -> Result<(), StoreError> {
         let jwks = self.jwks().to_json().to_string();
         let bundle = serde_json::Value::from(
-            self.ca
+            self.ca()
                 .bundle_der()
                 .iter()
                 .map(crate::jose::b64::encode)
@@ -403,6 +388,7 @@ impl Broker {
             // Not while a rotation is being published.
             newest <= now && now.saturating_sub(newest) >= self.settings.key_rotation
         };
+        self.rotate_intermediate_if_due().await?;
         let rotated = if due {
             let (kid, _) = self
                 .rotate_signing_key(self.settings.key_publish_lead, None)
@@ -413,6 +399,101 @@ impl Broker {
         };
         self.publish_state().await?;
         Ok(rotated)
+    }
+
+    /// Loads the CA from the store, or makes one on first start (under the
+    /// supplied root, if any). A supplied root must match a stored one.
+    async fn open_ca(
+        settings: &BrokerSettings,
+        store: &Store,
+        now: u64,
+    ) -> Result<Authority, BrokerError> {
+        let td = &settings.trust_domain;
+        if let Some(material) = store.load_ca().await? {
+            if let Some(root) = &settings.ca_root
+                && crate::ca::pem_body(&root.cert_pem)
+                    != crate::ca::pem_body(&material.root_cert_pem)
+            {
+                return Err(BrokerError::Config(
+                    "--ca-cert is not the root this store's CA was made under; use the original root or a new data directory".into(),
+                ));
+            }
+            return Ok(Authority::load(td, &material, settings.ca_lifetimes)?);
+        }
+        let (ca, material) = match &settings.ca_root {
+            Some(root) => Authority::from_root(
+                td,
+                &root.cert_pem,
+                &root.key_pem,
+                settings.ca_lifetimes,
+                now,
+            )?,
+            None => Authority::generate(td, settings.ca_lifetimes, now)?,
+        };
+        if store.save_ca(&material, false, now).await? {
+            tracing::info!(trust_domain = %td, supplied_root = settings.ca_root.is_some(), "created the CA");
+            return Ok(ca);
+        }
+        // Another replica saved one first: use that.
+        let material = store
+            .load_ca()
+            .await?
+            .ok_or_else(|| BrokerError::Config("CA vanished".into()))?;
+        Ok(Authority::load(td, &material, settings.ca_lifetimes)?)
+    }
+
+    /// The CA as it is now.
+    pub(crate) fn ca(&self) -> Arc<Authority> {
+        Arc::clone(
+            &self
+                .ca
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces the intermediate when less than a third of its life is
+    /// left. Returns whether it did.
+    ///
+    /// # Errors
+    /// [`BrokerError`]; a root key the broker does not hold is logged once
+    /// per check, not an error (the operator rotates elsewhere).
+    pub async fn rotate_intermediate_if_due(&self) -> Result<bool, BrokerError> {
+        let now = self.clock.now();
+        let ca = self.ca();
+        let lifetime = self.settings.ca_lifetimes.intermediate_secs;
+        if ca.intermediate_expires_at().saturating_sub(now) > lifetime / 3 {
+            return Ok(false);
+        }
+        let Some(material) = self.store.load_ca().await? else {
+            return Ok(false);
+        };
+        let (next, material) = match Authority::rotate_intermediate(
+            &self.settings.trust_domain,
+            &material,
+            self.settings.ca_lifetimes,
+            now,
+        ) {
+            Ok(pair) => pair,
+            Err(CaError::Material(why)) => {
+                tracing::warn!(%why, expires_at = ca.intermediate_expires_at(), "the intermediate CA is due for rotation");
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.store.save_ca(&material, true, now).await?;
+        let expires_at = next.intermediate_expires_at();
+        *self
+            .ca
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+        self.audit(
+            AuditEvent::new(AuditKind::CaRotate, Outcome::Ok, now)
+                .field("intermediate_expires_at", expires_at),
+        )
+        .await;
+        tracing::info!(expires_at, "rotated the intermediate CA");
+        Ok(true)
     }
 
     /// What the broker counts.
@@ -514,7 +595,7 @@ impl Broker {
 
     /// The trust bundle, PEM.
     pub fn bundle_pem(&self) -> String {
-        self.ca.bundle_pem()
+        self.ca().bundle_pem()
     }
 
     /// The token issuer URL (`iss`).
@@ -606,7 +687,7 @@ impl Broker {
             .parse()
             .map_err(|e| BrokerError::Config(format!("broker ID: {e}")))?;
         Ok(self
-            .ca
+            .ca()
             .issue_credential(&id, dns, ips, 7 * 86_400, self.clock.now())?)
     }
 
@@ -616,7 +697,7 @@ impl Broker {
     /// [`BrokerError::Ca`].
     pub fn mint_credential(&self, id: &SpiffeId, ttl: u64) -> Result<Credential, BrokerError> {
         Ok(self
-            .ca
+            .ca()
             .issue_credential(id, &[], &[], ttl, self.clock.now())?)
     }
 

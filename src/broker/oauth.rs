@@ -41,7 +41,7 @@ pub fn tls_config(
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for der in broker.ca.bundle_der() {
+    for der in broker.ca().bundle_der() {
         roots
             .add(CertificateDer::from(der))
             .map_err(|e| format!("trust bundle: {e}"))?;

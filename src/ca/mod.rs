@@ -233,6 +233,96 @@ impl Authority {
         Ok((authority, material))
     }
 
+    /// An authority under a root supplied by the operator (`--ca-cert`,
+    /// `--ca-key`): checks the root is a CA certificate for this trust
+    /// domain's use, currently valid, and matches its key, then makes a
+    /// new intermediate under it.
+    ///
+    /// # Errors
+    /// [`CaError::Material`] for an unusable root; [`CaError::Generate`].
+    pub fn from_root(
+        trust_domain: &SpiffeId,
+        root_cert_pem: &str,
+        root_key_pem: &str,
+        lifetimes: Lifetimes,
+        now: u64,
+    ) -> Result<(Self, CaMaterial), CaError> {
+        let bad = |what: String| CaError::Material(what);
+        let root_der =
+            pem_body(root_cert_pem).ok_or_else(|| bad("root certificate is not PEM".into()))?;
+        let key = KeyPair::from_pem(root_key_pem)
+            .map_err(|_| bad("root key is not a PEM private key rcgen can use".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&root_der)
+            .map_err(|_| bad("root certificate does not parse".into()))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad("root key does not match the root certificate".into()));
+        }
+        if !parsed.is_ca() {
+            return Err(bad(
+                "the root certificate is not a CA (basicConstraints)".into()
+            ));
+        }
+        let validity = parsed.validity();
+        let (from, until) = (
+            u64::try_from(validity.not_before.timestamp()).unwrap_or(u64::MAX),
+            u64::try_from(validity.not_after.timestamp()).unwrap_or(0),
+        );
+        if now < from || now >= until {
+            return Err(bad(format!(
+                "the root certificate is not valid now (valid {from} to {until})"
+            )));
+        }
+        let td = trust_domain.trust_domain().to_owned();
+        let cert = rustls_pki_types::CertificateDer::from(root_der.as_slice());
+        let root = Issuer::from_ca_cert_der(&cert, key)
+            .map_err(|_| bad("root certificate cannot issue".into()))?;
+        // Never past the root's own end.
+        let lifetimes = Lifetimes {
+            intermediate_secs: lifetimes.intermediate_secs.min(until - now),
+            ..lifetimes
+        };
+        let inter = Self::new_intermediate(&td, &root, lifetimes, now)?;
+        let material = CaMaterial {
+            root_cert_pem: pem("CERTIFICATE", &root_der),
+            root_key_pem: Some(Zeroizing::new(root_key_pem.to_owned())),
+            intermediate_cert_pem: pem("CERTIFICATE", &inter.der),
+            intermediate_key_pem: inter.key_pem,
+        };
+        let authority = Self {
+            trust_domain: td,
+            root_der,
+            intermediate_der: inter.der,
+            intermediate_expires_at: inter.expires_at,
+            intermediate: inter.issuer,
+            lifetimes,
+        };
+        Ok((authority, material))
+    }
+
+    /// When the intermediate stops being valid.
+    pub fn intermediate_expires_at(&self) -> u64 {
+        self.intermediate_expires_at
+    }
+
+    /// The same root with a new intermediate (rotation). The bundle does
+    /// not change, so relying parties need nothing new; SVIDs issued from
+    /// then on carry the new intermediate in their chain.
+    ///
+    /// # Errors
+    /// [`CaError::Material`] when `material` holds no root key (a root
+    /// kept offline: make the intermediate there).
+    pub fn rotate_intermediate(
+        trust_domain: &SpiffeId,
+        material: &CaMaterial,
+        lifetimes: Lifetimes,
+        now: u64,
+    ) -> Result<(Self, CaMaterial), CaError> {
+        let key = material.root_key_pem.as_ref().ok_or_else(|| {
+            CaError::Material("the root key is not held by the broker; rotate the intermediate where the root key is".into())
+        })?;
+        Self::from_root(trust_domain, &material.root_cert_pem, key, lifetimes, now)
+    }
+
     fn new_intermediate(
         td: &str,
         root: &Issuer<'_, KeyPair>,
@@ -368,6 +458,24 @@ impl Authority {
             expires_at,
             serial,
         })
+    }
+}
+
+/// A root CA the operator supplies (`--ca-cert`, `--ca-key`) instead of
+/// one the broker generates. The key is wiped on drop and never printed.
+#[derive(Clone)]
+pub struct SuppliedRoot {
+    /// The root certificate, PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for SuppliedRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SuppliedRoot")
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
     }
 }
 
@@ -531,7 +639,8 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
-fn pem_body(text: &str) -> Option<Vec<u8>> {
+/// The DER inside the first PEM block of `text`.
+pub(crate) fn pem_body(text: &str) -> Option<Vec<u8>> {
     use rustls_pki_types::pem::PemObject as _;
     rustls_pki_types::CertificateDer::from_pem_slice(text.as_bytes())
         .ok()

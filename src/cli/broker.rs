@@ -69,6 +69,24 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
     std::fs::rename(&tmp, path).map_err(failed)
 }
 
+/// Reads `--ca-cert` and `--ca-key`, refusing a key file that group or
+/// others can read.
+fn supplied_root(cert: &Path, key: &Path) -> Result<crate::ca::SuppliedRoot, CliError> {
+    let usage = |what: String| CliError::Usage(what);
+    let meta =
+        std::fs::metadata(key).map_err(|e| usage(format!("ca_key {}: {e}", key.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(usage(format!(
+            "ca_key {} must not be readable by group or others (chmod 600)",
+            key.display()
+        )));
+    }
+    Ok(crate::ca::SuppliedRoot {
+        cert_pem: read_text(cert)?,
+        key_pem: zeroize::Zeroizing::new(read_text(key)?),
+    })
+}
+
 fn sealer(config: &BrokerConfig) -> Result<Sealer, CliError> {
     let usage = |what: String| CliError::Usage(what);
     if let Some(path) = &config.store_key_file {
@@ -144,6 +162,9 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     settings.svid_ttl = config.svid_ttl;
     settings.key_rotation = config.key_rotation;
     settings.audit_file = Some(config.audit_file.clone());
+    if let Some((cert, key)) = &config.ca_root {
+        settings.ca_root = Some(supplied_root(cert, key)?);
+    }
     if let Some((jwks, issuer, audience)) = &config.sa {
         let bytes = std::fs::read(jwks)
             .map_err(|e| CliError::Usage(format!("sa_jwks {}: {e}", jwks.display())))?;
