@@ -32,8 +32,11 @@ impl Spawned {
             .arg("--data-dir")
             .arg(data)
             .env_remove("TALLY_STORE_KEY")
+            // Everything it logs, for tests that search the log for secrets.
+            .env("TALLY_LOG", "debug")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(data.with_extension("log")).unwrap())
             .spawn()
             .unwrap();
         // The broker prints its addresses once it listens: no sleeping.
@@ -308,6 +311,64 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("is not an admin"), "{}", text(&o));
 
+    // A minted credential works as a workload identity: a token for it.
+    let checkout = dir.path().join("checkout");
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "svid",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/ns/shop/sa/checkout",
+            "--out",
+            checkout.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(checkout.join("bundle.pem"))))
+        .identity(Identity::from_pem(
+            read(checkout.join("cert.pem")),
+            read(checkout.join("key.pem")),
+        ))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", broker.grpc))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let issuer = broker
+        .https_line
+        .split("issuer ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let proof = tally::dpop::ProofKey::generate()
+        .unwrap()
+        .mint(
+            "POST",
+            &format!("{issuer}/tally.v1.Tokens/Issue"),
+            None,
+            None,
+            tally::clock::Clock::now(&tally::clock::SystemClock),
+        )
+        .unwrap();
+    let issued = pb::tokens_client::TokensClient::new(channel)
+        .issue(pb::IssueRequest {
+            audience: "spiffe://example.org/ns/pay/sa/payments".into(),
+            scopes: vec!["payments:read".into()],
+            ttl_seconds: 0,
+            dpop_proof: proof,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
     // The admin rotates the signing key.
     let o = ctl(&broker, &data, &["keys", "rotate"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -335,7 +396,22 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
         );
     }
     assert!(audit.contains(&kid), "{audit}");
-    assert!(!audit.contains(&token), "{audit}");
+    assert!(audit.contains(&issued.jti), "{audit}");
+    // No secret in the audit log, the debug log or the database: not the
+    // join token, not the access token (not even its signature).
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(log.contains("token issued"), "the log is really there");
+    let mut db = std::fs::read(data.join("tally.db")).unwrap();
+    db.extend(std::fs::read(data.join("tally.db-wal")).unwrap_or_default());
+    let signature = issued.access_token.rsplit('.').next().unwrap();
+    for secret in [token.as_str(), issued.access_token.as_str(), signature] {
+        assert!(!audit.contains(secret), "audit log holds a secret");
+        assert!(!log.contains(secret), "broker log holds a secret");
+        assert!(
+            !db.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "database holds a secret"
+        );
+    }
 }
 
 /// Every listener on an ephemeral port, so tests never collide.
