@@ -519,6 +519,7 @@ async fn checkpoints(pool: SqlitePool, alive: mpsc::WeakSender<Pending>) {
 /// caller in the batch.
 async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut next_seq: u64) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    let mut writer: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>> = None;
     while let Some(first) = queue.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -537,7 +538,20 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut 
                 line: p.event.to_line(seq),
             })
             .collect();
-        match insert_batch(&pool, &batch, &records).await {
+        // The writer keeps one connection: acquiring (and pinging) a pooled
+        // one per batch cost a round trip on every commit.
+        if writer.is_none() {
+            writer = pool.acquire().await.ok();
+        }
+        let result = match writer.as_mut() {
+            Some(conn) => insert_batch(conn, &batch, &records).await,
+            None => Err(sqlx::Error::PoolClosed),
+        };
+        if result.is_err() {
+            // A fresh connection for the next batch.
+            writer = None;
+        }
+        match result {
             Ok(()) => {
                 next_seq += records.len() as u64;
                 for (p, record) in batch.drain(..).zip(records) {
@@ -561,7 +575,7 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut 
 /// array of its rows. (One statement per row costs a round trip to the
 /// SQLite worker thread each, which dominated commit time under load.)
 async fn insert_batch(
-    pool: &SqlitePool,
+    conn: &mut sqlx::SqliteConnection,
     batch: &[Pending],
     records: &[AuditRecord],
 ) -> Result<(), sqlx::Error> {
@@ -590,7 +604,7 @@ async fn insert_batch(
         )
         .collect();
 
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(conn).await?;
     if !issued.is_empty() {
         sqlx::query(
             "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
