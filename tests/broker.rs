@@ -58,12 +58,12 @@ async fn start_in(dir: &std::path::Path, key: &str, policy: &str) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let credential = broker
-        .server_credential(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
+        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
         .unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let b = Arc::clone(&broker);
     let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, &credential, async {
+        tally::broker::serve(b, listener, credential, async {
             let _ = stopped.await;
         })
         .await
@@ -781,4 +781,51 @@ async fn the_intermediate_rotates_before_it_runs_out_and_a_foreign_root_is_refus
     };
     let err = open(clock, Some(foreign)).await.unwrap_err();
     assert!(err.to_string().contains("--ca-cert"), "{err}");
+}
+
+#[tokio::test]
+async fn the_listeners_certificate_is_renewed_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemClock.now();
+    let clock = Arc::new(tally::clock::ManualClock::new(now));
+    let key = Sealer::generate_key_text().unwrap();
+    let broker = Arc::new(open_broker(dir.path(), &key, POLICY, clock.clone()).await);
+    let certs = broker
+        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let first = certs.expires_at();
+    assert_eq!(first, now + tally::broker::tls::SERVER_CERT_TTL);
+    broker.maintain().await.unwrap();
+    assert_eq!(certs.expires_at(), first, "more than half its life left");
+    clock.advance(tally::broker::tls::SERVER_CERT_TTL / 2 + 1);
+    broker.maintain().await.unwrap();
+    assert!(certs.expires_at() > first, "renewed");
+
+    // A server started with it hands out the renewed certificate.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let b = Arc::clone(&broker);
+    let c = Arc::clone(&certs);
+    let server = tokio::spawn(async move {
+        tally::broker::serve(b, listener, c, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let running = Running {
+        broker: Arc::clone(&broker),
+        addr,
+        stop: Some(stop),
+        server,
+        _dir: None,
+    };
+    // The listener serves the renewed certificate: it starts half a week
+    // ahead of the wall clock the client checks it with (the broker's
+    // clock was moved), so the client refuses it as not yet valid.
+    let err = channel(&running, None).await.unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("NotValidYet"), "{text}");
+    running.stop().await;
 }

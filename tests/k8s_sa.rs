@@ -257,12 +257,12 @@ async fn served(service_accounts: Option<(SaKeys, SaTokenConfig)>) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let credential = broker
-        .server_credential(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
+        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let b = Arc::clone(&broker);
     let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, &credential, async {
+        tally::broker::serve(b, listener, credential, async {
             let _ = stopped.await;
         })
         .await

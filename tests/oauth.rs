@@ -63,13 +63,13 @@ async fn start(nonce: bool) -> Running {
             .unwrap(),
     );
     let credential = broker
-        .server_credential(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
+        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
         .unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let (stop_admin, admin_stopped) = oneshot::channel::<()>();
     let b = Arc::clone(&broker);
     let https_server = tokio::spawn(async move {
-        tally::broker::serve_https(b, https, &credential, async {
+        tally::broker::serve_https(b, https, credential, async {
             let _ = stopped.await;
             let _ = stop_admin.send(());
         })

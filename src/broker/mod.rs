@@ -13,6 +13,7 @@ pub mod issue;
 pub mod keys;
 pub mod oauth;
 pub mod rate;
+pub mod tls;
 
 use crate::audit::{AuditEvent, AuditKind, AuditRecord, Outcome};
 use crate::ca::{Authority, CaError, Credential, Lifetimes};
@@ -189,6 +190,8 @@ pub struct Broker {
     changes: tokio::sync::watch::Sender<u64>,
     /// What was last published per kind, so only real changes are fed.
     published: tokio::sync::Mutex<std::collections::HashMap<&'static str, String>>,
+    /// The listeners' server certificate, renewed by [`Broker::maintain`].
+    server_certs: std::sync::OnceLock<Arc<tls::ServerCerts>>,
     /// Lines for the audit file, written by one task in batches.
     audit_lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
@@ -329,6 +332,7 @@ impl Broker {
             metrics: BrokerMetrics::new(),
             audit_lines,
             changes: tokio::sync::watch::Sender::new(last_seq),
+            server_certs: std::sync::OnceLock::new(),
             published: tokio::sync::Mutex::new(published),
         };
         // The feed starts with the state this broker opened with.
@@ -388,7 +392,15 @@ impl Broker {
             // Not while a rotation is being published.
             newest <= now && now.saturating_sub(newest) >= self.settings.key_rotation
         };
-        self.rotate_intermediate_if_due().await?;
+        if self.rotate_intermediate_if_due().await?
+            && let Some(certs) = self.server_certs.get()
+        {
+            // Chain the listeners' certificate to the new intermediate.
+            certs.renew_now(self).map_err(BrokerError::Config)?;
+        }
+        if let Some(certs) = self.server_certs.get() {
+            certs.renew_if_due(self, now).map_err(BrokerError::Config)?;
+        }
         let rotated = if due {
             let (kid, _) = self
                 .rotate_signing_key(self.settings.key_publish_lead, None)
@@ -691,6 +703,27 @@ impl Broker {
             .issue_credential(&id, dns, ips, 7 * 86_400, self.clock.now())?)
     }
 
+    /// The server certificate for the broker's listeners, naming
+    /// `spiffe://<td>/tally/broker` and these DNS names and IPs; made on
+    /// the first call (later calls return the same one) and renewed by
+    /// [`Broker::maintain`] before it expires.
+    ///
+    /// # Errors
+    /// [`BrokerError::Config`] if the CA cannot issue it.
+    pub fn server_certs(
+        &self,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> Result<Arc<tls::ServerCerts>, BrokerError> {
+        if let Some(certs) = self.server_certs.get() {
+            return Ok(Arc::clone(certs));
+        }
+        let certs = Arc::new(
+            tls::ServerCerts::new(self, dns.to_vec(), ips.to_vec()).map_err(BrokerError::Config)?,
+        );
+        Ok(Arc::clone(self.server_certs.get_or_init(|| certs)))
+    }
+
     /// A credential for `id` (admin tooling, `tally ctl svid mint`).
     ///
     /// # Errors
@@ -787,43 +820,77 @@ impl Broker {
     }
 }
 
-/// Runs the gRPC server (Identity, Tokens, Watch, Admin) with TLS on `listener`
-/// until `shutdown` resolves: then Watch streams end, and in-flight calls
-/// finish before this returns.
+/// Runs the gRPC server (Identity, Tokens, Watch, Admin) with TLS on
+/// `listener` until `shutdown` resolves: then Watch streams end, and
+/// in-flight calls finish before this returns. TLS is done here (rustls,
+/// with the renewing certificate); tonic gets the TLS streams, so
+/// `Request::peer_certs` works as usual.
 ///
 /// # Errors
 /// If TLS cannot be set up or the server fails.
 pub async fn serve(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
-    credential: &Credential,
+    certs: Arc<tls::ServerCerts>,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            &credential.cert_chain_pem,
-            credential.key_pem.as_bytes(),
-        ))
-        .client_ca_root(Certificate::from_pem(broker.bundle_pem()))
-        // Attest has no certificate yet; every other RPC demands one.
-        .client_auth_optional(true);
-    Server::builder()
-        .tls_config(tls)?
+) -> std::io::Result<()> {
+    use tonic::transport::Server;
+    let config = tls::server_config(&broker, certs, &[b"h2"]).map_err(std::io::Error::other)?;
+    let (streams, incoming) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let accepting = tokio::spawn(accept_tls(listener, acceptor, streams));
+    let result = Server::builder()
         .add_service(grpc::identity_server(Arc::clone(&broker)))
         .add_service(grpc::tokens_server(Arc::clone(&broker)))
         .add_service(grpc::watch_server(Arc::clone(&broker)))
         .add_service(admin_rpc::admin_server(Arc::clone(&broker)))
         .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY a response's last frames wait for the
-            // client's delayed ACK: about 40 ms per call.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            tokio_stream::wrappers::ReceiverStream::new(incoming),
             async move {
                 shutdown.await;
                 broker.close();
             },
         )
-        .await
+        .await;
+    accepting.abort();
+    result.map_err(std::io::Error::other)
+}
+
+/// Accepts TCP connections, completes each TLS handshake in its own task
+/// (a slow client holds up no one), and hands finished streams to the
+/// gRPC server.
+async fn accept_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    streams: tokio::sync::mpsc::Sender<
+        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+    >,
+) {
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a gRPC connection failed");
+                continue;
+            }
+        };
+        // Without TCP_NODELAY a response's last frames wait for the
+        // client's delayed ACK: about 40 ms per call.
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let streams = streams.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(tls)) => {
+                    let _ = streams.send(Ok(tls)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+            }
+        });
+    }
 }
 
 /// Runs the HTTPS listener (OAuth token endpoint, JWKS, metadata) on
@@ -835,10 +902,11 @@ pub async fn serve(
 pub async fn serve_https(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
-    credential: &Credential,
+    certs: Arc<tls::ServerCerts>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let tls = oauth::tls_config(&broker, credential).map_err(std::io::Error::other)?;
+    let tls =
+        tls::server_config(&broker, certs, &[b"h2", b"http/1.1"]).map_err(std::io::Error::other)?;
     crate::http::serve(
         listener,
         Some(tls),

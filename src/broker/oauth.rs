@@ -27,47 +27,6 @@ pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 /// RFC 8414 metadata path.
 pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
 
-/// The TLS settings of the HTTPS listener: the broker's certificate, and
-/// client certificates verified against the trust bundle when sent (the
-/// token endpoint requires one; the well-known documents do not).
-///
-/// # Errors
-/// If the credential or bundle does not load.
-pub fn tls_config(
-    broker: &Broker,
-    credential: &crate::ca::Credential,
-) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for der in broker.ca().bundle_der() {
-        roots
-            .add(CertificateDer::from(der))
-            .map_err(|e| format!("trust bundle: {e}"))?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        Arc::clone(&provider),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| format!("client verifier: {e}"))?;
-    let chain = CertificateDer::pem_slice_iter(credential.cert_chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("server certificate: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(credential.key_pem.as_bytes())
-        .map_err(|e| format!("server key: {e}"))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS versions: {e}"))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("server certificate: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
 /// Answers one request on the HTTPS listener.
 pub async fn handle(
     broker: Arc<Broker>,

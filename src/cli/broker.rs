@@ -219,8 +219,9 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
             ips.push(addr.ip());
         }
     }
-    let server_credential = broker
-        .server_credential(&dns, &ips)
+    // Renewed in place by the broker's upkeep task; no restart needed.
+    let server_certs = broker
+        .server_certs(&dns, &ips)
         .map_err(|e| failed("issuing the server certificate", &e))?;
 
     if let Some(path) = config.policy.clone() {
@@ -256,13 +257,13 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     let grpc_server = crate::broker::serve(
         Arc::clone(&broker),
         grpc,
-        &server_credential,
+        Arc::clone(&server_certs),
         on_stop(stopped.clone()),
     );
     let https_server = crate::broker::serve_https(
         Arc::clone(&broker),
         https,
-        &server_credential,
+        server_certs,
         on_stop(stopped.clone()),
     );
     let admin_server =
