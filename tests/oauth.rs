@@ -544,3 +544,68 @@ async fn the_admin_port_serves_health_readiness_and_metrics() {
     assert_eq!(admin_get(&r, "/nope").await.status, 404);
     r.stop().await;
 }
+
+#[tokio::test]
+async fn a_stock_oauth_client_discovers_the_broker_and_gets_a_dpop_token() {
+    // oauth4webapi (tests/clients, pinned by its package-lock.json): RFC
+    // 8414 discovery, tls_client_auth with the SVID, a DPoP proof of its
+    // own, and the use_dpop_nonce retry.
+    let clients = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
+    if !std::path::Path::new(clients)
+        .join("node_modules/oauth4webapi")
+        .exists()
+    {
+        let status = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix", clients])
+            .status()
+            .expect("npm is installed (.ci/run installs it)");
+        assert!(status.success(), "npm ci in tests/clients failed");
+    }
+    let r = start(true).await;
+    let client = checkout(&r);
+    let dir = r.dir.path().to_owned();
+    std::fs::write(dir.join("cert.pem"), &client.cert_chain_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), client.key_pem.as_bytes()).unwrap();
+    std::fs::write(dir.join("bundle.pem"), r.broker.bundle_pem()).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/oauth4webapi.mjs"
+    );
+    let issuer = r.broker.issuer().to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(script)
+            .env("ISSUER", issuer)
+            .env("CA", dir.join("bundle.pem"))
+            .env("CERT", dir.join("cert.pem"))
+            .env("KEY", dir.join("key.pem"))
+            .env("CLIENT_ID", CHECKOUT)
+            .env("AUDIENCE", PAYMENTS)
+            .env("SCOPE", "payments:charge")
+            .output()
+            .expect("node is installed")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(body["token_type"], "dpop", "oauth4webapi lower-cases it");
+    assert_eq!(body["scope"], "payments:charge");
+    assert_eq!(
+        body["nonce_retries"], 1,
+        "the broker asked for a nonce once"
+    );
+    let jwks = Jwks::parse(r.broker.jwks().to_json().to_string().as_bytes()).unwrap();
+    let config = TokenConfig::new(r.broker.issuer(), PAYMENTS.parse().unwrap());
+    let claims = verify(
+        body["access_token"].as_str().unwrap(),
+        &jwks,
+        &config,
+        SystemClock.now(),
+        &mut (),
+    )
+    .unwrap();
+    assert_eq!(claims.sub.as_str(), CHECKOUT);
+    r.stop().await;
+}
