@@ -24,6 +24,8 @@
 //! - [`http`]: the HTTP server loop (hyper, optional TLS) the HTTPS and
 //!   admin listeners share.
 //! - [`metrics`]: Prometheus text exposition.
+//! - [`sidecar`]: the sidecar (so far its refresh-ahead, single-flight
+//!   token cache).
 //! - [`clock`]: the clock services hold (pure code takes `now`).
 //! - [`cli`]: the `tally` command line (thin: parses and calls the above).
 //!
@@ -45,5 +47,6 @@ pub mod jose;
 pub mod metrics;
 pub mod policy;
 pub mod proto;
+pub mod sidecar;
 pub mod store;
 pub mod token;

@@ -1,0 +1,5 @@
+//! The sidecar: the part every application touches. Built so far: the
+//! token cache ([`cache`]). The identity loop, watch client, local socket
+//! API, inbound verifier and outbound proxy come next (see the open issue).
+
+pub mod cache;
