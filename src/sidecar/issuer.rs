@@ -1,0 +1,116 @@
+//! Getting tokens from the broker over mTLS gRPC (`Tokens.Issue`): the
+//! [`Fetch`] the token cache uses. Each call carries a fresh DPoP proof
+//! for the sidecar's key, so the token comes back bound to it.
+
+use super::cache::{Fetch, FetchError, Fetched};
+use crate::clock::Clock;
+use crate::dpop::ProofKey;
+use crate::proto::v1 as pb;
+use crate::token::{AccessToken, Audience, Scope, Scopes};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Longest wait for the broker on one call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the broker for tokens bound to this sidecar's DPoP key.
+pub struct BrokerIssuer {
+    /// Replaced when the SVID is renewed (a new mTLS identity).
+    channel: RwLock<Channel>,
+    key: Arc<ProofKey>,
+    issue_htu: String,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for BrokerIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerIssuer")
+            .field("issue_htu", &self.issue_htu)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerIssuer {
+    /// An issuer over `channel` (mTLS with the sidecar's SVID), proving
+    /// possession of `key` for `issue_htu` (the broker's
+    /// `<issuer>/tally.v1.Tokens/Issue`).
+    pub fn new(
+        channel: Channel,
+        key: Arc<ProofKey>,
+        issue_htu: String,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            channel: RwLock::new(channel),
+            key,
+            issue_htu,
+            clock,
+        }
+    }
+
+    /// Uses `channel` from now on (after an SVID renewal).
+    pub fn set_channel(&self, channel: Channel) {
+        *self
+            .channel
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = channel;
+    }
+}
+
+/// Whether a status means "try again later" rather than "no".
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown | Code::Aborted
+    )
+}
+
+impl Fetch for BrokerIssuer {
+    async fn fetch(&self, audience: &Audience, scopes: &Scopes) -> Result<Fetched, FetchError> {
+        let now = self.clock.now();
+        let proof = self
+            .key
+            .mint("POST", &self.issue_htu, None, None, now)
+            .map_err(|e| FetchError::Unreachable(format!("signing a DPoP proof: {e}")))?;
+        let channel = self
+            .channel
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut request = tonic::Request::new(pb::IssueRequest {
+            audience: audience.to_string(),
+            scopes: scopes.iter().map(ToString::to_string).collect(),
+            ttl_seconds: 0,
+            dpop_proof: proof,
+        });
+        request.set_timeout(CALL_TIMEOUT);
+        let reply = pb::tokens_client::TokensClient::new(channel)
+            .issue(request)
+            .await
+            .map_err(|status| {
+                let text = format!("{:?}: {}", status.code(), status.message());
+                if retryable(status.code()) {
+                    FetchError::Unreachable(text)
+                } else {
+                    FetchError::Refused(text)
+                }
+            })?
+            .into_inner();
+        let granted = reply
+            .scopes
+            .iter()
+            .map(|s| s.parse::<Scope>())
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(Scopes::new)
+            .map_err(|e| FetchError::Unreachable(format!("the broker sent a bad scope: {e}")))?;
+        let expires_at = u64::try_from(reply.expires_at).unwrap_or(0);
+        Ok(Fetched {
+            token: Arc::new(AccessToken::new(reply.access_token)),
+            expires_in: Duration::from_secs(expires_at.saturating_sub(self.clock.now())),
+            scopes: granted,
+            jti: reply.jti,
+        })
+    }
+}
