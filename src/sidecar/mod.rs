@@ -1,7 +1,9 @@
 //! The sidecar: the part every application touches. Built so far: the
-//! token cache ([`cache`]) and the broker call that fills it
-//! ([`issuer`]). The identity loop, watch client, local socket API,
-//! inbound verifier and outbound proxy come next (see the open issue).
+//! token cache ([`cache`]), the broker call that fills it ([`issuer`]),
+//! and the X.509 identity: attestation and renewal ([`identity`]). The
+//! watch client, local socket API, inbound verifier and outbound proxy come
+//! next (see the open issue).
 
 pub mod cache;
+pub mod identity;
 pub mod issuer;
