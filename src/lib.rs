@@ -18,19 +18,22 @@
 //!   `jti` and keyed hash).
 //! - [`proto`]: the gRPC contract (generated from `proto/tally/v1`).
 //! - [`store`]: durable broker state (SQLite; keys sealed at rest, join
-//!   tokens hashed, issued-token inventory with group commit).
-//! - [`broker`]: the broker: shared state ([`broker::Broker`]), signing
-//!   keys, rate limits, and the gRPC services (Identity, Tokens, Watch).
+//!   tokens hashed, issued-token inventory, audit log and change feed,
+//!   written by group commit).
+//! - [`broker`]: the broker: shared state ([`broker::Broker`]), issuance,
+//!   the gRPC services (Identity, Tokens, Watch, Admin), the OAuth HTTPS
+//!   endpoints, the admin port, key and CA rotation.
 //! - [`http`]: the HTTP server loop (hyper, optional TLS) the HTTPS and
 //!   admin listeners share.
 //! - [`metrics`]: Prometheus text exposition.
-//! - [`sidecar`]: the sidecar (so far its refresh-ahead, single-flight
-//!   token cache).
+//! - [`sidecar`]: the sidecar (so far its token cache, the broker call
+//!   that fills it, and its X.509 identity: attestation and renewal).
 //! - [`clock`]: the clock services hold (pure code takes `now`).
 //! - [`cli`]: the `tally` command line (thin: parses and calls the above).
 //!
-//! Everything but [`cli`], [`broker`] and [`store`] is pure: checks take bytes and a `now` (Unix
-//! seconds) and return typed results.
+//! The I/O shell is [`cli`], [`broker`], [`store`], [`http`] and the
+//! sidecar's network parts; everything else is pure: checks take bytes and
+//! a `now` (Unix seconds) and return typed results.
 
 #![forbid(unsafe_code)]
 

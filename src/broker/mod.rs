@@ -1,9 +1,14 @@
-//! The broker: identity CA, token issuer and policy engine behind a gRPC
-//! server with mTLS.
+//! The broker: identity CA, token issuer and policy engine behind mTLS
+//! gRPC and an OAuth HTTPS listener.
 //!
-//! [`Broker`] holds the state the services share; [`grpc`] maps the wire
-//! to it; [`serve`] runs the gRPC server on a listener until a shutdown
-//! future resolves.
+//! [`Broker`] holds the state the front ends share; [`issue`] is token
+//! issuance (both front ends call it); [`grpc`] and [`admin_rpc`] map the
+//! gRPC wire to it, [`oauth`] the OAuth endpoints, [`admin_port`] the
+//! metrics and health endpoints; [`tls`] is the listeners' renewing
+//! certificate; [`keys`] the signing keys, [`rate`] rule rate limits,
+//! [`config`] the command-line settings. [`serve`], [`serve_https`] and
+//! [`serve_admin`] run on a listener until a shutdown future resolves;
+//! [`run_maintenance`] does rotations and the change feed.
 
 pub mod admin_port;
 pub mod admin_rpc;

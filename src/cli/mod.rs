@@ -42,7 +42,8 @@ pub enum Command {
     /// Access tokens: inspect one.
     #[command(subcommand)]
     Token(token::TokenCommand),
-    /// Run the broker: identity CA and token issuer over mTLS gRPC.
+    /// Run the broker: identity CA and token issuer (mTLS gRPC, OAuth over
+    /// HTTPS), with audit, inventory and an admin port.
     Broker(crate::broker::config::BrokerFlags),
     /// Run a sidecar (not in this build yet).
     Sidecar(NotYet),
