@@ -17,6 +17,7 @@
 //!
 //! Time is tokio's clock, so tests run with `start_paused`.
 
+use super::random_unit;
 use crate::token::{AccessToken, Audience, Scopes};
 use std::collections::HashMap;
 use std::future::Future;
@@ -349,15 +350,4 @@ impl<F: Fetch> TokenCache<F> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// A uniform number in [0, 1) from the system random source (0.5 if it
-/// fails: no jitter is better than none at all).
-fn random_unit() -> f64 {
-    use aws_lc_rs::rand::SecureRandom as _;
-    let mut b = [0u8; 4];
-    if aws_lc_rs::rand::SystemRandom::new().fill(&mut b).is_err() {
-        return 0.5;
-    }
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
 }

@@ -8,6 +8,7 @@
 //! maths ([`renew_at`], [`backoff`]) is pure and takes its randomness as an
 //! argument.
 
+use super::random_unit;
 use crate::identity::SpiffeId;
 use crate::proto::v1 as pb;
 use std::path::PathBuf;
@@ -301,15 +302,6 @@ pub async fn keep_renewed(
             }
         }
     }
-}
-
-fn random_unit() -> f64 {
-    use aws_lc_rs::rand::SecureRandom as _;
-    let mut b = [0u8; 4];
-    if aws_lc_rs::rand::SystemRandom::new().fill(&mut b).is_err() {
-        return 0.5;
-    }
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
 }
 
 #[cfg(test)]

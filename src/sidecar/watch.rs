@@ -1,0 +1,137 @@
+//! Following the broker's Watch stream: the JWKS and trust bundle the
+//! sidecar verifies with, kept current, resuming after the last sequence
+//! number on every reconnect so no change is missed, and how stale it all
+//! is (for `/readyz` and metrics).
+
+use super::identity::backoff;
+use super::random_unit;
+use crate::clock::Clock;
+use crate::proto::v1 as pb;
+use crate::token::Jwks;
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+/// What the sidecar knows of the mesh, as of `sequence`.
+#[derive(Debug, Clone, Default)]
+pub struct MeshState {
+    /// The broker's signing keys.
+    pub jwks: Option<Arc<Jwks>>,
+    /// Trust bundle roots, DER.
+    pub bundle_der: Vec<Vec<u8>>,
+    /// The last change applied.
+    pub sequence: u64,
+    /// When that change was committed at the broker (Unix ms).
+    pub committed_at_ms: u64,
+    /// When it arrived here (Unix ms).
+    pub received_at_ms: u64,
+    /// Whether the stream is up right now.
+    pub connected: bool,
+}
+
+impl MeshState {
+    /// Whether the sidecar can verify: it has a JWKS and a bundle.
+    pub fn ready(&self) -> bool {
+        self.jwks.is_some() && !self.bundle_der.is_empty()
+    }
+
+    /// How long the last change took from the broker's commit to here.
+    pub fn propagation_ms(&self) -> u64 {
+        self.received_at_ms.saturating_sub(self.committed_at_ms)
+    }
+}
+
+/// Applies one update; `Err` names what was wrong with it (the update is
+/// skipped, the stream goes on).
+fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), String> {
+    match update.kind {
+        Some(pb::update::Kind::Jwks(jwks)) => {
+            let parsed = Jwks::parse(jwks.json.as_bytes()).map_err(|e| format!("JWKS: {e}"))?;
+            state.jwks = Some(Arc::new(parsed));
+        }
+        Some(pb::update::Kind::Bundle(bundle)) => {
+            if bundle.roots_der.is_empty() {
+                return Err("an empty trust bundle".into());
+            }
+            state.bundle_der = bundle.roots_der;
+        }
+        Some(pb::update::Kind::Revocation(_) | pb::update::Kind::Policy(_)) => {
+            // Revocations and access policy are fed by the governance
+            // work; this sidecar does not act on them yet.
+            tracing::debug!(
+                sequence = update.sequence,
+                "revocation/policy update not handled yet"
+            );
+        }
+        None => return Err("an update without a kind".into()),
+    }
+    state.sequence = update.sequence;
+    state.committed_at_ms = u64::try_from(update.committed_at_ms).unwrap_or(0);
+    state.received_at_ms = now_ms;
+    Ok(())
+}
+
+/// Follows the Watch stream over `channel` for good, publishing the state
+/// on `state` after every change and every connect or disconnect. Stops
+/// when every receiver of `state` is gone.
+pub async fn follow(
+    channel: Channel,
+    clock: Arc<dyn Clock>,
+    state: tokio::sync::watch::Sender<MeshState>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let after = state.borrow().sequence;
+        let mut client = pb::watch_client::WatchClient::new(channel.clone());
+        let stream = client
+            .subscribe(pb::SubscribeRequest {
+                after_sequence: after,
+            })
+            .await;
+        match stream {
+            Ok(stream) => {
+                attempt = 0;
+                state.send_modify(|s| s.connected = true);
+                let mut stream = stream.into_inner();
+                loop {
+                    let message = tokio::select! {
+                        m = stream.message() => m,
+                        () = state.closed() => return,
+                    };
+                    match message {
+                        Ok(Some(update)) => {
+                            let now_ms = clock.now().saturating_mul(1000);
+                            let sequence = update.sequence;
+                            let mut next = state.borrow().clone();
+                            match apply(&mut next, update, now_ms) {
+                                Ok(()) => {
+                                    state.send_replace(next);
+                                }
+                                Err(why) => {
+                                    tracing::warn!(sequence, %why, "skipped a watch update")
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::info!("the broker ended the watch stream; reconnecting");
+                            break;
+                        }
+                        Err(status) => {
+                            tracing::warn!(code = ?status.code(), message = status.message(), "watch stream broke; reconnecting");
+                            break;
+                        }
+                    }
+                }
+                state.send_modify(|s| s.connected = false);
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), after, "cannot subscribe to the watch stream");
+            }
+        }
+        let wait = backoff(attempt, random_unit());
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = state.closed() => return,
+        }
+    }
+}
