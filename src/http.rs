@@ -1,5 +1,6 @@
 //! A small HTTP server loop (hyper, HTTP/1.1 and HTTP/2) over a TCP
-//! listener, with or without TLS, and the helpers handlers share.
+//! listener, with or without TLS, or over a Unix socket; and the helpers
+//! handlers share.
 //!
 //! [`serve`] takes a listener and a shutdown future, like every server in
 //! tally: tests bind `127.0.0.1:0` and stop it cleanly. Handlers are plain
@@ -26,8 +27,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Who is on the other end of a connection.
 #[derive(Debug)]
 pub struct Peer {
-    /// Remote address.
-    pub addr: SocketAddr,
+    /// Remote address (TCP).
+    pub addr: Option<SocketAddr>,
+    /// The peer process's user id (Unix socket, from `SO_PEERCRED`).
+    pub uid: Option<u32>,
     /// The client certificate chain, leaf first, if the client sent one
     /// (already verified by the TLS layer).
     pub certs: Option<Vec<CertificateDer<'static>>>,
@@ -67,12 +70,6 @@ where
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT);
-            builder.http2().max_concurrent_streams(256);
             let result = match acceptor {
                 Some(acceptor) => {
                     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
@@ -93,22 +90,20 @@ where
                         .1
                         .peer_certificates()
                         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-                    let peer = Arc::new(Peer { addr, certs });
-                    let service = hyper::service::service_fn(move |req| {
-                        let response = handler(req, Arc::clone(&peer));
-                        async move { Ok::<_, std::convert::Infallible>(response.await) }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(tls), service);
-                    watcher.watch(conn.into_owned()).await
+                    let peer = Peer {
+                        addr: Some(addr),
+                        uid: None,
+                        certs,
+                    };
+                    serve_connection(tls, peer, handler, watcher).await
                 }
                 None => {
-                    let peer = Arc::new(Peer { addr, certs: None });
-                    let service = hyper::service::service_fn(move |req| {
-                        let response = handler(req, Arc::clone(&peer));
-                        async move { Ok::<_, std::convert::Infallible>(response.await) }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
+                    let peer = Peer {
+                        addr: Some(addr),
+                        uid: None,
+                        certs: None,
+                    };
+                    serve_connection(stream, peer, handler, watcher).await
                 }
             };
             if let Err(e) = result {
@@ -119,6 +114,77 @@ where
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Serves HTTP/1.1 on a Unix socket listener until `shutdown` resolves,
+/// telling the handler each peer's uid (`SO_PEERCRED`).
+///
+/// # Errors
+/// If accepting fails for a reason other than the client.
+pub async fn serve_unix<H, F>(
+    listener: tokio::net::UnixListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if is_per_connection(&e) => continue,
+                Err(e) => return Err(e),
+            },
+        };
+        let peer = Peer {
+            addr: None,
+            uid: stream.peer_cred().ok().map(|c| c.uid()),
+            certs: None,
+        };
+        let handler = handler.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(stream, peer, handler, watcher).await {
+                tracing::debug!(error = %e, "local connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// One connection: HTTP/1.1 or HTTP/2 (by preface), header read timeout,
+/// watched for graceful shutdown.
+async fn serve_connection<I, H, F>(
+    io: I,
+    peer: Peer,
+    handler: H,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    builder.http2().max_concurrent_streams(256);
+    let peer = Arc::new(peer);
+    let service = hyper::service::service_fn(move |req| {
+        let response = handler(req, Arc::clone(&peer));
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    watcher.watch(conn.into_owned()).await
 }
 
 /// Accept errors that concern one connection, not the listener.

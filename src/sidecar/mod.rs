@@ -1,10 +1,11 @@
 //! The sidecar: the part every application touches. Built so far: the
 //! token cache ([`cache`]), the broker call that fills it ([`issuer`]),
 //! the X.509 identity: attestation and renewal ([`identity`]), and the
-//! Watch stream follower ([`watch`]). The local socket API, inbound
-//! verifier, outbound proxy and `tally sidecar` come next (see the open
-//! issue).
+//! Watch stream follower ([`watch`]), and the local socket API ([`api`]).
+//! The inbound verifier, outbound proxy and `tally sidecar` come next (see
+//! the open issue).
 
+pub mod api;
 pub mod cache;
 pub mod identity;
 pub mod issuer;

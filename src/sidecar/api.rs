@@ -1,0 +1,392 @@
+//! The local API: HTTP/1.1 JSON over a Unix socket, for the application
+//! next to the sidecar. Apps get ready-made header values and never see a
+//! private key.
+//!
+//! - `GET /v1/token?audience=A&scope=S` → `{access_token, token_type,
+//!   expires_at, scope}`
+//! - `POST /v1/authorize {method, url, audience?, scope?}` →
+//!   `{authorization, dpop}`: a fresh proof for that request on every call
+//!   (with `ath`, and the last nonce the sidecar saw for the URL's origin);
+//!   the audience comes from the service map by host when omitted.
+//! - `GET /v1/identity` → `{spiffe_id, trust_domain, expires_at}`
+//!
+//! Errors are `{error, error_description}` with 400, 403 (the broker or
+//! the peer-uid allow-list refused), 503 (broker unreachable) — mapped in
+//! one place ([`api_error`]).
+
+use super::cache::{CacheError, Fetch, TokenCache};
+use super::identity::Svid;
+use crate::auth::answer::safe_description;
+use crate::clock::Clock;
+use crate::dpop::{NormalizedUri, ProofKey};
+use crate::http::{Body, Peer, json, read_body};
+use crate::token::{Audience, Scope, Scopes};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Largest request body read.
+const MAX_BODY: usize = 16 * 1024;
+
+/// Which audience serves which host (`host` or `host:port`).
+#[derive(Debug, Clone, Default)]
+pub struct ServiceMap(HashMap<String, Audience>);
+
+impl ServiceMap {
+    /// A map from these (host, audience) pairs.
+    pub fn new(entries: impl IntoIterator<Item = (String, Audience)>) -> Self {
+        Self(
+            entries
+                .into_iter()
+                .map(|(h, a)| (h.to_ascii_lowercase(), a))
+                .collect(),
+        )
+    }
+
+    /// The audience for a URL's authority: `host:port` first, then `host`.
+    pub fn audience_for(&self, url: &str) -> Option<&Audience> {
+        let authority = url.split("://").nth(1)?.split(['/', '?', '#']).next()?;
+        let authority = authority.to_ascii_lowercase();
+        self.0.get(&authority).or_else(|| {
+            let host = authority
+                .rsplit_once(':')
+                .map_or(authority.as_str(), |(h, _)| h);
+            self.0.get(host)
+        })
+    }
+}
+
+/// The local API's state.
+pub struct LocalApi<F> {
+    cache: Arc<TokenCache<F>>,
+    key: Arc<ProofKey>,
+    identity: tokio::sync::watch::Receiver<Arc<Svid>>,
+    services: ServiceMap,
+    /// Last `DPoP-Nonce` seen per origin (filled by the outbound proxy).
+    nonces: Mutex<HashMap<String, String>>,
+    allowed_uids: Option<Vec<u32>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl<F> std::fmt::Debug for LocalApi<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalApi")
+            .field("allowed_uids", &self.allowed_uids)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refusal, as the app sees it.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    description: String,
+}
+
+impl ApiError {
+    fn bad_request(description: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            description: description.into(),
+        }
+    }
+}
+
+/// The one mapping from cache refusals to HTTP answers.
+fn api_error(e: &CacheError) -> ApiError {
+    match e {
+        CacheError::Refused(why) => ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "access_denied",
+            description: why.clone(),
+        },
+        CacheError::Unreachable { .. } => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "broker_unreachable",
+            description: e.to_string(),
+        },
+    }
+}
+
+impl<F: Fetch> LocalApi<F> {
+    /// The API over these parts. `allowed_uids`, when set, lists the only
+    /// peer user ids served.
+    pub fn new(
+        cache: Arc<TokenCache<F>>,
+        key: Arc<ProofKey>,
+        identity: tokio::sync::watch::Receiver<Arc<Svid>>,
+        services: ServiceMap,
+        allowed_uids: Option<Vec<u32>>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            cache,
+            key,
+            identity,
+            services,
+            nonces: Mutex::new(HashMap::new()),
+            allowed_uids,
+            clock,
+        })
+    }
+
+    /// Remembers the server nonce last seen for `origin`.
+    pub fn remember_nonce(&self, origin: &str, nonce: &str) {
+        self.nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(origin.to_ascii_lowercase(), nonce.to_owned());
+    }
+
+    /// Answers one request.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Response<Body> {
+        let answer = self.route(req, &peer).await;
+        answer.unwrap_or_else(|e| {
+            json(
+                e.status,
+                &json!({"error": e.code, "error_description": safe_description(&e.description)}),
+            )
+        })
+    }
+
+    async fn route(&self, req: Request<Incoming>, peer: &Peer) -> Result<Response<Body>, ApiError> {
+        if let Some(allowed) = &self.allowed_uids
+            && !peer.uid.is_some_and(|uid| allowed.contains(&uid))
+        {
+            return Err(ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "access_denied",
+                description: format!(
+                    "this socket serves only uids {allowed:?}; the caller is {}",
+                    peer.uid.map_or_else(|| "unknown".into(), |u| u.to_string())
+                ),
+            });
+        }
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/v1/token") => self.token(req.uri().query().unwrap_or("")).await,
+            (&Method::POST, "/v1/authorize") => {
+                let body = read_body(req.into_body(), MAX_BODY)
+                    .await
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                self.authorize(&body).await
+            }
+            (&Method::GET, "/v1/identity") => Ok(self.identity()),
+            _ => Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                code: "not_found",
+                description: "try GET /v1/token, POST /v1/authorize or GET /v1/identity".into(),
+            }),
+        }
+    }
+
+    async fn token(&self, query: &str) -> Result<Response<Body>, ApiError> {
+        let (mut audience, mut scope) = (None, None);
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match k.as_ref() {
+                "audience" => &mut audience,
+                "scope" => &mut scope,
+                _ => continue,
+            };
+            if slot.replace(v.into_owned()).is_some() {
+                return Err(ApiError::bad_request(format!("{k} is repeated")));
+            }
+        }
+        let audience: Audience = audience
+            .ok_or_else(|| ApiError::bad_request("audience is required"))?
+            .parse()
+            .map_err(|e| ApiError::bad_request(format!("audience: {e}")))?;
+        let scopes = parse_scopes(scope.as_deref().unwrap_or(""))?;
+        let fetched = self
+            .cache
+            .get(&audience, &scopes)
+            .await
+            .map_err(|e| api_error(&e))?;
+        let expires_at = self.clock.now() + fetched.expires_in.as_secs();
+        Ok(json(
+            StatusCode::OK,
+            &json!({
+                "access_token": fetched.token.expose(),
+                "token_type": "DPoP",
+                "expires_at": expires_at,
+                "scope": fetched.scopes.to_string(),
+            }),
+        ))
+    }
+
+    async fn authorize(&self, body: &[u8]) -> Result<Response<Body>, ApiError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Ask {
+            method: String,
+            url: String,
+            audience: Option<String>,
+            scope: Option<String>,
+        }
+        let ask: Ask = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
+        if ask.method.is_empty() || !ask.method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ApiError::bad_request(
+                "method must be an upper-case HTTP method",
+            ));
+        }
+        let htu = NormalizedUri::parse(&ask.url)
+            .map_err(|e| ApiError::bad_request(format!("url: {e}")))?;
+        let audience = match &ask.audience {
+            Some(a) => a
+                .parse()
+                .map_err(|e| ApiError::bad_request(format!("audience: {e}")))?,
+            None => self
+                .services
+                .audience_for(&ask.url)
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "no audience given and the URL's host is not in the service map",
+                    )
+                })?,
+        };
+        let scopes = parse_scopes(ask.scope.as_deref().unwrap_or(""))?;
+        let fetched = self
+            .cache
+            .get(&audience, &scopes)
+            .await
+            .map_err(|e| api_error(&e))?;
+        let origin = origin_of(htu.as_str());
+        let nonce = self
+            .nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&origin)
+            .cloned();
+        let proof = self
+            .key
+            .mint(
+                &ask.method,
+                htu.as_str(),
+                Some(fetched.token.expose()),
+                nonce.as_deref(),
+                self.clock.now(),
+            )
+            .map_err(|e| ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "server_error",
+                description: format!("signing the proof: {e}"),
+            })?;
+        Ok(json(
+            StatusCode::OK,
+            &json!({
+                "authorization": format!("DPoP {}", fetched.token.expose()),
+                "dpop": proof,
+            }),
+        ))
+    }
+
+    fn identity(&self) -> Response<Body> {
+        let svid = Arc::clone(&self.identity.borrow());
+        json(
+            StatusCode::OK,
+            &json!({
+                "spiffe_id": svid.spiffe_id.as_str(),
+                "trust_domain": svid.spiffe_id.trust_domain(),
+                "expires_at": svid.expires_at,
+            }),
+        )
+    }
+}
+
+fn parse_scopes(text: &str) -> Result<Scopes, ApiError> {
+    text.split(' ')
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<Scope>)
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(Scopes::new)
+        .map_err(|e| ApiError::bad_request(format!("scope: {e}")))
+}
+
+/// `scheme://authority` of a normalized URI.
+fn origin_of(uri: &str) -> String {
+    match uri.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or("")),
+        None => uri.to_owned(),
+    }
+}
+
+/// Binds the API's socket at `path` with mode 0660, replacing a stale
+/// socket file left by a previous run (never any other kind of file).
+///
+/// # Errors
+/// If the socket cannot be bound or its mode set.
+pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Serves the API on `listener` (see [`bind`]) until `shutdown`.
+///
+/// # Errors
+/// If accepting fails.
+pub async fn serve<F: Fetch>(
+    api: Arc<LocalApi<F>>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    crate::http::serve_unix(
+        listener,
+        move |req, peer| Arc::clone(&api).handle(req, peer),
+        shutdown,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_map_finds_an_audience_by_host_and_port() {
+        let map = ServiceMap::new([
+            (
+                "payments.svc".to_owned(),
+                "spiffe://td/pay".parse().unwrap(),
+            ),
+            (
+                "ledger:8443".to_owned(),
+                "spiffe://td/ledger".parse().unwrap(),
+            ),
+        ]);
+        let aud = |u: &str| map.audience_for(u).map(|a| a.as_str().to_owned());
+        assert_eq!(
+            aud("http://Payments.svc:8080/v1/x?y").as_deref(),
+            Some("spiffe://td/pay")
+        );
+        assert_eq!(
+            aud("https://ledger:8443/").as_deref(),
+            Some("spiffe://td/ledger")
+        );
+        assert_eq!(aud("https://ledger:9000/"), None);
+        assert_eq!(aud("not a url"), None);
+    }
+
+    #[test]
+    fn origins_are_scheme_and_authority() {
+        assert_eq!(
+            origin_of("https://a.example:8443/x/y"),
+            "https://a.example:8443"
+        );
+    }
+}
