@@ -4,19 +4,20 @@
 //! out pass the token core's whole-request check, as a payments service's
 //! sidecar would run it.
 
+mod support;
+
 use serde_json::{Value, json};
 use std::os::unix::fs::PermissionsExt as _;
 use std::sync::Arc;
+use support::broker::{serve_broker, settings};
 use tally::auth::{Request, RequestVerifier, VerifierConfig};
-use tally::broker::{Broker, BrokerSettings};
 use tally::clock::{Clock, SystemClock};
 use tally::dpop::ProofKey;
-use tally::policy::Policy;
 use tally::sidecar::api::{LocalApi, ServiceMap};
 use tally::sidecar::cache::{CacheConfig, TokenCache};
 use tally::sidecar::identity::{Attestation, IdentityClient};
 use tally::sidecar::issuer::BrokerIssuer;
-use tally::store::{Sealer, Store};
+use tally::store::Sealer;
 use tally::token::TokenConfig;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -51,38 +52,12 @@ async fn call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(
-        &dir.path().join("tally.db"),
-        Sealer::from_key_material(Sealer::generate_key_text().unwrap().as_bytes()).unwrap(),
-    )
-    .await
-    .unwrap();
-    let settings = BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let certs = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, certs, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
+    let key_text = Sealer::generate_key_text().unwrap();
+    let served = serve_broker(dir.path(), &key_text, settings(POLICY), "127.0.0.1:0").await;
+    let broker = Arc::clone(&served.broker);
 
     // The sidecar: attest, then the cache over Tokens.Issue, then the API.
-    let identity = IdentityClient::new(
-        format!("https://localhost:{}", addr.port()),
-        broker.bundle_pem(),
-    );
+    let identity = IdentityClient::new(served.url(), broker.bundle_pem());
     let join = broker
         .create_join_token(&CHECKOUT.parse().unwrap(), 600, None)
         .await
@@ -223,8 +198,7 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
 
     // The broker goes away: the cached token keeps serving; an uncached
     // audience gets a clear 503.
-    let _ = stop.send(());
-    server.await.unwrap();
+    served.stop().await;
     let (status, _) = call(&socket, "GET", target, None).await;
     assert_eq!(status, 200);
     let (status, e) = call(

@@ -2,54 +2,26 @@
 //! with a join token, renewal before expiry with a new key, refusals and
 //! an unreachable broker told apart.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
-use tally::broker::{Broker, BrokerSettings};
+use support::broker::{serve_broker, settings};
 use tally::clock::{Clock, SystemClock};
-use tally::policy::Policy;
 use tally::sidecar::identity::{Attestation, IdentityClient, IdentityError, keep_renewed};
-use tally::store::{Sealer, Store};
+use tally::store::Sealer;
 use zeroize::Zeroizing;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(
-        &dir.path().join("tally.db"),
-        Sealer::from_key_material(Sealer::generate_key_text().unwrap().as_bytes()).unwrap(),
-    )
-    .await
-    .unwrap();
-    let mut settings = BrokerSettings::new(
-        "example.org",
-        Policy::parse("trust_domain: example.org\n").unwrap(),
-    )
-    .unwrap();
+    let mut short = settings("trust_domain: example.org\n");
     // Short SVIDs so renewal (at 40–60% of the life) happens in the test.
-    settings.svid_ttl = 4;
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let certs = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, certs, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    let client = IdentityClient::new(
-        format!("https://localhost:{}", addr.port()),
-        broker.bundle_pem(),
-    );
+    short.svid_ttl = 4;
+    let key = Sealer::generate_key_text().unwrap();
+    let served = serve_broker(dir.path(), &key, short, "127.0.0.1:0").await;
+    let broker = Arc::clone(&served.broker);
+    let client = IdentityClient::new(served.url(), broker.bundle_pem());
     let id = "spiffe://example.org/vm/build-1";
     let token = broker
         .create_join_token(&id.parse().unwrap(), 600, None)
@@ -81,8 +53,7 @@ async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
     renewer.await.unwrap();
 
     // No broker there: unreachable, not refused.
-    let _ = stop.send(());
-    server.await.unwrap();
+    served.stop().await;
     let err = client.renew(&second, SystemClock.now()).await.unwrap_err();
     assert!(matches!(err, IdentityError::Unreachable(_)), "{err:?}");
 }

@@ -2,17 +2,17 @@
 //! one issuance for many callers, tokens bound to the sidecar's key,
 //! refusals passed on, and cached tokens outliving a broker outage.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
-use tally::broker::{Broker, BrokerSettings};
+use support::broker::{channel_as, serve_broker, settings};
 use tally::clock::{Clock, SystemClock};
 use tally::dpop::ProofKey;
-use tally::policy::Policy;
 use tally::sidecar::cache::{CacheConfig, CacheError, TokenCache};
 use tally::sidecar::issuer::BrokerIssuer;
-use tally::store::{Sealer, Store};
+use tally::store::Sealer;
 use tally::token::{TokenConfig, verify};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const CHECKOUT: &str = "spiffe://example.org/ns/shop/sa/checkout";
 const PAYMENTS: &str = "spiffe://example.org/ns/pay/sa/payments";
@@ -21,50 +21,10 @@ const POLICY: &str = include_str!("fixtures/policy.yaml");
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_gets_bound_tokens_from_the_broker_once_and_rides_out_an_outage() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(
-        &dir.path().join("tally.db"),
-        Sealer::from_key_material(Sealer::generate_key_text().unwrap().as_bytes()).unwrap(),
-    )
-    .await
-    .unwrap();
-    let settings = BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let certs = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, certs, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-
-    let svid = broker
-        .mint_credential(&CHECKOUT.parse().unwrap(), 600)
-        .unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(broker.bundle_pem()))
-        .identity(Identity::from_pem(
-            &svid.cert_chain_pem,
-            svid.key_pem.as_bytes(),
-        ))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let key_text = Sealer::generate_key_text().unwrap();
+    let served = serve_broker(dir.path(), &key_text, settings(POLICY), "127.0.0.1:0").await;
+    let broker = Arc::clone(&served.broker);
+    let channel = channel_as(&served, CHECKOUT);
     let key = Arc::new(ProofKey::generate().unwrap());
     let issuer = BrokerIssuer::new(
         channel,
@@ -122,8 +82,7 @@ async fn the_cache_gets_bound_tokens_from_the_broker_once_and_rides_out_an_outag
 
     // The broker goes away: the cached token is still served; a new key
     // cannot be filled and says the broker is unreachable.
-    let _ = stop.send(());
-    server.await.unwrap();
+    served.stop().await;
     assert_eq!(
         cache.get(&payments, &charge).await.unwrap().jti,
         fetched.jti

@@ -2,61 +2,14 @@
 //! at once, live changes, and a broker restart survived by resuming after
 //! the last sequence number.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
-use tally::broker::{Broker, BrokerSettings};
+use support::broker::{channel_as, serve_broker, settings};
 use tally::clock::SystemClock;
-use tally::policy::Policy;
 use tally::sidecar::watch::{MeshState, follow};
-use tally::store::{Sealer, Store};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-struct Served {
-    broker: Arc<Broker>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-async fn serve_on(dir: &std::path::Path, key: &str, addr: &str) -> (Served, std::net::SocketAddr) {
-    let store = Store::open_sqlite(
-        &dir.join("tally.db"),
-        Sealer::from_key_material(key.as_bytes()).unwrap(),
-    )
-    .await
-    .unwrap();
-    let settings = BrokerSettings::new(
-        "example.org",
-        Policy::parse("trust_domain: example.org\n").unwrap(),
-    )
-    .unwrap();
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let bound = listener.local_addr().unwrap();
-    let certs = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, certs, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    (
-        Served {
-            broker,
-            stop,
-            server,
-        },
-        bound,
-    )
-}
+use tally::store::Sealer;
 
 async fn until(
     rx: &mut tokio::sync::watch::Receiver<MeshState>,
@@ -74,26 +27,10 @@ async fn until(
 async fn the_sidecar_follows_changes_and_resumes_after_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let key = Sealer::generate_key_text().unwrap();
-    let (served, addr) = serve_on(dir.path(), &key, "127.0.0.1:0").await;
-    let svid = served
-        .broker
-        .mint_credential(
-            &"spiffe://example.org/ns/shop/sa/checkout".parse().unwrap(),
-            600,
-        )
-        .unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(served.broker.bundle_pem()))
-        .identity(Identity::from_pem(
-            &svid.cert_chain_pem,
-            svid.key_pem.as_bytes(),
-        ))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_lazy();
+    let policy = "trust_domain: example.org\n";
+    let served = serve_broker(dir.path(), &key, settings(policy), "127.0.0.1:0").await;
+    let addr = served.addr;
+    let channel = channel_as(&served, "spiffe://example.org/ns/shop/sa/checkout");
     let (state, mut rx) = tokio::sync::watch::channel(MeshState::default());
     let follower = tokio::spawn(follow(channel, Arc::new(SystemClock), state));
 
@@ -110,15 +47,14 @@ async fn the_sidecar_follows_changes_and_resumes_after_a_broker_restart() {
     assert!(rotated.sequence > first.sequence);
 
     // The broker goes away: the follower notices, keeps what it knows.
-    let _ = served.stop.send(());
-    served.server.await.unwrap();
+    served.stop().await;
     let down = until(&mut rx, "the disconnect", |s| !s.connected).await;
     assert_eq!(down.sequence, rotated.sequence);
     assert!(down.ready(), "verification keeps working on the last state");
 
     // Back on the same address and store, with a change made meanwhile:
     // the follower resumes after its last sequence and gets just that.
-    let (again, _) = serve_on(dir.path(), &key, &addr.to_string()).await;
+    let again = serve_broker(dir.path(), &key, settings(policy), &addr.to_string()).await;
     again.broker.rotate_signing_key(300, None).await.unwrap();
     let resumed = until(&mut rx, "the change made while away", |s| {
         s.connected && s.jwks.as_ref().is_some_and(|j| j.len() == 3)
@@ -127,7 +63,6 @@ async fn the_sidecar_follows_changes_and_resumes_after_a_broker_restart() {
     assert!(resumed.sequence > rotated.sequence);
 
     drop(rx);
-    let _ = again.stop.send(());
-    again.server.await.unwrap();
+    again.stop().await;
     follower.await.unwrap();
 }

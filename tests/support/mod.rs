@@ -3,6 +3,8 @@
 //! generated per test against a fixed `NOW`.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use serde_json::{Value, json};
 use tally::dpop::NormalizedUri;
 use tally::dpop::proof::{NonceRule, ProofContext, ProofKey, TokenHash};
