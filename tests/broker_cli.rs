@@ -1,91 +1,16 @@
 //! `tally broker` as an operator runs it: the binary, its data directory,
 //! mTLS with the admin credential it writes, and a clean SIGTERM.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
+use support::broker::{EPHEMERAL_PORTS, Spawned};
 use tally::proto::v1 as pb;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/policy.yaml");
-
-/// A broker binary on ephemeral ports, and where it listens.
-struct Spawned {
-    child: std::process::Child,
-    out: BufReader<std::process::ChildStdout>,
-    grpc: String,
-    https_line: String,
-    admin: String,
-}
-
-impl Spawned {
-    fn start(data: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args([
-                "broker",
-                "--trust-domain",
-                "example.org",
-                "--policy",
-                POLICY,
-            ])
-            .args(EPHEMERAL_PORTS)
-            .arg("--data-dir")
-            .arg(data)
-            .env_remove("TALLY_STORE_KEY")
-            // Everything it logs, for tests that search the log for secrets.
-            .env("TALLY_LOG", "debug")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(data.with_extension("log")).unwrap())
-            .spawn()
-            .unwrap();
-        // The broker prints its addresses once it listens: no sleeping.
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut next_line = || {
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            line
-        };
-        let (grpc, https_line, admin) = (next_line(), next_line(), next_line());
-        assert!(
-            grpc.contains("gRPC (mTLS) listening on 127.0.0.1:"),
-            "{grpc}"
-        );
-        let after = |line: &str| {
-            line.split("listening on ")
-                .nth(1)
-                .unwrap()
-                .split([',', '\n'])
-                .next()
-                .unwrap()
-                .trim()
-                .to_owned()
-        };
-        Self {
-            grpc: after(&grpc),
-            admin: after(&admin),
-            https_line,
-            child,
-            out,
-        }
-    }
-
-    /// SIGTERM, then the exit code and the rest of stdout.
-    fn stop(mut self) -> (Option<i32>, Vec<String>) {
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let status = self.child.wait().unwrap();
-        (
-            status.code(),
-            self.out.lines().map(Result::unwrap).collect(),
-        )
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_on_sigterm() {
@@ -413,16 +338,6 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
         );
     }
 }
-
-/// Every listener on an ephemeral port, so tests never collide.
-const EPHEMERAL_PORTS: [&str; 6] = [
-    "--grpc-listen",
-    "127.0.0.1:0",
-    "--http-listen",
-    "127.0.0.1:0",
-    "--admin-listen",
-    "127.0.0.1:0",
-];
 
 /// A plain HTTP/1.1 GET; the whole response as text.
 fn http_get(addr: &str, path: &str) -> String {

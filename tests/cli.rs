@@ -129,7 +129,15 @@ fn bad_usage_exits_64() {
 #[test]
 fn unbuilt_subcommands_refuse_to_run() {
     for cmd in [
-        &["sidecar"][..],
+        &[
+            "sidecar",
+            "--broker",
+            "https://localhost:8443",
+            "--trust-bundle",
+            "/nonexistent",
+            "--inbound-listen",
+            "127.0.0.1:0",
+        ][..],
         &["injector"],
         &["demo"],
         &["ctl", "revoke"],

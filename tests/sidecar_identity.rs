@@ -32,6 +32,8 @@ async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
     assert_eq!(first.spiffe_id.as_str(), id);
     assert!(first.expires_at <= SystemClock.now() + 4);
     assert_eq!(first.bundle_pem, broker.bundle_pem());
+    // The broker says where Tokens.Issue proofs must point.
+    assert_eq!(first.issue_htu(), broker.issue_uri());
 
     // The same join token again: refused, not "unreachable".
     let again = client.attest(&how, SystemClock.now()).await.unwrap_err();

@@ -117,6 +117,7 @@ pub(super) async fn issue_svid(
         chain_der: svid.chain_der,
         bundle_der: broker.ca().bundle_der(),
         expires_at: i64::try_from(svid.expires_at).unwrap_or(i64::MAX),
+        issuer: broker.settings.issuer.clone(),
     }))
 }
 

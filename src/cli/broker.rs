@@ -293,7 +293,7 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
 const DRAIN: Duration = Duration::from_secs(10);
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

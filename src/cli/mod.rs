@@ -13,6 +13,7 @@ mod bench;
 mod broker;
 mod ctl;
 mod dpop;
+mod sidecar;
 mod token;
 
 use clap::{Args, Parser, Subcommand};
@@ -45,8 +46,9 @@ pub enum Command {
     /// Run the broker: identity CA and token issuer (mTLS gRPC, OAuth over
     /// HTTPS), with audit, inventory and an admin port.
     Broker(crate::broker::config::BrokerFlags),
-    /// Run a sidecar (not in this build yet).
-    Sidecar(NotYet),
+    /// Run a sidecar: attest, keep the SVID renewed, follow the broker, and
+    /// serve tokens and request headers on a local Unix socket.
+    Sidecar(sidecar::SidecarFlags),
     /// Run the Kubernetes admission webhook (not in this build yet).
     Injector(NotYet),
     /// Administer: trust policy tools (offline), join tokens, credentials
@@ -75,6 +77,9 @@ pub enum CliError {
     /// The subcommand exists in the design but not in this build.
     #[error("`tally {0}` is not implemented in this build yet")]
     NotImplemented(&'static str),
+    /// A part of a command this build does not have yet.
+    #[error("{0}")]
+    Unavailable(String),
     /// Anything else.
     #[error("{0}")]
     Failed(String),
@@ -85,7 +90,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Usage(_) => EXIT_USAGE,
-            Self::NotImplemented(_) => EXIT_UNAVAILABLE,
+            Self::NotImplemented(_) | Self::Unavailable(_) => EXIT_UNAVAILABLE,
             Self::Failed(_) => 1,
         }
     }
@@ -100,7 +105,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Dpop(cmd) => dpop::run(cmd),
         Command::Token(cmd) => token::run(cmd),
         Command::Broker(flags) => broker::run(flags),
-        Command::Sidecar(_) => Err(CliError::NotImplemented("sidecar")),
+        Command::Sidecar(flags) => sidecar::run(flags),
         Command::Injector(_) => Err(CliError::NotImplemented("injector")),
         Command::Ctl(cmd) => ctl::run(cmd),
         Command::Demo(_) => Err(CliError::NotImplemented("demo")),

@@ -53,6 +53,18 @@ pub struct Svid {
     pub issued_at: u64,
     /// When it expires (Unix seconds).
     pub expires_at: u64,
+    /// The broker's token issuer URL (for the Tokens.Issue proof's htu).
+    pub issuer: String,
+}
+
+impl Svid {
+    /// The DPoP `htu` for `Tokens.Issue` at the broker that issued this.
+    pub fn issue_htu(&self) -> String {
+        format!(
+            "{}/tally.v1.Tokens/Issue",
+            self.issuer.trim_end_matches('/')
+        )
+    }
 }
 
 impl std::fmt::Debug for Svid {
@@ -252,6 +264,7 @@ fn svid_from(
         bundle_pem: reply.bundle_der.iter().map(pem).collect(),
         issued_at: now,
         expires_at: u64::try_from(reply.expires_at).unwrap_or(0),
+        issuer: reply.issuer,
     })
 }
 

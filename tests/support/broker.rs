@@ -1,6 +1,9 @@
-//! A real broker for integration tests: SQLite store in a directory, gRPC
+//! A real broker for integration tests, in process or as the binary
+//! ([`Spawned`]): SQLite store in a directory, gRPC
 //! over TLS on 127.0.0.1 (port 0 unless given), stopped on demand.
 
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use tally::broker::{Broker, BrokerSettings};
 use tally::clock::SystemClock;
@@ -93,4 +96,96 @@ pub fn channel_as(served: &ServedBroker, id: &str) -> tonic::transport::Channel 
         .tls_config(tls)
         .unwrap()
         .connect_lazy()
+}
+
+/// The test policy file.
+pub const POLICY_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/policy.yaml");
+
+/// Every listener on an ephemeral port, so tests never collide.
+pub const EPHEMERAL_PORTS: [&str; 6] = [
+    "--grpc-listen",
+    "127.0.0.1:0",
+    "--http-listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+];
+
+/// A broker binary on ephemeral ports, and where it listens.
+pub struct Spawned {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+    pub grpc: String,
+    pub https_line: String,
+    pub admin: String,
+}
+
+impl Spawned {
+    /// Starts `tally broker` for example.org with the test policy on `data`.
+    pub fn start(data: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "broker",
+                "--trust-domain",
+                "example.org",
+                "--policy",
+                POLICY_FILE,
+            ])
+            .args(EPHEMERAL_PORTS)
+            .arg("--data-dir")
+            .arg(data)
+            .env_remove("TALLY_STORE_KEY")
+            // Everything it logs, for tests that search the log for secrets.
+            .env("TALLY_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(data.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap();
+        // The broker prints its addresses once it listens: no sleeping.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut next_line = || {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            line
+        };
+        let (grpc, https_line, admin) = (next_line(), next_line(), next_line());
+        assert!(
+            grpc.contains("gRPC (mTLS) listening on 127.0.0.1:"),
+            "{grpc}"
+        );
+        let after = |line: &str| {
+            line.split("listening on ")
+                .nth(1)
+                .unwrap()
+                .split([',', '\n'])
+                .next()
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        Self {
+            grpc: after(&grpc),
+            admin: after(&admin),
+            https_line,
+            child,
+            out,
+        }
+    }
+
+    /// SIGTERM, then the exit code and the rest of stdout.
+    pub fn stop(mut self) -> (Option<i32>, Vec<String>) {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = self.child.wait().unwrap();
+        (
+            status.code(),
+            self.out.lines().map(Result::unwrap).collect(),
+        )
+    }
 }

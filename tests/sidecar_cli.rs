@@ -1,0 +1,93 @@
+//! `tally sidecar` as an operator runs it, next to `tally broker`: the
+//! binaries, a join token from `tally ctl`, and the local API over the
+//! socket; SIGTERM stops it cleanly.
+
+mod support;
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::process::{Command, Stdio};
+use support::broker::Spawned;
+
+fn get(socket: &std::path::Path, target: &str) -> (u16, serde_json::Value) {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        serde_json::from_str(body).unwrap(),
+    )
+}
+
+#[test]
+fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start(&data);
+    let broker_url = format!("https://{}", broker.grpc.replace("127.0.0.1", "localhost"));
+    let checkout = "spiffe://example.org/ns/shop/sa/checkout";
+    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["ctl", "join-token", "create", "--spiffe-id", checkout])
+        .arg("--broker")
+        .arg(&broker_url)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let token = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+
+    let socket = dir.path().join("agent.sock");
+    let mut sidecar = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["sidecar", "--broker", &broker_url])
+        .arg("--trust-bundle")
+        .arg(data.join("bundle.pem"))
+        .arg("--socket")
+        .arg(&socket)
+        // The token through the environment, not the command line.
+        .env("TALLY_JOIN_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(sidecar.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(checkout) && line.contains("local API on"),
+        "{line}"
+    );
+
+    let (status, identity) = get(&socket, "/v1/identity");
+    assert_eq!(status, 200);
+    assert_eq!(identity["spiffe_id"], checkout);
+    let (status, issued) = get(
+        &socket,
+        "/v1/token?audience=spiffe%3A%2F%2Fexample.org%2Fns%2Fpay%2Fsa%2Fpayments&scope=payments%3Aread",
+    );
+    assert_eq!(status, 200, "{issued}");
+    assert_eq!(issued["token_type"], "DPoP");
+    assert_eq!(issued["scope"], "payments:read");
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &sidecar.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(sidecar.wait().unwrap().code(), Some(0));
+    assert!(!socket.exists(), "the socket is removed on the way out");
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+}
