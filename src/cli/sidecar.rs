@@ -8,7 +8,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::dpop::ProofKey;
 use crate::sidecar::api::{self, LocalApi, ServiceMap};
 use crate::sidecar::cache::{CacheConfig, TokenCache};
-use crate::sidecar::identity::{Attestation, IdentityClient, keep_renewed};
+use crate::sidecar::identity::{Attestation, IdentityClient, IdentityError, backoff, keep_renewed};
 use crate::sidecar::issuer::BrokerIssuer;
 use crate::sidecar::watch::{MeshState, follow};
 use std::path::{Path, PathBuf};
@@ -178,10 +178,24 @@ async fn serve(
 ) -> Result<ExitCode, CliError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let identity = IdentityClient::new(broker, bundle);
-    let svid = identity
-        .attest(&how, clock.now())
-        .await
-        .map_err(|e| CliError::Failed(format!("attestation failed: {e}")))?;
+    // First contact: retry while the broker is unreachable (it may be
+    // starting too); a refusal is final.
+    let mut attempt = 0;
+    let svid = loop {
+        match identity.attest(&how, clock.now()).await {
+            Ok(svid) => break svid,
+            Err(IdentityError::Unreachable(why)) => {
+                let wait = backoff(attempt, crate::sidecar::random_unit());
+                attempt += 1;
+                tracing::warn!(%why, retry_in = ?wait, "broker unreachable; retrying attestation");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = super::broker::shutdown_signal() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+            Err(e) => return Err(CliError::Failed(format!("attestation failed: {e}"))),
+        }
+    };
     let key = Arc::new(ProofKey::generate().map_err(|e| CliError::Failed(e.to_string()))?);
     let channel = identity
         .channel(&svid)

@@ -13,7 +13,7 @@ pub mod watch;
 
 /// A uniform number in [0, 1) from the system random source, for jitter
 /// (0.5 if the source fails: no jitter is better than none at all).
-pub(crate) fn random_unit() -> f64 {
+pub fn random_unit() -> f64 {
     use aws_lc_rs::rand::SecureRandom as _;
     let mut b = [0u8; 4];
     if aws_lc_rs::rand::SystemRandom::new().fill(&mut b).is_err() {
