@@ -32,7 +32,11 @@ async fn the_sidecar_follows_changes_and_resumes_after_a_broker_restart() {
     let addr = served.addr;
     let channel = channel_as(&served, "spiffe://example.org/ns/shop/sa/checkout");
     let (state, mut rx) = tokio::sync::watch::channel(MeshState::default());
-    let follower = tokio::spawn(follow(channel, Arc::new(SystemClock), state));
+    let follower = tokio::spawn(follow(
+        move || channel.clone(),
+        Arc::new(SystemClock),
+        state,
+    ));
 
     let first = until(&mut rx, "the initial state", MeshState::ready).await;
     assert_eq!(first.jwks.as_ref().unwrap().len(), 1);

@@ -201,7 +201,7 @@ async fn serve(
         .channel(&svid)
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let issuer = Arc::new(BrokerIssuer::new(
-        channel.clone(),
+        channel,
         Arc::clone(&key),
         svid.issue_htu(),
         Arc::clone(&clock),
@@ -223,7 +223,9 @@ async fn serve(
         }
     });
     let (mesh, _mesh_rx) = tokio::sync::watch::channel(MeshState::default());
-    tokio::spawn(follow(channel, Arc::clone(&clock), mesh));
+    // Reconnects use the current channel, so a renewed SVID is picked up.
+    let current = Arc::clone(&issuer);
+    tokio::spawn(follow(move || current.channel(), Arc::clone(&clock), mesh));
 
     let listener = api::bind(&socket)
         .map_err(|e| CliError::Failed(format!("binding {}: {e}", socket.display())))?;

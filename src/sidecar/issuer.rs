@@ -50,6 +50,14 @@ impl BrokerIssuer {
         }
     }
 
+    /// The channel in use now.
+    pub fn channel(&self) -> Channel {
+        self.channel
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Uses `channel` from now on (after an SVID renewal).
     pub fn set_channel(&self, channel: Channel) {
         *self

@@ -70,18 +70,19 @@ fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), S
     Ok(())
 }
 
-/// Follows the Watch stream over `channel` for good, publishing the state
-/// on `state` after every change and every connect or disconnect. Stops
-/// when every receiver of `state` is gone.
+/// Follows the Watch stream for good, publishing the state on `state`
+/// after every change and every connect or disconnect. Each (re)connect
+/// uses the channel `channel` gives then, so a renewed SVID is picked up.
+/// Stops when every receiver of `state` is gone.
 pub async fn follow(
-    channel: Channel,
+    channel: impl Fn() -> Channel + Send + 'static,
     clock: Arc<dyn Clock>,
     state: tokio::sync::watch::Sender<MeshState>,
 ) {
     let mut attempt = 0u32;
     loop {
         let after = state.borrow().sequence;
-        let mut client = pb::watch_client::WatchClient::new(channel.clone());
+        let mut client = pb::watch_client::WatchClient::new(channel());
         let stream = client
             .subscribe(pb::SubscribeRequest {
                 after_sequence: after,
