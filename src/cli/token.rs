@@ -13,13 +13,13 @@ pub enum TokenCommand {
     /// Print a token's header and claims, UNVERIFIED, with readable times.
     Inspect {
         /// The token, or `-` to read it from standard input.
-        token: String,
+        token: super::SecretArg,
     },
 }
 
 pub(super) fn run(cmd: TokenCommand) -> Result<ExitCode, CliError> {
     match cmd {
-        TokenCommand::Inspect { token } => inspect(&arg_or_stdin(&token)?),
+        TokenCommand::Inspect { token } => inspect(&arg_or_stdin(token.expose())?),
     }
 }
 
