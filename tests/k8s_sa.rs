@@ -1,18 +1,19 @@
 //! Kubernetes ServiceAccount token attestation: the offline verifier
 //! against hostile tokens, and `Identity.Attest` over real mTLS gRPC.
 
+mod support;
+
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::{KeyPair as RsaKeyPair, KeySize, PublicKeyComponents};
 use aws_lc_rs::signature::{KeyPair as _, RSA_PKCS1_SHA256};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use tally::broker::{Broker, BrokerSettings};
+use support::broker::{ServedBroker, serve_broker, settings};
 use tally::clock::{Clock, SystemClock};
 use tally::identity::k8s::{SaKeys, SaTokenConfig, SaTokenError, verify};
 use tally::jose::{SigningKey, b64};
-use tally::policy::Policy;
 use tally::proto::v1 as pb;
-use tally::store::{Sealer, Store};
+use tally::store::Sealer;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
@@ -221,78 +222,33 @@ fn bad_jwks_documents_are_refused() {
     assert!(e.contains("appears twice"), "{e}");
 }
 
-struct Served {
-    broker: Arc<Broker>,
-    channel: Channel,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl Served {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.server.await.unwrap();
-    }
-}
-
-/// A broker on 127.0.0.1:0 with SA attestation as given, and a channel to
-/// it without a client certificate (Attest needs none).
-async fn served(service_accounts: Option<(SaKeys, SaTokenConfig)>) -> Served {
+/// A broker with SA attestation as given, and a channel to it without a
+/// client certificate (Attest needs none).
+async fn served(
+    service_accounts: Option<(SaKeys, SaTokenConfig)>,
+) -> (tempfile::TempDir, ServedBroker, Channel) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(
-        &dir.path().join("tally.db"),
-        Sealer::from_key_material(Sealer::generate_key_text().unwrap().as_bytes()).unwrap(),
-    )
-    .await
-    .unwrap();
-    let policy = Policy::parse("trust_domain: example.org\n").unwrap();
-    let mut settings = BrokerSettings::new("example.org", policy).unwrap();
+    let mut settings = settings("trust_domain: example.org\n");
     settings.service_accounts = service_accounts;
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let credential = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, credential, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
+    let key = Sealer::generate_key_text().unwrap();
+    let served = serve_broker(dir.path(), &key, settings, "127.0.0.1:0").await;
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(broker.bundle_pem()))
+        .ca_certificate(Certificate::from_pem(served.broker.bundle_pem()))
         .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{addr}"))
+    let channel = Channel::from_shared(format!("https://{}", served.addr))
         .unwrap()
         .tls_config(tls)
         .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Served {
-        broker,
-        channel,
-        stop,
-        server,
-        _dir: dir,
-    }
+        .connect_lazy();
+    (dir, served, channel)
 }
 
 #[tokio::test]
 async fn the_broker_attests_a_pod_by_its_service_account_token() {
     let c = Cluster::new();
-    let served = served(Some((c.keys(), config()))).await;
+    let (_dir, served, channel) = served(Some((c.keys(), config()))).await;
     let broker = Arc::clone(&served.broker);
-    let mut client = pb::identity_client::IdentityClient::new(served.channel.clone());
+    let mut client = pb::identity_client::IdentityClient::new(channel);
     let csr = || {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         rcgen::CertificateParams::default()
@@ -341,8 +297,8 @@ async fn the_broker_attests_a_pod_by_its_service_account_token() {
 
 #[tokio::test]
 async fn without_a_configured_jwks_sa_tokens_are_refused_as_a_precondition() {
-    let served = served(None).await;
-    let err = pb::identity_client::IdentityClient::new(served.channel.clone())
+    let (_dir, served, channel) = served(None).await;
+    let err = pb::identity_client::IdentityClient::new(channel)
         .attest(pb::AttestRequest {
             credential: Some(pb::attest_request::Credential::ServiceAccountToken(
                 "x.y.z".into(),

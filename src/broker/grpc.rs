@@ -35,23 +35,10 @@ fn ca_status(e: CaError) -> Status {
 
 /// The caller's SPIFFE ID from its verified client certificate.
 pub(super) fn peer_id<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status> {
-    let certs = request
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate (X.509-SVID) is required"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate (X.509-SVID) is required"))?;
-    // rustls has already verified the chain to our bundle, with the
-    // validity period; what remains is the identity it names.
-    let id = crate::ca::spiffe_id_of(leaf)
-        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
-    if id.trust_domain() != broker.settings.trust_domain.trust_domain() {
-        return Err(Status::unauthenticated(format!(
-            "{id} is not in trust domain {}",
-            broker.settings.trust_domain
-        )));
-    }
-    Ok(id)
+    let certs = request.peer_certs();
+    broker
+        .caller(certs.as_deref().map(Vec::as_slice))
+        .map_err(Status::unauthenticated)
 }
 
 /// Issues an X.509-SVID for `id` from the CSR, valid `ttl` seconds,

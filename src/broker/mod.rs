@@ -819,6 +819,30 @@ impl Broker {
         Ok((kid, now + publish_lead))
     }
 
+    /// The caller's SPIFFE ID from the leaf of its client certificate
+    /// chain. The TLS layer has already verified the chain to our bundle
+    /// and its validity; what remains is the identity it names, which must
+    /// be in this trust domain. The `Err` text says what is wrong.
+    ///
+    /// # Errors
+    /// No certificate, no single SPIFFE ID, or another trust domain.
+    pub fn caller(
+        &self,
+        certs: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+    ) -> Result<SpiffeId, String> {
+        let leaf = certs
+            .and_then(<[_]>::first)
+            .ok_or("a client certificate (X.509-SVID) is required")?;
+        let id = crate::ca::spiffe_id_of(leaf).map_err(|e| format!("client certificate: {e}"))?;
+        if id.trust_domain() != self.settings.trust_domain.trust_domain() {
+            return Err(format!(
+                "{id} is not in trust domain {}",
+                self.settings.trust_domain
+            ));
+        }
+        Ok(id)
+    }
+
     /// Whether `id` may call admin RPCs.
     pub fn is_admin(&self, id: &SpiffeId) -> bool {
         self.settings.admins.contains(id)

@@ -179,19 +179,9 @@ async fn token(broker: &Broker, req: Request<Incoming>, peer: &Peer) -> Response
 /// client is identified by the SAN of a certificate that chains to our
 /// bundle, which the TLS layer has checked).
 fn client_id(broker: &Broker, peer: &Peer) -> Result<SpiffeId, OAuthError> {
-    let invalid_client = |d: String| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", d);
-    let leaf = peer.certs.as_ref().and_then(|c| c.first()).ok_or_else(|| {
-        invalid_client("a client certificate (X.509-SVID) is required (tls_client_auth)".into())
-    })?;
-    let id = crate::ca::spiffe_id_of(leaf)
-        .map_err(|e| invalid_client(format!("client certificate: {e}")))?;
-    if id.trust_domain() != broker.settings.trust_domain.trust_domain() {
-        return Err(invalid_client(format!(
-            "{id} is not in trust domain {}",
-            broker.settings.trust_domain
-        )));
-    }
-    Ok(id)
+    broker
+        .caller(peer.certs.as_deref())
+        .map_err(|why| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", why))
 }
 
 /// The parameters of a token request, each at most once.
