@@ -526,6 +526,15 @@ async fn watch_sends_the_state_then_every_change_and_resumes_where_it_left_off()
     let second = stream.message().await.unwrap().unwrap();
     assert!(matches!(second.kind, Some(pb::update::Kind::Bundle(_))));
     assert!(second.sequence > first.sequence);
+    // The access rules: only those protecting the subscriber.
+    let policy = stream.message().await.unwrap().unwrap();
+    let Some(pb::update::Kind::Policy(access)) = &policy.kind else {
+        panic!("expected the access policy, got {:?}", policy.kind);
+    };
+    let access = tally::policy::Policy::parse(&access.yaml).unwrap();
+    assert_eq!(access.access.len(), 1);
+    assert_eq!(access.access[0].workload.to_string(), CHECKOUT);
+    assert!(policy.sequence > second.sequence);
 
     // A rotation reaches the open stream as the next update.
     r.broker.rotate_signing_key(300, None).await.unwrap();
@@ -535,28 +544,33 @@ async fn watch_sends_the_state_then_every_change_and_resumes_where_it_left_off()
         2,
         "the next key is published before it signs"
     );
-    assert!(third.sequence > second.sequence);
+    assert!(third.sequence > policy.sequence);
     drop(stream);
 
-    // Reconnecting after the bundle gets exactly the rotation again...
+    // Reconnecting after the policy gets exactly the rotation again...
     let mut resumed = client
         .subscribe(pb::SubscribeRequest {
-            after_sequence: second.sequence,
+            after_sequence: policy.sequence,
         })
         .await
         .unwrap()
         .into_inner();
     let again = resumed.message().await.unwrap().unwrap();
     assert_eq!(again.sequence, third.sequence);
-    // ...and a fresh start gets the current state: bundle, then new JWKS.
+    // ...and a fresh start gets the current state: bundle, policy, then
+    // the new JWKS.
     let mut fresh = client
         .subscribe(pb::SubscribeRequest { after_sequence: 0 })
         .await
         .unwrap()
         .into_inner();
     let a = fresh.message().await.unwrap().unwrap();
+    let p = fresh.message().await.unwrap().unwrap();
     let b = fresh.message().await.unwrap().unwrap();
-    assert_eq!((a.sequence, b.sequence), (second.sequence, third.sequence));
+    assert_eq!(
+        (a.sequence, p.sequence, b.sequence),
+        (second.sequence, policy.sequence, third.sequence)
+    );
     assert_eq!(keys_in(&b), 2);
     r.stop().await;
 }

@@ -226,7 +226,7 @@ const PAYMENTS: &str = "spiffe://example.org/ns/pay/sa/payments";
 fn policy_check_accepts_a_good_file_and_lists_every_error_of_a_bad_one() {
     let o = tally(&["ctl", "policy", "check", POLICY]);
     assert_eq!(o.status.code(), Some(0));
-    assert!(stdout(&o).contains("2 issue rules, 1 access rules"));
+    assert!(stdout(&o).contains("2 issue rules, 2 access rules"));
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");

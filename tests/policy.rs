@@ -330,3 +330,45 @@ fn yaml_syntax_errors_and_hostile_documents_are_refused() {
     );
     assert!(Policy::parse(&"x".repeat(2 << 20)).is_err());
 }
+
+/// Access rules with their positions blanked (a rendered document puts
+/// them elsewhere), for comparing what they mean.
+fn meaning(rules: &[tally::policy::AccessRule]) -> Vec<tally::policy::AccessRule> {
+    let mut rules = rules.to_vec();
+    for rule in &mut rules {
+        rule.pos = Default::default();
+        for allow in &mut rule.allow {
+            allow.pos = Default::default();
+        }
+    }
+    rules
+}
+
+#[test]
+fn the_access_document_reads_back_as_the_same_rules() {
+    let p = policy();
+    let all = Policy::parse(&p.access_document(None)).unwrap();
+    assert_eq!(meaning(&all.access), meaning(&p.access));
+    assert!(all.issue.is_empty(), "issue rules are not sent to sidecars");
+    assert_eq!(all.trust_domain, p.trust_domain);
+
+    // For one workload: only the rules protecting it, deciding as before.
+    let mine = Policy::parse(&p.access_document(Some(&id(PAYMENTS)))).unwrap();
+    let expected: Vec<_> = p
+        .access
+        .iter()
+        .filter(|r| r.workload.matches(&id(PAYMENTS)))
+        .cloned()
+        .collect();
+    assert!(!expected.is_empty() && expected.len() < p.access.len());
+    assert_eq!(meaning(&mine.access), meaning(&expected));
+    assert!(access(&mine, CHECKOUT, "POST", "/v1/charges", "payments:charge").is_ok());
+    assert_eq!(
+        access(&mine, CHECKOUT, "GET", "/v1/charges", "payments:charge"),
+        Err(AccessDenial::MethodNotAllowed("GET".into()))
+    );
+
+    let stranger =
+        Policy::parse(&p.access_document(Some(&id("spiffe://example.org/ns/x/sa/y")))).unwrap();
+    assert!(stranger.access.is_empty());
+}

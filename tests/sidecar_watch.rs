@@ -70,3 +70,43 @@ async fn the_sidecar_follows_changes_and_resumes_after_a_broker_restart() {
     again.stop().await;
     follower.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_receives_only_its_own_access_rules_and_their_changes() {
+    const POLICY: &str = include_str!("fixtures/policy.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let key = Sealer::generate_key_text().unwrap();
+    let served = serve_broker(dir.path(), &key, settings(POLICY), "127.0.0.1:0").await;
+    let payments = "spiffe://example.org/ns/pay/sa/payments";
+    let channel = channel_as(&served, payments);
+    let (state, mut rx) = tokio::sync::watch::channel(MeshState::default());
+    let follower = tokio::spawn(follow(
+        move || channel.clone(),
+        Arc::new(SystemClock),
+        state,
+    ));
+
+    let first = until(&mut rx, "the access rules", |s| s.access.is_some()).await;
+    let (version, access) = first.access.clone().unwrap();
+    assert!(access.issue.is_empty(), "issue rules stay at the broker");
+    assert_eq!(access.access.len(), 1, "only the rule protecting payments");
+    assert_eq!(access.access[0].workload.to_string(), payments);
+
+    // A new policy reaches the sidecar without a restart.
+    let tightened = POLICY.replace("methods: [POST]", "methods: [PUT]");
+    served
+        .broker
+        .set_policy(tally::policy::Policy::parse(&tightened).unwrap())
+        .await
+        .unwrap();
+    let next = until(&mut rx, "the changed rules", |s| {
+        s.access.as_ref().is_some_and(|(v, _)| *v > version)
+    })
+    .await;
+    let (_, access) = next.access.unwrap();
+    assert_eq!(access.access[0].allow[0].methods, ["PUT"]);
+
+    drop(rx);
+    served.stop().await;
+    follower.await.unwrap();
+}

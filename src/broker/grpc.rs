@@ -300,7 +300,7 @@ impl pb::watch_server::Watch for WatchService {
             loop {
                 for change in pending.drain(..) {
                     last = change.seq;
-                    if tx.send(update(&change)).await.is_err() {
+                    if tx.send(update(&change, &caller)).await.is_err() {
                         return;
                     }
                 }
@@ -333,8 +333,9 @@ impl pb::watch_server::Watch for WatchService {
 /// Changes read from the store at a time.
 const CHANGE_PAGE: u32 = 256;
 
-/// A stored change as a Watch update.
-fn update(change: &crate::store::Change) -> Result<pb::Update, Status> {
+/// A stored change as a Watch update for `subscriber`: a policy change
+/// carries only the access rules that protect the subscriber.
+fn update(change: &crate::store::Change, subscriber: &SpiffeId) -> Result<pb::Update, Status> {
     let kind = match change.kind.as_str() {
         "jwks" => pb::update::Kind::Jwks(pb::Jwks {
             json: change.body.clone(),
@@ -348,6 +349,14 @@ fn update(change: &crate::store::Change) -> Result<pb::Update, Status> {
                 .collect::<Result<_, _>>()
                 .map_err(|e| internal("reading a stored bundle change", e))?;
             pb::update::Kind::Bundle(pb::TrustBundle { roots_der })
+        }
+        "policy" => {
+            let all = crate::policy::Policy::parse(&change.body)
+                .map_err(|e| internal("reading a stored policy change", e))?;
+            pb::update::Kind::Policy(pb::AccessPolicy {
+                version: change.seq,
+                yaml: all.access_document(Some(subscriber)),
+            })
         }
         other => {
             return Err(internal(

@@ -312,6 +312,7 @@ impl Broker {
                 let kind = match c.kind.as_str() {
                     "jwks" => "jwks",
                     "bundle" => "bundle",
+                    "policy" => "policy",
                     _ => return None,
                 };
                 Some((kind, c.body))
@@ -345,8 +346,8 @@ impl Broker {
         Ok(broker)
     }
 
-    /// Feeds the JWKS and trust bundle to Watch subscribers if either
-    /// differs from what was last fed.
+    /// Feeds the JWKS, the trust bundle and the policy's access rules to
+    /// Watch subscribers, each if it differs from what was last fed.
     ///
     /// # Errors
     /// [`StoreError`].
@@ -360,8 +361,9 @@ impl Broker {
                 .collect::<Vec<_>>(),
         )
         .to_string();
+        let access = self.policy().access_document(None);
         let mut published = self.published.lock().await;
-        for (kind, body) in [("jwks", jwks), ("bundle", bundle)] {
+        for (kind, body) in [("jwks", jwks), ("bundle", bundle), ("policy", access)] {
             if published.get(kind) == Some(&body) {
                 continue;
             }
@@ -655,12 +657,12 @@ impl Broker {
         )
     }
 
-    /// Replaces the policy (hot reload). A policy for another trust domain
-    /// is refused.
+    /// Replaces the policy (hot reload) and feeds its access rules to
+    /// Watch subscribers. A policy for another trust domain is refused.
     ///
     /// # Errors
-    /// [`BrokerError::Config`].
-    pub fn set_policy(&self, policy: Policy) -> Result<(), BrokerError> {
+    /// [`BrokerError::Config`], or the store failing to record the change.
+    pub async fn set_policy(&self, policy: Policy) -> Result<(), BrokerError> {
         if policy.trust_domain != self.settings.trust_domain.trust_domain() {
             return Err(BrokerError::Config(
                 "policy is for another trust domain".into(),
@@ -670,6 +672,7 @@ impl Broker {
             .policy
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+        self.publish_state().await?;
         Ok(())
     }
 

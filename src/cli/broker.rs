@@ -324,13 +324,16 @@ async fn reload_policy(broker: Arc<Broker>, path: PathBuf) {
             continue;
         }
         seen = now;
-        let result = std::fs::read_to_string(&path)
+        let parsed = std::fs::read_to_string(&path)
             .map_err(|e| e.to_string())
             .and_then(|text| {
                 Policy::parse(&text)
                     .map_err(|e| e.with_file(path.display().to_string()).to_string())
-            })
-            .and_then(|policy| broker.set_policy(policy).map_err(|e| e.to_string()));
+            });
+        let result = match parsed {
+            Ok(policy) => broker.set_policy(policy).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
         match &result {
             Ok(()) => {
                 tracing::info!(path = %path.display(), at = SystemClock.now(), "policy reloaded");

@@ -39,6 +39,7 @@ pub use parse::{Diagnostic, PolicyErrors};
 pub use pattern::{AudiencePattern, IdPattern, PathPattern};
 pub use yaml::Pos;
 
+use crate::identity::SpiffeId;
 use crate::token::{Scopes, TokenClass};
 use std::collections::BTreeMap;
 
@@ -133,4 +134,62 @@ pub struct Policy {
     pub issue: Vec<IssueRule>,
     /// Access rules, in file order.
     pub access: Vec<AccessRule>,
+}
+
+impl std::fmt::Display for Rate {
+    /// `N/s`, `N/m` or `N/h`, as the policy spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per_secs {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+impl Policy {
+    /// The `access:` part of the policy as a policy document of its own
+    /// (JSON, which the YAML reader accepts): every rule, or only the rules
+    /// protecting `workload`. This is what a sidecar is sent on the Watch
+    /// stream: what it enforces, and nothing about who may get which token.
+    pub fn access_document(&self, workload: Option<&SpiffeId>) -> String {
+        let rules: Vec<serde_json::Value> = self
+            .access
+            .iter()
+            .filter(|r| workload.is_none_or(|w| r.workload.matches(w)))
+            .map(|r| {
+                let allow: Vec<serde_json::Value> = r
+                    .allow
+                    .iter()
+                    .map(|a| {
+                        let mut entry = serde_json::json!({ "from": a.from.to_string() });
+                        if !a.methods.is_empty() {
+                            entry["methods"] = a.methods.clone().into();
+                        }
+                        if !a.paths.is_empty() {
+                            entry["paths"] = a
+                                .paths
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .into();
+                        }
+                        entry["scopes"] = a
+                            .scopes
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .into();
+                        if let Some(rate) = a.rate {
+                            entry["rate"] = rate.to_string().into();
+                        }
+                        entry
+                    })
+                    .collect();
+                serde_json::json!({ "workload": r.workload.to_string(), "allow": allow })
+            })
+            .collect();
+        serde_json::json!({ "trust_domain": self.trust_domain, "access": rules }).to_string()
+    }
 }

@@ -1,11 +1,12 @@
-//! Following the broker's Watch stream: the JWKS and trust bundle the
-//! sidecar verifies with, kept current, resuming after the last sequence
+//! Following the broker's Watch stream: the JWKS, trust bundle and access
+//! rules the sidecar verifies with, kept current, resuming after the last sequence
 //! number on every reconnect so no change is missed, and how stale it all
 //! is (for `/readyz` and metrics).
 
 use super::identity::backoff;
 use super::random_unit;
 use crate::clock::Clock;
+use crate::policy::Policy;
 use crate::proto::v1 as pb;
 use crate::token::Jwks;
 use std::sync::Arc;
@@ -18,6 +19,9 @@ pub struct MeshState {
     pub jwks: Option<Arc<Jwks>>,
     /// Trust bundle roots, DER.
     pub bundle_der: Vec<Vec<u8>>,
+    /// The access rules protecting this workload (a policy holding only
+    /// those), and the version the broker gave them.
+    pub access: Option<(u64, Arc<Policy>)>,
     /// The last change applied.
     pub sequence: u64,
     /// When that change was committed at the broker (Unix ms).
@@ -54,12 +58,21 @@ fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), S
             }
             state.bundle_der = bundle.roots_der;
         }
-        Some(pb::update::Kind::Revocation(_) | pb::update::Kind::Policy(_)) => {
-            // Revocations and access policy are fed by the governance
-            // work; this sidecar does not act on them yet.
-            tracing::debug!(
+        Some(pb::update::Kind::Policy(policy)) => {
+            let parsed = Policy::parse(&policy.yaml).map_err(|e| format!("access policy: {e}"))?;
+            tracing::info!(
+                version = policy.version,
+                rules = parsed.access.len(),
+                "access policy updated"
+            );
+            state.access = Some((policy.version, Arc::new(parsed)));
+        }
+        Some(pb::update::Kind::Revocation(_)) => {
+            // Revocations are fed by the governance work; this sidecar
+            // does not act on them yet.
+            tracing::warn!(
                 sequence = update.sequence,
-                "revocation/policy update not handled yet"
+                "revocation update received but not enforced yet"
             );
         }
         None => return Err("an update without a kind".into()),
