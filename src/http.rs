@@ -24,6 +24,26 @@ pub type Body = Full<Bytes>;
 /// How long a client may take for the TLS handshake or request headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most header bytes a request may carry (HTTP/1.1 read buffer, HTTP/2
+/// header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// What a handler's response body may be: the whole [`Body`] most handlers
+/// send, or a stream (the inbound proxy's).
+pub trait ResponseBody:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 /// Who is on the other end of a connection.
 #[derive(Debug)]
 pub struct Peer {
@@ -42,7 +62,7 @@ pub struct Peer {
 ///
 /// # Errors
 /// If accepting a connection fails for a reason other than the client.
-pub async fn serve<H, F>(
+pub async fn serve<H, F, B>(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     handler: H,
@@ -50,7 +70,8 @@ pub async fn serve<H, F>(
 ) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -121,14 +142,15 @@ where
 ///
 /// # Errors
 /// If accepting fails for a reason other than the client.
-pub async fn serve_unix<H, F>(
+pub async fn serve_unix<H, F, B>(
     listener: tokio::net::UnixListener,
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -161,7 +183,7 @@ where
 
 /// One connection: HTTP/1.1 or HTTP/2 (by preface), header read timeout,
 /// watched for graceful shutdown.
-async fn serve_connection<I, H, F>(
+async fn serve_connection<I, H, F, B>(
     io: I,
     peer: Peer,
     handler: H,
@@ -170,14 +192,20 @@ async fn serve_connection<I, H, F>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT);
-    builder.http2().max_concurrent_streams(256);
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
     let peer = Arc::new(peer);
     let service = hyper::service::service_fn(move |req| {
         let response = handler(req, Arc::clone(&peer));

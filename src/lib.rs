@@ -50,6 +50,7 @@ pub mod jose;
 pub mod metrics;
 pub mod policy;
 pub mod proto;
+pub mod rate;
 pub mod sidecar;
 pub mod store;
 pub mod token;

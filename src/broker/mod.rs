@@ -17,7 +17,6 @@ pub mod grpc;
 pub mod issue;
 pub mod keys;
 pub mod oauth;
-pub mod rate;
 pub mod tls;
 
 use crate::audit::{AuditEvent, AuditKind, AuditRecord, Outcome};
@@ -33,7 +32,7 @@ use crate::store::{Store, StoreError, Write};
 use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use keys::SigningKeys;
-use rate::RateLimiter;
+use crate::rate::RateLimiter;
 use std::sync::{Arc, RwLock};
 use zeroize::Zeroizing;
 
