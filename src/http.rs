@@ -211,7 +211,9 @@ where
         let response = handler(req, Arc::clone(&peer));
         async move { Ok::<_, std::convert::Infallible>(response.await) }
     });
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    // With upgrades, so a CONNECT tunnel (the outbound proxy) can take
+    // over the connection.
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     watcher.watch(conn.into_owned()).await
 }
 

@@ -43,6 +43,7 @@ pub mod broker;
 pub mod ca;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod dpop;
 pub mod http;
 pub mod identity;

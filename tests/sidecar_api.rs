@@ -82,7 +82,6 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
     let socket = dir.path().join("agent.sock");
     let api = LocalApi::new(
         cache,
-        Arc::clone(&key),
         svid_rx.clone(),
         services.clone(),
         None,
@@ -233,7 +232,6 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
     let other_uid = std::os::unix::fs::MetadataExt::uid(&me) + 4242;
     let strict = LocalApi::new(
         cache,
-        key,
         svid_rx,
         services,
         Some(vec![other_uid]),

@@ -54,6 +54,7 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
         .arg(data.join("bundle.pem"))
         .arg("--socket")
         .arg(&socket)
+        .args(["--admin-listen", "127.0.0.1:0"])
         // The token through the environment, not the command line.
         .env("TALLY_JOIN_TOKEN", &token)
         .stdout(Stdio::piped())

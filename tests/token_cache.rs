@@ -19,6 +19,7 @@ struct Broker {
     refuse: AtomicBool,
     life: Duration,
     latency: Duration,
+    key: Arc<tally::dpop::ProofKey>,
 }
 
 impl Broker {
@@ -29,6 +30,7 @@ impl Broker {
             refuse: AtomicBool::new(false),
             life,
             latency: Duration::from_millis(20),
+            key: Arc::new(tally::dpop::ProofKey::generate().unwrap()),
         }
     }
 }
@@ -48,6 +50,7 @@ impl Fetch for Broker {
             expires_in: self.life,
             scopes: scopes.clone(),
             jti: format!("jti-{n}"),
+            key: Arc::clone(&self.key),
         })
     }
 }

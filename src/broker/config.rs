@@ -2,7 +2,6 @@
 //! environment variables (clap reads both), then a YAML file, then
 //! defaults. Every problem is reported at once.
 
-use crate::policy::yaml::{self, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -131,71 +130,13 @@ impl BrokerConfig {
     /// Every problem found, one line each.
     pub fn resolve(flags: &BrokerFlags, file: Option<(&str, &str)>) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
-        let mut from_file: std::collections::HashMap<&str, Vec<String>> =
-            std::collections::HashMap::new();
-        let mut file_doc = None;
-        if let Some((name, text)) = file {
-            match yaml::parse(text) {
-                Err(e) => errors.push(format!("{name}:{}: {}", e.pos, e.message)),
-                Ok(doc) => file_doc = Some((name, doc)),
-            }
-        }
-        if let Some((name, doc)) = &file_doc {
-            match &doc.value {
-                Value::Map(entries) => {
-                    for (key, pos, node) in entries {
-                        if !KEYS.contains(&key.as_str()) {
-                            errors.push(format!(
-                                "{name}:{pos}: unknown key {key:?} (expected one of: {})",
-                                KEYS.join(", ")
-                            ));
-                            continue;
-                        }
-                        let values = match &node.value {
-                            Value::Str(s) => vec![s.clone()],
-                            Value::Seq(items) => items
-                                .iter()
-                                .filter_map(|i| match &i.value {
-                                    Value::Str(s) => Some(s.clone()),
-                                    _ => {
-                                        errors.push(format!(
-                                            "{name}:{}: {key} items must be text",
-                                            i.pos
-                                        ));
-                                        None
-                                    }
-                                })
-                                .collect(),
-                            _ => {
-                                errors.push(format!("{name}:{}: {key} must be text", node.pos));
-                                continue;
-                            }
-                        };
-                        let k = KEYS
-                            .iter()
-                            .find(|k| **k == key.as_str())
-                            .copied()
-                            .unwrap_or("");
-                        from_file.insert(k, values);
-                    }
-                }
-                Value::Null => {}
-                _ => errors.push(format!(
-                    "{name}:{}: the config file must be a mapping",
-                    doc.pos
-                )),
-            }
-        }
+        let from_file = crate::config::FileSettings::read(file, KEYS, &mut errors);
         let one = |flag: Option<String>, key: &str| -> Option<String> {
-            flag.or_else(|| from_file.get(key).and_then(|v| v.first().cloned()))
+            flag.or_else(|| from_file.one(key))
         };
         let path = |flag: &Option<PathBuf>, key: &str| -> Option<PathBuf> {
-            flag.clone().or_else(|| {
-                from_file
-                    .get(key)
-                    .and_then(|v| v.first())
-                    .map(PathBuf::from)
-            })
+            flag.clone()
+                .or_else(|| from_file.one(key).map(PathBuf::from))
         };
 
         let trust_domain =
@@ -241,7 +182,7 @@ impl BrokerConfig {
             }
         };
         let dns_names = if flags.dns_names.is_empty() {
-            from_file.get("dns_names").cloned().unwrap_or_default()
+            from_file.all("dns_names")
         } else {
             flags.dns_names.clone()
         };

@@ -166,9 +166,9 @@ impl Broker {
                 tracing::info!(caller = %input.caller, audience = %input.audience, reason = %denial, "issuance denied");
             })?;
         if let Some(rate) = grant.rate
-            && let Err(retry_after) =
-                self.rule_limits
-                    .take(&grant.rule, rate, now.saturating_mul(1000))
+            && let Err(retry_after) = self
+                .rule_limits
+                .take(&grant.rule, rate, self.clock.now_ms())
         {
             return Err(IssueError::RateLimited {
                 line: grant.pos.line,

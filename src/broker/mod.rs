@@ -28,11 +28,11 @@ use crate::identity::SpiffeId;
 use crate::jose::KeyCache;
 use crate::metrics::{CounterVec, Histogram};
 use crate::policy::Policy;
+use crate::rate::RateLimiter;
 use crate::store::{Store, StoreError, Write};
 use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use keys::SigningKeys;
-use crate::rate::RateLimiter;
 use std::sync::{Arc, RwLock};
 use zeroize::Zeroizing;
 

@@ -1,29 +1,37 @@
 //! `tally sidecar`: attest, keep the SVID renewed, follow the Watch
-//! stream, and serve the local API on a Unix socket until SIGTERM. The
-//! inbound and outbound proxies and the admin port are not in this build
-//! yet; asking for them is an error that says so.
+//! stream, and serve the local API on a Unix socket, the inbound verifying
+//! proxy and the outbound proxy when asked for, and the admin port, until
+//! SIGTERM. Settings come from flags, `TALLY_*` variables and a YAML
+//! `--config` file, in that order; every problem is reported at once.
 
 use super::CliError;
 use crate::clock::{Clock, SystemClock};
-use crate::dpop::ProofKey;
-use crate::sidecar::api::{self, LocalApi, ServiceMap};
-use crate::sidecar::cache::{CacheConfig, TokenCache};
-use crate::sidecar::identity::{Attestation, IdentityClient, IdentityError, backoff, keep_renewed};
-use crate::sidecar::issuer::BrokerIssuer;
-use crate::sidecar::watch::{MeshState, follow};
+use crate::config::{FileSettings, boolean};
+use crate::sidecar::api::{self, ServiceMap};
+use crate::sidecar::cache::CacheConfig;
+use crate::sidecar::identity::Attestation;
+use crate::sidecar::inbound::InboundConfig;
+use crate::sidecar::outbound::OutboundConfig;
+use crate::sidecar::run::{Listeners, Sidecar, SidecarSettings};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 /// Arguments of `tally sidecar` (`Debug` leaves the join token out).
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args)]
 pub struct SidecarFlags {
+    /// YAML file with any of the settings below, by their long names with
+    /// `_` for `-` (flags and TALLY_* win). The join token is never read
+    /// from it.
+    #[arg(long, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
     /// The broker's gRPC URL, e.g. https://broker:8443.
     #[arg(long, env = "TALLY_BROKER")]
-    broker: String,
+    broker: Option<String>,
     /// Trust bundle (PEM) to verify the broker with on first contact.
     #[arg(long, env = "TALLY_TRUST_BUNDLE")]
-    trust_bundle: PathBuf,
+    trust_bundle: Option<PathBuf>,
     /// One-time join token (or set TALLY_JOIN_TOKEN, which keeps it out of `ps`).
     #[arg(
         long,
@@ -40,72 +48,224 @@ pub struct SidecarFlags {
     #[arg(long, env = "TALLY_SOCKET")]
     socket: Option<PathBuf>,
     /// Only these peer uids may use the socket (repeatable).
-    #[arg(long = "allow-uid", value_delimiter = ',')]
+    #[arg(long = "allow-uid", env = "TALLY_ALLOW_UIDS", value_delimiter = ',')]
     allow_uids: Vec<u32>,
-    /// YAML mapping of host (or host:port) to audience, for /v1/authorize.
+    /// YAML mapping of host (or host:port) to audience, for /v1/authorize
+    /// and the outbound proxy.
     #[arg(long, env = "TALLY_SERVICE_MAP")]
     service_map: Option<PathBuf>,
-    /// Inbound verifying proxy address (not in this build yet).
-    #[arg(long)]
+    /// Inbound verifying proxy address, e.g. 0.0.0.0:15006 (needs --upstream).
+    #[arg(long, env = "TALLY_INBOUND_LISTEN")]
     inbound_listen: Option<String>,
-    /// The application behind the inbound proxy (not in this build yet).
-    #[arg(long)]
+    /// The application behind the inbound proxy, host:port (plain HTTP).
+    #[arg(long, env = "TALLY_UPSTREAM")]
     upstream: Option<String>,
-    /// Outbound proxy address (not in this build yet).
-    #[arg(long)]
+    /// Demand DPoP server nonces from inbound callers (RFC 9449 §8).
+    #[arg(long, env = "TALLY_INBOUND_NONCES")]
+    inbound_nonces: bool,
+    /// Also hand Authorization and DPoP to the app (dropped by default).
+    #[arg(long, env = "TALLY_PASS_CREDENTIALS")]
+    pass_credentials: bool,
+    /// Outbound forward proxy address, e.g. 127.0.0.1:15001 (the app's HTTP_PROXY).
+    #[arg(long, env = "TALLY_OUTBOUND_LISTEN")]
     outbound_listen: Option<String>,
-    /// Admin port address (not in this build yet).
-    #[arg(long)]
+    /// Refuse outbound requests to hosts not in the service map.
+    #[arg(long, env = "TALLY_OUTBOUND_STRICT")]
+    outbound_strict: bool,
+    /// Admin port address (/healthz, /readyz, /metrics), or `off`
+    /// [default: 127.0.0.1:15020].
+    #[arg(long, env = "TALLY_ADMIN_LISTEN")]
     admin_listen: Option<String>,
 }
 
-pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
-    for (given, what) in [
-        (
-            flags.inbound_listen.is_some() || flags.upstream.is_some(),
-            "the inbound proxy (--inbound-listen, --upstream)",
-        ),
-        (
-            flags.outbound_listen.is_some(),
-            "the outbound proxy (--outbound-listen)",
-        ),
-        (
-            flags.admin_listen.is_some(),
-            "the admin port (--admin-listen)",
-        ),
-    ] {
-        if given {
-            return Err(CliError::Unavailable(format!(
-                "{what} is not implemented in this build yet"
-            )));
+const KEYS: &[&str] = &[
+    "broker",
+    "trust_bundle",
+    "sa_token_file",
+    "socket",
+    "allow_uids",
+    "service_map",
+    "inbound_listen",
+    "upstream",
+    "inbound_nonces",
+    "pass_credentials",
+    "outbound_listen",
+    "outbound_strict",
+    "admin_listen",
+];
+
+/// Resolved, validated settings.
+#[derive(Debug)]
+struct SidecarConfig {
+    broker: String,
+    trust_bundle: PathBuf,
+    attestation: Attestation,
+    socket: Option<PathBuf>,
+    allow_uids: Vec<u32>,
+    service_map: Option<PathBuf>,
+    inbound: Option<(SocketAddr, String)>,
+    inbound_nonces: bool,
+    pass_credentials: bool,
+    outbound_listen: Option<SocketAddr>,
+    outbound_strict: bool,
+    admin_listen: Option<SocketAddr>,
+}
+
+impl SidecarConfig {
+    /// Merges `flags` over the config file (name, text); every problem at
+    /// once.
+    fn resolve(flags: &SidecarFlags, file: Option<(&str, &str)>) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let from_file = FileSettings::read(file, KEYS, &mut errors);
+        let one = |flag: &Option<String>, key: &str| flag.clone().or_else(|| from_file.one(key));
+        let path = |flag: &Option<PathBuf>, key: &str| {
+            flag.clone()
+                .or_else(|| from_file.one(key).map(PathBuf::from))
+        };
+        let mut switch = |flag: bool, key: &str| {
+            flag || from_file.one(key).is_some_and(|t| {
+                boolean(key, &t)
+                    .map_err(|e| errors.push(e))
+                    .unwrap_or(false)
+            })
+        };
+        let inbound_nonces = switch(flags.inbound_nonces, "inbound_nonces");
+        let pass_credentials = switch(flags.pass_credentials, "pass_credentials");
+        let outbound_strict = switch(flags.outbound_strict, "outbound_strict");
+
+        let broker = one(&flags.broker, "broker");
+        match &broker {
+            None => errors
+                .push("broker: give the broker's gRPC URL (--broker https://HOST:8443)".into()),
+            Some(url) if !url.starts_with("https://") => {
+                errors.push(format!("broker {url:?} must be an https:// URL"));
+            }
+            Some(_) => {}
         }
+        let trust_bundle = path(&flags.trust_bundle, "trust_bundle");
+        if trust_bundle.is_none() {
+            errors.push("trust_bundle: give the trust bundle file (--trust-bundle FILE)".into());
+        }
+        let sa_token_file = path(&flags.sa_token_file, "sa_token_file");
+        let attestation = match (&flags.join_token, sa_token_file) {
+            (Some(t), None) => Some(Attestation::JoinToken(zeroize::Zeroizing::new(
+                t.expose().to_owned(),
+            ))),
+            (None, Some(f)) => Some(Attestation::ServiceAccountTokenFile(f)),
+            (Some(_), Some(_)) => {
+                errors.push("give the join token or sa_token_file, not both".into());
+                None
+            }
+            (None, None) => {
+                errors.push(
+                    "attestation: give --join-token (or TALLY_JOIN_TOKEN) or --sa-token-file"
+                        .into(),
+                );
+                None
+            }
+        };
+        let mut address = |flag: &Option<String>, key: &str| -> Option<SocketAddr> {
+            let text = one(flag, key)?;
+            text.parse()
+                .map_err(|e| errors.push(format!("{key} {text:?}: {e}")))
+                .ok()
+        };
+        let inbound_listen = address(&flags.inbound_listen, "inbound_listen");
+        let outbound_listen = address(&flags.outbound_listen, "outbound_listen");
+        let admin_text =
+            one(&flags.admin_listen, "admin_listen").unwrap_or_else(|| "127.0.0.1:15020".into());
+        let admin_listen = if admin_text == "off" {
+            None
+        } else {
+            admin_text
+                .parse()
+                .map_err(|e| errors.push(format!("admin_listen {admin_text:?}: {e}")))
+                .ok()
+        };
+        let upstream = one(&flags.upstream, "upstream");
+        if let Some(up) = &upstream {
+            let ok = up
+                .parse::<http::uri::Authority>()
+                .is_ok_and(|a| a.port_u16().is_some() && !up.contains('@'));
+            if !ok {
+                errors.push(format!("upstream {up:?} must be host:port"));
+            }
+        }
+        let inbound = match (inbound_listen, upstream) {
+            (Some(listen), Some(up)) => Some((listen, up)),
+            (None, None) => None,
+            (Some(_), None) => {
+                errors.push("inbound_listen needs upstream (the app's host:port)".into());
+                None
+            }
+            (None, Some(_)) => {
+                errors.push("upstream needs inbound_listen (where callers connect)".into());
+                None
+            }
+        };
+        let allow_uids = if flags.allow_uids.is_empty() {
+            from_file
+                .all("allow_uids")
+                .iter()
+                .filter_map(|t| {
+                    t.parse()
+                        .map_err(|_| errors.push(format!("allow_uids: {t:?} is not a uid")))
+                        .ok()
+                })
+                .collect()
+        } else {
+            flags.allow_uids.clone()
+        };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            broker: broker.unwrap_or_else(|| unreachable!("checked above")),
+            trust_bundle: trust_bundle.unwrap_or_else(|| unreachable!("checked above")),
+            attestation: attestation.unwrap_or_else(|| unreachable!("checked above")),
+            socket: path(&flags.socket, "socket"),
+            allow_uids,
+            service_map: path(&flags.service_map, "service_map"),
+            inbound,
+            inbound_nonces,
+            pass_credentials,
+            outbound_listen,
+            outbound_strict,
+            admin_listen,
+        })
     }
-    let how = match (&flags.join_token, &flags.sa_token_file) {
-        (Some(t), None) => Attestation::JoinToken(zeroize::Zeroizing::new(t.expose().to_owned())),
-        (None, Some(f)) => Attestation::ServiceAccountTokenFile(f.clone()),
-        _ => {
-            return Err(CliError::Usage(
-                "give --join-token (or TALLY_JOIN_TOKEN) or --sa-token-file".into(),
-            ));
-        }
+}
+
+pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
+    let file_text = match &flags.config {
+        Some(path) => Some((
+            path.display().to_string(),
+            std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?,
+        )),
+        None => None,
     };
-    let bundle = std::fs::read_to_string(&flags.trust_bundle).map_err(|e| {
+    let config = SidecarConfig::resolve(
+        &flags,
+        file_text.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
+    )
+    .map_err(|errors| CliError::Usage(errors.join("\n  ")))?;
+    let bundle = std::fs::read_to_string(&config.trust_bundle).map_err(|e| {
         CliError::Usage(format!(
-            "--trust-bundle {}: {e}",
-            flags.trust_bundle.display()
+            "trust_bundle {}: {e}",
+            config.trust_bundle.display()
         ))
     })?;
-    let services = match &flags.service_map {
+    let services = match &config.service_map {
         Some(path) => service_map(path)?,
         None => ServiceMap::default(),
     };
-    let socket = socket_path(flags.socket.clone())?;
-    let allowed = (!flags.allow_uids.is_empty()).then(|| flags.allow_uids.clone());
+    let socket = socket_path(config.socket.clone())?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))?
-        .block_on(serve(flags.broker, bundle, how, services, socket, allowed))
+        .block_on(serve(config, bundle, services, socket))
 }
 
 /// Reads the service map: a YAML mapping of host (or host:port) to
@@ -169,75 +329,138 @@ fn socket_path(given: Option<PathBuf>) -> Result<PathBuf, CliError> {
 }
 
 async fn serve(
-    broker: String,
+    config: SidecarConfig,
     bundle: String,
-    how: Attestation,
     services: ServiceMap,
     socket: PathBuf,
-    allowed: Option<Vec<u32>>,
 ) -> Result<ExitCode, CliError> {
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CliError::Failed(format!("binding the {what} on {addr}: {e}")))
+    };
+    let mut listeners = Listeners {
+        socket: Some(
+            api::bind(&socket)
+                .map_err(|e| CliError::Failed(format!("binding {}: {e}", socket.display())))?,
+        ),
+        ..Listeners::default()
+    };
+    if let Some((addr, _)) = &config.inbound {
+        listeners.inbound = Some(bind(*addr, "inbound proxy").await?);
+    }
+    if let Some(addr) = config.outbound_listen {
+        listeners.outbound = Some(bind(addr, "outbound proxy").await?);
+    }
+    if let Some(addr) = config.admin_listen {
+        listeners.admin = Some(bind(addr, "admin port").await?);
+    }
+    let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let (inbound_at, outbound_at, admin_at) = (
+        local(&listeners.inbound),
+        local(&listeners.outbound),
+        local(&listeners.admin),
+    );
+    let upstream = config.inbound.as_ref().map(|(_, up)| up.clone());
+    let settings = SidecarSettings {
+        broker: config.broker,
+        bundle_pem: bundle,
+        attestation: config.attestation,
+        services,
+        allowed_uids: (!config.allow_uids.is_empty()).then_some(config.allow_uids),
+        cache: CacheConfig::default(),
+        inbound: upstream.clone().map(|up| {
+            let mut c = InboundConfig::new(up);
+            c.pass_credentials = config.pass_credentials;
+            c
+        }),
+        inbound_nonces: config.inbound_nonces,
+        outbound: OutboundConfig {
+            strict: config.outbound_strict,
+            ..OutboundConfig::default()
+        },
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let identity = IdentityClient::new(broker, bundle);
-    // First contact: retry while the broker is unreachable (it may be
-    // starting too); a refusal is final.
-    let mut attempt = 0;
-    let svid = loop {
-        match identity.attest(&how, clock.now()).await {
-            Ok(svid) => break svid,
-            Err(IdentityError::Unreachable(why)) => {
-                let wait = backoff(attempt, crate::sidecar::random_unit());
-                attempt += 1;
-                tracing::warn!(%why, retry_in = ?wait, "broker unreachable; retrying attestation");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = super::broker::shutdown_signal() => return Ok(ExitCode::SUCCESS),
-                }
-            }
-            Err(e) => return Err(CliError::Failed(format!("attestation failed: {e}"))),
+    // First contact retries while the broker is unreachable; SIGTERM
+    // meanwhile ends it cleanly.
+    let sidecar = tokio::select! {
+        started = Sidecar::start(settings, listeners, clock) => {
+            started.map_err(|e| CliError::Failed(format!("attestation failed: {e}")))?
+        }
+        () = super::broker::shutdown_signal() => {
+            let _ = std::fs::remove_file(&socket);
+            return Ok(ExitCode::SUCCESS);
         }
     };
-    let key = Arc::new(ProofKey::generate().map_err(|e| CliError::Failed(e.to_string()))?);
-    let channel = identity
-        .channel(&svid)
-        .map_err(|e| CliError::Failed(e.to_string()))?;
-    let issuer = Arc::new(BrokerIssuer::new(
-        channel,
-        Arc::clone(&key),
-        svid.issue_htu(),
-        Arc::clone(&clock),
-    ));
-    let cache = TokenCache::new(Arc::clone(&issuer), CacheConfig::default());
-    let spiffe_id = svid.spiffe_id.clone();
-    let (svids, svid_rx) = tokio::sync::watch::channel(Arc::new(svid));
-    tokio::spawn(keep_renewed(identity.clone(), Arc::clone(&clock), svids));
-    // A renewed SVID means a new mTLS identity for every broker call.
-    let mut renewed = svid_rx.clone();
-    let (issuer_for_renewals, identity_for_renewals) = (Arc::clone(&issuer), identity.clone());
-    tokio::spawn(async move {
-        while renewed.changed().await.is_ok() {
-            let svid = Arc::clone(&renewed.borrow_and_update());
-            match identity_for_renewals.channel(&svid) {
-                Ok(channel) => issuer_for_renewals.set_channel(channel),
-                Err(e) => tracing::error!(error = %e, "cannot use the renewed SVID"),
-            }
-        }
-    });
-    let (mesh, _mesh_rx) = tokio::sync::watch::channel(MeshState::default());
-    // Reconnects use the current channel, so a renewed SVID is picked up.
-    let current = Arc::clone(&issuer);
-    tokio::spawn(follow(move || current.channel(), Arc::clone(&clock), mesh));
-
-    let listener = api::bind(&socket)
-        .map_err(|e| CliError::Failed(format!("binding {}: {e}", socket.display())))?;
-    let local = LocalApi::new(cache, key, svid_rx, services, allowed, clock);
     say!(
-        "tally sidecar: {spiffe_id}; local API on {}",
+        "tally sidecar: {}; local API on {}",
+        sidecar.spiffe_id(),
         socket.display()
     );
-    api::serve(local, listener, super::broker::shutdown_signal())
-        .await
-        .map_err(|e| CliError::Failed(format!("local API: {e}")))?;
+    if let (Some(at), Some(up)) = (inbound_at, &upstream) {
+        say!("tally sidecar: inbound proxy listening on {at}, forwarding to {up}");
+    }
+    if let Some(at) = outbound_at {
+        say!("tally sidecar: outbound proxy listening on {at}");
+    }
+    if let Some(at) = admin_at {
+        say!("tally sidecar: admin listening on {at}");
+    }
+    let result = sidecar.run_until(super::broker::shutdown_signal()).await;
     let _ = std::fs::remove_file(&socket);
+    result.map_err(|e| CliError::Failed(e.to_string()))?;
     say!("tally sidecar: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> SidecarFlags {
+        SidecarFlags {
+            broker: Some("https://broker:8443".into()),
+            trust_bundle: Some("bundle.pem".into()),
+            sa_token_file: Some("/var/run/token".into()),
+            ..SidecarFlags::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_the_file_fill_what_flags_leave_out() {
+        let file = "inbound_listen: 127.0.0.1:15006\nupstream: 127.0.0.1:8080\ninbound_nonces: yes\nallow_uids: [1000, 1001]\n";
+        let c = SidecarConfig::resolve(&flags(), Some(("sidecar.yaml", file))).unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:15020".parse().unwrap()));
+        assert_eq!(
+            c.inbound,
+            Some(("127.0.0.1:15006".parse().unwrap(), "127.0.0.1:8080".into()))
+        );
+        assert!(c.inbound_nonces && !c.pass_credentials && !c.outbound_strict);
+        assert_eq!(c.allow_uids, [1000, 1001]);
+        assert_eq!(c.outbound_listen, None);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let flags = SidecarFlags {
+            broker: Some("http://plain".into()),
+            admin_listen: Some("nowhere".into()),
+            ..SidecarFlags::default()
+        };
+        let file = "inbound_listen: 127.0.0.1:15006\noutbound_strict: maybe\ncolour: blue\n";
+        let errors = SidecarConfig::resolve(&flags, Some(("sidecar.yaml", file))).unwrap_err();
+        let all = errors.join("\n");
+        for expected in [
+            "sidecar.yaml:3:1: unknown key \"colour\"",
+            "outbound_strict \"maybe\"",
+            "broker \"http://plain\"",
+            "trust_bundle",
+            "attestation",
+            "admin_listen \"nowhere\"",
+            "inbound_listen needs upstream",
+        ] {
+            assert!(all.contains(expected), "{expected} missing from:\n{all}");
+        }
+        assert_eq!(errors.len(), 7, "{all}");
+    }
 }

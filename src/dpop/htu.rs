@@ -89,6 +89,16 @@ impl NormalizedUri {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The normalized path (`/` when empty): percent-encoding normalized
+    /// and dot segments removed, what access rules are matched against.
+    pub fn path(&self) -> &str {
+        let rest = self.0.split_once("://").map_or("", |(_, rest)| rest);
+        match rest.find('/') {
+            Some(i) => &rest[i..],
+            None => "/",
+        }
+    }
 }
 
 impl fmt::Display for NormalizedUri {
@@ -272,6 +282,18 @@ mod tests {
         assert_eq!(norm("http://a.example:/x"), "http://a.example/x");
         assert_eq!(norm("https://a.example:8443/x"), "https://a.example:8443/x");
         assert_eq!(norm("http://a.example:443/x"), "http://a.example:443/x");
+    }
+
+    #[test]
+    fn the_path_is_the_normalized_one() {
+        let path = |s: &str| NormalizedUri::parse(s).unwrap().path().to_owned();
+        assert_eq!(path("http://a.example:8080/v1/charges?x=1"), "/v1/charges");
+        assert_eq!(
+            path("http://a.example/v1/x/../charges/%7e"),
+            "/v1/charges/~"
+        );
+        assert_eq!(path("http://a.example"), "/");
+        assert_eq!(path("http://[::1]:80/a/./b"), "/a/b");
     }
 
     #[test]

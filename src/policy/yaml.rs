@@ -15,7 +15,7 @@ pub const MAX_LEN: usize = 1024 * 1024;
 pub const MAX_DEPTH: usize = 32;
 
 /// A position in the source: line from 1, column from 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Pos {
     /// Line, from 1.
     pub line: usize,

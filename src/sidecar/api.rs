@@ -18,7 +18,7 @@ use super::cache::{CacheError, Fetch, TokenCache};
 use super::identity::Svid;
 use crate::auth::answer::safe_description;
 use crate::clock::Clock;
-use crate::dpop::{NormalizedUri, ProofKey};
+use crate::dpop::NormalizedUri;
 use crate::http::{Body, Peer, json, read_body};
 use crate::token::{Audience, Scope, Scopes};
 use http::{Method, Request, Response, StatusCode};
@@ -61,7 +61,6 @@ impl ServiceMap {
 /// The local API's state.
 pub struct LocalApi<F> {
     cache: Arc<TokenCache<F>>,
-    key: Arc<ProofKey>,
     identity: tokio::sync::watch::Receiver<Arc<Svid>>,
     services: ServiceMap,
     /// Last `DPoP-Nonce` seen per origin (filled by the outbound proxy).
@@ -78,12 +77,23 @@ impl<F> std::fmt::Debug for LocalApi<F> {
     }
 }
 
+/// Header values for one request (they hold the token: never log them).
+pub struct RequestHeaders {
+    /// `Authorization: DPoP <token>`.
+    pub authorization: String,
+    /// `DPoP: <proof>`.
+    pub dpop: String,
+}
+
 /// A refusal, as the app sees it.
 #[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    description: String,
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The `error` code.
+    pub code: &'static str,
+    /// The `error_description`.
+    pub description: String,
 }
 
 impl ApiError {
@@ -117,7 +127,6 @@ impl<F: Fetch> LocalApi<F> {
     /// peer user ids served.
     pub fn new(
         cache: Arc<TokenCache<F>>,
-        key: Arc<ProofKey>,
         identity: tokio::sync::watch::Receiver<Arc<Svid>>,
         services: ServiceMap,
         allowed_uids: Option<Vec<u32>>,
@@ -125,7 +134,6 @@ impl<F: Fetch> LocalApi<F> {
     ) -> Arc<Self> {
         Arc::new(Self {
             cache,
-            key,
             identity,
             services,
             nonces: Mutex::new(HashMap::new()),
@@ -254,22 +262,42 @@ impl<F: Fetch> LocalApi<F> {
                 })?,
         };
         let scopes = parse_scopes(ask.scope.as_deref().unwrap_or(""))?;
+        let headers = self
+            .headers_for(&ask.method, &htu, &audience, &scopes)
+            .await?;
+        Ok(json(
+            StatusCode::OK,
+            &json!({
+                "authorization": headers.authorization,
+                "dpop": headers.dpop,
+            }),
+        ))
+    }
+
+    /// `Authorization` and `DPoP` values for `method` on `htu`: the cached
+    /// token for (`audience`, `scopes`) and a fresh proof signed with the
+    /// key that token is bound to, carrying the last nonce seen for the
+    /// origin.
+    ///
+    /// # Errors
+    /// [`ApiError`]: 403 if the broker refuses, 503 if it is unreachable.
+    pub async fn headers_for(
+        &self,
+        method: &str,
+        htu: &NormalizedUri,
+        audience: &Audience,
+        scopes: &Scopes,
+    ) -> Result<RequestHeaders, ApiError> {
         let fetched = self
             .cache
-            .get(&audience, &scopes)
+            .get(audience, scopes)
             .await
             .map_err(|e| api_error(&e))?;
-        let origin = origin_of(htu.as_str());
-        let nonce = self
-            .nonces
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&origin)
-            .cloned();
-        let proof = self
+        let nonce = self.nonce_for(&origin_of(htu.as_str()));
+        let proof = fetched
             .key
             .mint(
-                &ask.method,
+                method,
                 htu.as_str(),
                 Some(fetched.token.expose()),
                 nonce.as_deref(),
@@ -280,13 +308,29 @@ impl<F: Fetch> LocalApi<F> {
                 code: "server_error",
                 description: format!("signing the proof: {e}"),
             })?;
-        Ok(json(
-            StatusCode::OK,
-            &json!({
-                "authorization": format!("DPoP {}", fetched.token.expose()),
-                "dpop": proof,
-            }),
-        ))
+        Ok(RequestHeaders {
+            authorization: format!("DPoP {}", fetched.token.expose()),
+            dpop: proof,
+        })
+    }
+
+    /// The server nonce last seen for `origin` (`scheme://authority`).
+    pub fn nonce_for(&self, origin: &str) -> Option<String> {
+        self.nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(origin)
+            .cloned()
+    }
+
+    /// The service map.
+    pub fn services(&self) -> &ServiceMap {
+        &self.services
+    }
+
+    /// The token cache.
+    pub fn cache(&self) -> &Arc<TokenCache<F>> {
+        &self.cache
     }
 
     fn identity(&self) -> Response<Body> {
@@ -312,7 +356,7 @@ fn parse_scopes(text: &str) -> Result<Scopes, ApiError> {
 }
 
 /// `scheme://authority` of a normalized URI.
-fn origin_of(uri: &str) -> String {
+pub fn origin_of(uri: &str) -> String {
     match uri.split_once("://") {
         Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or("")),
         None => uri.to_owned(),

@@ -37,6 +37,10 @@ pub struct Fetched {
     pub scopes: Scopes,
     /// Its `jti`.
     pub jti: String,
+    /// The DPoP key it is bound to: proofs for it are signed with this key,
+    /// which lives as long as some cached token needs it (the sidecar's
+    /// current key changes with its SVID).
+    pub key: Arc<crate::dpop::ProofKey>,
 }
 
 /// Why the broker gave no token.

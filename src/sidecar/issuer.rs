@@ -17,9 +17,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks the broker for tokens bound to this sidecar's DPoP key.
 pub struct BrokerIssuer {
-    /// Replaced when the SVID is renewed (a new mTLS identity).
-    channel: RwLock<Channel>,
-    key: Arc<ProofKey>,
+    /// The mTLS channel and the DPoP key, both replaced when the SVID is
+    /// renewed (tokens already bound to the old key keep it alive).
+    current: RwLock<(Channel, Arc<ProofKey>)>,
     issue_htu: String,
     clock: Arc<dyn Clock>,
 }
@@ -43,8 +43,7 @@ impl BrokerIssuer {
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
-            channel: RwLock::new(channel),
-            key,
+            current: RwLock::new((channel, key)),
             issue_htu,
             clock,
         }
@@ -52,18 +51,24 @@ impl BrokerIssuer {
 
     /// The channel in use now.
     pub fn channel(&self) -> Channel {
-        self.channel
+        self.current().0
+    }
+
+    /// The channel and DPoP key in use now.
+    pub fn current(&self) -> (Channel, Arc<ProofKey>) {
+        self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
-    /// Uses `channel` from now on (after an SVID renewal).
-    pub fn set_channel(&self, channel: Channel) {
+    /// Uses `channel` and binds new tokens to `key` from now on (after an
+    /// SVID renewal).
+    pub fn set_identity(&self, channel: Channel, key: Arc<ProofKey>) {
         *self
-            .channel
+            .current
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = channel;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (channel, key);
     }
 }
 
@@ -78,15 +83,10 @@ fn retryable(code: Code) -> bool {
 impl Fetch for BrokerIssuer {
     async fn fetch(&self, audience: &Audience, scopes: &Scopes) -> Result<Fetched, FetchError> {
         let now = self.clock.now();
-        let proof = self
-            .key
+        let (channel, key) = self.current();
+        let proof = key
             .mint("POST", &self.issue_htu, None, None, now)
             .map_err(|e| FetchError::Unreachable(format!("signing a DPoP proof: {e}")))?;
-        let channel = self
-            .channel
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
         let mut request = tonic::Request::new(pb::IssueRequest {
             audience: audience.to_string(),
             scopes: scopes.iter().map(ToString::to_string).collect(),
@@ -119,6 +119,7 @@ impl Fetch for BrokerIssuer {
             expires_in: Duration::from_secs(expires_at.saturating_sub(self.clock.now())),
             scopes: granted,
             jti: reply.jti,
+            key,
         })
     }
 }

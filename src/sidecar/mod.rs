@@ -5,10 +5,15 @@
 //! The inbound verifier, outbound proxy and `tally sidecar` come next (see
 //! the open issue).
 
+pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod identity;
+pub mod inbound;
 pub mod issuer;
+pub mod outbound;
+pub mod proxy;
+pub mod run;
 pub mod watch;
 
 /// A uniform number in [0, 1) from the system random source, for jitter

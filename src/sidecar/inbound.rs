@@ -1,0 +1,444 @@
+//! The inbound verifying proxy: every request is checked before the app
+//! sees it, then streamed to the app with the caller's identity in
+//! `x-tally-*` headers.
+//!
+//! The check, in order: the whole token-core check of the request
+//! ([`RequestVerifier`]: credentials, access token against the broker's
+//! JWKS with `aud` = this workload, the DPoP proof against this request
+//! and this token, replay), then the `access:` rules the broker sent for
+//! this workload (caller, method, path, scopes), then the per-caller rate
+//! limit of the rule that admitted it. A refusal answers with the token
+//! core's status and `WWW-Authenticate` (401/400), 403, or 429 with
+//! `Retry-After`, and never reaches the app.
+//!
+//! The URL a proof must name is `http://` + the request's `Host` (or
+//! HTTP/2 `:authority`) + its path: what the caller addressed. The path
+//! the rules match, and the path the app receives, is the normalized one
+//! (dot segments removed, percent-encoding normalized), so the app never
+//! routes a path other than the one the policy judged.
+
+use super::proxy::{self, NextHop, ProxyBody};
+use super::watch::MeshState;
+use crate::auth::{self, AuthError, RequestVerifier};
+use crate::clock::Clock;
+use crate::dpop::NormalizedUri;
+use crate::identity::SpiffeId;
+use crate::metrics::{CounterVec, Histogram};
+use crate::policy::{AccessDenial, AccessRequest, Pos};
+use crate::rate::RateLimiter;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Set by the proxy for the app: the caller's SPIFFE ID.
+pub const CALLER: HeaderName = HeaderName::from_static("x-tally-caller");
+/// Set by the proxy for the app: the token's scopes, space separated.
+pub const SCOPES: HeaderName = HeaderName::from_static("x-tally-scopes");
+/// Set by the proxy for the app: the token's `jti`.
+pub const TOKEN_ID: HeaderName = HeaderName::from_static("x-tally-token-id");
+
+/// Inbound proxy settings.
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    /// The app: `host:port` of its plain-HTTP listener.
+    pub upstream: String,
+    /// Forward `Authorization` and `DPoP` to the app too (off: the app
+    /// has no use for them and should not hold them).
+    pub pass_credentials: bool,
+    /// Largest request body streamed to the app.
+    pub max_body: u64,
+    /// How long the app may take to connect and answer with headers.
+    pub upstream_timeout: Duration,
+}
+
+impl InboundConfig {
+    /// Defaults for `upstream`: credentials dropped, 16 MiB bodies, 30 s.
+    pub fn new(upstream: impl Into<String>) -> Self {
+        Self {
+            upstream: upstream.into(),
+            pass_credentials: false,
+            max_body: 16 * 1024 * 1024,
+            upstream_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters and latency of the inbound proxy.
+#[derive(Debug)]
+pub struct InboundMetrics {
+    /// Requests by result (`allowed` or the refusal reason).
+    pub requests: CounterVec,
+    /// Time spent checking a request (not forwarding it).
+    pub check_seconds: Histogram,
+}
+
+impl InboundMetrics {
+    fn new() -> Self {
+        Self {
+            requests: CounterVec::new(
+                "tally_sidecar_inbound_requests_total",
+                "Inbound requests by result: allowed, or why they were refused.",
+                &["result"],
+            ),
+            check_seconds: Histogram::new(
+                "tally_sidecar_inbound_check_seconds",
+                "Time to check an inbound request (token, proof, replay, policy).",
+            ),
+        }
+    }
+
+    /// Appends the metrics in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        self.requests.render(out);
+        self.check_seconds.render(out);
+    }
+}
+
+/// A request that passed every check.
+struct Admitted {
+    caller: String,
+    scopes: String,
+    token_id: String,
+    /// Normalized path plus the original query.
+    path_and_query: String,
+}
+
+/// A refusal and the metrics label for it.
+struct Refused {
+    reason: &'static str,
+    response: Box<Response<ProxyBody>>,
+}
+
+/// The inbound proxy. Share it behind an `Arc`.
+pub struct Inbound {
+    workload: SpiffeId,
+    config: InboundConfig,
+    verifier: RequestVerifier,
+    mesh: tokio::sync::watch::Receiver<MeshState>,
+    /// Per (policy version, caller, allow entry).
+    limits: RateLimiter<(u64, SpiffeId, Pos)>,
+    next_hop: NextHop,
+    clock: Arc<dyn Clock>,
+    metrics: InboundMetrics,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("workload", &self.workload)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    /// The proxy for `workload` (tokens must name it in `aud`; the
+    /// verifier's config says so), verifying with what `mesh` holds.
+    pub fn new(
+        workload: SpiffeId,
+        config: InboundConfig,
+        verifier: RequestVerifier,
+        mesh: tokio::sync::watch::Receiver<MeshState>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
+        let next_hop = proxy::next_hop(config.upstream_timeout);
+        Arc::new(Self {
+            workload,
+            config,
+            verifier,
+            mesh,
+            limits: RateLimiter::new(),
+            next_hop,
+            clock,
+            metrics: InboundMetrics::new(),
+        })
+    }
+
+    /// The proxy's metrics.
+    pub fn metrics(&self) -> &InboundMetrics {
+        &self.metrics
+    }
+
+    /// Checks `req` and, if it passes, streams it to the app and the
+    /// app's answer back.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let checked = self.check(&req);
+        self.metrics.check_seconds.observe(started.elapsed());
+        match checked {
+            Ok(admitted) => {
+                self.metrics.requests.inc(&["allowed"]);
+                self.forward(req, admitted).await
+            }
+            Err(refused) => {
+                self.metrics.requests.inc(&[refused.reason]);
+                tracing::debug!(
+                    reason = refused.reason,
+                    status = refused.response.status().as_u16(),
+                    method = %req.method(),
+                    path = req.uri().path(),
+                    "inbound request refused"
+                );
+                *refused.response
+            }
+        }
+    }
+
+    /// Every check, without touching the body.
+    fn check(&self, req: &Request<Incoming>) -> Result<Admitted, Refused> {
+        let now = self.clock.now();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+            .ok_or_else(|| Refused {
+                reason: "bad_request",
+                response: Box::new(proxy::refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the request names no host",
+                )),
+            })?;
+        let path = req.uri().path();
+        let url = format!("http://{authority}{path}");
+        let normalized = NormalizedUri::parse(&url).map_err(|e| Refused {
+            reason: "bad_request",
+            response: Box::new(proxy::refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("request URL: {e}"),
+            )),
+        })?;
+
+        let (jwks, access) = {
+            let mesh = self.mesh.borrow();
+            (mesh.jwks.clone(), mesh.access.clone())
+        };
+        let (Some(jwks), Some((version, policy))) = (jwks, access) else {
+            return Err(Refused {
+                reason: "not_ready",
+                response: Box::new(not_ready()),
+            });
+        };
+
+        let authorization: Vec<&[u8]> = req
+            .headers()
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        let dpop: Vec<&[u8]> = req
+            .headers()
+            .get_all("dpop")
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        let request = auth::Request {
+            method: req.method().as_str(),
+            uri: &url,
+            authorization: &authorization,
+            dpop: &dpop,
+        };
+        let verified = self
+            .verifier
+            .verify(&request, &jwks, now)
+            .map_err(|e| self.refuse(&e, now))?;
+        let token = &verified.token;
+
+        let decision = policy.decide_access(&AccessRequest {
+            workload: &self.workload,
+            caller: &token.sub,
+            method: req.method().as_str(),
+            path: normalized.path(),
+            scopes: &token.scope,
+        });
+        let grant = decision.map_err(|denial| {
+            let error = match denial {
+                AccessDenial::MissingScope(scope) => AuthError::InsufficientScope {
+                    scope: scope.to_string(),
+                },
+                other => AuthError::Forbidden(other.to_string()),
+            };
+            self.refuse(&error, now)
+        })?;
+        if let Some(rate) = grant.rate {
+            let key = (version, token.sub.clone(), grant.pos);
+            let now_ms = self.clock.now_ms();
+            if let Err(retry_after) = self.limits.take(&key, rate, now_ms) {
+                return Err(self.refuse(&AuthError::RateLimited { retry_after }, now));
+            }
+        }
+
+        let mut path_and_query = normalized.path().to_owned();
+        if let Some(query) = req.uri().query() {
+            path_and_query.push('?');
+            path_and_query.push_str(query);
+        }
+        Ok(Admitted {
+            caller: token.sub.to_string(),
+            scopes: token.scope.to_string(),
+            token_id: token.jti.clone(),
+            path_and_query,
+        })
+    }
+
+    /// The answer for a refused request, from the one mapping in
+    /// [`crate::auth::answer`].
+    fn refuse(&self, error: &AuthError, now: u64) -> Refused {
+        let answer = self.verifier.answer(error, now);
+        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::UNAUTHORIZED);
+        let code = answer.error.unwrap_or(match status {
+            StatusCode::FORBIDDEN => "access_denied",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+            _ => "unauthorized",
+        });
+        let mut response = proxy::refusal(status, code, &error.to_string());
+        let headers = response.headers_mut();
+        if let Some(challenge) = answer
+            .www_authenticate
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            headers.insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        if let Some(nonce) = answer
+            .dpop_nonce
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            headers.insert("dpop-nonce", nonce);
+        }
+        if let Some(secs) = answer.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        Refused {
+            reason: reason(error),
+            response: Box::new(response),
+        }
+    }
+
+    /// Streams an admitted request to the app and its answer back.
+    async fn forward(&self, req: Request<Incoming>, admitted: Admitted) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let too_large = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|len| len > self.config.max_body);
+        if too_large {
+            return proxy::refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                &format!("the body is larger than {} bytes", self.config.max_body),
+            );
+        }
+
+        let host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let headers = &mut parts.headers;
+        proxy::strip_hop_by_hop(headers);
+        let spoofed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("x-tally-"))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            headers.remove(name);
+        }
+        if !self.config.pass_credentials {
+            headers.remove(header::AUTHORIZATION);
+            headers.remove("dpop");
+        }
+        if let Some(host) = host
+            && !headers.contains_key(header::HOST)
+        {
+            // HTTP/2 callers send `:authority`; the app gets it as `Host`.
+            headers.insert(header::HOST, host);
+        }
+        for (name, value) in [
+            (CALLER, admitted.caller),
+            (SCOPES, admitted.scopes),
+            (TOKEN_ID, admitted.token_id),
+        ] {
+            if let Ok(value) = HeaderValue::try_from(value) {
+                headers.insert(name, value);
+            }
+        }
+        let uri = format!("http://{}{}", self.config.upstream, admitted.path_and_query);
+        parts.uri = match uri.parse::<Uri>() {
+            Ok(uri) => uri,
+            Err(_) => {
+                return proxy::refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the request target cannot be forwarded",
+                );
+            }
+        };
+        parts.version = http::Version::HTTP_11;
+        let limit = usize::try_from(self.config.max_body).unwrap_or(usize::MAX);
+        let body = Limited::new(body, limit).boxed_unsync();
+        let upstream = Request::from_parts(parts, body);
+
+        let answer = tokio::time::timeout(
+            self.config.upstream_timeout,
+            self.next_hop.request(upstream),
+        )
+        .await;
+        match answer {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                proxy::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, proxy::stream(body))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, upstream = %self.config.upstream, "the app did not answer");
+                proxy::refusal(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    "the application behind this sidecar did not answer",
+                )
+            }
+            Err(_) => proxy::refusal(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the application behind this sidecar did not answer in time",
+            ),
+        }
+    }
+}
+
+/// 503 until the sidecar holds the broker's keys and access rules.
+fn not_ready() -> Response<ProxyBody> {
+    let mut response = proxy::refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+        "the sidecar has not received the broker's keys and access rules yet",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+    response
+}
+
+/// The metrics label for a refusal: a fixed set, so a client cannot
+/// create series.
+fn reason(error: &AuthError) -> &'static str {
+    match error {
+        AuthError::NoCredentials => "no_credentials",
+        AuthError::Request(_) => "bad_request",
+        AuthError::Token(_) => "invalid_token",
+        AuthError::Revoked => "revoked",
+        AuthError::Proof(e) if e.wants_nonce() => "use_dpop_nonce",
+        AuthError::Proof(crate::dpop::ProofError::Replayed) => "replayed_proof",
+        AuthError::Proof(_) => "invalid_dpop_proof",
+        AuthError::InsufficientScope { .. } => "insufficient_scope",
+        AuthError::Forbidden(_) => "policy_denied",
+        AuthError::RateLimited { .. } => "rate_limited",
+        _ => "overloaded",
+    }
+}

@@ -1,0 +1,337 @@
+//! A whole sidecar from its settings: attest, keep the SVID (and with it
+//! the DPoP key) renewed, follow the Watch stream, and serve whichever of
+//! the local API, inbound proxy, outbound proxy and admin port were given
+//! a listener. `tally sidecar` and `tally demo` both run this; tests start
+//! it on sockets bound to port 0.
+
+use super::api::{LocalApi, ServiceMap};
+use super::cache::{CacheConfig, TokenCache};
+use super::identity::{Attestation, IdentityClient, IdentityError, Svid, backoff, keep_renewed};
+use super::inbound::{Inbound, InboundConfig};
+use super::issuer::BrokerIssuer;
+use super::outbound::{Outbound, OutboundConfig};
+use super::watch::{MeshState, follow};
+use crate::auth::{RequestVerifier, VerifierConfig};
+use crate::clock::Clock;
+use crate::dpop::ProofKey;
+use crate::identity::SpiffeId;
+use crate::token::TokenConfig;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What a sidecar does.
+#[derive(Debug)]
+pub struct SidecarSettings {
+    /// The broker's gRPC URL (`https://host:port`).
+    pub broker: String,
+    /// Roots to verify the broker with on first contact, PEM.
+    pub bundle_pem: String,
+    /// How to prove who this workload is.
+    pub attestation: Attestation,
+    /// Host → audience, for `/v1/authorize` and the outbound proxy.
+    pub services: ServiceMap,
+    /// Only these peer uids may use the local socket, if set.
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Token cache settings.
+    pub cache: CacheConfig,
+    /// Inbound proxy settings (used when an inbound listener is given).
+    pub inbound: Option<InboundConfig>,
+    /// Demand server nonces (`use_dpop_nonce`) from inbound callers.
+    pub inbound_nonces: bool,
+    /// Outbound proxy settings.
+    pub outbound: OutboundConfig,
+}
+
+/// Where the sidecar serves; each part runs only if its listener is here.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// The local API (see [`super::api::bind`]).
+    pub socket: Option<tokio::net::UnixListener>,
+    /// The inbound verifying proxy.
+    pub inbound: Option<tokio::net::TcpListener>,
+    /// The outbound forward proxy.
+    pub outbound: Option<tokio::net::TcpListener>,
+    /// The admin port: `/healthz`, `/readyz`, `/metrics`.
+    pub admin: Option<tokio::net::TcpListener>,
+}
+
+/// What the admin port reads.
+pub struct Parts {
+    /// The current SVID.
+    pub svid: watch::Receiver<Arc<Svid>>,
+    /// What the Watch stream has delivered.
+    pub mesh: watch::Receiver<MeshState>,
+    /// The local API's state (token cache, service map, nonces).
+    pub api: Arc<LocalApi<Arc<BrokerIssuer>>>,
+    /// The inbound proxy, if it runs.
+    pub inbound: Option<Arc<Inbound>>,
+    /// The outbound proxy.
+    pub outbound: Arc<Outbound<Arc<BrokerIssuer>>>,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    spiffe_id: SpiffeId,
+    parts: Arc<Parts>,
+    stop: watch::Sender<bool>,
+    servers: Vec<(&'static str, JoinHandle<std::io::Result<()>>)>,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("spiffe_id", &self.spiffe_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// First contact: attests, retrying with backoff while the broker is
+/// unreachable (it may be starting too). A refusal is final.
+///
+/// # Errors
+/// [`IdentityError::Refused`] or [`IdentityError::Local`].
+pub async fn attest(
+    identity: &IdentityClient,
+    how: &Attestation,
+    clock: &dyn Clock,
+) -> Result<Svid, IdentityError> {
+    let mut attempt = 0;
+    loop {
+        match identity.attest(how, clock.now()).await {
+            Err(IdentityError::Unreachable(why)) => {
+                let wait = backoff(attempt, super::random_unit());
+                attempt += 1;
+                tracing::warn!(%why, retry_in = ?wait, "broker unreachable; retrying attestation");
+                tokio::time::sleep(wait).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+impl Sidecar {
+    /// Attests (see [`attest`]), then starts SVID renewal, the Watch
+    /// follower and a server on every listener given.
+    ///
+    /// # Errors
+    /// If attestation is refused, or a key cannot be made.
+    pub async fn start(
+        settings: SidecarSettings,
+        listeners: Listeners,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, IdentityError> {
+        let identity = IdentityClient::new(settings.broker.clone(), settings.bundle_pem.clone());
+        let svid = attest(&identity, &settings.attestation, clock.as_ref()).await?;
+        let spiffe_id = svid.spiffe_id.clone();
+        let key = Arc::new(ProofKey::generate().map_err(|e| IdentityError::Local(e.to_string()))?);
+        let issuer = Arc::new(BrokerIssuer::new(
+            identity.channel(&svid)?,
+            key,
+            svid.issue_htu(),
+            Arc::clone(&clock),
+        ));
+        let verifier_config = {
+            let mut c = VerifierConfig::new(TokenConfig::new(
+                svid.issuer.clone(),
+                spiffe_id
+                    .as_str()
+                    .parse()
+                    .map_err(|e| IdentityError::Local(format!("own SPIFFE ID: {e}")))?,
+            ));
+            c.nonce_slot_secs = settings.inbound_nonces.then_some(30);
+            c
+        };
+        let (stop, _) = watch::channel(false);
+        let (svids, svid_rx) = watch::channel(Arc::new(svid));
+        tokio::spawn(keep_renewed(identity.clone(), Arc::clone(&clock), svids));
+        tokio::spawn(follow_renewals(
+            svid_rx.clone(),
+            identity,
+            Arc::clone(&issuer),
+        ));
+        let (mesh, mesh_rx) = watch::channel(MeshState::default());
+        let current = Arc::clone(&issuer);
+        tokio::spawn(follow(move || current.channel(), Arc::clone(&clock), mesh));
+
+        let cache = TokenCache::new(issuer, settings.cache);
+        let api = LocalApi::new(
+            cache,
+            svid_rx.clone(),
+            settings.services,
+            settings.allowed_uids,
+            Arc::clone(&clock),
+        );
+        let inbound = match (&listeners.inbound, settings.inbound) {
+            (Some(_), Some(config)) => {
+                let verifier = RequestVerifier::new(verifier_config)
+                    .map_err(|_| IdentityError::Local("the random source failed".into()))?;
+                Some(Inbound::new(
+                    spiffe_id.clone(),
+                    config,
+                    verifier,
+                    mesh_rx.clone(),
+                    Arc::clone(&clock),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(IdentityError::Local(
+                    "an inbound listener needs an upstream (the app's address)".into(),
+                ));
+            }
+            _ => None,
+        };
+        let outbound = Outbound::new(Arc::clone(&api), settings.outbound);
+        let parts = Arc::new(Parts {
+            svid: svid_rx,
+            mesh: mesh_rx,
+            api,
+            inbound,
+            outbound,
+            clock,
+        });
+
+        let mut servers = Vec::new();
+        let stopped = |rx: watch::Receiver<bool>| async move {
+            let mut rx = rx;
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Some(socket) = listeners.socket {
+            let api = Arc::clone(&parts.api);
+            let server = super::api::serve(api, socket, stopped(stop.subscribe()));
+            servers.push(("local API", tokio::spawn(server)));
+        }
+        if let (Some(listener), Some(inbound)) = (listeners.inbound, parts.inbound.clone()) {
+            let server = crate::http::serve(
+                listener,
+                None,
+                move |req, _peer| Arc::clone(&inbound).handle(req),
+                stopped(stop.subscribe()),
+            );
+            servers.push(("inbound proxy", tokio::spawn(server)));
+        }
+        if let Some(listener) = listeners.outbound {
+            let outbound = Arc::clone(&parts.outbound);
+            let server = crate::http::serve(
+                listener,
+                None,
+                move |req, _peer| Arc::clone(&outbound).handle(req),
+                stopped(stop.subscribe()),
+            );
+            servers.push(("outbound proxy", tokio::spawn(server)));
+        }
+        if let Some(listener) = listeners.admin {
+            let admin = Arc::clone(&parts);
+            let server = crate::http::serve(
+                listener,
+                None,
+                move |req, _peer| super::admin::handle(Arc::clone(&admin), req),
+                stopped(stop.subscribe()),
+            );
+            servers.push(("admin port", tokio::spawn(server)));
+        }
+        Ok(Self {
+            spiffe_id,
+            parts,
+            stop,
+            servers,
+        })
+    }
+
+    /// Whom this sidecar speaks for.
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        &self.spiffe_id
+    }
+
+    /// What the admin port reads (SVID, mesh state, proxies).
+    pub fn parts(&self) -> &Arc<Parts> {
+        &self.parts
+    }
+
+    /// Waits until the sidecar can verify (keys, bundle and access rules
+    /// from the broker), at most `limit`. Returns whether it got there.
+    pub async fn ready(&self, limit: Duration) -> bool {
+        let mut mesh = self.parts.mesh.clone();
+        tokio::time::timeout(limit, mesh.wait_for(|m| m.ready() && m.access.is_some()))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops accepting, lets requests in flight finish, and waits for
+    /// every server.
+    ///
+    /// # Errors
+    /// The first server that failed, named.
+    pub async fn stop(self) -> std::io::Result<()> {
+        self.run_until(std::future::ready(())).await
+    }
+
+    /// Runs until `shutdown` resolves or a server fails, then stops.
+    ///
+    /// # Errors
+    /// A server that failed.
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let handles: Vec<_> = self.servers.drain(..).collect();
+        let (names, handles): (Vec<_>, Vec<_>) = handles.into_iter().unzip();
+        let mut set = tokio::task::JoinSet::new();
+        for (name, handle) in names.into_iter().zip(handles) {
+            set.spawn(async move {
+                let result = handle
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                (name, result)
+            });
+        }
+        let early = tokio::select! {
+            () = shutdown => None,
+            Some(Ok((name, result))) = set.join_next() => Some((name, result)),
+        };
+        let _ = self.stop.send(true);
+        let mut first = match early {
+            Some((name, Err(e))) => Err(std::io::Error::new(e.kind(), format!("{name}: {e}"))),
+            _ => Ok(()),
+        };
+        while let Some(joined) = set.join_next().await {
+            if let Ok((name, Err(e))) = joined
+                && first.is_ok()
+            {
+                first = Err(std::io::Error::new(e.kind(), format!("{name}: {e}")));
+            }
+        }
+        first
+    }
+}
+
+/// On every renewed SVID: a new mTLS channel and a new DPoP key for new
+/// tokens (cached tokens keep the key they are bound to until they
+/// expire).
+async fn follow_renewals(
+    mut svids: watch::Receiver<Arc<Svid>>,
+    identity: IdentityClient,
+    issuer: Arc<BrokerIssuer>,
+) {
+    while svids.changed().await.is_ok() {
+        let svid = Arc::clone(&svids.borrow_and_update());
+        let channel = match identity.channel(&svid) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use the renewed SVID");
+                continue;
+            }
+        };
+        match ProofKey::generate() {
+            Ok(key) => issuer.set_identity(channel, Arc::new(key)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make a new DPoP key; keeping the current one");
+                let (_, key) = issuer.current();
+                issuer.set_identity(channel, key);
+            }
+        }
+    }
+}
