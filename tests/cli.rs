@@ -129,16 +129,7 @@ fn bad_usage_exits_64() {
 #[test]
 fn unbuilt_subcommands_refuse_to_run() {
     for cmd in [
-        &[
-            "sidecar",
-            "--broker",
-            "https://localhost:8443",
-            "--trust-bundle",
-            "/nonexistent",
-            "--inbound-listen",
-            "127.0.0.1:0",
-        ][..],
-        &["injector"],
+        &["injector"][..],
         &["demo"],
         &["ctl", "revoke"],
         &["ctl", "audit", "verify"],
@@ -150,6 +141,30 @@ fn unbuilt_subcommands_refuse_to_run() {
             err.contains("not implemented") || err.contains("cannot do yet"),
             "{err}"
         );
+    }
+}
+
+#[test]
+fn sidecar_settings_errors_are_all_reported_with_exit_64() {
+    let o = tally(&[
+        "sidecar",
+        "--broker",
+        "http://localhost:8443",
+        "--inbound-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "nowhere",
+    ]);
+    assert_eq!(o.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for expected in [
+        "must be an https:// URL",
+        "trust_bundle",
+        "--join-token",
+        "admin_listen \"nowhere\"",
+        "inbound_listen needs upstream",
+    ] {
+        assert!(err.contains(expected), "{expected} missing from: {err}");
     }
 }
 

@@ -93,6 +93,7 @@ fn a_stolen_token_is_useless_without_the_key() {
     // The thief has no proof at all...
     let err = send(&v, &fx.jwks, &[&auth], &[], NOW).unwrap_err();
     assert_eq!(err, AuthError::Request(RequestError::MissingProof));
+    assert_eq!(answer(&err, None).status, 401);
     // ...or signs one with a key of their own.
     let thief = tally::dpop::ProofKey::generate().unwrap();
     let forged = thief
@@ -120,7 +121,13 @@ fn a_stolen_token_is_useless_without_the_key() {
     )
     .unwrap_err();
     assert_eq!(err, AuthError::Request(RequestError::BoundTokenAsBearer));
-    assert_eq!(answer(&err, None).status, 400);
+    let a = answer(&err, None);
+    assert_eq!(a.status, 401);
+    assert!(
+        a.www_authenticate
+            .unwrap()
+            .starts_with("DPoP error=\"invalid_token\"")
+    );
 }
 
 #[test]
@@ -190,32 +197,36 @@ fn no_credentials_get_the_bare_challenge() {
 }
 
 #[test]
-fn malformed_requests_get_400() {
+fn malformed_requests_get_400_and_doubled_proofs_401() {
     let fx = Fixture::new();
     let v = verifier(&fx);
     let token = fx.token();
     let auth = format!("DPoP {}", token.expose());
     let p = fx.proof(token.expose());
-    for (a, d, want) in [
+    for (a, d, want, status, code) in [
         (
             vec![auth.as_str()],
             vec![p.as_str(), p.as_str()],
             RequestError::MultipleProofs,
+            401,
+            "invalid_dpop_proof",
         ),
         (
             vec![auth.as_str(), auth.as_str()],
             vec![p.as_str()],
             RequestError::MultipleAuthorization,
+            400,
+            "invalid_request",
         ),
     ] {
         let err = send(&v, &fx.jwks, &a, &d, NOW).unwrap_err();
         assert_eq!(err, AuthError::Request(want));
         let ans = answer(&err, None);
-        assert_eq!(ans.status, 400);
+        assert_eq!(ans.status, status);
         assert!(
             ans.www_authenticate
                 .unwrap()
-                .starts_with("DPoP error=\"invalid_request\"")
+                .starts_with(&format!("DPoP error=\"{code}\""))
         );
     }
 }

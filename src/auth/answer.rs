@@ -2,7 +2,7 @@
 //! `WWW-Authenticate` (RFC 9449 §7.1, RFC 6750 §3), `DPoP-Nonce` and
 //! `Retry-After`.
 
-use super::AuthError;
+use super::{AuthError, RequestError};
 use crate::jose::jws::ALG_ES256;
 
 /// What to send back for a refused request.
@@ -43,6 +43,14 @@ pub fn answer(error: &AuthError, fresh_nonce: Option<String>) -> HttpAnswer {
                 retry_after: None,
             };
         }
+        // A missing or doubled proof is a proof failure, and a bound token
+        // sent as Bearer is not a valid token for that scheme (RFC 9449
+        // §7.1, §7.2): 401, so clients treat them as authentication
+        // failures. Other malformed requests are 400 (RFC 6750 §3.1).
+        AuthError::Request(RequestError::MissingProof | RequestError::MultipleProofs) => {
+            (401, "invalid_dpop_proof")
+        }
+        AuthError::Request(RequestError::BoundTokenAsBearer) => (401, "invalid_token"),
         AuthError::Request(_) => (400, "invalid_request"),
         AuthError::Token(_) | AuthError::Revoked => (401, "invalid_token"),
         AuthError::Proof(e) if e.wants_nonce() => (401, "use_dpop_nonce"),
@@ -108,7 +116,6 @@ pub fn safe_description(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::RequestError;
     use crate::dpop::ProofError;
     use crate::token::TokenError;
 
@@ -123,9 +130,24 @@ mod tests {
     fn each_error_kind_gets_its_code_and_status() {
         let cases = [
             (
-                AuthError::Request(RequestError::MultipleProofs),
+                AuthError::Request(RequestError::MultipleAuthorization),
                 400,
                 "invalid_request",
+            ),
+            (
+                AuthError::Request(RequestError::MultipleProofs),
+                401,
+                "invalid_dpop_proof",
+            ),
+            (
+                AuthError::Request(RequestError::MissingProof),
+                401,
+                "invalid_dpop_proof",
+            ),
+            (
+                AuthError::Request(RequestError::BoundTokenAsBearer),
+                401,
+                "invalid_token",
             ),
             (
                 AuthError::Token(TokenError::KidMissing),
