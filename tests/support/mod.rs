@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod mesh;
 
 use serde_json::{Value, json};
 use tally::dpop::NormalizedUri;

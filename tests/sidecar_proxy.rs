@@ -1,0 +1,458 @@
+//! The inbound verifying proxy and the outbound proxy end to end on
+//! loopback: a real broker over mTLS, sidecars started from their
+//! settings, headers from the local socket API, and an app behind the
+//! inbound proxy that reports what reached it.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use support::mesh::{App, CHECKOUT, Mesh, PAYMENTS, Parts, REPORTING, authorize, send};
+
+/// A checkout sidecar (socket + outbound proxy) and a payments sidecar
+/// (inbound proxy in front of `app`, admin port).
+async fn pair(
+    mesh: &Mesh,
+    app: &App,
+    nonces: bool,
+) -> (support::mesh::Started, support::mesh::Started) {
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                inbound_to: Some(app.addr),
+                admin: true,
+                nonces,
+                ..Parts::default()
+            },
+        )
+        .await;
+    let inbound = payments.inbound.unwrap();
+    let checkout = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                socket: true,
+                outbound: true,
+                services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
+                ..Parts::default()
+            },
+        )
+        .await;
+    (checkout, payments)
+}
+
+fn challenge(answer: &support::mesh::Answer) -> String {
+    answer.header("www-authenticate").unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_that_pass_every_check_reach_the_app() {
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let (checkout, payments) = pair(&mesh, &app, false).await;
+    let socket = checkout.socket.as_deref().unwrap();
+    let inbound = payments.inbound.unwrap();
+    let url = format!("http://{inbound}/v1/charges");
+
+    // The app's headers from the socket, plus spoofed identity headers.
+    let (auth, dpop) = authorize(socket, "POST", &url, "payments:charge").await;
+    let body = vec![b'x'; 1 << 20];
+    let ok = send(
+        inbound,
+        "POST",
+        "/v1/charges?idempotency=7",
+        &[
+            ("authorization", &auth),
+            ("dpop", &dpop),
+            ("x-tally-caller", "spiffe://example.org/ns/evil/sa/mallory"),
+            ("x-tally-admin", "yes"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    let seen = ok.json();
+    assert_eq!(seen["caller"], CHECKOUT, "spoofed caller replaced");
+    assert_eq!(seen["scopes"], "payments:charge");
+    assert!(!seen["token_id"].as_str().unwrap().is_empty());
+    assert_eq!(
+        seen["tally_headers"].as_array().unwrap().len(),
+        3,
+        "only the proxy's own x-tally-* headers: {seen}"
+    );
+    assert_eq!(
+        seen["authorization"], false,
+        "credentials stay at the proxy"
+    );
+    assert_eq!(seen["dpop"], false);
+    assert_eq!(seen["path"], "/v1/charges?idempotency=7");
+    assert_eq!(seen["body_len"], 1 << 20, "the body is streamed whole");
+    assert_eq!(app.seen.load(Ordering::SeqCst), 1);
+
+    // The same headers again: the proof was used.
+    let replay = send(
+        inbound,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &auth), ("dpop", &dpop)],
+        "",
+    )
+    .await;
+    assert_eq!(replay.status, 401);
+    assert!(
+        challenge(&replay).contains("invalid_dpop_proof"),
+        "{}",
+        challenge(&replay)
+    );
+
+    // A thief with the token but not the key: no proof, or Bearer.
+    let stolen = send(
+        inbound,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(stolen.status, 401);
+    assert!(challenge(&stolen).contains("invalid_dpop_proof"));
+    let token = auth.strip_prefix("DPoP ").unwrap();
+    let bearer = send(
+        inbound,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await;
+    assert_eq!(bearer.status, 401);
+    assert!(challenge(&bearer).contains("invalid_token"));
+
+    // A proof made for another URL.
+    let (auth2, other) = authorize(
+        socket,
+        "POST",
+        &format!("http://{inbound}/v1/refunds"),
+        "payments:charge",
+    )
+    .await;
+    let moved = send(
+        inbound,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &auth2), ("dpop", &other)],
+        "",
+    )
+    .await;
+    assert_eq!(moved.status, 401);
+    assert!(challenge(&moved).contains("invalid_dpop_proof"));
+
+    // Good credentials, but the access rules say no: method, then scope.
+    let (a, d) = authorize(socket, "GET", &url, "payments:charge").await;
+    let get = send(
+        inbound,
+        "GET",
+        "/v1/charges",
+        &[("authorization", &a), ("dpop", &d)],
+        "",
+    )
+    .await;
+    assert_eq!(get.status, 403);
+    assert!(
+        get.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("method GET")
+    );
+    let (a, d) = authorize(socket, "POST", &url, "payments:read").await;
+    let scope = send(
+        inbound,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &a), ("dpop", &d)],
+        "",
+    )
+    .await;
+    assert_eq!(scope.status, 403);
+    assert!(challenge(&scope).contains("insufficient_scope"));
+    // A dot segment does not smuggle a path past the rules.
+    let sneaky = format!("http://{inbound}/v1/charges/../refunds");
+    let (a, d) = authorize(socket, "POST", &sneaky, "payments:charge").await;
+    let smuggled = send(
+        inbound,
+        "POST",
+        "/v1/charges/../refunds",
+        &[("authorization", &a), ("dpop", &d)],
+        "",
+    )
+    .await;
+    assert_eq!(smuggled.status, 403, "judged as /v1/refunds");
+
+    // Nothing at all: a bare challenge.
+    let none = send(inbound, "POST", "/v1/charges", &[], "").await;
+    assert_eq!(none.status, 401);
+    assert_eq!(challenge(&none), "DPoP algs=\"ES256\"");
+
+    assert_eq!(
+        app.seen.load(Ordering::SeqCst),
+        1,
+        "no refused request reached the app"
+    );
+
+    // The admin port says so.
+    let admin = payments.admin.unwrap();
+    assert_eq!(send(admin, "GET", "/readyz", &[], "").await.status, 200);
+    let metrics =
+        String::from_utf8(send(admin, "GET", "/metrics", &[], "").await.body.to_vec()).unwrap();
+    for line in [
+        "tally_sidecar_inbound_requests_total{result=\"allowed\"} 1",
+        "tally_sidecar_inbound_requests_total{result=\"replayed_proof\"} 1",
+        "tally_sidecar_inbound_requests_total{result=\"policy_denied\"} 2",
+        "tally_sidecar_inbound_requests_total{result=\"insufficient_scope\"} 1",
+        "tally_sidecar_ready 1",
+        "tally_sidecar_watch_connected 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+
+    checkout.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    app.stop();
+    mesh.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_caller_rate_limits_answer_429_with_retry_after() {
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                inbound_to: Some(app.addr),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let inbound = payments.inbound.unwrap();
+    let reporting = mesh
+        .sidecar(
+            REPORTING,
+            Parts {
+                socket: true,
+                services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
+                ..Parts::default()
+            },
+        )
+        .await;
+    let socket = reporting.socket.as_deref().unwrap();
+    // The rule for reporting allows 10/s: a burst of 10, then one more
+    // every 100 ms. Headers first, then the burst, so it takes a few ms.
+    let url = format!("http://{inbound}/v1/charges/ch_1");
+    let mut asks = Vec::new();
+    for _ in 0..12 {
+        asks.push(authorize(socket, "GET", &url, "payments:read").await);
+    }
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for (a, d) in &asks {
+        let answer = send(
+            inbound,
+            "GET",
+            "/v1/charges/ch_1",
+            &[("authorization", a), ("dpop", d)],
+            "",
+        )
+        .await;
+        statuses.push(answer.status);
+        last = Some(answer);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    let last = last.unwrap();
+    assert_eq!(last.status, 429);
+    assert!(last.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(app.seen.load(Ordering::SeqCst), 10);
+    reporting.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_proxy_signs_mapped_hosts_and_answers_nonce_challenges() {
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    // The payments side demands server nonces.
+    let (checkout, payments) = pair(&mesh, &app, true).await;
+    let proxy = checkout.outbound.unwrap();
+    let inbound = payments.inbound.unwrap();
+
+    // The app just sends plain HTTP through its proxy.
+    let url = format!("http://{inbound}/v1/charges");
+    let answer = send(
+        proxy,
+        "POST",
+        &url,
+        &[
+            ("host", &inbound.to_string()),
+            ("x-tally-scope", "payments:charge"),
+        ],
+        r#"{"amount": 100}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let seen = answer.json();
+    assert_eq!(seen["caller"], CHECKOUT);
+    assert_eq!(
+        seen["body_len"], 15,
+        "the body was resent on the nonce retry"
+    );
+    // First try without a nonce, then once with it; the nonce is kept, so
+    // the next request needs no retry.
+    let again = send(
+        proxy,
+        "POST",
+        &url,
+        &[
+            ("host", &inbound.to_string()),
+            ("x-tally-scope", "payments:charge"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(again.status, 200);
+    let admin = payments.admin.unwrap();
+    let metrics =
+        String::from_utf8(send(admin, "GET", "/metrics", &[], "").await.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("tally_sidecar_inbound_requests_total{result=\"use_dpop_nonce\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tally_sidecar_inbound_requests_total{result=\"allowed\"} 2"),
+        "{metrics}"
+    );
+
+    // A host not in the service map passes through untouched.
+    let direct = format!("http://{}/health", app.addr);
+    let plain = send(
+        proxy,
+        "GET",
+        &direct,
+        &[("host", &app.addr.to_string())],
+        "",
+    )
+    .await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.json()["authorization"], false);
+    assert_eq!(plain.json()["caller"], serde_json::Value::Null);
+
+    // Origin-form requests are not proxy requests.
+    let wrong = send(proxy, "GET", "/v1/charges", &[], "").await;
+    assert_eq!(wrong.status, 400);
+
+    // CONNECT: a tunnel, bytes passed through untouched.
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let target = app.addr.to_string();
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    stream
+        .write_all(
+            format!("GET /tunnelled HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains("\"path\":\"/tunnelled\""), "{raw}");
+
+    checkout.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_outbound_proxy_refuses_unknown_hosts() {
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let checkout = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                outbound: true,
+                strict: true,
+                ..Parts::default()
+            },
+        )
+        .await;
+    let proxy = checkout.outbound.unwrap();
+    let url = format!("http://{}/x", app.addr);
+    let refused = send(proxy, "GET", &url, &[("host", &app.addr.to_string())], "").await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(app.seen.load(Ordering::SeqCst), 0);
+    checkout.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_callers_are_verified_against_their_authority() {
+    use http_body_util::{BodyExt as _, Full};
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let (checkout, payments) = pair(&mesh, &app, false).await;
+    let inbound = payments.inbound.unwrap();
+    let url = format!("http://{inbound}/v1/charges");
+    let (auth, dpop) = authorize(
+        checkout.socket.as_deref().unwrap(),
+        "POST",
+        &url,
+        "payments:charge",
+    )
+    .await;
+
+    let stream = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(&url)
+        .header("authorization", &auth)
+        .header("dpop", &dpop)
+        .body(Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["caller"], CHECKOUT);
+    assert_eq!(
+        seen["host"],
+        inbound.to_string(),
+        "the app gets :authority as Host"
+    );
+
+    checkout.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}

@@ -1,0 +1,295 @@
+//! A small mesh on loopback for end-to-end tests: a real broker, sidecars
+//! started from their settings (attested with join tokens), a trivial app
+//! that reports what it received, and a raw HTTP client that can speak to
+//! a forward proxy.
+
+use super::broker::{ServedBroker, serve_broker, settings};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tally::clock::SystemClock;
+use tally::sidecar::api::ServiceMap;
+use tally::sidecar::cache::CacheConfig;
+use tally::sidecar::identity::Attestation;
+use tally::sidecar::inbound::InboundConfig;
+use tally::sidecar::outbound::OutboundConfig;
+use tally::sidecar::run::{Listeners, Sidecar, SidecarSettings};
+use tally::store::Sealer;
+
+pub const CHECKOUT: &str = "spiffe://example.org/ns/shop/sa/checkout";
+pub const PAYMENTS: &str = "spiffe://example.org/ns/pay/sa/payments";
+pub const REPORTING: &str = "spiffe://example.org/ns/finance/sa/reporting";
+pub const POLICY: &str = include_str!("../fixtures/policy.yaml");
+
+/// An app that answers every request with JSON describing it (method,
+/// path, the x-tally-* headers, whether credentials reached it, body
+/// length) and counts the requests it saw.
+pub struct App {
+    pub addr: std::net::SocketAddr,
+    pub seen: Arc<AtomicU64>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl App {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let counter = Arc::clone(&seen);
+        tokio::spawn(tally::http::serve(
+            listener,
+            None,
+            move |req: http::Request<hyper::body::Incoming>, _peer| {
+                let counter = Arc::clone(&counter);
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let header = |name: &str| {
+                        req.headers()
+                            .get(name)
+                            .map(|v| v.to_str().unwrap_or("").to_owned())
+                    };
+                    let tally_headers: Vec<String> = req
+                        .headers()
+                        .keys()
+                        .map(|k| k.as_str().to_owned())
+                        .filter(|k| k.starts_with("x-tally-"))
+                        .collect();
+                    let description = serde_json::json!({
+                        "method": req.method().as_str(),
+                        "path": req.uri().path_and_query().map(|p| p.as_str()),
+                        "host": header("host"),
+                        "caller": header("x-tally-caller"),
+                        "scopes": header("x-tally-scopes"),
+                        "token_id": header("x-tally-token-id"),
+                        "tally_headers": tally_headers,
+                        "authorization": header("authorization").is_some(),
+                        "dpop": header("dpop").is_some(),
+                    });
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let mut description = description;
+                    description["body_len"] = body.len().into();
+                    tally::http::json(http::StatusCode::OK, &description)
+                }
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self { addr, seen, stop }
+    }
+
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+    }
+}
+
+/// The broker and a store directory.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub broker: ServedBroker,
+}
+
+/// What to run for one sidecar.
+#[derive(Default)]
+pub struct Parts {
+    pub socket: bool,
+    pub inbound_to: Option<std::net::SocketAddr>,
+    pub outbound: bool,
+    pub admin: bool,
+    pub nonces: bool,
+    pub strict: bool,
+    pub services: Vec<(String, String)>,
+}
+
+/// A started sidecar and where it listens.
+pub struct Started {
+    pub sidecar: Sidecar,
+    pub socket: Option<std::path::PathBuf>,
+    pub inbound: Option<std::net::SocketAddr>,
+    pub outbound: Option<std::net::SocketAddr>,
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+impl Mesh {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Sealer::generate_key_text().unwrap();
+        let broker = serve_broker(dir.path(), &key, settings(POLICY), "127.0.0.1:0").await;
+        Self { dir, broker }
+    }
+
+    /// A sidecar for `id`, attested with a fresh join token, ready (keys,
+    /// bundle and access rules in hand) when this returns.
+    pub async fn sidecar(&self, id: &str, parts: Parts) -> Started {
+        let join = self
+            .broker
+            .broker
+            .create_join_token(&id.parse().unwrap(), 600, None)
+            .await
+            .unwrap();
+        let bind = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() };
+        let socket_path = parts.socket.then(|| {
+            self.dir
+                .path()
+                .join(format!("{}.sock", id.rsplit('/').next().unwrap()))
+        });
+        let mut listeners = Listeners {
+            socket: socket_path
+                .as_ref()
+                .map(|p| tally::sidecar::api::bind(p).unwrap()),
+            ..Listeners::default()
+        };
+        if parts.inbound_to.is_some() {
+            listeners.inbound = Some(bind().await);
+        }
+        if parts.outbound {
+            listeners.outbound = Some(bind().await);
+        }
+        if parts.admin {
+            listeners.admin = Some(bind().await);
+        }
+        let addr =
+            |l: &Option<tokio::net::TcpListener>| l.as_ref().map(|l| l.local_addr().unwrap());
+        let (inbound, outbound, admin) = (
+            addr(&listeners.inbound),
+            addr(&listeners.outbound),
+            addr(&listeners.admin),
+        );
+        let settings = SidecarSettings {
+            broker: self.broker.url(),
+            bundle_pem: self.broker.broker.bundle_pem(),
+            attestation: Attestation::JoinToken(join.expose().to_owned().into()),
+            services: ServiceMap::new(
+                parts
+                    .services
+                    .iter()
+                    .map(|(h, a)| (h.clone(), a.parse().unwrap())),
+            ),
+            allowed_uids: None,
+            cache: CacheConfig::default(),
+            inbound: parts
+                .inbound_to
+                .map(|up| InboundConfig::new(up.to_string())),
+            inbound_nonces: parts.nonces,
+            outbound: OutboundConfig {
+                strict: parts.strict,
+                ..OutboundConfig::default()
+            },
+        };
+        let sidecar = Sidecar::start(settings, listeners, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        assert!(
+            sidecar.ready(Duration::from_secs(10)).await,
+            "the sidecar never became ready"
+        );
+        Started {
+            sidecar,
+            socket: socket_path,
+            inbound,
+            outbound,
+            admin,
+        }
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// Sends one HTTP/1.1 request to `addr` on a new connection. `target` is
+/// the request target as written: a path, or an absolute URL for a proxy.
+pub async fn send(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut request = http::Request::builder().method(method).uri(target);
+    let mut has_host = false;
+    for (name, value) in headers {
+        has_host |= name.eq_ignore_ascii_case("host");
+        request = request.header(*name, *value);
+    }
+    if !has_host {
+        request = request.header("host", addr.to_string());
+    }
+    let response = sender
+        .send_request(request.body(Full::new(body.into())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// One request to the local API over its Unix socket; (status, JSON).
+pub async fn local(
+    socket: &std::path::Path,
+    method: &str,
+    target: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "tally")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+/// `Authorization` and `DPoP` values from the local API for one request.
+pub async fn authorize(
+    socket: &std::path::Path,
+    method: &str,
+    url: &str,
+    scope: &str,
+) -> (String, String) {
+    let ask = serde_json::json!({"method": method, "url": url, "scope": scope});
+    let (status, headers) = local(socket, "POST", "/v1/authorize", Some(ask)).await;
+    assert_eq!(status, 200, "{headers}");
+    (
+        headers["authorization"].as_str().unwrap().to_owned(),
+        headers["dpop"].as_str().unwrap().to_owned(),
+    )
+}
