@@ -80,6 +80,62 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
     assert_eq!(issued["token_type"], "DPoP");
     assert_eq!(issued["scope"], "payments:read");
 
+    // The same from a shell, with `tally client`.
+    let client = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("client")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = client(&["identity"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("spiffe_id:    {checkout}")));
+    let url = "https://payments.example/v1/charges";
+    let o = client(&[
+        "authorize",
+        "--method",
+        "post",
+        "--url",
+        url,
+        "--audience",
+        "spiffe://example.org/ns/pay/sa/payments",
+        "--scope",
+        "payments:charge",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("Authorization: DPoP ey"), "{out}");
+    assert!(lines[1].starts_with("DPoP: ey"), "{out}");
+    assert!(
+        lines[2].starts_with("curl -X 'POST' -H 'Authorization: DPoP ")
+            && lines[2].ends_with(&format!("'{url}'")),
+        "{out}"
+    );
+    // Refusals keep the sidecar's words; no sidecar is "unavailable".
+    let o = client(&["token", "--audience", "spiffe://example.org/ns/x/sa/nobody"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("403 access_denied"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["client", "--socket"])
+        .arg(dir.path().join("nothing.sock"))
+        .arg("identity")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(69));
+
     assert!(
         Command::new("kill")
             .args(["-TERM", &sidecar.id().to_string()])

@@ -11,6 +11,7 @@ macro_rules! say {
 
 mod bench;
 mod broker;
+mod client;
 mod ctl;
 mod dpop;
 mod sidecar;
@@ -46,9 +47,12 @@ pub enum Command {
     /// Run the broker: identity CA and token issuer (mTLS gRPC, OAuth over
     /// HTTPS), with audit, inventory and an admin port.
     Broker(crate::broker::config::BrokerFlags),
-    /// Run a sidecar: attest, keep the SVID renewed, follow the broker, and
-    /// serve tokens and request headers on a local Unix socket.
+    /// Run a sidecar: attest, keep the SVID renewed, follow the broker,
+    /// serve tokens and request headers on a local Unix socket, verify
+    /// inbound requests and sign outbound ones.
     Sidecar(sidecar::SidecarFlags),
+    /// Ask the local sidecar for a token, request headers, or its identity.
+    Client(client::ClientArgs),
     /// Run the Kubernetes admission webhook (not in this build yet).
     Injector(NotYet),
     /// Administer: trust policy tools (offline), join tokens, credentials
@@ -106,6 +110,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Token(cmd) => token::run(cmd),
         Command::Broker(flags) => broker::run(flags),
         Command::Sidecar(flags) => sidecar::run(flags),
+        Command::Client(args) => client::run(args),
         Command::Injector(_) => Err(CliError::NotImplemented("injector")),
         Command::Ctl(cmd) => ctl::run(cmd),
         Command::Demo(_) => Err(CliError::NotImplemented("demo")),

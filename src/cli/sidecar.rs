@@ -302,30 +302,39 @@ fn service_map(path: &Path) -> Result<ServiceMap, CliError> {
     }
 }
 
-/// The socket path: as given, else /run/tally as root, else the user's
-/// runtime dir or the temp dir (and says so).
-fn socket_path(given: Option<PathBuf>) -> Result<PathBuf, CliError> {
-    if let Some(path) = given {
-        return Ok(path);
-    }
+/// Where the socket goes when not given: /run/tally as root, else the
+/// user's runtime dir or the temp dir.
+pub(super) fn default_socket() -> PathBuf {
     let root = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false);
     let dir = if root {
         PathBuf::from("/run/tally")
     } else {
-        let base =
-            std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
-        let dir = base.join("tally");
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map_or_else(std::env::temp_dir, PathBuf::from)
+            .join("tally")
+    };
+    dir.join("agent.sock")
+}
+
+/// The socket path: as given, else [`default_socket`] (saying so when it
+/// is not the system location), its directory created.
+fn socket_path(given: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let path = default_socket();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !path.starts_with("/run/tally") {
         eprintln!(
             "tally sidecar: not root, so the socket goes to {} (set --socket to choose)",
             dir.display()
         );
-        dir
-    };
-    std::fs::create_dir_all(&dir)
+    }
+    std::fs::create_dir_all(dir)
         .map_err(|e| CliError::Failed(format!("creating {}: {e}", dir.display())))?;
-    Ok(dir.join("agent.sock"))
+    Ok(path)
 }
 
 async fn serve(
