@@ -271,3 +271,50 @@ pub fn respond(
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     respond(status, "application/json", value.to_string())
 }
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status code.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// Sends `request` on a new HTTP/1.1 connection to `addr` and reads the
+/// answer whole (at most `limit` body bytes). The request target is sent
+/// as written: a path, or an absolute URL when `addr` is a forward proxy.
+///
+/// # Errors
+/// Connecting, the exchange, or a body over `limit`, as text.
+pub async fn send(
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+    limit: usize,
+) -> Result<Answer, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP with {addr}: {e}"))?;
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("HTTP with {addr}: {e}"))?;
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer from {addr}: {e}"))?
+        .to_bytes();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}

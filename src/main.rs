@@ -15,11 +15,16 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // The demo narrates on stdout; its parts only speak up for trouble.
+    let default_filter = match cli.command {
+        tally::cli::Command::Demo(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
     match tally::cli::run(cli) {

@@ -130,7 +130,6 @@ fn bad_usage_exits_64() {
 fn unbuilt_subcommands_refuse_to_run() {
     for cmd in [
         &["injector"][..],
-        &["demo"],
         &["ctl", "revoke"],
         &["ctl", "audit", "verify"],
     ] {
@@ -142,6 +141,39 @@ fn unbuilt_subcommands_refuse_to_run() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn the_demo_runs_every_step_and_exits_0() {
+    let o = tally(&["demo"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("Summary: all 7 steps went as described"),
+        "{out}"
+    );
+    assert_eq!(out.matches("✓").count(), 7, "{out}");
+    // Tokens and proofs are only ever shown shortened.
+    for line in out.lines() {
+        for word in line.split_whitespace() {
+            assert!(
+                !(word.starts_with("eyJ") && word.len() > 40),
+                "a whole token in the output: {line}"
+            );
+        }
+    }
+    // Its scratch directory is gone.
+    let dir = out
+        .split("embedded SQLite store in ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap();
+    assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
 }
 
 #[test]

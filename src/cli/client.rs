@@ -143,7 +143,7 @@ fn shell_quote(text: &str) -> String {
 }
 
 /// One request to the local API; (status, JSON answer).
-async fn call(
+pub(super) async fn call(
     socket: &std::path::Path,
     method: &str,
     target: &str,

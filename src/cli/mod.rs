@@ -13,6 +13,7 @@ mod bench;
 mod broker;
 mod client;
 mod ctl;
+mod demo;
 mod dpop;
 mod sidecar;
 mod token;
@@ -58,8 +59,9 @@ pub enum Command {
     /// Administer: trust policy tools (offline), join tokens, credentials
     /// and key rotation (on a running broker, as an admin).
     Ctl(ctl::CtlArgs),
-    /// Run the loopback demo (not in this build yet).
-    Demo(NotYet),
+    /// Run the loopback demo: a broker, two sidecars and two apps, and a
+    /// narrated tour of what DPoP-bound tokens stop.
+    Demo(demo::DemoArgs),
     /// Load generators: token issuance against a broker started for the run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -113,7 +115,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Client(args) => client::run(args),
         Command::Injector(_) => Err(CliError::NotImplemented("injector")),
         Command::Ctl(cmd) => ctl::run(cmd),
-        Command::Demo(_) => Err(CliError::NotImplemented("demo")),
+        Command::Demo(args) => demo::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

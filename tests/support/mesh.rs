@@ -224,12 +224,6 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Answer {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
     let mut request = http::Request::builder().method(method).uri(target);
     let mut has_host = false;
     for (name, value) in headers {
@@ -239,15 +233,13 @@ pub async fn send(
     if !has_host {
         request = request.header("host", addr.to_string());
     }
-    let response = sender
-        .send_request(request.body(Full::new(body.into())).unwrap())
+    let answer = tally::http::send(addr, request.body(Full::new(body.into())).unwrap(), 1 << 24)
         .await
         .unwrap();
-    let (parts, body) = response.into_parts();
     Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
+        status: answer.status.as_u16(),
+        headers: answer.headers,
+        body: answer.body,
     }
 }
 
