@@ -23,6 +23,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 pub enum BenchCommand {
     /// Token issuance over mTLS gRPC against a broker started for the run.
     Issue(IssueArgs),
+    /// `POST /v1/authorize` on a sidecar's socket (sidecar and broker
+    /// started for the run).
+    Authorize(super::bench_sidecar::AuthorizeArgs),
+    /// wrk through a sidecar's inbound proxy vs. straight to a trivial
+    /// upstream, every proxied request with a fresh DPoP proof (needs wrk).
+    Inbound(super::bench_sidecar::InboundArgs),
 }
 
 /// Arguments of `tally bench issue`.
@@ -44,6 +50,8 @@ pub struct IssueArgs {
 
 pub(super) fn run(cmd: BenchCommand) -> Result<ExitCode, CliError> {
     match cmd {
+        BenchCommand::Authorize(args) => super::bench_sidecar::run_authorize(&args),
+        BenchCommand::Inbound(args) => super::bench_sidecar::run_inbound(&args),
         BenchCommand::Issue(args) => {
             let parse = |flag: &str, text: &str| {
                 humantime::parse_duration(text)
@@ -68,8 +76,8 @@ pub(super) fn run(cmd: BenchCommand) -> Result<ExitCode, CliError> {
 }
 
 const TRUST_DOMAIN: &str = "bench.tally";
-const CLIENT: &str = "spiffe://bench.tally/bench/client";
-const AUDIENCE: &str = "spiffe://bench.tally/bench/server";
+pub(super) const CLIENT: &str = "spiffe://bench.tally/bench/client";
+pub(super) const AUDIENCE: &str = "spiffe://bench.tally/bench/server";
 const POLICY: &str = "trust_domain: bench.tally
 classes:
   service: { default_ttl: 5m, max_ttl: 15m }
@@ -78,14 +86,21 @@ issue:
     to: spiffe://bench.tally/bench/server
     scopes: [bench:read, bench:write]
     class: service
+access:
+  - workload: spiffe://bench.tally/bench/server
+    allow:
+      - from: spiffe://bench.tally/bench/client
+        methods: [GET]
+        paths: [/bench/**]
+        scopes: [bench:read]
 ";
 
-fn failed(what: &str, e: impl std::fmt::Display) -> CliError {
+pub(super) fn failed(what: &str, e: impl std::fmt::Display) -> CliError {
     CliError::Failed(format!("{what}: {e}"))
 }
 
 /// The broker process; killed when dropped.
-struct BrokerProcess(std::process::Child);
+pub(super) struct BrokerProcess(std::process::Child);
 
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
@@ -96,7 +111,7 @@ impl Drop for BrokerProcess {
 
 /// Starts `tally broker` on `dir`; returns the process, its gRPC address
 /// and its issuer URL.
-fn start_broker(dir: &Path) -> Result<(BrokerProcess, String, String), CliError> {
+pub(super) fn start_broker(dir: &Path) -> Result<(BrokerProcess, String, String), CliError> {
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, POLICY).map_err(|e| failed("writing the bench policy", e))?;
     let exe = std::env::current_exe().map_err(|e| failed("finding the tally binary", e))?;
@@ -147,7 +162,11 @@ fn start_broker(dir: &Path) -> Result<(BrokerProcess, String, String), CliError>
     Ok((process, addr, issuer))
 }
 
-async fn channel(addr: &str, bundle: &str, identity: Identity) -> Result<Channel, CliError> {
+pub(super) async fn channel(
+    addr: &str,
+    bundle: &str,
+    identity: Identity,
+) -> Result<Channel, CliError> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(bundle))
         .identity(identity)
@@ -162,7 +181,10 @@ async fn channel(addr: &str, bundle: &str, identity: Identity) -> Result<Channel
 }
 
 /// The bench client's credential, minted through the Admin API.
-async fn client_identity(addr: &str, data: &Path) -> Result<(Identity, String), CliError> {
+pub(super) async fn client_identity(
+    addr: &str,
+    data: &Path,
+) -> Result<(Identity, String), CliError> {
     let read = |p: &str| std::fs::read_to_string(data.join(p)).map_err(|e| failed(p, e));
     let bundle = read("bundle.pem")?;
     let admin = Identity::from_pem(read("admin/cert.pem")?, read("admin/key.pem")?);
@@ -248,7 +270,7 @@ async fn worker(
     tally
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -267,7 +289,7 @@ async fn issue(
     warmup: Duration,
     duration: Duration,
 ) -> Result<ExitCode, CliError> {
-    let dir = ScratchDir::new()?;
+    let dir = super::ScratchDir::new("bench")?;
     let (mut broker, addr, issuer) = start_broker(dir.path())?;
     let data = dir.path().join("data");
     let (identity, bundle) = client_identity(&addr, &data).await?;
@@ -376,7 +398,7 @@ async fn issue(
 
 /// User + system CPU seconds a process has used, from `/proc/PID/stat`
 /// (Linux; clock ticks are 100 per second in that interface).
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are
     // fields 14 and 15 of the whole line.
@@ -385,32 +407,4 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     #[expect(clippy::cast_precision_loss, reason = "ticks far below 2^52")]
     Some(ticks as f64 / 100.0)
-}
-
-/// A scratch directory (0700) removed when dropped.
-struct ScratchDir(std::path::PathBuf);
-
-impl ScratchDir {
-    fn new() -> Result<Self, CliError> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!("tally-bench-{}-{nanos}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| failed(&format!("creating {}", path.display()), e))?;
-        Ok(Self(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,31 +67,6 @@ pub(super) fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         .build()
         .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))?
         .block_on(demo(args))
-}
-
-/// A private scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Result<Self, CliError> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let path = std::env::temp_dir().join(format!(
-            "tally-demo-{}-{:08x}",
-            std::process::id(),
-            (crate::sidecar::random_unit() * f64::from(u32::MAX)) as u32
-        ));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| CliError::Failed(format!("creating {}: {e}", path.display())))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// What the tour found: steps that went as narrated, and those that did not.
@@ -233,17 +208,17 @@ fn addr_of(l: &tokio::net::TcpListener) -> Result<SocketAddr, CliError> {
 )]
 async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     let failed = |what: &str, e: &dyn std::fmt::Display| CliError::Failed(format!("{what}: {e}"));
-    let scratch = Scratch::new()?;
+    let scratch = super::ScratchDir::new("demo")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
     say!("tally demo: DPoP-bound workload tokens on loopback\n");
     say!(
         "1. A broker for trust domain {TRUST_DOMAIN} (embedded SQLite store in {})",
-        scratch.0.display()
+        scratch.path().display()
     );
     let key = Sealer::generate_key_text().map_err(|e| failed("making a store key", &e))?;
     let store = Store::open_sqlite(
-        &scratch.0.join("tally.db"),
+        &scratch.path().join("tally.db"),
         Sealer::from_key_material(key.as_bytes()).map_err(|e| failed("store key", &e))?,
     )
     .await
@@ -254,7 +229,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     let mut settings =
         BrokerSettings::new(TRUST_DOMAIN, policy).map_err(|e| failed("broker settings", &e))?;
     settings.issuer = format!("https://localhost:{}", grpc_addr.port());
-    settings.audit_file = Some(scratch.0.join("audit.jsonl"));
+    settings.audit_file = Some(scratch.path().join("audit.jsonl"));
     let broker = Arc::new(
         Broker::open(settings, store, Arc::clone(&clock))
             .await
@@ -326,7 +301,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     );
 
     say!("3. The checkout client's sidecar: local API socket and outbound proxy");
-    let socket = scratch.0.join("checkout.sock");
+    let socket = scratch.path().join("checkout.sock");
     let outbound = bind().await?;
     let outbound_addr = addr_of(&outbound)?;
     let services = ServiceMap::new([(

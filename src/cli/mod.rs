@@ -10,6 +10,7 @@ macro_rules! say {
 }
 
 mod bench;
+mod bench_sidecar;
 mod broker;
 mod client;
 mod ctl;
@@ -62,7 +63,8 @@ pub enum Command {
     /// Run the loopback demo: a broker, two sidecars and two apps, and a
     /// narrated tour of what DPoP-bound tokens stop.
     Demo(demo::DemoArgs),
-    /// Load generators: token issuance against a broker started for the run.
+    /// Load generators: token issuance, the sidecar's socket API and its
+    /// inbound proxy, each against processes started for the run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -240,5 +242,37 @@ mod tests {
             assert!(!text.contains("very-secret"), "{text}");
             assert!(text.contains("<redacted>"), "{text}");
         }
+    }
+}
+
+/// A private scratch directory (0700) under the temp dir, removed when
+/// dropped.
+pub(crate) struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    /// `tally-<purpose>-<pid>-<nanos>`.
+    pub(crate) fn new(purpose: &str) -> Result<Self, CliError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path =
+            std::env::temp_dir().join(format!("tally-{purpose}-{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| CliError::Failed(format!("creating {}: {e}", path.display())))?;
+        Ok(Self(path))
+    }
+
+    /// Its path.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Arguments of `tally sidecar` (`Debug` leaves the join token out).
 #[derive(Debug, Default, clap::Args)]
@@ -401,6 +402,11 @@ async fn serve(
             return Ok(ExitCode::SUCCESS);
         }
     };
+    // The lines below tell scripts it is ready: keys, bundle and access
+    // rules in hand (or a warning after a while, and it keeps trying).
+    if !sidecar.ready(Duration::from_secs(15)).await {
+        tracing::warn!("no keys or access rules from the broker yet; serving anyway (see /readyz)");
+    }
     say!(
         "tally sidecar: {}; local API on {}",
         sidecar.spiffe_id(),
