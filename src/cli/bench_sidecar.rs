@@ -135,7 +135,14 @@ fn start_sidecar(
     token: &str,
     upstream: Option<SocketAddr>,
 ) -> Result<SidecarProcess, CliError> {
-    let exe = std::env::current_exe().map_err(|e| failed("finding the tally binary", e))?;
+    // Its own copy of the binary: code pages the broker process faulted
+    // in are not mapped into the sidecar, so its resident memory is its own.
+    let exe = dir.join("tally-sidecar");
+    std::fs::copy(
+        std::env::current_exe().map_err(|e| failed("finding the tally binary", e))?,
+        &exe,
+    )
+    .map_err(|e| failed("copying the tally binary", e))?;
     let socket = dir.join("sidecar.sock");
     let port = broker.rsplit(':').next().unwrap_or_default();
     let mut command = std::process::Command::new(exe);

@@ -191,6 +191,38 @@ pub(crate) fn write_new_file(
         .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))
 }
 
+/// A private scratch directory (0700) under the temp dir, removed when
+/// dropped.
+pub(crate) struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    /// `tally-<purpose>-<pid>-<nanos>`.
+    pub(crate) fn new(purpose: &str) -> Result<Self, CliError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path =
+            std::env::temp_dir().join(format!("tally-{purpose}-{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| CliError::Failed(format!("creating {}: {e}", path.display())))?;
+        Ok(Self(path))
+    }
+
+    /// Its path.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Cli;
@@ -242,37 +274,5 @@ mod tests {
             assert!(!text.contains("very-secret"), "{text}");
             assert!(text.contains("<redacted>"), "{text}");
         }
-    }
-}
-
-/// A private scratch directory (0700) under the temp dir, removed when
-/// dropped.
-pub(crate) struct ScratchDir(std::path::PathBuf);
-
-impl ScratchDir {
-    /// `tally-<purpose>-<pid>-<nanos>`.
-    pub(crate) fn new(purpose: &str) -> Result<Self, CliError> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path =
-            std::env::temp_dir().join(format!("tally-{purpose}-{}-{nanos}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| CliError::Failed(format!("creating {}: {e}", path.display())))?;
-        Ok(Self(path))
-    }
-
-    /// Its path.
-    pub(crate) fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -8,19 +8,17 @@
 //! - **Shards**: 64 mutex-guarded shards; a check takes one lock for a
 //!   couple of hash-set operations, so threads rarely contend.
 //! - **Expiry** by time buckets: each shard keeps a ring of buckets of
-//!   `bucket_secs`, each listing the keys that expire in it; every call first
-//!   drops the buckets that are over. Each key is inserted and removed once,
-//!   so the cost per check is O(1) amortized.
+//!   `bucket_secs`, each a hash set of the keys that expire in it; a check
+//!   looks in every live bucket of its shard (about 17, each a single
+//!   probe), and every call first drops the buckets that are over, whole.
+//!   Nothing is removed key by key, so the sets never fill with tombstones.
 //! - **Bounded**: each shard holds at most `capacity / 64` live keys (after
 //!   expiry); beyond that the cache **fails closed** with
 //!   [`ReplayError::Full`] rather than forgetting a live proof.
 //!
-//! Memory: a live entry costs 16 bytes in its shard's hash set plus one
-//! control byte, at a load factor between 7/16 and 7/8 (19–39 bytes),
-//! doubled at worst because removals leave tombstones; and 16–32 bytes in
-//! its bucket list. About 110 bytes per live entry at worst; measured 61
-//! right after filling and 103–106 under steady churn
-//! (`docs/BENCHMARKS.md`).
+//! Memory: a live entry costs 16 bytes in its bucket's hash set plus one
+//! control byte, at a load factor between 7/16 and 7/8: 19–39 bytes, plus
+//! two emptied sets per shard kept for reuse (`docs/BENCHMARKS.md`).
 
 use crate::jose::Jkt;
 use aws_lc_rs::digest;
@@ -32,8 +30,8 @@ use std::sync::Mutex;
 const SHARDS: usize = 64;
 /// How many buckets a window is cut into.
 const BUCKETS_PER_WINDOW: u64 = 16;
-/// Emptied bucket lists kept per shard for reuse.
-const MAX_SPARE_LISTS: usize = 2;
+/// Emptied bucket sets kept per shard for reuse.
+const MAX_SPARE_SETS: usize = 2;
 
 /// Why a proof was not recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -90,48 +88,45 @@ impl Hasher for PassThrough {
 
 type KeySet = HashSet<ReplayKey, BuildHasherDefault<PassThrough>>;
 
+/// The keys that expire within one time bucket.
 struct Bucket {
-    /// Keys in here expire at the end of this bucket: `(id + 1) * bucket_secs`.
     id: u64,
-    keys: Vec<ReplayKey>,
+    keys: KeySet,
 }
 
 #[derive(Default)]
 struct Shard {
-    live: KeySet,
-    /// Contiguous ids, oldest first.
+    /// Buckets by id, oldest first, without gaps.
     buckets: VecDeque<Bucket>,
-    /// Emptied bucket lists, reused to avoid allocation.
-    spare: Vec<Vec<ReplayKey>>,
+    /// Live keys in all buckets.
+    len: usize,
+    spare: Vec<KeySet>,
 }
 
 impl Shard {
+    /// Drops every bucket that ends before `now_bucket`.
     fn expire(&mut self, now_bucket: u64) {
-        while let Some(front) = self.buckets.front() {
-            if front.id >= now_bucket {
-                break;
-            }
+        while self.buckets.front().is_some_and(|b| b.id < now_bucket) {
             let Some(mut bucket) = self.buckets.pop_front() else {
                 break;
             };
-            for key in bucket.keys.drain(..) {
-                self.live.remove(&key);
-            }
-            // Keep a couple of emptied lists for reuse; more would hold
-            // memory for entries that no longer exist.
-            if self.spare.len() < MAX_SPARE_LISTS {
+            self.len -= bucket.keys.len();
+            if self.spare.len() < MAX_SPARE_SETS {
+                bucket.keys.clear();
                 self.spare.push(bucket.keys);
             }
         }
     }
 
-    fn bucket_for(&mut self, id: u64) -> &mut Vec<ReplayKey> {
+    fn contains(&self, key: &ReplayKey) -> bool {
+        self.buckets.iter().any(|b| b.keys.contains(key))
+    }
+
+    fn bucket_for(&mut self, id: u64) -> &mut KeySet {
         let first = match self.buckets.front() {
             Some(b) => b.id,
             None => id,
         };
-        // Bucket ids only grow at the back (expiry is bounded by the
-        // horizon) and never go below the front after `expire`.
         let id = id.max(first);
         let index = usize::try_from(id - first).unwrap_or(usize::MAX);
         while self.buckets.len() <= index {
@@ -212,18 +207,18 @@ impl ReplayCache {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         shard.expire(now / self.bucket_secs);
-        if shard.live.contains(&key) {
+        if shard.contains(&key) {
             return Err(ReplayError::Replayed);
         }
         if expires_at < now {
             // Already outside its window: nothing to remember.
             return Ok(());
         }
-        if shard.live.len() >= self.shard_capacity {
+        if shard.len >= self.shard_capacity {
             return Err(ReplayError::Full);
         }
-        shard.live.insert(key);
-        shard.bucket_for(expires_at / self.bucket_secs).push(key);
+        shard.bucket_for(expires_at / self.bucket_secs).insert(key);
+        shard.len += 1;
         Ok(())
     }
 
@@ -238,20 +233,21 @@ impl ReplayCache {
             let shard = shard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            stats.entries += shard.live.len();
+            stats.entries += shard.len;
             // hashbrown: one slot plus one control byte per bucket; buckets
             // are the next power of two above capacity * 8 / 7.
-            let slots = if shard.live.capacity() == 0 {
-                0
-            } else {
-                (shard.live.capacity() * 8 / 7).next_power_of_two()
+            let set_bytes = |set: &KeySet| {
+                if set.capacity() == 0 {
+                    0
+                } else {
+                    (set.capacity() * 8 / 7).next_power_of_two() * (key + 1)
+                }
             };
-            stats.heap_bytes += slots * (key + 1);
             stats.heap_bytes += shard
                 .buckets
                 .iter()
-                .map(|b| b.keys.capacity() * key)
-                .chain(shard.spare.iter().map(|v| v.capacity() * key))
+                .map(|b| set_bytes(&b.keys))
+                .chain(shard.spare.iter().map(set_bytes))
                 .sum::<usize>();
         }
         stats
