@@ -67,6 +67,12 @@ pub struct SidecarFlags {
     /// Also hand Authorization and DPoP to the app (dropped by default).
     #[arg(long, env = "TALLY_PASS_CREDENTIALS")]
     pass_credentials: bool,
+    /// Oldest inbound DPoP proof accepted, after its iat [default: 30s].
+    #[arg(long, env = "TALLY_PROOF_MAX_AGE")]
+    proof_max_age: Option<String>,
+    /// Clock difference allowed between callers and this sidecar [default: 5s].
+    #[arg(long, env = "TALLY_CLOCK_SKEW")]
+    clock_skew: Option<String>,
     /// Outbound forward proxy address, e.g. 127.0.0.1:15001 (the app's HTTP_PROXY).
     #[arg(long, env = "TALLY_OUTBOUND_LISTEN")]
     outbound_listen: Option<String>,
@@ -90,6 +96,8 @@ const KEYS: &[&str] = &[
     "upstream",
     "inbound_nonces",
     "pass_credentials",
+    "proof_max_age",
+    "clock_skew",
     "outbound_listen",
     "outbound_strict",
     "admin_listen",
@@ -107,6 +115,8 @@ struct SidecarConfig {
     inbound: Option<(SocketAddr, String)>,
     inbound_nonces: bool,
     pass_credentials: bool,
+    proof_max_age: u64,
+    clock_skew: u64,
     outbound_listen: Option<SocketAddr>,
     outbound_strict: bool,
     admin_listen: Option<SocketAddr>,
@@ -204,6 +214,22 @@ impl SidecarConfig {
                 None
             }
         };
+        let mut seconds = |flag: &Option<String>, key: &str, default: &str, min: u64, max: u64| {
+            let text = one(flag, key).unwrap_or_else(|| default.into());
+            match humantime::parse_duration(&text) {
+                Ok(d) if (min..=max).contains(&d.as_secs()) && d.subsec_nanos() == 0 => {
+                    Some(d.as_secs())
+                }
+                _ => {
+                    errors.push(format!(
+                        "{key} {text:?} must be whole seconds from {min}s to {max}s"
+                    ));
+                    None
+                }
+            }
+        };
+        let proof_max_age = seconds(&flags.proof_max_age, "proof_max_age", "30s", 1, 300);
+        let clock_skew = seconds(&flags.clock_skew, "clock_skew", "5s", 0, 300);
         let allow_uids = if flags.allow_uids.is_empty() {
             from_file
                 .all("allow_uids")
@@ -230,6 +256,8 @@ impl SidecarConfig {
             inbound,
             inbound_nonces,
             pass_credentials,
+            proof_max_age: proof_max_age.unwrap_or_else(|| unreachable!("checked above")),
+            clock_skew: clock_skew.unwrap_or_else(|| unreachable!("checked above")),
             outbound_listen,
             outbound_strict,
             admin_listen,
@@ -382,6 +410,8 @@ async fn serve(
         inbound: upstream.clone().map(|up| {
             let mut c = InboundConfig::new(up);
             c.pass_credentials = config.pass_credentials;
+            c.proof_max_age = config.proof_max_age;
+            c.clock_skew = config.clock_skew;
             c
         }),
         inbound_nonces: config.inbound_nonces,
@@ -443,7 +473,7 @@ mod tests {
 
     #[test]
     fn defaults_and_the_file_fill_what_flags_leave_out() {
-        let file = "inbound_listen: 127.0.0.1:15006\nupstream: 127.0.0.1:8080\ninbound_nonces: yes\nallow_uids: [1000, 1001]\n";
+        let file = "inbound_listen: 127.0.0.1:15006\nupstream: 127.0.0.1:8080\ninbound_nonces: yes\nallow_uids: [1000, 1001]\nclock_skew: 2s\n";
         let c = SidecarConfig::resolve(&flags(), Some(("sidecar.yaml", file))).unwrap();
         assert_eq!(c.admin_listen, Some("127.0.0.1:15020".parse().unwrap()));
         assert_eq!(
@@ -453,6 +483,7 @@ mod tests {
         assert!(c.inbound_nonces && !c.pass_credentials && !c.outbound_strict);
         assert_eq!(c.allow_uids, [1000, 1001]);
         assert_eq!(c.outbound_listen, None);
+        assert_eq!((c.proof_max_age, c.clock_skew), (30, 2));
     }
 
     #[test]
@@ -462,7 +493,7 @@ mod tests {
             admin_listen: Some("nowhere".into()),
             ..SidecarFlags::default()
         };
-        let file = "inbound_listen: 127.0.0.1:15006\noutbound_strict: maybe\ncolour: blue\n";
+        let file = "inbound_listen: 127.0.0.1:15006\noutbound_strict: maybe\ncolour: blue\nproof_max_age: forever\n";
         let errors = SidecarConfig::resolve(&flags, Some(("sidecar.yaml", file))).unwrap_err();
         let all = errors.join("\n");
         for expected in [
@@ -473,9 +504,10 @@ mod tests {
             "attestation",
             "admin_listen \"nowhere\"",
             "inbound_listen needs upstream",
+            "proof_max_age \"forever\"",
         ] {
             assert!(all.contains(expected), "{expected} missing from:\n{all}");
         }
-        assert_eq!(errors.len(), 7, "{all}");
+        assert_eq!(errors.len(), 8, "{all}");
     }
 }

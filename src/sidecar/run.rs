@@ -134,15 +134,17 @@ impl Sidecar {
             svid.issue_htu(),
             Arc::clone(&clock),
         ));
-        let verifier_config = {
-            let mut c = VerifierConfig::new(TokenConfig::new(
-                svid.issuer.clone(),
-                spiffe_id
-                    .as_str()
-                    .parse()
-                    .map_err(|e| IdentityError::Local(format!("own SPIFFE ID: {e}")))?,
-            ));
-            c.nonce_slot_secs = settings.inbound_nonces.then_some(30);
+        let own_audience = spiffe_id
+            .as_str()
+            .parse()
+            .map_err(|e| IdentityError::Local(format!("own SPIFFE ID: {e}")))?;
+        let token_issuer = svid.issuer.clone();
+        let inbound_nonces = settings.inbound_nonces;
+        let verifier_config = move |inbound: &InboundConfig| {
+            let mut c = VerifierConfig::new(TokenConfig::new(token_issuer, own_audience));
+            c.nonce_slot_secs = inbound_nonces.then_some(30);
+            c.proof.max_age = inbound.proof_max_age;
+            c.proof.max_skew = inbound.clock_skew;
             c
         };
         let (stop, _) = watch::channel(false);
@@ -167,7 +169,7 @@ impl Sidecar {
         );
         let inbound = match (&listeners.inbound, settings.inbound) {
             (Some(_), Some(config)) => {
-                let verifier = RequestVerifier::new(verifier_config)
+                let verifier = RequestVerifier::new(verifier_config(&config))
                     .map_err(|_| IdentityError::Local("the random source failed".into()))?;
                 Some(Inbound::new(
                     spiffe_id.clone(),
