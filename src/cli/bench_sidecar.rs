@@ -49,8 +49,8 @@ pub struct InboundArgs {
     /// wrk threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// How long each wrk run lasts (at most 40 s: the pre-signed proofs
-    /// must stay within their 60 s age limit).
+    /// How long each wrk run lasts (at most 20 s: the pre-signed proofs
+    /// must stay within the sidecar's 30 s proof age limit).
     #[arg(long, default_value = "15s")]
     duration: String,
 }
@@ -557,7 +557,7 @@ async fn inbound(args: &InboundArgs, duration: Duration) -> Result<ExitCode, Cli
     let key = ProofKey::generate().map_err(|e| failed("a client key", e))?;
     let access = client_token(&addr, &issuer, &data, &key).await?;
     let url = format!("http://{inbound}/bench/hello");
-    let count = usize::try_from(duration.as_secs()).unwrap_or(40) * 20_000;
+    let count = usize::try_from(duration.as_secs()).unwrap_or(20) * 20_000;
     let minting = Instant::now();
     let proofs = mint_proofs(&key, &url, &access, count)?;
     let proofs_file = dir.path().join("proofs.txt");
