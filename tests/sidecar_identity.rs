@@ -59,3 +59,40 @@ async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
     let err = client.renew(&second, SystemClock.now()).await.unwrap_err();
     assert!(matches!(err, IdentityError::Unreachable(_)), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_contact_waits_for_a_broker_that_is_not_up_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Sealer::generate_key_text().unwrap();
+    let policy = "trust_domain: example.org\n";
+    // The broker's CA and a join token exist; then the broker goes down.
+    let served = serve_broker(dir.path(), &key, settings(policy), "127.0.0.1:0").await;
+    let (addr, url, bundle) = (served.addr, served.url(), served.broker.bundle_pem());
+    let id = "spiffe://example.org/vm/late-1";
+    let token = served
+        .broker
+        .create_join_token(&id.parse().unwrap(), 600, None)
+        .await
+        .unwrap();
+    served.stop().await;
+    // Something on the port that hangs up on whoever connects.
+    let blocker = tokio::net::TcpListener::bind(addr).await.unwrap();
+
+    // The sidecar starts first and keeps trying...
+    let how = Attestation::JoinToken(Zeroizing::new(token.expose().to_owned()));
+    let client = IdentityClient::new(url, bundle);
+    let attesting =
+        tokio::spawn(async move { tally::sidecar::run::attest(&client, &how, &SystemClock).await });
+    // ...its first attempt fails (we hang up), then it gets its SVID from
+    // the broker started afterwards on the same address.
+    let (conn, _) = blocker.accept().await.unwrap();
+    drop((conn, blocker));
+    let again = serve_broker(dir.path(), &key, settings(policy), &addr.to_string()).await;
+    let svid = tokio::time::timeout(Duration::from_secs(10), attesting)
+        .await
+        .expect("attested once the broker was up")
+        .unwrap()
+        .unwrap();
+    assert_eq!(svid.spiffe_id.as_str(), id);
+    again.stop().await;
+}

@@ -366,6 +366,9 @@ fn socket_path(given: Option<PathBuf>) -> Result<PathBuf, CliError> {
     Ok(path)
 }
 
+/// How long shutdown waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(10);
+
 async fn serve(
     config: SidecarConfig,
     bundle: String,
@@ -451,7 +454,19 @@ async fn serve(
     if let Some(at) = admin_at {
         say!("tally sidecar: admin listening on {at}");
     }
-    let result = sidecar.run_until(super::broker::shutdown_signal()).await;
+    // In-flight requests get DRAIN to finish after the signal; a client
+    // that never lets go does not keep the sidecar from exiting.
+    let signal_then_drain = async {
+        super::broker::shutdown_signal().await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    let result = tokio::select! {
+        result = sidecar.run_until(super::broker::shutdown_signal()) => result,
+        () = signal_then_drain => {
+            tracing::warn!("requests still open {} s after the shutdown signal; exiting anyway", DRAIN.as_secs());
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&socket);
     result.map_err(|e| CliError::Failed(e.to_string()))?;
     say!("tally sidecar: stopped");
