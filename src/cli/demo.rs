@@ -369,32 +369,31 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     say!(
         "5. The same through the socket API: the app asks for headers, then sends the request itself"
     );
-    let ask = serde_json::json!({"method": "POST", "url": charges, "scope": "payments:charge"});
-    let (status, headers) = local(&socket, "POST", "/v1/authorize", Some(ask)).await?;
+    let charge = |authorization: String, dpop: String, body: &'static str| {
+        let host = host.clone();
+        async move {
+            let headers = [
+                ("authorization", authorization.as_str()),
+                ("dpop", dpop.as_str()),
+            ];
+            call(
+                inbound_addr,
+                request("POST", "/v1/charges", &host, &headers, body),
+            )
+            .await
+        }
+    };
+    let (status, authorization, proof, why) =
+        headers_for(&socket, &charges, "payments:charge").await?;
     if status != 200 {
         return Err(CliError::Failed(format!(
-            "/v1/authorize answered {status}: {headers}"
+            "/v1/authorize answered {status}: {why}"
         )));
     }
-    let authorization = headers["authorization"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let proof = headers["dpop"].as_str().unwrap_or_default().to_owned();
     let token = authorization.trim_start_matches("DPoP ").to_owned();
     say!("   Authorization: DPoP {}", short(&token));
     say!("   DPoP: {}", short(&proof));
-    let answer = call(
-        inbound_addr,
-        request(
-            "POST",
-            "/v1/charges",
-            &host,
-            &[("authorization", &authorization), ("dpop", &proof)],
-            r#"{"amount": 990}"#,
-        ),
-    )
-    .await?;
+    let answer = charge(authorization.clone(), proof.clone(), r#"{"amount": 990}"#).await?;
     tally.check(
         "call with headers from the socket",
         &answer,
@@ -411,17 +410,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     let forged = thief
         .mint("POST", &charges, Some(&token), None, clock.now())
         .map_err(|e| failed("the thief's proof", &e))?;
-    let answer = call(
-        inbound_addr,
-        request(
-            "POST",
-            "/v1/charges",
-            &host,
-            &[("authorization", &authorization), ("dpop", &forged)],
-            "{}",
-        ),
-    )
-    .await?;
+    let answer = charge(authorization.clone(), forged, "{}").await?;
     tally.check(
         "stolen token, thief's key",
         &answer,
@@ -432,17 +421,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
         header(&answer, "www-authenticate")
     );
     say!("   ...and replays the exact request it captured, proof and all");
-    let answer = call(
-        inbound_addr,
-        request(
-            "POST",
-            "/v1/charges",
-            &host,
-            &[("authorization", &authorization), ("dpop", &proof)],
-            "{}",
-        ),
-    )
-    .await?;
+    let answer = charge(authorization, proof, "{}").await?;
     tally.check("replayed request", &answer, StatusCode::UNAUTHORIZED);
     say!(
         "   WWW-Authenticate: {}\n",
@@ -450,25 +429,9 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     );
 
     say!("7. A proof made for one URL, sent to another");
-    let ask = serde_json::json!({"method": "POST", "url": format!("http://{inbound_addr}/v1/refunds"), "scope": "payments:charge"});
-    let (_, other) = local(&socket, "POST", "/v1/authorize", Some(ask)).await?;
-    let answer = call(
-        inbound_addr,
-        request(
-            "POST",
-            "/v1/charges",
-            &host,
-            &[
-                (
-                    "authorization",
-                    other["authorization"].as_str().unwrap_or_default(),
-                ),
-                ("dpop", other["dpop"].as_str().unwrap_or_default()),
-            ],
-            "{}",
-        ),
-    )
-    .await?;
+    let refunds = format!("http://{inbound_addr}/v1/refunds");
+    let (_, authorization, other, _) = headers_for(&socket, &refunds, "payments:charge").await?;
+    let answer = charge(authorization, other, "{}").await?;
     tally.check("proof for another URL", &answer, StatusCode::UNAUTHORIZED);
     say!(
         "   WWW-Authenticate: {}\n",
@@ -476,38 +439,17 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     );
 
     say!("8. checkout asks for a scope the policy does not grant (payments:refund)");
-    let ask = serde_json::json!({"method": "POST", "url": charges, "scope": "payments:refund"});
-    let (status, refused) = local(&socket, "POST", "/v1/authorize", Some(ask)).await?;
+    let (status, _, _, why) = headers_for(&socket, &charges, "payments:refund").await?;
     let answer = Answer {
         status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         headers: http::HeaderMap::new(),
-        body: Bytes::from(refused.to_string()),
+        body: Bytes::from(why.clone()),
     };
     tally.check("scope not granted", &answer, StatusCode::FORBIDDEN);
-    say!(
-        "   {}",
-        refused["error_description"].as_str().unwrap_or_default()
-    );
+    say!("   {why}");
     say!("   ...and with a read-only token, tries to charge anyway");
-    let ask = serde_json::json!({"method": "POST", "url": charges, "scope": "payments:read"});
-    let (_, read_only) = local(&socket, "POST", "/v1/authorize", Some(ask)).await?;
-    let answer = call(
-        inbound_addr,
-        request(
-            "POST",
-            "/v1/charges",
-            &host,
-            &[
-                (
-                    "authorization",
-                    read_only["authorization"].as_str().unwrap_or_default(),
-                ),
-                ("dpop", read_only["dpop"].as_str().unwrap_or_default()),
-            ],
-            "{}",
-        ),
-    )
-    .await?;
+    let (_, authorization, read_only, _) = headers_for(&socket, &charges, "payments:read").await?;
+    let answer = charge(authorization, read_only, "{}").await?;
     tally.check(
         "read-only token on a charge",
         &answer,
@@ -580,6 +522,24 @@ fn header<'a>(answer: &'a Answer, name: &str) -> &'a str {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
+}
+
+/// `POST url` headers from the checkout sidecar's `/v1/authorize`:
+/// (status, authorization, dpop, error description).
+async fn headers_for(
+    socket: &Path,
+    url: &str,
+    scope: &str,
+) -> Result<(u16, String, String, String), CliError> {
+    let ask = serde_json::json!({"method": "POST", "url": url, "scope": scope});
+    let (status, answer) = local(socket, "POST", "/v1/authorize", Some(ask)).await?;
+    let text = |key: &str| answer[key].as_str().unwrap_or_default().to_owned();
+    Ok((
+        status,
+        text("authorization"),
+        text("dpop"),
+        text("error_description"),
+    ))
 }
 
 /// One request to the checkout sidecar's local API; (status, JSON).
