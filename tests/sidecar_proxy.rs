@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use support::mesh::{App, CHECKOUT, Mesh, PAYMENTS, Parts, REPORTING, authorize, send};
 
@@ -452,6 +453,108 @@ async fn http2_callers_are_verified_against_their_authority() {
         "the app gets :authority as Host"
     );
 
+    checkout.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_when_the_svid_has_expired() {
+    use tally::clock::Clock as _;
+    let mesh = Mesh::start().await;
+    let clock = Arc::new(tally::clock::ManualClock::new(
+        tally::clock::SystemClock.now(),
+    ));
+    let sidecar = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                admin: true,
+                clock: Some(clock.clone()),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let admin = sidecar.admin.unwrap();
+    assert_eq!(send(admin, "GET", "/readyz", &[], "").await.status, 200);
+    // Past the SVID's expiry (no renewal happened: the clock jumped).
+    let expires_at = sidecar.sidecar.parts().svid.borrow().expires_at;
+    clock.set(expires_at + 5);
+    let answer = send(admin, "GET", "/readyz", &[], "").await;
+    assert_eq!(answer.status, 503);
+    let body = String::from_utf8_lossy(&answer.body);
+    assert!(body.contains("X.509-SVID expired 5s ago"), "{body}");
+    let metrics = send(admin, "GET", "/metrics", &[], "").await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(metrics.contains("tally_sidecar_ready 0"), "{metrics}");
+    assert!(
+        metrics.contains("tally_sidecar_svid_expires_in_seconds -5"),
+        "{metrics}"
+    );
+    sidecar.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_proofs_expire_after_30_seconds() {
+    use tally::clock::Clock as _;
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let now = tally::clock::SystemClock.now();
+    let clock = Arc::new(tally::clock::ManualClock::new(now));
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                inbound_to: Some(app.addr),
+                clock: Some(clock.clone()),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let inbound = payments.inbound.unwrap();
+    let checkout = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                socket: true,
+                services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
+                ..Parts::default()
+            },
+        )
+        .await;
+    let url = format!("http://{inbound}/v1/charges");
+    let socket = checkout.socket.as_deref().unwrap();
+    let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
+    // 31 s later at the payments side: the proof is too old.
+    clock.set(now + 31);
+    let late = send(
+        inbound,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &a), ("dpop", &d)],
+        "",
+    )
+    .await;
+    assert_eq!(late.status, 401);
+    assert!(
+        late.header("www-authenticate")
+            .unwrap()
+            .contains("invalid_dpop_proof")
+    );
+    // A proof signed "now" for that clock passes (5 s of skew allowed the
+    // other way: the checkout side is 31 s behind, so move back in range).
+    clock.set(now + 3);
+    let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
+    let fresh = send(
+        inbound,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &a), ("dpop", &d)],
+        "",
+    )
+    .await;
+    assert_eq!(fresh.status, 200);
     checkout.sidecar.stop().await.unwrap();
     payments.sidecar.stop().await.unwrap();
     mesh.broker.stop().await;

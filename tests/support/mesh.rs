@@ -102,6 +102,8 @@ pub struct Parts {
     pub nonces: bool,
     pub strict: bool,
     pub services: Vec<(String, String)>,
+    /// The sidecar's clock (the system clock when unset).
+    pub clock: Option<Arc<dyn tally::clock::Clock>>,
 }
 
 /// A started sidecar and where it listens.
@@ -179,9 +181,8 @@ impl Mesh {
                 ..OutboundConfig::default()
             },
         };
-        let sidecar = Sidecar::start(settings, listeners, Arc::new(SystemClock))
-            .await
-            .unwrap();
+        let clock = parts.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
+        let sidecar = Sidecar::start(settings, listeners, clock).await.unwrap();
         assert!(
             sidecar.ready(Duration::from_secs(10)).await,
             "the sidecar never became ready"
