@@ -23,11 +23,14 @@
 //! - [`broker`]: the broker: shared state ([`broker::Broker`]), issuance,
 //!   the gRPC services (Identity, Tokens, Watch, Admin), the OAuth HTTPS
 //!   endpoints, the admin port, key and CA rotation.
-//! - [`http`]: the HTTP server loop (hyper, optional TLS) the HTTPS and
-//!   admin listeners share.
+//! - [`http`]: the HTTP server loop (hyper, optional TLS, or a Unix
+//!   socket) every listener shares, and a one-shot client.
 //! - [`metrics`]: Prometheus text exposition.
-//! - [`sidecar`]: the sidecar (so far its token cache, the broker call
-//!   that fills it, and its X.509 identity: attestation and renewal).
+//! - [`sidecar`]: the sidecar: identity, token cache, Watch follower, the
+//!   local socket API, the inbound verifying and outbound signing proxies,
+//!   the admin port.
+//! - [`rate`]: token buckets (per issue rule, per inbound caller).
+//! - [`config`]: YAML settings files for `--config`.
 //! - [`clock`]: the clock services hold (pure code takes `now`).
 //! - [`cli`]: the `tally` command line (thin: parses and calls the above).
 //!

@@ -1,9 +1,9 @@
-//! The sidecar: the part every application touches. Built so far: the
-//! token cache ([`cache`]), the broker call that fills it ([`issuer`]),
-//! the X.509 identity: attestation and renewal ([`identity`]), and the
-//! Watch stream follower ([`watch`]), and the local socket API ([`api`]).
-//! The inbound verifier, outbound proxy and `tally sidecar` come next (see
-//! the open issue).
+//! The sidecar: the part every application touches. [`run::Sidecar`]
+//! assembles it: the X.509 identity, attested and renewed ([`identity`]);
+//! the token cache ([`cache`]) filled by the broker call ([`issuer`]); the
+//! Watch stream follower ([`watch`]); and the servers: the local socket
+//! API ([`api`]), the inbound verifying proxy ([`inbound`]), the outbound
+//! proxy ([`outbound`]) and the admin port ([`admin`]).
 
 pub mod admin;
 pub mod api;
