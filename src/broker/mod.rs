@@ -5,7 +5,7 @@
 //! issuance (both front ends call it); [`grpc`] and [`admin_rpc`] map the
 //! gRPC wire to it, [`oauth`] the OAuth endpoints, [`admin_port`] the
 //! metrics and health endpoints; [`tls`] is the listeners' renewing
-//! certificate; [`keys`] the signing keys, [`rate`] rule rate limits,
+//! certificate; [`keys`] the signing keys, [`crate::rate`] rule rate limits,
 //! [`config`] the command-line settings. [`serve`], [`serve_https`] and
 //! [`serve_admin`] run on a listener until a shutdown future resolves;
 //! [`run_maintenance`] does rotations and the change feed.
