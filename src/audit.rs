@@ -29,6 +29,8 @@ pub enum AuditKind {
     KeyRotate,
     /// The CA's intermediate was replaced.
     CaRotate,
+    /// Tokens were revoked.
+    Revoke,
 }
 
 impl AuditKind {
@@ -43,6 +45,7 @@ impl AuditKind {
             Self::PolicyReload => "policy.reload",
             Self::KeyRotate => "keys.rotate",
             Self::CaRotate => "ca.rotate_intermediate",
+            Self::Revoke => "token.revoke",
         }
     }
 }

@@ -559,3 +559,148 @@ async fn inbound_proofs_expire_after_30_seconds() {
     payments.sidecar.stop().await.unwrap();
     mesh.broker.stop().await;
 }
+
+/// Waits until the sidecar has received `n` revocations.
+async fn revocations(sidecar: &support::mesh::Started, n: u64) {
+    let mut mesh = sidecar.sidecar.parts().mesh.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        mesh.wait_for(|m| m.revocations_seen >= n),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "revocation {n} never arrived; seen {}",
+            sidecar.sidecar.parts().mesh.borrow().revocations_seen
+        )
+    })
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_the_sidecars_and_are_enforced() {
+    use tally::clock::Clock as _;
+    use tally::token::RevocationTarget;
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let (checkout, payments) = pair(&mesh, &app, false).await;
+    let socket = checkout.socket.as_deref().unwrap();
+    let inbound = payments.inbound.unwrap();
+    let url = format!("http://{inbound}/v1/charges");
+    let admin: tally::identity::SpiffeId = "spiffe://example.org/admin".parse().unwrap();
+    let broker = &mesh.broker.broker;
+    let charge = |(a, d): (String, String)| async move {
+        send(
+            inbound,
+            "POST",
+            "/v1/charges",
+            &[("authorization", &a), ("dpop", &d)],
+            "",
+        )
+        .await
+    };
+
+    // Two sets of headers for the same cached token; the first works.
+    let first = authorize(socket, "POST", &url, "payments:charge").await;
+    let second = authorize(socket, "POST", &url, "payments:charge").await;
+    assert_eq!(first.0, second.0, "one cached token");
+    let ok = charge(first).await;
+    assert_eq!(ok.status, 200);
+    let jti = ok.json()["token_id"].as_str().unwrap().to_owned();
+
+    // Revoked by jti: durable at the broker, then enforced at payments
+    // (the token was verified and cached there already).
+    let unknown = broker
+        .revoke(RevocationTarget::Jti("nope".into()), None, "", &admin)
+        .await;
+    assert!(unknown.is_err(), "an unknown jti is refused, not recorded");
+    broker
+        .revoke(
+            RevocationTarget::Jti(jti.clone()),
+            None,
+            "leaked in a log",
+            &admin,
+        )
+        .await
+        .unwrap();
+    revocations(&payments, 1).await;
+    revocations(&checkout, 1).await;
+    let refused = charge(second).await;
+    assert_eq!(refused.status, 401);
+    let challenge = refused.header("www-authenticate").unwrap();
+    assert!(
+        challenge.contains("invalid_token") && challenge.contains("revoked"),
+        "{challenge}"
+    );
+    // The holder dropped its copy: the next headers carry a new token.
+    let fresh = authorize(socket, "POST", &url, "payments:charge").await;
+    let answer = charge(fresh).await;
+    assert_eq!(answer.status, 200);
+    assert_ne!(answer.json()["token_id"].as_str().unwrap(), jti);
+
+    // By DPoP key (another key's: no effect; checkout's own: refused) and
+    // by workload: headers made before are refused.
+    let probe = authorize(socket, "POST", &url, "payments:charge").await;
+    let payload = probe
+        .0
+        .trim_start_matches("DPoP ")
+        .split('.')
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&tally::jose::b64::decode(payload.as_bytes()).unwrap()).unwrap();
+    let own_key: tally::jose::Jkt = claims["cnf"]["jkt"].as_str().unwrap().parse().unwrap();
+    let other_key = tally::dpop::ProofKey::generate().unwrap().thumbprint();
+    for (n, target, expected) in [
+        (2, RevocationTarget::Jkt(other_key), 200),
+        (3, RevocationTarget::Jkt(own_key), 401),
+        (4, RevocationTarget::Subject(CHECKOUT.parse().unwrap()), 401),
+    ] {
+        let before = authorize(socket, "POST", &url, "payments:charge").await;
+        broker
+            .revoke(target.clone(), None, "", &admin)
+            .await
+            .unwrap();
+        revocations(&payments, n).await;
+        assert_eq!(charge(before).await.status, expected, "{target:?}");
+    }
+    // Everything issued before a time.
+    let everything = tally::clock::SystemClock.now();
+    let (seq, entry) = broker
+        .revoke(RevocationTarget::Everything, Some(everything), "", &admin)
+        .await
+        .unwrap();
+    assert!(seq > 0 && entry.expires_at > everything);
+    revocations(&payments, 5).await;
+    let late = broker
+        .revoke(
+            RevocationTarget::Everything,
+            Some(everything + 3600),
+            "",
+            &admin,
+        )
+        .await;
+    assert!(late.is_err(), "a time in the future is refused");
+
+    let admin_port = payments.admin.unwrap();
+    let metrics = String::from_utf8(
+        send(admin_port, "GET", "/metrics", &[], "")
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        metrics.contains("tally_sidecar_revocation_lag_seconds_count 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tally_sidecar_inbound_requests_total{result=\"revoked\"}"),
+        "{metrics}"
+    );
+
+    checkout.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}

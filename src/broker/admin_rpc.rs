@@ -1,5 +1,5 @@
 //! The Admin gRPC service: join tokens, credentials for workloads without
-//! a sidecar, forced key rotation. Only identities the broker lists as
+//! a sidecar, forced key rotation, revocation. Only identities the broker lists as
 //! admins may call it; every call is audited with the admin as actor.
 
 use super::Broker;
@@ -111,6 +111,56 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RotateSigningKeyResponse {
             kid,
             signs_from: i64::try_from(signs_from).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        use crate::token::RevocationTarget;
+        let broker = &self.0;
+        let caller = admin(broker, &request)?;
+        let body = request.into_inner();
+        let (target, issued_before) = match body.target {
+            Some(pb::revoke_request::Target::Jti(jti)) if !jti.is_empty() && jti.len() <= 256 => {
+                (RevocationTarget::Jti(jti), None)
+            }
+            Some(pb::revoke_request::Target::Subject(s)) => {
+                (RevocationTarget::Subject(workload_id(&s, broker)?), None)
+            }
+            Some(pb::revoke_request::Target::Jkt(k)) => (
+                RevocationTarget::Jkt(
+                    k.parse()
+                        .map_err(|_| Status::invalid_argument("jkt is not a JWK thumbprint"))?,
+                ),
+                None,
+            ),
+            Some(pb::revoke_request::Target::IssuedBefore(t)) => {
+                (
+                    RevocationTarget::Everything,
+                    Some(u64::try_from(t).map_err(|_| {
+                        Status::invalid_argument("issued_before must be Unix seconds")
+                    })?),
+                )
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give one of jti, subject, jkt or issued_before",
+                ));
+            }
+        };
+        let (sequence, revocation) = broker
+            .revoke(target, issued_before, &body.reason, &caller)
+            .await
+            .map_err(|e| match e {
+                super::BrokerError::Revoke(why) => Status::failed_precondition(why),
+                other => internal("recording the revocation", other),
+            })?;
+        Ok(Response::new(pb::RevokeResponse {
+            sequence,
+            issued_before: i64::try_from(revocation.issued_before).unwrap_or(i64::MAX),
+            expires_at: i64::try_from(revocation.expires_at).unwrap_or(i64::MAX),
         }))
     }
 }

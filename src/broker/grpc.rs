@@ -284,7 +284,7 @@ impl pb::watch_server::Watch for WatchService {
         // A fresh start, or a sequence this broker never issued (another
         // store): the whole current state. Otherwise every change since.
         let first = if after == 0 || after > newest {
-            broker.store.latest_changes().await
+            broker.store.current_state(broker.clock.now()).await
         } else {
             broker.store.changes_after(after, CHANGE_PAGE).await
         }
@@ -349,6 +349,23 @@ fn update(change: &crate::store::Change, subscriber: &SpiffeId) -> Result<pb::Up
                 .collect::<Result<_, _>>()
                 .map_err(|e| internal("reading a stored bundle change", e))?;
             pb::update::Kind::Bundle(pb::TrustBundle { roots_der })
+        }
+        "revocation" => {
+            use crate::token::{Revocation, RevocationTarget};
+            let r = Revocation::from_json(&change.body)
+                .map_err(|e| internal("reading a stored revocation", e))?;
+            let target = match r.target {
+                RevocationTarget::Jti(j) => pb::revocation::Target::Jti(j),
+                RevocationTarget::Subject(s) => pb::revocation::Target::Subject(s.to_string()),
+                RevocationTarget::Jkt(k) => pb::revocation::Target::Jkt(k.to_string()),
+                RevocationTarget::Everything => pb::revocation::Target::Everything(true),
+            };
+            pb::update::Kind::Revocation(pb::Revocation {
+                target: Some(target),
+                issued_before: i64::try_from(r.issued_before).unwrap_or(i64::MAX),
+                expires_at: i64::try_from(r.expires_at).unwrap_or(i64::MAX),
+                reason: r.reason,
+            })
         }
         "policy" => {
             let all = crate::policy::Policy::parse(&change.body)

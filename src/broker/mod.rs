@@ -55,7 +55,14 @@ pub enum BrokerError {
     /// The random source failed.
     #[error("random source failed")]
     Random,
+    /// A revocation that cannot be made as asked.
+    #[error("{0}")]
+    Revoke(String),
 }
+
+/// The clock leeway verifiers allow on `exp` (seconds), added to a
+/// revocation's expiry so it outlives every token it covers.
+const TOKEN_LEEWAY: u64 = 30;
 
 /// Opens the audit JSON-lines file for appending (0600, created if
 /// missing).
@@ -673,6 +680,82 @@ impl Broker {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
         self.publish_state().await?;
         Ok(())
+    }
+
+    /// Revokes tokens, durably: the entry is committed to the change feed
+    /// (and so reaches every Watch subscriber) before this returns, then
+    /// audited with `actor`. `issued_before` (default now) bounds the
+    /// workload, key and everything targets; the entry expires when no
+    /// token it covers can be live (a jti's own expiry, else
+    /// `issued_before` plus the longest token lifetime and the verifiers'
+    /// leeway).
+    ///
+    /// # Errors
+    /// [`BrokerError::Revoke`] for an unknown jti or a time in the future;
+    /// [`BrokerError::Store`].
+    pub async fn revoke(
+        &self,
+        target: crate::token::RevocationTarget,
+        issued_before: Option<u64>,
+        reason: &str,
+        actor: &SpiffeId,
+    ) -> Result<(u64, crate::token::Revocation), BrokerError> {
+        use crate::token::{Revocation, RevocationTarget};
+        let now = self.clock.now();
+        let issued_before = issued_before.unwrap_or(now);
+        if issued_before > now {
+            return Err(BrokerError::Revoke(format!(
+                "issued_before {issued_before} is in the future (now {now})"
+            )));
+        }
+        let longest = self
+            .policy()
+            .classes
+            .values()
+            .map(|c| c.max_ttl)
+            .max()
+            .unwrap_or(900);
+        let expires_at = match &target {
+            RevocationTarget::Jti(jti) => self.store.token_exp(jti).await?.ok_or_else(|| {
+                BrokerError::Revoke(format!("no token with jti {jti:?} in the inventory"))
+            })?,
+            _ => issued_before + longest,
+        } + TOKEN_LEEWAY;
+        let reason: String = crate::auth::answer::safe_description(reason)
+            .chars()
+            .take(crate::token::revocation::MAX_REASON)
+            .collect();
+        let revocation = Revocation {
+            target,
+            issued_before,
+            expires_at,
+            reason,
+        };
+        let at_ms = self.clock.now().saturating_mul(1000);
+        let seq = self
+            .store
+            .append_change("revocation", &revocation.to_json(), at_ms)
+            .await?;
+        self.changes.send_replace(seq);
+        let (target_kind, value) = match &revocation.target {
+            RevocationTarget::Jti(j) => ("jti", j.clone()),
+            RevocationTarget::Subject(s) => ("subject", s.to_string()),
+            RevocationTarget::Jkt(k) => ("jkt", k.to_string()),
+            RevocationTarget::Everything => ("everything", String::new()),
+        };
+        self.audit(
+            AuditEvent::new(AuditKind::Revoke, Outcome::Ok, now)
+                .actor(actor)
+                .field("target", target_kind)
+                .field("value", value)
+                .field("issued_before", issued_before)
+                .field("expires_at", expires_at)
+                .field("reason", revocation.reason.as_str())
+                .field("sequence", seq),
+        )
+        .await;
+        tracing::info!(sequence = seq, target = target_kind, "revoked");
+        Ok((seq, revocation))
     }
 
     /// Counts and audits a policy reload from `source` (a file name).

@@ -70,10 +70,36 @@ pub enum CtlCommand {
     /// Token-signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Commands of the design not in this build yet (revoke, audit,
-    /// tokens, identities, review, policy apply).
+    /// Revoke tokens: one, a workload's, a DPoP key's, or everything issued
+    /// before a time. Committed before this returns; every sidecar enforces
+    /// it as soon as its Watch stream delivers it.
+    Revoke(RevokeArgs),
+    /// Commands of the design not in this build yet (audit, tokens,
+    /// identities, review, policy apply).
     #[command(external_subcommand)]
     Other(Vec<String>),
+}
+
+/// `tally ctl revoke`: exactly one target.
+#[derive(Debug, clap::Args)]
+#[group(id = "target", required = true, multiple = false)]
+pub struct RevokeArgs {
+    /// One token, by its jti.
+    #[arg(long, group = "target")]
+    jti: Option<String>,
+    /// Every token of this SPIFFE ID issued until now.
+    #[arg(long, group = "target")]
+    sub: Option<String>,
+    /// Every token bound to this DPoP key thumbprint issued until now.
+    #[arg(long, group = "target")]
+    jkt: Option<String>,
+    /// Every token in the trust domain issued at or before this time (Unix
+    /// seconds or RFC 3339, e.g. 2026-11-22T16:00:00Z).
+    #[arg(long, group = "target")]
+    issued_before: Option<String>,
+    /// Why, for the audit log.
+    #[arg(long, default_value = "")]
+    reason: String,
 }
 
 /// `tally ctl join-token`.
@@ -200,6 +226,7 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
                 Ok(ExitCode::SUCCESS)
             })
         }
+        CtlCommand::Revoke(args) => revoke(&conn, args),
         CtlCommand::Other(args) => {
             let name = args.first().map_or("", String::as_str);
             eprintln!("tally: error: `tally ctl {name}` is not implemented in this build yet");
@@ -454,4 +481,53 @@ fn explain(args: &ExplainArgs) -> Result<ExitCode, CliError> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// A time given as Unix seconds or RFC 3339.
+fn unix_time(text: &str) -> Result<i64, CliError> {
+    if let Ok(secs) = text.parse::<i64>() {
+        return Ok(secs);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--issued-before {text:?}: give Unix seconds or RFC 3339 (2026-11-22T16:00:00Z)"
+            ))
+        })
+}
+
+fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCode, CliError> {
+    use pb::revoke_request::Target;
+    let target = match (args.jti, args.sub, args.jkt, args.issued_before) {
+        (Some(j), ..) => Target::Jti(j),
+        (_, Some(s), ..) => Target::Subject(s),
+        (_, _, Some(k), _) => Target::Jkt(k),
+        (_, _, _, Some(t)) => Target::IssuedBefore(unix_time(&t)?),
+        _ => {
+            return Err(CliError::Usage(
+                "give --jti, --sub, --jkt or --issued-before".into(),
+            ));
+        }
+    };
+    block_on(async {
+        let mut admin = admin_client(conn).await?;
+        let done = admin
+            .revoke(pb::RevokeRequest {
+                target: Some(target),
+                reason: args.reason,
+            })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        say!(
+            "revoked: covers tokens issued at or before {}; enforced until {} (watch sequence {})",
+            done.issued_before,
+            done.expires_at,
+            done.sequence
+        );
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -178,6 +178,13 @@ fn render_metrics(parts: &Parts) -> String {
         "1 when /readyz answers 200.",
         if readiness(parts).is_ok() { 1.0 } else { 0.0 },
     );
+    parts.revocation_lag.render(&mut out);
+    gauge(
+        &mut out,
+        "tally_sidecar_revocations",
+        "Revocations in force here.",
+        parts.mesh.borrow().revocations.len() as f64,
+    );
     if let Some(inbound) = &parts.inbound {
         inbound.metrics().render(&mut out);
     }

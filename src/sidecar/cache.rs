@@ -37,6 +37,8 @@ pub struct Fetched {
     pub scopes: Scopes,
     /// Its `jti`.
     pub jti: String,
+    /// When it was issued (Unix seconds, as the fetcher saw it).
+    pub issued_at: u64,
     /// The DPoP key it is bound to: proofs for it are signed with this key,
     /// which lives as long as some cached token needs it (the sidecar's
     /// current key changes with its SVID).
@@ -340,6 +342,16 @@ impl<F: Fetch> TokenCache<F> {
         if slots.get(key).is_some_and(|s| s.entry.is_none()) {
             slots.remove(key);
         }
+    }
+
+    /// Drops every cached token `revoked` says is revoked (after a
+    /// revocation arrives); the next caller gets a new one. Returns how
+    /// many were dropped.
+    pub fn forget_where(&self, revoked: impl Fn(&Fetched) -> bool) -> usize {
+        let mut slots = self.lock_slots();
+        let before = slots.len();
+        slots.retain(|_, s| !s.entry.as_ref().is_some_and(|e| revoked(&e.fetched)));
+        before - slots.len()
     }
 
     /// How many entries are cached.

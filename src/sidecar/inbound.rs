@@ -5,7 +5,8 @@
 //! The check, in order: the whole token-core check of the request
 //! ([`RequestVerifier`]: credentials, access token against the broker's
 //! JWKS with `aud` = this workload, the DPoP proof against this request
-//! and this token, replay), then the `access:` rules the broker sent for
+//! and this token, replay), then the revocations the broker sent (cached
+//! tokens too), then the `access:` rules the broker sent for
 //! this workload (caller, method, path, scopes), then the per-caller rate
 //! limit of the rule that admitted it. A refusal answers with the token
 //! core's status and `WWW-Authenticate` (401/400), 403, or 429 with
@@ -225,9 +226,13 @@ impl Inbound {
             )),
         })?;
 
-        let (jwks, access) = {
+        let (jwks, access, revocations) = {
             let mesh = self.mesh.borrow();
-            (mesh.jwks.clone(), mesh.access.clone())
+            (
+                mesh.jwks.clone(),
+                mesh.access.clone(),
+                std::sync::Arc::clone(&mesh.revocations),
+            )
         };
         let (Some(jwks), Some((version, policy))) = (jwks, access) else {
             return Err(Refused {
@@ -259,6 +264,9 @@ impl Inbound {
             .verify(&request, &jwks, now)
             .map_err(|e| self.refuse(&e, now))?;
         let token = &verified.token;
+        if revocations.revoked(token) {
+            return Err(self.refuse(&AuthError::Revoked, now));
+        }
 
         let decision = policy.decide_access(&AccessRequest {
             workload: &self.workload,

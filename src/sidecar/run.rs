@@ -71,6 +71,8 @@ pub struct Parts {
     pub outbound: Arc<Outbound<Arc<BrokerIssuer>>>,
     /// The clock.
     pub clock: Arc<dyn Clock>,
+    /// Broker commit to arrival here, per revocation.
+    pub revocation_lag: Arc<crate::metrics::Histogram>,
 }
 
 /// A running sidecar.
@@ -187,6 +189,16 @@ impl Sidecar {
             _ => None,
         };
         let outbound = Outbound::new(Arc::clone(&api), settings.outbound);
+        let revocation_lag = Arc::new(crate::metrics::Histogram::new(
+            "tally_sidecar_revocation_lag_seconds",
+            "From a revocation's commit at the broker to its arrival here.",
+        ));
+        tokio::spawn(enforce_revocations(
+            mesh_rx.clone(),
+            Arc::clone(api.cache()),
+            spiffe_id.clone(),
+            Arc::clone(&revocation_lag),
+        ));
         let parts = Arc::new(Parts {
             svid: svid_rx,
             mesh: mesh_rx,
@@ -194,6 +206,7 @@ impl Sidecar {
             inbound,
             outbound,
             clock,
+            revocation_lag,
         });
 
         let mut servers = Vec::new();
@@ -334,6 +347,41 @@ async fn follow_renewals(
                 let (_, key) = issuer.current();
                 issuer.set_identity(channel, key);
             }
+        }
+    }
+}
+
+/// On every revocation that arrives: records its lag from the broker's
+/// commit, and drops this workload's cached tokens it covers so callers
+/// get new ones (the inbound check enforces it for tokens presented here).
+async fn enforce_revocations(
+    mut mesh: watch::Receiver<MeshState>,
+    cache: Arc<TokenCache<Arc<BrokerIssuer>>>,
+    own_id: SpiffeId,
+    lag: Arc<crate::metrics::Histogram>,
+) {
+    let mut seen = mesh.borrow().revocations_seen;
+    while mesh.changed().await.is_ok() {
+        let (set, count, committed_ms, received_ms) = {
+            let m = mesh.borrow_and_update();
+            (
+                Arc::clone(&m.revocations),
+                m.revocations_seen,
+                m.committed_at_ms,
+                m.received_at_ms,
+            )
+        };
+        if count == seen {
+            continue;
+        }
+        seen = count;
+        lag.observe(Duration::from_millis(
+            received_ms.saturating_sub(committed_ms),
+        ));
+        let dropped =
+            cache.forget_where(|f| set.covers(&f.jti, &own_id, &f.key.thumbprint(), f.issued_at));
+        if dropped > 0 {
+            tracing::warn!(dropped, "dropped cached tokens a revocation covers");
         }
     }
 }

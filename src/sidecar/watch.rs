@@ -8,7 +8,7 @@ use super::random_unit;
 use crate::clock::Clock;
 use crate::policy::Policy;
 use crate::proto::v1 as pb;
-use crate::token::Jwks;
+use crate::token::{Jwks, Revocation, RevocationSet, RevocationTarget};
 use std::sync::Arc;
 use tonic::transport::Channel;
 
@@ -22,6 +22,10 @@ pub struct MeshState {
     /// The access rules protecting this workload (a policy holding only
     /// those), and the version the broker gave them.
     pub access: Option<(u64, Arc<Policy>)>,
+    /// Revocations in force.
+    pub revocations: Arc<RevocationSet>,
+    /// How many revocations have arrived (to tell new ones apart).
+    pub revocations_seen: u64,
     /// The last change applied.
     pub sequence: u64,
     /// When that change was committed at the broker (Unix ms).
@@ -42,6 +46,29 @@ impl MeshState {
     pub fn propagation_ms(&self) -> u64 {
         self.received_at_ms.saturating_sub(self.committed_at_ms)
     }
+}
+
+/// A revocation from the wire, checked.
+fn revocation_from(r: pb::Revocation) -> Result<Revocation, String> {
+    let time = |v: i64, what: &str| u64::try_from(v).map_err(|_| format!("revocation {what} {v}"));
+    let target = match r.target {
+        Some(pb::revocation::Target::Jti(j)) if !j.is_empty() => RevocationTarget::Jti(j),
+        Some(pb::revocation::Target::Subject(s)) => {
+            RevocationTarget::Subject(s.parse().map_err(|e| format!("revocation subject: {e}"))?)
+        }
+        Some(pb::revocation::Target::Jkt(k)) => RevocationTarget::Jkt(
+            k.parse()
+                .map_err(|_| "revocation jkt is not a thumbprint".to_owned())?,
+        ),
+        Some(pb::revocation::Target::Everything(true)) => RevocationTarget::Everything,
+        _ => return Err("a revocation without a target".into()),
+    };
+    Ok(Revocation {
+        target,
+        issued_before: time(r.issued_before, "issued_before")?,
+        expires_at: time(r.expires_at, "expires_at")?,
+        reason: r.reason.chars().take(200).collect(),
+    })
 }
 
 /// Applies one update; `Err` names what was wrong with it (the update is
@@ -67,13 +94,13 @@ fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), S
             );
             state.access = Some((policy.version, Arc::new(parsed)));
         }
-        Some(pb::update::Kind::Revocation(_)) => {
-            // Revocations are fed by the governance work; this sidecar
-            // does not act on them yet.
-            tracing::warn!(
-                sequence = update.sequence,
-                "revocation update received but not enforced yet"
-            );
+        Some(pb::update::Kind::Revocation(r)) => {
+            let revocation = revocation_from(r)?;
+            tracing::info!(sequence = update.sequence, target = ?revocation.target, "revocation received");
+            let mut set = (*state.revocations).clone();
+            set.insert(revocation, now_ms / 1000);
+            state.revocations = Arc::new(set);
+            state.revocations_seen += 1;
         }
         None => return Err("an update without a kind".into()),
     }

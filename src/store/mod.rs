@@ -354,6 +354,28 @@ impl Store {
         }
     }
 
+    /// What a fresh Watch subscriber needs at `now`: the newest JWKS,
+    /// bundle and policy, and every revocation that can still match a live
+    /// token; oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn current_state(&self, now: u64) -> Result<Vec<Change>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.current_state(now).await,
+        }
+    }
+
+    /// When the token with this `jti` expires, if the inventory has it.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn token_exp(&self, jti: &str) -> Result<Option<u64>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.token_exp(jti).await,
+        }
+    }
+
     /// How many tokens the inventory holds (live or not).
     ///
     /// # Errors

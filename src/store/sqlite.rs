@@ -376,6 +376,27 @@ impl SqliteStore {
         rows.iter().map(change_from_row).collect()
     }
 
+    pub(super) async fn current_state(&self, now: u64) -> Result<Vec<Change>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at_ms, kind, body FROM changes \
+             WHERE seq IN (SELECT MAX(seq) FROM changes WHERE kind != 'revocation' GROUP BY kind) \
+             OR (kind = 'revocation' AND CAST(json_extract(body, '$.expires_at') AS INTEGER) > ?) \
+             ORDER BY seq",
+        )
+        .bind(db_time(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(change_from_row).collect()
+    }
+
+    pub(super) async fn token_exp(&self, jti: &str) -> Result<Option<u64>, StoreError> {
+        let exp: Option<i64> = sqlx::query_scalar("SELECT exp FROM issued_tokens WHERE jti = ?")
+            .bind(jti)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(exp.map(|e| u64::try_from(e).unwrap_or(0)))
+    }
+
     pub(super) async fn count_issued(&self) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM issued_tokens")
             .fetch_one(&self.pool)

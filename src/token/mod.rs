@@ -6,6 +6,7 @@ pub mod access;
 pub mod cache;
 pub mod claims;
 pub mod jwks;
+pub mod revocation;
 
 pub use access::{
     AT_TYP, AccessToken, MintRequest, TokenCheck, TokenClaims, TokenConfig, TokenError,
@@ -14,3 +15,4 @@ pub use access::{
 pub use cache::VerifiedTokens;
 pub use claims::{Audience, ClaimValueError, Scope, Scopes, TokenClass};
 pub use jwks::{Jwks, JwksError};
+pub use revocation::{Revocation, RevocationSet, RevocationTarget};
