@@ -469,3 +469,75 @@ fn a_supplied_root_key_readable_by_others_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_is_durable_when_ctl_returns() {
+    use tally::clock::Clock as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start(&data);
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "revoke",
+            "--sub",
+            "spiffe://example.org/ns/shop/sa/checkout",
+            "--reason",
+            "compromised pod",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .starts_with("revoked: covers tokens issued at or before")
+    );
+    // Mistakes are refused, not recorded.
+    let o = ctl(&broker, &data, &["revoke", "--jti", "no-such-token"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no token with jti"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = ctl(&broker, &data, &["revoke", "--sub", "x", "--jkt", "y"]);
+    assert_eq!(o.status.code(), Some(64));
+    let o = ctl(
+        &broker,
+        &data,
+        &["revoke", "--issued-before", "yesterday-ish"],
+    );
+    assert_eq!(o.status.code(), Some(64));
+
+    // Killed right after the answer: the revocation is in the store, in
+    // the state every new Watch subscriber gets, and in the audit log.
+    broker.kill();
+    let key = std::fs::read(data.join("store.key")).unwrap();
+    let store = tally::store::Store::open_sqlite(
+        &data.join("tally.db"),
+        tally::store::Sealer::from_key_material(&key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let state = store
+        .current_state(tally::clock::SystemClock.now())
+        .await
+        .unwrap();
+    let revocations: Vec<_> = state.iter().filter(|c| c.kind == "revocation").collect();
+    assert_eq!(revocations.len(), 1);
+    let entry = tally::token::Revocation::from_json(&revocations[0].body).unwrap();
+    assert_eq!(
+        entry.target,
+        tally::token::RevocationTarget::Subject(
+            "spiffe://example.org/ns/shop/sa/checkout".parse().unwrap()
+        )
+    );
+    assert_eq!(entry.reason, "compromised pod");
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"kind\":\"token.revoke\""), "{audit}");
+}

@@ -82,7 +82,7 @@ pub enum CtlCommand {
 
 /// `tally ctl revoke`: exactly one target.
 #[derive(Debug, clap::Args)]
-#[group(id = "target", required = true, multiple = false)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
 pub struct RevokeArgs {
     /// One token, by its jti.
     #[arg(long, group = "target")]

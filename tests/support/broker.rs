@@ -173,6 +173,12 @@ impl Spawned {
         }
     }
 
+    /// SIGKILL: no goodbye, nothing flushed that was not already durable.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// SIGTERM, then the exit code and the rest of stdout.
     pub fn stop(mut self) -> (Option<i32>, Vec<String>) {
         assert!(
