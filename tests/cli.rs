@@ -150,10 +150,10 @@ fn the_demo_runs_every_step_and_exits_0() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
-        out.contains("Summary: all 7 steps went as described"),
+        out.contains("Summary: all 8 steps went as described"),
         "{out}"
     );
-    assert_eq!(out.matches("✓").count(), 7, "{out}");
+    assert_eq!(out.matches("✓").count(), 8, "{out}");
     // Tokens and proofs are only ever shown shortened.
     for line in out.lines() {
         for word in line.split_whitespace() {

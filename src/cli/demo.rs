@@ -460,6 +460,53 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
         header(&answer, "www-authenticate")
     );
 
+    say!("9. The security team revokes the checkout workload (a compromised pod)");
+    let before = payments.parts().mesh.borrow().revocations_seen;
+    let admin = format!("spiffe://{TRUST_DOMAIN}/admin")
+        .parse()
+        .map_err(|e| failed("admin ID", &e))?;
+    let checkout_id = CHECKOUT.parse().map_err(|e| failed("demo ID", &e))?;
+    // Headers the compromised pod obtained just before.
+    let (status, held, held_proof, why) = headers_for(&socket, &charges, "payments:charge").await?;
+    if status != 200 {
+        return Err(CliError::Failed(format!(
+            "/v1/authorize answered {status}: {why}"
+        )));
+    }
+    let revoked_at = std::time::Instant::now();
+    let (sequence, _) = broker
+        .revoke(
+            crate::token::RevocationTarget::Subject(checkout_id),
+            None,
+            "demo: compromised pod",
+            &admin,
+        )
+        .await
+        .map_err(|e| failed("revoking", &e))?;
+    let mut mesh = payments.parts().mesh.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        mesh.wait_for(|m| m.revocations_seen > before),
+    )
+    .await
+    .map_err(|_| CliError::Failed("the revocation did not reach the payments sidecar".into()))?
+    .map_err(|e| failed("the payments sidecar", &e))?;
+    let lag = revoked_at.elapsed();
+    say!(
+        "   revoked (watch sequence {sequence}); the payments sidecar enforced it {:.1} ms after the call",
+        lag.as_secs_f64() * 1000.0
+    );
+    let answer = charge(held, held_proof, "{}").await?;
+    tally.check(
+        "call after the workload was revoked",
+        &answer,
+        StatusCode::UNAUTHORIZED,
+    );
+    say!(
+        "   WWW-Authenticate: {}\n",
+        header(&answer, "www-authenticate")
+    );
+
     let metrics = call(
         payments_admin_addr,
         request("GET", "/metrics", &payments_admin_addr.to_string(), &[], ""),

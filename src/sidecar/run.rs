@@ -381,7 +381,7 @@ async fn enforce_revocations(
         let dropped =
             cache.forget_where(|f| set.covers(&f.jti, &own_id, &f.key.thumbprint(), f.issued_at));
         if dropped > 0 {
-            tracing::warn!(dropped, "dropped cached tokens a revocation covers");
+            tracing::info!(dropped, "dropped cached tokens a revocation covers");
         }
     }
 }
