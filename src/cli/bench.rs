@@ -29,6 +29,9 @@ pub enum BenchCommand {
     /// wrk through a sidecar's inbound proxy vs. straight to a trivial
     /// upstream, every proxied request with a fresh DPoP proof (needs wrk).
     Inbound(super::bench_sidecar::InboundArgs),
+    /// Revocation propagation: many Watch subscribers, revocations one at
+    /// a time, time from the call to each subscriber's receipt.
+    Revocation(super::bench_watch::RevocationArgs),
 }
 
 /// Arguments of `tally bench issue`.
@@ -52,6 +55,7 @@ pub(super) fn run(cmd: BenchCommand) -> Result<ExitCode, CliError> {
     match cmd {
         BenchCommand::Authorize(args) => super::bench_sidecar::run_authorize(&args),
         BenchCommand::Inbound(args) => super::bench_sidecar::run_inbound(&args),
+        BenchCommand::Revocation(args) => super::bench_watch::run(&args),
         BenchCommand::Issue(args) => {
             let parse = |flag: &str, text: &str| {
                 humantime::parse_duration(text)

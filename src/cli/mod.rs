@@ -11,6 +11,7 @@ macro_rules! say {
 
 mod bench;
 mod bench_sidecar;
+mod bench_watch;
 mod broker;
 mod client;
 mod ctl;
