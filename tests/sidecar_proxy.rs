@@ -251,11 +251,12 @@ async fn per_caller_rate_limits_answer_429_with_retry_after() {
     // every 100 ms. Headers first, then the burst, so it takes a few ms.
     let url = format!("http://{inbound}/v1/charges/ch_1");
     let mut asks = Vec::new();
-    for _ in 0..12 {
+    for _ in 0..20 {
         asks.push(authorize(socket, "GET", &url, "payments:read").await);
     }
     let mut statuses = Vec::new();
-    let mut last = None;
+    let mut last_refused = None;
+    let started = std::time::Instant::now();
     for (a, d) in &asks {
         let answer = send(
             inbound,
@@ -266,17 +267,27 @@ async fn per_caller_rate_limits_answer_429_with_retry_after() {
         )
         .await;
         statuses.push(answer.status);
-        last = Some(answer);
+        if answer.status != 200 {
+            last_refused = Some(answer);
+        }
     }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        10,
-        "{statuses:?}"
+    // The burst of 10 passes; after it, at most one more per 100 ms that
+    // the burst took (however slow the machine), and the rest get 429.
+    let allowed = statuses.iter().filter(|s| **s == 200).count();
+    let refills = usize::try_from(started.elapsed().as_millis() / 100).unwrap();
+    assert!(statuses[..10].iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(allowed <= 10 + refills, "{statuses:?} in {refills} refills");
+    let refused = last_refused.expect("the limit refused something");
+    assert_eq!(refused.status, 429);
+    assert!(
+        refused
+            .header("retry-after")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
     );
-    let last = last.unwrap();
-    assert_eq!(last.status, 429);
-    assert!(last.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
-    assert_eq!(app.seen.load(Ordering::SeqCst), 10);
+    assert_eq!(app.seen.load(Ordering::SeqCst) as usize, allowed);
     reporting.sidecar.stop().await.unwrap();
     payments.sidecar.stop().await.unwrap();
     mesh.broker.stop().await;
@@ -526,8 +537,8 @@ async fn inbound_proofs_expire_after_30_seconds() {
     let url = format!("http://{inbound}/v1/charges");
     let socket = checkout.socket.as_deref().unwrap();
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
-    // 31 s later at the payments side: the proof is too old.
-    clock.set(now + 31);
+    // A minute later at the payments side: the proof is too old (30 s).
+    clock.set(tally::clock::SystemClock.now() + 60);
     let late = send(
         inbound,
         "POST",
@@ -537,14 +548,14 @@ async fn inbound_proofs_expire_after_30_seconds() {
     )
     .await;
     assert_eq!(late.status, 401);
+    let challenge = late.header("www-authenticate").unwrap();
+    assert!(challenge.contains("invalid_dpop_proof"), "{challenge}");
     assert!(
-        late.header("www-authenticate")
-            .unwrap()
-            .contains("invalid_dpop_proof")
+        challenge.contains("more than 30s before now"),
+        "{challenge}"
     );
-    // A proof signed "now" for that clock passes (5 s of skew allowed the
-    // other way: the checkout side is 31 s behind, so move back in range).
-    clock.set(now + 3);
+    // Within the age limit, a fresh proof passes.
+    clock.set(tally::clock::SystemClock.now() + 3);
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
     let fresh = send(
         inbound,
