@@ -83,6 +83,7 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
     let api = LocalApi::new(
         cache,
         svid_rx.clone(),
+        None,
         services.clone(),
         None,
         Arc::new(SystemClock),
@@ -233,6 +234,7 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
     let strict = LocalApi::new(
         cache,
         svid_rx,
+        None,
         services,
         Some(vec![other_uid]),
         Arc::new(SystemClock),

@@ -42,6 +42,16 @@ async fn pair(
     (checkout, payments)
 }
 
+/// `POST /v1/charges` to the inbound proxy with these credentials.
+async fn charge_with(
+    inbound: std::net::SocketAddr,
+    authorization: &str,
+    dpop: &str,
+) -> support::mesh::Answer {
+    let headers = [("authorization", authorization), ("dpop", dpop)];
+    send(inbound, "POST", "/v1/charges", &headers, "").await
+}
+
 fn challenge(answer: &support::mesh::Answer) -> String {
     answer.header("www-authenticate").unwrap_or("").to_owned()
 }
@@ -91,14 +101,7 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     assert_eq!(app.seen.load(Ordering::SeqCst), 1);
 
     // The same headers again: the proof was used.
-    let replay = send(
-        inbound,
-        "POST",
-        "/v1/charges",
-        &[("authorization", &auth), ("dpop", &dpop)],
-        "",
-    )
-    .await;
+    let replay = charge_with(inbound, &auth, &dpop).await;
     assert_eq!(replay.status, 401);
     assert!(
         challenge(&replay).contains("invalid_dpop_proof"),
@@ -137,14 +140,7 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
         "payments:charge",
     )
     .await;
-    let moved = send(
-        inbound,
-        "POST",
-        "/v1/charges",
-        &[("authorization", &auth2), ("dpop", &other)],
-        "",
-    )
-    .await;
+    let moved = charge_with(inbound, &auth2, &other).await;
     assert_eq!(moved.status, 401);
     assert!(challenge(&moved).contains("invalid_dpop_proof"));
 
@@ -166,14 +162,7 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
             .contains("method GET")
     );
     let (a, d) = authorize(socket, "POST", &url, "payments:read").await;
-    let scope = send(
-        inbound,
-        "POST",
-        "/v1/charges",
-        &[("authorization", &a), ("dpop", &d)],
-        "",
-    )
-    .await;
+    let scope = charge_with(inbound, &a, &d).await;
     assert_eq!(scope.status, 403);
     assert!(challenge(&scope).contains("insufficient_scope"));
     // A dot segment does not smuggle a path past the rules.
@@ -539,14 +528,7 @@ async fn inbound_proofs_expire_after_30_seconds() {
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
     // A minute later at the payments side: the proof is too old (30 s).
     clock.set(tally::clock::SystemClock.now() + 60);
-    let late = send(
-        inbound,
-        "POST",
-        "/v1/charges",
-        &[("authorization", &a), ("dpop", &d)],
-        "",
-    )
-    .await;
+    let late = charge_with(inbound, &a, &d).await;
     assert_eq!(late.status, 401);
     let challenge = late.header("www-authenticate").unwrap();
     assert!(challenge.contains("invalid_dpop_proof"), "{challenge}");
@@ -557,14 +539,7 @@ async fn inbound_proofs_expire_after_30_seconds() {
     // Within the age limit, a fresh proof passes.
     clock.set(tally::clock::SystemClock.now() + 3);
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
-    let fresh = send(
-        inbound,
-        "POST",
-        "/v1/charges",
-        &[("authorization", &a), ("dpop", &d)],
-        "",
-    )
-    .await;
+    let fresh = charge_with(inbound, &a, &d).await;
     assert_eq!(fresh.status, 200);
     checkout.sidecar.stop().await.unwrap();
     payments.sidecar.stop().await.unwrap();
@@ -600,16 +575,7 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     let url = format!("http://{inbound}/v1/charges");
     let admin: tally::identity::SpiffeId = "spiffe://example.org/admin".parse().unwrap();
     let broker = &mesh.broker.broker;
-    let charge = |(a, d): (String, String)| async move {
-        send(
-            inbound,
-            "POST",
-            "/v1/charges",
-            &[("authorization", &a), ("dpop", &d)],
-            "",
-        )
-        .await
-    };
+    let charge = |(a, d): (String, String)| async move { charge_with(inbound, &a, &d).await };
 
     // Two sets of headers for the same cached token; the first works.
     let first = authorize(socket, "POST", &url, "payments:charge").await;
@@ -663,18 +629,41 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
         serde_json::from_slice(&tally::jose::b64::decode(payload.as_bytes()).unwrap()).unwrap();
     let own_key: tally::jose::Jkt = claims["cnf"]["jkt"].as_str().unwrap().parse().unwrap();
     let other_key = tally::dpop::ProofKey::generate().unwrap().thumbprint();
-    for (n, target, expected) in [
+    // Headers made before each revocation (one token, three proofs).
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(authorize(socket, "POST", &url, "payments:charge").await);
+    }
+    for ((n, target, expected), before) in [
         (2, RevocationTarget::Jkt(other_key), 200),
         (3, RevocationTarget::Jkt(own_key), 401),
         (4, RevocationTarget::Subject(CHECKOUT.parse().unwrap()), 401),
-    ] {
-        let before = authorize(socket, "POST", &url, "payments:charge").await;
+    ]
+    .into_iter()
+    .zip(held)
+    {
         broker
             .revoke(target.clone(), None, "", &admin)
             .await
             .unwrap();
         revocations(&payments, n).await;
         assert_eq!(charge(before).await.status, expected, "{target:?}");
+    }
+    // The revoked workload is not handed tokens the revocation covers:
+    // within the revocation's second the socket says so (403); later it
+    // gets a new token, issued after the revocation.
+    revocations(&checkout, 4).await;
+    let ask = serde_json::json!({"method": "POST", "url": url, "scope": "payments:charge"});
+    let (status, answer) = support::mesh::local(socket, "POST", "/v1/authorize", Some(ask)).await;
+    match status {
+        403 => assert!(
+            answer["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("revoked")
+        ),
+        200 => assert_ne!(answer["authorization"].as_str().unwrap(), probe.0),
+        other => panic!("{other}: {answer}"),
     }
     // Everything issued before a time.
     let everything = tally::clock::SystemClock.now();

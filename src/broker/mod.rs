@@ -638,15 +638,20 @@ impl Broker {
         &self.store
     }
 
-    /// The JWKS to publish now.
-    pub fn jwks(&self) -> crate::token::Jwks {
-        let max_ttl = self
-            .policy()
+    /// The longest lifetime any token class may have under the current
+    /// policy, seconds.
+    fn longest_token_life(&self) -> u64 {
+        self.policy()
             .classes
             .values()
             .map(|c| c.max_ttl)
             .max()
-            .unwrap_or(900);
+            .unwrap_or(900)
+    }
+
+    /// The JWKS to publish now.
+    pub fn jwks(&self) -> crate::token::Jwks {
+        let max_ttl = self.longest_token_life();
         self.keys
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -708,13 +713,7 @@ impl Broker {
                 "issued_before {issued_before} is in the future (now {now})"
             )));
         }
-        let longest = self
-            .policy()
-            .classes
-            .values()
-            .map(|c| c.max_ttl)
-            .max()
-            .unwrap_or(900);
+        let longest = self.longest_token_life();
         let expires_at = match &target {
             RevocationTarget::Jti(jti) => self.store.token_exp(jti).await?.ok_or_else(|| {
                 BrokerError::Revoke(format!("no token with jti {jti:?} in the inventory"))

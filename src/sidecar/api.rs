@@ -14,8 +14,9 @@
 //! the peer-uid allow-list refused), 503 (broker unreachable) — mapped in
 //! one place ([`api_error`]).
 
-use super::cache::{CacheError, Fetch, TokenCache};
+use super::cache::{CacheError, Fetch, Fetched, TokenCache};
 use super::identity::Svid;
+use super::watch::MeshState;
 use crate::auth::answer::safe_description;
 use crate::clock::Clock;
 use crate::dpop::NormalizedUri;
@@ -62,6 +63,9 @@ impl ServiceMap {
 pub struct LocalApi<F> {
     cache: Arc<TokenCache<F>>,
     identity: tokio::sync::watch::Receiver<Arc<Svid>>,
+    /// The broker's revocations, when the sidecar follows Watch: a cached
+    /// token they cover is never handed out.
+    mesh: Option<tokio::sync::watch::Receiver<MeshState>>,
     services: ServiceMap,
     /// Last `DPoP-Nonce` seen per origin (filled by the outbound proxy).
     nonces: Mutex<HashMap<String, String>>,
@@ -124,10 +128,11 @@ fn api_error(e: &CacheError) -> ApiError {
 
 impl<F: Fetch> LocalApi<F> {
     /// The API over these parts. `allowed_uids`, when set, lists the only
-    /// peer user ids served.
+    /// peer user ids served; `mesh`, when set, supplies revocations.
     pub fn new(
         cache: Arc<TokenCache<F>>,
         identity: tokio::sync::watch::Receiver<Arc<Svid>>,
+        mesh: Option<tokio::sync::watch::Receiver<MeshState>>,
         services: ServiceMap,
         allowed_uids: Option<Vec<u32>>,
         clock: Arc<dyn Clock>,
@@ -135,6 +140,7 @@ impl<F: Fetch> LocalApi<F> {
         Arc::new(Self {
             cache,
             identity,
+            mesh,
             services,
             nonces: Mutex::new(HashMap::new()),
             allowed_uids,
@@ -212,11 +218,7 @@ impl<F: Fetch> LocalApi<F> {
             .parse()
             .map_err(|e| ApiError::bad_request(format!("audience: {e}")))?;
         let scopes = parse_scopes(scope.as_deref().unwrap_or(""))?;
-        let fetched = self
-            .cache
-            .get(&audience, &scopes)
-            .await
-            .map_err(|e| api_error(&e))?;
+        let fetched = self.fetch(&audience, &scopes).await?;
         let expires_at = self.clock.now() + fetched.expires_in.as_secs();
         Ok(json(
             StatusCode::OK,
@@ -288,11 +290,7 @@ impl<F: Fetch> LocalApi<F> {
         audience: &Audience,
         scopes: &Scopes,
     ) -> Result<RequestHeaders, ApiError> {
-        let fetched = self
-            .cache
-            .get(audience, scopes)
-            .await
-            .map_err(|e| api_error(&e))?;
+        let fetched = self.fetch(audience, scopes).await?;
         let nonce = self.nonce_for(&origin_of(htu.as_str()));
         let proof = fetched
             .key
@@ -312,6 +310,41 @@ impl<F: Fetch> LocalApi<F> {
             authorization: format!("DPoP {}", fetched.token.expose()),
             dpop: proof,
         })
+    }
+
+    /// A token from the cache that no revocation known here covers: a
+    /// covered one (the cache may not have dropped it yet) is dropped and
+    /// replaced, and if the new one is covered too (the workload itself is
+    /// revoked) the answer is 403.
+    async fn fetch(&self, audience: &Audience, scopes: &Scopes) -> Result<Fetched, ApiError> {
+        let fetched = self
+            .cache
+            .get(audience, scopes)
+            .await
+            .map_err(|e| api_error(&e))?;
+        let Some(mesh) = &self.mesh else {
+            return Ok(fetched);
+        };
+        let set = Arc::clone(&mesh.borrow().revocations);
+        let own = self.identity.borrow().spiffe_id.clone();
+        let covered = |f: &Fetched| set.covers(&f.jti, &own, &f.key.thumbprint(), f.issued_at);
+        if !covered(&fetched) {
+            return Ok(fetched);
+        }
+        self.cache.forget_where(covered);
+        let again = self
+            .cache
+            .get(audience, scopes)
+            .await
+            .map_err(|e| api_error(&e))?;
+        if covered(&again) {
+            return Err(ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "access_denied",
+                description: "the broker has revoked this workload's tokens; new ones are revoked too until the revocation's time has passed".into(),
+            });
+        }
+        Ok(again)
     }
 
     /// The server nonce last seen for `origin` (`scheme://authority`).

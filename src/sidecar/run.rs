@@ -165,6 +165,7 @@ impl Sidecar {
         let api = LocalApi::new(
             cache,
             svid_rx.clone(),
+            Some(mesh_rx.clone()),
             settings.services,
             settings.allowed_uids,
             Arc::clone(&clock),
