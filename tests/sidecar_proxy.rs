@@ -704,3 +704,47 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     payments.sidecar.stop().await.unwrap();
     mesh.broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_stream_down_past_the_bound_makes_the_sidecar_not_ready() {
+    use tally::clock::Clock as _;
+    let mesh = Mesh::start().await;
+    let now = tally::clock::SystemClock.now();
+    let clock = Arc::new(tally::clock::ManualClock::new(now));
+    let sidecar = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                admin: true,
+                clock: Some(clock.clone()),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let admin = sidecar.admin.unwrap();
+    // The broker goes away; the sidecar notices the stream is down.
+    mesh.broker.stop().await;
+    let mut state = sidecar.sidecar.parts().mesh.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        state.wait_for(|m| !m.connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Within the bound it stays ready (it still verifies with what it has)...
+    clock.set(now + 20);
+    assert_eq!(send(admin, "GET", "/readyz", &[], "").await.status, 200);
+    // ...past it, it says why it is not.
+    clock.set(now + 45);
+    let answer = send(admin, "GET", "/readyz", &[], "").await;
+    assert_eq!(answer.status, 503);
+    let body = String::from_utf8_lossy(&answer.body);
+    assert!(
+        body.contains("Watch stream to the broker has been down for 45s"),
+        "{body}"
+    );
+    let metrics = send(admin, "GET", "/metrics", &[], "").await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("tally_sidecar_watch_down_seconds 45"));
+    sidecar.sidecar.stop().await.unwrap();
+}

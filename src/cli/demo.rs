@@ -278,6 +278,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
             strict: true,
             ..OutboundConfig::default()
         },
+        watch_staleness: 30,
     };
     let (inbound, payments_admin) = (bind().await?, bind().await?);
     let (inbound_addr, payments_admin_addr) = (addr_of(&inbound)?, addr_of(&payments_admin)?);

@@ -79,6 +79,9 @@ pub struct SidecarFlags {
     /// Refuse outbound requests to hosts not in the service map.
     #[arg(long, env = "TALLY_OUTBOUND_STRICT")]
     outbound_strict: bool,
+    /// Not ready once the Watch stream has been down this long [default: 30s].
+    #[arg(long, env = "TALLY_WATCH_STALENESS")]
+    watch_staleness: Option<String>,
     /// Admin port address (/healthz, /readyz, /metrics), or `off`
     /// [default: 127.0.0.1:15020].
     #[arg(long, env = "TALLY_ADMIN_LISTEN")]
@@ -100,6 +103,7 @@ const KEYS: &[&str] = &[
     "clock_skew",
     "outbound_listen",
     "outbound_strict",
+    "watch_staleness",
     "admin_listen",
 ];
 
@@ -117,6 +121,7 @@ struct SidecarConfig {
     pass_credentials: bool,
     proof_max_age: u64,
     clock_skew: u64,
+    watch_staleness: u64,
     outbound_listen: Option<SocketAddr>,
     outbound_strict: bool,
     admin_listen: Option<SocketAddr>,
@@ -230,6 +235,7 @@ impl SidecarConfig {
         };
         let proof_max_age = seconds(&flags.proof_max_age, "proof_max_age", "30s", 1, 300);
         let clock_skew = seconds(&flags.clock_skew, "clock_skew", "5s", 0, 300);
+        let watch_staleness = seconds(&flags.watch_staleness, "watch_staleness", "30s", 1, 86_400);
         let allow_uids = if flags.allow_uids.is_empty() {
             from_file
                 .all("allow_uids")
@@ -258,6 +264,7 @@ impl SidecarConfig {
             pass_credentials,
             proof_max_age: proof_max_age.unwrap_or_else(|| unreachable!("checked above")),
             clock_skew: clock_skew.unwrap_or_else(|| unreachable!("checked above")),
+            watch_staleness: watch_staleness.unwrap_or_else(|| unreachable!("checked above")),
             outbound_listen,
             outbound_strict,
             admin_listen,
@@ -422,6 +429,7 @@ async fn serve(
             strict: config.outbound_strict,
             ..OutboundConfig::default()
         },
+        watch_staleness: config.watch_staleness,
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // First contact retries while the broker is unreachable; SIGTERM

@@ -1,6 +1,7 @@
 //! The sidecar's admin port (plain HTTP on loopback by default):
 //! `/healthz` (the process answers), `/readyz` (it holds a valid SVID and
-//! the broker's keys, bundle and access rules; the body says what is
+//! the broker's keys, bundle and access rules, and its Watch stream has
+//! not been down longer than the staleness bound; the body says what is
 //! missing) and `/metrics` (Prometheus text).
 
 use super::run::Parts;
@@ -41,6 +42,15 @@ pub async fn handle(parts: Arc<Parts>, req: Request<Incoming>) -> Response<Body>
     }
 }
 
+/// Seconds the Watch stream has been down (0 while up).
+fn down_for(mesh: &super::watch::MeshState, now: u64) -> u64 {
+    if mesh.connected || mesh.down_since_ms == 0 {
+        0
+    } else {
+        now.saturating_sub(mesh.down_since_ms / 1000)
+    }
+}
+
 /// Ready when the SVID is valid and the Watch stream has delivered keys,
 /// bundle and access rules; otherwise every reason.
 ///
@@ -65,6 +75,13 @@ pub fn readiness(parts: &Parts) -> Result<(), Vec<String>> {
     }
     if mesh.access.is_none() {
         why.push("no access rules from the broker yet".into());
+    }
+    let down_secs = down_for(&mesh, now);
+    if down_secs > parts.watch_staleness {
+        why.push(format!(
+            "the Watch stream to the broker has been down for {down_secs}s (bound {}s): revocations could be missed",
+            parts.watch_staleness
+        ));
     }
     if why.is_empty() { Ok(()) } else { Err(why) }
 }
@@ -142,6 +159,12 @@ fn render_metrics(parts: &Parts) -> String {
             "tally_sidecar_watch_connected",
             "1 while the Watch stream to the broker is up.",
             if mesh.connected { 1.0 } else { 0.0 },
+        );
+        gauge(
+            &mut out,
+            "tally_sidecar_watch_down_seconds",
+            "Seconds the Watch stream has been down (0 while up); not ready past the bound.",
+            down_for(&mesh, now) as f64,
         );
         gauge(
             &mut out,

@@ -42,6 +42,9 @@ pub struct SidecarSettings {
     pub inbound_nonces: bool,
     /// Outbound proxy settings.
     pub outbound: OutboundConfig,
+    /// Not ready once the Watch stream has been down this long (seconds):
+    /// revocations could be missed.
+    pub watch_staleness: u64,
 }
 
 /// Where the sidecar serves; each part runs only if its listener is here.
@@ -73,6 +76,8 @@ pub struct Parts {
     pub clock: Arc<dyn Clock>,
     /// Broker commit to arrival here, per revocation.
     pub revocation_lag: Arc<crate::metrics::Histogram>,
+    /// Longest Watch outage before not-ready, seconds.
+    pub watch_staleness: u64,
 }
 
 /// A running sidecar.
@@ -208,6 +213,7 @@ impl Sidecar {
             outbound,
             clock,
             revocation_lag,
+            watch_staleness: settings.watch_staleness,
         });
 
         let mut servers = Vec::new();

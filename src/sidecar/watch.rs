@@ -34,6 +34,9 @@ pub struct MeshState {
     pub received_at_ms: u64,
     /// Whether the stream is up right now.
     pub connected: bool,
+    /// Since when the stream has been down (Unix ms; 0 while up or before
+    /// the first connect).
+    pub down_since_ms: u64,
 }
 
 impl MeshState {
@@ -131,7 +134,10 @@ pub async fn follow(
         match stream {
             Ok(stream) => {
                 attempt = 0;
-                state.send_modify(|s| s.connected = true);
+                state.send_modify(|s| {
+                    s.connected = true;
+                    s.down_since_ms = 0;
+                });
                 let mut stream = stream.into_inner();
                 loop {
                     let message = tokio::select! {
@@ -162,7 +168,11 @@ pub async fn follow(
                         }
                     }
                 }
-                state.send_modify(|s| s.connected = false);
+                let now_ms = clock.now().saturating_mul(1000);
+                state.send_modify(|s| {
+                    s.connected = false;
+                    s.down_since_ms = now_ms;
+                });
             }
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), after, "cannot subscribe to the watch stream");

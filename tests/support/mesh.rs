@@ -180,6 +180,7 @@ impl Mesh {
                 strict: parts.strict,
                 ..OutboundConfig::default()
             },
+            watch_staleness: 30,
         };
         let clock = parts.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
         let sidecar = Sidecar::start(settings, listeners, clock).await.unwrap();
