@@ -6,7 +6,7 @@ mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
-use support::broker::{serve_broker, settings};
+use support::broker::{serve_broker, serve_broker_on, settings};
 use tally::clock::{Clock, SystemClock};
 use tally::sidecar::identity::{Attestation, IdentityClient, IdentityError, keep_renewed};
 use tally::store::Sealer;
@@ -67,7 +67,7 @@ async fn first_contact_waits_for_a_broker_that_is_not_up_yet() {
     let policy = "trust_domain: example.org\n";
     // The broker's CA and a join token exist; then the broker goes down.
     let served = serve_broker(dir.path(), &key, settings(policy), "127.0.0.1:0").await;
-    let (addr, url, bundle) = (served.addr, served.url(), served.broker.bundle_pem());
+    let bundle = served.broker.bundle_pem();
     let id = "spiffe://example.org/vm/late-1";
     let token = served
         .broker
@@ -75,8 +75,9 @@ async fn first_contact_waits_for_a_broker_that_is_not_up_yet() {
         .await
         .unwrap();
     served.stop().await;
-    // Something on the port that hangs up on whoever connects.
-    let blocker = tokio::net::TcpListener::bind(addr).await.unwrap();
+    // A port where, at first, whoever connects is hung up on.
+    let blocker = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://localhost:{}", blocker.local_addr().unwrap().port());
 
     // The sidecar starts first and keeps trying...
     let how = Attestation::JoinToken(Zeroizing::new(token.expose().to_owned()));
@@ -86,8 +87,8 @@ async fn first_contact_waits_for_a_broker_that_is_not_up_yet() {
     // ...its first attempt fails (we hang up), then it gets its SVID from
     // the broker started afterwards on the same address.
     let (conn, _) = blocker.accept().await.unwrap();
-    drop((conn, blocker));
-    let again = serve_broker(dir.path(), &key, settings(policy), &addr.to_string()).await;
+    drop(conn);
+    let again = serve_broker_on(dir.path(), &key, settings(policy), blocker).await;
     let svid = tokio::time::timeout(Duration::from_secs(10), attesting)
         .await
         .expect("attested once the broker was up")

@@ -44,6 +44,17 @@ pub async fn serve_broker(
     settings: BrokerSettings,
     addr: &str,
 ) -> ServedBroker {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    serve_broker_on(dir, key, settings, listener).await
+}
+
+/// The same on a listener the caller bound (and may have used already).
+pub async fn serve_broker_on(
+    dir: &std::path::Path,
+    key: &str,
+    settings: BrokerSettings,
+    listener: tokio::net::TcpListener,
+) -> ServedBroker {
     let store = Store::open_sqlite(
         &dir.join("tally.db"),
         Sealer::from_key_material(key.as_bytes()).unwrap(),
@@ -55,7 +66,6 @@ pub async fn serve_broker(
             .await
             .unwrap(),
     );
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let certs = broker
         .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
