@@ -609,3 +609,101 @@ async fn a_stock_oauth_client_discovers_the_broker_and_gets_a_dpop_token() {
     assert_eq!(claims.sub.as_str(), CHECKOUT);
     r.stop().await;
 }
+
+/// `POST path` with `token=…` as `who`.
+async fn ask(r: &Running, who: &Credential, path: &str, token: String) -> Reply {
+    let body = format!("token={token}&token_type_hint=access_token");
+    https(r, Some(who), path, &[("Content-Type", FORM)], &body).await
+}
+
+#[tokio::test]
+async fn introspection_and_revocation_serve_the_holder_and_admins_only() {
+    let r = start(false).await;
+    let client = checkout(&r);
+    let key = ProofKey::generate().unwrap();
+    let proof = key
+        .mint("POST", &r.token_url(), None, None, SystemClock.now())
+        .unwrap();
+    let issued = post_token(&r, Some(&client), &proof, &form("payments:charge")).await;
+    assert_eq!(issued.status, 200, "{issued:?}");
+    let token = issued.json()["access_token"].as_str().unwrap().to_owned();
+    let stranger = r
+        .broker
+        .mint_credential(&PAYMENTS.parse().unwrap(), 600)
+        .unwrap();
+    let admin = r
+        .broker
+        .mint_credential(&"spiffe://example.org/admin".parse().unwrap(), 600)
+        .unwrap();
+    // The holder and an admin see the token; a stranger learns nothing.
+    for who in [&client, &admin] {
+        let seen = ask(&r, who, "POST /oauth2/introspect", token.clone()).await;
+        assert_eq!(seen.status, 200, "{seen:?}");
+        assert_eq!(seen.header("cache-control"), Some("no-store"));
+        let v = seen.json();
+        assert_eq!(v["active"], true, "{v}");
+        assert_eq!(v["sub"], CHECKOUT);
+        assert_eq!(v["client_id"], CHECKOUT);
+        assert_eq!(v["aud"], PAYMENTS);
+        assert_eq!(v["scope"], "payments:charge");
+        assert_eq!(v["tcl"], "service");
+        assert_eq!(v["cnf"]["jkt"], key.thumbprint().to_string());
+        assert!(v["exp"].as_u64().unwrap() > v["iat"].as_u64().unwrap());
+    }
+    let hidden = ask(&r, &stranger, "POST /oauth2/introspect", token.clone()).await;
+    assert_eq!(hidden.json(), serde_json::json!({"active": false}));
+    // A forged token naming the real jti is not found.
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let fake = ask(&r, &admin, "POST /oauth2/introspect", forged).await;
+    assert_eq!(fake.json()["active"], false);
+    let missing = https(
+        &r,
+        Some(&admin),
+        "POST /oauth2/introspect",
+        &[("Content-Type", FORM)],
+        "",
+    )
+    .await;
+    assert_eq!(missing.status, 400);
+
+    // Revocation: a stranger may not; unknown tokens are fine (RFC 7009);
+    // the holder may, and then the token is inactive for everyone.
+    let refused = ask(&r, &stranger, "POST /oauth2/revoke", token.clone()).await;
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json()["error"], "unauthorized_client");
+    let unknown = ask(&r, &client, "POST /oauth2/revoke", "not.a.token".into()).await;
+    assert_eq!(unknown.status, 200);
+    let done = ask(&r, &client, "POST /oauth2/revoke", token.clone()).await;
+    assert_eq!(done.status, 200, "{done:?}");
+    let after = ask(&r, &admin, "POST /oauth2/introspect", token.clone()).await;
+    assert_eq!(after.json()["active"], false);
+    let audit = std::fs::read_to_string(r.dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"kind\":\"token.revoke\""), "{audit}");
+    assert!(!audit.contains(&token), "never the token itself");
+
+    // The metadata names both endpoints.
+    let meta = https(
+        &r,
+        None,
+        "GET /.well-known/oauth-authorization-server",
+        &[],
+        "",
+    )
+    .await;
+    let meta = meta.json();
+    assert!(
+        meta["introspection_endpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("/oauth2/introspect")
+    );
+    assert!(
+        meta["revocation_endpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("/oauth2/revoke")
+    );
+    r.stop().await;
+}

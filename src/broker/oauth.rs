@@ -1,6 +1,8 @@
 //! The HTTPS listener: the OAuth 2.0 token endpoint (client credentials
 //! with DPoP, RFC 9449; client authentication by the caller's X.509-SVID,
-//! RFC 8705 `tls_client_auth`), the JWKS, and the RFC 8414 metadata.
+//! RFC 8705 `tls_client_auth`), token introspection (RFC 7662) and
+//! revocation (RFC 7009) for admins and each token's own holder, the
+//! JWKS, and the RFC 8414 metadata.
 //!
 //! The JWKS and metadata are readable without a client certificate; the
 //! token endpoint requires one. Errors are RFC 6749 §5.2 JSON, mapped in
@@ -22,6 +24,10 @@ const MAX_FORM: usize = 8 * 1024;
 
 /// Paths served.
 pub const TOKEN_PATH: &str = "/oauth2/token";
+/// RFC 7662 token introspection.
+pub const INTROSPECT_PATH: &str = "/oauth2/introspect";
+/// RFC 7009 token revocation.
+pub const REVOKE_PATH: &str = "/oauth2/revoke";
 /// JWKS path.
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 /// RFC 8414 metadata path.
@@ -35,6 +41,12 @@ pub async fn handle(
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, TOKEN_PATH) => token(&broker, req, &peer).await,
+        (&Method::POST, INTROSPECT_PATH) => introspect(&broker, req, &peer)
+            .await
+            .unwrap_or_else(OAuthError::into_response),
+        (&Method::POST, REVOKE_PATH) => revoke(&broker, req, &peer)
+            .await
+            .unwrap_or_else(OAuthError::into_response),
         (&Method::GET | &Method::HEAD, JWKS_PATH) => {
             let mut r = json(StatusCode::OK, &broker.jwks().to_json());
             // Verifiers refetch on an unknown kid anyway; a short cache
@@ -46,7 +58,7 @@ pub async fn handle(
             r
         }
         (&Method::GET | &Method::HEAD, METADATA_PATH) => json(StatusCode::OK, &metadata(&broker)),
-        (_, TOKEN_PATH) => not_allowed("POST"),
+        (_, TOKEN_PATH | INTROSPECT_PATH | REVOKE_PATH) => not_allowed("POST"),
         (_, JWKS_PATH | METADATA_PATH) => not_allowed("GET, HEAD"),
         _ => json(
             StatusCode::NOT_FOUND,
@@ -71,6 +83,10 @@ fn metadata(broker: &Broker) -> serde_json::Value {
     json!({
         "issuer": issuer,
         "token_endpoint": broker.token_uri.as_str(),
+        "introspection_endpoint": format!("{issuer}{INTROSPECT_PATH}"),
+        "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "revocation_endpoint": format!("{issuer}{REVOKE_PATH}"),
+        "revocation_endpoint_auth_methods_supported": ["tls_client_auth"],
         "jwks_uri": format!("{issuer}{JWKS_PATH}"),
         "grant_types_supported": ["client_credentials"],
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
@@ -184,6 +200,24 @@ fn client_id(broker: &Broker, peer: &Peer) -> Result<SpiffeId, OAuthError> {
         .map_err(|why| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", why))
 }
 
+/// Refuses a body that is not a form (RFC 6749 §3.2, RFC 7662 §2.1, RFC
+/// 7009 §2.1).
+fn require_form(req: &Request<Incoming>) -> Result<(), OAuthError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if content_type.as_deref() == Some("application/x-www-form-urlencoded") {
+        Ok(())
+    } else {
+        Err(OAuthError::invalid_request(
+            "the body must be application/x-www-form-urlencoded",
+        ))
+    }
+}
+
 /// The parameters of a token request, each at most once.
 #[derive(Debug, Default)]
 struct TokenForm {
@@ -223,17 +257,7 @@ async fn token_checked(
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
     let caller = client_id(broker, peer)?;
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase());
-    if content_type.as_deref() != Some("application/x-www-form-urlencoded") {
-        return Err(OAuthError::invalid_request(
-            "the body must be application/x-www-form-urlencoded",
-        ));
-    }
+    require_form(&req)?;
     let mut proofs = req.headers().get_all("dpop").iter();
     let proof = match (proofs.next(), proofs.next()) {
         (Some(p), None) => p
@@ -356,6 +380,121 @@ async fn token_checked(
         // The nonce for the client's next request (RFC 9449 §8.2).
         headers.insert("dpop-nonce", nonce);
     }
+    Ok(r)
+}
+
+/// The `token` parameter of an introspection or revocation request
+/// (`token_type_hint` is accepted and, with one kind of token, ignored).
+async fn token_param(req: Request<Incoming>) -> Result<zeroize::Zeroizing<String>, OAuthError> {
+    require_form(&req)?;
+    let body = read_body(req.into_body(), MAX_FORM)
+        .await
+        .map_err(|e| OAuthError::invalid_request(e.to_string()))?;
+    let mut token = None;
+    for (name, value) in form_urlencoded::parse(&body) {
+        if name == "token" {
+            if token.is_some() {
+                return Err(OAuthError::invalid_request("parameter token is repeated"));
+            }
+            token = Some(zeroize::Zeroizing::new(value.into_owned()));
+        }
+    }
+    token.ok_or_else(|| OAuthError::invalid_request("the token parameter is required"))
+}
+
+/// `POST /oauth2/introspect` (RFC 7662): for an admin, or the token's own
+/// holder, the token's metadata; `{"active": false}` for anything else
+/// (unknown, forged, expired, revoked, or someone else's token), so the
+/// endpoint tells a stranger nothing.
+async fn introspect(
+    broker: &Broker,
+    req: Request<Incoming>,
+    peer: &Peer,
+) -> Result<Response<Body>, OAuthError> {
+    let caller = client_id(broker, peer)?;
+    let token = token_param(req).await?;
+    let found = broker.find_token(&token).await.map_err(|e| {
+        tracing::error!(error = %e, "introspection failed");
+        OAuthError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal error",
+        )
+    })?;
+    let now = broker.clock.now();
+    let answer = match found {
+        Some((t, revoked))
+            if !revoked
+                && t.exp > now
+                && (broker.is_admin(&caller) || t.sub == caller.as_str()) =>
+        {
+            json!({
+                "active": true,
+                "iss": broker.issuer(),
+                "sub": t.sub,
+                "client_id": t.sub,
+                "aud": t.aud,
+                "scope": t.scope,
+                "iat": t.iat,
+                "exp": t.exp,
+                "jti": t.jti,
+                "token_type": "DPoP",
+                "cnf": {"jkt": t.jkt},
+                "tcl": t.class,
+            })
+        }
+        _ => json!({"active": false}),
+    };
+    let mut r = json(StatusCode::OK, &answer);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
+}
+
+/// `POST /oauth2/revoke` (RFC 7009): an admin or the token's own holder
+/// revokes it (durably, then on Watch to every sidecar). An unknown or
+/// expired token is answered 200 as the RFC asks; someone else's token is
+/// refused with `unauthorized_client`.
+async fn revoke(
+    broker: &Broker,
+    req: Request<Incoming>,
+    peer: &Peer,
+) -> Result<Response<Body>, OAuthError> {
+    let caller = client_id(broker, peer)?;
+    let token = token_param(req).await?;
+    let internal = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "revocation failed");
+        OAuthError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal error",
+        )
+    };
+    let found = broker.find_token(&token).await.map_err(|e| internal(&e))?;
+    if let Some((t, revoked)) = found
+        && !revoked
+        && t.exp > broker.clock.now()
+    {
+        if !broker.is_admin(&caller) && t.sub != caller.as_str() {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "unauthorized_client",
+                "only the token's holder or an admin may revoke it",
+            ));
+        }
+        broker
+            .revoke(
+                crate::token::RevocationTarget::Jti(t.jti),
+                None,
+                "revoked through /oauth2/revoke",
+                &caller,
+            )
+            .await
+            .map_err(|e| internal(&e))?;
+    }
+    let mut r = Response::new(Body::default());
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(r)
 }
 
