@@ -748,3 +748,86 @@ async fn a_watch_stream_down_past_the_bound_makes_the_sidecar_not_ready() {
     assert!(String::from_utf8_lossy(&metrics.body).contains("tally_sidecar_watch_down_seconds 45"));
     sidecar.sidecar.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_deny_when_stale_an_out_of_touch_sidecar_refuses_instead_of_guessing() {
+    use tally::clock::Clock as _;
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let now = tally::clock::SystemClock.now();
+    let clock = Arc::new(tally::clock::ManualClock::new(now));
+    let mut inbound = Vec::new();
+    let mut sidecars = Vec::new();
+    for deny in [false, true] {
+        let s = mesh
+            .sidecar(
+                PAYMENTS,
+                Parts {
+                    inbound_to: Some(app.addr),
+                    deny_when_stale: deny,
+                    clock: Some(clock.clone()),
+                    ..Parts::default()
+                },
+            )
+            .await;
+        inbound.push(s.inbound.unwrap());
+        sidecars.push(s);
+    }
+    let checkout = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                socket: true,
+                services: inbound
+                    .iter()
+                    .map(|a| (a.to_string(), PAYMENTS.to_owned()))
+                    .collect(),
+                clock: Some(clock.clone()),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let socket = checkout.socket.as_deref().unwrap();
+    let urls: Vec<String> = inbound
+        .iter()
+        .map(|a| format!("http://{a}/v1/charges"))
+        .collect();
+    // The checkout sidecar has its token cached before the outage.
+    authorize(socket, "POST", &urls[0], "payments:charge").await;
+    // The broker goes away and stays away past the 30 s bound.
+    mesh.broker.stop().await;
+    for s in &sidecars {
+        let mut state = s.sidecar.parts().mesh.clone();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            state.wait_for(|m| !m.connected),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    // A minute on (one clock for all three sidecars, so proofs are fresh).
+    clock.set(now + 60);
+    let mut held = Vec::new();
+    for url in &urls {
+        held.push(authorize(socket, "POST", url, "payments:charge").await);
+    }
+    // Default: a service token is still checked against what it knows.
+    let (a, d) = &held[0];
+    assert_eq!(charge_with(inbound[0], a, d).await.status, 200);
+    // deny_when_stale: refused, saying why.
+    let (a, d) = &held[1];
+    let refused = charge_with(inbound[1], a, d).await;
+    assert_eq!(refused.status, 503);
+    assert!(
+        refused.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("revoked")
+    );
+    assert!(refused.header("retry-after").is_some());
+    checkout.sidecar.stop().await.unwrap();
+    for s in sidecars {
+        s.sidecar.stop().await.unwrap();
+    }
+}

@@ -82,6 +82,10 @@ pub struct SidecarFlags {
     /// Not ready once the Watch stream has been down this long [default: 30s].
     #[arg(long, env = "TALLY_WATCH_STALENESS")]
     watch_staleness: Option<String>,
+    /// Past that, refuse every inbound request (503) instead of only
+    /// admin-class tokens (revocation_staleness: deny).
+    #[arg(long, env = "TALLY_DENY_WHEN_STALE")]
+    deny_when_stale: bool,
     /// Admin port address (/healthz, /readyz, /metrics), or `off`
     /// [default: 127.0.0.1:15020].
     #[arg(long, env = "TALLY_ADMIN_LISTEN")]
@@ -104,6 +108,7 @@ const KEYS: &[&str] = &[
     "outbound_listen",
     "outbound_strict",
     "watch_staleness",
+    "deny_when_stale",
     "admin_listen",
 ];
 
@@ -122,6 +127,7 @@ struct SidecarConfig {
     proof_max_age: u64,
     clock_skew: u64,
     watch_staleness: u64,
+    deny_when_stale: bool,
     outbound_listen: Option<SocketAddr>,
     outbound_strict: bool,
     admin_listen: Option<SocketAddr>,
@@ -148,6 +154,7 @@ impl SidecarConfig {
         let inbound_nonces = switch(flags.inbound_nonces, "inbound_nonces");
         let pass_credentials = switch(flags.pass_credentials, "pass_credentials");
         let outbound_strict = switch(flags.outbound_strict, "outbound_strict");
+        let deny_when_stale = switch(flags.deny_when_stale, "deny_when_stale");
 
         let broker = one(&flags.broker, "broker");
         match &broker {
@@ -265,6 +272,7 @@ impl SidecarConfig {
             proof_max_age: proof_max_age.unwrap_or_else(|| unreachable!("checked above")),
             clock_skew: clock_skew.unwrap_or_else(|| unreachable!("checked above")),
             watch_staleness: watch_staleness.unwrap_or_else(|| unreachable!("checked above")),
+            deny_when_stale,
             outbound_listen,
             outbound_strict,
             admin_listen,
@@ -422,6 +430,8 @@ async fn serve(
             c.pass_credentials = config.pass_credentials;
             c.proof_max_age = config.proof_max_age;
             c.clock_skew = config.clock_skew;
+            c.stale_after = config.watch_staleness;
+            c.deny_when_stale = config.deny_when_stale;
             c
         }),
         inbound_nonces: config.inbound_nonces,

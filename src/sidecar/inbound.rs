@@ -6,7 +6,8 @@
 //! ([`RequestVerifier`]: credentials, access token against the broker's
 //! JWKS with `aud` = this workload, the DPoP proof against this request
 //! and this token, replay), then the revocations the broker sent (cached
-//! tokens too), then the `access:` rules the broker sent for
+//! tokens too; when the Watch stream has been down too long, `admin`
+//! tokens, or all with `deny_when_stale`, get 503), then the `access:` rules the broker sent for
 //! this workload (caller, method, path, scopes), then the per-caller rate
 //! limit of the rule that admitted it. A refusal answers with the token
 //! core's status and `WWW-Authenticate` (401/400), 403, or 429 with
@@ -57,6 +58,12 @@ pub struct InboundConfig {
     pub proof_max_age: u64,
     /// Clock difference allowed between caller and this sidecar, seconds.
     pub clock_skew: u64,
+    /// When the Watch stream has been down longer than this (seconds),
+    /// revocations may be missing here.
+    pub stale_after: u64,
+    /// Then refuse every request (503) instead of only `admin`-class
+    /// tokens, which are always refused when stale.
+    pub deny_when_stale: bool,
 }
 
 impl InboundConfig {
@@ -74,6 +81,8 @@ impl InboundConfig {
             upstream_timeout: Duration::from_secs(30),
             proof_max_age: 30,
             clock_skew: 5,
+            stale_after: 30,
+            deny_when_stale: false,
         }
     }
 }
@@ -226,14 +235,21 @@ impl Inbound {
             )),
         })?;
 
-        let (jwks, access, revocations) = {
+        let (jwks, access, revocations, down_since_ms) = {
             let mesh = self.mesh.borrow();
             (
                 mesh.jwks.clone(),
                 mesh.access.clone(),
                 std::sync::Arc::clone(&mesh.revocations),
+                if mesh.connected {
+                    0
+                } else {
+                    mesh.down_since_ms
+                },
             )
         };
+        let stale = down_since_ms != 0
+            && now.saturating_sub(down_since_ms / 1000) > self.config.stale_after;
         let (Some(jwks), Some((version, policy))) = (jwks, access) else {
             return Err(Refused {
                 reason: "not_ready",
@@ -266,6 +282,21 @@ impl Inbound {
         let token = &verified.token;
         if revocations.revoked(token) {
             return Err(self.refuse(&AuthError::Revoked, now));
+        }
+        if stale && (self.config.deny_when_stale || token.class == crate::token::TokenClass::Admin)
+        {
+            let mut response = proxy::refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "this sidecar has not heard from the broker for too long to know whether the token is revoked",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(5u64));
+            return Err(Refused {
+                reason: "revocations_stale",
+                response: Box::new(response),
+            });
         }
 
         let decision = policy.decide_access(&AccessRequest {

@@ -102,6 +102,8 @@ pub struct Parts {
     pub nonces: bool,
     pub strict: bool,
     pub services: Vec<(String, String)>,
+    /// Refuse inbound requests when the Watch stream is stale.
+    pub deny_when_stale: bool,
     /// The sidecar's clock (the system clock when unset).
     pub clock: Option<Arc<dyn tally::clock::Clock>>,
 }
@@ -172,9 +174,11 @@ impl Mesh {
             ),
             allowed_uids: None,
             cache: CacheConfig::default(),
-            inbound: parts
-                .inbound_to
-                .map(|up| InboundConfig::new(up.to_string())),
+            inbound: parts.inbound_to.map(|up| {
+                let mut c = InboundConfig::new(up.to_string());
+                c.deny_when_stale = parts.deny_when_stale;
+                c
+            }),
             inbound_nonces: parts.nonces,
             outbound: OutboundConfig {
                 strict: parts.strict,
