@@ -31,6 +31,8 @@ pub enum AuditKind {
     CaRotate,
     /// Tokens were revoked.
     Revoke,
+    /// An admin read something (keys, inventory, audit).
+    AdminQuery,
 }
 
 impl AuditKind {
@@ -46,6 +48,7 @@ impl AuditKind {
             Self::KeyRotate => "keys.rotate",
             Self::CaRotate => "ca.rotate_intermediate",
             Self::Revoke => "token.revoke",
+            Self::AdminQuery => "admin.query",
         }
     }
 }

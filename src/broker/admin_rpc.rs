@@ -114,6 +114,44 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn list_signing_keys(
+        &self,
+        request: Request<pb::ListSigningKeysRequest>,
+    ) -> Result<Response<pb::ListSigningKeysResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request)?;
+        let records = broker
+            .store
+            .signing_keys()
+            .await
+            .map_err(|e| internal("reading the signing keys", e))?;
+        let jwks = broker.jwks();
+        let time = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+        let keys = records
+            .iter()
+            .map(|k| pb::SigningKeyInfo {
+                kid: k.kid.clone(),
+                created_at: time(k.created_at),
+                signs_from: time(k.sign_from),
+                retired_at: k.retired_at.map_or(0, time),
+                published: jwks.get(&k.kid).is_some(),
+            })
+            .collect();
+        let now = broker.clock.now();
+        broker
+            .audit(
+                crate::audit::AuditEvent::new(
+                    crate::audit::AuditKind::AdminQuery,
+                    crate::audit::Outcome::Ok,
+                    now,
+                )
+                .actor(&caller)
+                .field("what", "signing_keys"),
+            )
+            .await;
+        Ok(Response::new(pb::ListSigningKeysResponse { keys }))
+    }
+
     async fn revoke(
         &self,
         request: Request<pb::RevokeRequest>,

@@ -80,6 +80,15 @@ pub enum CtlCommand {
     Other(Vec<String>),
 }
 
+/// How a listing is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document for scripts.
+    Json,
+}
+
 /// `tally ctl revoke`: exactly one target.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
@@ -138,6 +147,13 @@ pub enum SvidCommand {
 /// `tally ctl keys`.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
+    /// List the signing keys: which signs now, which is next, which are
+    /// retired, and whether the JWKS still publishes each.
+    List {
+        /// `table` (default) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
+    },
     /// Start a new signing key now (incident response); prints its kid.
     Rotate {
         /// Publish the new key this long before it signs (e.g. 5m).
@@ -227,6 +243,7 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
             })
         }
         CtlCommand::Revoke(args) => revoke(&conn, args),
+        CtlCommand::Keys(KeysCommand::List { output }) => list_keys(&conn, output),
         CtlCommand::Other(args) => {
             let name = args.first().map_or("", String::as_str);
             eprintln!("tally: error: `tally ctl {name}` is not implemented in this build yet");
@@ -528,6 +545,80 @@ fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCode, CliErro
             done.expires_at,
             done.sequence
         );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Unix seconds as RFC 3339 (UTC), or `-` for none.
+fn when(secs: i64) -> String {
+    u64::try_from(secs).ok().filter(|s| *s > 0).map_or_else(
+        || "-".to_owned(),
+        |s| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+            )
+            .to_string()
+        },
+    )
+}
+
+fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliError> {
+    block_on(async {
+        let mut admin = admin_client(conn).await?;
+        let keys = admin
+            .list_signing_keys(pb::ListSigningKeysRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner()
+            .keys;
+        let now = i64::try_from(super::wall_clock_now()).unwrap_or(i64::MAX);
+        let state = |k: &pb::SigningKeyInfo| {
+            if k.retired_at > 0 {
+                "retired"
+            } else if k.signs_from > now {
+                "next"
+            } else {
+                "signing"
+            }
+        };
+        match output {
+            Output::Json => {
+                let rows: Vec<serde_json::Value> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "kid": k.kid,
+                            "state": state(k),
+                            "created_at": k.created_at,
+                            "signs_from": k.signs_from,
+                            "retired_at": (k.retired_at > 0).then_some(k.retired_at),
+                            "published": k.published,
+                        })
+                    })
+                    .collect();
+                say!("{}", serde_json::Value::from(rows));
+            }
+            Output::Table => {
+                let width = keys.iter().map(|k| k.kid.len()).max().unwrap_or(3).max(3);
+                say!(
+                    "{:<width$}  {:<7}  {:<20}  {:<20}  PUBLISHED",
+                    "KID",
+                    "STATE",
+                    "SIGNS FROM",
+                    "RETIRED"
+                );
+                for k in &keys {
+                    say!(
+                        "{:<width$}  {:<7}  {:<20}  {:<20}  {}",
+                        k.kid,
+                        state(k),
+                        when(k.signs_from),
+                        when(k.retired_at),
+                        if k.published { "yes" } else { "no" }
+                    );
+                }
+            }
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
