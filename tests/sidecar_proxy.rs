@@ -178,6 +178,29 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     .await;
     assert_eq!(smuggled.status, 403, "judged as /v1/refunds");
 
+    // Two Host headers: which one would the proof be for?
+    let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
+    let doubled = send(
+        inbound,
+        "POST",
+        "/v1/charges",
+        &[
+            ("host", &inbound.to_string()),
+            ("host", "payments.evil.example"),
+            ("authorization", &a),
+            ("dpop", &d),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(doubled.status, 400);
+    assert!(
+        doubled.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("more than one Host")
+    );
+
     // Nothing at all: a bare challenge.
     let none = send(inbound, "POST", "/v1/charges", &[], "").await;
     assert_eq!(none.status, 401);

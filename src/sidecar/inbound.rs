@@ -211,6 +211,19 @@ impl Inbound {
     /// Every check, without touching the body.
     fn check(&self, req: &Request<Incoming>) -> Result<Admitted, Refused> {
         let now = self.clock.now();
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            // RFC 9112 §3.2: more than one Host is a bad request; the proof
+            // would be checked against one and the app might route by
+            // another.
+            return Err(Refused {
+                reason: "bad_request",
+                response: Box::new(proxy::refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "more than one Host header",
+                )),
+            });
+        }
         let authority = req
             .uri()
             .authority()
