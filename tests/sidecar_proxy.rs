@@ -360,6 +360,29 @@ async fn the_outbound_proxy_signs_mapped_hosts_and_answers_nonce_challenges() {
         "{metrics}"
     );
 
+    // A chunked body larger than what is held for retries is streamed
+    // (with the nonce remembered from before, so no retry is needed).
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let head = format!(
+            "POST {url} HTTP/1.1\r\nHost: {inbound}\r\nx-tally-scope: payments:charge\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'z'; 100_000];
+        stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        stream.write_all(&chunk).await.unwrap();
+        stream.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        let raw = String::from_utf8_lossy(&raw);
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+        assert!(raw.contains("\"body_len\":100000"), "{raw}");
+    }
+
     // A host not in the service map passes through untouched.
     let direct = format!("http://{}/health", app.addr);
     let plain = send(

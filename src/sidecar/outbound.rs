@@ -172,9 +172,11 @@ impl<F: Fetch> Outbound<F> {
         let origin = origin_of(htu.as_str());
         let method = parts.method.as_str().to_owned();
 
-        // Hold small bodies so a nonce retry can resend them.
-        let holdable = length.is_some_and(|len| len <= RETRY_BODY_LIMIT)
-            || (length.is_none() && body_is_empty(&parts));
+        // Hold small bodies of known length (none, or a Content-Length) so
+        // a nonce retry can resend them; chunked bodies are streamed once.
+        let holdable = hyper::body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|len| len <= RETRY_BODY_LIMIT);
         let mut outgoing = if holdable {
             let limit = usize::try_from(RETRY_BODY_LIMIT).unwrap_or(usize::MAX);
             match Limited::new(body, limit).collect().await {
@@ -274,12 +276,6 @@ impl<F: Fetch> Outbound<F> {
             )),
         }
     }
-}
-
-/// Whether the request has no body: no length, no chunked framing.
-fn body_is_empty(parts: &http::request::Parts) -> bool {
-    !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && !parts.headers.contains_key(header::CONTENT_LENGTH)
 }
 
 /// Scopes the app asked for in `x-tally-scope`, if any.
