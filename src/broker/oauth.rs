@@ -125,6 +125,17 @@ impl OAuthError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", description)
     }
 
+    /// A fault inside the broker: logged with `what`, answered as
+    /// "internal error".
+    fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "{what} failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal error",
+        )
+    }
+
     fn into_response(self) -> Response<Body> {
         let mut r = json(
             self.status,
@@ -413,14 +424,10 @@ async fn introspect(
 ) -> Result<Response<Body>, OAuthError> {
     let caller = client_id(broker, peer)?;
     let token = token_param(req).await?;
-    let found = broker.find_token(&token).await.map_err(|e| {
-        tracing::error!(error = %e, "introspection failed");
-        OAuthError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal error",
-        )
-    })?;
+    let found = broker
+        .find_token(&token)
+        .await
+        .map_err(|e| OAuthError::internal("introspection", &e))?;
     let now = broker.clock.now();
     let answer = match found {
         Some((t, revoked))
@@ -462,15 +469,10 @@ async fn revoke(
 ) -> Result<Response<Body>, OAuthError> {
     let caller = client_id(broker, peer)?;
     let token = token_param(req).await?;
-    let internal = |e: &dyn std::fmt::Display| {
-        tracing::error!(error = %e, "revocation failed");
-        OAuthError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal error",
-        )
-    };
-    let found = broker.find_token(&token).await.map_err(|e| internal(&e))?;
+    let found = broker
+        .find_token(&token)
+        .await
+        .map_err(|e| OAuthError::internal("revocation", &e))?;
     if let Some((t, revoked)) = found
         && !revoked
         && t.exp > broker.clock.now()
@@ -490,7 +492,7 @@ async fn revoke(
                 &caller,
             )
             .await
-            .map_err(|e| internal(&e))?;
+            .map_err(|e| OAuthError::internal("revocation", &e))?;
     }
     let mut r = Response::new(Body::default());
     r.headers_mut()
