@@ -27,19 +27,23 @@ async fn pair(
             },
         )
         .await;
-    let inbound = payments.inbound.unwrap();
-    let checkout = mesh
-        .sidecar(
-            CHECKOUT,
-            Parts {
-                socket: true,
-                outbound: true,
-                services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
-                ..Parts::default()
-            },
-        )
-        .await;
+    let checkout = caller(mesh, CHECKOUT, payments.inbound.unwrap()).await;
     (checkout, payments)
+}
+
+/// A calling sidecar for `id` (socket and outbound proxy) whose service
+/// map sends `inbound` to the payments audience.
+async fn caller(mesh: &Mesh, id: &str, inbound: std::net::SocketAddr) -> support::mesh::Started {
+    mesh.sidecar(
+        id,
+        Parts {
+            socket: true,
+            outbound: true,
+            services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
+            ..Parts::default()
+        },
+    )
+    .await
 }
 
 /// `POST /v1/charges` to the inbound proxy with these credentials.
@@ -248,16 +252,7 @@ async fn per_caller_rate_limits_answer_429_with_retry_after() {
         )
         .await;
     let inbound = payments.inbound.unwrap();
-    let reporting = mesh
-        .sidecar(
-            REPORTING,
-            Parts {
-                socket: true,
-                services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
-                ..Parts::default()
-            },
-        )
-        .await;
+    let reporting = caller(&mesh, REPORTING, inbound).await;
     let socket = reporting.socket.as_deref().unwrap();
     // The rule for reporting allows 10/s: a burst of 10, then one more
     // every 100 ms. Headers first, then the burst, so it takes a few ms.
@@ -559,16 +554,7 @@ async fn inbound_proofs_expire_after_30_seconds() {
         )
         .await;
     let inbound = payments.inbound.unwrap();
-    let checkout = mesh
-        .sidecar(
-            CHECKOUT,
-            Parts {
-                socket: true,
-                services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
-                ..Parts::default()
-            },
-        )
-        .await;
+    let checkout = caller(&mesh, CHECKOUT, inbound).await;
     let url = format!("http://{inbound}/v1/charges");
     let socket = checkout.socket.as_deref().unwrap();
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;

@@ -413,6 +413,30 @@ async fn token_param(req: Request<Incoming>) -> Result<zeroize::Zeroizing<String
     token.ok_or_else(|| OAuthError::invalid_request("the token parameter is required"))
 }
 
+/// The authenticated caller, and the token the request names if this
+/// broker issued it and it is live (not expired, not revoked).
+async fn live_token(
+    broker: &Broker,
+    req: Request<Incoming>,
+    peer: &Peer,
+    what: &str,
+) -> Result<(SpiffeId, Option<crate::store::IssuedToken>), OAuthError> {
+    let caller = client_id(broker, peer)?;
+    let token = token_param(req).await?;
+    let found = broker
+        .find_token(&token)
+        .await
+        .map_err(|e| OAuthError::internal(what, &e))?;
+    let now = broker.clock.now();
+    let live = found.and_then(|(t, revoked)| (!revoked && t.exp > now).then_some(t));
+    Ok((caller, live))
+}
+
+/// Admins may see and revoke any token; a workload, its own.
+fn may_manage(broker: &Broker, caller: &SpiffeId, token: &crate::store::IssuedToken) -> bool {
+    broker.is_admin(caller) || token.sub == caller.as_str()
+}
+
 /// `POST /oauth2/introspect` (RFC 7662): for an admin, or the token's own
 /// holder, the token's metadata; `{"active": false}` for anything else
 /// (unknown, forged, expired, revoked, or someone else's token), so the
@@ -422,19 +446,9 @@ async fn introspect(
     req: Request<Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
-    let caller = client_id(broker, peer)?;
-    let token = token_param(req).await?;
-    let found = broker
-        .find_token(&token)
-        .await
-        .map_err(|e| OAuthError::internal("introspection", &e))?;
-    let now = broker.clock.now();
-    let answer = match found {
-        Some((t, revoked))
-            if !revoked
-                && t.exp > now
-                && (broker.is_admin(&caller) || t.sub == caller.as_str()) =>
-        {
+    let (caller, live) = live_token(broker, req, peer, "introspection").await?;
+    let answer = match live {
+        Some(t) if may_manage(broker, &caller, &t) => {
             json!({
                 "active": true,
                 "iss": broker.issuer(),
@@ -467,17 +481,9 @@ async fn revoke(
     req: Request<Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
-    let caller = client_id(broker, peer)?;
-    let token = token_param(req).await?;
-    let found = broker
-        .find_token(&token)
-        .await
-        .map_err(|e| OAuthError::internal("revocation", &e))?;
-    if let Some((t, revoked)) = found
-        && !revoked
-        && t.exp > broker.clock.now()
-    {
-        if !broker.is_admin(&caller) && t.sub != caller.as_str() {
+    let (caller, live) = live_token(broker, req, peer, "revocation").await?;
+    if let Some(t) = live {
+        if !may_manage(broker, &caller, &t) {
             return Err(OAuthError::new(
                 StatusCode::BAD_REQUEST,
                 "unauthorized_client",
