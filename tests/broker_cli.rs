@@ -294,6 +294,107 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
         .unwrap()
         .into_inner();
 
+    // The leaked-token runbook: from the token string alone, who held it,
+    // what for, and every record naming it.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "lookup",
+            "--token",
+            &issued.access_token,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let found: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(found["found"], true);
+    assert_eq!(found["jti"], issued.jti.as_str());
+    assert_eq!(found["sub"], "spiffe://example.org/ns/shop/sa/checkout");
+    assert_eq!(found["aud"], "spiffe://example.org/ns/pay/sa/payments");
+    assert_eq!(found["scope"], "payments:read");
+    assert_eq!(found["revoked"], false);
+    let kinds: Vec<&str> = found["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["token.issue"], "{found}");
+    // Read from stdin (out of shell history), as a table; the lookup
+    // itself is now on the token's record.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["ctl", "audit", "lookup", "--token", "-"])
+        .arg("--broker")
+        .arg(format!(
+            "https://{}",
+            broker.grpc.replace("127.0.0.1", "localhost")
+        ))
+        .arg("--data-dir")
+        .arg(&data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}", issued.access_token).unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("holder   spiffe://example.org/ns/shop/sa/checkout"),
+        "{table}"
+    );
+    assert!(table.contains("LIVE"), "{table}");
+    assert!(
+        table.contains("token.issue") && table.contains("admin.query"),
+        "{table}"
+    );
+    // A forged token naming the real jti finds nothing.
+    let forged = format!("{}x", issued.access_token);
+    let o = ctl(&broker, &data, &["audit", "lookup", "--token", &forged]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("not issued by this broker"),
+        "{}",
+        text(&o)
+    );
+
+    // Queries: by subject and family, and the refused admin call above.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "query",
+            "--sub",
+            "spiffe://example.org/ns/shop/sa/checkout",
+            "--type",
+            "token",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let records: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let records = records.as_array().unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["jti"], issued.jti.as_str());
+    let o = ctl(&broker, &data, &["audit", "query", "--type", "admin.call"]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.starts_with("SEQ"), "{table}");
+    assert!(
+        table.contains("denied") && table.contains("call=RotateSigningKey"),
+        "the refused non-admin call is audited: {table}"
+    );
+    let o = ctl(&broker, &data, &["audit", "query", "--since", "soon"]);
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+
     // The admin rotates the signing key.
     let o = ctl(&broker, &data, &["keys", "rotate"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -581,4 +682,145 @@ fn ctl_lists_the_signing_keys_as_a_table_or_json() {
     assert!(audit.contains("\"kind\":\"admin.query\""), "{audit}");
     let (code, _) = broker.stop();
     assert_eq!(code, Some(0));
+}
+
+/// Copies a stopped broker's data directory, tampers with its store,
+/// starts a broker on the copy and returns what `ctl audit verify` says.
+async fn verify_after(
+    data: &std::path::Path,
+    scratch: &std::path::Path,
+    name: &str,
+    tamper: &'static str,
+) -> (Option<i32>, String) {
+    let copy = scratch.join(name);
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(data)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let url = format!("sqlite://{}", copy.join("tally.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::raw_sql(tamper).execute(&pool).await.unwrap();
+    pool.close().await;
+    let broker = Spawned::start(&copy);
+    let o = ctl(&broker, &copy, &["audit", "verify"]);
+    let _ = broker.stop();
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_the_first_edited_deleted_or_reordered_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start(&data);
+    for _ in 0..4 {
+        let o = ctl(&broker, &data, &["keys", "list"]);
+        assert_eq!(o.status.code(), Some(0));
+    }
+    let o = ctl(&broker, &data, &["audit", "verify"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.starts_with("intact: "), "{out}");
+    let o = ctl(&broker, &data, &["audit", "verify", "--output", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["intact"], true);
+    assert_eq!(report["chain_from"], 1);
+    assert!(report["records_checked"].as_u64().unwrap() >= 5, "{report}");
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+
+    // The JSON-lines file holds the same chain, checked offline.
+    let file = data.join("audit.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["ctl", "audit", "verify", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let mut lines: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.remove(2);
+    let cut = dir.path().join("cut.jsonl");
+    std::fs::write(&cut, lines.join("\n")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["ctl", "audit", "verify", "--file"])
+        .arg(&cut)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("record 3 is missing or out of place"), "{out}");
+
+    let scratch = dir.path();
+    let (code, out) = verify_after(
+        &data,
+        scratch,
+        "edited",
+        "UPDATE audit SET line = replace(line, 'signing_keys', 'nothing') WHERE seq = 3",
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("BROKEN") && out.contains("record 3 was altered"),
+        "{out}"
+    );
+
+    let (code, out) =
+        verify_after(&data, scratch, "deleted", "DELETE FROM audit WHERE seq = 3").await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("record 3 is missing or out of place"), "{out}");
+
+    let (code, out) = verify_after(
+        &data,
+        scratch,
+        "reordered",
+        "UPDATE audit SET line = CASE seq WHEN 3 THEN (SELECT line FROM audit WHERE seq = 4) \
+         ELSE (SELECT line FROM audit WHERE seq = 3) END WHERE seq IN (3, 4)",
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("found record 4 where 3 belongs"), "{out}");
+
+    // A query column changed to hide a record from `audit query`.
+    let (code, out) = verify_after(
+        &data,
+        scratch,
+        "recolumned",
+        "UPDATE audit SET kind = 'hidden' WHERE seq = 2",
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("record 2 was altered: its stored kind"),
+        "{out}"
+    );
+
+    // The last record edited: no successor exposes it, the head does.
+    let (code, out) = verify_after(
+        &data,
+        scratch,
+        "tail",
+        "UPDATE audit SET line = replace(line, '\"ok\"', '\"denied\"') \
+         WHERE seq = (SELECT MAX(seq) FROM audit)",
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("was altered"), "{out}");
 }

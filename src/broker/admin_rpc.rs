@@ -1,11 +1,14 @@
 //! The Admin gRPC service: join tokens, credentials for workloads without
-//! a sidecar, forced key rotation, revocation. Only identities the broker lists as
-//! admins may call it; every call is audited with the admin as actor.
+//! a sidecar, key rotation, revocation, and reading the audit log. Only
+//! identities the broker lists as admins may call it; every call is
+//! audited with the admin as actor, and every refusal with the caller.
 
 use super::Broker;
 use super::grpc::{internal, issue_svid, peer_id};
+use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::identity::SpiffeId;
 use crate::proto::v1 as pb;
+use crate::store::AuditFilter;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -14,17 +17,40 @@ const MAX_JOIN_TOKEN_TTL: u64 = 86_400;
 /// Longest admin-minted SVID lifetime.
 const MAX_MINT_TTL: u64 = 86_400;
 
-/// The caller, if it is an admin.
-fn admin<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status> {
+/// The caller, if it is an admin; a refusal is audited with the call's
+/// name.
+async fn admin<T>(broker: &Broker, request: &Request<T>, call: &str) -> Result<SpiffeId, Status> {
     let id = peer_id(broker, request)?;
     if broker.is_admin(&id) {
-        Ok(id)
-    } else {
-        tracing::warn!(caller = %id, "admin call refused: not an admin");
-        Err(Status::permission_denied(format!(
-            "{id} is not an admin of this broker"
-        )))
+        return Ok(id);
     }
+    tracing::warn!(caller = %id, call, "admin call refused: not an admin");
+    broker
+        .audit(
+            AuditEvent::new(AuditKind::AdminCall, Outcome::Denied, broker.clock.now())
+                .actor(&id)
+                .field("call", call)
+                .field("reason", "not_admin"),
+        )
+        .await;
+    Err(Status::permission_denied(format!(
+        "{id} is not an admin of this broker"
+    )))
+}
+
+/// Audits an admin's read (keys, audit, inventory).
+async fn audit_query(broker: &Broker, caller: &SpiffeId, what: &str) {
+    broker
+        .audit(
+            AuditEvent::new(AuditKind::AdminQuery, Outcome::Ok, broker.clock.now())
+                .actor(caller)
+                .field("what", what),
+        )
+        .await;
+}
+
+fn unix(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
 }
 
 fn workload_id(text: &str, broker: &Broker) -> Result<SpiffeId, Status> {
@@ -54,7 +80,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let broker = &self.0;
-        let caller = admin(broker, &request)?;
+        let caller = admin(broker, &request, "CreateJoinToken").await?;
         let body = request.into_inner();
         let id = workload_id(&body.spiffe_id, broker)?;
         let ttl = match u64::from(body.ttl_seconds) {
@@ -82,7 +108,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::MintSvidRequest>,
     ) -> Result<Response<pb::SvidResponse>, Status> {
         let broker = &self.0;
-        let caller = admin(broker, &request)?;
+        let caller = admin(broker, &request, "MintSvid").await?;
         let body = request.into_inner();
         let id = workload_id(&body.spiffe_id, broker)?;
         let ttl = match u64::from(body.ttl_seconds) {
@@ -102,7 +128,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::RotateSigningKeyRequest>,
     ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
         let broker = &self.0;
-        let caller = admin(broker, &request)?;
+        let caller = admin(broker, &request, "RotateSigningKey").await?;
         let lead = u64::from(request.get_ref().publish_lead_seconds);
         let (kid, signs_from) = broker
             .rotate_signing_key(lead, Some(&caller))
@@ -119,7 +145,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ListSigningKeysRequest>,
     ) -> Result<Response<pb::ListSigningKeysResponse>, Status> {
         let broker = &self.0;
-        let caller = admin(broker, &request)?;
+        let caller = admin(broker, &request, "ListSigningKeys").await?;
         let records = broker
             .store
             .signing_keys()
@@ -137,19 +163,127 @@ impl pb::admin_server::Admin for AdminService {
                 published: jwks.get(&k.kid).is_some(),
             })
             .collect();
-        let now = broker.clock.now();
-        broker
-            .audit(
-                crate::audit::AuditEvent::new(
-                    crate::audit::AuditKind::AdminQuery,
-                    crate::audit::Outcome::Ok,
-                    now,
-                )
-                .actor(&caller)
-                .field("what", "signing_keys"),
-            )
-            .await;
+        audit_query(broker, &caller, "signing_keys").await;
         Ok(Response::new(pb::ListSigningKeysResponse { keys }))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "VerifyAudit").await?;
+        let checked = broker
+            .verify_audit()
+            .await
+            .map_err(|e| internal("verifying the audit log", e))?;
+        audit_query(broker, &caller, "audit_verify").await;
+        Ok(Response::new(pb::VerifyAuditResponse {
+            intact: checked.problem.is_none(),
+            records_checked: checked.checked,
+            chain_from: checked.chain_from,
+            head_seq: checked.head.seq,
+            head_sha256: checked.head.hash.to_string(),
+            problem: checked.problem.map(|p| p.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn query_audit(
+        &self,
+        request: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "QueryAudit").await?;
+        let q = request.into_inner();
+        let limit = match q.limit {
+            0 => 100,
+            l @ 1..=1000 => l,
+            l => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {l} is more than 1000"
+                )));
+            }
+        };
+        let text = |s: String, what: &str| -> Result<Option<String>, Status> {
+            if s.len() > 512 {
+                return Err(Status::invalid_argument(format!("{what} is too long")));
+            }
+            Ok(Some(s).filter(|s| !s.is_empty()))
+        };
+        let time = |t: i64, what: &str| -> Result<Option<u64>, Status> {
+            match t {
+                0 => Ok(None),
+                t => u64::try_from(t)
+                    .map(Some)
+                    .map_err(|_| Status::invalid_argument(format!("{what} must be Unix seconds"))),
+            }
+        };
+        let filter = AuditFilter {
+            after: q.after,
+            jti: text(q.jti, "jti")?,
+            kind: text(q.kind, "kind")?,
+            since: time(q.since, "since")?,
+            until: time(q.until, "until")?,
+            sub: text(q.sub, "sub")?,
+        };
+        let records = broker
+            .query_audit(&filter, limit)
+            .await
+            .map_err(|e| internal("querying the audit log", e))?;
+        audit_query(broker, &caller, "audit_query").await;
+        let next_after = if records.len() == limit as usize {
+            records.last().map_or(0, |r| r.seq)
+        } else {
+            0
+        };
+        Ok(Response::new(pb::QueryAuditResponse {
+            records: records.into_iter().map(|r| r.line).collect(),
+            next_after,
+        }))
+    }
+
+    async fn lookup_token(
+        &self,
+        request: Request<pb::LookupTokenRequest>,
+    ) -> Result<Response<pb::LookupTokenResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "LookupToken").await?;
+        let token = request.into_inner().token;
+        if token.len() > crate::jose::Limits::default().max_len {
+            return Err(Status::invalid_argument("token is too long"));
+        }
+        let found = broker
+            .lookup_token(token.trim())
+            .await
+            .map_err(|e| internal("looking up a token", e))?;
+        let mut event = AuditEvent::new(AuditKind::AdminQuery, Outcome::Ok, broker.clock.now())
+            .actor(&caller)
+            .field("what", "token_lookup")
+            .field("found", found.is_some());
+        if let Some(found) = &found {
+            // The lookup itself names the token, so it shows up in the
+            // next lookup: who went looking for a leaked token, and when.
+            event = event.field("jti", found.token.jti.clone());
+        }
+        broker.audit(event).await;
+        let Some(found) = found else {
+            return Ok(Response::new(pb::LookupTokenResponse::default()));
+        };
+        let t = found.token;
+        Ok(Response::new(pb::LookupTokenResponse {
+            found: true,
+            jti: t.jti,
+            sub: t.sub,
+            aud: t.aud,
+            scope: t.scope,
+            class: t.class,
+            jkt: t.jkt,
+            iat: unix(t.iat),
+            exp: unix(t.exp),
+            kid: t.kid,
+            revoked: found.revoked,
+            records: found.records.into_iter().map(|r| r.line).collect(),
+        }))
     }
 
     async fn revoke(
@@ -158,7 +292,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         use crate::token::RevocationTarget;
         let broker = &self.0;
-        let caller = admin(broker, &request)?;
+        let caller = admin(broker, &request, "Revoke").await?;
         let body = request.into_inner();
         let (target, issued_before) = match body.target {
             Some(pb::revoke_request::Target::Jti(jti)) if !jti.is_empty() && jti.len() <= 256 => {

@@ -13,6 +13,7 @@
 pub mod admin_port;
 pub mod admin_rpc;
 pub mod config;
+pub mod governance;
 pub mod grpc;
 pub mod issue;
 pub mod keys;
@@ -216,8 +217,6 @@ pub struct Broker {
     published: tokio::sync::Mutex<std::collections::HashMap<&'static str, String>>,
     /// The listeners' server certificate, renewed by [`Broker::maintain`].
     server_certs: std::sync::OnceLock<Arc<tls::ServerCerts>>,
-    /// Lines for the audit file, written by one task in batches.
-    audit_lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 /// What the broker counts (rendered by [`Broker::render_metrics`]).
@@ -287,6 +286,14 @@ impl Broker {
                 settings.trust_domain.trust_domain()
             )));
         }
+        if let Some(path) = &settings.audit_file {
+            let file = open_audit_file(path)
+                .map_err(|e| BrokerError::Config(format!("audit file {}: {e}", path.display())))?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(append_audit_lines(file, rx));
+            // The store hands over each line as it commits, in chain order.
+            store.tap_audit(tx);
+        }
         let ca = Self::open_ca(&settings, &store, now).await?;
         let keys = SigningKeys::load_or_create(&store, &settings.issuer, now).await?;
         let hmac_key = store
@@ -310,17 +317,6 @@ impl Broker {
             oauth::TOKEN_PATH
         ))
         .map_err(|e| BrokerError::Config(format!("issuer {:?}: {e}", settings.issuer)))?;
-        let audit_lines = match &settings.audit_file {
-            Some(path) => {
-                let file = open_audit_file(path).map_err(|e| {
-                    BrokerError::Config(format!("audit file {}: {e}", path.display()))
-                })?;
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(append_audit_lines(file, rx));
-                Some(tx)
-            }
-            None => None,
-        };
         let proof_config = ProofConfig::default();
         let window = proof_config.max_age + proof_config.max_skew;
         let latest = store.latest_changes().await?;
@@ -355,7 +351,6 @@ impl Broker {
             rule_limits: RateLimiter::new(),
             closing: tokio::sync::watch::Sender::new(false),
             metrics: BrokerMetrics::new(),
-            audit_lines,
             changes: tokio::sync::watch::Sender::new(last_seq),
             server_certs: std::sync::OnceLock::new(),
             published: tokio::sync::Mutex::new(published),
@@ -605,8 +600,8 @@ impl Broker {
             .map_err(|e| format!("store unreachable: {e}"))
     }
 
-    /// Durably records `event` (and `write`, in the same transaction),
-    /// then appends its line to the audit file.
+    /// Durably records `event` (and `write`, in the same transaction); the
+    /// store then hands its line to the audit file.
     ///
     /// # Errors
     /// [`StoreError`]: nothing was recorded.
@@ -615,12 +610,7 @@ impl Broker {
         write: Option<Write>,
         event: AuditEvent,
     ) -> Result<AuditRecord, StoreError> {
-        let record = self.store.record(write, event).await?;
-        if let Some(lines) = &self.audit_lines {
-            // The writer task only ends with the broker.
-            let _ = lines.send(record.line.clone());
-        }
-        Ok(record)
+        self.store.record(write, event).await
     }
 
     /// Records an event that accompanies a refusal: a store failure is

@@ -74,8 +74,12 @@ pub enum CtlCommand {
     /// before a time. Committed before this returns; every sidecar enforces
     /// it as soon as its Watch stream delivers it.
     Revoke(RevokeArgs),
-    /// Commands of the design not in this build yet (audit, tokens,
-    /// identities, review, policy apply).
+    /// The audit log: check its hash chain, query it, look up a leaked
+    /// token.
+    #[command(subcommand)]
+    Audit(super::ctl_audit::AuditCommand),
+    /// Commands of the design not in this build yet (tokens, identities,
+    /// review, policy apply).
     #[command(external_subcommand)]
     Other(Vec<String>),
 }
@@ -243,6 +247,7 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
             })
         }
         CtlCommand::Revoke(args) => revoke(&conn, args),
+        CtlCommand::Audit(command) => super::ctl_audit::run(&conn, command),
         CtlCommand::Keys(KeysCommand::List { output }) => list_keys(&conn, output),
         CtlCommand::Other(args) => {
             let name = args.first().map_or("", String::as_str);
@@ -260,7 +265,9 @@ fn duration(flag: &str, text: &str) -> Result<u32, CliError> {
         .ok_or_else(|| CliError::Usage(format!("{flag} {text:?} is not a duration like 10m")))
 }
 
-fn block_on<T, F: std::future::Future<Output = Result<T, CliError>>>(f: F) -> Result<T, CliError> {
+pub(super) fn block_on<T, F: std::future::Future<Output = Result<T, CliError>>>(
+    f: F,
+) -> Result<T, CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -269,7 +276,7 @@ fn block_on<T, F: std::future::Future<Output = Result<T, CliError>>>(f: F) -> Re
 }
 
 /// A refusal from the broker, as the broker worded it.
-fn refused(status: tonic::Status) -> CliError {
+pub(super) fn refused(status: tonic::Status) -> CliError {
     CliError::Failed(format!(
         "the broker refused: {}: {}",
         status.code(),
@@ -287,7 +294,7 @@ fn read_pem(path: &Path, what: &str) -> Result<String, CliError> {
 }
 
 /// An Admin client over mTLS with the admin credential.
-async fn admin_client(
+pub(super) async fn admin_client(
     conn: &BrokerConnection,
 ) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>, CliError> {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -501,7 +508,7 @@ fn explain(args: &ExplainArgs) -> Result<ExitCode, CliError> {
 }
 
 /// A time given as Unix seconds or RFC 3339.
-fn unix_time(text: &str) -> Result<i64, CliError> {
+pub(super) fn unix_time(flag: &str, text: &str) -> Result<i64, CliError> {
     if let Ok(secs) = text.parse::<i64>() {
         return Ok(secs);
     }
@@ -511,7 +518,7 @@ fn unix_time(text: &str) -> Result<i64, CliError> {
         .and_then(|d| i64::try_from(d.as_secs()).ok())
         .ok_or_else(|| {
             CliError::Usage(format!(
-                "--issued-before {text:?}: give Unix seconds or RFC 3339 (2026-11-22T16:00:00Z)"
+                "{flag} {text:?}: give Unix seconds or RFC 3339 (2026-11-22T16:00:00Z)"
             ))
         })
 }
@@ -522,7 +529,7 @@ fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCode, CliErro
         (Some(j), ..) => Target::Jti(j),
         (_, Some(s), ..) => Target::Subject(s),
         (_, _, Some(k), _) => Target::Jkt(k),
-        (_, _, _, Some(t)) => Target::IssuedBefore(unix_time(&t)?),
+        (_, _, _, Some(t)) => Target::IssuedBefore(unix_time("--issued-before", &t)?),
         _ => {
             return Err(CliError::Usage(
                 "give --jti, --sub, --jkt or --issued-before".into(),
@@ -550,7 +557,7 @@ fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCode, CliErro
 }
 
 /// Unix seconds as RFC 3339 (UTC), or `-` for none.
-fn when(secs: i64) -> String {
+pub(super) fn when(secs: i64) -> String {
     u64::try_from(secs).ok().filter(|s| *s > 0).map_or_else(
         || "-".to_owned(),
         |s| {
@@ -599,26 +606,74 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
                 say!("{}", serde_json::Value::from(rows));
             }
             Output::Table => {
-                let width = keys.iter().map(|k| k.kid.len()).max().unwrap_or(3).max(3);
+                let rows = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.kid.clone(),
+                            state(k).to_owned(),
+                            when(k.signs_from),
+                            when(k.retired_at),
+                            if k.published { "yes" } else { "no" }.to_owned(),
+                        ]
+                    })
+                    .collect();
                 say!(
-                    "{:<width$}  {:<7}  {:<20}  {:<20}  PUBLISHED",
-                    "KID",
-                    "STATE",
-                    "SIGNS FROM",
-                    "RETIRED"
+                    "{}",
+                    table(
+                        &["KID", "STATE", "SIGNS FROM", "RETIRED", "PUBLISHED"],
+                        rows
+                    )
                 );
-                for k in &keys {
-                    say!(
-                        "{:<width$}  {:<7}  {:<20}  {:<20}  {}",
-                        k.kid,
-                        state(k),
-                        when(k.signs_from),
-                        when(k.retired_at),
-                        if k.published { "yes" } else { "no" }
-                    );
-                }
             }
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Rows under headers, each column as wide as its widest cell, two spaces
+/// apart; the last column is not padded. No trailing newline.
+pub(super) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i + 1 == headers.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.trim_end().to_owned()
+    };
+    let mut lines = vec![line(&mut headers.iter().copied())];
+    lines.extend(rows.iter().map(|r| line(&mut r.iter().map(String::as_str))));
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_aligns_columns_to_the_widest_cell() {
+        let t = table(
+            &["A", "LONG HEADER", "LAST"],
+            vec![
+                vec!["wide cell".into(), "x".into(), "tail text".into()],
+                vec!["y".into(), "".into(), "z".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "A          LONG HEADER  LAST\n\
+             wide cell  x            tail text\n\
+             y                       z"
+        );
+    }
 }

@@ -15,6 +15,7 @@ mod bench_watch;
 mod broker;
 mod client;
 mod ctl;
+mod ctl_audit;
 mod demo;
 mod dpop;
 mod sidecar;

@@ -13,7 +13,7 @@ pub mod sqlite;
 
 pub use seal::{SealError, Sealer};
 
-use crate::audit::{AuditEvent, AuditRecord};
+use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::identity::{JoinTokenHash, SpiffeId};
 use zeroize::Zeroizing;
 
@@ -142,6 +142,34 @@ pub struct SvidRecord {
     pub issued_at: u64,
     /// Expires at.
     pub expires_at: u64,
+}
+
+/// Where the audit hash chain stands, as recorded with the last write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditHead {
+    /// The first chained record (earlier ones predate the chain).
+    pub chain_from: u64,
+    /// The last record written (0: none).
+    pub seq: u64,
+    /// The SHA-256 of its line.
+    pub hash: ChainHash,
+}
+
+/// Which audit records a query wants; every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Only records after this sequence number (paging).
+    pub after: u64,
+    /// Records naming this token id.
+    pub jti: Option<String>,
+    /// Records of this kind (`token.issue`) or family (`token`).
+    pub kind: Option<String>,
+    /// Records at or after this time (Unix seconds).
+    pub since: Option<u64>,
+    /// Records before this time.
+    pub until: Option<u64>,
+    /// Records whose actor, `spiffe_id` or `sub` is this SPIFFE ID.
+    pub sub: Option<String>,
 }
 
 /// An inventory record written in the same transaction as its audit event.
@@ -315,6 +343,38 @@ impl Store {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         match self {
             Self::Sqlite(s) => s.audit_after(after, limit).await,
+        }
+    }
+
+    /// Sends every audit line, once committed, to `lines`, in commit
+    /// order (the broker's JSON-lines file).
+    pub fn tap_audit(&self, lines: tokio::sync::mpsc::UnboundedSender<String>) {
+        match self {
+            Self::Sqlite(s) => s.tap_audit(lines),
+        }
+    }
+
+    /// Where the audit chain stands.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn audit_head(&self) -> Result<AuditHead, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.audit_head().await,
+        }
+    }
+
+    /// Audit records matching `filter`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn audit_query(
+        &self,
+        filter: &AuditFilter,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.audit_query(filter, limit).await,
         }
     }
 

@@ -108,6 +108,26 @@ CREATE TABLE changes (
 CREATE INDEX changes_kind ON changes (kind, seq);
 ",
     ),
+    (
+        4,
+        "
+-- The audit hash chain: each record's line carries the SHA-256 of the line
+-- before it (`prev`); this row holds the last record written and its
+-- hash, updated in the same transaction, so a cut-off or edited tail is
+-- seen too. Records before `chain_from` predate the chain.
+CREATE TABLE audit_head (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    chain_from  BIGINT NOT NULL,
+    seq         BIGINT NOT NULL,
+    hash        BLOB NOT NULL
+);
+INSERT INTO audit_head (id, chain_from, seq, hash)
+    SELECT 1, COALESCE(MAX(seq), 0) + 1, COALESCE(MAX(seq), 0), zeroblob(32) FROM audit;
+-- Every record that names a token (issuance, revocation, introspection,
+-- refusals at sidecars), for leaked-token lookup.
+CREATE INDEX audit_jti ON audit (line->>'jti') WHERE line->>'jti' IS NOT NULL;
+",
+    ),
 ];
 
 /// The newest schema this build knows.

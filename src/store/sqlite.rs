@@ -5,8 +5,11 @@
 //! many issuances.
 
 use super::schema::{MIGRATIONS, latest};
-use super::{Change, IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, StoreError, Write};
-use crate::audit::{AuditEvent, AuditRecord};
+use super::{
+    AuditFilter, AuditHead, Change, IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord,
+    StoreError, Write,
+};
+use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
 use crate::identity::{JoinTokenHash, SpiffeId};
 use sqlx::sqlite::{
@@ -36,12 +39,16 @@ struct Pending {
     done: oneshot::Sender<Result<AuditRecord, StoreError>>,
 }
 
+/// Where the writer sends each committed audit line, in commit order.
+type Tap = Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<String>>>>;
+
 /// SQLite backend of [`super::Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
     sealer: Arc<Sealer>,
     writer: mpsc::Sender<Pending>,
+    tap: Tap,
 }
 
 fn db_time(t: u64) -> i64 {
@@ -86,17 +93,71 @@ impl SqliteStore {
         let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM audit")
             .fetch_one(&pool)
             .await?;
-        let next_seq = u64::try_from(last.unwrap_or(0))
-            .map_err(|_| StoreError::Corrupt("negative audit sequence".into()))?
-            + 1;
+        let last = u64::try_from(last.unwrap_or(0))
+            .map_err(|_| StoreError::Corrupt("negative audit sequence".into()))?;
+        let head = audit_head(&pool).await?;
+        if head.seq != last {
+            // Keep serving (the log is evidence, not a gate), but loudly:
+            // `tally ctl audit verify` says what happened.
+            tracing::error!(
+                last_record = last,
+                head = head.seq,
+                "the audit log does not end where its last write did; run `tally ctl audit verify`"
+            );
+        }
         let (writer, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(group_commit(pool.clone(), queue, next_seq));
+        let tap = Tap::default();
+        let chain = Chain {
+            next_seq: last + 1,
+            prev: head.hash,
+        };
+        tokio::spawn(group_commit(pool.clone(), queue, chain, tap.clone()));
         tokio::spawn(checkpoints(pool.clone(), writer.downgrade()));
         Ok(Self {
             pool,
             sealer: Arc::new(sealer),
             writer,
+            tap,
         })
+    }
+
+    pub(super) fn tap_audit(&self, lines: mpsc::UnboundedSender<String>) {
+        *self
+            .tap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(lines);
+    }
+
+    pub(super) async fn audit_head(&self) -> Result<AuditHead, StoreError> {
+        audit_head(&self.pool).await
+    }
+
+    pub(super) async fn audit_query(
+        &self,
+        filter: &AuditFilter,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        // Each condition is off when its parameter is NULL. A jti uses the
+        // expression index; the others scan from `after`.
+        let rows = sqlx::query(
+            "SELECT seq, at, kind, line FROM audit WHERE seq > ?1 \
+             AND (?2 IS NULL OR line->>'jti' = ?2) \
+             AND (?3 IS NULL OR kind = ?3 OR kind LIKE ?3 || '.%') \
+             AND (?4 IS NULL OR at >= ?4) \
+             AND (?5 IS NULL OR at < ?5) \
+             AND (?6 IS NULL OR line->>'actor' = ?6 OR line->>'spiffe_id' = ?6 OR line->>'sub' = ?6) \
+             ORDER BY seq LIMIT ?7",
+        )
+        .bind(db_time(filter.after))
+        .bind(filter.jti.as_deref())
+        .bind(filter.kind.as_deref())
+        .bind(filter.since.map(db_time))
+        .bind(filter.until.map(db_time))
+        .bind(filter.sub.as_deref())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
     }
 
     pub(super) async fn schema_version(&self) -> Result<i64, StoreError> {
@@ -322,16 +383,7 @@ impl SqliteStore {
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(AuditRecord {
-                    seq: time_of(row, "seq")?,
-                    at: time_of(row, "at")?,
-                    kind: row.try_get("kind")?,
-                    line: row.try_get("line")?,
-                })
-            })
-            .collect()
+        rows.iter().map(audit_from_row).collect()
     }
 
     pub(super) async fn append_change(
@@ -499,6 +551,37 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     Ok(())
 }
 
+fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
+    Ok(AuditRecord {
+        seq: time_of(row, "seq")?,
+        at: time_of(row, "at")?,
+        kind: row.try_get("kind")?,
+        line: row.try_get("line")?,
+    })
+}
+
+async fn audit_head(pool: &SqlitePool) -> Result<AuditHead, StoreError> {
+    let row = sqlx::query("SELECT chain_from, seq, hash FROM audit_head WHERE id = 1")
+        .fetch_one(pool)
+        .await?;
+    let hash: Vec<u8> = row.try_get("hash")?;
+    Ok(AuditHead {
+        chain_from: time_of(&row, "chain_from")?,
+        seq: time_of(&row, "seq")?,
+        hash: ChainHash(
+            hash.try_into()
+                .map_err(|_| StoreError::Corrupt("audit head hash is not 32 bytes".into()))?,
+        ),
+    })
+}
+
+/// Where the audit chain stands: the next record's number and the hash it
+/// will carry.
+struct Chain {
+    next_seq: u64,
+    prev: ChainHash,
+}
+
 /// Copies the WAL into the database file every [`CHECKPOINT_EVERY`], beside the writer
 /// rather than inside its commits (PASSIVE: never waits for, nor blocks,
 /// the writer). Ends when the store is dropped (`alive` no longer
@@ -536,9 +619,15 @@ async fn checkpoints(pool: SqlitePool, alive: mpsc::WeakSender<Pending>) {
 }
 
 /// The writer task: takes whatever has queued, commits it as one
-/// transaction (audit records numbered in queue order), and answers every
-/// caller in the batch.
-async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut next_seq: u64) {
+/// transaction (audit records numbered and chained in queue order),
+/// answers every caller in the batch, and hands the committed lines to the
+/// tap in order.
+async fn group_commit(
+    pool: SqlitePool,
+    mut queue: mpsc::Receiver<Pending>,
+    mut chain: Chain,
+    tap: Tap,
+) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     let mut writer: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>> = None;
     while let Some(first) = queue.recv().await {
@@ -549,14 +638,19 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut 
                 Err(_) => break,
             }
         }
+        let mut prev = chain.prev;
         let records: Vec<AuditRecord> = batch
             .iter()
-            .zip(next_seq..)
-            .map(|(p, seq)| AuditRecord {
-                seq,
-                at: p.event.at,
-                kind: p.event.kind.as_str().to_owned(),
-                line: p.event.to_line(seq),
+            .zip(chain.next_seq..)
+            .map(|(p, seq)| {
+                let line = p.event.to_line(seq, &prev);
+                prev = ChainHash::of(&line);
+                AuditRecord {
+                    seq,
+                    at: p.event.at,
+                    kind: p.event.kind.as_str().to_owned(),
+                    line,
+                }
             })
             .collect();
         // The writer keeps one connection: acquiring (and pinging) a pooled
@@ -565,7 +659,7 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut 
             writer = pool.acquire().await.ok();
         }
         let result = match writer.as_mut() {
-            Some(conn) => insert_batch(conn, &batch, &records).await,
+            Some(conn) => insert_batch(conn, &batch, &records, &prev).await,
             None => Err(sqlx::Error::PoolClosed),
         };
         if result.is_err() {
@@ -574,14 +668,25 @@ async fn group_commit(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>, mut 
         }
         match result {
             Ok(()) => {
-                next_seq += records.len() as u64;
+                chain.next_seq += records.len() as u64;
+                chain.prev = prev;
+                if let Some(tap) = tap
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .as_ref()
+                {
+                    for record in &records {
+                        let _ = tap.send(record.line.clone());
+                    }
+                }
                 for (p, record) in batch.drain(..).zip(records) {
                     let _ = p.done.send(Ok(record));
                 }
             }
             Err(e) => {
-                // Nothing in the batch was recorded; sequence numbers are
-                // reused by the next batch, so the log has no gaps.
+                // Nothing in the batch was recorded; sequence numbers (and
+                // the chain) are taken up again by the next batch, so the
+                // log has no gaps.
                 tracing::error!(error = %e, records = batch.len(), "group commit failed");
                 for p in batch.drain(..) {
                     let _ = p.done.send(Err(StoreError::WriteFailed(e.to_string())));
@@ -599,6 +704,7 @@ async fn insert_batch(
     conn: &mut sqlx::SqliteConnection,
     batch: &[Pending],
     records: &[AuditRecord],
+    head: &ChainHash,
 ) -> Result<(), sqlx::Error> {
     use serde_json::{Value, json};
     let mut issued = Vec::new();
@@ -654,5 +760,12 @@ async fn insert_batch(
     .bind(Value::Array(audit).to_string())
     .execute(&mut *tx)
     .await?;
+    if let Some(last) = records.last() {
+        sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
+            .bind(db_time(last.seq))
+            .bind(&head.0[..])
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await
 }

@@ -1,0 +1,344 @@
+//! `tally ctl audit`: check the hash chain (on the broker's store, or a
+//! JSON-lines file offline), query records, and look up a leaked token.
+
+use super::CliError;
+use super::ctl::{
+    BrokerConnection, Output, admin_client, block_on, refused, table, unix_time, when,
+};
+use crate::audit::{ChainVerifier, MAX_LINE};
+use crate::proto::v1 as pb;
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use std::io::{BufRead as _, Read as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// `tally ctl audit`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain: every record follows the one before it and
+    /// carries its SHA-256, up to the head recorded with the last write.
+    /// Names the first record edited, deleted or moved; exit 1 if any.
+    Verify {
+        /// Check this JSON-lines audit file here instead of asking the
+        /// broker (the file may start mid-chain, e.g. after log rotation).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// `table` (default) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
+    },
+    /// Records matching every condition given, oldest first.
+    Query(QueryArgs),
+    /// From a token string alone (a leaked one): whom it was issued to,
+    /// when, for what, whether it is revoked, and every record naming it.
+    Lookup {
+        /// The token, or `-` to read it from standard input (keeps it out
+        /// of shell history).
+        #[arg(long)]
+        token: String,
+        /// `table` (default) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
+    },
+}
+
+/// `tally ctl audit query`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Records whose actor, `spiffe_id` or `sub` is this SPIFFE ID.
+    #[arg(long)]
+    sub: Option<String>,
+    /// Records naming this token id.
+    #[arg(long)]
+    jti: Option<String>,
+    /// A kind (token.issue) or family (token).
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// At or after this time (Unix seconds or RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this time (Unix seconds or RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    /// At most this many records (pages of 1,000 are fetched as needed).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// `table` (default) or `json`.
+    #[arg(long, default_value = "table")]
+    output: Output,
+}
+
+pub(super) fn run(conn: &BrokerConnection, command: AuditCommand) -> Result<ExitCode, CliError> {
+    match command {
+        AuditCommand::Verify {
+            file: Some(file),
+            output,
+        } => verify_file(&file, output),
+        AuditCommand::Verify { file: None, output } => verify_store(conn, output),
+        AuditCommand::Query(args) => query(conn, args),
+        AuditCommand::Lookup { token, output } => lookup(conn, &token, output),
+    }
+}
+
+fn verify_store(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliError> {
+    let report = block_on(async {
+        let mut admin = admin_client(conn).await?;
+        admin
+            .verify_audit(pb::VerifyAuditRequest {})
+            .await
+            .map_err(refused)
+            .map(tonic::Response::into_inner)
+    })?;
+    let problem = Some(report.problem.clone()).filter(|p| !p.is_empty());
+    verdict(
+        output,
+        &serde_json::json!({
+            "intact": report.intact,
+            "records_checked": report.records_checked,
+            "chain_from": report.chain_from,
+            "head_seq": report.head_seq,
+            "head_sha256": report.head_sha256,
+            "problem": problem,
+        }),
+    )
+}
+
+/// Prints a verification report; exit 1 when the chain is broken.
+fn verdict(output: Output, report: &Value) -> Result<ExitCode, CliError> {
+    let intact = report["intact"].as_bool() == Some(true);
+    match output {
+        Output::Json => say!("{report}"),
+        Output::Table => {
+            if intact {
+                say!(
+                    "intact: {} records checked; head record {} sha256 {}",
+                    report["records_checked"],
+                    report["head_seq"],
+                    report["head_sha256"].as_str().unwrap_or("")
+                );
+            } else {
+                say!(
+                    "BROKEN after {} good records: {}",
+                    report["records_checked"],
+                    report["problem"].as_str().unwrap_or("")
+                );
+            }
+            if report["chain_from"].as_u64().is_some_and(|c| c > 1) {
+                say!(
+                    "records before {} were written before the chain and are not covered",
+                    report["chain_from"]
+                );
+            }
+        }
+    }
+    Ok(if intact {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Checks a JSON-lines audit file here, line by line (each at most 64 KiB).
+fn verify_file(path: &Path, output: Output) -> Result<ExitCode, CliError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut verifier = ChainVerifier::from_first_record();
+    let mut first = None;
+    let mut problem = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // At most one byte past the limit, so a hostile file cannot make
+        // this read a huge line into memory.
+        let read = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
+        if read == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        let text = String::from_utf8_lossy(&line);
+        match verifier.push(&text) {
+            Ok(seq) => {
+                first.get_or_insert(seq);
+            }
+            Err(e) => {
+                problem = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let (head_seq, head_hash) = verifier.head();
+    verdict(
+        output,
+        &serde_json::json!({
+            "intact": problem.is_none(),
+            "records_checked": verifier.checked(),
+            "chain_from": first.unwrap_or(0),
+            "head_seq": head_seq,
+            "head_sha256": head_hash.to_string(),
+            "problem": problem,
+        }),
+    )
+}
+
+fn query(conn: &BrokerConnection, args: QueryArgs) -> Result<ExitCode, CliError> {
+    let time =
+        |flag: &str, t: &Option<String>| t.as_deref().map(|t| unix_time(flag, t)).transpose();
+    let mut request = pb::QueryAuditRequest {
+        sub: args.sub.unwrap_or_default(),
+        jti: args.jti.unwrap_or_default(),
+        kind: args.kind.unwrap_or_default(),
+        since: time("--since", &args.since)?.unwrap_or(0),
+        until: time("--until", &args.until)?.unwrap_or(0),
+        after: 0,
+        limit: 0,
+    };
+    if args.limit == 0 {
+        return Err(CliError::Usage("--limit must be at least 1".into()));
+    }
+    let records = block_on(async {
+        let mut admin = admin_client(conn).await?;
+        let mut records = Vec::new();
+        loop {
+            let want = args.limit - u32::try_from(records.len()).unwrap_or(u32::MAX);
+            request.limit = want.min(1000);
+            let page = admin
+                .query_audit(request.clone())
+                .await
+                .map_err(refused)?
+                .into_inner();
+            records.extend(page.records);
+            if page.next_after == 0 || records.len() >= args.limit as usize {
+                break;
+            }
+            request.after = page.next_after;
+        }
+        Ok(records)
+    })?;
+    print_records(&records, args.output);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Records as a table (fixed fields, then the details as key=value) or as
+/// one JSON array.
+fn print_records(lines: &[String], output: Output) {
+    let records: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
+        .collect();
+    if output == Output::Json {
+        say!("{}", Value::from(records));
+        return;
+    }
+    const FIXED: [&str; 7] = ["seq", "prev", "at", "time", "kind", "outcome", "actor"];
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let rows = records
+        .iter()
+        .map(|r| {
+            let details = r
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| !FIXED.contains(&k.as_str()))
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            vec![
+                text(&r["seq"]),
+                text(&r["time"]),
+                text(&r["kind"]),
+                text(&r["outcome"]),
+                text(&r["actor"]),
+                details,
+            ]
+        })
+        .collect();
+    say!(
+        "{}",
+        table(
+            &["SEQ", "TIME", "KIND", "OUTCOME", "ACTOR", "DETAILS"],
+            rows
+        )
+    );
+}
+
+fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCode, CliError> {
+    let token = zeroize::Zeroizing::new(if token == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .take(64 * 1024)
+            .read_to_string(&mut text)
+            .map_err(|e| CliError::Usage(format!("reading the token from stdin: {e}")))?;
+        text
+    } else {
+        token.to_owned()
+    });
+    let found = block_on(async {
+        let mut admin = admin_client(conn).await?;
+        admin
+            .lookup_token(pb::LookupTokenRequest {
+                token: token.trim().to_owned(),
+            })
+            .await
+            .map_err(refused)
+            .map(tonic::Response::into_inner)
+    })?;
+    if !found.found {
+        match output {
+            Output::Json => say!("{}", serde_json::json!({"found": false})),
+            Output::Table => say!(
+                "not issued by this broker: no inventory record has this token's id and keyed hash"
+            ),
+        }
+        return Ok(ExitCode::from(1));
+    }
+    match output {
+        Output::Json => {
+            let records: Vec<Value> = found
+                .records
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
+                .collect();
+            say!(
+                "{}",
+                serde_json::json!({
+                    "found": true, "jti": found.jti, "sub": found.sub, "aud": found.aud,
+                    "scope": found.scope, "class": found.class, "jkt": found.jkt,
+                    "iat": found.iat, "exp": found.exp, "kid": found.kid,
+                    "revoked": found.revoked, "records": records,
+                })
+            );
+        }
+        Output::Table => {
+            let now = i64::try_from(super::wall_clock_now()).unwrap_or(i64::MAX);
+            let state = match (found.revoked, found.exp > now) {
+                (true, true) => "REVOKED (not yet expired)",
+                (false, true) => "LIVE: revoke it with `tally ctl revoke --jti`",
+                (_, false) => "expired",
+            };
+            say!("token    {}", found.jti);
+            say!("holder   {}", found.sub);
+            say!("audience {}", found.aud);
+            say!("scope    {}", found.scope);
+            say!("class    {}", found.class);
+            say!("issued   {}", when(found.iat));
+            say!("expires  {}", when(found.exp));
+            say!("dpop key {} (jkt)", found.jkt);
+            say!("signed   {} (kid)", found.kid);
+            say!("state    {state}");
+            say!("records naming it: {}", found.records.len());
+            print_records(&found.records, Output::Table);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
