@@ -680,6 +680,54 @@ fn ctl_lists_the_signing_keys_as_a_table_or_json() {
     assert_eq!(table.lines().count(), 3, "{table}");
     let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"kind\":\"admin.query\""), "{audit}");
+
+    // The leaked-key runbook: the signing key is withdrawn at once.
+    let o = ctl(
+        &broker,
+        &data,
+        &["keys", "rotate", "--revoke-old", "--publish-lead", "5m"],
+    );
+    assert_eq!(o.status.code(), Some(64), "a leaked key is replaced now");
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "keys",
+            "rotate",
+            "--revoke-old",
+            "--reason",
+            "key in a core dump",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains(&format!("withdrawn: {new_kid}")), "{out}");
+    let o = ctl(&broker, &data, &["keys", "list", "--output", "json"]);
+    let keys: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let leaked = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == new_kid.as_str())
+        .unwrap();
+    assert_eq!(leaked["state"], "withdrawn");
+    assert_eq!(leaked["published"], false);
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "query",
+            "--type",
+            "token.revoke",
+            "--output",
+            "json",
+        ],
+    );
+    let revoked: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(revoked[0]["target"], "kid");
+    assert_eq!(revoked[0]["value"], new_kid.as_str());
+    assert_eq!(revoked[0]["reason"], "key in a core dump");
     let (code, _) = broker.stop();
     assert_eq!(code, Some(0));
 }

@@ -863,3 +863,87 @@ async fn with_deny_when_stale_an_out_of_touch_sidecar_refuses_instead_of_guessin
         s.sidecar.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_signing_key_is_withdrawn_and_nothing_it_signs_passes_any_more() {
+    use tally::clock::Clock as _;
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let (checkout, payments) = pair(&mesh, &app, false).await;
+    let socket = checkout.socket.as_deref().unwrap();
+    let inbound = payments.inbound.unwrap();
+    let url = format!("http://{inbound}/v1/charges");
+    let admin: tally::identity::SpiffeId = "spiffe://example.org/admin".parse().unwrap();
+    let broker = &mesh.broker.broker;
+
+    // Whoever holds the signing key can mint any token, with any iat, for
+    // a DPoP key of their own: this is what the runbook must stop.
+    let stored = broker.store().signing_keys().await.unwrap();
+    assert_eq!(stored.len(), 1);
+    let leaked = tally::token::TokenSigner::new(
+        tally::jose::SigningKey::from_pkcs8_der(&stored[0].pkcs8).unwrap(),
+        stored[0].kid.clone(),
+        broker.issuer(),
+    );
+    let forge = || {
+        let thief = tally::dpop::ProofKey::generate().unwrap();
+        let now = tally::clock::SystemClock.now();
+        let (token, _) = leaked
+            .mint(
+                &tally::token::MintRequest {
+                    subject: &CHECKOUT.parse().unwrap(),
+                    audience: &PAYMENTS.parse().unwrap(),
+                    scope: &"payments:charge".parse().unwrap(),
+                    class: tally::token::TokenClass::Service,
+                    ttl: 300,
+                    jkt: thief.thumbprint(),
+                },
+                now,
+            )
+            .unwrap();
+        let proof = thief
+            .mint("POST", &url, Some(token.expose()), None, now)
+            .unwrap();
+        (format!("DPoP {}", token.expose()), proof)
+    };
+    let (a, d) = forge();
+    assert_eq!(
+        charge_with(inbound, &a, &d).await.status,
+        200,
+        "the forgery works"
+    );
+    let held = authorize(socket, "POST", &url, "payments:charge").await;
+    let before = authorize(socket, "POST", &url, "payments:charge").await;
+    assert_eq!(charge_with(inbound, &held.0, &held.1).await.status, 200);
+
+    let (new_kid, withdrawn) = broker
+        .replace_leaked_signing_key(&admin, "signing key in a core dump")
+        .await
+        .unwrap();
+    assert_eq!(withdrawn, [stored[0].kid.clone()]);
+    assert_ne!(new_kid, stored[0].kid);
+    revocations(&payments, 1).await;
+    revocations(&checkout, 1).await;
+
+    // Forged now, with a fresh iat: refused. Headers made before: refused.
+    let (a, d) = forge();
+    assert_eq!(charge_with(inbound, &a, &d).await.status, 401);
+    assert_eq!(charge_with(inbound, &before.0, &before.1).await.status, 401);
+    // The holder dropped its old-key token; the next one is signed by the
+    // new key and passes.
+    let fresh = authorize(socket, "POST", &url, "payments:charge").await;
+    assert_ne!(fresh.0, before.0);
+    let answer = charge_with(inbound, &fresh.0, &fresh.1).await;
+    assert_eq!(answer.status, 200);
+
+    // The broker never signs with it again, nor publishes it.
+    let keys = broker.store().signing_keys().await.unwrap();
+    let old = keys.iter().find(|k| k.kid == stored[0].kid).unwrap();
+    assert!(old.withdrawn_at.is_some());
+    assert!(broker.jwks().get(&stored[0].kid).is_none());
+    assert!(broker.jwks().get(&new_kid).is_some());
+
+    checkout.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}

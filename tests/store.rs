@@ -57,10 +57,10 @@ async fn a_new_store_is_migrated_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_text();
     let store = open(dir.path(), &key).await;
-    assert_eq!(store.schema_version().await.unwrap(), 4);
+    assert_eq!(store.schema_version().await.unwrap(), 5);
     drop(store);
     let again = open(dir.path(), &key).await;
-    assert_eq!(again.schema_version().await.unwrap(), 4);
+    assert_eq!(again.schema_version().await.unwrap(), 5);
 }
 
 #[tokio::test]
@@ -142,6 +142,7 @@ async fn signing_keys_round_trip_sealed() {
             created_at: NOW,
             sign_from: NOW + 60,
             retired_at: None,
+            withdrawn_at: None,
         })
         .await
         .unwrap();
@@ -149,6 +150,12 @@ async fn signing_keys_round_trip_sealed() {
     let keys = store.signing_keys().await.unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].retired_at, Some(NOW + 3600));
+    assert_eq!(keys[0].withdrawn_at, None);
+    // Withdrawn (a leak): retired no later than that moment.
+    store.withdraw_signing_key("k1", NOW + 100).await.unwrap();
+    let keys = store.signing_keys().await.unwrap();
+    assert_eq!(keys[0].withdrawn_at, Some(NOW + 100));
+    assert_eq!(keys[0].retired_at, Some(NOW + 100));
     let again = tally::jose::SigningKey::from_pkcs8_der(&keys[0].pkcs8).unwrap();
     assert_eq!(again.thumbprint(), key.thumbprint());
     assert!(format!("{:?}", keys[0]).contains("<redacted>"));

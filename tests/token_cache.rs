@@ -50,6 +50,7 @@ impl Fetch for Broker {
             expires_in: self.life,
             scopes: scopes.clone(),
             jti: format!("jti-{n}"),
+            kid: "k1".into(),
             issued_at: 0,
             key: Arc::clone(&self.key),
         })

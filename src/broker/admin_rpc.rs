@@ -129,14 +129,32 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
         let broker = &self.0;
         let caller = admin(broker, &request, "RotateSigningKey").await?;
-        let lead = u64::from(request.get_ref().publish_lead_seconds);
+        let body = request.into_inner();
+        let lead = u64::from(body.publish_lead_seconds);
+        if body.revoke_old {
+            if lead > 0 {
+                return Err(Status::invalid_argument(
+                    "revoke_old replaces a leaked key at once: publish_lead_seconds must be 0",
+                ));
+            }
+            let (kid, withdrawn) = broker
+                .replace_leaked_signing_key(&caller, &body.reason)
+                .await
+                .map_err(|e| internal("replacing the signing key", e))?;
+            return Ok(Response::new(pb::RotateSigningKeyResponse {
+                kid,
+                signs_from: unix(broker.clock.now()),
+                withdrawn,
+            }));
+        }
         let (kid, signs_from) = broker
             .rotate_signing_key(lead, Some(&caller))
             .await
             .map_err(|e| internal("rotating the signing key", e))?;
         Ok(Response::new(pb::RotateSigningKeyResponse {
             kid,
-            signs_from: i64::try_from(signs_from).unwrap_or(i64::MAX),
+            signs_from: unix(signs_from),
+            withdrawn: Vec::new(),
         }))
     }
 
@@ -161,6 +179,7 @@ impl pb::admin_server::Admin for AdminService {
                 signs_from: time(k.sign_from),
                 retired_at: k.retired_at.map_or(0, time),
                 published: jwks.get(&k.kid).is_some(),
+                withdrawn_at: k.withdrawn_at.map_or(0, time),
             })
             .collect();
         audit_query(broker, &caller, "signing_keys").await;

@@ -261,6 +261,7 @@ impl pb::tokens_server::Tokens for TokensService {
             expires_at: i64::try_from(claims.exp).unwrap_or(i64::MAX),
             scopes: claims.scope.iter().map(ToString::to_string).collect(),
             jti: claims.jti,
+            kid: claims.kid,
         }))
     }
 }
@@ -359,6 +360,7 @@ fn update(change: &crate::store::Change, subscriber: &SpiffeId) -> Result<pb::Up
                 RevocationTarget::Subject(s) => pb::revocation::Target::Subject(s.to_string()),
                 RevocationTarget::Jkt(k) => pb::revocation::Target::Jkt(k.to_string()),
                 RevocationTarget::Everything => pb::revocation::Target::Everything(true),
+                RevocationTarget::Kid(k) => pb::revocation::Target::Kid(k),
             };
             pb::update::Kind::Revocation(pb::Revocation {
                 target: Some(target),

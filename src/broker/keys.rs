@@ -1,7 +1,8 @@
 //! Token-signing keys: the first is made on first start; rotation publishes
 //! the next key in the JWKS before it signs, and keeps a retired key
 //! published until every token it signed has expired, so no token is ever
-//! unverifiable during a rotation.
+//! unverifiable during a rotation. A leaked key is withdrawn instead: it
+//! leaves the JWKS at once, so nothing it signed verifies any more.
 
 use crate::jose::SigningKey;
 use crate::store::{SigningKeyRecord, Store, StoreError};
@@ -23,6 +24,7 @@ struct Managed {
     signer: TokenSigner,
     sign_from: u64,
     retired_at: Option<u64>,
+    withdrawn: bool,
 }
 
 /// The broker's signing keys, oldest first.
@@ -59,6 +61,7 @@ impl SigningKeys {
                 signer: TokenSigner::new(key, record.kid, issuer),
                 sign_from: record.sign_from,
                 retired_at: record.retired_at,
+                withdrawn: record.withdrawn_at.is_some(),
             });
         }
         if keys.keys.is_empty() {
@@ -79,12 +82,14 @@ impl SigningKeys {
                 created_at: now,
                 sign_from,
                 retired_at: None,
+                withdrawn_at: None,
             })
             .await?;
         self.keys.push(Managed {
             signer: TokenSigner::new(key, kid.clone(), &self.issuer),
             sign_from,
             retired_at: None,
+            withdrawn: false,
         });
         Ok(kid)
     }
@@ -92,7 +97,8 @@ impl SigningKeys {
     /// Starts a rotation: a new key is published now and signs from
     /// `now + publish_lead`; the key signing until then is retired at that
     /// moment. With `publish_lead = 0` (incident response) the new key signs
-    /// at once.
+    /// at once. Returns the new key's id and the ids of the keys it
+    /// replaces.
     ///
     /// # Errors
     /// [`KeyError`].
@@ -101,7 +107,7 @@ impl SigningKeys {
         store: &Store,
         now: u64,
         publish_lead: u64,
-    ) -> Result<String, KeyError> {
+    ) -> Result<(String, Vec<String>), KeyError> {
         let sign_from = now + publish_lead;
         let retiring: Vec<String> = self
             .keys
@@ -110,13 +116,34 @@ impl SigningKeys {
             .map(|k| k.signer.kid().to_owned())
             .collect();
         let kid = self.add(store, now, sign_from).await?;
-        for old in retiring {
-            store.retire_signing_key(&old, sign_from).await?;
+        for old in &retiring {
+            store.retire_signing_key(old, sign_from).await?;
             if let Some(k) = self.keys.iter_mut().find(|k| k.signer.kid() == old) {
                 k.retired_at = Some(sign_from);
             }
         }
-        Ok(kid)
+        Ok((kid, retiring))
+    }
+
+    /// Withdraws keys (leaked): they stop signing now and leave the JWKS.
+    /// Refuses to withdraw the only key that could sign.
+    ///
+    /// # Errors
+    /// [`KeyError`].
+    pub async fn withdraw(
+        &mut self,
+        store: &Store,
+        kids: &[String],
+        now: u64,
+    ) -> Result<(), KeyError> {
+        for kid in kids {
+            store.withdraw_signing_key(kid, now).await?;
+            if let Some(k) = self.keys.iter_mut().find(|k| k.signer.kid() == kid) {
+                k.withdrawn = true;
+                k.retired_at = Some(k.retired_at.map_or(now, |r| r.min(now)));
+            }
+        }
+        Ok(())
     }
 
     /// The key that signs at `now`: the newest whose `sign_from` has come
@@ -138,26 +165,26 @@ impl SigningKeys {
     }
 
     fn current_key(&self, now: u64) -> Option<&Managed> {
-        self.keys
-            .iter()
-            .rev()
+        // A withdrawn key never signs again.
+        let usable = || self.keys.iter().rev().filter(|k| !k.withdrawn);
+        usable()
             .find(|k| k.sign_from <= now && k.retired_at.is_none_or(|r| r > now))
             .or_else(|| {
                 // A retired key whose successor is not signing yet keeps
                 // signing: there must always be one.
-                self.keys.iter().rev().find(|k| k.sign_from <= now)
+                usable().find(|k| k.sign_from <= now)
             })
     }
 
     /// The keys to publish at `now`: every key not yet retired, and every
     /// retired key that may still have signed a live token (retired less
-    /// than `max_token_ttl + leeway` ago).
+    /// than `max_token_ttl + leeway` ago); never a withdrawn key.
     pub fn jwks(&self, now: u64, max_token_ttl: u64, leeway: u64) -> Jwks {
         let mut jwks = Jwks::default();
         for k in &self.keys {
-            let live = k
-                .retired_at
-                .is_none_or(|r| r.saturating_add(max_token_ttl).saturating_add(leeway) > now);
+            let live = !k.withdrawn
+                && k.retired_at
+                    .is_none_or(|r| r.saturating_add(max_token_ttl).saturating_add(leeway) > now);
             if live {
                 jwks.insert(k.signer.kid(), k.signer.key().public_key().clone());
             }

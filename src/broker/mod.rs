@@ -739,15 +739,14 @@ impl Broker {
             .append_change("revocation", &revocation.to_json(), at_ms)
             .await?;
         self.changes.send_replace(seq);
-        let (target_kind, value) = match &revocation.target {
-            RevocationTarget::Jti(j) => ("jti", j.clone()),
-            RevocationTarget::Subject(s) => ("subject", s.to_string()),
-            RevocationTarget::Jkt(k) => ("jkt", k.to_string()),
-            RevocationTarget::Everything => ("everything", String::new()),
-        };
+        let (target_kind, value) = revocation.target.kind_and_value();
+        let mut event = AuditEvent::new(AuditKind::Revoke, Outcome::Ok, now).actor(actor);
+        if let RevocationTarget::Jti(jti) = &revocation.target {
+            // Under `jti` too, so the token's lookup finds its revocation.
+            event = event.field("jti", jti.as_str());
+        }
         self.audit(
-            AuditEvent::new(AuditKind::Revoke, Outcome::Ok, now)
-                .actor(actor)
+            event
                 .field("target", target_kind)
                 .field("value", value)
                 .field("issued_before", issued_before)
@@ -791,7 +790,13 @@ impl Broker {
             }
         }
         let revoked = match (found.sub.parse(), found.jkt.parse()) {
-            (Ok(sub), Ok(jkt)) => set.covers(&found.jti, &sub, &jkt, found.iat),
+            (Ok(sub), Ok(jkt)) => set.covers(&crate::token::TokenRef {
+                jti: &found.jti,
+                sub: &sub,
+                jkt: &jkt,
+                kid: &found.kid,
+                iat: found.iat,
+            }),
             // An inventory row that does not parse: treat as revoked.
             _ => true,
         };
@@ -925,7 +930,7 @@ impl Broker {
         // The store write happens outside the lock; the in-memory set is
         // swapped in afterwards.
         let mut keys = SigningKeys::load_or_create(&self.store, &self.settings.issuer, now).await?;
-        let kid = keys.rotate(&self.store, now, publish_lead).await?;
+        let (kid, _) = keys.rotate(&self.store, now, publish_lead).await?;
         *self
             .keys
             .write()
@@ -942,6 +947,54 @@ impl Broker {
         // Subscribers learn the new key at once.
         self.publish_state().await?;
         Ok((kid, now + publish_lead))
+    }
+
+    /// The leaked-signing-key runbook in one step: a new key signs from
+    /// now, the keys it replaces are withdrawn (they leave the JWKS, so
+    /// nothing they signed verifies any more) and every token they signed
+    /// is revoked by `kid` whatever its `iat` (a leaked key can write any),
+    /// for verifiers holding the old JWKS. Returns the new key id and the
+    /// withdrawn ones.
+    ///
+    /// # Errors
+    /// [`BrokerError::Keys`], [`BrokerError::Store`].
+    pub async fn replace_leaked_signing_key(
+        &self,
+        actor: &SpiffeId,
+        reason: &str,
+    ) -> Result<(String, Vec<String>), BrokerError> {
+        let now = self.clock.now();
+        let mut keys = SigningKeys::load_or_create(&self.store, &self.settings.issuer, now).await?;
+        let (kid, old) = keys.rotate(&self.store, now, 0).await?;
+        keys.withdraw(&self.store, &old, now).await?;
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+        self.audit(
+            AuditEvent::new(AuditKind::KeyRotate, Outcome::Ok, now)
+                .actor(actor)
+                .field("kid", kid.as_str())
+                .field("signs_from", now)
+                .field("by", "admin")
+                .field("withdrawn", old.clone()),
+        )
+        .await;
+        tracing::warn!(%kid, withdrawn = ?old, "token-signing key replaced after a leak");
+        // The new JWKS first (Watch delivers in order): verifiers know the
+        // new key before holders drop the old key's tokens and fetch new
+        // ones.
+        self.publish_state().await?;
+        for leaked in &old {
+            self.revoke(
+                crate::token::RevocationTarget::Kid(leaked.clone()),
+                None,
+                reason,
+                actor,
+            )
+            .await?;
+        }
+        Ok((kid, old))
     }
 
     /// The caller's SPIFFE ID from the leaf of its client certificate

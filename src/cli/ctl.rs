@@ -161,8 +161,15 @@ pub enum KeysCommand {
     /// Start a new signing key now (incident response); prints its kid.
     Rotate {
         /// Publish the new key this long before it signs (e.g. 5m).
-        #[arg(long, default_value = "0s")]
+        #[arg(long, default_value = "0s", conflicts_with = "revoke_old")]
         publish_lead: String,
+        /// The old key leaked: withdraw it from the JWKS now and revoke
+        /// every token it signed, whatever time they claim.
+        #[arg(long)]
+        revoke_old: bool,
+        /// Why, for the audit log (with --revoke-old).
+        #[arg(long, default_value = "", requires = "revoke_old")]
+        reason: String,
     },
 }
 
@@ -231,18 +238,27 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
             let ttl = duration("--ttl", &ttl)?;
             mint(&conn, spiffe_id, ttl, &out)
         }
-        CtlCommand::Keys(KeysCommand::Rotate { publish_lead }) => {
+        CtlCommand::Keys(KeysCommand::Rotate {
+            publish_lead,
+            revoke_old,
+            reason,
+        }) => {
             let lead = duration("--publish-lead", &publish_lead)?;
             block_on(async {
                 let mut admin = admin_client(&conn).await?;
                 let rotated = admin
                     .rotate_signing_key(pb::RotateSigningKeyRequest {
                         publish_lead_seconds: lead,
+                        revoke_old,
+                        reason,
                     })
                     .await
                     .map_err(refused)?
                     .into_inner();
                 say!("{} (signs from {})", rotated.kid, rotated.signs_from);
+                for old in &rotated.withdrawn {
+                    say!("withdrawn: {old} (out of the JWKS; every token it signed is revoked)");
+                }
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -580,7 +596,9 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
             .keys;
         let now = i64::try_from(super::wall_clock_now()).unwrap_or(i64::MAX);
         let state = |k: &pb::SigningKeyInfo| {
-            if k.retired_at > 0 {
+            if k.withdrawn_at > 0 {
+                "withdrawn"
+            } else if k.retired_at > 0 {
                 "retired"
             } else if k.signs_from > now {
                 "next"

@@ -327,7 +327,7 @@ impl<F: Fetch> LocalApi<F> {
         };
         let set = Arc::clone(&mesh.borrow().revocations);
         let own = self.identity.borrow().spiffe_id.clone();
-        let covered = |f: &Fetched| set.covers(&f.jti, &own, &f.key.thumbprint(), f.issued_at);
+        let covered = |f: &Fetched| f.revoked_by(&set, &own);
         if !covered(&fetched) {
             return Ok(fetched);
         }

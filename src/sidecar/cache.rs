@@ -37,12 +37,32 @@ pub struct Fetched {
     pub scopes: Scopes,
     /// Its `jti`.
     pub jti: String,
+    /// The id of the key that signed it.
+    pub kid: String,
     /// When it was issued (Unix seconds, as the fetcher saw it).
     pub issued_at: u64,
     /// The DPoP key it is bound to: proofs for it are signed with this key,
     /// which lives as long as some cached token needs it (the sidecar's
     /// current key changes with its SVID).
     pub key: Arc<crate::dpop::ProofKey>,
+}
+
+impl Fetched {
+    /// Whether a revocation in `set` covers this token, held by `holder`.
+    pub fn revoked_by(
+        &self,
+        set: &crate::token::RevocationSet,
+        holder: &crate::identity::SpiffeId,
+    ) -> bool {
+        let jkt = self.key.thumbprint();
+        set.covers(&crate::token::TokenRef {
+            jti: &self.jti,
+            sub: holder,
+            jkt: &jkt,
+            kid: &self.kid,
+            iat: self.issued_at,
+        })
+    }
 }
 
 /// Why the broker gave no token.

@@ -119,6 +119,7 @@ impl Fetch for BrokerIssuer {
             expires_in: Duration::from_secs(expires_at.saturating_sub(self.clock.now())),
             scopes: granted,
             jti: reply.jti,
+            kid: reply.kid,
             issued_at: now,
             key,
         })

@@ -385,8 +385,7 @@ async fn enforce_revocations(
         lag.observe(Duration::from_millis(
             received_ms.saturating_sub(committed_ms),
         ));
-        let dropped =
-            cache.forget_where(|f| set.covers(&f.jti, &own_id, &f.key.thumbprint(), f.issued_at));
+        let dropped = cache.forget_where(|f| f.revoked_by(&set, &own_id));
         if dropped > 0 {
             tracing::info!(dropped, "dropped cached tokens a revocation covers");
         }

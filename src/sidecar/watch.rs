@@ -64,6 +64,9 @@ fn revocation_from(r: pb::Revocation) -> Result<Revocation, String> {
                 .map_err(|_| "revocation jkt is not a thumbprint".to_owned())?,
         ),
         Some(pb::revocation::Target::Everything(true)) => RevocationTarget::Everything,
+        Some(pb::revocation::Target::Kid(k)) if !k.is_empty() && k.len() <= 256 => {
+            RevocationTarget::Kid(k)
+        }
         _ => return Err("a revocation without a target".into()),
     };
     Ok(Revocation {

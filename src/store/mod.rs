@@ -76,6 +76,8 @@ pub struct SigningKeyRecord {
     pub sign_from: u64,
     /// When it stopped signing, if it has.
     pub retired_at: Option<u64>,
+    /// When it was withdrawn (leaked): no longer published at all.
+    pub withdrawn_at: Option<u64>,
 }
 
 impl std::fmt::Debug for SigningKeyRecord {
@@ -86,6 +88,7 @@ impl std::fmt::Debug for SigningKeyRecord {
             .field("created_at", &self.created_at)
             .field("sign_from", &self.sign_from)
             .field("retired_at", &self.retired_at)
+            .field("withdrawn_at", &self.withdrawn_at)
             .finish()
     }
 }
@@ -268,6 +271,17 @@ impl Store {
     pub async fn retire_signing_key(&self, kid: &str, at: u64) -> Result<(), StoreError> {
         match self {
             Self::Sqlite(s) => s.retire_signing_key(kid, at).await,
+        }
+    }
+
+    /// Withdraws a signing key (it leaked): it stops signing at `at` if it
+    /// had not already, and is no longer published.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn withdraw_signing_key(&self, kid: &str, at: u64) -> Result<(), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.withdraw_signing_key(kid, at).await,
         }
     }
 

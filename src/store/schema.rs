@@ -128,6 +128,14 @@ INSERT INTO audit_head (id, chain_from, seq, hash)
 CREATE INDEX audit_jti ON audit (line->>'jti') WHERE line->>'jti' IS NOT NULL;
 ",
     ),
+    (
+        5,
+        "
+-- A signing key withdrawn after a leak: never signs again and leaves the
+-- JWKS at once, so nothing it signed verifies any more.
+ALTER TABLE signing_keys ADD COLUMN withdrawn_at BIGINT;
+",
+    ),
 ];
 
 /// The newest schema this build knows.

@@ -286,8 +286,21 @@ impl SqliteStore {
         Ok(())
     }
 
+    pub(super) async fn withdraw_signing_key(&self, kid: &str, at: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE signing_keys SET withdrawn_at = ?1, \
+             retired_at = CASE WHEN retired_at IS NULL OR retired_at > ?1 THEN ?1 ELSE retired_at END \
+             WHERE kid = ?2",
+        )
+        .bind(db_time(at))
+        .bind(kid)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub(super) async fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError> {
-        let rows = sqlx::query("SELECT kid, key_sealed, created_at, sign_from, retired_at FROM signing_keys ORDER BY created_at, kid")
+        let rows = sqlx::query("SELECT kid, key_sealed, created_at, sign_from, retired_at, withdrawn_at FROM signing_keys ORDER BY created_at, kid")
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -295,12 +308,14 @@ impl SqliteStore {
                 let kid: String = row.try_get("kid")?;
                 let sealed: Vec<u8> = row.try_get("key_sealed")?;
                 let retired: Option<i64> = row.try_get("retired_at")?;
+                let withdrawn: Option<i64> = row.try_get("withdrawn_at")?;
                 Ok(SigningKeyRecord {
                     pkcs8: self.sealer.open(&format!("signing-key/{kid}"), &sealed)?,
                     kid,
                     created_at: time_of(row, "created_at")?,
                     sign_from: time_of(row, "sign_from")?,
                     retired_at: retired.map(|t| u64::try_from(t).unwrap_or(0)),
+                    withdrawn_at: withdrawn.map(|t| u64::try_from(t).unwrap_or(0)),
                 })
             })
             .collect()

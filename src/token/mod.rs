@@ -15,4 +15,4 @@ pub use access::{
 pub use cache::VerifiedTokens;
 pub use claims::{Audience, ClaimValueError, Scope, Scopes, TokenClass};
 pub use jwks::{Jwks, JwksError};
-pub use revocation::{Revocation, RevocationSet, RevocationTarget};
+pub use revocation::{Revocation, RevocationSet, RevocationTarget, TokenRef};

@@ -1,11 +1,13 @@
 //! Revocations: what a revocation matches, its wire form in the change
 //! feed, and the set a verifier checks every token against. Pure.
 //!
-//! An entry matches one token by `jti`, or every token of a SPIFFE ID, of
-//! a DPoP key, or of the whole trust domain issued at or before
+//! An entry matches one token by `jti`; every token of a SPIFFE ID, of a
+//! DPoP key, or of the whole trust domain issued at or before
 //! `issued_before` (same second included: a revocation errs on the safe
-//! side). It can be dropped after `expires_at`, when no token it matches
-//! can still be live, so the set stays small.
+//! side); or every token a signing key signed, whatever its `iat` (a
+//! leaked key can mint tokens claiming any time). It can be dropped after
+//! `expires_at`, when no token it matches can still be live, so the set
+//! stays small.
 
 use crate::identity::SpiffeId;
 use crate::jose::Jkt;
@@ -26,6 +28,49 @@ pub enum RevocationTarget {
     Jkt(Jkt),
     /// Every token issued up to `issued_before`.
     Everything,
+    /// Every token signed by this key, whenever it claims to be issued.
+    Kid(String),
+}
+
+impl RevocationTarget {
+    /// Its kind (`jti`, `subject`, `jkt`, `everything`, `kid`) and value,
+    /// as the feed and the audit log write them.
+    pub fn kind_and_value(&self) -> (&'static str, String) {
+        match self {
+            Self::Jti(j) => ("jti", j.clone()),
+            Self::Subject(s) => ("subject", s.to_string()),
+            Self::Jkt(k) => ("jkt", k.to_string()),
+            Self::Everything => ("everything", String::new()),
+            Self::Kid(k) => ("kid", k.clone()),
+        }
+    }
+}
+
+/// The parts of a token a revocation can match.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRef<'a> {
+    /// Its id.
+    pub jti: &'a str,
+    /// Its holder.
+    pub sub: &'a SpiffeId,
+    /// The DPoP key it is bound to.
+    pub jkt: &'a Jkt,
+    /// The key that signed it.
+    pub kid: &'a str,
+    /// When it was issued.
+    pub iat: u64,
+}
+
+impl<'a> From<&'a TokenClaims> for TokenRef<'a> {
+    fn from(claims: &'a TokenClaims) -> Self {
+        Self {
+            jti: &claims.jti,
+            sub: &claims.sub,
+            jkt: &claims.jkt,
+            kid: &claims.kid,
+            iat: claims.iat,
+        }
+    }
 }
 
 /// One revocation.
@@ -47,25 +92,21 @@ pub struct Revocation {
 pub struct RevocationFormatError(String);
 
 impl Revocation {
-    /// Whether it covers the token with these parts.
-    pub fn covers(&self, jti: &str, sub: &SpiffeId, jkt: &Jkt, iat: u64) -> bool {
-        let before = iat <= self.issued_before;
+    /// Whether it covers this token.
+    pub fn covers(&self, token: &TokenRef<'_>) -> bool {
+        let before = token.iat <= self.issued_before;
         match &self.target {
-            RevocationTarget::Jti(j) => j == jti,
-            RevocationTarget::Subject(s) => before && s == sub,
-            RevocationTarget::Jkt(k) => before && k == jkt,
+            RevocationTarget::Jti(j) => j == token.jti,
+            RevocationTarget::Subject(s) => before && s == token.sub,
+            RevocationTarget::Jkt(k) => before && k == token.jkt,
             RevocationTarget::Everything => before,
+            RevocationTarget::Kid(k) => k == token.kid,
         }
     }
 
     /// The change-feed form (JSON).
     pub fn to_json(&self) -> String {
-        let (target, value) = match &self.target {
-            RevocationTarget::Jti(j) => ("jti", j.clone()),
-            RevocationTarget::Subject(s) => ("subject", s.to_string()),
-            RevocationTarget::Jkt(k) => ("jkt", k.to_string()),
-            RevocationTarget::Everything => ("everything", String::new()),
-        };
+        let (target, value) = self.target.kind_and_value();
         serde_json::json!({
             "target": target,
             "value": value,
@@ -90,6 +131,7 @@ impl Revocation {
             "subject" => RevocationTarget::Subject(value.parse().map_err(|_| bad("subject"))?),
             "jkt" => RevocationTarget::Jkt(value.parse().map_err(|_| bad("jkt"))?),
             "everything" => RevocationTarget::Everything,
+            "kid" if !value.is_empty() => RevocationTarget::Kid(value.to_owned()),
             _ => return Err(bad("target")),
         };
         Ok(Self {
@@ -108,6 +150,7 @@ impl Revocation {
 pub struct RevocationSet {
     entries: Vec<Revocation>,
     jtis: HashSet<String>,
+    kids: HashSet<String>,
     /// Latest `issued_before` per subject / key.
     subjects: HashMap<SpiffeId, u64>,
     jkts: HashMap<Jkt, u64>,
@@ -125,6 +168,7 @@ impl RevocationSet {
     pub fn prune(&mut self, now: u64) {
         self.entries.retain(|r| r.expires_at > now);
         self.jtis.clear();
+        self.kids.clear();
         self.subjects.clear();
         self.jkts.clear();
         self.everything = None;
@@ -145,23 +189,28 @@ impl RevocationSet {
                 RevocationTarget::Everything => {
                     self.everything = Some(self.everything.map_or(at, |e| e.max(at)));
                 }
+                RevocationTarget::Kid(k) => {
+                    self.kids.insert(k.clone());
+                }
             }
         }
     }
 
     /// Whether `token` is revoked.
     pub fn revoked(&self, token: &TokenClaims) -> bool {
-        self.covers(&token.jti, &token.sub, &token.jkt, token.iat)
+        self.covers(&token.into())
     }
 
     /// Whether the token with these parts is revoked.
-    pub fn covers(&self, jti: &str, sub: &SpiffeId, jkt: &Jkt, iat: u64) -> bool {
+    pub fn covers(&self, token: &TokenRef<'_>) -> bool {
         if self.entries.is_empty() {
             return false;
         }
-        self.jtis.contains(jti)
-            || self.subjects.get(sub).is_some_and(|b| iat <= *b)
-            || self.jkts.get(jkt).is_some_and(|b| iat <= *b)
+        let iat = token.iat;
+        self.jtis.contains(token.jti)
+            || self.kids.contains(token.kid)
+            || self.subjects.get(token.sub).is_some_and(|b| iat <= *b)
+            || self.jkts.get(token.jkt).is_some_and(|b| iat <= *b)
             || self.everything.is_some_and(|b| iat <= b)
     }
 
@@ -188,6 +237,22 @@ mod tests {
         crate::jose::b64::encode([n; 32]).parse().unwrap()
     }
 
+    fn tok<'a>(
+        jti: &'a str,
+        sub: &'a SpiffeId,
+        jkt: &'a Jkt,
+        kid: &'a str,
+        iat: u64,
+    ) -> TokenRef<'a> {
+        TokenRef {
+            jti,
+            sub,
+            jkt,
+            kid,
+            iat,
+        }
+    }
+
     #[test]
     fn each_kind_matches_what_it_says_and_nothing_else() {
         let a = id("spiffe://td/a");
@@ -200,23 +265,34 @@ mod tests {
             reason: "test".into(),
         };
         set.insert(entry(RevocationTarget::Jti("j1".into()), 0), 1_000);
-        assert!(set.covers("j1", &b, &jkt(9), 1_500));
-        assert!(!set.covers("j2", &b, &jkt(9), 1_500));
+        assert!(set.covers(&tok("j1", &b, &jkt(9), "k1", 1_500)));
+        assert!(!set.covers(&tok("j2", &b, &jkt(9), "k1", 1_500)));
         set.insert(entry(RevocationTarget::Subject(a.clone()), 1_000), 1_000);
-        assert!(set.covers("j2", &a, &jkt(9), 1_000), "same second: covered");
-        assert!(!set.covers("j2", &a, &jkt(9), 1_001), "issued after: not");
-        assert!(!set.covers("j2", &b, &jkt(9), 900));
+        assert!(
+            set.covers(&tok("j2", &a, &jkt(9), "k1", 1_000)),
+            "same second: covered"
+        );
+        assert!(
+            !set.covers(&tok("j2", &a, &jkt(9), "k1", 1_001)),
+            "issued after: not"
+        );
+        assert!(!set.covers(&tok("j2", &b, &jkt(9), "k1", 900)));
         set.insert(entry(RevocationTarget::Jkt(jkt(1)), 1_000), 1_000);
-        assert!(set.covers("j3", &b, &jkt(1), 999));
-        assert!(!set.covers("j3", &b, &jkt(2), 999));
+        assert!(set.covers(&tok("j3", &b, &jkt(1), "k1", 999)));
+        assert!(!set.covers(&tok("j3", &b, &jkt(2), "k1", 999)));
         set.insert(entry(RevocationTarget::Everything, 500), 1_000);
-        assert!(set.covers("j4", &b, &jkt(3), 500));
-        assert!(!set.covers("j4", &b, &jkt(3), 501));
-        assert_eq!(set.len(), 4);
+        assert!(set.covers(&tok("j4", &b, &jkt(3), "k1", 500)));
+        assert!(!set.covers(&tok("j4", &b, &jkt(3), "k1", 501)));
+        // A signing key: every token it signed, even one claiming to be
+        // issued later (a leaked key can write any iat).
+        set.insert(entry(RevocationTarget::Kid("k2".into()), 0), 1_000);
+        assert!(set.covers(&tok("j5", &b, &jkt(3), "k2", 9_999)));
+        assert!(!set.covers(&tok("j5", &b, &jkt(3), "k1", 9_999)));
+        assert_eq!(set.len(), 5);
         // Past their expiry, entries go.
         set.prune(2_000);
         assert!(set.is_empty());
-        assert!(!set.covers("j1", &b, &jkt(9), 1_500));
+        assert!(!set.covers(&tok("j1", &b, &jkt(9), "k1", 1_500)));
     }
 
     #[test]
@@ -226,6 +302,7 @@ mod tests {
             RevocationTarget::Subject(id("spiffe://td/ns/x/sa/y")),
             RevocationTarget::Jkt(jkt(7)),
             RevocationTarget::Everything,
+            RevocationTarget::Kid("kid-1".into()),
         ] {
             let r = Revocation {
                 target,
@@ -241,6 +318,7 @@ mod tests {
             r#"{"target":"jti","value":"","issued_before":1,"expires_at":2,"reason":""}"#,
             r#"{"target":"subject","value":"not an id","issued_before":1,"expires_at":2,"reason":""}"#,
             r#"{"target":"nobody","value":"x","issued_before":1,"expires_at":2,"reason":""}"#,
+            r#"{"target":"kid","value":"","issued_before":1,"expires_at":2,"reason":""}"#,
             r#"{"target":"everything","value":"","issued_before":-1,"expires_at":2,"reason":""}"#,
         ] {
             assert!(Revocation::from_json(bad).is_err(), "{bad}");
