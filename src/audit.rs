@@ -25,6 +25,8 @@ pub enum AuditKind {
     SvidMint,
     /// The trust policy was (or failed to be) reloaded.
     PolicyReload,
+    /// An admin applied or rolled back the trust policy.
+    PolicyChange,
     /// A signing key was rotated.
     KeyRotate,
     /// The CA's intermediate was replaced.
@@ -47,6 +49,7 @@ impl AuditKind {
             Self::JoinTokenCreate => "join_token.create",
             Self::SvidMint => "svid.mint",
             Self::PolicyReload => "policy.reload",
+            Self::PolicyChange => "policy.change",
             Self::KeyRotate => "keys.rotate",
             Self::CaRotate => "ca.rotate_intermediate",
             Self::Revoke => "token.revoke",

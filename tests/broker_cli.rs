@@ -536,6 +536,23 @@ fn a_changed_policy_is_reloaded_and_a_broken_one_is_refused() {
             .success()
     );
     assert_eq!(child.wait().unwrap().code(), Some(0));
+    // Each text the file served is a stored version; the reload's audit
+    // record carries its diff, the refused one its errors.
+    let audit = std::fs::read_to_string(dir.path().join("data/audit.jsonl")).unwrap();
+    let reloads: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "policy.reload")
+        .collect();
+    assert_eq!(reloads.len(), 2, "{audit}");
+    assert_eq!(reloads[0]["outcome"], "error");
+    assert_eq!(reloads[1]["outcome"], "ok");
+    assert_eq!(reloads[1]["version"], 2, "version 1 is the file at start");
+    assert!(
+        reloads[1]["diff"].as_str().unwrap().contains("-issue:"),
+        "{}",
+        reloads[1]
+    );
 }
 
 #[test]
@@ -871,4 +888,171 @@ async fn audit_verify_names_the_first_edited_deleted_or_reordered_record() {
     .await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("was altered"), "{out}");
+}
+
+#[test]
+fn policy_versions_are_applied_diffed_and_rolled_back_and_a_file_never_silently_wins() {
+    use support::broker::POLICY_FILE;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let original = std::fs::read_to_string(POLICY_FILE).unwrap();
+    let broker = Spawned::start_with(
+        &data,
+        &["--policy", POLICY_FILE, "--policy-source", "store"],
+    );
+    let run = |args: &[&str]| {
+        let o = ctl(&broker, &data, args);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+
+    // The file seeded the empty store as version 1.
+    let (code, out, _) = run(&["policy", "history", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let history: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(history["policy_source"], "store");
+    assert_eq!(history["versions"][0]["version"], 1);
+    assert_eq!(history["versions"][0]["source"], "seed");
+
+    let widened = dir.path().join("widened.yaml");
+    std::fs::write(
+        &widened,
+        original.replace(
+            "scopes: [payments:read]\n",
+            "scopes: [payments:read, payments:refund]\n",
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&[
+        "policy",
+        "apply",
+        widened.to_str().unwrap(),
+        "--comment",
+        "refunds for reporting",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("policy version 2 is served now (+"),
+        "{out}"
+    );
+    assert!(
+        out.contains("+    scopes: [payments:read, payments:refund]"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["policy", "apply", widened.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("unchanged: version 2"), "{out}");
+    // A broken file is refused here, with its position; nothing is stored.
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(&broken, original.replace("issue:", "issu:")).unwrap();
+    let (code, _, err) = run(&["policy", "apply", broken.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("broken.yaml:"), "{err}");
+
+    let (code, out, _) = run(&["policy", "diff", "1", "2"]);
+    assert_eq!(code, Some(1), "a difference exits 1, like diff(1)");
+    assert!(out.starts_with("--- v1\n+++ v2\n"), "{out}");
+    let (code, out, _) = run(&[
+        "policy",
+        "rollback",
+        "1",
+        "--comment",
+        "refunds were a mistake",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("policy version 3 is served now"), "{out}");
+    let (_, shown, _) = run(&["policy", "show"]);
+    assert_eq!(shown, original, "version 3 is version 1's document");
+    let (code, out, _) = run(&["policy", "diff", "1", "3"]);
+    assert_eq!((code, out.as_str()), (Some(0), ""));
+    let (_, table, _) = run(&["policy", "history"]);
+    assert!(
+        table.contains("rollback") && table.contains("refunds were a mistake"),
+        "{table}"
+    );
+    let (_, out, _) = run(&["policy", "rollback", "9"]);
+    assert!(out.is_empty());
+    // Each change is audited with its author and diff.
+    let (_, out, _) = run(&[
+        "audit",
+        "query",
+        "--type",
+        "policy.change",
+        "--output",
+        "json",
+    ]);
+    let changes: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let changes = changes.as_array().unwrap();
+    assert_eq!(changes.len(), 3, "{changes:?}");
+    assert_eq!(changes[0]["how"], "apply");
+    assert_eq!(changes[0]["actor"], "spiffe://example.org/admin");
+    assert!(
+        changes[0]["diff"]
+            .as_str()
+            .unwrap()
+            .contains("payments:refund")
+    );
+    assert_eq!(changes[1]["how"], "rollback");
+    assert_eq!(changes[1]["rolled_back_to"], 1);
+    assert_eq!(changes[2]["outcome"], "denied", "the unknown version");
+    assert_eq!(broker.stop().0, Some(0));
+
+    // Started again with a file that differs from the applied version and
+    // nothing said about which wins: refused, with both ways out.
+    let start = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["broker", "--trust-domain", "example.org", "--data-dir"])
+            .arg(&data)
+            .args(support::broker::EPHEMERAL_PORTS)
+            .args(args)
+            .env_remove("TALLY_STORE_KEY")
+            .output()
+            .unwrap()
+    };
+    let o = start(&["--policy", widened.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("policy version 3")
+            && err.contains("--policy-source store")
+            && err.contains("--policy-source file"),
+        "{err}"
+    );
+    let o = start(&[
+        "--policy",
+        widened.to_str().unwrap(),
+        "--policy-source",
+        "store",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("differs from the stored policy version 3"),
+        "{err}"
+    );
+
+    // Said explicitly: the file wins, is stored as a version, and applying
+    // is refused while it does.
+    let broker = Spawned::start_with(
+        &data,
+        &[
+            "--policy",
+            widened.to_str().unwrap(),
+            "--policy-source",
+            "file",
+        ],
+    );
+    let o = ctl(&broker, &data, &["policy", "apply", POLICY_FILE]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("serves the policy file"), "{err}");
+    let o = ctl(&broker, &data, &["policy", "history", "--output", "json"]);
+    let history: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(history["policy_source"], "file");
+    assert_eq!(history["versions"][0]["version"], 4);
+    assert_eq!(history["versions"][0]["source"], "file");
+    assert_eq!(broker.stop().0, Some(0));
 }

@@ -92,13 +92,19 @@ async fn a_sidecar_receives_only_its_own_access_rules_and_their_changes() {
     assert_eq!(access.access.len(), 1, "only the rule protecting payments");
     assert_eq!(access.access[0].workload.to_string(), payments);
 
-    // A new policy reaches the sidecar without a restart.
+    // An applied policy version reaches the sidecar without a restart.
     let tightened = POLICY.replace("methods: [POST]", "methods: [PUT]");
-    served
+    let admin = "spiffe://example.org/admin".parse().unwrap();
+    let change = served
         .broker
-        .set_policy(tally::policy::Policy::parse(&tightened).unwrap())
+        .apply_policy(&tightened, &admin, "POST only was too wide")
         .await
         .unwrap();
+    assert_eq!(change.version, 1);
+    assert_eq!(
+        (change.diff.added, change.diff.removed),
+        (POLICY.lines().count(), 0)
+    );
     let next = until(&mut rx, "the changed rules", |s| {
         s.access.as_ref().is_some_and(|(v, _)| *v > version)
     })

@@ -53,6 +53,55 @@ fn unix(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
+fn version_message(v: crate::store::PolicyVersion) -> pb::PolicyVersion {
+    pb::PolicyVersion {
+        version: v.version,
+        created_at: unix(v.created_at),
+        author: v.author,
+        source: v.source,
+        comment: v.comment,
+        yaml: v.yaml,
+    }
+}
+
+/// The answer to a policy change; a refusal is audited.
+async fn policy_change(
+    broker: &Broker,
+    caller: &SpiffeId,
+    how: &str,
+    change: Result<super::governance::PolicyChange, super::governance::PolicyChangeError>,
+) -> Result<Response<pb::PolicyChangeResponse>, Status> {
+    use super::governance::PolicyChangeError as E;
+    let change = match change {
+        Ok(change) => change,
+        Err(e) => {
+            let status = match &e {
+                E::FileMode(_) => Status::failed_precondition(e.to_string()),
+                E::Invalid(_) => Status::invalid_argument(e.to_string()),
+                E::NoVersion(_) => Status::not_found(e.to_string()),
+                _ => return Err(internal("changing the policy", e)),
+            };
+            broker
+                .audit(
+                    AuditEvent::new(AuditKind::PolicyChange, Outcome::Denied, broker.clock.now())
+                        .actor(caller)
+                        .field("how", how)
+                        .field("reason", status.message()),
+                )
+                .await;
+            return Err(status);
+        }
+    };
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Ok(Response::new(pb::PolicyChangeResponse {
+        version: change.version,
+        changed: !change.diff.is_empty(),
+        added: count(change.diff.added),
+        removed: count(change.diff.removed),
+        diff: change.diff.text,
+    }))
+}
+
 fn workload_id(text: &str, broker: &Broker) -> Result<SpiffeId, Status> {
     let id: SpiffeId = text
         .parse()
@@ -259,6 +308,88 @@ impl pb::admin_server::Admin for AdminService {
             records: records.into_iter().map(|r| r.line).collect(),
             next_after,
         }))
+    }
+
+    async fn apply_policy(
+        &self,
+        request: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::PolicyChangeResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "ApplyPolicy").await?;
+        let body = request.into_inner();
+        if body.yaml.len() > crate::policy::yaml::MAX_LEN {
+            return Err(Status::invalid_argument("the policy is larger than 1 MiB"));
+        }
+        let change = broker
+            .apply_policy(&body.yaml, &caller, &body.comment)
+            .await;
+        policy_change(broker, &caller, "apply", change).await
+    }
+
+    async fn rollback_policy(
+        &self,
+        request: Request<pb::RollbackPolicyRequest>,
+    ) -> Result<Response<pb::PolicyChangeResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "RollbackPolicy").await?;
+        let body = request.into_inner();
+        let change = broker
+            .rollback_policy(body.version, &caller, &body.comment)
+            .await;
+        policy_change(broker, &caller, "rollback", change).await
+    }
+
+    async fn policy_history(
+        &self,
+        request: Request<pb::PolicyHistoryRequest>,
+    ) -> Result<Response<pb::PolicyHistoryResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "PolicyHistory").await?;
+        let limit = match request.get_ref().limit {
+            0 => 100,
+            l => l.min(super::governance::MAX_HISTORY),
+        };
+        let versions = broker
+            .store
+            .policy_versions(limit)
+            .await
+            .map_err(|e| internal("reading the policy history", e))?;
+        audit_query(broker, &caller, "policy_history").await;
+        Ok(Response::new(pb::PolicyHistoryResponse {
+            versions: versions
+                .into_iter()
+                .map(|v| pb::PolicyVersion {
+                    yaml: String::new(),
+                    ..version_message(v)
+                })
+                .collect(),
+            policy_source: match broker.settings.policy_source {
+                super::PolicySource::File { .. } => "file",
+                super::PolicySource::Store => "store",
+            }
+            .into(),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "GetPolicy").await?;
+        let version = request.get_ref().version;
+        let found = broker
+            .store
+            .policy_version((version > 0).then_some(version))
+            .await
+            .map_err(|e| internal("reading a policy version", e))?;
+        audit_query(broker, &caller, "policy_version").await;
+        found
+            .map(|v| Response::new(version_message(v)))
+            .ok_or_else(|| match version {
+                0 => Status::not_found("no policy version is stored yet"),
+                v => Status::not_found(format!("no policy version {v}")),
+            })
     }
 
     async fn lookup_token(

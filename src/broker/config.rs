@@ -29,9 +29,17 @@ pub struct BrokerFlags {
     /// Audit JSON-lines file [default: DATA_DIR/audit.jsonl].
     #[arg(long, env = "TALLY_AUDIT_FILE")]
     pub audit_file: Option<PathBuf>,
-    /// Trust policy YAML, reloaded when it changes.
+    /// Trust policy YAML. With the file source, reloaded when it changes;
+    /// with the store source, it seeds an empty store.
     #[arg(long, env = "TALLY_POLICY")]
     pub policy: Option<PathBuf>,
+    /// Which policy wins: `file` (the --policy file; `ctl policy apply`
+    /// refused) or `store` (versions set with `ctl policy apply` and
+    /// `rollback`) [default: file with --policy, else store]. A broker
+    /// never starts with a file and stored versions disagreeing unless
+    /// this says which wins.
+    #[arg(long, env = "TALLY_POLICY_SOURCE")]
+    pub policy_source: Option<String>,
     /// Extra DNS names for the broker's server certificate (repeatable).
     #[arg(long = "dns-name", env = "TALLY_DNS_NAMES", value_delimiter = ',')]
     pub dns_names: Vec<String>,
@@ -68,6 +76,17 @@ pub struct BrokerFlags {
     pub svid_ttl: Option<String>,
 }
 
+/// Which policy the operator said wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicySourceChoice {
+    /// The file, because one was given and nothing else was said.
+    FileByDefault,
+    /// The file, explicitly (it overrides applied versions).
+    File,
+    /// Stored versions.
+    Store,
+}
+
 /// Resolved, validated settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -85,6 +104,8 @@ pub struct BrokerConfig {
     pub audit_file: PathBuf,
     /// Policy file, if any.
     pub policy: Option<PathBuf>,
+    /// Which policy wins, and whether that was said explicitly.
+    pub policy_source: PolicySourceChoice,
     /// Extra DNS names for the server certificate.
     pub dns_names: Vec<String>,
     /// Store key file, if any.
@@ -110,6 +131,7 @@ const KEYS: &[&str] = &[
     "admin_listen",
     "audit_file",
     "policy",
+    "policy_source",
     "dns_names",
     "store_key_file",
     "issuer",
@@ -196,6 +218,21 @@ impl BrokerConfig {
                 errors.push(format!("dns_names: {name:?} is not a DNS name"));
             }
         }
+        let policy = path(&flags.policy, "policy");
+        let policy_source = match one(flags.policy_source.clone(), "policy_source").as_deref() {
+            None if policy.is_some() => PolicySourceChoice::FileByDefault,
+            None => PolicySourceChoice::Store,
+            Some("file") if policy.is_some() => PolicySourceChoice::File,
+            Some("file") => {
+                errors.push("policy_source file needs a policy file (--policy)".into());
+                PolicySourceChoice::Store
+            }
+            Some("store") => PolicySourceChoice::Store,
+            Some(other) => {
+                errors.push(format!("policy_source {other:?} must be file or store"));
+                PolicySourceChoice::Store
+            }
+        };
         let ca_root = match (
             path(&flags.ca_cert, "ca_cert"),
             path(&flags.ca_key, "ca_key"),
@@ -234,7 +271,8 @@ impl BrokerConfig {
             grpc_listen: grpc_listen.unwrap_or_else(|| unreachable!("checked above")),
             http_listen: http_listen.unwrap_or_else(|| unreachable!("checked above")),
             admin_listen: admin_listen.unwrap_or_else(|| unreachable!("checked above")),
-            policy: path(&flags.policy, "policy"),
+            policy,
+            policy_source,
             dns_names,
             store_key_file: path(&flags.store_key_file, "store_key_file"),
             issuer,
@@ -257,6 +295,41 @@ mod tests {
         assert_eq!(c.grpc_listen, "127.0.0.1:8443".parse().unwrap());
         assert_eq!(c.data_dir, PathBuf::from("tally-data"));
         assert_eq!(c.svid_ttl, 3600);
+        assert_eq!(c.policy_source, PolicySourceChoice::Store);
+    }
+
+    #[test]
+    fn the_policy_source_follows_the_file_unless_told() {
+        let with_file = BrokerFlags {
+            policy: Some("p.yaml".into()),
+            ..BrokerFlags::default()
+        };
+        let c = BrokerConfig::resolve(&with_file, None).unwrap();
+        assert_eq!(c.policy_source, PolicySourceChoice::FileByDefault);
+        let c =
+            BrokerConfig::resolve(&with_file, Some(("b.yaml", "policy_source: store\n"))).unwrap();
+        assert_eq!(c.policy_source, PolicySourceChoice::Store);
+        let c =
+            BrokerConfig::resolve(&with_file, Some(("b.yaml", "policy_source: file\n"))).unwrap();
+        assert_eq!(c.policy_source, PolicySourceChoice::File);
+        let errors = BrokerConfig::resolve(
+            &BrokerFlags {
+                policy_source: Some("file".into()),
+                ..BrokerFlags::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(errors[0].contains("needs a policy file"), "{errors:?}");
+        let errors = BrokerConfig::resolve(
+            &BrokerFlags {
+                policy_source: Some("both".into()),
+                ..BrokerFlags::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(errors[0].contains("must be file or store"), "{errors:?}");
     }
 
     #[test]

@@ -101,3 +101,268 @@ impl Broker {
         }))
     }
 }
+
+/// Why a policy change was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyChangeError {
+    /// This broker serves its policy file; stored versions cannot win.
+    #[error(
+        "this broker serves the policy file {0} (policy source: file): edit the file, or run the broker with --policy-source store to manage versions here"
+    )]
+    FileMode(String),
+    /// The document does not parse or is for another trust domain.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such version.
+    #[error("no policy version {0}")]
+    NoVersion(u64),
+    /// The store failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A stored policy change.
+#[derive(Debug)]
+pub struct PolicyChange {
+    /// The version now served (the existing one when nothing changed).
+    pub version: u64,
+    /// What changed from the version served before.
+    pub diff: crate::policy::diff::PolicyDiff,
+}
+
+/// Most policy versions a history lists.
+pub const MAX_HISTORY: u32 = 1_000;
+
+impl Broker {
+    /// The policy to serve at start, by [`PolicySource`]; records a new
+    /// version when it is one.
+    pub(super) async fn resolve_policy(
+        settings: &super::BrokerSettings,
+        store: &crate::store::Store,
+        now: u64,
+    ) -> Result<crate::policy::Policy, BrokerError> {
+        use super::PolicySource;
+        let latest = store.policy_version(None).await?;
+        let given = settings.policy_yaml.as_deref();
+        match (&settings.policy_source, latest) {
+            (
+                PolicySource::File {
+                    name,
+                    overrides_applied,
+                },
+                latest,
+            ) => {
+                let Some(text) = given else {
+                    return Ok(settings.policy.clone());
+                };
+                if let Some(v) = &latest
+                    && v.yaml != text
+                    && matches!(v.source.as_str(), "apply" | "rollback")
+                    && !overrides_applied
+                {
+                    return Err(BrokerError::Config(format!(
+                        "the store's policy version {} was set by {} with `tally ctl policy {}` and differs from {name}: \
+                         run with --policy-source store to keep serving it (and drop --policy), \
+                         or --policy-source file to make {name} win",
+                        v.version, v.author, v.source
+                    )));
+                }
+                if latest.as_ref().is_none_or(|v| v.yaml != text) {
+                    store
+                        .insert_policy_version(&format!("file:{name}"), "file", "", text, now)
+                        .await?;
+                }
+                Ok(settings.policy.clone())
+            }
+            (PolicySource::Store, Some(v)) => {
+                if let Some(text) = given
+                    && text != v.yaml
+                {
+                    return Err(BrokerError::Config(format!(
+                        "--policy differs from the stored policy version {} (policy source: store): \
+                         drop --policy to serve the stored version, or apply the file with `tally ctl policy apply`",
+                        v.version
+                    )));
+                }
+                crate::policy::Policy::parse(&v.yaml).map_err(|e| {
+                    BrokerError::Config(format!("stored policy version {}: {e}", v.version))
+                })
+            }
+            (PolicySource::Store, None) => {
+                if let Some(text) = given {
+                    store
+                        .insert_policy_version("seed", "seed", "given at start", text, now)
+                        .await?;
+                }
+                Ok(settings.policy.clone())
+            }
+        }
+    }
+
+    /// Serves the policy file's new text (`read`, or why it could not be
+    /// read): parsed, stored as a version when it differs from the newest,
+    /// pushed to sidecars; counted and audited (`policy.reload`, with the
+    /// diff) either way. A text that does not parse leaves the running
+    /// policy in place.
+    ///
+    /// # Errors
+    /// Every problem, as text for the log.
+    pub async fn reload_policy_file(
+        &self,
+        name: &str,
+        read: Result<String, String>,
+    ) -> Result<(), String> {
+        use crate::audit::{AuditEvent, AuditKind, Outcome};
+        use crate::policy::diff::{MAX_AUDIT_DIFF, diff};
+        let now = self.clock.now();
+        let result = async {
+            let text = read?;
+            let policy = crate::policy::Policy::parse(&text)
+                .map_err(|e| e.with_file(name.to_owned()).to_string())?;
+            let latest = self
+                .store
+                .policy_version(None)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.set_policy(policy).await.map_err(|e| e.to_string())?;
+            let old = latest.as_ref().map_or("", |v| v.yaml.as_str());
+            let change = diff(old, &text, "previous", name);
+            if change.is_empty() {
+                return Ok((latest.map_or(0, |v| v.version), change));
+            }
+            let version = self
+                .store
+                .insert_policy_version(&format!("file:{name}"), "file", "", &text, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((version, change))
+        }
+        .await;
+        let event = match &result {
+            Ok((version, change)) => {
+                self.metrics.policy_reloads.inc(&["ok"]);
+                AuditEvent::new(AuditKind::PolicyReload, Outcome::Ok, now)
+                    .field("version", *version)
+                    .field("added", change.added)
+                    .field("removed", change.removed)
+                    .field("diff", change.text_within(MAX_AUDIT_DIFF))
+            }
+            Err(errors) => {
+                self.metrics.policy_reloads.inc(&["error"]);
+                AuditEvent::new(AuditKind::PolicyReload, Outcome::Error, now)
+                    .field("detail", errors.as_str())
+            }
+        };
+        self.audit(event.field("source", name)).await;
+        result.map(|_| ())
+    }
+
+    /// Stores `yaml` as the new policy (after checking it), audits the
+    /// change with its diff, and pushes the access rules to every sidecar.
+    /// An identical document changes nothing.
+    ///
+    /// # Errors
+    /// [`PolicyChangeError`].
+    pub async fn apply_policy(
+        &self,
+        yaml: &str,
+        actor: &crate::identity::SpiffeId,
+        comment: &str,
+    ) -> Result<PolicyChange, PolicyChangeError> {
+        self.change_policy(yaml, actor, "apply", comment, None)
+            .await
+    }
+
+    /// Serves an earlier version again, stored as a new version.
+    ///
+    /// # Errors
+    /// [`PolicyChangeError`].
+    pub async fn rollback_policy(
+        &self,
+        version: u64,
+        actor: &crate::identity::SpiffeId,
+        comment: &str,
+    ) -> Result<PolicyChange, PolicyChangeError> {
+        let old = self
+            .store
+            .policy_version(Some(version))
+            .await
+            .map_err(BrokerError::from)?
+            .ok_or(PolicyChangeError::NoVersion(version))?;
+        self.change_policy(&old.yaml, actor, "rollback", comment, Some(version))
+            .await
+    }
+
+    async fn change_policy(
+        &self,
+        yaml: &str,
+        actor: &crate::identity::SpiffeId,
+        source: &str,
+        comment: &str,
+        to_version: Option<u64>,
+    ) -> Result<PolicyChange, PolicyChangeError> {
+        use crate::audit::{AuditEvent, AuditKind, Outcome};
+        use crate::policy::diff::{MAX_AUDIT_DIFF, diff};
+        if let super::PolicySource::File { name, .. } = &self.settings.policy_source {
+            return Err(PolicyChangeError::FileMode(name.clone()));
+        }
+        let now = self.clock.now();
+        let comment: String = crate::auth::answer::safe_description(comment)
+            .chars()
+            .take(200)
+            .collect();
+        let policy = crate::policy::Policy::parse(yaml)
+            .map_err(|e| PolicyChangeError::Invalid(e.with_file("policy").to_string()))?;
+        if policy.trust_domain != self.settings.trust_domain.trust_domain() {
+            return Err(PolicyChangeError::Invalid(format!(
+                "the policy is for trust domain {}, this broker for {}",
+                policy.trust_domain,
+                self.settings.trust_domain.trust_domain()
+            )));
+        }
+        let current = self
+            .store
+            .policy_version(None)
+            .await
+            .map_err(BrokerError::from)?;
+        let (old_text, old_name) = current
+            .as_ref()
+            .map_or((String::new(), "none".into()), |v| {
+                (v.yaml.clone(), format!("v{}", v.version))
+            });
+        let change = diff(&old_text, yaml, &old_name, "new");
+        if let Some(v) = &current
+            && change.is_empty()
+        {
+            return Ok(PolicyChange {
+                version: v.version,
+                diff: change,
+            });
+        }
+        let version = self
+            .store
+            .insert_policy_version(actor.as_str(), source, &comment, yaml, now)
+            .await
+            .map_err(BrokerError::from)?;
+        let mut event = AuditEvent::new(AuditKind::PolicyChange, Outcome::Ok, now)
+            .actor(actor)
+            .field("how", source)
+            .field("version", version)
+            .field("previous", current.as_ref().map_or(0, |v| v.version))
+            .field("added", change.added)
+            .field("removed", change.removed)
+            .field("diff", change.text_within(MAX_AUDIT_DIFF))
+            .field("comment", comment.as_str());
+        if let Some(to) = to_version {
+            event = event.field("rolled_back_to", to);
+        }
+        self.audit(event).await;
+        self.set_policy(policy).await?;
+        tracing::info!(version, how = source, actor = %actor, "trust policy changed");
+        Ok(PolicyChange {
+            version,
+            diff: change,
+        })
+    }
+}

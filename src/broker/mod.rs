@@ -138,8 +138,12 @@ pub struct BrokerSettings {
     pub ca_lifetimes: Lifetimes,
     /// SPIFFE IDs allowed to call admin RPCs.
     pub admins: Vec<SpiffeId>,
-    /// The trust policy.
+    /// The trust policy given at start (from a file, or a deny-all one).
     pub policy: Policy,
+    /// Its text, when it came from a file (stored as a version).
+    pub policy_yaml: Option<String>,
+    /// Which policy wins: the file's or the store's.
+    pub policy_source: PolicySource,
     /// JSON-lines file that receives a copy of every audit record.
     pub audit_file: Option<std::path::PathBuf>,
     /// A root CA to use instead of generating one on first start.
@@ -181,6 +185,8 @@ impl BrokerSettings {
             ca_lifetimes: Lifetimes::default(),
             admins: vec![admin],
             policy,
+            policy_yaml: None,
+            policy_source: PolicySource::Store,
             audit_file: None,
             service_accounts: None,
             ca_root: None,
@@ -189,6 +195,27 @@ impl BrokerSettings {
             token_endpoint_nonce: true,
         })
     }
+}
+
+/// Where the trust policy comes from. Exactly one source is
+/// authoritative, so a file and stored versions never silently fight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The policy file (named here), reloaded when it changes; each new
+    /// text is stored as a version. `policy apply` and `rollback` are
+    /// refused. With `overrides_applied` unset, a broker whose store holds
+    /// a newer version applied with `tally ctl policy apply` that differs
+    /// from the file refuses to start rather than discard it.
+    File {
+        /// The file, for messages and as the version's author.
+        name: String,
+        /// The operator said the file wins over applied versions.
+        overrides_applied: bool,
+    },
+    /// The newest stored version, changed only by `tally ctl policy
+    /// apply` and `rollback`. A policy given at start seeds an empty store
+    /// and must match the stored one otherwise.
+    Store,
 }
 
 /// The broker's shared state.
@@ -294,6 +321,7 @@ impl Broker {
             // The store hands over each line as it commits, in chain order.
             store.tap_audit(tx);
         }
+        let policy = Self::resolve_policy(&settings, &store, now).await?;
         let ca = Self::open_ca(&settings, &store, now).await?;
         let keys = SigningKeys::load_or_create(&store, &settings.issuer, now).await?;
         let hmac_key = store
@@ -334,7 +362,7 @@ impl Broker {
             })
             .collect();
         let broker = Self {
-            policy: RwLock::new(Arc::new(settings.policy.clone())),
+            policy: RwLock::new(Arc::new(policy)),
             settings,
             clock,
             store,
@@ -801,23 +829,6 @@ impl Broker {
             _ => true,
         };
         Ok(Some((found, revoked)))
-    }
-
-    /// Counts and audits a policy reload from `source` (a file name).
-    pub async fn note_policy_reload(&self, source: &str, result: Result<(), String>) {
-        let now = self.clock.now();
-        let event = match &result {
-            Ok(()) => {
-                self.metrics.policy_reloads.inc(&["ok"]);
-                AuditEvent::new(AuditKind::PolicyReload, Outcome::Ok, now)
-            }
-            Err(errors) => {
-                self.metrics.policy_reloads.inc(&["error"]);
-                AuditEvent::new(AuditKind::PolicyReload, Outcome::Error, now)
-                    .field("detail", errors.as_str())
-            }
-        };
-        self.audit(event.field("source", source)).await;
     }
 
     /// A certificate and key for the broker's own TLS servers, naming

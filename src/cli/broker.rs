@@ -2,8 +2,8 @@
 //! until SIGTERM or SIGINT.
 
 use super::CliError;
-use crate::broker::config::{BrokerConfig, BrokerFlags};
-use crate::broker::{Broker, BrokerSettings};
+use crate::broker::config::{BrokerConfig, BrokerFlags, PolicySourceChoice};
+use crate::broker::{Broker, BrokerSettings, PolicySource};
 use crate::clock::{Clock, SystemClock};
 use crate::policy::Policy;
 use crate::store::{Sealer, Store};
@@ -136,9 +136,7 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| failed("securing the data dir", &e))?;
     let policy = load_policy(config.policy.as_ref(), &config.trust_domain)?;
-    if config.policy.is_none() {
-        tracing::warn!("no --policy given: every token request will be denied");
-    }
+    let policy_yaml = config.policy.as_ref().map(|p| read_text(p)).transpose()?;
     // Bind first: a port in use fails fast, and port 0 gets its real
     // number before the issuer URL and certificates are made.
     let grpc = bind(config.grpc_listen, "gRPC").await?;
@@ -155,6 +153,14 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
         .map_err(|e| failed("opening the store", &e))?;
     let mut settings = BrokerSettings::new(&config.trust_domain, policy)
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    settings.policy_yaml = policy_yaml;
+    settings.policy_source = match (config.policy_source, &config.policy) {
+        (PolicySourceChoice::Store, _) | (_, None) => PolicySource::Store,
+        (choice, Some(path)) => PolicySource::File {
+            name: path.display().to_string(),
+            overrides_applied: choice == PolicySourceChoice::File,
+        },
+    };
     settings.issuer = config
         .issuer
         .clone()
@@ -187,7 +193,14 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     let broker = Arc::new(
         Broker::open(settings, store, Arc::new(SystemClock))
             .await
-            .map_err(|e| failed("starting the broker", &e))?,
+            .map_err(|e| match e {
+                // Settings that contradict what the store holds: the
+                // operator must choose (exit 64, like any bad setting).
+                crate::broker::BrokerError::Config(why) => {
+                    CliError::Usage(format!("starting the broker: {why}"))
+                }
+                other => failed("starting the broker", &other),
+            })?,
     );
 
     write_file(
@@ -224,8 +237,26 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
         .server_certs(&dns, &ips)
         .map_err(|e| failed("issuing the server certificate", &e))?;
 
-    if let Some(path) = config.policy.clone() {
-        tokio::spawn(reload_policy(Arc::clone(&broker), path));
+    match (config.policy_source, config.policy.clone()) {
+        (PolicySourceChoice::Store, _) | (_, None) => {
+            let stored = broker
+                .store()
+                .policy_version(None)
+                .await
+                .map_err(|e| failed("reading the stored policy", &e))?;
+            match stored {
+                Some(v) => tracing::info!(
+                    version = v.version,
+                    "serving the stored trust policy (policy source: store)"
+                ),
+                None => tracing::warn!(
+                    "no trust policy yet: every token request is denied until `tally ctl policy apply`"
+                ),
+            }
+        }
+        (_, Some(path)) => {
+            tokio::spawn(reload_policy(Arc::clone(&broker), path));
+        }
     }
     // Scheduled key rotation and the Watch change feed.
     tokio::spawn(crate::broker::run_maintenance(
@@ -324,16 +355,9 @@ async fn reload_policy(broker: Arc<Broker>, path: PathBuf) {
             continue;
         }
         seen = now;
-        let parsed = std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                Policy::parse(&text)
-                    .map_err(|e| e.with_file(path.display().to_string()).to_string())
-            });
-        let result = match parsed {
-            Ok(policy) => broker.set_policy(policy).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
+        let read = read_text(&path).map_err(|e| e.to_string());
+        let name = path.display().to_string();
+        let result = broker.reload_policy_file(&name, read).await;
         match &result {
             Ok(()) => {
                 tracing::info!(path = %path.display(), at = SystemClock.now(), "policy reloaded");
@@ -342,8 +366,5 @@ async fn reload_policy(broker: Arc<Broker>, path: PathBuf) {
                 tracing::error!(path = %path.display(), %errors, "policy NOT reloaded; keeping the previous one");
             }
         }
-        broker
-            .note_policy_reload(&path.display().to_string(), result)
-            .await;
     }
 }

@@ -58,7 +58,8 @@ pub struct BrokerConnection {
 /// Administration commands.
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// Trust policy: check a file, explain a decision (offline).
+    /// Trust policy: check a file, explain a decision (offline); apply,
+    /// history, diff, show, rollback (on the broker).
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// One-time join tokens for workloads without Kubernetes.
@@ -183,6 +184,47 @@ pub enum PolicyCommand {
     },
     /// Say which rule allows or denies a request, and why.
     Explain(ExplainArgs),
+    /// Store a policy file as the broker's new version and push it to every
+    /// sidecar; prints the diff. Needs a broker whose policy source is the
+    /// store.
+    Apply {
+        /// The policy YAML.
+        file: PathBuf,
+        /// Why, for the history and the audit log.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// The stored versions, newest first: when, who, how, why.
+    History {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// `table` (default) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
+    },
+    /// What changed from version V1 to V2 (a unified diff); exit 1 if
+    /// anything did.
+    Diff {
+        /// The older version.
+        from: u64,
+        /// The newer version [default: the newest].
+        to: Option<u64>,
+    },
+    /// Print a stored version's document [default: the newest].
+    Show {
+        /// The version.
+        version: Option<u64>,
+    },
+    /// Serve an earlier version again (stored as a new version, pushed to
+    /// every sidecar).
+    Rollback {
+        /// The version to go back to.
+        version: u64,
+        /// Why, for the history and the audit log.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
 }
 
 /// Arguments of `tally ctl policy explain`.
@@ -213,6 +255,7 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
     match args.command {
         CtlCommand::Policy(PolicyCommand::Check { file }) => check(&file),
         CtlCommand::Policy(PolicyCommand::Explain(args)) => explain(&args),
+        CtlCommand::Policy(command) => super::ctl_policy::run(&conn, command),
         CtlCommand::JoinToken(JoinTokenCommand::Create { spiffe_id, ttl }) => {
             let ttl = duration("--ttl", &ttl)?;
             block_on(async {
@@ -422,7 +465,7 @@ fn load(path: &Path) -> Result<Policy, CliError> {
         .map_err(|e| CliError::Usage(e.with_file(path.display().to_string()).to_string()))
 }
 
-fn read_text(path: &Path) -> Result<String, CliError> {
+pub(super) fn read_text(path: &Path) -> Result<String, CliError> {
     let meta =
         std::fs::metadata(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
     if meta.len() > crate::policy::yaml::MAX_LEN as u64 {

@@ -28,6 +28,7 @@
 //! ```
 
 mod decide;
+pub mod diff;
 mod parse;
 mod pattern;
 pub mod yaml;

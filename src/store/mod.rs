@@ -175,6 +175,23 @@ pub struct AuditFilter {
     pub sub: Option<String>,
 }
 
+/// One stored version of the trust policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyVersion {
+    /// From 1, in the order they were stored.
+    pub version: u64,
+    /// When (Unix seconds).
+    pub created_at: u64,
+    /// Who: an admin's SPIFFE ID, or `file:<path>`.
+    pub author: String,
+    /// How: `apply`, `rollback`, `file` or `seed`.
+    pub source: String,
+    /// Why, as the author said.
+    pub comment: String,
+    /// The document.
+    pub yaml: String,
+}
+
 /// An inventory record written in the same transaction as its audit event.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -357,6 +374,49 @@ impl Store {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         match self {
             Self::Sqlite(s) => s.audit_after(after, limit).await,
+        }
+    }
+
+    /// Stores a new policy version, durably; returns its number.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn insert_policy_version(
+        &self,
+        author: &str,
+        source: &str,
+        comment: &str,
+        yaml: &str,
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Self::Sqlite(s) => {
+                s.insert_policy_version(author, source, comment, yaml, now)
+                    .await
+            }
+        }
+    }
+
+    /// One policy version, or the newest with `None`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn policy_version(
+        &self,
+        version: Option<u64>,
+    ) -> Result<Option<PolicyVersion>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.policy_version(version).await,
+        }
+    }
+
+    /// The newest `limit` policy versions, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn policy_versions(&self, limit: u32) -> Result<Vec<PolicyVersion>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.policy_versions(limit).await,
         }
     }
 

@@ -136,6 +136,21 @@ CREATE INDEX audit_jti ON audit (line->>'jti') WHERE line->>'jti' IS NOT NULL;
 ALTER TABLE signing_keys ADD COLUMN withdrawn_at BIGINT;
 ",
     ),
+    (
+        6,
+        "
+-- Every trust policy the broker has served, newest last: applied with
+-- `tally ctl policy apply`, rolled back to, or loaded from the policy file.
+CREATE TABLE policy_versions (
+    version     INTEGER PRIMARY KEY,
+    created_at  BIGINT NOT NULL,
+    author      TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    comment     TEXT NOT NULL,
+    yaml        TEXT NOT NULL
+);
+",
+    ),
 ];
 
 /// The newest schema this build knows.

@@ -6,8 +6,8 @@
 
 use super::schema::{MIGRATIONS, latest};
 use super::{
-    AuditFilter, AuditHead, Change, IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord,
-    StoreError, Write,
+    AuditFilter, AuditHead, Change, IssuedToken, JoinTokenRefusal, PolicyVersion, Sealer,
+    SigningKeyRecord, StoreError, Write,
 };
 use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
@@ -119,6 +119,59 @@ impl SqliteStore {
             writer,
             tap,
         })
+    }
+
+    pub(super) async fn insert_policy_version(
+        &self,
+        author: &str,
+        source: &str,
+        comment: &str,
+        yaml: &str,
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO policy_versions (created_at, author, source, comment, yaml) \
+             VALUES (?, ?, ?, ?, ?) RETURNING version",
+        )
+        .bind(db_time(now))
+        .bind(author)
+        .bind(source)
+        .bind(comment)
+        .bind(yaml)
+        .fetch_one(&self.pool)
+        .await?;
+        u64::try_from(version).map_err(|_| StoreError::Corrupt("negative policy version".into()))
+    }
+
+    pub(super) async fn policy_version(
+        &self,
+        version: Option<u64>,
+    ) -> Result<Option<PolicyVersion>, StoreError> {
+        let row = match version {
+            Some(v) => {
+                sqlx::query("SELECT * FROM policy_versions WHERE version = ?")
+                    .bind(db_time(v))
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM policy_versions ORDER BY version DESC LIMIT 1")
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
+        row.as_ref().map(policy_from_row).transpose()
+    }
+
+    pub(super) async fn policy_versions(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<PolicyVersion>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM policy_versions ORDER BY version DESC LIMIT ?")
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(policy_from_row).collect()
     }
 
     pub(super) fn tap_audit(&self, lines: mpsc::UnboundedSender<String>) {
@@ -564,6 +617,17 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
         tracing::info!(version, "applied store migration");
     }
     Ok(())
+}
+
+fn policy_from_row(row: &SqliteRow) -> Result<PolicyVersion, StoreError> {
+    Ok(PolicyVersion {
+        version: time_of(row, "version")?,
+        created_at: time_of(row, "created_at")?,
+        author: row.try_get("author")?,
+        source: row.try_get("source")?,
+        comment: row.try_get("comment")?,
+        yaml: row.try_get("yaml")?,
+    })
 }
 
 fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {

@@ -133,14 +133,14 @@ pub struct Spawned {
 impl Spawned {
     /// Starts `tally broker` for example.org with the test policy on `data`.
     pub fn start(data: &std::path::Path) -> Self {
+        Self::start_with(data, &["--policy", POLICY_FILE])
+    }
+
+    /// `tally broker` with these policy arguments (and the usual others).
+    pub fn start_with(data: &std::path::Path, policy_args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args([
-                "broker",
-                "--trust-domain",
-                "example.org",
-                "--policy",
-                POLICY_FILE,
-            ])
+            .args(["broker", "--trust-domain", "example.org"])
+            .args(policy_args)
             .args(EPHEMERAL_PORTS)
             .arg("--data-dir")
             .arg(data)
