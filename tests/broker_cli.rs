@@ -395,6 +395,79 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
     let o = ctl(&broker, &data, &["audit", "query", "--since", "soon"]);
     assert_eq!(o.status.code(), Some(64), "{}", text(&o));
 
+    // Inventory: the live token, the workloads, and the access review.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "tokens",
+            "list",
+            "--sub",
+            "spiffe://example.org/ns/shop/sa/checkout",
+            "--expiring-within",
+            "1h",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let live: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(live.as_array().unwrap().len(), 1, "{live}");
+    assert_eq!(live[0]["jti"], issued.jti.as_str());
+    assert_eq!(live[0]["class"], "service");
+    assert_eq!(live[0]["revoked"], false);
+    let o = ctl(
+        &broker,
+        &data,
+        &["tokens", "list", "--sub", "spiffe://example.org/nobody"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        1,
+        "header only"
+    );
+    let o = ctl(
+        &broker,
+        &data,
+        &["tokens", "list", "--expiring-within", "soon"],
+    );
+    assert_eq!(o.status.code(), Some(64));
+    let o = ctl(&broker, &data, &["identities", "list", "--output", "json"]);
+    let ids: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let checkout_row = ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["spiffe_id"] == "spiffe://example.org/ns/shop/sa/checkout")
+        .unwrap();
+    assert_eq!(checkout_row["method"], "admin_mint");
+    assert_eq!(checkout_row["tokens"], 1);
+    assert_eq!(checkout_row["live_tokens"], 1);
+    assert!(
+        checkout_row["svid_expires_at"].as_i64().unwrap()
+            > checkout_row["last_seen"].as_i64().unwrap()
+    );
+    let o = ctl(
+        &broker,
+        &data,
+        &["review", "--unused-for", "30d", "--output", "json"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let review: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(review["tokens_considered"], 1);
+    // The reporting rule issued nothing; checkout's rule never needed
+    // payments:charge.
+    assert_eq!(review["unused_rules"][0]["line"], 12, "{review}");
+    assert_eq!(review["unused_scopes"][0]["line"], 7, "{review}");
+    assert_eq!(review["unused_scopes"][0]["scopes"][0], "payments:charge");
+    let o = ctl(&broker, &data, &["review"]);
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(report.starts_with("Access review, "), "{report}");
+    assert!(
+        report.contains("Scopes granted but never carried: \n  - line 7: spiffe://example.org/ns/shop/sa/checkout -> spiffe://example.org/ns/pay/sa/payments: payments:charge"),
+        "{report}"
+    );
+
     // The admin rotates the signing key.
     let o = ctl(&broker, &data, &["keys", "rotate"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

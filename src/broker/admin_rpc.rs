@@ -392,6 +392,153 @@ impl pb::admin_server::Admin for AdminService {
             })
     }
 
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "ListTokens").await?;
+        let q = request.into_inner();
+        let limit = match q.limit {
+            0 => 100,
+            l => l.min(1000),
+        };
+        let now = broker.clock.now();
+        let given = |s: String| Some(s).filter(|s| !s.is_empty() && s.len() <= 512);
+        let filter = crate::store::TokenFilter {
+            now,
+            sub: given(q.sub),
+            aud: given(q.aud),
+            class: given(q.class),
+            expires_by: (q.expiring_within_seconds > 0)
+                .then(|| now.saturating_add(q.expiring_within_seconds)),
+            after: given(q.after_jti).map(|j| (u64::try_from(q.after_exp).unwrap_or(0), j)),
+        };
+        let found = broker
+            .store
+            .find_live_tokens(&filter, limit)
+            .await
+            .map_err(|e| internal("listing tokens", e))?;
+        let set = broker
+            .revocations_in_force()
+            .await
+            .map_err(|e| internal("reading revocations", e))?;
+        audit_query(broker, &caller, "tokens").await;
+        let (next_after_exp, next_after_jti) = match found.last() {
+            Some(t) if found.len() == limit as usize => (unix(t.exp), t.jti.clone()),
+            _ => (0, String::new()),
+        };
+        let tokens = found
+            .iter()
+            .map(|t| pb::TokenInfo {
+                revoked: super::is_revoked(&set, t),
+                jti: t.jti.clone(),
+                sub: t.sub.clone(),
+                aud: t.aud.clone(),
+                scope: t.scope.clone(),
+                class: t.class.clone(),
+                jkt: t.jkt.clone(),
+                kid: t.kid.clone(),
+                iat: unix(t.iat),
+                exp: unix(t.exp),
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens,
+            next_after_exp,
+            next_after_jti,
+        }))
+    }
+
+    async fn list_identities(
+        &self,
+        request: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "ListIdentities").await?;
+        let found = broker
+            .store
+            .identities(broker.clock.now())
+            .await
+            .map_err(|e| internal("listing identities", e))?;
+        audit_query(broker, &caller, "identities").await;
+        let identities = found
+            .into_iter()
+            .map(|i| pb::IdentityInfo {
+                first_seen: unix(i.first_seen),
+                last_seen: unix(i.last_seen()),
+                svid_expires_at: i.svid_expires_at.map_or(0, unix),
+                spiffe_id: i.spiffe_id,
+                method: i.method,
+                svids: i.svids,
+                tokens: i.tokens,
+                live_tokens: i.live_tokens,
+            })
+            .collect();
+        Ok(Response::new(pb::ListIdentitiesResponse { identities }))
+    }
+
+    async fn review(
+        &self,
+        request: Request<pb::ReviewRequest>,
+    ) -> Result<Response<pb::ReviewResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "Review").await?;
+        let q = request.into_inner();
+        let unused_for = match q.unused_for_seconds {
+            0 => 30 * 86_400,
+            s => s.min(10 * 365 * 86_400),
+        };
+        let ceiling = match q.ttl_ceiling_seconds {
+            0 => 3_600,
+            s => s,
+        };
+        let report = broker
+            .review(unused_for, ceiling)
+            .await
+            .map_err(|e| internal("reviewing access", e))?;
+        audit_query(broker, &caller, "review").await;
+        let line = |p: crate::policy::Pos| {
+            (
+                u32::try_from(p.line).unwrap_or(u32::MAX),
+                u32::try_from(p.col).unwrap_or(u32::MAX),
+            )
+        };
+        let rule = |r: &crate::policy::review::RuleRef, scopes: Vec<String>| {
+            let (line, col) = line(r.pos);
+            pb::ReviewRule {
+                line,
+                col,
+                from: r.from.clone(),
+                to: r.to.clone(),
+                scopes,
+            }
+        };
+        let r = &report.review;
+        Ok(Response::new(pb::ReviewResponse {
+            window_start: unix(report.window.0),
+            window_end: unix(report.window.1),
+            policy_version: report.policy_version,
+            unused_rules: r.unused_rules.iter().map(|u| rule(u, Vec::new())).collect(),
+            unused_scopes: r
+                .unused_scopes
+                .iter()
+                .map(|u| rule(&u.rule, u.scopes.iter().map(ToString::to_string).collect()))
+                .collect(),
+            dormant_identities: r
+                .dormant
+                .iter()
+                .map(|s| pb::ReviewIdentity {
+                    spiffe_id: s.id.to_string(),
+                    last_seen: unix(s.last_seen),
+                })
+                .collect(),
+            ttl_findings: r.ttl_findings.iter().map(|f| f.what.clone()).collect(),
+            tokens_outside_policy: r.ungranted,
+            tokens_considered: report.tokens,
+        }))
+    }
+
     async fn lookup_token(
         &self,
         request: Request<pb::LookupTokenRequest>,

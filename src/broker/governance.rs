@@ -366,3 +366,74 @@ impl Broker {
         })
     }
 }
+
+/// What [`Broker::review`] found, and over what.
+#[derive(Debug)]
+pub struct ReviewReport {
+    /// The findings.
+    pub review: crate::policy::review::Review,
+    /// The window (Unix seconds).
+    pub window: (u64, u64),
+    /// The stored policy version reviewed (0: none stored).
+    pub policy_version: u64,
+    /// Tokens issued in the window.
+    pub tokens: u64,
+}
+
+impl Broker {
+    /// Access review over the last `unused_for` seconds against the policy
+    /// served now.
+    ///
+    /// # Errors
+    /// [`BrokerError::Store`].
+    pub async fn review(
+        &self,
+        unused_for: u64,
+        ttl_ceiling: u64,
+    ) -> Result<ReviewReport, BrokerError> {
+        use crate::policy::review::{Seen, Usage, review};
+        let now = self.clock.now();
+        let start = now.saturating_sub(unused_for);
+        let rows = self.store.token_usage(start).await?;
+        let tokens = rows.iter().map(|r| r.count).sum();
+        // Rows that do not parse (never written by this broker) are left
+        // out of the attribution rather than failing the report.
+        let usage: Vec<Usage> = rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(Usage {
+                    sub: r.sub.parse().ok()?,
+                    aud: r.aud.parse().ok()?,
+                    scopes: r.scope.parse().ok()?,
+                    class: r.class.parse().ok()?,
+                    count: r.count,
+                    longest_life: r.longest_life,
+                })
+            })
+            .collect();
+        let seen: Vec<Seen> = self
+            .store
+            .identities(now)
+            .await?
+            .into_iter()
+            .filter_map(|i| {
+                Some(Seen {
+                    last_seen: i.last_seen(),
+                    id: i.spiffe_id.parse().ok()?,
+                })
+            })
+            .collect();
+        let policy = self.policy();
+        let policy_version = self
+            .store
+            .policy_version(None)
+            .await?
+            .map_or(0, |v| v.version);
+        Ok(ReviewReport {
+            review: review(&policy, &usage, &seen, start, ttl_ceiling),
+            window: (start, now),
+            policy_version,
+            tokens,
+        })
+    }
+}

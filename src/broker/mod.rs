@@ -74,6 +74,21 @@ fn unverified_jti(token: &str) -> Option<String> {
     (!jti.is_empty() && jti.len() <= 256).then(|| jti.to_owned())
 }
 
+/// Whether `set` covers an inventory record; a record that does not parse
+/// counts as revoked.
+pub(crate) fn is_revoked(set: &crate::token::RevocationSet, t: &crate::store::IssuedToken) -> bool {
+    match (t.sub.parse(), t.jkt.parse()) {
+        (Ok(sub), Ok(jkt)) => set.covers(&crate::token::TokenRef {
+            jti: &t.jti,
+            sub: &sub,
+            jkt: &jkt,
+            kid: &t.kid,
+            iat: t.iat,
+        }),
+        _ => true,
+    }
+}
+
 /// The clock leeway verifiers allow on `exp` (seconds), added to a
 /// revocation's expiry so it outlives every token it covers.
 const TOKEN_LEEWAY: u64 = 30;
@@ -808,6 +823,16 @@ impl Broker {
         else {
             return Ok(None);
         };
+        let set = self.revocations_in_force().await?;
+        let revoked = is_revoked(&set, &found);
+        Ok(Some((found, revoked)))
+    }
+
+    /// Every revocation that can still match a live token.
+    ///
+    /// # Errors
+    /// [`BrokerError::Store`].
+    pub async fn revocations_in_force(&self) -> Result<crate::token::RevocationSet, BrokerError> {
         let now = self.clock.now();
         let mut set = crate::token::RevocationSet::default();
         for change in self.store.current_state(now).await? {
@@ -817,18 +842,7 @@ impl Broker {
                 set.insert(r, now);
             }
         }
-        let revoked = match (found.sub.parse(), found.jkt.parse()) {
-            (Ok(sub), Ok(jkt)) => set.covers(&crate::token::TokenRef {
-                jti: &found.jti,
-                sub: &sub,
-                jkt: &jkt,
-                kid: &found.kid,
-                iat: found.iat,
-            }),
-            // An inventory row that does not parse: treat as revoked.
-            _ => true,
-        };
-        Ok(Some((found, revoked)))
+        Ok(set)
     }
 
     /// A certificate and key for the broker's own TLS servers, naming

@@ -1,9 +1,9 @@
-//! `tally ctl`: administration. The policy tools work offline on a file;
-//! `join-token`, `svid` and `keys` talk to a broker over mTLS gRPC as an
-//! admin identity (by default the credential the broker wrote into its
-//! data directory). Commands of the design not built yet say so.
+//! `tally ctl`: administration. `policy check|explain` work offline on a
+//! file; everything else talks to a broker over mTLS gRPC as an admin
+//! identity (by default the credential the broker wrote into its data
+//! directory).
 
-use super::{CliError, EXIT_UNAVAILABLE};
+use super::CliError;
 use crate::identity::SpiffeId;
 use crate::policy::{AccessRequest, IssueRequest, Policy};
 use crate::proto::v1 as pb;
@@ -79,10 +79,15 @@ pub enum CtlCommand {
     /// token.
     #[command(subcommand)]
     Audit(super::ctl_audit::AuditCommand),
-    /// Commands of the design not in this build yet (tokens, identities,
-    /// review, policy apply).
-    #[command(external_subcommand)]
-    Other(Vec<String>),
+    /// Live tokens in the inventory.
+    #[command(subcommand)]
+    Tokens(super::ctl_inventory::TokensCommand),
+    /// Workloads the broker has issued credentials to.
+    #[command(subcommand)]
+    Identities(super::ctl_inventory::IdentitiesCommand),
+    /// Access review: issue rules and scopes unused, identities dormant,
+    /// token lifetimes above policy, over a window (default 30 days).
+    Review(super::ctl_inventory::ReviewArgs),
 }
 
 /// How a listing is printed.
@@ -308,11 +313,9 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
         CtlCommand::Revoke(args) => revoke(&conn, args),
         CtlCommand::Audit(command) => super::ctl_audit::run(&conn, command),
         CtlCommand::Keys(KeysCommand::List { output }) => list_keys(&conn, output),
-        CtlCommand::Other(args) => {
-            let name = args.first().map_or("", String::as_str);
-            eprintln!("tally: error: `tally ctl {name}` is not implemented in this build yet");
-            Ok(ExitCode::from(EXIT_UNAVAILABLE))
-        }
+        CtlCommand::Tokens(command) => super::ctl_inventory::tokens(&conn, command),
+        CtlCommand::Identities(command) => super::ctl_inventory::identities(&conn, command),
+        CtlCommand::Review(args) => super::ctl_inventory::review(&conn, args),
     }
 }
 

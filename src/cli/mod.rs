@@ -16,6 +16,7 @@ mod broker;
 mod client;
 mod ctl;
 mod ctl_audit;
+mod ctl_inventory;
 mod ctl_policy;
 mod demo;
 mod dpop;

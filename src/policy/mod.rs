@@ -31,6 +31,7 @@ mod decide;
 pub mod diff;
 mod parse;
 mod pattern;
+pub mod review;
 pub mod yaml;
 
 pub use decide::{

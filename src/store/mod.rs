@@ -175,6 +175,75 @@ pub struct AuditFilter {
     pub sub: Option<String>,
 }
 
+/// Which live tokens a listing wants; every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenFilter {
+    /// Live at this time.
+    pub now: u64,
+    /// Holder.
+    pub sub: Option<String>,
+    /// Audience.
+    pub aud: Option<String>,
+    /// Class.
+    pub class: Option<String>,
+    /// Expiring at or before this time.
+    pub expires_by: Option<u64>,
+    /// After this (exp, jti): the previous page's last row.
+    pub after: Option<(u64, String)>,
+}
+
+/// Tokens issued for one (holder, audience, scopes, class).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenUsage {
+    /// Holder.
+    pub sub: String,
+    /// Audience.
+    pub aud: String,
+    /// Space-separated scopes.
+    pub scope: String,
+    /// Class.
+    pub class: String,
+    /// How many.
+    pub count: u64,
+    /// Longest lifetime among them (seconds).
+    pub longest_life: u64,
+    /// The newest one's `iat`.
+    pub last_issued: u64,
+}
+
+/// An identity as the inventory knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRecord {
+    /// The workload.
+    pub spiffe_id: String,
+    /// First SVID (or token) issued.
+    pub first_seen: u64,
+    /// Newest SVID issued, if any.
+    pub last_svid_at: Option<u64>,
+    /// When its newest SVID expires.
+    pub svid_expires_at: Option<u64>,
+    /// SVIDs issued.
+    pub svids: u64,
+    /// How the newest SVID was obtained.
+    pub method: String,
+    /// Newest token issued, if any.
+    pub last_token_at: Option<u64>,
+    /// Tokens issued (the inventory keeps them all).
+    pub tokens: u64,
+    /// Of which live now.
+    pub live_tokens: u64,
+}
+
+impl IdentityRecord {
+    /// Last attestation, renewal or token.
+    pub fn last_seen(&self) -> u64 {
+        self.last_svid_at
+            .unwrap_or(0)
+            .max(self.last_token_at.unwrap_or(0))
+            .max(self.first_seen)
+    }
+}
+
 /// One stored version of the trust policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyVersion {
@@ -535,8 +604,45 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn live_tokens(&self, now: u64, limit: u32) -> Result<Vec<IssuedToken>, StoreError> {
+        let filter = TokenFilter {
+            now,
+            ..TokenFilter::default()
+        };
+        self.find_live_tokens(&filter, limit).await
+    }
+
+    /// Live tokens matching `filter`, soonest expiry first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn find_live_tokens(
+        &self,
+        filter: &TokenFilter,
+        limit: u32,
+    ) -> Result<Vec<IssuedToken>, StoreError> {
         match self {
-            Self::Sqlite(s) => s.live_tokens(now, limit).await,
+            Self::Sqlite(s) => s.live_tokens(filter, limit).await,
+        }
+    }
+
+    /// Tokens issued since `since`, counted per holder, audience, scopes
+    /// and class (for access review).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn token_usage(&self, since: u64) -> Result<Vec<TokenUsage>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.token_usage(since).await,
+        }
+    }
+
+    /// Every identity the broker has issued an SVID or a token to.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn identities(&self, now: u64) -> Result<Vec<IdentityRecord>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.identities(now).await,
         }
     }
 

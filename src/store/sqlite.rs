@@ -6,8 +6,8 @@
 
 use super::schema::{MIGRATIONS, latest};
 use super::{
-    AuditFilter, AuditHead, Change, IssuedToken, JoinTokenRefusal, PolicyVersion, Sealer,
-    SigningKeyRecord, StoreError, Write,
+    AuditFilter, AuditHead, Change, IdentityRecord, IssuedToken, JoinTokenRefusal, PolicyVersion,
+    Sealer, SigningKeyRecord, StoreError, TokenFilter, TokenUsage, Write,
 };
 use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
@@ -534,18 +534,117 @@ impl SqliteStore {
 
     pub(super) async fn live_tokens(
         &self,
-        now: u64,
+        filter: &TokenFilter,
         limit: u32,
     ) -> Result<Vec<IssuedToken>, StoreError> {
+        // Walks the exp index from `now` (or the page's last row); each
+        // condition is off when its parameter is NULL.
+        let (after_exp, after_jti) = filter
+            .after
+            .as_ref()
+            .map_or((None, None), |(e, j)| (Some(db_time(*e)), Some(j.as_str())));
         let rows = sqlx::query(
             "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens \
-             WHERE exp > ? ORDER BY exp, jti LIMIT ?",
+             WHERE exp > ?1 \
+             AND (?2 IS NULL OR exp > ?2 OR (exp = ?2 AND jti > ?3)) \
+             AND (?4 IS NULL OR sub = ?4) AND (?5 IS NULL OR aud = ?5) \
+             AND (?6 IS NULL OR class = ?6) AND (?7 IS NULL OR exp <= ?7) \
+             ORDER BY exp, jti LIMIT ?8",
         )
-        .bind(db_time(now))
+        .bind(db_time(filter.now))
+        .bind(after_exp)
+        .bind(after_jti)
+        .bind(filter.sub.as_deref())
+        .bind(filter.aud.as_deref())
+        .bind(filter.class.as_deref())
+        .bind(filter.expires_by.map(db_time))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(issued_from_row).collect()
+    }
+
+    pub(super) async fn token_usage(&self, since: u64) -> Result<Vec<TokenUsage>, StoreError> {
+        // Tokens issued since `since` also expire after it: the exp index
+        // narrows the scan.
+        let rows = sqlx::query(
+            "SELECT sub, aud, scope, class, COUNT(*) AS n, MAX(exp - iat) AS longest, MAX(iat) AS last \
+             FROM issued_tokens WHERE exp >= ?1 AND iat >= ?1 \
+             GROUP BY sub, aud, scope, class",
+        )
+        .bind(db_time(since))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(TokenUsage {
+                    sub: row.try_get("sub")?,
+                    aud: row.try_get("aud")?,
+                    scope: row.try_get("scope")?,
+                    class: row.try_get("class")?,
+                    count: time_of(row, "n")?,
+                    longest_life: time_of(row, "longest")?,
+                    last_issued: time_of(row, "last")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn identities(&self, now: u64) -> Result<Vec<IdentityRecord>, StoreError> {
+        let svids = sqlx::query(
+            "SELECT spiffe_id, MIN(issued_at) AS first, MAX(issued_at) AS last, \
+             MAX(expires_at) AS expires, COUNT(*) AS n, \
+             (SELECT method FROM svids s2 WHERE s2.spiffe_id = svids.spiffe_id \
+              ORDER BY issued_at DESC LIMIT 1) AS method \
+             FROM svids GROUP BY spiffe_id ORDER BY spiffe_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let tokens = sqlx::query(
+            "SELECT sub, MAX(iat) AS last, COUNT(*) AS n, SUM(exp > ?) AS live \
+             FROM issued_tokens GROUP BY sub",
+        )
+        .bind(db_time(now))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut by_id: std::collections::BTreeMap<String, IdentityRecord> =
+            std::collections::BTreeMap::new();
+        for row in &svids {
+            let id: String = row.try_get("spiffe_id")?;
+            by_id.insert(
+                id.clone(),
+                IdentityRecord {
+                    spiffe_id: id,
+                    first_seen: time_of(row, "first")?,
+                    last_svid_at: Some(time_of(row, "last")?),
+                    svid_expires_at: Some(time_of(row, "expires")?),
+                    svids: time_of(row, "n")?,
+                    method: row.try_get("method")?,
+                    last_token_at: None,
+                    tokens: 0,
+                    live_tokens: 0,
+                },
+            );
+        }
+        for row in &tokens {
+            let id: String = row.try_get("sub")?;
+            let last = time_of(row, "last")?;
+            let entry = by_id.entry(id.clone()).or_insert_with(|| IdentityRecord {
+                spiffe_id: id,
+                first_seen: last,
+                last_svid_at: None,
+                svid_expires_at: None,
+                svids: 0,
+                method: String::new(),
+                last_token_at: None,
+                tokens: 0,
+                live_tokens: 0,
+            });
+            entry.last_token_at = Some(last);
+            entry.tokens = time_of(row, "n")?;
+            entry.live_tokens = time_of(row, "live")?;
+        }
+        Ok(by_id.into_values().collect())
     }
 
     pub(super) async fn token_by_jti(
