@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/tally/v1/admin.proto",
         "proto/tally/v1/identity.proto",
+        "proto/tally/v1/reports.proto",
         "proto/tally/v1/tokens.proto",
         "proto/tally/v1/watch.proto",
     ];

@@ -35,6 +35,9 @@ pub enum AuditKind {
     Revoke,
     /// An admin read something (keys, inventory, audit).
     AdminQuery,
+    /// Requests a sidecar's inbound proxy refused (summarized per
+    /// interval, reported by that sidecar).
+    VerifyFailure,
     /// A call to the Admin service (`outcome` denied: not an admin).
     AdminCall,
 }
@@ -54,6 +57,7 @@ impl AuditKind {
             Self::CaRotate => "ca.rotate_intermediate",
             Self::Revoke => "token.revoke",
             Self::AdminQuery => "admin.query",
+            Self::VerifyFailure => "token.verify_failure",
             Self::AdminCall => "admin.call",
         }
     }

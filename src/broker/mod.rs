@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod issue;
 pub mod keys;
 pub mod oauth;
+pub mod reports;
 pub mod tls;
 
 use crate::audit::{AuditEvent, AuditKind, AuditRecord, Outcome};
@@ -1076,6 +1077,7 @@ pub async fn serve(
         .add_service(grpc::tokens_server(Arc::clone(&broker)))
         .add_service(grpc::watch_server(Arc::clone(&broker)))
         .add_service(admin_rpc::admin_server(Arc::clone(&broker)))
+        .add_service(reports::reports_server(Arc::clone(&broker)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(incoming),
             async move {

@@ -64,6 +64,8 @@ pub struct InboundConfig {
     /// Then refuse every request (503) instead of only `admin`-class
     /// tokens, which are always refused when stale.
     pub deny_when_stale: bool,
+    /// How often refusals are summarized to the broker's audit log.
+    pub report_every: Duration,
 }
 
 impl InboundConfig {
@@ -83,6 +85,7 @@ impl InboundConfig {
             clock_skew: 5,
             stale_after: 30,
             deny_when_stale: false,
+            report_every: super::failures::INTERVAL,
         }
     }
 }
@@ -144,6 +147,7 @@ pub struct Inbound {
     next_hop: NextHop,
     clock: Arc<dyn Clock>,
     metrics: InboundMetrics,
+    failures: Arc<super::failures::FailureLog>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -175,7 +179,18 @@ impl Inbound {
             next_hop,
             clock,
             metrics: InboundMetrics::new(),
+            failures: Arc::default(),
         })
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &InboundConfig {
+        &self.config
+    }
+
+    /// The refusals of the current interval, for the broker's audit log.
+    pub fn failures(&self) -> &Arc<super::failures::FailureLog> {
+        &self.failures
     }
 
     /// The proxy's metrics.
@@ -196,6 +211,25 @@ impl Inbound {
             }
             Err(refused) => {
                 self.metrics.requests.inc(&[refused.reason]);
+                // A nonce challenge is the protocol working, and not-ready
+                // is this sidecar's state, not the caller's failure.
+                if !matches!(refused.reason, "use_dpop_nonce" | "not_ready") {
+                    let token = req
+                        .headers()
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.split_once(' '))
+                        .map(|(_, t)| t.trim());
+                    self.failures.note(
+                        super::failures::Failure::new(
+                            refused.reason,
+                            req.method().as_str(),
+                            req.uri().path(),
+                            token,
+                        ),
+                        self.clock.now(),
+                    );
+                }
                 tracing::debug!(
                     reason = refused.reason,
                     status = refused.response.status().as_u16(),

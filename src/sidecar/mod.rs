@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod api;
 pub mod cache;
+pub mod failures;
 pub mod identity;
 pub mod inbound;
 pub mod issuer;

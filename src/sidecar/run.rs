@@ -166,6 +166,7 @@ impl Sidecar {
         let current = Arc::clone(&issuer);
         tokio::spawn(follow(move || current.channel(), Arc::clone(&clock), mesh));
 
+        let reporter = Arc::clone(&issuer);
         let cache = TokenCache::new(issuer, settings.cache);
         let api = LocalApi::new(
             cache,
@@ -194,6 +195,13 @@ impl Sidecar {
             }
             _ => None,
         };
+        if let Some(inbound) = &inbound {
+            tokio::spawn(super::failures::report(
+                Arc::downgrade(inbound.failures()),
+                inbound.config().report_every,
+                move || reporter.channel(),
+            ));
+        }
         let outbound = Outbound::new(Arc::clone(&api), settings.outbound);
         let revocation_lag = Arc::new(crate::metrics::Histogram::new(
             "tally_sidecar_revocation_lag_seconds",

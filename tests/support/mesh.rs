@@ -177,6 +177,8 @@ impl Mesh {
             inbound: parts.inbound_to.map(|up| {
                 let mut c = InboundConfig::new(up.to_string());
                 c.deny_when_stale = parts.deny_when_stale;
+                // Refusals reach the broker's audit log quickly.
+                c.report_every = std::time::Duration::from_millis(100);
                 c
             }),
             inbound_nonces: parts.nonces,
