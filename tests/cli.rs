@@ -150,10 +150,10 @@ fn the_demo_runs_every_step_and_exits_0() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
-        out.contains("Summary: all 8 steps went as described"),
+        out.contains("Summary: all 9 steps went as described"),
         "{out}"
     );
-    assert_eq!(out.matches("✓").count(), 8, "{out}");
+    assert_eq!(out.matches("✓").count(), 9, "{out}");
     // Tokens and proofs are only ever shown shortened.
     for line in out.lines() {
         for word in line.split_whitespace() {
@@ -317,4 +317,100 @@ fn policy_explain_names_the_rule_and_exits_by_verdict() {
     ]);
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("ALLOW: the allow entry at line"));
+}
+
+/// Every compact JWS (a token or a DPoP proof) in `bytes`: `eyJ` (the
+/// base64url of `{"`) followed by three dot-separated base64url segments
+/// of at least 16 characters each.
+fn jws_in(bytes: &[u8]) -> Vec<String> {
+    let b64 = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    let mut found = Vec::new();
+    let mut i = 0;
+    while let Some(at) = bytes[i..].windows(3).position(|w| w == b"eyJ") {
+        let start = i + at;
+        let mut end = start;
+        let mut segments = vec![0usize];
+        while end < bytes.len() && (b64(bytes[end]) || bytes[end] == b'.') {
+            if bytes[end] == b'.' {
+                segments.push(0);
+            } else {
+                *segments.last_mut().unwrap() += 1;
+            }
+            end += 1;
+        }
+        if segments.len() == 3 && segments.iter().all(|n| *n >= 16) {
+            found.push(String::from_utf8_lossy(&bytes[start..end]).into_owned());
+        }
+        i = end.max(start + 1);
+    }
+    found
+}
+
+#[test]
+fn the_scan_finds_a_token_when_there_is_one() {
+    let token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzcGlmZmU6Ly90ZC94In0.c2lnbmF0dXJlc2lnbmF0dXJl";
+    let text = format!("log line: authorization=DPoP {token}\n");
+    assert_eq!(jws_in(text.as_bytes()), [token]);
+    assert!(jws_in(b"eyJhbGciOiJFUzI1NiJ9 is only a header").is_empty());
+}
+
+#[test]
+fn no_token_proof_or_private_key_lands_in_the_demos_logs_audit_or_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo-data");
+    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["demo", "--data-dir"])
+        .arg(&data)
+        // Everything the demo logs, at the most verbose level.
+        .env("TALLY_LOG", "trace")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(o.stderr.len() > 1000, "the log is really there");
+    let mut places: Vec<(String, Vec<u8>)> = vec![
+        ("stdout".into(), o.stdout.clone()),
+        ("the log (stderr)".into(), o.stderr.clone()),
+    ];
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        // Regular files (the sidecars' sockets live here too).
+        if entry.file_type().unwrap().is_file() {
+            let path = entry.path();
+            places.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+        }
+    }
+    let names: Vec<&str> = places.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.iter().any(|n| n.ends_with("tally.db")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.ends_with("audit.jsonl")),
+        "{names:?}"
+    );
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"kind\":\"token.issue\""),
+        "tokens were issued"
+    );
+    assert!(
+        audit.contains("\"kind\":\"token.verify_failure\""),
+        "and refused"
+    );
+    for (name, bytes) in &places {
+        let found = jws_in(bytes);
+        assert!(
+            found.is_empty(),
+            "{name} holds {} token(s) or proof(s), e.g. {:.40}…",
+            found.len(),
+            found[0]
+        );
+        assert!(
+            !bytes.windows(11).any(|w| w == b"PRIVATE KEY"),
+            "{name} holds a private key"
+        );
+    }
 }

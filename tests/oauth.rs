@@ -541,6 +541,16 @@ async fn the_admin_port_serves_health_readiness_and_metrics() {
         "{text}"
     );
     assert!(text.contains("tally_broker_svids_live 0\n"), "{text}");
+    // One token issued, to one holder.
+    assert!(text.contains("tally_broker_live_tokens 1\n"), "{text}");
+    assert!(
+        text.contains("tally_broker_live_token_holders 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tally_broker_live_tokens_max_per_holder 1\n"),
+        "{text}"
+    );
     assert_eq!(admin_get(&r, "/nope").await.status, 404);
     r.stop().await;
 }

@@ -600,6 +600,32 @@ impl Broker {
             }
             Err(e) => tracing::warn!(error = %e, "counting live SVIDs for /metrics failed"),
         }
+        match self.store.live_token_counts(now).await {
+            Ok((total, principals, most)) => {
+                #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+                let gauges = [
+                    (
+                        "tally_broker_live_tokens",
+                        "Tokens issued and not yet expired.",
+                        total as f64,
+                    ),
+                    (
+                        "tally_broker_live_token_holders",
+                        "Workloads holding at least one live token.",
+                        principals as f64,
+                    ),
+                    (
+                        "tally_broker_live_tokens_max_per_holder",
+                        "Live tokens of the workload holding the most (a hoarding or looping client stands out without a label per workload).",
+                        most as f64,
+                    ),
+                ];
+                for (name, help, value) in gauges {
+                    crate::metrics::render_gauge(&mut out, name, help, &[], &[(vec![], value)]);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "counting live tokens for /metrics failed"),
+        }
         let since = self
             .keys
             .read()

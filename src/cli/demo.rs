@@ -32,6 +32,11 @@ pub struct DemoArgs {
     /// Stay up after the tour and print commands to try (Ctrl-C ends it).
     #[arg(long)]
     keep_running: bool,
+    /// Keep the broker's store and audit log in this directory (created;
+    /// it must not exist yet) instead of a scratch directory removed at
+    /// the end.
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 const TRUST_DOMAIN: &str = "demo.tally";
@@ -89,6 +94,17 @@ impl Tally {
                 String::from_utf8_lossy(&answer.body)
             );
             self.failed.push(format!("{step}: {}", answer.status));
+        }
+    }
+
+    /// Records whether `step` went as narrated (`what` says what it saw).
+    fn expect(&mut self, step: &str, ok: bool, what: &str) {
+        if ok {
+            self.passed += 1;
+            say!("   ✓ {what}");
+        } else {
+            say!("   ✗ {what}");
+            self.failed.push(step.to_owned());
         }
     }
 }
@@ -208,7 +224,10 @@ fn addr_of(l: &tokio::net::TcpListener) -> Result<SocketAddr, CliError> {
 )]
 async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     let failed = |what: &str, e: &dyn std::fmt::Display| CliError::Failed(format!("{what}: {e}"));
-    let scratch = super::ScratchDir::new("demo")?;
+    let scratch = match &args.data_dir {
+        Some(dir) => super::ScratchDir::keep(dir)?,
+        None => super::ScratchDir::new("demo")?,
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
     say!("tally demo: DPoP-bound workload tokens on loopback\n");
@@ -286,7 +305,11 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
         sidecar_settings(
             join(PAYMENTS).await?,
             ServiceMap::default(),
-            Some(InboundConfig::new(app_addr.to_string())),
+            Some(InboundConfig {
+                // Refusals reach the broker's audit log within the tour.
+                report_every: Duration::from_millis(200),
+                ..InboundConfig::new(app_addr.to_string())
+            }),
         ),
         Listeners {
             inbound: Some(inbound),
@@ -506,6 +529,73 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     say!(
         "   WWW-Authenticate: {}\n",
         header(&answer, "www-authenticate")
+    );
+
+    say!(
+        "10. The stolen token turns up in a paste: what did it do? (`tally ctl audit lookup --token`)"
+    );
+    // The payments sidecar reports its refusals every 200 ms here (10 s by
+    // default); wait for the thief's attempts to be in the log.
+    let refused_uses = |found: &Option<crate::broker::governance::TokenLookup>| -> u64 {
+        found.as_ref().map_or(0, |f| {
+            f.records
+                .iter()
+                .filter(|r| r.kind == crate::audit::AuditKind::VerifyFailure.as_str())
+                .filter_map(|r| serde_json::from_str::<serde_json::Value>(&r.line).ok())
+                .filter_map(|v| v["count"].as_u64())
+                .sum()
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let found = broker
+            .lookup_token(&token)
+            .await
+            .map_err(|e| failed("looking up the token", &e))?;
+        // The thief's two attempts (step 6), at least.
+        if refused_uses(&found) >= 2 || std::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    match &found {
+        Some(f) => {
+            say!(
+                "   issued to {} for {} ({}); {}",
+                f.token.sub,
+                f.token.aud,
+                f.token.scope,
+                if f.revoked { "revoked" } else { "live" }
+            );
+            for r in &f.records {
+                let v: serde_json::Value = serde_json::from_str(&r.line).unwrap_or_default();
+                let text = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+                let detail = match v["reason"].as_str() {
+                    Some(reason) => format!(
+                        ": {reason} ×{} on {} {}, reported by {}",
+                        v["count"],
+                        text("method"),
+                        text("path"),
+                        text("actor")
+                    ),
+                    None => String::new(),
+                };
+                say!(
+                    "   #{} {} {} {}{detail}",
+                    r.seq,
+                    text("time"),
+                    r.kind,
+                    text("outcome")
+                );
+            }
+        }
+        None => say!("   not found"),
+    }
+    let failures = refused_uses(&found);
+    tally.expect(
+        "audit lookup of the stolen token",
+        found.as_ref().is_some_and(|f| f.token.sub == CHECKOUT) && failures >= 2,
+        &format!("holder found from the token alone, with its {failures} refused uses\n"),
     );
 
     let metrics = call(

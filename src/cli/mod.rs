@@ -197,9 +197,19 @@ pub(crate) fn write_new_file(
 
 /// A private scratch directory (0700) under the temp dir, removed when
 /// dropped.
-pub(crate) struct ScratchDir(std::path::PathBuf);
+pub(crate) struct ScratchDir(std::path::PathBuf, bool);
 
 impl ScratchDir {
+    /// `path`, created 0700 (it must not exist), and left in place.
+    pub(crate) fn keep(path: &std::path::Path) -> Result<Self, CliError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(path)
+            .map_err(|e| CliError::Usage(format!("creating {}: {e}", path.display())))?;
+        Ok(Self(path.to_owned(), true))
+    }
+
     /// `tally-<purpose>-<pid>-<nanos>`.
     pub(crate) fn new(purpose: &str) -> Result<Self, CliError> {
         use std::os::unix::fs::DirBuilderExt as _;
@@ -212,7 +222,7 @@ impl ScratchDir {
             .mode(0o700)
             .create(&path)
             .map_err(|e| CliError::Failed(format!("creating {}: {e}", path.display())))?;
-        Ok(Self(path))
+        Ok(Self(path, false))
     }
 
     /// Its path.
@@ -223,7 +233,9 @@ impl ScratchDir {
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

@@ -625,6 +625,17 @@ impl Store {
         }
     }
 
+    /// Live tokens at `now`: how many, how many holders, and the most any
+    /// one holder has.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn live_token_counts(&self, now: u64) -> Result<(u64, u64, u64), StoreError> {
+        match self {
+            Self::Sqlite(s) => s.live_token_counts(now).await,
+        }
+    }
+
     /// Tokens issued since `since`, counted per holder, audience, scopes
     /// and class (for access review).
     ///

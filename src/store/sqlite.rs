@@ -564,6 +564,21 @@ impl SqliteStore {
         rows.iter().map(issued_from_row).collect()
     }
 
+    pub(super) async fn live_token_counts(&self, now: u64) -> Result<(u64, u64, u64), StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(n), 0) AS total, COUNT(*) AS holders, COALESCE(MAX(n), 0) AS most \
+             FROM (SELECT COUNT(*) AS n FROM issued_tokens WHERE exp > ? GROUP BY sub)",
+        )
+        .bind(db_time(now))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            time_of(&row, "total")?,
+            time_of(&row, "holders")?,
+            time_of(&row, "most")?,
+        ))
+    }
+
     pub(super) async fn token_usage(&self, since: u64) -> Result<Vec<TokenUsage>, StoreError> {
         // Tokens issued since `since` also expire after it: the exp index
         // narrows the scan.
