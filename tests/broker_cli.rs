@@ -1129,3 +1129,127 @@ fn policy_versions_are_applied_diffed_and_rolled_back_and_a_file_never_silently_
     assert_eq!(history["versions"][0]["source"], "file");
     assert_eq!(broker.stop().0, Some(0));
 }
+
+/// Asks the broker for a token with the credential in `dir` (cert.pem,
+/// key.pem, bundle.pem, as `ctl svid mint` writes them).
+async fn issue_with(
+    broker: &Spawned,
+    dir: &std::path::Path,
+) -> Result<pb::IssueResponse, tonic::Status> {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("bundle.pem")))
+        .identity(Identity::from_pem(read("cert.pem"), read("key.pem")))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", broker.grpc))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let issuer = broker
+        .https_line
+        .split("issuer ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let proof = tally::dpop::ProofKey::generate()
+        .unwrap()
+        .mint(
+            "POST",
+            &format!("{issuer}/tally.v1.Tokens/Issue"),
+            None,
+            None,
+            tally::clock::Clock::now(&tally::clock::SystemClock),
+        )
+        .unwrap();
+    pb::tokens_client::TokensClient::new(channel)
+        .issue(pb::IssueRequest {
+            audience: "spiffe://example.org/ns/pay/sa/payments".into(),
+            scopes: vec!["payments:read".into()],
+            ttl_seconds: 0,
+            dpop_proof: proof,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The intermediate in a PEM chain (leaf first, as `ctl svid mint` writes
+/// it).
+fn intermediate_of(chain_pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject as _;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(certs.len(), 2, "leaf and intermediate");
+    certs[1].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotate_replaces_the_intermediate_without_cutting_off_existing_svids() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start(&data);
+    let mint = |name: &str| {
+        let out = dir.path().join(name);
+        let o = ctl(
+            &broker,
+            &data,
+            &[
+                "svid",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/ns/shop/sa/checkout",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let before = mint("before");
+    let bundle = std::fs::read_to_string(data.join("bundle.pem")).unwrap();
+
+    let o = ctl(&broker, &data, &["ca", "rotate"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("intermediate CA replaced"), "{out}");
+
+    let after = mint("after");
+    let chain = |d: &std::path::Path| std::fs::read_to_string(d.join("cert.pem")).unwrap();
+    assert_ne!(
+        intermediate_of(&chain(&before)),
+        intermediate_of(&chain(&after)),
+        "new SVIDs chain to a new intermediate"
+    );
+    assert_eq!(
+        std::fs::read_to_string(after.join("bundle.pem")).unwrap(),
+        bundle,
+        "the trust bundle (root) is unchanged"
+    );
+    // Both the SVID from before and the one from after are accepted.
+    issue_with(&broker, &before).await.unwrap();
+    issue_with(&broker, &after).await.unwrap();
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"kind\":\"ca.rotate_intermediate\"")
+                && l.contains("\"actor\":\"spiffe://example.org/admin\"")),
+        "{audit}"
+    );
+}

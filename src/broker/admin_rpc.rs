@@ -539,6 +539,24 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn rotate_intermediate(
+        &self,
+        request: Request<pb::RotateIntermediateRequest>,
+    ) -> Result<Response<pb::RotateIntermediateResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "RotateIntermediate").await?;
+        let expires_at = broker
+            .rotate_intermediate_now(&caller)
+            .await
+            .map_err(|e| match e {
+                super::BrokerError::Config(why) => Status::failed_precondition(why),
+                other => internal("rotating the intermediate CA", other),
+            })?;
+        Ok(Response::new(pb::RotateIntermediateResponse {
+            intermediate_expires_at: unix(expires_at),
+        }))
+    }
+
     async fn lookup_token(
         &self,
         request: Request<pb::LookupTokenRequest>,

@@ -542,6 +542,36 @@ impl Broker {
         if ca.intermediate_expires_at().saturating_sub(now) > lifetime / 3 {
             return Ok(false);
         }
+        self.replace_intermediate(None).await
+    }
+
+    /// Replaces the intermediate now (an admin asked: `actor`), and chains
+    /// the broker's own server certificate to the new one. SVIDs issued
+    /// under the old intermediate carry it in their chains and still
+    /// verify against the unchanged root bundle until they expire, so no
+    /// workload is cut off. Returns the new intermediate's expiry.
+    ///
+    /// # Errors
+    /// [`BrokerError::Config`] when the broker does not hold the root key
+    /// (a supplied root without its key); [`BrokerError`] otherwise.
+    pub async fn rotate_intermediate_now(&self, actor: &SpiffeId) -> Result<u64, BrokerError> {
+        let ca_before = self.ca().intermediate_expires_at();
+        if !self.replace_intermediate(Some(actor)).await? {
+            return Err(BrokerError::Config(
+                "the broker does not hold the root CA key, so it cannot sign a new intermediate; rotate where the root key is".into(),
+            ));
+        }
+        if let Some(certs) = self.server_certs.get() {
+            certs.renew_now(self).map_err(BrokerError::Config)?;
+        }
+        let after = self.ca().intermediate_expires_at();
+        tracing::info!(before = ca_before, after, admin = %actor, "intermediate CA rotated by an admin");
+        Ok(after)
+    }
+
+    async fn replace_intermediate(&self, actor: Option<&SpiffeId>) -> Result<bool, BrokerError> {
+        let now = self.clock.now();
+        let ca = self.ca();
         let Some(material) = self.store.load_ca().await? else {
             return Ok(false);
         };
@@ -564,11 +594,13 @@ impl Broker {
             .ca
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
-        self.audit(
-            AuditEvent::new(AuditKind::CaRotate, Outcome::Ok, now)
-                .field("intermediate_expires_at", expires_at),
-        )
-        .await;
+        let mut event = AuditEvent::new(AuditKind::CaRotate, Outcome::Ok, now)
+            .field("intermediate_expires_at", expires_at)
+            .field("by", if actor.is_some() { "admin" } else { "schedule" });
+        if let Some(actor) = actor {
+            event = event.actor(actor);
+        }
+        self.audit(event).await;
         tracing::info!(expires_at, "rotated the intermediate CA");
         Ok(true)
     }

@@ -71,6 +71,9 @@ pub enum CtlCommand {
     /// Token-signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The identity CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Revoke tokens: one, a workload's, a DPoP key's, or everything issued
     /// before a time. Committed before this returns; every sidecar enforces
     /// it as soon as its Watch stream delivers it.
@@ -177,6 +180,15 @@ pub enum KeysCommand {
         #[arg(long, default_value = "", requires = "revoke_old")]
         reason: String,
     },
+}
+
+/// `tally ctl ca`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Replace the intermediate CA now. The root (the trust bundle) stays,
+    /// so SVIDs issued under the old intermediate keep verifying until
+    /// they expire; new SVIDs chain to the new one.
+    Rotate,
 }
 
 /// Policy commands.
@@ -311,6 +323,19 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
             })
         }
         CtlCommand::Revoke(args) => revoke(&conn, args),
+        CtlCommand::Ca(CaCommand::Rotate) => block_on(async {
+            let rotated = admin_client(&conn)
+                .await?
+                .rotate_intermediate(pb::RotateIntermediateRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            say!(
+                "intermediate CA replaced; the new one expires {}. The trust bundle is unchanged: existing SVIDs verify until they expire.",
+                when(rotated.intermediate_expires_at)
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
         CtlCommand::Audit(command) => super::ctl_audit::run(&conn, command),
         CtlCommand::Keys(KeysCommand::List { output }) => list_keys(&conn, output),
         CtlCommand::Tokens(command) => super::ctl_inventory::tokens(&conn, command),
