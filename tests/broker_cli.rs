@@ -688,6 +688,27 @@ async fn a_revocation_is_durable_when_ctl_returns() {
         String::from_utf8_lossy(&o.stdout)
             .starts_with("revoked: covers tokens issued at or before")
     );
+    // For scripts: one JSON document.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "revoke",
+            "--issued-before",
+            "1700000000",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let done: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(done["issued_before"], 1_700_000_000);
+    assert!(done["sequence"].as_u64().unwrap() > 0);
     // Mistakes are refused, not recorded.
     let o = ctl(&broker, &data, &["revoke", "--jti", "no-such-token"]);
     assert_eq!(o.status.code(), Some(1));
@@ -770,6 +791,11 @@ fn ctl_lists_the_signing_keys_as_a_table_or_json() {
     assert_eq!(table.lines().count(), 3, "{table}");
     let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"kind\":\"admin.query\""), "{audit}");
+
+    let o = ctl(&broker, &data, &["keys", "rotate", "--output", "json"]);
+    let rotated: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let new_kid = rotated["kid"].as_str().unwrap().to_owned();
+    assert_eq!(rotated["withdrawn"], serde_json::json!([]));
 
     // The leaked-key runbook: the signing key is withdrawn at once.
     let o = ctl(

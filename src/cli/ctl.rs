@@ -122,6 +122,9 @@ pub struct RevokeArgs {
     /// Why, for the audit log.
     #[arg(long, default_value = "")]
     reason: String,
+    /// `table` (default: text for people) or `json`.
+    #[arg(long, default_value = "table")]
+    output: Output,
 }
 
 /// `tally ctl join-token`.
@@ -135,6 +138,9 @@ pub enum JoinTokenCommand {
         /// Lifetime (up to 24h).
         #[arg(long, default_value = "10m")]
         ttl: String,
+        /// `table` (default: text for people) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -154,6 +160,9 @@ pub enum SvidCommand {
         /// overwritten).
         #[arg(long)]
         out: PathBuf,
+        /// `table` (default: text for people) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -179,6 +188,9 @@ pub enum KeysCommand {
         /// Why, for the audit log (with --revoke-old).
         #[arg(long, default_value = "", requires = "revoke_old")]
         reason: String,
+        /// `table` (default: text for people) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -188,7 +200,11 @@ pub enum CaCommand {
     /// Replace the intermediate CA now. The root (the trust bundle) stays,
     /// so SVIDs issued under the old intermediate keep verifying until
     /// they expire; new SVIDs chain to the new one.
-    Rotate,
+    Rotate {
+        /// `table` (default: text for people) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
+    },
 }
 
 /// Policy commands.
@@ -210,6 +226,9 @@ pub enum PolicyCommand {
         /// Why, for the history and the audit log.
         #[arg(long, default_value = "")]
         comment: String,
+        /// `table` (default: text for people) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
     /// The stored versions, newest first: when, who, how, why.
     History {
@@ -241,6 +260,9 @@ pub enum PolicyCommand {
         /// Why, for the history and the audit log.
         #[arg(long, default_value = "")]
         comment: String,
+        /// `table` (default: text for people) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -273,7 +295,11 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
         CtlCommand::Policy(PolicyCommand::Check { file }) => check(&file),
         CtlCommand::Policy(PolicyCommand::Explain(args)) => explain(&args),
         CtlCommand::Policy(command) => super::ctl_policy::run(&conn, command),
-        CtlCommand::JoinToken(JoinTokenCommand::Create { spiffe_id, ttl }) => {
+        CtlCommand::JoinToken(JoinTokenCommand::Create {
+            spiffe_id,
+            ttl,
+            output,
+        }) => {
             let ttl = duration("--ttl", &ttl)?;
             block_on(async {
                 let mut admin = admin_client(&conn).await?;
@@ -286,7 +312,11 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
                     .map_err(refused)?
                     .into_inner();
                 // Only the token on stdout, so `$(tally ctl join-token create …)` works.
-                say!("{}", made.join_token);
+                print(
+                    output,
+                    &serde_json::json!({"join_token": made.join_token, "expires_at": made.expires_at}),
+                    || say!("{}", made.join_token),
+                );
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -294,14 +324,16 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
             spiffe_id,
             ttl,
             out,
+            output,
         }) => {
             let ttl = duration("--ttl", &ttl)?;
-            mint(&conn, spiffe_id, ttl, &out)
+            mint(&conn, spiffe_id, ttl, &out, output)
         }
         CtlCommand::Keys(KeysCommand::Rotate {
             publish_lead,
             revoke_old,
             reason,
+            output,
         }) => {
             let lead = duration("--publish-lead", &publish_lead)?;
             block_on(async {
@@ -315,24 +347,41 @@ pub(super) fn run(args: CtlArgs) -> Result<ExitCode, CliError> {
                     .await
                     .map_err(refused)?
                     .into_inner();
-                say!("{} (signs from {})", rotated.kid, rotated.signs_from);
-                for old in &rotated.withdrawn {
-                    say!("withdrawn: {old} (out of the JWKS; every token it signed is revoked)");
-                }
+                print(
+                    output,
+                    &serde_json::json!({
+                        "kid": rotated.kid, "signs_from": rotated.signs_from,
+                        "withdrawn": rotated.withdrawn,
+                    }),
+                    || {
+                        say!("{} (signs from {})", rotated.kid, rotated.signs_from);
+                        for old in &rotated.withdrawn {
+                            say!(
+                                "withdrawn: {old} (out of the JWKS; every token it signed is revoked)"
+                            );
+                        }
+                    },
+                );
                 Ok(ExitCode::SUCCESS)
             })
         }
         CtlCommand::Revoke(args) => revoke(&conn, args),
-        CtlCommand::Ca(CaCommand::Rotate) => block_on(async {
+        CtlCommand::Ca(CaCommand::Rotate { output }) => block_on(async {
             let rotated = admin_client(&conn)
                 .await?
                 .rotate_intermediate(pb::RotateIntermediateRequest {})
                 .await
                 .map_err(refused)?
                 .into_inner();
-            say!(
-                "intermediate CA replaced; the new one expires {}. The trust bundle is unchanged: existing SVIDs verify until they expire.",
-                when(rotated.intermediate_expires_at)
+            print(
+                output,
+                &serde_json::json!({"intermediate_expires_at": rotated.intermediate_expires_at}),
+                || {
+                    say!(
+                        "intermediate CA replaced; the new one expires {}. The trust bundle is unchanged: existing SVIDs verify until they expire.",
+                        when(rotated.intermediate_expires_at)
+                    )
+                },
             );
             Ok(ExitCode::SUCCESS)
         }),
@@ -428,6 +477,7 @@ fn mint(
     spiffe_id: String,
     ttl: u32,
     out: &Path,
+    output: Output,
 ) -> Result<ExitCode, CliError> {
     let files = ["cert.pem", "key.pem", "bundle.pem"].map(|f| out.join(f));
     if let Some(existing) = files.iter().find(|f| f.exists()) {
@@ -478,11 +528,20 @@ fn mint(
     ] {
         super::write_new_file(path, text.as_bytes(), mode)?;
     }
-    say!(
-        "{}: cert.pem, key.pem (0600), bundle.pem for {} (expires {})",
-        out.display(),
-        svid.spiffe_id,
-        svid.expires_at
+    print(
+        output,
+        &serde_json::json!({
+            "dir": out.display().to_string(), "spiffe_id": svid.spiffe_id,
+            "expires_at": svid.expires_at,
+        }),
+        || {
+            say!(
+                "{}: cert.pem, key.pem (0600), bundle.pem for {} (expires {})",
+                out.display(),
+                svid.spiffe_id,
+                svid.expires_at
+            );
+        },
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -633,11 +692,20 @@ fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCode, CliErro
             .await
             .map_err(refused)?
             .into_inner();
-        say!(
-            "revoked: covers tokens issued at or before {}; enforced until {} (watch sequence {})",
-            done.issued_before,
-            done.expires_at,
-            done.sequence
+        print(
+            args.output,
+            &serde_json::json!({
+                "sequence": done.sequence, "issued_before": done.issued_before,
+                "expires_at": done.expires_at,
+            }),
+            || {
+                say!(
+                    "revoked: covers tokens issued at or before {}; enforced until {} (watch sequence {})",
+                    done.issued_before,
+                    done.expires_at,
+                    done.sequence
+                );
+            },
         );
         Ok(ExitCode::SUCCESS)
     })
@@ -718,6 +786,14 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `json` as one line with `--output json`, else what `text` prints.
+pub(super) fn print(output: Output, json: &serde_json::Value, text: impl FnOnce()) {
+    match output {
+        Output::Json => say!("{json}"),
+        Output::Table => text(),
+    }
 }
 
 /// Rows under headers, each column as wide as its widest cell, two spaces

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 
 pub(super) fn run(conn: &BrokerConnection, command: PolicyCommand) -> Result<ExitCode, CliError> {
     match command {
-        PolicyCommand::Apply { file, comment } => {
+        PolicyCommand::Apply {
+            file,
+            comment,
+            output,
+        } => {
             let yaml = read_text(&file)?;
             // Checked here first, so mistakes are reported with the file's
             // name and positions before anything is sent.
@@ -26,10 +30,14 @@ pub(super) fn run(conn: &BrokerConnection, command: PolicyCommand) -> Result<Exi
                     .map_err(refused)
                     .map(tonic::Response::into_inner)
             })?;
-            print_change(&change);
+            print_change(&change, output);
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Rollback { version, comment } => {
+        PolicyCommand::Rollback {
+            version,
+            comment,
+            output,
+        } => {
             let change = block_on(async {
                 admin_client(conn)
                     .await?
@@ -38,7 +46,7 @@ pub(super) fn run(conn: &BrokerConnection, command: PolicyCommand) -> Result<Exi
                     .map_err(refused)
                     .map(tonic::Response::into_inner)
             })?;
-            print_change(&change);
+            print_change(&change, output);
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::History { limit, output } => history(conn, limit, output),
@@ -79,7 +87,17 @@ async fn get(conn: &BrokerConnection, version: u64) -> Result<pb::PolicyVersion,
         .map(tonic::Response::into_inner)
 }
 
-fn print_change(change: &pb::PolicyChangeResponse) {
+fn print_change(change: &pb::PolicyChangeResponse, output: Output) {
+    if output == Output::Json {
+        say!(
+            "{}",
+            serde_json::json!({
+                "version": change.version, "changed": change.changed,
+                "added": change.added, "removed": change.removed, "diff": change.diff,
+            })
+        );
+        return;
+    }
     if change.changed {
         say!(
             "policy version {} is served now (+{} -{} lines); sidecars receive its access rules on their Watch stream",
