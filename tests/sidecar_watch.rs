@@ -116,3 +116,120 @@ async fn a_sidecar_receives_only_its_own_access_rules_and_their_changes() {
     served.stop().await;
     follower.await.unwrap();
 }
+
+/// A TCP forwarder to `target` that can cut every connection and refuse
+/// new ones (a network partition), then let them through again.
+struct Partition {
+    addr: std::net::SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Partition {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, o) = (Arc::clone(&cut), Arc::clone(&open));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection reset
+                }
+                o.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                }));
+            }
+        });
+        Self { addr, cut, open }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for conn in self.open.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cut_off_from_the_broker_catches_up_on_the_revocations_it_missed() {
+    use tally::token::RevocationTarget;
+    let dir = tempfile::tempdir().unwrap();
+    let key = Sealer::generate_key_text().unwrap();
+    let served = serve_broker(
+        dir.path(),
+        &key,
+        settings("trust_domain: example.org\n"),
+        "127.0.0.1:0",
+    )
+    .await;
+    let partition = Partition::start(served.addr).await;
+    let channel = support::broker::channel_via(
+        &served,
+        "spiffe://example.org/ns/pay/sa/payments",
+        partition.addr,
+    );
+    let (state, mut rx) = tokio::sync::watch::channel(MeshState::default());
+    let follower = tokio::spawn(follow(
+        move || channel.clone(),
+        Arc::new(SystemClock),
+        state,
+    ));
+    until(&mut rx, "the initial state", |s| s.ready() && s.connected).await;
+
+    partition.cut();
+    until(&mut rx, "the partition", |s| !s.connected).await;
+    // Revocations committed while this sidecar cannot hear them.
+    let admin = "spiffe://example.org/admin".parse().unwrap();
+    let thief: tally::identity::SpiffeId =
+        "spiffe://example.org/ns/shop/sa/checkout".parse().unwrap();
+    for target in [
+        RevocationTarget::Subject(thief.clone()),
+        RevocationTarget::Kid("leaked-kid".into()),
+    ] {
+        served
+            .broker
+            .revoke(target, None, "", &admin)
+            .await
+            .unwrap();
+    }
+    assert_eq!(rx.borrow().revocations_seen, 0);
+
+    partition.heal();
+    let caught_up = until(&mut rx, "the missed revocations", |s| {
+        s.connected && s.revocations.len() == 2
+    })
+    .await;
+    let jkt = tally::dpop::ProofKey::generate().unwrap().thumbprint();
+    let now = tally::clock::Clock::now(&SystemClock);
+    let covered = |sub: &tally::identity::SpiffeId, kid: &str| {
+        caught_up.revocations.covers(&tally::token::TokenRef {
+            jti: "j",
+            sub,
+            jkt: &jkt,
+            kid,
+            iat: now - 5,
+        })
+    };
+    assert!(covered(&thief, "k1"), "the workload's tokens");
+    assert!(covered(
+        &"spiffe://example.org/ns/x/sa/y".parse().unwrap(),
+        "leaked-kid"
+    ));
+    assert!(!covered(
+        &"spiffe://example.org/ns/x/sa/y".parse().unwrap(),
+        "k1"
+    ));
+
+    drop(rx);
+    served.stop().await;
+    follower.await.unwrap();
+}

@@ -89,6 +89,15 @@ pub async fn serve_broker_on(
 
 /// An mTLS channel to `served` as a freshly minted credential for `id`.
 pub fn channel_as(served: &ServedBroker, id: &str) -> tonic::transport::Channel {
+    channel_via(served, id, served.addr)
+}
+
+/// The same, connecting to `addr` (a proxy in front of the broker).
+pub fn channel_via(
+    served: &ServedBroker,
+    id: &str,
+    addr: std::net::SocketAddr,
+) -> tonic::transport::Channel {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let svid = served
         .broker
@@ -101,7 +110,7 @@ pub fn channel_as(served: &ServedBroker, id: &str) -> tonic::transport::Channel 
             svid.key_pem.as_bytes(),
         ))
         .domain_name("localhost");
-    Channel::from_shared(format!("https://{}", served.addr))
+    Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()
