@@ -251,48 +251,7 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
         ],
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(checkout.join("bundle.pem"))))
-        .identity(Identity::from_pem(
-            read(checkout.join("cert.pem")),
-            read(checkout.join("key.pem")),
-        ))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{}", broker.grpc))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let issuer = broker
-        .https_line
-        .split("issuer ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let proof = tally::dpop::ProofKey::generate()
-        .unwrap()
-        .mint(
-            "POST",
-            &format!("{issuer}/tally.v1.Tokens/Issue"),
-            None,
-            None,
-            tally::clock::Clock::now(&tally::clock::SystemClock),
-        )
-        .unwrap();
-    let issued = pb::tokens_client::TokensClient::new(channel)
-        .issue(pb::IssueRequest {
-            audience: "spiffe://example.org/ns/pay/sa/payments".into(),
-            scopes: vec!["payments:read".into()],
-            ttl_seconds: 0,
-            dpop_proof: proof,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let issued = issue_with(&broker, &checkout).await.unwrap();
 
     // The leaked-token runbook: from the token string alone, who held it,
     // what for, and every record naming it.

@@ -31,6 +31,40 @@ async fn pair(
     (checkout, payments)
 }
 
+/// A broker, the app, checkout calling payments (no server nonces), and
+/// where to reach them.
+struct Scene {
+    mesh: Mesh,
+    app: App,
+    checkout: support::mesh::Started,
+    payments: support::mesh::Started,
+    /// Checkout's socket.
+    socket: std::path::PathBuf,
+    /// Payments' inbound proxy.
+    inbound: std::net::SocketAddr,
+    /// `POST` here to charge.
+    url: String,
+}
+
+impl Scene {
+    async fn start() -> Self {
+        let mesh = Mesh::start().await;
+        let app = App::start().await;
+        let (checkout, payments) = pair(&mesh, &app, false).await;
+        let socket = checkout.socket.clone().unwrap();
+        let inbound = payments.inbound.unwrap();
+        Self {
+            url: format!("http://{inbound}/v1/charges"),
+            mesh,
+            app,
+            checkout,
+            payments,
+            socket,
+            inbound,
+        }
+    }
+}
+
 /// A calling sidecar for `id` (socket and outbound proxy) whose service
 /// map sends `inbound` to the payments audience.
 async fn caller(mesh: &Mesh, id: &str, inbound: std::net::SocketAddr) -> support::mesh::Started {
@@ -62,12 +96,16 @@ fn challenge(answer: &support::mesh::Answer) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_requests_that_pass_every_check_reach_the_app() {
-    let mesh = Mesh::start().await;
-    let app = App::start().await;
-    let (checkout, payments) = pair(&mesh, &app, false).await;
-    let socket = checkout.socket.as_deref().unwrap();
-    let inbound = payments.inbound.unwrap();
-    let url = format!("http://{inbound}/v1/charges");
+    let Scene {
+        mesh,
+        app,
+        checkout,
+        payments,
+        socket,
+        inbound,
+        url,
+    } = Scene::start().await;
+    let socket = socket.as_path();
 
     // The app's headers from the socket, plus spoofed identity headers.
     let (auth, dpop) = authorize(socket, "POST", &url, "payments:charge").await;
@@ -599,12 +637,16 @@ async fn revocations(sidecar: &support::mesh::Started, n: u64) {
 async fn revocations_reach_the_sidecars_and_are_enforced() {
     use tally::clock::Clock as _;
     use tally::token::RevocationTarget;
-    let mesh = Mesh::start().await;
-    let app = App::start().await;
-    let (checkout, payments) = pair(&mesh, &app, false).await;
-    let socket = checkout.socket.as_deref().unwrap();
-    let inbound = payments.inbound.unwrap();
-    let url = format!("http://{inbound}/v1/charges");
+    let Scene {
+        mesh,
+        app: _app,
+        checkout,
+        payments,
+        socket,
+        inbound,
+        url,
+    } = Scene::start().await;
+    let socket = socket.as_path();
     let admin: tally::identity::SpiffeId = "spiffe://example.org/admin".parse().unwrap();
     let broker = &mesh.broker.broker;
     let charge = |(a, d): (String, String)| async move { charge_with(inbound, &a, &d).await };
@@ -867,12 +909,16 @@ async fn with_deny_when_stale_an_out_of_touch_sidecar_refuses_instead_of_guessin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaked_signing_key_is_withdrawn_and_nothing_it_signs_passes_any_more() {
     use tally::clock::Clock as _;
-    let mesh = Mesh::start().await;
-    let app = App::start().await;
-    let (checkout, payments) = pair(&mesh, &app, false).await;
-    let socket = checkout.socket.as_deref().unwrap();
-    let inbound = payments.inbound.unwrap();
-    let url = format!("http://{inbound}/v1/charges");
+    let Scene {
+        mesh,
+        app: _app,
+        checkout,
+        payments,
+        socket,
+        inbound,
+        url,
+    } = Scene::start().await;
+    let socket = socket.as_path();
     let admin: tally::identity::SpiffeId = "spiffe://example.org/admin".parse().unwrap();
     let broker = &mesh.broker.broker;
 
@@ -950,12 +996,16 @@ async fn a_leaked_signing_key_is_withdrawn_and_nothing_it_signs_passes_any_more(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_reach_the_audit_log_and_a_leaked_token_lookup_shows_them() {
-    let mesh = Mesh::start().await;
-    let app = App::start().await;
-    let (checkout, payments) = pair(&mesh, &app, false).await;
-    let socket = checkout.socket.as_deref().unwrap();
-    let inbound = payments.inbound.unwrap();
-    let url = format!("http://{inbound}/v1/charges");
+    let Scene {
+        mesh,
+        app: _app,
+        checkout,
+        payments,
+        socket,
+        inbound,
+        url,
+    } = Scene::start().await;
+    let socket = socket.as_path();
     let broker = &mesh.broker.broker;
 
     // The token leaks; a thief uses it three times with their own key.
