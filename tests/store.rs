@@ -5,7 +5,7 @@ use tally::audit::{AuditEvent, AuditKind, Outcome};
 use tally::ca::{Authority, Lifetimes};
 use tally::identity::{JoinToken, SpiffeId};
 use tally::store::{
-    IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, Store, StoreError, Write,
+    AuditFilter, IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, Store, StoreError, Write,
 };
 use zeroize::Zeroizing;
 
@@ -363,4 +363,110 @@ async fn audit_records_are_numbered_without_gaps_across_restarts() {
     assert_eq!(line["kind"], "identity.attest");
     let tail = store.audit_after(49, 10).await.unwrap();
     assert_eq!(tail.iter().map(|a| a.seq).collect::<Vec<_>>(), [50, 51]);
+}
+
+#[tokio::test]
+async fn audit_queries_match_every_condition_given_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    let a = "spiffe://example.org/ns/a/sa/a";
+    let events = [
+        AuditEvent::new(AuditKind::TokenIssue, Outcome::Ok, NOW)
+            .actor(a)
+            .field("jti", "j1"),
+        AuditEvent::new(AuditKind::TokenIssue, Outcome::Denied, NOW + 10)
+            .actor("spiffe://example.org/b"),
+        AuditEvent::new(AuditKind::Revoke, Outcome::Ok, NOW + 20)
+            .actor("spiffe://example.org/admin")
+            .field("jti", "j1"),
+        AuditEvent::new(AuditKind::Attest, Outcome::Ok, NOW + 30).field("spiffe_id", a),
+    ];
+    for e in events {
+        store.record(None, e).await.unwrap();
+    }
+    let seqs = |filter: AuditFilter| {
+        let store = store.clone();
+        async move {
+            store
+                .audit_query(&filter, 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>()
+        }
+    };
+    let f = AuditFilter::default;
+    assert_eq!(seqs(f()).await, [1, 2, 3, 4]);
+    assert_eq!(
+        seqs(AuditFilter {
+            jti: Some("j1".into()),
+            ..f()
+        })
+        .await,
+        [1, 3]
+    );
+    assert_eq!(
+        seqs(AuditFilter {
+            sub: Some(a.into()),
+            ..f()
+        })
+        .await,
+        [1, 4],
+        "actor or spiffe_id"
+    );
+    assert_eq!(
+        seqs(AuditFilter {
+            kind: Some("token".into()),
+            ..f()
+        })
+        .await,
+        [1, 2, 3],
+        "a family"
+    );
+    assert_eq!(
+        seqs(AuditFilter {
+            kind: Some("token.issue".into()),
+            ..f()
+        })
+        .await,
+        [1, 2]
+    );
+    // Not a pattern: `_` and `%` match themselves only.
+    assert!(
+        seqs(AuditFilter {
+            kind: Some("token_issue".into()),
+            ..f()
+        })
+        .await
+        .is_empty()
+    );
+    assert!(
+        seqs(AuditFilter {
+            kind: Some("%".into()),
+            ..f()
+        })
+        .await
+        .is_empty()
+    );
+    assert_eq!(
+        seqs(AuditFilter {
+            since: Some(NOW + 10),
+            until: Some(NOW + 30),
+            ..f()
+        })
+        .await,
+        [2, 3],
+        "since inclusive, until exclusive"
+    );
+    assert_eq!(
+        seqs(AuditFilter { after: 2, ..f() }).await,
+        [3, 4],
+        "paging"
+    );
+    // The head moves with every write and names the last record.
+    let head = store.audit_head().await.unwrap();
+    assert_eq!((head.chain_from, head.seq), (1, 4));
+    let last = store.audit_after(3, 1).await.unwrap();
+    assert_eq!(head.hash, tally::audit::ChainHash::of(&last[0].line));
 }

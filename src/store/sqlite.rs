@@ -195,7 +195,7 @@ impl SqliteStore {
         let rows = sqlx::query(
             "SELECT seq, at, kind, line FROM audit WHERE seq > ?1 \
              AND (?2 IS NULL OR line->>'jti' = ?2) \
-             AND (?3 IS NULL OR kind = ?3 OR kind LIKE ?3 || '.%') \
+             AND (?3 IS NULL OR kind = ?3 OR substr(kind, 1, length(?3) + 1) = ?3 || '.') \
              AND (?4 IS NULL OR at >= ?4) \
              AND (?5 IS NULL OR at < ?5) \
              AND (?6 IS NULL OR line->>'actor' = ?6 OR line->>'spiffe_id' = ?6 OR line->>'sub' = ?6) \
