@@ -29,8 +29,15 @@ async fn the_sidecar_follows_changes_and_resumes_after_a_broker_restart() {
     let key = Sealer::generate_key_text().unwrap();
     let policy = "trust_domain: example.org\n";
     let served = serve_broker(dir.path(), &key, settings(policy), "127.0.0.1:0").await;
-    let addr = served.addr;
-    let channel = channel_as(&served, "spiffe://example.org/ns/shop/sa/checkout");
+    // The sidecar reaches the broker through a forwarder with a fixed
+    // address, so the restarted broker need not take back its old port
+    // (another test may have it by then).
+    let front = Partition::start(served.addr).await;
+    let channel = support::broker::channel_via(
+        &served,
+        "spiffe://example.org/ns/shop/sa/checkout",
+        front.addr,
+    );
     let (state, mut rx) = tokio::sync::watch::channel(MeshState::default());
     let follower = tokio::spawn(follow(
         move || channel.clone(),
@@ -56,10 +63,13 @@ async fn the_sidecar_follows_changes_and_resumes_after_a_broker_restart() {
     assert_eq!(down.sequence, rotated.sequence);
     assert!(down.ready(), "verification keeps working on the last state");
 
-    // Back on the same address and store, with a change made meanwhile:
+    // Back on the same store, with a change made before anyone reconnects:
     // the follower resumes after its last sequence and gets just that.
-    let again = serve_broker(dir.path(), &key, settings(policy), &addr.to_string()).await;
+    front.cut();
+    let again = serve_broker(dir.path(), &key, settings(policy), "127.0.0.1:0").await;
     again.broker.rotate_signing_key(300, None).await.unwrap();
+    front.retarget(again.addr);
+    front.heal();
     let resumed = until(&mut rx, "the change made while away", |s| {
         s.connected && s.jwks.as_ref().is_some_and(|j| j.len() == 3)
     })
@@ -121,6 +131,7 @@ async fn a_sidecar_receives_only_its_own_access_rules_and_their_changes() {
 /// new ones (a network partition), then let them through again.
 struct Partition {
     addr: std::net::SocketAddr,
+    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
     cut: Arc<std::sync::atomic::AtomicBool>,
     open: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
@@ -131,12 +142,14 @@ impl Partition {
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let open = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (c, o) = (Arc::clone(&cut), Arc::clone(&open));
+        let target = Arc::new(std::sync::Mutex::new(target));
+        let (c, o, t) = (Arc::clone(&cut), Arc::clone(&open), Arc::clone(&target));
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if c.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: connection reset
                 }
+                let target = *t.lock().unwrap();
                 o.lock().unwrap().push(tokio::spawn(async move {
                     if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
@@ -144,7 +157,17 @@ impl Partition {
                 }));
             }
         });
-        Self { addr, cut, open }
+        Self {
+            addr,
+            target,
+            cut,
+            open,
+        }
+    }
+
+    /// Sends new connections to `target` (the broker restarted elsewhere).
+    fn retarget(&self, target: std::net::SocketAddr) {
+        *self.target.lock().unwrap() = target;
     }
 
     fn cut(&self) {

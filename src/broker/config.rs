@@ -43,6 +43,11 @@ pub struct BrokerFlags {
     /// Extra DNS names for the broker's server certificate (repeatable).
     #[arg(long = "dns-name", env = "TALLY_DNS_NAMES", value_delimiter = ',')]
     pub dns_names: Vec<String>,
+    /// PostgreSQL URL (postgres://user:password@host/db) for a store
+    /// shared by broker replicas, instead of the embedded SQLite file.
+    /// Replicas must share the store key too.
+    #[arg(long, env = "TALLY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// File holding the store sealing key (base64url, 32 bytes). Without
     /// it, TALLY_STORE_KEY is used, else a key file in the data dir.
     #[arg(long, env = "TALLY_STORE_KEY_FILE")]
@@ -74,6 +79,21 @@ pub struct BrokerFlags {
     /// X.509-SVID lifetime, e.g. 1h.
     #[arg(long, env = "TALLY_SVID_TTL")]
     pub svid_ttl: Option<String>,
+}
+
+/// A PostgreSQL URL; it may hold a password, so `Debug` shows only where
+/// it points.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // postgres://user:secret@host/db → postgres://…@host/db
+        match self.0.split_once("://").zip(self.0.rsplit_once('@')) {
+            Some(((scheme, _), (_, rest))) => write!(f, "\"{scheme}://…@{rest}\""),
+            None => f.write_str("\"postgres://…\""),
+        }
+    }
 }
 
 /// Which policy the operator said wins.
@@ -110,6 +130,8 @@ pub struct BrokerConfig {
     pub dns_names: Vec<String>,
     /// Store key file, if any.
     pub store_key_file: Option<PathBuf>,
+    /// PostgreSQL store, if any (else SQLite in the data directory).
+    pub database_url: Option<DatabaseUrl>,
     /// Issuer URL, if given (else derived from the bound HTTPS port).
     pub issuer: Option<String>,
     /// SVID lifetime in seconds.
@@ -134,6 +156,7 @@ const KEYS: &[&str] = &[
     "policy_source",
     "dns_names",
     "store_key_file",
+    "database_url",
     "issuer",
     "svid_ttl",
     "key_rotation",
@@ -218,6 +241,12 @@ impl BrokerConfig {
                 errors.push(format!("dns_names: {name:?} is not a DNS name"));
             }
         }
+        let database_url = one(flags.database_url.clone(), "database_url").map(DatabaseUrl);
+        if let Some(url) = &database_url
+            && !(url.0.starts_with("postgres://") || url.0.starts_with("postgresql://"))
+        {
+            errors.push(format!("database_url {url:?} must be a postgres:// URL"));
+        }
         let policy = path(&flags.policy, "policy");
         let policy_source = match one(flags.policy_source.clone(), "policy_source").as_deref() {
             None if policy.is_some() => PolicySourceChoice::FileByDefault,
@@ -275,6 +304,7 @@ impl BrokerConfig {
             policy_source,
             dns_names,
             store_key_file: path(&flags.store_key_file, "store_key_file"),
+            database_url,
             issuer,
             svid_ttl: svid_ttl.unwrap_or_else(|| unreachable!("checked above")),
             key_rotation: key_rotation.unwrap_or_else(|| unreachable!("checked above")),
@@ -296,6 +326,29 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("tally-data"));
         assert_eq!(c.svid_ttl, 3600);
         assert_eq!(c.policy_source, PolicySourceChoice::Store);
+        assert_eq!(c.database_url, None);
+    }
+
+    #[test]
+    fn a_database_url_is_checked_and_never_shown_with_its_password() {
+        let flags = BrokerFlags {
+            database_url: Some("postgres://tally:s3cret@db.internal:5432/tally".into()),
+            ..BrokerFlags::default()
+        };
+        let c = BrokerConfig::resolve(&flags, None).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("…@db.internal:5432/tally"), "{shown}");
+        let flags = BrokerFlags {
+            database_url: Some("mysql://x:pw@y/z".into()),
+            ..BrokerFlags::default()
+        };
+        let errors = BrokerConfig::resolve(&flags, None).unwrap_err();
+        assert!(
+            errors[0].contains("must be a postgres:// URL"),
+            "{errors:?}"
+        );
+        assert!(!errors[0].contains("pw"), "{errors:?}");
     }
 
     #[test]

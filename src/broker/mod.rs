@@ -18,6 +18,7 @@ pub mod grpc;
 pub mod issue;
 pub mod keys;
 pub mod oauth;
+pub mod replicas;
 pub mod reports;
 pub mod tls;
 
@@ -1130,6 +1131,8 @@ pub async fn serve(
     let (streams, incoming) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let accepting = tokio::spawn(accept_tls(listener, acceptor, streams));
+    // With a store shared by replicas, follow what the others commit.
+    let following = tokio::spawn(replicas::follow(Arc::downgrade(&broker)));
     let result = Server::builder()
         .add_service(grpc::identity_server(Arc::clone(&broker)))
         .add_service(grpc::tokens_server(Arc::clone(&broker)))
@@ -1145,6 +1148,7 @@ pub async fn serve(
         )
         .await;
     accepting.abort();
+    following.abort();
     result.map_err(std::io::Error::other)
 }
 

@@ -148,9 +148,14 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     };
     let (grpc_addr, https_addr, admin_addr) = (local(&grpc)?, local(&https)?, local(&admin_port)?);
 
-    let store = Store::open_sqlite(&config.data_dir.join("tally.db"), sealer(&config)?)
-        .await
-        .map_err(|e| failed("opening the store", &e))?;
+    let store = match &config.database_url {
+        Some(url) => Store::open_postgres(&url.0, sealer(&config)?)
+            .await
+            .map_err(|e| failed(&format!("opening the PostgreSQL store at {url:?}"), &e))?,
+        None => Store::open_sqlite(&config.data_dir.join("tally.db"), sealer(&config)?)
+            .await
+            .map_err(|e| failed("opening the store", &e))?,
+    };
     let mut settings = BrokerSettings::new(&config.trust_domain, policy)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     settings.policy_yaml = policy_yaml;

@@ -7,6 +7,7 @@
 //! second variant behind the same methods. Writes that matter are durable
 //! (committed, fsynced) before the call returns.
 
+pub mod postgres;
 mod schema;
 pub mod seal;
 pub mod sqlite;
@@ -275,6 +276,8 @@ pub enum Write {
 pub enum Store {
     /// Embedded SQLite (the default).
     Sqlite(sqlite::SqliteStore),
+    /// PostgreSQL, shared by broker replicas.
+    Postgres(postgres::PgStore),
 }
 
 impl Store {
@@ -288,6 +291,33 @@ impl Store {
             .map(Self::Sqlite)
     }
 
+    /// Connects (and migrates) a PostgreSQL store at `url`.
+    ///
+    /// # Errors
+    /// [`StoreError`] if it cannot connect or migrate.
+    pub async fn open_postgres(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
+        postgres::PgStore::open(url, sealer)
+            .await
+            .map(Self::Postgres)
+    }
+
+    /// For a store shared by replicas, a stream of change-feed sequence
+    /// numbers committed by anyone (PostgreSQL LISTEN); `None` for the
+    /// embedded store, whose only writer is this process.
+    ///
+    /// # Errors
+    /// [`StoreError`] if listening fails.
+    pub async fn listen_changes(&self) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        match self {
+            Self::Sqlite(_) => Ok(None),
+            Self::Postgres(s) => {
+                let mut listener = sqlx::postgres::PgListener::connect_with(s.pool()).await?;
+                listener.listen(postgres::CHANGES_CHANNEL).await?;
+                Ok(Some(listener))
+            }
+        }
+    }
+
     /// The schema version in the database.
     ///
     /// # Errors
@@ -295,6 +325,7 @@ impl Store {
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
         match self {
             Self::Sqlite(s) => s.schema_version().await,
+            Self::Postgres(s) => s.schema_version().await,
         }
     }
 
@@ -311,6 +342,7 @@ impl Store {
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         match self {
             Self::Sqlite(s) => s.secret_or_create(name, generate, now).await,
+            Self::Postgres(s) => s.secret_or_create(name, generate, now).await,
         }
     }
 
@@ -327,6 +359,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         match self {
             Self::Sqlite(s) => s.save_ca(material, replace, now).await,
+            Self::Postgres(s) => s.save_ca(material, replace, now).await,
         }
     }
 
@@ -337,6 +370,7 @@ impl Store {
     pub async fn load_ca(&self) -> Result<Option<crate::ca::CaMaterial>, StoreError> {
         match self {
             Self::Sqlite(s) => s.load_ca().await,
+            Self::Postgres(s) => s.load_ca().await,
         }
     }
 
@@ -347,6 +381,7 @@ impl Store {
     pub async fn insert_signing_key(&self, record: &SigningKeyRecord) -> Result<(), StoreError> {
         match self {
             Self::Sqlite(s) => s.insert_signing_key(record).await,
+            Self::Postgres(s) => s.insert_signing_key(record).await,
         }
     }
 
@@ -357,6 +392,7 @@ impl Store {
     pub async fn retire_signing_key(&self, kid: &str, at: u64) -> Result<(), StoreError> {
         match self {
             Self::Sqlite(s) => s.retire_signing_key(kid, at).await,
+            Self::Postgres(s) => s.retire_signing_key(kid, at).await,
         }
     }
 
@@ -368,6 +404,7 @@ impl Store {
     pub async fn withdraw_signing_key(&self, kid: &str, at: u64) -> Result<(), StoreError> {
         match self {
             Self::Sqlite(s) => s.withdraw_signing_key(kid, at).await,
+            Self::Postgres(s) => s.withdraw_signing_key(kid, at).await,
         }
     }
 
@@ -378,6 +415,7 @@ impl Store {
     pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError> {
         match self {
             Self::Sqlite(s) => s.signing_keys().await,
+            Self::Postgres(s) => s.signing_keys().await,
         }
     }
 
@@ -394,6 +432,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match self {
             Self::Sqlite(s) => s.create_join_token(hash, id, expires_at, now).await,
+            Self::Postgres(s) => s.create_join_token(hash, id, expires_at, now).await,
         }
     }
 
@@ -411,6 +450,7 @@ impl Store {
     ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
         match self {
             Self::Sqlite(s) => s.consume_join_token(hash, now).await,
+            Self::Postgres(s) => s.consume_join_token(hash, now).await,
         }
     }
 
@@ -429,6 +469,7 @@ impl Store {
     ) -> Result<AuditRecord, StoreError> {
         match self {
             Self::Sqlite(s) => s.write(write, event).await,
+            Self::Postgres(s) => s.write(write, event).await,
         }
     }
 
@@ -443,6 +484,7 @@ impl Store {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         match self {
             Self::Sqlite(s) => s.audit_after(after, limit).await,
+            Self::Postgres(s) => s.audit_after(after, limit).await,
         }
     }
 
@@ -463,6 +505,10 @@ impl Store {
                 s.insert_policy_version(author, source, comment, yaml, now)
                     .await
             }
+            Self::Postgres(s) => {
+                s.insert_policy_version(author, source, comment, yaml, now)
+                    .await
+            }
         }
     }
 
@@ -476,6 +522,7 @@ impl Store {
     ) -> Result<Option<PolicyVersion>, StoreError> {
         match self {
             Self::Sqlite(s) => s.policy_version(version).await,
+            Self::Postgres(s) => s.policy_version(version).await,
         }
     }
 
@@ -486,6 +533,7 @@ impl Store {
     pub async fn policy_versions(&self, limit: u32) -> Result<Vec<PolicyVersion>, StoreError> {
         match self {
             Self::Sqlite(s) => s.policy_versions(limit).await,
+            Self::Postgres(s) => s.policy_versions(limit).await,
         }
     }
 
@@ -494,6 +542,7 @@ impl Store {
     pub fn tap_audit(&self, lines: tokio::sync::mpsc::UnboundedSender<String>) {
         match self {
             Self::Sqlite(s) => s.tap_audit(lines),
+            Self::Postgres(s) => s.tap_audit(lines),
         }
     }
 
@@ -504,6 +553,7 @@ impl Store {
     pub async fn audit_head(&self) -> Result<AuditHead, StoreError> {
         match self {
             Self::Sqlite(s) => s.audit_head().await,
+            Self::Postgres(s) => s.audit_head().await,
         }
     }
 
@@ -518,6 +568,7 @@ impl Store {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         match self {
             Self::Sqlite(s) => s.audit_query(filter, limit).await,
+            Self::Postgres(s) => s.audit_query(filter, limit).await,
         }
     }
 
@@ -533,6 +584,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         match self {
             Self::Sqlite(s) => s.append_change(kind, body, at_ms).await,
+            Self::Postgres(s) => s.append_change(kind, body, at_ms).await,
         }
     }
 
@@ -543,6 +595,7 @@ impl Store {
     pub async fn changes_after(&self, after: u64, limit: u32) -> Result<Vec<Change>, StoreError> {
         match self {
             Self::Sqlite(s) => s.changes_after(after, limit).await,
+            Self::Postgres(s) => s.changes_after(after, limit).await,
         }
     }
 
@@ -554,6 +607,7 @@ impl Store {
     pub async fn latest_changes(&self) -> Result<Vec<Change>, StoreError> {
         match self {
             Self::Sqlite(s) => s.latest_changes().await,
+            Self::Postgres(s) => s.latest_changes().await,
         }
     }
 
@@ -566,6 +620,7 @@ impl Store {
     pub async fn current_state(&self, now: u64) -> Result<Vec<Change>, StoreError> {
         match self {
             Self::Sqlite(s) => s.current_state(now).await,
+            Self::Postgres(s) => s.current_state(now).await,
         }
     }
 
@@ -576,6 +631,7 @@ impl Store {
     pub async fn token_exp(&self, jti: &str) -> Result<Option<u64>, StoreError> {
         match self {
             Self::Sqlite(s) => s.token_exp(jti).await,
+            Self::Postgres(s) => s.token_exp(jti).await,
         }
     }
 
@@ -586,6 +642,7 @@ impl Store {
     pub async fn count_issued(&self) -> Result<u64, StoreError> {
         match self {
             Self::Sqlite(s) => s.count_issued().await,
+            Self::Postgres(s) => s.count_issued().await,
         }
     }
 
@@ -596,6 +653,7 @@ impl Store {
     pub async fn live_svids(&self, now: u64) -> Result<u64, StoreError> {
         match self {
             Self::Sqlite(s) => s.live_svids(now).await,
+            Self::Postgres(s) => s.live_svids(now).await,
         }
     }
 
@@ -622,6 +680,7 @@ impl Store {
     ) -> Result<Vec<IssuedToken>, StoreError> {
         match self {
             Self::Sqlite(s) => s.live_tokens(filter, limit).await,
+            Self::Postgres(s) => s.live_tokens(filter, limit).await,
         }
     }
 
@@ -633,6 +692,7 @@ impl Store {
     pub async fn live_token_counts(&self, now: u64) -> Result<(u64, u64, u64), StoreError> {
         match self {
             Self::Sqlite(s) => s.live_token_counts(now).await,
+            Self::Postgres(s) => s.live_token_counts(now).await,
         }
     }
 
@@ -644,6 +704,7 @@ impl Store {
     pub async fn token_usage(&self, since: u64) -> Result<Vec<TokenUsage>, StoreError> {
         match self {
             Self::Sqlite(s) => s.token_usage(since).await,
+            Self::Postgres(s) => s.token_usage(since).await,
         }
     }
 
@@ -654,6 +715,7 @@ impl Store {
     pub async fn identities(&self, now: u64) -> Result<Vec<IdentityRecord>, StoreError> {
         match self {
             Self::Sqlite(s) => s.identities(now).await,
+            Self::Postgres(s) => s.identities(now).await,
         }
     }
 
@@ -670,6 +732,7 @@ impl Store {
     ) -> Result<Option<IssuedToken>, StoreError> {
         match self {
             Self::Sqlite(s) => s.token_by_jti(jti, hmac).await,
+            Self::Postgres(s) => s.token_by_jti(jti, hmac).await,
         }
     }
 }

@@ -61,6 +61,15 @@ pub async fn serve_broker_on(
     )
     .await
     .unwrap();
+    serve_store(store, settings, listener).await
+}
+
+/// A broker on `store` (SQLite or PostgreSQL), served on `listener`.
+pub async fn serve_store(
+    store: Store,
+    settings: BrokerSettings,
+    listener: tokio::net::TcpListener,
+) -> ServedBroker {
     let broker = Arc::new(
         Broker::open(settings, store, Arc::new(SystemClock))
             .await

@@ -1,0 +1,461 @@
+//! The PostgreSQL store on a real PostgreSQL (a throwaway cluster, or
+//! `TALLY_TEST_POSTGRES`): what the SQLite store guarantees, with two
+//! store handles writing at once as two broker replicas would; then two
+//! brokers on one database, where a revocation, a key rotation and a
+//! policy change made on one reach the other.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+use support::postgres::Postgres;
+use tally::audit::{AuditEvent, AuditKind, ChainVerifier, Outcome};
+use tally::identity::JoinToken;
+use tally::store::{
+    AuditFilter, IssuedToken, JoinTokenRefusal, Sealer, SigningKeyRecord, Store, SvidRecord,
+    TokenFilter, Write,
+};
+
+const NOW: u64 = 1_800_000_000;
+
+fn issued(i: u64, sub: &str) -> IssuedToken {
+    IssuedToken {
+        jti: format!("{NOW:09x}{i:06x}jti"),
+        sub: sub.into(),
+        aud: "spiffe://example.org/ns/pay/sa/payments".into(),
+        scope: "payments:read".into(),
+        class: "service".into(),
+        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into(),
+        iat: NOW,
+        exp: NOW + 300 + i,
+        kid: "k1".into(),
+        token_hmac: [u8::try_from(i % 256).unwrap(); 32],
+    }
+}
+
+async fn open(url: &str, key: &str) -> Store {
+    Store::open_postgres(url, Sealer::from_key_material(key.as_bytes()).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers() {
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let key = Sealer::generate_key_text().unwrap();
+    // Two handles on one database: two replicas.
+    let (a, b) = tokio::join!(open(&url, &key), open(&url, &key));
+    assert_eq!(a.schema_version().await.unwrap(), 6);
+    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 6);
+
+    // Secrets: whoever creates first, both read the same.
+    let (x, y) = tokio::join!(
+        a.secret_or_create("token-hmac", || vec![1u8; 32].into(), NOW),
+        b.secret_or_create("token-hmac", || vec![2u8; 32].into(), NOW)
+    );
+    assert_eq!(x.unwrap(), y.unwrap());
+
+    // Signing keys: sealed, retired, withdrawn.
+    let signing = tally::jose::SigningKey::generate().unwrap();
+    let pkcs8 = signing.to_pkcs8_der().unwrap();
+    a.insert_signing_key(&SigningKeyRecord {
+        kid: "k1".into(),
+        pkcs8: pkcs8.clone(),
+        created_at: NOW,
+        sign_from: NOW,
+        retired_at: None,
+        withdrawn_at: None,
+    })
+    .await
+    .unwrap();
+    b.retire_signing_key("k1", NOW + 50).await.unwrap();
+    a.withdraw_signing_key("k1", NOW + 10).await.unwrap();
+    let keys = b.signing_keys().await.unwrap();
+    assert_eq!(keys[0].pkcs8, pkcs8);
+    assert_eq!(
+        (keys[0].retired_at, keys[0].withdrawn_at),
+        (Some(NOW + 10), Some(NOW + 10))
+    );
+
+    // The CA: first writer wins unless replacing.
+    let (_, material) = tally::ca::Authority::generate(
+        &"spiffe://example.org".parse().unwrap(),
+        tally::ca::Lifetimes::default(),
+        NOW,
+    )
+    .unwrap();
+    assert!(a.save_ca(&material, false, NOW).await.unwrap());
+    assert!(!b.save_ca(&material, false, NOW).await.unwrap());
+    let loaded = b.load_ca().await.unwrap().unwrap();
+    assert_eq!(loaded.intermediate_cert_pem, material.intermediate_cert_pem);
+    assert_eq!(*loaded.intermediate_key_pem, *material.intermediate_key_pem);
+
+    // Join tokens: of eight concurrent uses on two replicas, one wins.
+    let token = JoinToken::generate().unwrap();
+    let id = "spiffe://example.org/ns/vm/sa/batch".parse().unwrap();
+    a.create_join_token(&token.hash(), &id, NOW + 600, NOW)
+        .await
+        .unwrap();
+    let mut uses = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let hash = token.hash();
+        uses.spawn(async move { store.consume_join_token(&hash, NOW + 1).await.unwrap() });
+    }
+    let mut won = 0;
+    while let Some(outcome) = uses.join_next().await {
+        match outcome.unwrap() {
+            Ok(got) => {
+                won += 1;
+                assert_eq!(got, id);
+            }
+            Err(refusal) => assert_eq!(refusal, JoinTokenRefusal::AlreadyUsed),
+        }
+    }
+    assert_eq!(won, 1);
+    let unknown = JoinToken::generate().unwrap();
+    assert_eq!(
+        a.consume_join_token(&unknown.hash(), NOW).await.unwrap(),
+        Err(JoinTokenRefusal::Unknown)
+    );
+
+    // 200 records from two replicas at once: one gapless chain.
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..200u64 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        writes.spawn(async move {
+            let sub = format!("spiffe://example.org/ns/n{}/sa/app", i % 4);
+            let write = if i % 10 == 0 {
+                Write::Svid(SvidRecord {
+                    serial: format!("{i:x}"),
+                    spiffe_id: sub,
+                    method: "join_token",
+                    issued_at: NOW,
+                    expires_at: NOW + 3600,
+                })
+            } else {
+                Write::Issued(issued(i, &sub))
+            };
+            let event = AuditEvent::new(AuditKind::TokenIssue, Outcome::Ok, NOW)
+                .actor("spiffe://example.org/ns/n0/sa/app")
+                .field("jti", format!("{NOW:09x}{i:06x}jti"));
+            store.record(Some(write), event).await.unwrap()
+        });
+    }
+    let mut seqs = Vec::new();
+    while let Some(done) = writes.join_next().await {
+        seqs.push(done.unwrap().seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>(), "no gaps, no repeats");
+    let head = a.audit_head().await.unwrap();
+    assert_eq!((head.chain_from, head.seq), (1, 200));
+    let mut verifier = ChainVerifier::new(1);
+    for record in b.audit_after(0, 1000).await.unwrap() {
+        verifier.push_record(&record).unwrap();
+    }
+    verifier.finish(head.seq, &head.hash).unwrap();
+
+    // Inventory queries.
+    assert_eq!(a.count_issued().await.unwrap(), 180);
+    assert_eq!(a.live_svids(NOW).await.unwrap(), 20);
+    let t = issued(7, "spiffe://example.org/ns/n3/sa/app");
+    assert_eq!(
+        b.token_by_jti(&t.jti, &t.token_hmac).await.unwrap(),
+        Some(t.clone())
+    );
+    assert_eq!(b.token_by_jti(&t.jti, &[0; 32]).await.unwrap(), None);
+    assert_eq!(a.token_exp(&t.jti).await.unwrap(), Some(t.exp));
+    let mut filter = TokenFilter {
+        now: NOW,
+        sub: Some("spiffe://example.org/ns/n1/sa/app".into()),
+        ..TokenFilter::default()
+    };
+    let mut pages = Vec::new();
+    loop {
+        let page = a.find_live_tokens(&filter, 7).await.unwrap();
+        let Some(last) = page.last() else { break };
+        filter.after = Some((last.exp, last.jti.clone()));
+        pages.extend(page);
+    }
+    assert_eq!(
+        pages.len(),
+        50,
+        "n1: every odd i with i % 4 == 1 (SVIDs are at i % 10 == 0)"
+    );
+    assert!(
+        pages
+            .windows(2)
+            .all(|w| (w[0].exp, &w[0].jti) < (w[1].exp, &w[1].jti))
+    );
+    filter.after = None;
+    filter.expires_by = Some(NOW + 320);
+    assert!(a.find_live_tokens(&filter, 100).await.unwrap().len() < 10);
+    assert_eq!(a.live_token_counts(NOW).await.unwrap(), (180, 4, 50));
+    let usage = a.token_usage(NOW - 10).await.unwrap();
+    assert_eq!(usage.iter().map(|u| u.count).sum::<u64>(), 180);
+    let ids = a.identities(NOW).await.unwrap();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.iter().map(|i| i.tokens).sum::<u64>(), 180);
+    assert!(ids.iter().all(|i| i.tokens == i.live_tokens));
+    assert!(ids.iter().any(|i| i.svids > 0 && i.method == "join_token"));
+
+    // Audit queries.
+    let q = |filter: AuditFilter| {
+        let a = a.clone();
+        async move { a.audit_query(&filter, 1000).await.unwrap().len() }
+    };
+    assert_eq!(
+        q(AuditFilter {
+            jti: Some(t.jti.clone()),
+            ..AuditFilter::default()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        q(AuditFilter {
+            kind: Some("token".into()),
+            sub: Some("spiffe://example.org/ns/n0/sa/app".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        200
+    );
+    assert_eq!(
+        q(AuditFilter {
+            kind: Some("token_issue".into()),
+            ..AuditFilter::default()
+        })
+        .await,
+        0
+    );
+
+    // The change feed: appends from both replicas get contiguous numbers,
+    // and each commit is announced on tally_changes.
+    let mut listener = a.listen_changes().await.unwrap().unwrap();
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..20u64 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        appends.spawn(async move {
+            let body = tally::token::Revocation {
+                target: tally::token::RevocationTarget::Jti(format!("j{i}")),
+                issued_before: NOW,
+                expires_at: if i == 0 { NOW - 1 } else { NOW + 60 },
+                reason: String::new(),
+            }
+            .to_json();
+            store
+                .append_change("revocation", &body, NOW * 1000)
+                .await
+                .unwrap()
+        });
+    }
+    while appends.join_next().await.is_some() {}
+    let feed = b.changes_after(0, 100).await.unwrap();
+    assert_eq!(
+        feed.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
+    let mut announced = std::collections::BTreeSet::new();
+    while announced.len() < 20 {
+        let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a NOTIFY for every commit")
+            .unwrap();
+        announced.insert(note.payload().parse::<u64>().unwrap());
+    }
+    a.append_change("jwks", "{\"keys\":[]}", NOW * 1000)
+        .await
+        .unwrap();
+    let state = b.current_state(NOW).await.unwrap();
+    assert_eq!(
+        state.iter().filter(|c| c.kind == "revocation").count(),
+        19,
+        "the expired entry is not in the state"
+    );
+    assert_eq!(state.last().unwrap().kind, "jwks");
+    assert_eq!(b.latest_changes().await.unwrap().len(), 2);
+
+    // Policy versions.
+    let v1 = a
+        .insert_policy_version("seed", "seed", "", "trust_domain: example.org\n", NOW)
+        .await
+        .unwrap();
+    let v2 = b
+        .insert_policy_version("spiffe://example.org/admin", "apply", "c", "x: 1\n", NOW)
+        .await
+        .unwrap();
+    assert_eq!((v1, v2), (1, 2));
+    assert_eq!(a.policy_version(None).await.unwrap().unwrap().version, 2);
+    assert_eq!(
+        a.policy_version(Some(1)).await.unwrap().unwrap().author,
+        "seed"
+    );
+    assert_eq!(b.policy_versions(10).await.unwrap().len(), 2);
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_broker_replicas_on_one_database_act_as_one() {
+    use support::broker::{channel_as, serve_store, settings};
+    use tally::sidecar::watch::{MeshState, follow};
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let key = Sealer::generate_key_text().unwrap();
+    let policy = include_str!("fixtures/policy.yaml");
+    let replica = || async {
+        let store = open(&url, &key).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        serve_store(store, settings(policy), listener).await
+    };
+    let a = replica().await;
+    let b = replica().await;
+    assert_eq!(a.broker.bundle_pem(), b.broker.bundle_pem(), "one CA");
+
+    // A sidecar follows replica B.
+    let channel = channel_as(&b, "spiffe://example.org/ns/pay/sa/payments");
+    let (state, rx) = tokio::sync::watch::channel(MeshState::default());
+    let follower = tokio::spawn(follow(
+        move || channel.clone(),
+        Arc::new(tally::clock::SystemClock),
+        state,
+    ));
+    let wait = |what: &'static str, f: fn(&MeshState) -> bool| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(f))
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+                .unwrap()
+                .clone()
+        }
+    };
+    wait("the initial state", |s| s.ready() && s.connected).await;
+
+    // A revocation made on A reaches the sidecar on B (LISTEN/NOTIFY).
+    let admin = "spiffe://example.org/admin".parse().unwrap();
+    let started = std::time::Instant::now();
+    a.broker
+        .revoke(
+            tally::token::RevocationTarget::Subject(
+                "spiffe://example.org/ns/shop/sa/checkout".parse().unwrap(),
+            ),
+            None,
+            "replica test",
+            &admin,
+        )
+        .await
+        .unwrap();
+    wait("the revocation from the other replica", |s| {
+        s.revocations_seen >= 1
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "delivered by NOTIFY, not the 5 s catch-up: {:?}",
+        started.elapsed()
+    );
+
+    // A key rotation on A: B signs with the new key too, and the sidecar
+    // on B learns it.
+    let (kid, _) = a.broker.rotate_signing_key(0, None).await.unwrap();
+    wait("the rotated JWKS", |s| {
+        s.jwks.as_ref().is_some_and(|j| j.len() == 2)
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.broker.jwks().get(&kid).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never took in the rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A policy applied on A is what B decides by.
+    let tightened = policy.replace("scopes: [payments:read]\n", "scopes: [payments:refund]\n");
+    a.broker
+        .apply_policy(&tightened, &admin, "replica test")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while *b.broker.policy() != tally::policy::Policy::parse(&tightened).unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never took in the policy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Both write one audit chain.
+    let checked = b.broker.verify_audit().await.unwrap();
+    assert!(checked.problem.is_none(), "{:?}", checked.problem);
+    drop(rx);
+    a.stop().await;
+    b.stop().await;
+    follower.await.unwrap();
+    drop(pg);
+}
+
+#[test]
+fn the_broker_binary_runs_on_postgres_and_never_shows_the_password() {
+    use support::broker::{POLICY_FILE, Spawned};
+    let pg = Postgres::start();
+    let url = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(pg.database());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start_with(&data, &["--policy", POLICY_FILE, "--database-url", &url]);
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("ctl")
+            .args(args)
+            .arg("--broker")
+            .arg(format!(
+                "https://{}",
+                broker.grpc.replace("127.0.0.1", "localhost")
+            ))
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let o = ctl(&[
+        "revoke",
+        "--sub",
+        "spiffe://example.org/ns/shop/sa/checkout",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = ctl(&["audit", "verify", "--output", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["intact"], true, "{report}");
+    // Nothing went to a SQLite file.
+    assert!(!data.join("tally.db").exists());
+    broker.kill();
+
+    // A URL with a password that cannot connect: refused, password unsaid.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["broker", "--trust-domain", "example.org", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .args(support::broker::EPHEMERAL_PORTS)
+        .args([
+            "--database-url",
+            "postgres://tally:hunter2@127.0.0.1:1/tally",
+        ])
+        .env_remove("TALLY_STORE_KEY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(err.contains("opening the PostgreSQL store"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    drop(pg);
+}
