@@ -405,6 +405,18 @@ impl Broker {
         Ok(broker)
     }
 
+    /// Wakes Watch streams for change `seq`; never moves backwards (another
+    /// replica's later change may have been seen first).
+    pub(crate) fn feed_advanced(&self, seq: u64) {
+        self.changes.send_if_modified(|v| {
+            let newer = seq > *v;
+            if newer {
+                *v = seq;
+            }
+            newer
+        });
+    }
+
     /// Feeds the JWKS, the trust bundle and the policy's access rules to
     /// Watch subscribers, each if it differs from what was last fed.
     ///
@@ -430,7 +442,7 @@ impl Broker {
             let seq = self.store.append_change(kind, &body, at_ms).await?;
             tracing::info!(kind, seq, "published a change to Watch subscribers");
             published.insert(kind, body);
-            self.changes.send_replace(seq);
+            self.feed_advanced(seq);
         }
         Ok(())
     }
@@ -841,7 +853,7 @@ impl Broker {
             .store
             .append_change("revocation", &revocation.to_json(), at_ms)
             .await?;
-        self.changes.send_replace(seq);
+        self.feed_advanced(seq);
         let (target_kind, value) = revocation.target.kind_and_value();
         let mut event = AuditEvent::new(AuditKind::Revoke, Outcome::Ok, now).actor(actor);
         if let RevocationTarget::Jti(jti) = &revocation.target {

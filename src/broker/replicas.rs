@@ -102,13 +102,7 @@ impl Broker {
             }
             seen = last;
         }
-        self.changes.send_if_modified(|v| {
-            let newer = seen > *v;
-            if newer {
-                *v = seen;
-            }
-            newer
-        });
+        self.feed_advanced(seen);
         seen
     }
 
