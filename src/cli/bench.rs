@@ -337,9 +337,14 @@ async fn issue(
     let _ = broker.0.wait();
     let key = std::fs::read(data.join("store.key")).map_err(|e| failed("store.key", e))?;
     let sealer = Sealer::from_key_material(&key).map_err(|e| failed("store.key", e))?;
-    let store = Store::open_sqlite(&data.join("tally.db"), sealer)
-        .await
-        .map_err(|e| failed("reopening the store", e))?;
+    // The broker inherits TALLY_DATABASE_URL: with it, the run measures
+    // the PostgreSQL store (use a fresh database: the count includes what
+    // was there before).
+    let store = match std::env::var("TALLY_DATABASE_URL") {
+        Ok(url) => Store::open_postgres(&url, sealer).await,
+        Err(_) => Store::open_sqlite(&data.join("tally.db"), sealer).await,
+    }
+    .map_err(|e| failed("reopening the store", e))?;
     let recorded = store
         .count_issued()
         .await
