@@ -1105,3 +1105,36 @@ async fn refusals_reach_the_audit_log_and_a_leaked_token_lookup_shows_them() {
     payments.sidecar.stop().await.unwrap();
     mesh.broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_sidecar_reports_its_last_refusals() {
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    // Reports every hour: only the flush at stop can deliver this one.
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                inbound_to: Some(app.addr),
+                report_every: Some(std::time::Duration::from_secs(3600)),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let inbound = payments.inbound.unwrap();
+    let answer = send(inbound, "GET", "/v1/charges/last-words", &[], "").await;
+    assert_eq!(answer.status, 401);
+    payments.sidecar.stop().await.unwrap();
+    let filter = tally::store::AuditFilter {
+        kind: Some("token.verify_failure".into()),
+        ..Default::default()
+    };
+    let records = mesh.broker.broker.query_audit(&filter, 10).await.unwrap();
+    assert_eq!(records.len(), 1, "delivered before stop returned");
+    assert!(
+        records[0].line.contains("/v1/charges/last-words"),
+        "{}",
+        records[0].line
+    );
+    mesh.broker.stop().await;
+}

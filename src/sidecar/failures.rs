@@ -191,20 +191,26 @@ pub fn merge(older: pb::FailureReport, newer: pb::FailureReport) -> pb::FailureR
 
 /// Every `every`, sends the interval's summary to the broker over the
 /// channel `channel` gives (the sidecar's current mTLS channel), until the
-/// log is dropped. While the broker cannot take it, summaries are merged
-/// into one pending summary, so an outage costs memory for at most
+/// log is dropped or `stop` turns true (then once more, for the last
+/// interval). While the broker cannot take it, summaries are merged into
+/// one pending summary, so an outage costs memory for at most
 /// [`MAX_RECORDS`] records and is delivered as one report.
 pub async fn report(
     log: std::sync::Weak<FailureLog>,
     every: Duration,
     channel: impl Fn() -> tonic::transport::Channel + Send + 'static,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut pending: Option<pb::FailureReport> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    loop {
-        tick.tick().await;
+    let mut last = false;
+    while !last {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => last = true,
+        }
         let Some(log) = log.upgrade() else {
             return;
         };

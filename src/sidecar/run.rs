@@ -86,6 +86,8 @@ pub struct Sidecar {
     parts: Arc<Parts>,
     stop: watch::Sender<bool>,
     servers: Vec<(&'static str, JoinHandle<std::io::Result<()>>)>,
+    /// Sends refusal summaries to the broker; flushes once at stop.
+    reporter: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Sidecar {
@@ -195,13 +197,14 @@ impl Sidecar {
             }
             _ => None,
         };
-        if let Some(inbound) = &inbound {
+        let reporter = inbound.as_ref().map(|inbound| {
             tokio::spawn(super::failures::report(
                 Arc::downgrade(inbound.failures()),
                 inbound.config().report_every,
                 move || reporter.channel(),
-            ));
-        }
+                stop.subscribe(),
+            ))
+        });
         let outbound = Outbound::new(Arc::clone(&api), settings.outbound);
         let revocation_lag = Arc::new(crate::metrics::Histogram::new(
             "tally_sidecar_revocation_lag_seconds",
@@ -268,6 +271,7 @@ impl Sidecar {
             parts,
             stop,
             servers,
+            reporter,
         })
     }
 
@@ -333,6 +337,11 @@ impl Sidecar {
             {
                 first = Err(std::io::Error::new(e.kind(), format!("{name}: {e}")));
             }
+        }
+        // The last interval's refusals, once the servers have stopped
+        // (bounded by the report's own timeout).
+        if let Some(reporter) = self.reporter.take() {
+            let _ = reporter.await;
         }
         first
     }

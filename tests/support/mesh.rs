@@ -106,6 +106,8 @@ pub struct Parts {
     pub deny_when_stale: bool,
     /// The sidecar's clock (the system clock when unset).
     pub clock: Option<Arc<dyn tally::clock::Clock>>,
+    /// How often refusals are reported (100 ms when unset).
+    pub report_every: Option<std::time::Duration>,
 }
 
 /// A started sidecar and where it listens.
@@ -178,7 +180,9 @@ impl Mesh {
                 let mut c = InboundConfig::new(up.to_string());
                 c.deny_when_stale = parts.deny_when_stale;
                 // Refusals reach the broker's audit log quickly.
-                c.report_every = std::time::Duration::from_millis(100);
+                c.report_every = parts
+                    .report_every
+                    .unwrap_or(std::time::Duration::from_millis(100));
                 c
             }),
             inbound_nonces: parts.nonces,
