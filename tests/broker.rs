@@ -327,6 +327,50 @@ async fn an_allowed_request_gets_a_bound_verifiable_recorded_token() {
     let live = r.broker.store().live_tokens(now, 10).await.unwrap();
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].jti, issued.jti);
+
+    // Once retention prunes it from the inventory, the leaked-token lookup
+    // still finds it, from its issuance record, and still not a forgery.
+    let found = r
+        .broker
+        .lookup_token(&issued.access_token)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!found.from_audit);
+    let pruned = r
+        .broker
+        .store()
+        .prune_inventory(claims.exp + 1, 100)
+        .await
+        .unwrap();
+    assert!(pruned >= 1);
+    assert!(
+        r.broker
+            .store()
+            .live_tokens(now, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = r
+        .broker
+        .lookup_token(&issued.access_token)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.from_audit);
+    assert_eq!(
+        (
+            again.token.jti.as_str(),
+            again.token.sub.as_str(),
+            again.token.exp
+        ),
+        (issued.jti.as_str(), CHECKOUT, claims.exp)
+    );
+    assert_eq!(again.token.scope, "payments:charge");
+    assert_eq!(again.token.jkt, key.thumbprint().to_string());
+    let forged = format!("{}A", issued.access_token);
+    assert!(r.broker.lookup_token(&forged).await.unwrap().is_none());
     r.stop().await;
 }
 

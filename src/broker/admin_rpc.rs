@@ -598,6 +598,7 @@ impl pb::admin_server::Admin for AdminService {
             kid: t.kid,
             revoked: found.revoked,
             records: found.records.into_iter().map(|r| r.line).collect(),
+            from_audit_log: found.from_audit,
         }))
     }
 

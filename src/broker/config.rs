@@ -76,6 +76,12 @@ pub struct BrokerFlags {
     /// Rotate the token-signing key after it has signed this long [default: 24h].
     #[arg(long, env = "TALLY_KEY_ROTATION")]
     pub key_rotation: Option<String>,
+    /// Keep expired tokens, SVIDs and join tokens in the inventory this
+    /// long, then delete them [default: 90d]. `ctl review` and `ctl
+    /// identities` see only what is kept; the audit log keeps everything
+    /// (and `ctl audit lookup` finds a pruned token by its issuance record).
+    #[arg(long, env = "TALLY_INVENTORY_RETENTION")]
+    pub inventory_retention: Option<String>,
     /// X.509-SVID lifetime, e.g. 1h.
     #[arg(long, env = "TALLY_SVID_TTL")]
     pub svid_ttl: Option<String>,
@@ -138,6 +144,8 @@ pub struct BrokerConfig {
     pub svid_ttl: u64,
     /// Signing-key rotation period in seconds.
     pub key_rotation: u64,
+    /// How long expired inventory rows are kept, in seconds.
+    pub inventory_retention: u64,
     /// Supplied root CA certificate and key files.
     pub ca_root: Option<(PathBuf, PathBuf)>,
     /// ServiceAccount JWKS file, issuer and audience (if given), when SA
@@ -160,6 +168,7 @@ const KEYS: &[&str] = &[
     "issuer",
     "svid_ttl",
     "key_rotation",
+    "inventory_retention",
     "ca_cert",
     "ca_key",
     "sa_jwks",
@@ -224,6 +233,17 @@ impl BrokerConfig {
                     "key_rotation {rotation_text:?} must be a duration from 10m to 90d"
                 ));
                 None
+            }
+        };
+        let retention_text = one(flags.inventory_retention.clone(), "inventory_retention")
+            .unwrap_or_else(|| "90d".into());
+        let inventory_retention = match humantime::parse_duration(&retention_text) {
+            Ok(d) if (86_400..=3_650 * 86_400).contains(&d.as_secs()) => d.as_secs(),
+            _ => {
+                errors.push(format!(
+                    "inventory_retention {retention_text:?} must be a duration from 1d to 3650d"
+                ));
+                0
             }
         };
         let dns_names = if flags.dns_names.is_empty() {
@@ -308,6 +328,7 @@ impl BrokerConfig {
             issuer,
             svid_ttl: svid_ttl.unwrap_or_else(|| unreachable!("checked above")),
             key_rotation: key_rotation.unwrap_or_else(|| unreachable!("checked above")),
+            inventory_retention,
             ca_root,
             sa,
         })
@@ -327,6 +348,16 @@ mod tests {
         assert_eq!(c.svid_ttl, 3600);
         assert_eq!(c.policy_source, PolicySourceChoice::Store);
         assert_eq!(c.database_url, None);
+        assert_eq!(c.inventory_retention, 90 * 86_400);
+        let short = BrokerFlags {
+            inventory_retention: Some("1h".into()),
+            ..BrokerFlags::default()
+        };
+        let errors = BrokerConfig::resolve(&short, None).unwrap_err();
+        assert!(
+            errors[0].contains("inventory_retention \"1h\""),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct TokenLookup {
     pub revoked: bool,
     /// Every audit record naming it, oldest first.
     pub records: Vec<AuditRecord>,
+    /// The inventory had pruned it (past retention): what is known comes
+    /// from its issuance record in the audit log.
+    pub from_audit: bool,
 }
 
 impl Broker {
@@ -86,20 +89,76 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::Store`].
     pub async fn lookup_token(&self, token: &str) -> Result<Option<TokenLookup>, BrokerError> {
-        let Some((token, revoked)) = self.find_token(token).await? else {
+        let found = self.find_token(token).await?;
+        let Some(jti) = found
+            .as_ref()
+            .map(|(t, _)| t.jti.clone())
+            .or_else(|| super::unverified_jti(token))
+        else {
             return Ok(None);
         };
         let filter = AuditFilter {
-            jti: Some(token.jti.clone()),
+            jti: Some(jti),
             ..AuditFilter::default()
         };
         let records = self.store.audit_query(&filter, LOOKUP_RECORDS).await?;
+        if let Some((token, revoked)) = found {
+            return Ok(Some(TokenLookup {
+                token,
+                revoked,
+                records,
+                from_audit: false,
+            }));
+        }
+        // Pruned from the inventory: its issuance record has the same
+        // keyed hash, so a forgery still finds nothing.
+        let hmac = crate::audit::hex(&self.token_hmac(token));
+        let Some(issued) = records
+            .iter()
+            .filter(|r| r.kind == crate::audit::AuditKind::TokenIssue.as_str())
+            .filter_map(|r| {
+                serde_json::from_str::<serde_json::Value>(&r.line)
+                    .ok()
+                    .map(|v| (r, v))
+            })
+            .find(|(_, v)| v["outcome"] == "ok" && v["token_hmac"] == hmac.as_str())
+            .and_then(|(r, v)| issued_from_record(r, &v))
+        else {
+            return Ok(None);
+        };
+        let set = self.revocations_in_force().await?;
         Ok(Some(TokenLookup {
-            token,
-            revoked,
+            revoked: super::is_revoked(&set, &issued),
+            token: issued,
             records,
+            from_audit: true,
         }))
     }
+}
+
+/// An inventory record rebuilt from a token's issuance audit record.
+fn issued_from_record(record: &AuditRecord, v: &serde_json::Value) -> Option<IssuedToken> {
+    let text = |k: &str| v[k].as_str().map(str::to_owned);
+    let hmac = text("token_hmac")?;
+    let mut token_hmac = [0u8; 32];
+    if hmac.len() != 64 {
+        return None;
+    }
+    for (i, byte) in token_hmac.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hmac.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(IssuedToken {
+        jti: text("jti")?,
+        sub: text("actor")?,
+        aud: text("audience")?,
+        scope: text("scope")?,
+        class: text("class")?,
+        jkt: text("jkt")?,
+        iat: record.at,
+        exp: v["exp"].as_u64()?,
+        kid: text("kid")?,
+        token_hmac,
+    })
 }
 
 /// Why a policy change was refused.

@@ -65,7 +65,7 @@ pub enum BrokerError {
 
 /// The `jti` claim of a compact JWS, read without verifying anything
 /// (bounded: at most 8 KiB of token).
-fn unverified_jti(token: &str) -> Option<String> {
+pub(crate) fn unverified_jti(token: &str) -> Option<String> {
     if token.len() > 8 * 1024 {
         return None;
     }
@@ -177,6 +177,9 @@ pub struct BrokerSettings {
     /// Publish a new key this long before it signs (seconds; default 10
     /// min), so verifiers polling the JWKS have it in time.
     pub key_publish_lead: u64,
+    /// Expired inventory rows are deleted this long after they expire
+    /// (seconds; default 90 days).
+    pub inventory_retention: u64,
     /// Whether `POST /oauth2/token` demands a server-issued DPoP nonce
     /// (RFC 9449 §8), which bounds how long a pre-made proof is usable.
     pub token_endpoint_nonce: bool,
@@ -209,6 +212,7 @@ impl BrokerSettings {
             ca_root: None,
             key_rotation: 86_400,
             key_publish_lead: 600,
+            inventory_retention: 90 * 86_400,
             token_endpoint_nonce: true,
         })
     }
@@ -478,6 +482,15 @@ impl Broker {
         }
         if let Some(certs) = self.server_certs.get() {
             certs.renew_if_due(self, now).map_err(BrokerError::Config)?;
+        }
+        // Expired inventory past retention, a bounded batch per run.
+        let before = now.saturating_sub(self.settings.inventory_retention);
+        match self.store.prune_inventory(before, 10_000).await {
+            Ok(0) => {}
+            Ok(gone) => tracing::info!(gone, before, "pruned expired inventory rows"),
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning the inventory failed; retrying at the next run")
+            }
         }
         let rotated = if due {
             let (kid, _) = self

@@ -316,6 +316,7 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
                     "scope": found.scope, "class": found.class, "jkt": found.jkt,
                     "iat": found.iat, "exp": found.exp, "kid": found.kid,
                     "revoked": found.revoked, "records": records,
+                    "from_audit_log": found.from_audit_log,
                 })
             );
         }
@@ -336,6 +337,9 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
             say!("dpop key {} (jkt)", found.jkt);
             say!("signed   {} (kid)", found.kid);
             say!("state    {state}");
+            if found.from_audit_log {
+                say!("         (expired and pruned from the inventory: from its issuance record)");
+            }
             say!("records naming it: {}", found.records.len());
             print_records(&found.records, Output::Table);
         }

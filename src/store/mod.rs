@@ -696,6 +696,20 @@ impl Store {
         }
     }
 
+    /// Deletes at most `limit` each of tokens and SVIDs that expired before
+    /// `before`, and join tokens that did; returns how many rows went.
+    /// The audit log keeps its records (and so `audit lookup` still finds
+    /// a pruned token by the HMAC in its issuance record).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn prune_inventory(&self, before: u64, limit: u32) -> Result<u64, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.prune_inventory(before, limit).await,
+            Self::Postgres(s) => s.prune_inventory(before, limit).await,
+        }
+    }
+
     /// Tokens issued since `since`, counted per holder, audience, scopes
     /// and class (for access review).
     ///

@@ -655,6 +655,26 @@ impl PgStore {
         rows.iter().map(issued_from_row).collect()
     }
 
+    pub(super) async fn prune_inventory(&self, before: u64, limit: u32) -> Result<u64, StoreError> {
+        let mut gone = 0;
+        for sql in [
+            "DELETE FROM issued_tokens WHERE jti IN \
+             (SELECT jti FROM issued_tokens WHERE exp < $1 ORDER BY exp LIMIT $2)",
+            "DELETE FROM svids WHERE serial IN \
+             (SELECT serial FROM svids WHERE expires_at < $1 ORDER BY expires_at LIMIT $2)",
+            "DELETE FROM join_tokens WHERE hash IN \
+             (SELECT hash FROM join_tokens WHERE expires_at < $1 LIMIT $2)",
+        ] {
+            gone += sqlx::query(sql)
+                .bind(db_time(before))
+                .bind(i64::from(limit))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        Ok(gone)
+    }
+
     pub(super) async fn live_token_counts(&self, now: u64) -> Result<(u64, u64, u64), StoreError> {
         let row = sqlx::query(
             "SELECT COALESCE(SUM(n), 0)::bigint AS total, COUNT(*) AS holders, COALESCE(MAX(n), 0) AS most \
