@@ -84,23 +84,30 @@ impl Broker {
     /// wakes this replica's Watch subscribers; returns the last sequence
     /// read.
     async fn catch_up(self: &Arc<Self>, mut seen: u64) -> u64 {
+        // Only the newest change of each kind matters (it supersedes the
+        // others), and comparing only it with what this replica published
+        // last keeps an older change of ours from looking foreign.
+        let mut newest: std::collections::BTreeMap<String, Change> = Default::default();
         loop {
             let changes = match self.store.changes_after(seen, 1000).await {
                 Ok(changes) => changes,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the change feed failed");
-                    return seen;
+                    break;
                 }
             };
             let Some(last) = changes.last().map(|c| c.seq) else {
                 break;
             };
-            for change in &changes {
-                if let Err(e) = self.take_in(change).await {
-                    tracing::error!(kind = change.kind, seq = change.seq, error = %e, "could not take in another replica's change");
-                }
+            for change in changes {
+                newest.insert(change.kind.clone(), change);
             }
             seen = last;
+        }
+        for change in newest.values() {
+            if let Err(e) = self.take_in(change).await {
+                tracing::error!(kind = change.kind, seq = change.seq, error = %e, "could not take in another replica's change");
+            }
         }
         self.feed_advanced(seen);
         seen
