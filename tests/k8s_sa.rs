@@ -311,3 +311,83 @@ async fn without_a_configured_jwks_sa_tokens_are_refused_as_a_precondition() {
     assert!(err.message().contains("--sa-jwks"), "{}", err.message());
     served.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_whose_svid_expired_while_the_broker_was_away_attests_again() {
+    use tally::sidecar::identity::{Attestation, IdentityClient, keep_renewed};
+    let c = Cluster::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings("trust_domain: example.org\n");
+    settings.service_accounts = Some((c.keys(), config()));
+    // A two-second SVID, so it can expire within the test.
+    settings.svid_ttl = 2;
+    let key = Sealer::generate_key_text().unwrap();
+    let served = serve_broker(dir.path(), &key, settings, "127.0.0.1:0").await;
+    let front = support::partition::Partition::start(served.addr).await;
+
+    // The kubelet's projected token, valid for ten minutes of real time.
+    let now = SystemClock.now();
+    let mut claims = claims("shop", "checkout");
+    claims["iat"] = now.into();
+    claims["nbf"] = now.into();
+    claims["exp"] = (now + 600).into();
+    let token_file = dir.path().join("sa-token");
+    std::fs::write(
+        &token_file,
+        c.sign_rs256(&json!({"alg": "RS256", "kid": "rsa-1"}), &claims),
+    )
+    .unwrap();
+    let how = Attestation::ServiceAccountTokenFile(token_file);
+    let client = IdentityClient::new(
+        format!("https://localhost:{}", front.addr.port()),
+        served.broker.bundle_pem(),
+    );
+    let first = client.attest(&how, now).await.unwrap();
+
+    // The broker is unreachable for longer than the SVID lives.
+    front.cut();
+    let (updates, mut rx) = tokio::sync::watch::channel(Arc::new(first.clone()));
+    let renewer = tokio::spawn(keep_renewed(
+        client,
+        Arc::new(SystemClock),
+        updates,
+        Some(how),
+    ));
+    let until_expired = (first.expires_at + 1).saturating_sub(SystemClock.now());
+    tokio::time::sleep(std::time::Duration::from_secs(until_expired)).await;
+    assert_eq!(
+        rx.borrow().expires_at,
+        first.expires_at,
+        "nothing renewed while cut off"
+    );
+    front.heal();
+
+    // Back: a new SVID for the same workload, by attesting again.
+    let next = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        rx.wait_for(|s| s.expires_at > first.expires_at),
+    )
+    .await
+    .expect("attested again after the broker came back")
+    .unwrap()
+    .clone();
+    assert_eq!(next.spiffe_id, first.spiffe_id);
+    let attests = served
+        .broker
+        .store()
+        .audit_after(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r.line.contains("\"method\":\"k8s_sa\"") && r.line.contains("\"outcome\":\"ok\"")
+        })
+        .count();
+    assert!(
+        attests >= 2,
+        "the first attestation and the one after expiry"
+    );
+    drop(rx);
+    renewer.abort();
+    served.stop().await;
+}

@@ -41,7 +41,12 @@ async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
 
     // Kept renewed: a new SVID (new key) for the same ID before expiry.
     let (updates, mut rx) = tokio::sync::watch::channel(Arc::new(first.clone()));
-    let renewer = tokio::spawn(keep_renewed(client.clone(), Arc::new(SystemClock), updates));
+    let renewer = tokio::spawn(keep_renewed(
+        client.clone(),
+        Arc::new(SystemClock),
+        updates,
+        None,
+    ));
     tokio::time::timeout(Duration::from_secs(4), rx.changed())
         .await
         .expect("renewed before the 4 s SVID expired")

@@ -7,6 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 use support::broker::{channel_as, serve_broker, settings};
+use support::partition::Partition;
 use tally::clock::SystemClock;
 use tally::sidecar::watch::{MeshState, follow};
 use tally::store::Sealer;
@@ -125,61 +126,6 @@ async fn a_sidecar_receives_only_its_own_access_rules_and_their_changes() {
     drop(rx);
     served.stop().await;
     follower.await.unwrap();
-}
-
-/// A TCP forwarder to `target` that can cut every connection and refuse
-/// new ones (a network partition), then let them through again.
-struct Partition {
-    addr: std::net::SocketAddr,
-    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
-    cut: Arc<std::sync::atomic::AtomicBool>,
-    open: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Partition {
-    async fn start(target: std::net::SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let target = Arc::new(std::sync::Mutex::new(target));
-        let (c, o, t) = (Arc::clone(&cut), Arc::clone(&open), Arc::clone(&target));
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if c.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: connection reset
-                }
-                let target = *t.lock().unwrap();
-                o.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                }));
-            }
-        });
-        Self {
-            addr,
-            target,
-            cut,
-            open,
-        }
-    }
-
-    /// Sends new connections to `target` (the broker restarted elsewhere).
-    fn retarget(&self, target: std::net::SocketAddr) {
-        *self.target.lock().unwrap() = target;
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for conn in self.open.lock().unwrap().drain(..) {
-            conn.abort();
-        }
-    }
-
-    fn heal(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,13 +270,17 @@ fn svid_from(
 
 /// Keeps an SVID current: renews at [`renew_at`], retries with
 /// [`backoff`] while the broker is unreachable, publishes each new SVID on
-/// the returned channel. Stops when every receiver is gone, or when the
-/// SVID expired without renewal (the channel then holds the expired one,
-/// which readiness checks see).
+/// the returned channel. If the SVID expires unrenewed (the broker was
+/// away longer than its life), attests again with `reattest` when given (a
+/// ServiceAccount token file, which the kubelet keeps fresh), retrying
+/// with backoff; without it (a join token is single-use) it stops, and the
+/// channel holds the expired SVID, which readiness checks see. Stops when
+/// every receiver is gone.
 pub async fn keep_renewed(
     client: IdentityClient,
     clock: Arc<dyn crate::clock::Clock>,
     updates: tokio::sync::watch::Sender<Arc<Svid>>,
+    reattest: Option<Attestation>,
 ) {
     let mut attempt = 0;
     loop {
@@ -290,11 +294,19 @@ pub async fn keep_renewed(
             }
         }
         let now = clock.now();
-        if now >= current.expires_at {
-            tracing::error!(spiffe_id = %current.spiffe_id, "the X.509-SVID expired before it could be renewed");
+        let expired = now >= current.expires_at;
+        if expired && reattest.is_none() {
+            tracing::error!(spiffe_id = %current.spiffe_id, "the X.509-SVID expired before it could be renewed; restart the sidecar with a new join token");
             return;
         }
-        match client.renew(&current, now).await {
+        let next = match (&reattest, expired) {
+            (Some(how), true) => {
+                tracing::warn!(spiffe_id = %current.spiffe_id, "the X.509-SVID expired before it could be renewed; attesting again");
+                client.attest(how, now).await
+            }
+            _ => client.renew(&current, now).await,
+        };
+        match next {
             Ok(next) => {
                 attempt = 0;
                 tracing::info!(spiffe_id = %next.spiffe_id, expires_at = next.expires_at, "renewed the X.509-SVID");
@@ -303,9 +315,13 @@ pub async fn keep_renewed(
                 }
             }
             Err(e) => {
-                let wait = backoff(attempt, random_unit()).min(Duration::from_secs(
-                    current.expires_at.saturating_sub(now).max(1),
-                ));
+                // Before expiry, never wait past it; after, plain backoff.
+                let left = current.expires_at.saturating_sub(now).max(1);
+                let wait = if expired {
+                    backoff(attempt, random_unit())
+                } else {
+                    backoff(attempt, random_unit()).min(Duration::from_secs(left))
+                };
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in = ?wait, expires_at = current.expires_at, "renewing the X.509-SVID failed; keeping the current one");
                 tokio::select! {

@@ -158,7 +158,19 @@ impl Sidecar {
         };
         let (stop, _) = watch::channel(false);
         let (svids, svid_rx) = watch::channel(Arc::new(svid));
-        tokio::spawn(keep_renewed(identity.clone(), Arc::clone(&clock), svids));
+        // Only a ServiceAccount token can prove the identity again: a join
+        // token is spent.
+        let reattest = matches!(
+            settings.attestation,
+            Attestation::ServiceAccountTokenFile(_)
+        )
+        .then(|| settings.attestation.clone());
+        tokio::spawn(keep_renewed(
+            identity.clone(),
+            Arc::clone(&clock),
+            svids,
+            reattest,
+        ));
         tokio::spawn(follow_renewals(
             svid_rx.clone(),
             identity,

@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod mesh;
+pub mod partition;
 pub mod postgres;
 
 use serde_json::{Value, json};
