@@ -49,6 +49,17 @@ async fn audit_query(broker: &Broker, caller: &SpiffeId, what: &str) {
         .await;
 }
 
+/// A query condition: empty means none; too long is refused, never
+/// ignored (ignoring it would widen the query).
+fn condition(text: String, what: &str) -> Result<Option<String>, Status> {
+    if text.len() > 512 {
+        return Err(Status::invalid_argument(format!(
+            "{what} is longer than 512 bytes"
+        )));
+    }
+    Ok(Some(text).filter(|s| !s.is_empty()))
+}
+
 fn unix(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
@@ -272,12 +283,6 @@ impl pb::admin_server::Admin for AdminService {
                 )));
             }
         };
-        let text = |s: String, what: &str| -> Result<Option<String>, Status> {
-            if s.len() > 512 {
-                return Err(Status::invalid_argument(format!("{what} is too long")));
-            }
-            Ok(Some(s).filter(|s| !s.is_empty()))
-        };
         let time = |t: i64, what: &str| -> Result<Option<u64>, Status> {
             match t {
                 0 => Ok(None),
@@ -288,11 +293,11 @@ impl pb::admin_server::Admin for AdminService {
         };
         let filter = AuditFilter {
             after: q.after,
-            jti: text(q.jti, "jti")?,
-            kind: text(q.kind, "kind")?,
+            jti: condition(q.jti, "jti")?,
+            kind: condition(q.kind, "kind")?,
             since: time(q.since, "since")?,
             until: time(q.until, "until")?,
-            sub: text(q.sub, "sub")?,
+            sub: condition(q.sub, "sub")?,
         };
         let records = broker
             .query_audit(&filter, limit)
@@ -404,15 +409,15 @@ impl pb::admin_server::Admin for AdminService {
             l => l.min(1000),
         };
         let now = broker.clock.now();
-        let given = |s: String| Some(s).filter(|s| !s.is_empty() && s.len() <= 512);
         let filter = crate::store::TokenFilter {
             now,
-            sub: given(q.sub),
-            aud: given(q.aud),
-            class: given(q.class),
+            sub: condition(q.sub, "sub")?,
+            aud: condition(q.aud, "aud")?,
+            class: condition(q.class, "class")?,
             expires_by: (q.expiring_within_seconds > 0)
                 .then(|| now.saturating_add(q.expiring_within_seconds)),
-            after: given(q.after_jti).map(|j| (u64::try_from(q.after_exp).unwrap_or(0), j)),
+            after: condition(q.after_jti, "after_jti")?
+                .map(|j| (u64::try_from(q.after_exp).unwrap_or(0), j)),
         };
         let found = broker
             .store
