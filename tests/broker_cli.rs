@@ -391,6 +391,11 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
         &["tokens", "list", "--expiring-within", "soon"],
     );
     assert_eq!(o.status.code(), Some(64));
+    // An overlong condition is refused, not dropped (which would list all).
+    let long = format!("spiffe://example.org/{}", "x".repeat(600));
+    let o = ctl(&broker, &data, &["tokens", "list", "--sub", &long]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("longer than 512"), "{}", text(&o));
     let o = ctl(&broker, &data, &["identities", "list", "--output", "json"]);
     let ids: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let checkout_row = ids
