@@ -40,6 +40,8 @@ pub enum AuditKind {
     VerifyFailure,
     /// A call to the Admin service (`outcome` denied: not an admin).
     AdminCall,
+    /// The beginning of the audit log was archived and removed.
+    AuditTruncate,
 }
 
 impl AuditKind {
@@ -59,6 +61,7 @@ impl AuditKind {
             Self::AdminQuery => "admin.query",
             Self::VerifyFailure => "token.verify_failure",
             Self::AdminCall => "admin.call",
+            Self::AuditTruncate => "audit.truncate",
         }
     }
 }
@@ -275,6 +278,15 @@ impl ChainVerifier {
         }
     }
 
+    /// A verifier for a chain whose first record is `first_seq`, carrying
+    /// `anchor` (the hash of the last record archived before it).
+    pub fn anchored(first_seq: u64, anchor: ChainHash) -> Self {
+        Self {
+            prev: anchor,
+            ..Self::new(first_seq)
+        }
+    }
+
     /// A verifier for a file that may start mid-chain (rotated logs): the
     /// first record is taken as given, and the chain is checked from it.
     pub fn from_first_record() -> Self {
@@ -388,6 +400,13 @@ impl ChainVerifier {
     /// The last record checked and its hash (the chain's head).
     pub fn head(&self) -> (u64, ChainHash) {
         (self.next_seq.saturating_sub(1), self.prev)
+    }
+}
+
+impl ChainHash {
+    /// From 64 hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        parse_hash(text)
     }
 }
 
@@ -563,6 +582,23 @@ mod tests {
             verify(&lines).unwrap_err(),
             ChainBreak::Unreadable { line: 2, .. }
         ));
+    }
+
+    #[test]
+    fn a_chain_kept_after_an_archive_verifies_from_its_anchor() {
+        let lines = chain(6);
+        let anchor = ChainHash::of(&lines[2]);
+        let mut v = ChainVerifier::anchored(4, anchor);
+        for line in &lines[3..] {
+            v.push(line).unwrap();
+        }
+        v.finish(6, &ChainHash::of(&lines[5])).unwrap();
+        // A wrong anchor shows at the first kept record.
+        let mut v = ChainVerifier::anchored(4, ChainHash::GENESIS);
+        assert_eq!(
+            v.push(&lines[3]).unwrap_err(),
+            ChainBreak::Altered { seq: 3, next: 4 }
+        );
     }
 
     #[test]

@@ -1243,3 +1243,121 @@ async fn ca_rotate_replaces_the_intermediate_without_cutting_off_existing_svids(
         "{audit}"
     );
 }
+
+#[test]
+fn the_beginning_of_the_audit_log_is_archived_then_removed_and_the_rest_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start(&data);
+    for _ in 0..6 {
+        assert_eq!(
+            ctl(&broker, &data, &["keys", "list"]).status.code(),
+            Some(0)
+        );
+    }
+    let archive = dir.path().join("audit-1-4.jsonl");
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "export",
+            "--through",
+            "4",
+            "--out",
+            archive.to_str().unwrap(),
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("exported records 1 to 4 (4)"), "{out}");
+    let sha = out
+        .split("record 4 sha256 ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    // The archive verifies on its own and ends at the exported hash.
+    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["ctl", "audit", "verify", "--output", "json", "--file"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (report["intact"].as_bool(), report["head_seq"].as_u64()),
+        (Some(true), Some(4))
+    );
+    assert_eq!(report["head_sha256"], sha.as_str());
+    // Exporting over an existing file is refused.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "export",
+            "--through",
+            "4",
+            "--out",
+            archive.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(64));
+
+    // A wrong hash removes nothing.
+    let wrong = "0".repeat(64);
+    let o = ctl(
+        &broker,
+        &data,
+        &["audit", "truncate", "--through", "4", "--sha256", &wrong],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("export it again"));
+    let o = ctl(
+        &broker,
+        &data,
+        &["audit", "truncate", "--through", "4", "--sha256", &sha],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("removed 4 archived records"), "{out}");
+
+    // What is left verifies from the archive's last hash, and the removal
+    // is on record.
+    let o = ctl(&broker, &data, &["audit", "verify", "--output", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["intact"], true, "{report}");
+    assert_eq!(report["chain_from"], 5);
+    assert_eq!(report["anchor_sha256"], sha.as_str());
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "query",
+            "--type",
+            "audit.truncate",
+            "--output",
+            "json",
+        ],
+    );
+    let records: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(records[0]["through"], 4);
+    assert_eq!(records[0]["anchor"], sha.as_str());
+    let o = ctl(&broker, &data, &["audit", "query", "--output", "json"]);
+    let left: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(left[0]["seq"], 5, "records 1 to 4 are gone from the store");
+    assert_eq!(broker.stop().0, Some(0));
+}

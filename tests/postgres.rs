@@ -46,8 +46,8 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
     let key = Sealer::generate_key_text().unwrap();
     // Two handles on one database: two replicas.
     let (a, b) = tokio::join!(open(&url, &key), open(&url, &key));
-    assert_eq!(a.schema_version().await.unwrap(), 6);
-    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 6);
+    assert_eq!(a.schema_version().await.unwrap(), 7);
+    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 7);
 
     // Secrets: whoever creates first, both read the same.
     let (x, y) = tokio::join!(
@@ -156,6 +156,24 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
         verifier.push_record(&record).unwrap();
     }
     verifier.finish(head.seq, &head.hash).unwrap();
+    // Archive the first 100 and remove them: the rest verifies from the
+    // anchor; a wrong hash removes nothing.
+    let hundredth = b.audit_after(99, 1).await.unwrap().remove(0);
+    let anchor = tally::audit::ChainHash::of(&hundredth.line);
+    assert!(matches!(
+        a.truncate_audit(100, &tally::audit::ChainHash::GENESIS)
+            .await,
+        Err(tally::store::StoreError::Refused(_))
+    ));
+    assert_eq!(b.truncate_audit(100, &anchor).await.unwrap(), 100);
+    let head = a.audit_head().await.unwrap();
+    assert_eq!((head.chain_from, head.anchor), (101, anchor));
+    let mut verifier = ChainVerifier::anchored(101, anchor);
+    for record in a.audit_after(0, 1000).await.unwrap() {
+        verifier.push_record(&record).unwrap();
+    }
+    verifier.finish(head.seq, &head.hash).unwrap();
+    assert_eq!(verifier.checked(), 100);
 
     // Inventory queries.
     assert_eq!(a.count_issued().await.unwrap(), 180);
@@ -201,14 +219,16 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
     assert!(ids.iter().all(|i| i.tokens == i.live_tokens));
     assert!(ids.iter().any(|i| i.svids > 0 && i.method == "join_token"));
 
-    // Audit queries.
+    // Audit queries (over the 100 records kept).
     let q = |filter: AuditFilter| {
         let a = a.clone();
         async move { a.audit_query(&filter, 1000).await.unwrap().len() }
     };
+    let kept = a.audit_after(149, 1).await.unwrap().remove(0);
+    let kept: serde_json::Value = serde_json::from_str(&kept.line).unwrap();
     assert_eq!(
         q(AuditFilter {
-            jti: Some(t.jti.clone()),
+            jti: Some(kept["jti"].as_str().unwrap().to_owned()),
             ..AuditFilter::default()
         })
         .await,
@@ -221,7 +241,7 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
             ..AuditFilter::default()
         })
         .await,
-        200
+        100
     );
     assert_eq!(
         q(AuditFilter {

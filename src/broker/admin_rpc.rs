@@ -263,6 +263,7 @@ impl pb::admin_server::Admin for AdminService {
             chain_from: checked.chain_from,
             head_seq: checked.head.seq,
             head_sha256: checked.head.hash.to_string(),
+            anchor_sha256: checked.head.anchor.to_string(),
             problem: checked.problem.map(|p| p.to_string()).unwrap_or_default(),
         }))
     }
@@ -559,6 +560,30 @@ impl pb::admin_server::Admin for AdminService {
             })?;
         Ok(Response::new(pb::RotateIntermediateResponse {
             intermediate_expires_at: unix(expires_at),
+        }))
+    }
+
+    async fn truncate_audit(
+        &self,
+        request: Request<pb::TruncateAuditRequest>,
+    ) -> Result<Response<pb::TruncateAuditResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "TruncateAudit").await?;
+        let body = request.into_inner();
+        let expect = crate::audit::ChainHash::parse(&body.sha256)
+            .ok_or_else(|| Status::invalid_argument("sha256 must be 64 hex digits"))?;
+        let removed = broker
+            .truncate_audit(body.through_seq, &expect, &caller)
+            .await
+            .map_err(|e| match e {
+                super::BrokerError::Store(crate::store::StoreError::Refused(why)) => {
+                    Status::failed_precondition(why)
+                }
+                other => internal("removing archived audit records", other),
+            })?;
+        Ok(Response::new(pb::TruncateAuditResponse {
+            removed,
+            chain_from: body.through_seq + 1,
         }))
     }
 

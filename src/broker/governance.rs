@@ -46,7 +46,7 @@ impl Broker {
     /// [`BrokerError::Store`]; a broken chain is an `Ok` with a problem.
     pub async fn verify_audit(&self) -> Result<AuditVerification, BrokerError> {
         let head = self.store.audit_head().await?;
-        let mut verifier = ChainVerifier::new(head.chain_from);
+        let mut verifier = ChainVerifier::anchored(head.chain_from, head.anchor);
         let mut after = head.chain_from.saturating_sub(1);
         let problem = 'check: loop {
             let page = self.store.audit_after(after, VERIFY_PAGE).await?;
@@ -68,6 +68,33 @@ impl Broker {
             head,
             problem,
         })
+    }
+
+    /// Removes the audit records up to `through`, which the caller has
+    /// archived (`expect` is the hash of record `through` in its copy), and
+    /// audits that it did. Returns how many records went.
+    ///
+    /// # Errors
+    /// [`BrokerError::Store`], with [`crate::store::StoreError::Refused`]
+    /// for a wrong range or hash.
+    pub async fn truncate_audit(
+        &self,
+        through: u64,
+        expect: &crate::audit::ChainHash,
+        actor: &crate::identity::SpiffeId,
+    ) -> Result<u64, BrokerError> {
+        use crate::audit::{AuditEvent, AuditKind, Outcome};
+        let gone = self.store.truncate_audit(through, expect).await?;
+        self.audit(
+            AuditEvent::new(AuditKind::AuditTruncate, Outcome::Ok, self.clock.now())
+                .actor(actor)
+                .field("through", through)
+                .field("anchor", expect.to_string())
+                .field("removed", gone),
+        )
+        .await;
+        tracing::warn!(through, removed = gone, admin = %actor, "archived audit records removed from the store");
+        Ok(gone)
     }
 
     /// Audit records matching `filter`, at most `limit`.

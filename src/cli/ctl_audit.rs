@@ -30,6 +30,28 @@ pub enum AuditCommand {
     },
     /// Records matching every condition given, oldest first.
     Query(QueryArgs),
+    /// Write the records up to --through to a new JSON-lines file (the
+    /// archive), and print what `audit truncate` needs to remove them from
+    /// the store.
+    Export {
+        /// The last record to export.
+        #[arg(long)]
+        through: u64,
+        /// The archive file (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Remove the records up to --through from the store, once archived:
+    /// --sha256 is the hash of record --through as `audit export` printed
+    /// it. The chain stays checkable from the first kept record.
+    Truncate {
+        /// The last record to remove.
+        #[arg(long)]
+        through: u64,
+        /// The SHA-256 (hex) of that record's line.
+        #[arg(long)]
+        sha256: String,
+    },
     /// From a token string alone (a leaked one): whom it was issued to,
     /// when, for what, whether it is revoked, and every record naming it.
     Lookup {
@@ -77,6 +99,24 @@ pub(super) fn run(conn: &BrokerConnection, command: AuditCommand) -> Result<Exit
         } => verify_file(&file, output),
         AuditCommand::Verify { file: None, output } => verify_store(conn, output),
         AuditCommand::Query(args) => query(conn, args),
+        AuditCommand::Export { through, out } => export(conn, through, &out),
+        AuditCommand::Truncate { through, sha256 } => block_on(async {
+            let done = admin_client(conn)
+                .await?
+                .truncate_audit(pb::TruncateAuditRequest {
+                    through_seq: through,
+                    sha256,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            say!(
+                "removed {} archived records; the store's log now starts at record {}",
+                done.removed,
+                done.chain_from
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
         AuditCommand::Lookup { token, output } => lookup(conn, &token, output),
     }
 }
@@ -99,9 +139,78 @@ fn verify_store(conn: &BrokerConnection, output: Output) -> Result<ExitCode, Cli
             "chain_from": report.chain_from,
             "head_seq": report.head_seq,
             "head_sha256": report.head_sha256,
+            "anchor_sha256": report.anchor_sha256,
             "problem": problem,
         }),
     )
+}
+
+/// `tally ctl audit export`: pages of records into a new file, checked as
+/// they are written (a chain that does not hold is not archived).
+fn export(conn: &BrokerConnection, through: u64, out: &Path) -> Result<ExitCode, CliError> {
+    use std::io::Write as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", out.display())))?;
+    let exported = block_on(async {
+        let mut admin = admin_client(conn).await?;
+        let mut verifier = ChainVerifier::from_first_record();
+        let mut request = pb::QueryAuditRequest {
+            limit: 1000,
+            ..pb::QueryAuditRequest::default()
+        };
+        let mut first = None;
+        'pages: loop {
+            let page = admin
+                .query_audit(request.clone())
+                .await
+                .map_err(refused)?
+                .into_inner();
+            for line in &page.records {
+                let seq = verifier
+                    .push(line)
+                    .map_err(|e| CliError::Failed(format!("not exported: {e}")))?;
+                if seq > through {
+                    break 'pages;
+                }
+                first.get_or_insert(seq);
+                writeln!(file, "{line}")
+                    .map_err(|e| CliError::Failed(format!("{}: {e}", out.display())))?;
+                if seq == through {
+                    break 'pages;
+                }
+            }
+            if page.next_after == 0 {
+                break;
+            }
+            request.after = page.next_after;
+        }
+        file.sync_all()
+            .map_err(|e| CliError::Failed(format!("{}: {e}", out.display())))?;
+        let (last, hash) = verifier.head();
+        if last != through {
+            return Err(CliError::Failed(format!(
+                "the store's log has no record {through} (the last read was {last}); nothing exported"
+            )));
+        }
+        Ok((first.unwrap_or(0), verifier.checked(), hash))
+    });
+    let (first, count, last_hash) = match exported {
+        Ok(done) => done,
+        Err(e) => {
+            // No half archive left behind to be mistaken for a whole one.
+            let _ = std::fs::remove_file(out);
+            return Err(e);
+        }
+    };
+    say!(
+        "exported records {first} to {through} ({count}) to {}; record {through} sha256 {last_hash}",
+        out.display()
+    );
+    say!("keep it safe, then: tally ctl audit truncate --through {through} --sha256 {last_hash}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints a verification report; exit 1 when the chain is broken.
@@ -126,8 +235,9 @@ fn verdict(output: Output, report: &Value) -> Result<ExitCode, CliError> {
             }
             if report["chain_from"].as_u64().is_some_and(|c| c > 1) {
                 say!(
-                    "records before {} were written before the chain and are not covered",
-                    report["chain_from"]
+                    "records before {} are not covered by this check (archived, or written before the chain); the first record checked chains from {}",
+                    report["chain_from"],
+                    report["anchor_sha256"].as_str().unwrap_or("")
                 );
             }
         }

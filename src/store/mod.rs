@@ -47,6 +47,9 @@ pub enum StoreError {
     /// A group commit failed; nothing in it was recorded.
     #[error("recording issued tokens failed: {0}")]
     WriteFailed(String),
+    /// The request does not fit what is stored (the reason says how).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Why a join token was not accepted. Each case is audited; callers see
@@ -157,6 +160,9 @@ pub struct AuditHead {
     pub seq: u64,
     /// The SHA-256 of its line.
     pub hash: ChainHash,
+    /// What the first kept record carries as `prev`: zeros, or the hash of
+    /// the last record archived and removed.
+    pub anchor: ChainHash,
 }
 
 /// Which audit records a query wants; every condition given must hold.
@@ -554,6 +560,25 @@ impl Store {
         match self {
             Self::Sqlite(s) => s.audit_head().await,
             Self::Postgres(s) => s.audit_head().await,
+        }
+    }
+
+    /// Removes the audit records up to `through` (archived elsewhere
+    /// first), if record `through` hashes to `expect` (proof the caller
+    /// holds what goes); the chain then starts after it, anchored on that
+    /// hash. Returns how many records went.
+    ///
+    /// # Errors
+    /// [`StoreError::Refused`] when the range or the hash is wrong;
+    /// [`StoreError`] otherwise.
+    pub async fn truncate_audit(
+        &self,
+        through: u64,
+        expect: &ChainHash,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.truncate_audit(through, expect).await,
+            Self::Postgres(s) => s.truncate_audit(through, expect).await,
         }
     }
 

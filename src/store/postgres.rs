@@ -40,9 +40,10 @@ const QUEUE: usize = 8192;
 /// Schema, as migrations. A PostgreSQL store starts at the SQLite store's
 /// version 6 (no earlier PostgreSQL deployments exist); later migrations
 /// carry the same numbers in both.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    6,
-    "
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        6,
+        "
 CREATE TABLE secrets (
     name        TEXT PRIMARY KEY,
     sealed      BYTEA NOT NULL,
@@ -131,7 +132,14 @@ CREATE TABLE policy_versions (
     yaml        TEXT NOT NULL
 );
 ",
-)];
+    ),
+    (
+        7,
+        "
+ALTER TABLE audit_head ADD COLUMN anchor BYTEA NOT NULL DEFAULT decode(repeat('00', 32), 'hex');
+",
+    ),
+];
 
 /// One queued write and its answer.
 struct Pending {
@@ -448,10 +456,52 @@ impl PgStore {
     }
 
     pub(super) async fn audit_head(&self) -> Result<AuditHead, StoreError> {
-        let row = sqlx::query("SELECT chain_from, seq, hash FROM audit_head WHERE id = 1")
+        let row = sqlx::query("SELECT chain_from, seq, hash, anchor FROM audit_head WHERE id = 1")
             .fetch_one(&self.pool)
             .await?;
         head_from_row(&row)
+    }
+
+    pub(super) async fn truncate_audit(
+        &self,
+        through: u64,
+        expect: &ChainHash,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let head = sqlx::query(
+            "SELECT chain_from, seq, hash, anchor FROM audit_head WHERE id = 1 FOR UPDATE",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let head = head_from_row(&head)?;
+        if through < head.chain_from || through > head.seq {
+            return Err(StoreError::Refused(format!(
+                "record {through} is not in the log (records {} to {})",
+                head.chain_from, head.seq
+            )));
+        }
+        let line: String = sqlx::query_scalar("SELECT line FROM audit WHERE seq = $1")
+            .bind(db_time(through))
+            .fetch_one(&mut *tx)
+            .await?;
+        if ChainHash::of(&line) != *expect {
+            return Err(StoreError::Refused(format!(
+                "record {through} hashes to {}, not {expect}: export it again",
+                ChainHash::of(&line)
+            )));
+        }
+        let gone = sqlx::query("DELETE FROM audit WHERE seq <= $1")
+            .bind(db_time(through))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE audit_head SET chain_from = $1, anchor = $2 WHERE id = 1")
+            .bind(db_time(through + 1))
+            .bind(&expect.0[..])
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(gone)
     }
 
     pub(super) async fn audit_query(
@@ -788,14 +838,18 @@ impl PgStore {
 }
 
 fn head_from_row(row: &PgRow) -> Result<AuditHead, StoreError> {
-    let hash: Vec<u8> = row.try_get("hash")?;
+    let hash = |column: &str| -> Result<ChainHash, StoreError> {
+        let bytes: Vec<u8> = row.try_get(column)?;
+        bytes
+            .try_into()
+            .map(ChainHash)
+            .map_err(|_| StoreError::Corrupt(format!("audit head {column} is not 32 bytes")))
+    };
     Ok(AuditHead {
         chain_from: time_of(row, "chain_from")?,
         seq: time_of(row, "seq")?,
-        hash: ChainHash(
-            hash.try_into()
-                .map_err(|_| StoreError::Corrupt("audit head hash is not 32 bytes".into()))?,
-        ),
+        hash: hash("hash")?,
+        anchor: hash("anchor")?,
     })
 }
 

@@ -151,6 +151,16 @@ CREATE TABLE policy_versions (
 );
 ",
     ),
+    (
+        7,
+        "
+-- The audit log's beginning can be archived and removed: `anchor` is the
+-- hash of the last removed record, which the first kept one (`chain_from`)
+-- carries as `prev`.
+ALTER TABLE audit_head ADD COLUMN anchor BLOB NOT NULL
+    DEFAULT X'0000000000000000000000000000000000000000000000000000000000000000';
+",
+    ),
 ];
 
 /// The newest schema this build knows.

@@ -185,6 +185,46 @@ impl SqliteStore {
         audit_head(&self.pool).await
     }
 
+    pub(super) async fn truncate_audit(
+        &self,
+        through: u64,
+        expect: &ChainHash,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let head = sqlx::query("SELECT chain_from, seq, hash, anchor FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let head = head_from_row(&head)?;
+        if through < head.chain_from || through > head.seq {
+            return Err(StoreError::Refused(format!(
+                "record {through} is not in the log (records {} to {})",
+                head.chain_from, head.seq
+            )));
+        }
+        let line: String = sqlx::query_scalar("SELECT line FROM audit WHERE seq = ?")
+            .bind(db_time(through))
+            .fetch_one(&mut *tx)
+            .await?;
+        if ChainHash::of(&line) != *expect {
+            return Err(StoreError::Refused(format!(
+                "record {through} hashes to {}, not {expect}: export it again",
+                ChainHash::of(&line)
+            )));
+        }
+        let gone = sqlx::query("DELETE FROM audit WHERE seq <= ?")
+            .bind(db_time(through))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE audit_head SET chain_from = ?, anchor = ? WHERE id = 1")
+            .bind(db_time(through + 1))
+            .bind(&expect.0[..])
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(gone)
+    }
+
     pub(super) async fn audit_query(
         &self,
         filter: &AuditFilter,
@@ -774,17 +814,25 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
 }
 
 async fn audit_head(pool: &SqlitePool) -> Result<AuditHead, StoreError> {
-    let row = sqlx::query("SELECT chain_from, seq, hash FROM audit_head WHERE id = 1")
+    let row = sqlx::query("SELECT chain_from, seq, hash, anchor FROM audit_head WHERE id = 1")
         .fetch_one(pool)
         .await?;
-    let hash: Vec<u8> = row.try_get("hash")?;
+    head_from_row(&row)
+}
+
+fn head_from_row(row: &SqliteRow) -> Result<AuditHead, StoreError> {
+    let hash = |column: &str| -> Result<ChainHash, StoreError> {
+        let bytes: Vec<u8> = row.try_get(column)?;
+        bytes
+            .try_into()
+            .map(ChainHash)
+            .map_err(|_| StoreError::Corrupt(format!("audit head {column} is not 32 bytes")))
+    };
     Ok(AuditHead {
-        chain_from: time_of(&row, "chain_from")?,
-        seq: time_of(&row, "seq")?,
-        hash: ChainHash(
-            hash.try_into()
-                .map_err(|_| StoreError::Corrupt("audit head hash is not 32 bytes".into()))?,
-        ),
+        chain_from: time_of(row, "chain_from")?,
+        seq: time_of(row, "seq")?,
+        hash: hash("hash")?,
+        anchor: hash("anchor")?,
     })
 }
 
