@@ -79,7 +79,7 @@ pub enum CtlCommand {
     /// it as soon as its Watch stream delivers it.
     Revoke(RevokeArgs),
     /// The audit log: check its hash chain, query it, look up a leaked
-    /// token.
+    /// token, archive its beginning.
     #[command(subcommand)]
     Audit(super::ctl_audit::AuditCommand),
     /// Live tokens in the inventory.

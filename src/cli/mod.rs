@@ -61,8 +61,9 @@ pub enum Command {
     Client(client::ClientArgs),
     /// Run the Kubernetes admission webhook (not in this build yet).
     Injector(NotYet),
-    /// Administer: trust policy tools (offline), join tokens, credentials
-    /// and key rotation (on a running broker, as an admin).
+    /// Administer: trust policy (check and explain offline; versions on the
+    /// broker), join tokens, credentials, keys and CA, revocation, audit,
+    /// inventory and access review (on a running broker, as an admin).
     Ctl(ctl::CtlArgs),
     /// Run the loopback demo: a broker, two sidecars and two apps, and a
     /// narrated tour of what DPoP-bound tokens stop.
