@@ -8,6 +8,7 @@
 //! (committed, fsynced) before the call returns.
 
 pub mod postgres;
+mod rows;
 mod schema;
 pub mod seal;
 pub mod sqlite;

@@ -16,6 +16,10 @@
 //! Durability is PostgreSQL's: a commit returns after its WAL is flushed
 //! (`synchronous_commit = on`, the default).
 
+use super::rows::{
+    audit_from_row, change_from_row, head_from_row, identities_from_rows, issued_from_row,
+    policy_from_row, time_of, usage_from_row,
+};
 use super::{
     AuditFilter, AuditHead, Change, IdentityRecord, IssuedToken, JoinTokenRefusal, PolicyVersion,
     Sealer, SigningKeyRecord, StoreError, TokenFilter, TokenUsage, Write,
@@ -23,7 +27,7 @@ use super::{
 use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
 use crate::identity::{JoinTokenHash, SpiffeId};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection as _, Row};
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,11 +166,6 @@ pub struct PgStore {
 
 fn db_time(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
-}
-
-fn time_of(row: &PgRow, column: &str) -> Result<u64, StoreError> {
-    let v: i64 = row.try_get(column)?;
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative value in {column}")))
 }
 
 impl PgStore {
@@ -749,19 +748,7 @@ impl PgStore {
         .bind(db_time(since))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(TokenUsage {
-                    sub: row.try_get("sub")?,
-                    aud: row.try_get("aud")?,
-                    scope: row.try_get("scope")?,
-                    class: row.try_get("class")?,
-                    count: time_of(row, "n")?,
-                    longest_life: time_of(row, "longest")?,
-                    last_issued: time_of(row, "last")?,
-                })
-            })
-            .collect()
+        rows.iter().map(usage_from_row).collect()
     }
 
     pub(super) async fn identities(&self, now: u64) -> Result<Vec<IdentityRecord>, StoreError> {
@@ -781,43 +768,7 @@ impl PgStore {
         .bind(db_time(now))
         .fetch_all(&self.pool)
         .await?;
-        let mut by_id = std::collections::BTreeMap::new();
-        for row in &svids {
-            let id: String = row.try_get("spiffe_id")?;
-            by_id.insert(
-                id.clone(),
-                IdentityRecord {
-                    spiffe_id: id,
-                    first_seen: time_of(row, "first")?,
-                    last_svid_at: Some(time_of(row, "last")?),
-                    svid_expires_at: Some(time_of(row, "expires")?),
-                    svids: time_of(row, "n")?,
-                    method: row.try_get("method")?,
-                    last_token_at: None,
-                    tokens: 0,
-                    live_tokens: 0,
-                },
-            );
-        }
-        for row in &tokens {
-            let id: String = row.try_get("sub")?;
-            let last = time_of(row, "last")?;
-            let entry = by_id.entry(id.clone()).or_insert_with(|| IdentityRecord {
-                spiffe_id: id,
-                first_seen: last,
-                last_svid_at: None,
-                svid_expires_at: None,
-                svids: 0,
-                method: String::new(),
-                last_token_at: None,
-                tokens: 0,
-                live_tokens: 0,
-            });
-            entry.last_token_at = Some(last);
-            entry.tokens = time_of(row, "n")?;
-            entry.live_tokens = time_of(row, "live")?;
-        }
-        Ok(by_id.into_values().collect())
+        identities_from_rows(&svids, &tokens)
     }
 
     pub(super) async fn token_by_jti(
@@ -835,69 +786,6 @@ impl PgStore {
         .await?;
         row.as_ref().map(issued_from_row).transpose()
     }
-}
-
-fn head_from_row(row: &PgRow) -> Result<AuditHead, StoreError> {
-    let hash = |column: &str| -> Result<ChainHash, StoreError> {
-        let bytes: Vec<u8> = row.try_get(column)?;
-        bytes
-            .try_into()
-            .map(ChainHash)
-            .map_err(|_| StoreError::Corrupt(format!("audit head {column} is not 32 bytes")))
-    };
-    Ok(AuditHead {
-        chain_from: time_of(row, "chain_from")?,
-        seq: time_of(row, "seq")?,
-        hash: hash("hash")?,
-        anchor: hash("anchor")?,
-    })
-}
-
-fn audit_from_row(row: &PgRow) -> Result<AuditRecord, StoreError> {
-    Ok(AuditRecord {
-        seq: time_of(row, "seq")?,
-        at: time_of(row, "at")?,
-        kind: row.try_get("kind")?,
-        line: row.try_get("line")?,
-    })
-}
-
-fn policy_from_row(row: &PgRow) -> Result<PolicyVersion, StoreError> {
-    Ok(PolicyVersion {
-        version: time_of(row, "version")?,
-        created_at: time_of(row, "created_at")?,
-        author: row.try_get("author")?,
-        source: row.try_get("source")?,
-        comment: row.try_get("comment")?,
-        yaml: row.try_get("yaml")?,
-    })
-}
-
-fn change_from_row(row: &PgRow) -> Result<Change, StoreError> {
-    Ok(Change {
-        seq: time_of(row, "seq")?,
-        at_ms: time_of(row, "at_ms")?,
-        kind: row.try_get("kind")?,
-        body: row.try_get("body")?,
-    })
-}
-
-fn issued_from_row(row: &PgRow) -> Result<IssuedToken, StoreError> {
-    let hmac: Vec<u8> = row.try_get("token_hmac")?;
-    Ok(IssuedToken {
-        jti: row.try_get("jti")?,
-        sub: row.try_get("sub")?,
-        aud: row.try_get("aud")?,
-        scope: row.try_get("scope")?,
-        class: row.try_get("class")?,
-        jkt: row.try_get("jkt")?,
-        iat: time_of(row, "iat")?,
-        exp: time_of(row, "exp")?,
-        kid: row.try_get("kid")?,
-        token_hmac: hmac
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("token_hmac is not 32 bytes".into()))?,
-    })
 }
 
 /// Applies the migrations not yet applied. Replicas starting together
@@ -981,49 +869,20 @@ async fn group_commit(pool: PgPool, mut queue: mpsc::Receiver<Pending>, tap: Tap
 }
 
 async fn commit_batch(pool: &PgPool, batch: &[Pending]) -> Result<Vec<AuditRecord>, sqlx::Error> {
-    use serde_json::{Value, json};
+    use serde_json::Value;
     let mut tx = pool.begin().await?;
     let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         .fetch_one(&mut *tx)
         .await?;
     let last: i64 = head.try_get("seq")?;
     let hash: Vec<u8> = head.try_get("hash")?;
-    let mut prev = ChainHash(
+    let prev = ChainHash(
         hash.try_into()
             .map_err(|_| sqlx::Error::Protocol("audit head hash is not 32 bytes".into()))?,
     );
     let first = u64::try_from(last).unwrap_or(0) + 1;
-    let records: Vec<AuditRecord> = batch
-        .iter()
-        .zip(first..)
-        .map(|(p, seq)| {
-            let line = p.event.to_line(seq, &prev);
-            prev = ChainHash::of(&line);
-            AuditRecord {
-                seq,
-                at: p.event.at,
-                kind: p.event.kind.as_str().to_owned(),
-                line,
-            }
-        })
-        .collect();
-    let mut issued = Vec::new();
-    let mut svids = Vec::new();
-    for p in batch {
-        match &p.write {
-            Some(Write::Issued(t)) => issued.push(json!({
-                "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
-                "class": t.class, "jkt": t.jkt, "iat": db_time(t.iat),
-                "exp": db_time(t.exp), "kid": t.kid,
-                "token_hmac": crate::audit::hex(&t.token_hmac),
-            })),
-            Some(Write::Svid(v)) => svids.push(json!({
-                "serial": v.serial, "spiffe_id": v.spiffe_id, "method": v.method,
-                "issued_at": db_time(v.issued_at), "expires_at": db_time(v.expires_at),
-            })),
-            None => {}
-        }
-    }
+    let (records, head) = super::rows::chain_records(batch.iter().map(|p| &p.event), first, prev);
+    let (issued, svids, audit) = super::rows::batch_rows(batch.iter().map(|p| &p.write), &records);
     if !issued.is_empty() {
         sqlx::query(
             "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
@@ -1046,12 +905,6 @@ async fn commit_batch(pool: &PgPool, batch: &[Pending]) -> Result<Vec<AuditRecor
         .execute(&mut *tx)
         .await?;
     }
-    let audit: Vec<Value> = records
-        .iter()
-        .map(
-            |r| json!({"seq": db_time(r.seq), "at": db_time(r.at), "kind": r.kind, "line": r.line}),
-        )
-        .collect();
     sqlx::query(
         "INSERT INTO audit (seq, at, kind, line) SELECT seq, at, kind, line \
          FROM jsonb_to_recordset($1::jsonb) AS x(seq bigint, at bigint, kind text, line text)",
@@ -1062,7 +915,7 @@ async fn commit_batch(pool: &PgPool, batch: &[Pending]) -> Result<Vec<AuditRecor
     if let Some(last) = records.last() {
         sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
             .bind(db_time(last.seq))
-            .bind(&prev.0[..])
+            .bind(&head.0[..])
             .execute(&mut *tx)
             .await?;
     }

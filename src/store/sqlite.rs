@@ -4,6 +4,10 @@
 //! queued up as a single transaction (group commit), so one fsync covers
 //! many issuances.
 
+use super::rows::{
+    audit_from_row, change_from_row, head_from_row, identities_from_rows, issued_from_row,
+    policy_from_row, time_of, usage_from_row,
+};
 use super::schema::{MIGRATIONS, latest};
 use super::{
     AuditFilter, AuditHead, Change, IdentityRecord, IssuedToken, JoinTokenRefusal, PolicyVersion,
@@ -12,10 +16,10 @@ use super::{
 use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
 use crate::identity::{JoinTokenHash, SpiffeId};
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, sqlite::SqliteRow};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,11 +57,6 @@ pub struct SqliteStore {
 
 fn db_time(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
-}
-
-fn time_of(row: &SqliteRow, column: &str) -> Result<u64, StoreError> {
-    let v: i64 = row.try_get(column)?;
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative time in {column}")))
 }
 
 impl SqliteStore {
@@ -650,19 +649,7 @@ impl SqliteStore {
         .bind(db_time(since))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(TokenUsage {
-                    sub: row.try_get("sub")?,
-                    aud: row.try_get("aud")?,
-                    scope: row.try_get("scope")?,
-                    class: row.try_get("class")?,
-                    count: time_of(row, "n")?,
-                    longest_life: time_of(row, "longest")?,
-                    last_issued: time_of(row, "last")?,
-                })
-            })
-            .collect()
+        rows.iter().map(usage_from_row).collect()
     }
 
     pub(super) async fn identities(&self, now: u64) -> Result<Vec<IdentityRecord>, StoreError> {
@@ -682,44 +669,7 @@ impl SqliteStore {
         .bind(db_time(now))
         .fetch_all(&self.pool)
         .await?;
-        let mut by_id: std::collections::BTreeMap<String, IdentityRecord> =
-            std::collections::BTreeMap::new();
-        for row in &svids {
-            let id: String = row.try_get("spiffe_id")?;
-            by_id.insert(
-                id.clone(),
-                IdentityRecord {
-                    spiffe_id: id,
-                    first_seen: time_of(row, "first")?,
-                    last_svid_at: Some(time_of(row, "last")?),
-                    svid_expires_at: Some(time_of(row, "expires")?),
-                    svids: time_of(row, "n")?,
-                    method: row.try_get("method")?,
-                    last_token_at: None,
-                    tokens: 0,
-                    live_tokens: 0,
-                },
-            );
-        }
-        for row in &tokens {
-            let id: String = row.try_get("sub")?;
-            let last = time_of(row, "last")?;
-            let entry = by_id.entry(id.clone()).or_insert_with(|| IdentityRecord {
-                spiffe_id: id,
-                first_seen: last,
-                last_svid_at: None,
-                svid_expires_at: None,
-                svids: 0,
-                method: String::new(),
-                last_token_at: None,
-                tokens: 0,
-                live_tokens: 0,
-            });
-            entry.last_token_at = Some(last);
-            entry.tokens = time_of(row, "n")?;
-            entry.live_tokens = time_of(row, "live")?;
-        }
-        Ok(by_id.into_values().collect())
+        identities_from_rows(&svids, &tokens)
     }
 
     pub(super) async fn token_by_jti(
@@ -737,33 +687,6 @@ impl SqliteStore {
         .await?;
         row.as_ref().map(issued_from_row).transpose()
     }
-}
-
-fn change_from_row(row: &SqliteRow) -> Result<Change, StoreError> {
-    Ok(Change {
-        seq: time_of(row, "seq")?,
-        at_ms: time_of(row, "at_ms")?,
-        kind: row.try_get("kind")?,
-        body: row.try_get("body")?,
-    })
-}
-
-fn issued_from_row(row: &SqliteRow) -> Result<IssuedToken, StoreError> {
-    let hmac: Vec<u8> = row.try_get("token_hmac")?;
-    Ok(IssuedToken {
-        jti: row.try_get("jti")?,
-        sub: row.try_get("sub")?,
-        aud: row.try_get("aud")?,
-        scope: row.try_get("scope")?,
-        class: row.try_get("class")?,
-        jkt: row.try_get("jkt")?,
-        iat: time_of(row, "iat")?,
-        exp: time_of(row, "exp")?,
-        kid: row.try_get("kid")?,
-        token_hmac: hmac
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("token_hmac is not 32 bytes".into()))?,
-    })
 }
 
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
@@ -793,47 +716,11 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn policy_from_row(row: &SqliteRow) -> Result<PolicyVersion, StoreError> {
-    Ok(PolicyVersion {
-        version: time_of(row, "version")?,
-        created_at: time_of(row, "created_at")?,
-        author: row.try_get("author")?,
-        source: row.try_get("source")?,
-        comment: row.try_get("comment")?,
-        yaml: row.try_get("yaml")?,
-    })
-}
-
-fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
-    Ok(AuditRecord {
-        seq: time_of(row, "seq")?,
-        at: time_of(row, "at")?,
-        kind: row.try_get("kind")?,
-        line: row.try_get("line")?,
-    })
-}
-
 async fn audit_head(pool: &SqlitePool) -> Result<AuditHead, StoreError> {
     let row = sqlx::query("SELECT chain_from, seq, hash, anchor FROM audit_head WHERE id = 1")
         .fetch_one(pool)
         .await?;
     head_from_row(&row)
-}
-
-fn head_from_row(row: &SqliteRow) -> Result<AuditHead, StoreError> {
-    let hash = |column: &str| -> Result<ChainHash, StoreError> {
-        let bytes: Vec<u8> = row.try_get(column)?;
-        bytes
-            .try_into()
-            .map(ChainHash)
-            .map_err(|_| StoreError::Corrupt(format!("audit head {column} is not 32 bytes")))
-    };
-    Ok(AuditHead {
-        chain_from: time_of(row, "chain_from")?,
-        seq: time_of(row, "seq")?,
-        hash: hash("hash")?,
-        anchor: hash("anchor")?,
-    })
 }
 
 /// Where the audit chain stands: the next record's number and the hash it
@@ -899,21 +786,8 @@ async fn group_commit(
                 Err(_) => break,
             }
         }
-        let mut prev = chain.prev;
-        let records: Vec<AuditRecord> = batch
-            .iter()
-            .zip(chain.next_seq..)
-            .map(|(p, seq)| {
-                let line = p.event.to_line(seq, &prev);
-                prev = ChainHash::of(&line);
-                AuditRecord {
-                    seq,
-                    at: p.event.at,
-                    kind: p.event.kind.as_str().to_owned(),
-                    line,
-                }
-            })
-            .collect();
+        let (records, prev) =
+            super::rows::chain_records(batch.iter().map(|p| &p.event), chain.next_seq, chain.prev);
         // The writer keeps one connection: acquiring (and pinging) a pooled
         // one per batch cost a round trip on every commit.
         if writer.is_none() {
@@ -967,30 +841,8 @@ async fn insert_batch(
     records: &[AuditRecord],
     head: &ChainHash,
 ) -> Result<(), sqlx::Error> {
-    use serde_json::{Value, json};
-    let mut issued = Vec::new();
-    let mut svids = Vec::new();
-    for p in batch {
-        match &p.write {
-            Some(Write::Issued(t)) => issued.push(json!({
-                "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
-                "class": t.class, "jkt": t.jkt, "iat": db_time(t.iat),
-                "exp": db_time(t.exp), "kid": t.kid,
-                "token_hmac": crate::audit::hex(&t.token_hmac),
-            })),
-            Some(Write::Svid(v)) => svids.push(json!({
-                "serial": v.serial, "spiffe_id": v.spiffe_id, "method": v.method,
-                "issued_at": db_time(v.issued_at), "expires_at": db_time(v.expires_at),
-            })),
-            None => {}
-        }
-    }
-    let audit: Vec<Value> = records
-        .iter()
-        .map(
-            |r| json!({"seq": db_time(r.seq), "at": db_time(r.at), "kind": r.kind, "line": r.line}),
-        )
-        .collect();
+    use serde_json::Value;
+    let (issued, svids, audit) = super::rows::batch_rows(batch.iter().map(|p| &p.write), records);
 
     let mut tx = sqlx::Connection::begin(conn).await?;
     if !issued.is_empty() {
