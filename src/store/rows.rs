@@ -3,11 +3,14 @@
 //! integer out of its row type ([`Fields`]).
 
 use super::{
-    AuditHead, Change, IdentityRecord, IssuedToken, PolicyVersion, StoreError, TokenUsage, Write,
+    AuditHead, Change, IdentityRecord, IssuedToken, PolicyVersion, Sealer, SigningKeyRecord,
+    StoreError, TokenUsage, Write,
 };
 use crate::audit::{AuditEvent, AuditRecord, ChainHash};
+use crate::ca::CaMaterial;
 use serde_json::{Value, json};
 use sqlx::Row as _;
+use zeroize::Zeroizing;
 
 /// A row's columns by name.
 pub(super) trait Fields {
@@ -17,6 +20,10 @@ pub(super) trait Fields {
     fn blob(&self, column: &str) -> Result<Vec<u8>, StoreError>;
     /// An integer column.
     fn int(&self, column: &str) -> Result<i64, StoreError>;
+    /// A blob column that may be NULL.
+    fn opt_blob(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// An integer column that may be NULL.
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
 }
 
 impl Fields for sqlx::sqlite::SqliteRow {
@@ -29,6 +36,12 @@ impl Fields for sqlx::sqlite::SqliteRow {
     fn int(&self, column: &str) -> Result<i64, StoreError> {
         Ok(self.try_get(column)?)
     }
+    fn opt_blob(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
 }
 
 impl Fields for sqlx::postgres::PgRow {
@@ -39,6 +52,12 @@ impl Fields for sqlx::postgres::PgRow {
         Ok(self.try_get(column)?)
     }
     fn int(&self, column: &str) -> Result<i64, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_blob(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
         Ok(self.try_get(column)?)
     }
 }
@@ -224,4 +243,45 @@ pub(super) fn batch_rows<'a>(
         )
         .collect();
     (issued, svids, audit)
+}
+
+/// A signing key row (`kid`, `key_sealed`, `created_at`, `sign_from`,
+/// `retired_at`, `withdrawn_at`), its key unsealed.
+pub(super) fn signing_key_from_row(
+    row: &impl Fields,
+    sealer: &Sealer,
+) -> Result<SigningKeyRecord, StoreError> {
+    let kid = row.text("kid")?;
+    let time = |t: Option<i64>| t.map(|t| u64::try_from(t).unwrap_or(0));
+    Ok(SigningKeyRecord {
+        pkcs8: sealer.open(&format!("signing-key/{kid}"), &row.blob("key_sealed")?)?,
+        created_at: time_of(row, "created_at")?,
+        sign_from: time_of(row, "sign_from")?,
+        retired_at: time(row.opt_int("retired_at")?),
+        withdrawn_at: time(row.opt_int("withdrawn_at")?),
+        kid,
+    })
+}
+
+/// The CA row, its keys unsealed.
+pub(super) fn ca_from_row(row: &impl Fields, sealer: &Sealer) -> Result<CaMaterial, StoreError> {
+    let text = |bytes: Zeroizing<Vec<u8>>| {
+        String::from_utf8(bytes.to_vec())
+            .map(Zeroizing::new)
+            .map_err(|_| StoreError::Corrupt("CA key is not UTF-8 PEM".into()))
+    };
+    let root_key_pem = row
+        .opt_blob("root_key_sealed")?
+        .map(|s| sealer.open("ca/root", &s))
+        .transpose()?
+        .map(text)
+        .transpose()?;
+    Ok(CaMaterial {
+        root_cert_pem: row.text("root_cert_pem")?,
+        root_key_pem,
+        intermediate_cert_pem: row.text("intermediate_cert_pem")?,
+        intermediate_key_pem: text(
+            sealer.open("ca/intermediate", &row.blob("intermediate_key_sealed")?)?,
+        )?,
+    })
 }

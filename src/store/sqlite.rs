@@ -5,8 +5,8 @@
 //! many issuances.
 
 use super::rows::{
-    audit_from_row, change_from_row, head_from_row, identities_from_rows, issued_from_row,
-    policy_from_row, time_of, usage_from_row,
+    audit_from_row, ca_from_row, change_from_row, head_from_row, identities_from_rows,
+    issued_from_row, policy_from_row, signing_key_from_row, time_of, usage_from_row,
 };
 use super::schema::{MIGRATIONS, latest};
 use super::{
@@ -334,24 +334,7 @@ impl SqliteStore {
         else {
             return Ok(None);
         };
-        let text = |bytes: Zeroizing<Vec<u8>>| {
-            String::from_utf8(bytes.to_vec())
-                .map(Zeroizing::new)
-                .map_err(|_| StoreError::Corrupt("CA key is not UTF-8 PEM".into()))
-        };
-        let root_key: Option<Vec<u8>> = row.try_get("root_key_sealed")?;
-        let root_key_pem = root_key
-            .map(|s| self.sealer.open("ca/root", &s))
-            .transpose()?
-            .map(text)
-            .transpose()?;
-        let inter: Vec<u8> = row.try_get("intermediate_key_sealed")?;
-        Ok(Some(CaMaterial {
-            root_cert_pem: row.try_get("root_cert_pem")?,
-            root_key_pem,
-            intermediate_cert_pem: row.try_get("intermediate_cert_pem")?,
-            intermediate_key_pem: text(self.sealer.open("ca/intermediate", &inter)?)?,
-        }))
+        ca_from_row(&row, &self.sealer).map(Some)
     }
 
     pub(super) async fn insert_signing_key(&self, r: &SigningKeyRecord) -> Result<(), StoreError> {
@@ -396,20 +379,7 @@ impl SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
-            .map(|row| {
-                let kid: String = row.try_get("kid")?;
-                let sealed: Vec<u8> = row.try_get("key_sealed")?;
-                let retired: Option<i64> = row.try_get("retired_at")?;
-                let withdrawn: Option<i64> = row.try_get("withdrawn_at")?;
-                Ok(SigningKeyRecord {
-                    pkcs8: self.sealer.open(&format!("signing-key/{kid}"), &sealed)?,
-                    kid,
-                    created_at: time_of(row, "created_at")?,
-                    sign_from: time_of(row, "sign_from")?,
-                    retired_at: retired.map(|t| u64::try_from(t).unwrap_or(0)),
-                    withdrawn_at: withdrawn.map(|t| u64::try_from(t).unwrap_or(0)),
-                })
-            })
+            .map(|row| signing_key_from_row(row, &self.sealer))
             .collect()
     }
 
