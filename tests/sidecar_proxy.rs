@@ -1138,3 +1138,101 @@ async fn a_stopping_sidecar_reports_its_last_refusals() {
     );
     mesh.broker.stop().await;
 }
+
+/// Reads from `tcp` until a blank line ends the response head; returns it
+/// and whatever came after.
+async fn response_head(tcp: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before the head ended: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = got.split_off(end + 4);
+            return (String::from_utf8_lossy(&got).into_owned(), rest);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_handshake_is_checked_then_joined_to_the_app() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Scene {
+        mesh,
+        app,
+        checkout,
+        payments,
+        inbound,
+        ..
+    } = Scene::start().await;
+    let reporting = caller(&mesh, REPORTING, inbound).await;
+    let socket = reporting.socket.as_deref().unwrap();
+    let url = format!("http://{inbound}/v1/ws/prices");
+    let (authorization, dpop) = authorize(socket, "GET", &url, "payments:read").await;
+    let handshake = |extra: &str| {
+        format!(
+            "GET /v1/ws/prices HTTP/1.1\r\nHost: {inbound}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n{extra}\r\n"
+        )
+    };
+
+    // Checked like any request: no credentials, no tunnel, and the app
+    // never hears of it.
+    let seen = app.seen.load(Ordering::SeqCst);
+    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    tcp.write_all(handshake("").as_bytes()).await.unwrap();
+    let (head, _) = response_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert_eq!(app.seen.load(Ordering::SeqCst), seen);
+
+    // With the token and its proof: 101, then bytes both ways, the app
+    // having been told who is calling.
+    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let credentials = format!("Authorization: {authorization}\r\nDPoP: {dpop}\r\n");
+    tcp.write_all(handshake(&credentials).as_bytes())
+        .await
+        .unwrap();
+    let (head, mut rest) = response_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
+    while !rest.contains(&b'\n') {
+        let mut buf = [0u8; 256];
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        rest.extend_from_slice(&buf[..n]);
+    }
+    let first_line = String::from_utf8_lossy(&rest)
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        first_line, REPORTING,
+        "the app learned the caller from the sidecar"
+    );
+    tcp.write_all(b"ping 1234").await.unwrap();
+    let mut echoed = vec![0u8; 9];
+    tcp.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping 1234");
+
+    // The same proof again: a replay, refused before any upgrade.
+    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    tcp.write_all(handshake(&credentials).as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = response_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+
+    reporting.sidecar.stop().await.unwrap();
+    checkout.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    mesh.broker.stop().await;
+}

@@ -18,6 +18,11 @@
 //! the rules match, and the path the app receives, is the normalized one
 //! (dot segments removed, percent-encoding normalized), so the app never
 //! routes a path other than the one the policy judged.
+//!
+//! An HTTP/1.1 protocol upgrade (WebSocket) is checked like any request:
+//! the handshake carries the token and proof. When the app answers 101,
+//! the two upgraded connections are joined byte for byte; frames after
+//! the handshake are the app's protocol, not checked here.
 
 use super::proxy::{self, NextHop, ProxyBody};
 use super::watch::MeshState;
@@ -207,6 +212,9 @@ impl Inbound {
         match checked {
             Ok(admitted) => {
                 self.metrics.requests.inc(&["allowed"]);
+                if let Some(protocol) = upgrade_to(&req) {
+                    return self.tunnel(req, admitted, protocol).await;
+                }
                 self.forward(req, admitted).await
             }
             Err(refused) => {
@@ -417,21 +425,14 @@ impl Inbound {
     }
 
     /// Streams an admitted request to the app and its answer back.
-    async fn forward(&self, req: Request<Incoming>, admitted: Admitted) -> Response<ProxyBody> {
-        let (mut parts, body) = req.into_parts();
-        let too_large = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_some_and(|len| len > self.config.max_body);
-        if too_large {
-            return proxy::refusal(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request",
-                &format!("the body is larger than {} bytes", self.config.max_body),
-            );
-        }
-
+    /// The request's head as the app receives it: hop-by-hop and spoofed
+    /// `x-tally-*` headers removed, credentials dropped unless configured,
+    /// the caller's identity set, the target rewritten to the app.
+    fn upstream_head(
+        &self,
+        parts: &mut http::request::Parts,
+        admitted: Admitted,
+    ) -> Result<(), Box<Response<ProxyBody>>> {
         let host = parts
             .uri
             .authority()
@@ -466,17 +467,110 @@ impl Inbound {
             }
         }
         let uri = format!("http://{}{}", self.config.upstream, admitted.path_and_query);
-        parts.uri = match uri.parse::<Uri>() {
-            Ok(uri) => uri,
+        parts.uri = uri.parse::<Uri>().map_err(|_| {
+            Box::new(proxy::refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request target cannot be forwarded",
+            ))
+        })?;
+        parts.version = http::Version::HTTP_11;
+        Ok(())
+    }
+
+    /// A checked upgrade: the handshake goes to the app; on its 101 the
+    /// caller's and the app's connections are joined.
+    async fn tunnel(
+        &self,
+        mut req: Request<Incoming>,
+        admitted: Admitted,
+        protocol: HeaderValue,
+    ) -> Response<ProxyBody> {
+        let caller_side = hyper::upgrade::on(&mut req);
+        let (mut parts, _) = req.into_parts();
+        if let Err(refusal) = self.upstream_head(&mut parts, admitted) {
+            return *refusal;
+        }
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol);
+        let empty = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let answer = tokio::time::timeout(
+            self.config.upstream_timeout,
+            self.next_hop.request(Request::from_parts(parts, empty)),
+        )
+        .await;
+        let mut response = match answer {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, upstream = %self.config.upstream, "the app did not answer the upgrade");
+                return proxy::refusal(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    "the application behind this sidecar did not answer",
+                );
+            }
             Err(_) => {
                 return proxy::refusal(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "the request target cannot be forwarded",
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the application behind this sidecar did not answer in time",
                 );
             }
         };
-        parts.version = http::Version::HTTP_11;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The app declined: its answer goes back as any other.
+            let (mut parts, body) = response.into_parts();
+            proxy::strip_hop_by_hop(&mut parts.headers);
+            return Response::from_parts(parts, proxy::stream(body));
+        }
+        let app_side = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        let agreed = parts.headers.get(header::UPGRADE).cloned();
+        proxy::strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(agreed) = agreed {
+            parts.headers.insert(header::UPGRADE, agreed);
+        }
+        tokio::spawn(async move {
+            match tokio::try_join!(caller_side, app_side) {
+                Ok((caller, app)) => {
+                    let mut caller = hyper_util::rt::TokioIo::new(caller);
+                    let mut app = hyper_util::rt::TokioIo::new(app);
+                    let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "an upgraded connection did not complete"),
+            }
+        });
+        let empty = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        Response::from_parts(parts, empty)
+    }
+
+    async fn forward(&self, req: Request<Incoming>, admitted: Admitted) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let too_large = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|len| len > self.config.max_body);
+        if too_large {
+            return proxy::refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                &format!("the body is larger than {} bytes", self.config.max_body),
+            );
+        }
+
+        if let Err(refusal) = self.upstream_head(&mut parts, admitted) {
+            return *refusal;
+        }
         let limit = usize::try_from(self.config.max_body).unwrap_or(usize::MAX);
         let body = Limited::new(body, limit).boxed_unsync();
         let upstream = Request::from_parts(parts, body);
@@ -507,6 +601,23 @@ impl Inbound {
             ),
         }
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
+/// upgrade` and `Upgrade: …`), if any.
+fn upgrade_to(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 /// 503 until the sidecar holds the broker's keys and access rules.

@@ -42,10 +42,45 @@ impl App {
         tokio::spawn(tally::http::serve(
             listener,
             None,
-            move |req: http::Request<hyper::body::Incoming>, _peer| {
+            move |mut req: http::Request<hyper::body::Incoming>, _peer| {
                 let counter = Arc::clone(&counter);
                 async move {
                     counter.fetch_add(1, Ordering::SeqCst);
+                    // A path with `/ws/` and an Upgrade: switch protocols and echo
+                    // every byte back, with the caller the sidecar named
+                    // first, so a test sees both the check and the tunnel.
+                    if req.uri().path().contains("/ws/") && req.headers().contains_key("upgrade") {
+                        let caller = req
+                            .headers()
+                            .get("x-tally-caller")
+                            .map(|v| v.as_bytes().to_vec())
+                            .unwrap_or_default();
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                            let Ok(io) = upgrade.await else { return };
+                            let mut io = hyper_util::rt::TokioIo::new(io);
+                            let _ = io.write_all(&caller).await;
+                            let _ = io.write_all(b"\n").await;
+                            let mut buf = [0u8; 1024];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                        let mut switching = http::Response::new(http_body_util::Full::new(
+                            hyper::body::Bytes::new(),
+                        ));
+                        *switching.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                        switching
+                            .headers_mut()
+                            .insert("upgrade", http::HeaderValue::from_static("echo"));
+                        switching
+                            .headers_mut()
+                            .insert("connection", http::HeaderValue::from_static("upgrade"));
+                        return switching;
+                    }
                     let header = |name: &str| {
                         req.headers()
                             .get(name)
