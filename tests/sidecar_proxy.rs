@@ -1224,12 +1224,32 @@ async fn a_websocket_handshake_is_checked_then_joined_to_the_app() {
     assert_eq!(&echoed, b"ping 1234");
 
     // The same proof again: a replay, refused before any upgrade.
-    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
-    tcp.write_all(handshake(&credentials).as_bytes())
+    let mut replay = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    replay
+        .write_all(handshake(&credentials).as_bytes())
         .await
         .unwrap();
-    let (head, _) = response_head(&mut tcp).await;
+    let (head, _) = response_head(&mut replay).await;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+
+    // The tunnel lives only as long as its token: a revocation covering it
+    // closes the open connection.
+    let admin = "spiffe://example.org/admin".parse().unwrap();
+    mesh.broker
+        .broker
+        .revoke(
+            tally::token::RevocationTarget::Subject(REPORTING.parse().unwrap()),
+            None,
+            "",
+            &admin,
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("the tunnel is closed once the revocation arrives");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 
     reporting.sidecar.stop().await.unwrap();
     checkout.sidecar.stop().await.unwrap();

@@ -21,7 +21,8 @@
 //!
 //! An HTTP/1.1 protocol upgrade (WebSocket) is checked like any request:
 //! the handshake carries the token and proof. When the app answers 101,
-//! the two upgraded connections are joined byte for byte; frames after
+//! the two upgraded connections are joined byte for byte, until the token
+//! that opened the tunnel expires or a revocation covers it; frames after
 //! the handshake are the app's protocol, not checked here.
 
 use super::proxy::{self, NextHop, ProxyBody};
@@ -133,6 +134,9 @@ struct Admitted {
     token_id: String,
     /// Normalized path plus the original query.
     path_and_query: String,
+    /// For an upgrade: the token, whose expiry or revocation ends the
+    /// tunnel.
+    tunnel_token: Option<Arc<crate::token::TokenClaims>>,
 }
 
 /// A refusal and the metrics label for it.
@@ -388,6 +392,7 @@ impl Inbound {
             scopes: token.scope.to_string(),
             token_id: token.jti.clone(),
             path_and_query,
+            tunnel_token: upgrade_to(req).map(|_| token.clone()),
         })
     }
 
@@ -488,6 +493,7 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let caller_side = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
+        let token = admitted.tunnel_token.clone();
         if let Err(refusal) = self.upstream_head(&mut parts, admitted) {
             return *refusal;
         }
@@ -537,14 +543,41 @@ impl Inbound {
         if let Some(agreed) = agreed {
             parts.headers.insert(header::UPGRADE, agreed);
         }
+        let mut mesh = self.mesh.clone();
+        let clock = Arc::clone(&self.clock);
         tokio::spawn(async move {
-            match tokio::try_join!(caller_side, app_side) {
-                Ok((caller, app)) => {
-                    let mut caller = hyper_util::rt::TokioIo::new(caller);
-                    let mut app = hyper_util::rt::TokioIo::new(app);
-                    let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;
+            let (caller, app) = match tokio::try_join!(caller_side, app_side) {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!(error = %e, "an upgraded connection did not complete");
+                    return;
                 }
-                Err(e) => tracing::debug!(error = %e, "an upgraded connection did not complete"),
+            };
+            let mut caller = hyper_util::rt::TokioIo::new(caller);
+            let mut app = hyper_util::rt::TokioIo::new(app);
+            // The tunnel lives as long as the token that opened it: it is
+            // closed when the token expires or a revocation covers it.
+            let Some(token) = token else {
+                let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;
+                return;
+            };
+            let left = token.exp.saturating_sub(clock.now());
+            let ended = async {
+                loop {
+                    if mesh.borrow_and_update().revocations.revoked(&token) {
+                        return "revoked";
+                    }
+                    if mesh.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut caller, &mut app) => {}
+                () = tokio::time::sleep(Duration::from_secs(left)) => {
+                    tracing::debug!(jti = token.jti, "closed a tunnel: its token expired");
+                }
+                why = ended => tracing::info!(jti = token.jti, why, "closed a tunnel: its token was revoked"),
             }
         });
         let empty = http_body_util::Empty::new()
