@@ -230,16 +230,15 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| internal("reading the signing keys", e))?;
         let jwks = broker.jwks();
-        let time = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
         let keys = records
             .iter()
             .map(|k| pb::SigningKeyInfo {
                 kid: k.kid.clone(),
-                created_at: time(k.created_at),
-                signs_from: time(k.sign_from),
-                retired_at: k.retired_at.map_or(0, time),
+                created_at: unix(k.created_at),
+                signs_from: unix(k.sign_from),
+                retired_at: k.retired_at.map_or(0, unix),
                 published: jwks.get(&k.kid).is_some(),
-                withdrawn_at: k.withdrawn_at.map_or(0, time),
+                withdrawn_at: k.withdrawn_at.map_or(0, unix),
             })
             .collect();
         audit_query(broker, &caller, "signing_keys").await;
