@@ -411,6 +411,11 @@ impl ChainHash {
 }
 
 fn parse_hash(text: &str) -> Option<ChainHash> {
+    unhex32(text).map(ChainHash)
+}
+
+/// 32 bytes from 64 hex digits (a hash or HMAC as records write them).
+pub fn unhex32(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 {
         return None;
     }
@@ -419,7 +424,7 @@ fn parse_hash(text: &str) -> Option<ChainHash> {
         let pair = std::str::from_utf8(pair).ok()?;
         h[i] = u8::from_str_radix(pair, 16).ok()?;
     }
-    Some(ChainHash(h))
+    Some(h)
 }
 
 /// Lowercase hex, for hashes in records.

@@ -166,14 +166,7 @@ impl Broker {
 /// An inventory record rebuilt from a token's issuance audit record.
 fn issued_from_record(record: &AuditRecord, v: &serde_json::Value) -> Option<IssuedToken> {
     let text = |k: &str| v[k].as_str().map(str::to_owned);
-    let hmac = text("token_hmac")?;
-    let mut token_hmac = [0u8; 32];
-    if hmac.len() != 64 {
-        return None;
-    }
-    for (i, byte) in token_hmac.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hmac.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    let token_hmac = crate::audit::unhex32(v["token_hmac"].as_str()?)?;
     Some(IssuedToken {
         jti: text("jti")?,
         sub: text("actor")?,

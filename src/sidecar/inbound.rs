@@ -134,9 +134,9 @@ struct Admitted {
     token_id: String,
     /// Normalized path plus the original query.
     path_and_query: String,
-    /// For an upgrade: the token, whose expiry or revocation ends the
-    /// tunnel.
-    tunnel_token: Option<Arc<crate::token::TokenClaims>>,
+    /// For an upgrade: the protocol asked for, and the token whose expiry
+    /// or revocation ends the tunnel.
+    upgrade: Option<(HeaderValue, Arc<crate::token::TokenClaims>)>,
 }
 
 /// A refusal and the metrics label for it.
@@ -216,8 +216,8 @@ impl Inbound {
         match checked {
             Ok(admitted) => {
                 self.metrics.requests.inc(&["allowed"]);
-                if let Some(protocol) = upgrade_to(&req) {
-                    return self.tunnel(req, admitted, protocol).await;
+                if let Some((protocol, token)) = admitted.upgrade.clone() {
+                    return self.tunnel(req, admitted, protocol, token).await;
                 }
                 self.forward(req, admitted).await
             }
@@ -392,7 +392,7 @@ impl Inbound {
             scopes: token.scope.to_string(),
             token_id: token.jti.clone(),
             path_and_query,
-            tunnel_token: upgrade_to(req).map(|_| token.clone()),
+            upgrade: upgrade_to(req).map(|protocol| (protocol, Arc::clone(token))),
         })
     }
 
@@ -490,10 +490,10 @@ impl Inbound {
         mut req: Request<Incoming>,
         admitted: Admitted,
         protocol: HeaderValue,
+        token: Arc<crate::token::TokenClaims>,
     ) -> Response<ProxyBody> {
         let caller_side = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
-        let token = admitted.tunnel_token.clone();
         if let Err(refusal) = self.upstream_head(&mut parts, admitted) {
             return *refusal;
         }
@@ -557,10 +557,6 @@ impl Inbound {
             let mut app = hyper_util::rt::TokioIo::new(app);
             // The tunnel lives as long as the token that opened it: it is
             // closed when the token expires or a revocation covers it.
-            let Some(token) = token else {
-                let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;
-                return;
-            };
             let left = token.exp.saturating_sub(clock.now());
             let ended = async {
                 loop {

@@ -26,41 +26,30 @@ pub(super) trait Fields {
     fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
 }
 
-impl Fields for sqlx::sqlite::SqliteRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn blob(&self, column: &str) -> Result<Vec<u8>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_blob(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
+/// Both backends' rows read every column type the same way.
+macro_rules! fields_for {
+    ($($row:ty),*) => {$(
+        impl Fields for $row {
+            fn text(&self, column: &str) -> Result<String, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+            fn blob(&self, column: &str) -> Result<Vec<u8>, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+            fn int(&self, column: &str) -> Result<i64, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+            fn opt_blob(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+            fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+        }
+    )*};
 }
 
-impl Fields for sqlx::postgres::PgRow {
-    fn text(&self, column: &str) -> Result<String, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn blob(&self, column: &str) -> Result<Vec<u8>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn int(&self, column: &str) -> Result<i64, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_blob(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self.try_get(column)?)
-    }
-}
+fields_for!(sqlx::sqlite::SqliteRow, sqlx::postgres::PgRow);
 
 /// A time or count column, which is never negative.
 pub(super) fn time_of(row: &impl Fields, column: &str) -> Result<u64, StoreError> {

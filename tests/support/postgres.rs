@@ -193,9 +193,4 @@ impl Postgres {
         conn.close().await.unwrap();
         format!("{}{name}{}", self.base, self.query)
     }
-
-    /// Whether this is a throwaway cluster (removed at drop).
-    pub fn is_throwaway(&self) -> bool {
-        self.cluster.is_some()
-    }
 }
