@@ -940,6 +940,21 @@ async fn audit_verify_names_the_first_edited_deleted_or_reordered_record() {
         "{out}"
     );
 
+    // Records up to the head gone and more than a page of records past it:
+    // the check stops (it used to re-read the same page forever) and says
+    // the log does not reach its head.
+    let (code, out) = verify_after(
+        &data,
+        scratch,
+        "beyond",
+        "WITH RECURSIVE n(i) AS (SELECT 100 UNION ALL SELECT i + 1 FROM n WHERE i < 2200) \
+         INSERT INTO audit (seq, at, kind, line) SELECT i, 0, 'x', '{}' FROM n; \
+         UPDATE audit_head SET seq = 50",
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("removed from the end"), "{out}");
+
     // The last record edited: no successor exposes it, the head does.
     let (code, out) = verify_after(
         &data,

@@ -259,7 +259,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::VerifyAuditResponse {
             intact: checked.problem.is_none(),
             records_checked: checked.checked,
-            chain_from: checked.chain_from,
+            chain_from: checked.head.chain_from,
             head_seq: checked.head.seq,
             head_sha256: checked.head.hash.to_string(),
             anchor_sha256: checked.head.anchor.to_string(),
