@@ -154,6 +154,21 @@ pub fn render_gauge(
     }
 }
 
+/// Appends a counter family with its series (label values, value), for
+/// counters kept elsewhere than a [`CounterVec`].
+pub fn render_counter(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    series: &[(Vec<String>, f64)],
+) {
+    header(out, name, help, "counter");
+    for (key, value) in series {
+        let _ = writeln!(out, "{name}{} {value}", label_set(labels, key));
+    }
+}
+
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");

@@ -33,12 +33,15 @@ fn ca_status(e: CaError) -> Status {
     }
 }
 
-/// The caller's SPIFFE ID from its verified client certificate.
+/// The caller's SPIFFE ID from its verified client certificate (the
+/// connection's [`crate::http::Peer`], put in the request by
+/// [`super::serve`]).
 pub(super) fn peer_id<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status> {
-    let certs = request.peer_certs();
-    broker
-        .caller(certs.as_deref().map(Vec::as_slice))
-        .map_err(Status::unauthenticated)
+    let certs = request
+        .extensions()
+        .get::<Arc<crate::http::Peer>>()
+        .and_then(|peer| peer.certs.as_deref());
+    broker.caller(certs).map_err(Status::unauthenticated)
 }
 
 /// Issues an X.509-SVID for `id` from the CSR, valid `ttl` seconds,

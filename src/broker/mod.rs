@@ -178,6 +178,8 @@ pub struct BrokerSettings {
     /// Whether `POST /oauth2/token` demands a server-issued DPoP nonce
     /// (RFC 9449 §8), which bounds how long a pre-made proof is usable.
     pub token_endpoint_nonce: bool,
+    /// Timeouts and connection cap of each listener (gRPC, HTTPS, admin).
+    pub limits: crate::http::Limits,
 }
 
 impl BrokerSettings {
@@ -209,6 +211,7 @@ impl BrokerSettings {
             key_publish_lead: 600,
             inventory_retention: 90 * 86_400,
             token_endpoint_nonce: true,
+            limits: crate::http::Limits::default(),
         })
     }
 }
@@ -260,6 +263,8 @@ pub struct Broker {
     published: tokio::sync::Mutex<std::collections::HashMap<&'static str, String>>,
     /// The listeners' server certificate, renewed by [`Broker::maintain`].
     server_certs: std::sync::OnceLock<Arc<tls::ServerCerts>>,
+    /// The listeners' counters (not ready while one cannot accept).
+    listeners: crate::http::Listeners,
 }
 
 /// What the broker counts (rendered by [`Broker::render_metrics`]).
@@ -397,6 +402,7 @@ impl Broker {
             metrics: BrokerMetrics::new(),
             changes: tokio::sync::watch::Sender::new(last_seq),
             server_certs: std::sync::OnceLock::new(),
+            listeners: crate::http::Listeners::default(),
             published: tokio::sync::Mutex::new(published),
         };
         // The feed starts with the state this broker opened with.
@@ -639,6 +645,7 @@ impl Broker {
         self.metrics.issue_latency.render(&mut out);
         self.metrics.attestations.render(&mut out);
         self.metrics.policy_reloads.render(&mut out);
+        self.listeners.render(&mut out);
         match self.store.live_svids(now).await {
             Ok(n) => {
                 #[expect(clippy::cast_precision_loss, reason = "a count far below 2^52")]
@@ -705,6 +712,10 @@ impl Broker {
     pub async fn readiness(&self) -> Result<(), String> {
         if *self.closing.borrow() {
             return Err("shutting down".into());
+        }
+        let failing = self.listeners.failing();
+        if !failing.is_empty() {
+            return Err(failing.join("; "));
         }
         let now = self.clock.now();
         if self
@@ -1126,87 +1137,73 @@ impl Broker {
         Ok(id)
     }
 
+    /// How a broker listener called `name` serves: the configured limits,
+    /// counted for `/readyz` and `/metrics`.
+    fn listen(&self, name: &'static str) -> crate::http::Listen {
+        let listen = crate::http::Listen::new(name).limits(self.settings.limits);
+        self.listeners.add(listen.stats());
+        listen
+    }
+
     /// Whether `id` may call admin RPCs.
     pub fn is_admin(&self, id: &SpiffeId) -> bool {
         self.settings.admins.contains(id)
     }
 }
 
-/// Runs the gRPC server (Identity, Tokens, Watch, Admin) with TLS on
-/// `listener` until `shutdown` resolves: then Watch streams end, and
-/// in-flight calls finish before this returns. TLS is done here (rustls,
-/// with the renewing certificate); tonic gets the TLS streams, so
-/// `Request::peer_certs` works as usual.
+/// Runs the gRPC server (Identity, Tokens, Watch, Admin, Reports) with
+/// TLS on `listener` until `shutdown` resolves: then Watch streams end,
+/// and in-flight calls finish before this returns. Connections are served
+/// by the same loop as every other listener ([`crate::http::serve`]:
+/// timeouts, connection cap, back-pressure), with the renewing
+/// certificate; handlers find the client's certificates in the request's
+/// [`crate::http::Peer`].
 ///
 /// # Errors
-/// If TLS cannot be set up or the server fails.
+/// If TLS cannot be set up.
 pub async fn serve(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
     certs: Arc<tls::ServerCerts>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    use tonic::transport::Server;
+    use tower_service::Service as _;
     let config = tls::server_config(&broker, certs, &[b"h2"]).map_err(std::io::Error::other)?;
-    let (streams, incoming) = tokio::sync::mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let accepting = tokio::spawn(accept_tls(listener, acceptor, streams));
-    // With a store shared by replicas, follow what the others commit.
-    let following = tokio::spawn(replicas::follow(Arc::downgrade(&broker)));
-    let result = Server::builder()
+    let routes = tonic::service::Routes::builder()
         .add_service(grpc::identity_server(Arc::clone(&broker)))
         .add_service(grpc::tokens_server(Arc::clone(&broker)))
         .add_service(grpc::watch_server(Arc::clone(&broker)))
         .add_service(admin_rpc::admin_server(Arc::clone(&broker)))
         .add_service(reports::reports_server(Arc::clone(&broker)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(incoming),
+        .clone()
+        .routes()
+        .prepare();
+    let listen = broker.listen("grpc").tls(config).http2_only();
+    // With a store shared by replicas, follow what the others commit.
+    let following = tokio::spawn(replicas::follow(Arc::downgrade(&broker)));
+    let closing = Arc::clone(&broker);
+    let result = crate::http::serve(
+        listener,
+        listen,
+        move |mut req, peer| {
+            let mut routes = routes.clone();
+            req.extensions_mut().insert(peer);
             async move {
-                shutdown.await;
-                broker.close();
-            },
-        )
-        .await;
-    accepting.abort();
-    following.abort();
-    result.map_err(std::io::Error::other)
-}
-
-/// Accepts TCP connections, completes each TLS handshake in its own task
-/// (a slow client holds up no one), and hands finished streams to the
-/// gRPC server.
-async fn accept_tls(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    streams: tokio::sync::mpsc::Sender<
-        Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-    >,
-) {
-    loop {
-        let (tcp, addr) = match listener.accept().await {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a gRPC connection failed");
-                continue;
-            }
-        };
-        // Without TCP_NODELAY a response's last frames wait for the
-        // client's delayed ACK: about 40 ms per call.
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let streams = streams.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                .await
-            {
-                Ok(Ok(tls)) => {
-                    let _ = streams.send(Ok(tls)).await;
+                match routes.call(req).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
                 }
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
             }
-        });
-    }
+        },
+        async move {
+            shutdown.await;
+            // Ends the Watch streams, so their connections can close.
+            closing.close();
+        },
+    )
+    .await;
+    following.abort();
+    result
 }
 
 /// Runs the HTTPS listener (OAuth token endpoint, JWKS, metadata) on
@@ -1225,7 +1222,7 @@ pub async fn serve_https(
         tls::server_config(&broker, certs, &[b"h2", b"http/1.1"]).map_err(std::io::Error::other)?;
     crate::http::serve(
         listener,
-        Some(tls),
+        broker.listen("https").tls(tls),
         move |req, peer| oauth::handle(Arc::clone(&broker), req, peer),
         shutdown,
     )
@@ -1244,7 +1241,7 @@ pub async fn serve_admin(
 ) -> std::io::Result<()> {
     crate::http::serve(
         listener,
-        None,
+        broker.listen("admin"),
         move |req, peer| admin_port::handle(Arc::clone(&broker), req, peer),
         shutdown,
     )

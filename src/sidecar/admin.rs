@@ -77,6 +77,7 @@ pub fn readiness(parts: &Parts) -> Result<(), Vec<String>> {
         why.push("no access rules from the broker yet".into());
     }
     let down_secs = down_for(&mesh, now);
+    why.extend(parts.listeners.failing());
     if down_secs > parts.watch_staleness {
         why.push(format!(
             "the Watch stream to the broker has been down for {down_secs}s (bound {}s): revocations could be missed",
@@ -212,5 +213,6 @@ fn render_metrics(parts: &Parts) -> String {
         inbound.metrics().render(&mut out);
     }
     parts.outbound.render_metrics(&mut out);
+    parts.listeners.render(&mut out);
     out
 }

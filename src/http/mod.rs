@@ -1,0 +1,158 @@
+//! The HTTP server loop every tally listener shares (hyper, HTTP/1.1 and
+//! HTTP/2, over TCP with or without TLS, or over a Unix socket), and the
+//! helpers handlers share.
+//!
+//! [`serve`] takes a listener, how to [`Listen`], and a shutdown future,
+//! like every server in tally: tests bind `127.0.0.1:0` and stop it
+//! cleanly. Handlers are plain async functions from a request and the
+//! [`Peer`] to a response.
+//!
+//! - [`server`]: the accept loop and connection limits (timeouts, caps,
+//!   back-pressure on `EMFILE`).
+//! - [`listener`]: per-listener counters, readiness and metrics.
+//! - [`peer_uid`]: the uid of a local TCP peer, from the socket table.
+
+pub mod listener;
+pub mod peer_uid;
+pub mod server;
+
+pub use listener::{ListenerStats, Listeners};
+pub use server::{Limits, Listen, serve, serve_unix};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::CertificateDer;
+use std::net::SocketAddr;
+
+/// The response body every handler returns.
+pub type Body = Full<Bytes>;
+
+/// The most header bytes a request may carry (HTTP/1.1 read buffer, HTTP/2
+/// header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// What a handler's response body may be: the whole [`Body`] most handlers
+/// send, or a stream (the inbound proxy's).
+pub trait ResponseBody:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug)]
+pub struct Peer {
+    /// Remote address (TCP).
+    pub addr: Option<SocketAddr>,
+    /// The peer process's user id: from `SO_PEERCRED` on a Unix socket,
+    /// from the socket table for a local TCP peer when the listener asks
+    /// ([`Listen::peer_uid`]).
+    pub uid: Option<u32>,
+    /// The client certificate chain, leaf first, if the client sent one
+    /// (already verified by the TLS layer).
+    pub certs: Option<Vec<CertificateDer<'static>>>,
+}
+
+/// Why a request body was not read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// Larger than the limit.
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The connection failed while reading.
+    #[error("reading the request body failed")]
+    Read,
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+///
+/// # Errors
+/// [`BodyError`].
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
+        Err(_) => Err(BodyError::Read),
+    }
+}
+
+/// A response with `body` and a content type.
+pub fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    respond(status, "application/json", value.to_string())
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status code.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// Sends `request` on a new HTTP/1.1 connection to `addr` and reads the
+/// answer whole (at most `limit` body bytes). The request target is sent
+/// as written: a path, or an absolute URL when `addr` is a forward proxy.
+///
+/// # Errors
+/// Connecting, the exchange, or a body over `limit`, as text.
+pub async fn send(
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+    limit: usize,
+) -> Result<Answer, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP with {addr}: {e}"))?;
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("HTTP with {addr}: {e}"))?;
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer from {addr}: {e}"))?
+        .to_bytes();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}

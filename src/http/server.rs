@@ -1,0 +1,612 @@
+//! The accept loop and connection handling every listener shares, built
+//! for a hostile network:
+//!
+//! - an accept error that concerns the process (`EMFILE`, `ENFILE`,
+//!   `ENOBUFS`, `ENOMEM`) is back-pressure: logged at most once a second,
+//!   the loop backs off (5 ms doubling to 1 s) and keeps accepting, and the
+//!   listener reports itself failing (metrics, `/readyz`) until an accept
+//!   succeeds again; nothing ends the server but its shutdown future;
+//! - at most [`Limits::max_connections`] connections at once; one more is
+//!   accepted and closed at once (counted), so the kernel's backlog never
+//!   fills with clients nobody will serve;
+//! - a connection must finish its TLS handshake and its first request head
+//!   within [`Limits::header_timeout`] of being accepted (this is the
+//!   first-byte timeout too: a client that sends nothing, or only an
+//!   HTTP/2 preface, is closed then); an HTTP/1.1 request head after the
+//!   first has the same bound from its first byte;
+//! - a connection with no request in flight for [`Limits::idle_timeout`]
+//!   is closed gracefully (HTTP/2 `GOAWAY`), then dropped if it does not go.
+//!   A request counts as in flight until its whole response has been sent,
+//!   so a long response stream (the broker's Watch) keeps its connection.
+//!   HTTP/2 connections are pinged every 30 s while streams are open, and
+//!   closed when a ping goes unanswered for 10 s.
+//!
+//! Upgraded connections (CONNECT tunnels, WebSockets) leave this loop's
+//! care once upgraded: their owners bound them.
+
+use super::listener::ListenerStats;
+use super::{MAX_HEADER_BYTES, Peer, ResponseBody};
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+
+/// What every connection on a listener is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// From accept to the end of the first request head (TLS handshake
+    /// included); also each later HTTP/1.1 request head.
+    pub header_timeout: Duration,
+    /// Longest time a connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Most connections open at once on this listener.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    /// 10 s for a request head, 60 s idle, 1,024 connections: a client
+    /// on a mesh network sends its request head in milliseconds, keep-alive
+    /// pools (hyper, Go, Envoy) reuse or drop idle connections well within
+    /// a minute, and 1,024 leaves room under the usual 4,096+ descriptor
+    /// limit of a pod for the upstream side of every connection.
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// How a listener serves: TLS or not, its limits, where it counts, and
+/// whether to learn the uid of a local TCP peer.
+#[derive(Clone)]
+pub struct Listen {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+    stats: Arc<ListenerStats>,
+    peer_uid: bool,
+    http2_only: bool,
+}
+
+impl std::fmt::Debug for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listen")
+            .field("listener", &self.stats.name())
+            .field("tls", &self.tls.is_some())
+            .field("limits", &self.limits)
+            .field("peer_uid", &self.peer_uid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listen {
+    /// Plain HTTP, default limits, counted as `name` (a metrics label).
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            tls: None,
+            limits: Limits::default(),
+            stats: Arc::new(ListenerStats::new(name)),
+            peer_uid: false,
+            http2_only: false,
+        }
+    }
+
+    /// Serves TLS with `config`.
+    #[must_use]
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        self
+    }
+
+    /// With these limits.
+    #[must_use]
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Looks up each TCP peer's uid in the kernel's socket table
+    /// ([`super::peer_uid`]); it is found only for peers on this host.
+    #[must_use]
+    pub fn peer_uid(mut self) -> Self {
+        self.peer_uid = true;
+        self
+    }
+
+    /// Speaks only HTTP/2 (gRPC).
+    #[must_use]
+    pub fn http2_only(mut self) -> Self {
+        self.http2_only = true;
+        self
+    }
+
+    /// Where this listener counts connections and accept failures.
+    pub fn stats(&self) -> &Arc<ListenerStats> {
+        &self.stats
+    }
+}
+
+/// Serves HTTP on a TCP `listener` as `listen` says until `shutdown`
+/// resolves; then stops accepting, lets requests in flight finish, and
+/// returns once every connection has closed.
+///
+/// # Errors
+/// None today: accept failures are back-pressure, not the end. The
+/// `Result` leaves room for a listener that truly cannot go on.
+pub async fn serve<H, F, B>(
+    listener: tokio::net::TcpListener,
+    listen: Listen,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
+{
+    let local = listener.local_addr().ok();
+    let listen_for_conn = listen.clone();
+    let open = move |stream: tokio::net::TcpStream, addr: std::net::SocketAddr| {
+        let listen = listen_for_conn.clone();
+        async move {
+            // Without TCP_NODELAY a response's last bytes wait for the
+            // client's delayed ACK (about 40 ms).
+            let _ = stream.set_nodelay(true);
+            let uid = if listen.peer_uid {
+                local.and_then(|local| super::peer_uid::lookup(addr, local))
+            } else {
+                None
+            };
+            let mut peer = Peer {
+                addr: Some(addr),
+                uid,
+                certs: None,
+            };
+            let Some(acceptor) = listen.tls.clone() else {
+                return Some((Box::new(stream) as Box<dyn Io>, peer));
+            };
+            match acceptor.accept(stream).await {
+                Ok(tls) => {
+                    peer.certs = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+                    Some((Box::new(tls) as Box<dyn Io>, peer))
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                    None
+                }
+            }
+        }
+    };
+    run(&listener, open, listen, handler, shutdown).await
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on a Unix socket `listener` until
+/// `shutdown` resolves, telling the handler each peer's uid
+/// (`SO_PEERCRED`). TLS and `peer_uid` in `listen` do not apply.
+///
+/// # Errors
+/// None today, as for [`serve`].
+pub async fn serve_unix<H, F, B>(
+    listener: tokio::net::UnixListener,
+    listen: Listen,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
+{
+    let open = |stream: tokio::net::UnixStream, _: tokio::net::unix::SocketAddr| async move {
+        let peer = Peer {
+            addr: None,
+            uid: stream.peer_cred().ok().map(|c| c.uid()),
+            certs: None,
+        };
+        Some((Box::new(stream) as Box<dyn Io>, peer))
+    };
+    run(&listener, open, listen, handler, shutdown).await
+}
+
+/// A listener the loop can take connections from.
+trait Acceptor {
+    type Stream: Send + 'static;
+    type Addr: Send + 'static;
+    fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<(Self::Stream, Self::Addr)>>;
+}
+
+impl Acceptor for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+    fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<(Self::Stream, Self::Addr)>> {
+        tokio::net::TcpListener::poll_accept(self, cx)
+    }
+}
+
+impl Acceptor for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+    fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<(Self::Stream, Self::Addr)>> {
+        tokio::net::UnixListener::poll_accept(self, cx)
+    }
+}
+
+/// A connection's byte stream, whatever carries it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T> Io for T where T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+/// The accept loop: takes the next connection from `listener`; `open`
+/// turns it into a byte stream and its [`Peer`] (TLS handshake, uid), or
+/// `None` to drop it.
+async fn run<L, O, OF, H, F, B>(
+    listener: &L,
+    open: O,
+    listen: Listen,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    L: Acceptor,
+    O: Fn(L::Stream, L::Addr) -> OF + Clone + Send + 'static,
+    OF: Future<Output = Option<(Box<dyn Io>, Peer)>> + Send + 'static,
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
+{
+    let stats = Arc::clone(&listen.stats);
+    let limits = listen.limits;
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Every connection task holds a clone; when all are gone, every
+    // connection has closed.
+    let (open_conns, mut all_closed) = mpsc::channel::<()>(1);
+    let (stopping, stop_rx) = watch::channel(false);
+    let mut backoff = Duration::ZERO;
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = std::future::poll_fn(|cx| listener.poll_accept(cx)) => accepted,
+        };
+        let (stream, extra) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::ZERO;
+                stats.accepting();
+                pair
+            }
+            // The client went away between SYN and accept: not ours.
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => {
+                // Out of descriptors or memory: wait for some to free up,
+                // and say so. Never a reason to stop serving.
+                stats.accept_failed(&e);
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(backoff) => continue,
+                }
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            stats.refused_at_capacity(limits.max_connections);
+            drop(stream);
+            continue;
+        };
+        let open = open.clone();
+        let handler = handler.clone();
+        let listen = listen.clone();
+        let stop_rx = stop_rx.clone();
+        let open_conns = open_conns.clone();
+        tokio::spawn(async move {
+            let _closed_when_dropped = open_conns;
+            let opened_at = Instant::now();
+            let opened = tokio::time::timeout(limits.header_timeout, open(stream, extra)).await;
+            let Ok(Some((io, peer))) = opened else {
+                return;
+            };
+            connection(io, peer, handler, &listen, opened_at, slot, stop_rx).await;
+        });
+    }
+    let _ = stopping.send(true);
+    drop(open_conns);
+    let _ = all_closed.recv().await;
+    Ok(())
+}
+
+/// One connection: HTTP/1.1 or HTTP/2 (by preface, or HTTP/2 only), until
+/// it ends, idles past its limits, or the server stops.
+async fn connection<H, F, B>(
+    io: Box<dyn Io>,
+    peer: Peer,
+    handler: H,
+    listen: &Listen,
+    opened_at: Instant,
+    slot: OwnedSemaphorePermit,
+    mut stopping: watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: ResponseBody,
+{
+    let limits = listen.limits;
+    let _open = listen.stats.opened(slot);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if listen.http2_only {
+        builder = builder.http2_only();
+    }
+    // The header timeout is kept here ([`idle`]), not by hyper, whose
+    // HTTP/1 timer also runs on an idle keep-alive connection and would
+    // make the idle timeout the header timeout.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let (activity, activity_rx) = watch::channel(Activity {
+        in_flight: 0,
+        since: opened_at,
+        served: false,
+        head_since: None,
+    });
+    let activity = Arc::new(activity);
+    let io = Watched {
+        io,
+        activity: Arc::clone(&activity),
+        protocol: Protocol::Unknown,
+    };
+    let peer = Arc::new(peer);
+    let service = hyper::service::service_fn(move |req| {
+        let response = handler(req, Arc::clone(&peer));
+        let guard = InFlight::start(Arc::clone(&activity));
+        async move {
+            let (parts, body) = response.await.into_parts();
+            Ok::<_, std::convert::Infallible>(Response::from_parts(
+                parts,
+                Tracked {
+                    body: Box::pin(body),
+                    _guard: guard,
+                },
+            ))
+        }
+    });
+    // With upgrades, so a CONNECT tunnel or a WebSocket can take over.
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let why = tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(listener = listen.stats.name(), error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        () = idle(activity_rx, limits) => "idle",
+        _ = stopping.wait_for(|s| *s) => "stopping",
+    };
+    if why == "idle" {
+        listen.stats.closed_idle();
+    }
+    tracing::debug!(listener = listen.stats.name(), why, "closing a connection");
+    conn.as_mut().graceful_shutdown();
+    // An idle connection goes at once; a stopping one may finish what is
+    // in flight. A peer that holds on past that is dropped.
+    let grace = if why == "idle" {
+        limits.header_timeout
+    } else {
+        Duration::from_secs(3600)
+    };
+    let _ = tokio::time::timeout(grace, conn).await;
+}
+
+/// What a connection is doing, for the idle rule.
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    /// Requests whose responses are not yet sent.
+    in_flight: usize,
+    /// When `in_flight` last became 0 (or the connection opened).
+    since: Instant,
+    /// Whether a request head has arrived yet.
+    served: bool,
+    /// When the first byte of the next HTTP/1.1 request head arrived, while
+    /// nothing was in flight.
+    head_since: Option<Instant>,
+}
+
+/// Resolves when the connection has had nothing in flight for too long:
+/// the header timeout before its first request, the idle timeout after.
+async fn idle(mut activity: watch::Receiver<Activity>, limits: Limits) {
+    loop {
+        let now = *activity.borrow_and_update();
+        if now.in_flight > 0 {
+            if activity.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            continue;
+        }
+        let deadline = match (now.served, now.head_since) {
+            (false, _) => now.since + limits.header_timeout,
+            (true, Some(head)) => head + limits.header_timeout,
+            (true, None) => now.since + limits.idle_timeout,
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return,
+            changed = activity.changed() => if changed.is_err() {
+                return std::future::pending().await;
+            },
+        }
+    }
+}
+
+/// Counts one request as in flight until dropped (with its response
+/// body).
+struct InFlight(Arc<watch::Sender<Activity>>);
+
+impl InFlight {
+    fn start(activity: Arc<watch::Sender<Activity>>) -> Self {
+        activity.send_modify(|a| {
+            a.in_flight += 1;
+            a.served = true;
+            a.head_since = None;
+        });
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|a| {
+            a.in_flight = a.in_flight.saturating_sub(1);
+            if a.in_flight == 0 {
+                a.since = Instant::now();
+            }
+        });
+    }
+}
+
+/// Which protocol a connection speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Unknown,
+    Http1,
+    Http2,
+}
+
+/// The connection's byte stream, noting when an HTTP/1.1 request head
+/// starts while nothing is in flight, so a slow head is held to the
+/// header timeout and an idle keep-alive connection to the idle timeout.
+/// (HTTP/2 sends frames with no request open, pings and window updates;
+/// its request heads are bounded by the header list size.)
+struct Watched<I> {
+    io: I,
+    activity: Arc<watch::Sender<Activity>>,
+    protocol: Protocol,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = &buf.filled()[before..];
+        if read.is_empty() {
+            return result;
+        }
+        if self.protocol == Protocol::Unknown {
+            self.protocol = if read.starts_with(b"PRI ") {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            };
+        }
+        if self.protocol == Protocol::Http1 {
+            let starts_head = {
+                let a = self.activity.borrow();
+                a.served && a.in_flight == 0 && a.head_since.is_none()
+            };
+            if starts_head {
+                self.activity.send_modify(|a| {
+                    if a.in_flight == 0 && a.head_since.is_none() {
+                        a.head_since = Some(Instant::now());
+                    }
+                });
+            }
+        }
+        result
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// A response body that keeps its request in flight until it is sent
+/// (or dropped).
+struct Tracked<B> {
+    body: Pin<Box<B>>,
+    _guard: InFlight,
+}
+
+impl<B: ResponseBody> hyper::body::Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.body.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Accept errors that concern one connection, not the listener.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    )
+}
