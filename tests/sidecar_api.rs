@@ -78,7 +78,8 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
     );
     let cache = TokenCache::new(issuer, CacheConfig::default());
     let (_svids, svid_rx) = tokio::sync::watch::channel(Arc::new(svid));
-    let services = ServiceMap::new([("payments.shop.svc".to_owned(), PAYMENTS.parse().unwrap())]);
+    let services =
+        ServiceMap::new([("payments.shop.svc:*".to_owned(), PAYMENTS.parse().unwrap())]).unwrap();
     let socket = dir.path().join("agent.sock");
     let api = LocalApi::new(
         cache,
@@ -91,7 +92,7 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let unix = tally::sidecar::api::bind(&socket).unwrap();
     let api_server = tokio::spawn(async move {
-        tally::sidecar::api::serve(api, unix, async {
+        tally::sidecar::api::serve(api, unix, tally::http::Listen::new("socket"), async {
             let _ = api_stopped.await;
         })
         .await
@@ -243,7 +244,7 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
     let (stop2, stopped2) = tokio::sync::oneshot::channel::<()>();
     let unix2 = tally::sidecar::api::bind(&socket2).unwrap();
     let strict_server = tokio::spawn(async move {
-        tally::sidecar::api::serve(strict, unix2, async {
+        tally::sidecar::api::serve(strict, unix2, tally::http::Listen::new("socket"), async {
             let _ = stopped2.await;
         })
         .await

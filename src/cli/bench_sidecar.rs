@@ -363,7 +363,7 @@ async fn upstream() -> Result<(SocketAddr, tokio::sync::oneshot::Sender<()>), Cl
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(crate::http::serve(
         listener,
-        None,
+        crate::http::Listen::new("bench upstream"),
         |_req, _peer| async { crate::http::respond(http::StatusCode::OK, "text/plain", "hello\n") },
         async {
             let _ = stopped.await;

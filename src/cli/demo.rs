@@ -160,7 +160,7 @@ async fn payments_app() -> Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)
     let next = Arc::new(AtomicU64::new(1));
     tokio::spawn(crate::http::serve(
         listener,
-        None,
+        crate::http::Listen::new("demo app"),
         move |req: Request<hyper::body::Incoming>, _peer| {
             let next = Arc::clone(&next);
             async move {
@@ -285,6 +285,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
         }
     };
     let sidecar_settings = |attestation, services, inbound| SidecarSettings {
+        limits: crate::http::Limits::default(),
         broker: broker_url.clone(),
         bundle_pem: broker.bundle_pem(),
         attestation,
@@ -331,7 +332,8 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     let services = ServiceMap::new([(
         inbound_addr.to_string(),
         PAYMENTS.parse().map_err(|e| failed("demo audience", &e))?,
-    )]);
+    )])
+    .map_err(|e| failed("demo service map", &e[0]))?;
     let checkout = Sidecar::start(
         sidecar_settings(join(CHECKOUT).await?, services, None),
         Listeners {

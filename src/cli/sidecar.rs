@@ -48,11 +48,12 @@ pub struct SidecarFlags {
     /// root, else $XDG_RUNTIME_DIR/tally/agent.sock or the temp dir].
     #[arg(long, env = "TALLY_SOCKET")]
     socket: Option<PathBuf>,
-    /// Only these peer uids may use the socket (repeatable).
+    /// Only these peer uids may use the socket and the outbound proxy
+    /// (repeatable).
     #[arg(long = "allow-uid", env = "TALLY_ALLOW_UIDS", value_delimiter = ',')]
     allow_uids: Vec<u32>,
-    /// YAML mapping of host (or host:port) to audience, for /v1/authorize
-    /// and the outbound proxy.
+    /// YAML mapping of HOST:PORT (or HOST:* for every port) to audience,
+    /// for /v1/authorize and the outbound proxy.
     #[arg(long, env = "TALLY_SERVICE_MAP")]
     service_map: Option<PathBuf>,
     /// Inbound verifying proxy address, e.g. 0.0.0.0:15006 (needs --upstream).
@@ -90,6 +91,26 @@ pub struct SidecarFlags {
     /// [default: 127.0.0.1:15020].
     #[arg(long, env = "TALLY_ADMIN_LISTEN")]
     admin_listen: Option<String>,
+    /// The only authorities (HOST:PORT) inbound requests may address,
+    /// repeatable; any other is refused (421) before any token work
+    /// [default: any].
+    #[arg(
+        long = "inbound-authority",
+        env = "TALLY_INBOUND_AUTHORITIES",
+        value_delimiter = ','
+    )]
+    inbound_authorities: Vec<String>,
+    /// Every listener: time from accept to a whole request head (TLS
+    /// handshake included) [default: 10s].
+    #[arg(long, env = "TALLY_HEADER_TIMEOUT")]
+    header_timeout: Option<String>,
+    /// Every listener: close a connection with no request in flight after
+    /// this long [default: 60s].
+    #[arg(long, env = "TALLY_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
+    /// Every listener: most connections open at once [default: 1024].
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS")]
+    max_connections: Option<String>,
 }
 
 const KEYS: &[&str] = &[
@@ -110,6 +131,10 @@ const KEYS: &[&str] = &[
     "watch_staleness",
     "deny_when_stale",
     "admin_listen",
+    "inbound_authorities",
+    "header_timeout",
+    "idle_timeout",
+    "max_connections",
 ];
 
 /// Resolved, validated settings.
@@ -131,6 +156,8 @@ struct SidecarConfig {
     outbound_listen: Option<SocketAddr>,
     outbound_strict: bool,
     admin_listen: Option<SocketAddr>,
+    inbound_authorities: Vec<String>,
+    limits: crate::http::Limits,
 }
 
 impl SidecarConfig {
@@ -243,6 +270,34 @@ impl SidecarConfig {
         let proof_max_age = seconds(&flags.proof_max_age, "proof_max_age", "30s", 1, 300);
         let clock_skew = seconds(&flags.clock_skew, "clock_skew", "5s", 0, 300);
         let watch_staleness = seconds(&flags.watch_staleness, "watch_staleness", "30s", 1, 86_400);
+        let header_timeout = seconds(&flags.header_timeout, "header_timeout", "10s", 1, 300);
+        let idle_timeout = seconds(&flags.idle_timeout, "idle_timeout", "60s", 1, 86_400);
+        let max_connections = one(&flags.max_connections, "max_connections").map_or(
+            Some(crate::http::Limits::default().max_connections),
+            |text| {
+                text.parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .or_else(|| {
+                        errors.push(format!(
+                            "max_connections {text:?} must be a number from 1 to 1000000"
+                        ));
+                        None
+                    })
+            },
+        );
+        let inbound_authorities = if flags.inbound_authorities.is_empty() {
+            from_file.all("inbound_authorities")
+        } else {
+            flags.inbound_authorities.clone()
+        };
+        for authority in &inbound_authorities {
+            if crate::sidecar::inbound::Authority::parse(authority).is_err() {
+                errors.push(format!(
+                    "inbound_authorities: {authority:?} must be HOST:PORT"
+                ));
+            }
+        }
         let allow_uids = if flags.allow_uids.is_empty() {
             from_file
                 .all("allow_uids")
@@ -276,6 +331,16 @@ impl SidecarConfig {
             outbound_listen,
             outbound_strict,
             admin_listen,
+            inbound_authorities,
+            limits: crate::http::Limits {
+                header_timeout: Duration::from_secs(
+                    header_timeout.unwrap_or_else(|| unreachable!("checked above")),
+                ),
+                idle_timeout: Duration::from_secs(
+                    idle_timeout.unwrap_or_else(|| unreachable!("checked above")),
+                ),
+                max_connections: max_connections.unwrap_or_else(|| unreachable!("checked above")),
+            },
         })
     }
 }
@@ -312,8 +377,8 @@ pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
         .block_on(serve(config, bundle, services, socket))
 }
 
-/// Reads the service map: a YAML mapping of host (or host:port) to
-/// audience.
+/// Reads the service map: a YAML mapping of `host:port` (or `host:*`)
+/// to audience.
 fn service_map(path: &Path) -> Result<ServiceMap, CliError> {
     use crate::policy::yaml::{self, Value};
     let name = path.display().to_string();
@@ -340,7 +405,10 @@ fn service_map(path: &Path) -> Result<ServiceMap, CliError> {
         }
     }
     if errors.is_empty() {
-        Ok(ServiceMap::new(out))
+        ServiceMap::new(out).map_err(|faults| {
+            let faults: Vec<String> = faults.iter().map(|f| format!("{name}: {f}")).collect();
+            CliError::Usage(faults.join("\n  "))
+        })
     } else {
         Err(CliError::Usage(errors.join("\n  ")))
     }
@@ -432,6 +500,11 @@ async fn serve(
             c.clock_skew = config.clock_skew;
             c.stale_after = config.watch_staleness;
             c.deny_when_stale = config.deny_when_stale;
+            c.authorities = config
+                .inbound_authorities
+                .iter()
+                .filter_map(|a| crate::sidecar::inbound::Authority::parse(a).ok())
+                .collect();
             c
         }),
         inbound_nonces: config.inbound_nonces,
@@ -440,6 +513,7 @@ async fn serve(
             ..OutboundConfig::default()
         },
         watch_staleness: config.watch_staleness,
+        limits: config.limits,
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // First contact retries while the broker is unreachable; SIGTERM

@@ -4,9 +4,11 @@
 //!
 //! - `GET /v1/token?audience=A&scope=S` → `{access_token, token_type,
 //!   expires_at, scope}`
-//! - `POST /v1/authorize {method, url, audience?, scope?}` →
+//! - `POST /v1/authorize {method, url, audience?, scope?, nonce?}` →
 //!   `{authorization, dpop}`: a fresh proof for that request on every call
-//!   (with `ath`, and the last nonce the sidecar saw for the URL's origin);
+//!   (with `ath`, and the nonce given, else the last nonce the sidecar saw
+//!   for the URL's origin: after a `401` with `use_dpop_nonce`, ask again
+//!   with the answer's `DPoP-Nonce`);
 //!   the audience comes from the service map by host when omitted.
 //! - `GET /v1/identity` → `{spiffe_id, trust_domain, expires_at}`
 //!
@@ -31,31 +33,90 @@ use std::sync::{Arc, Mutex};
 /// Largest request body read.
 const MAX_BODY: usize = 16 * 1024;
 
-/// Which audience serves which host (`host` or `host:port`).
+/// Which audience serves which destination: `host:port`, or `host:*`
+/// for every port of a host. A bare `host` is refused: it would send this
+/// workload's tokens to whatever listens on any port of that host.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceMap(HashMap<String, Audience>);
 
+/// Why a service-map entry was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceMapError {
+    /// `host` alone: which port is meant?
+    #[error(
+        "{0:?} names no port: write {0}:PORT for one port, or {0}:* to send tokens to every port of that host"
+    )]
+    NoPort(String),
+    /// Not `host:port` or `host:*`.
+    #[error("{0:?} is not host:port or host:*")]
+    Malformed(String),
+    /// The same destination twice.
+    #[error("{0:?} appears twice")]
+    Duplicate(String),
+}
+
 impl ServiceMap {
-    /// A map from these (host, audience) pairs.
-    pub fn new(entries: impl IntoIterator<Item = (String, Audience)>) -> Self {
-        Self(
-            entries
-                .into_iter()
-                .map(|(h, a)| (h.to_ascii_lowercase(), a))
-                .collect(),
-        )
+    /// A map from these (destination, audience) pairs; every entry is
+    /// checked and every fault reported.
+    ///
+    /// # Errors
+    /// One [`ServiceMapError`] per refused entry.
+    pub fn new(
+        entries: impl IntoIterator<Item = (String, Audience)>,
+    ) -> Result<Self, Vec<ServiceMapError>> {
+        let mut map = HashMap::new();
+        let mut errors = Vec::new();
+        for (destination, audience) in entries {
+            let key = destination.to_ascii_lowercase();
+            let Some((host, port)) = key.rsplit_once(':') else {
+                errors.push(ServiceMapError::NoPort(destination));
+                continue;
+            };
+            let port_ok = port == "*" || port.parse::<u16>().is_ok_and(|p| p != 0);
+            let host_ok = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+                || host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+            if !(port_ok && host_ok) {
+                errors.push(ServiceMapError::Malformed(destination));
+                continue;
+            }
+            if map.insert(key, audience).is_some() {
+                errors.push(ServiceMapError::Duplicate(destination));
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self(map))
+        } else {
+            Err(errors)
+        }
     }
 
-    /// The audience for a URL's authority: `host:port` first, then `host`.
+    /// The audience for a URL's authority: its `host:port` (the scheme's
+    /// default port when none is written), then `host:*`.
     pub fn audience_for(&self, url: &str) -> Option<&Audience> {
-        let authority = url.split("://").nth(1)?.split(['/', '?', '#']).next()?;
-        let authority = authority.to_ascii_lowercase();
-        self.0.get(&authority).or_else(|| {
-            let host = authority
-                .rsplit_once(':')
-                .map_or(authority.as_str(), |(h, _)| h);
-            self.0.get(host)
-        })
+        let (scheme, rest) = url.split_once("://")?;
+        let authority = rest.split(['/', '?', '#']).next()?.to_ascii_lowercase();
+        let default_port = match scheme.to_ascii_lowercase().as_str() {
+            "http" => "80",
+            "https" => "443",
+            _ => return None,
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && !port.contains(']') => (host, port),
+            _ => (authority.as_str(), default_port),
+        };
+        let port = if port.is_empty() { default_port } else { port };
+        self.0
+            .get(&format!("{host}:{port}"))
+            .or_else(|| self.0.get(&format!("{host}:*")))
+    }
+
+    /// The audience for a `CONNECT host:port` target.
+    pub fn audience_for_authority(&self, authority: &str) -> Option<&Audience> {
+        self.audience_for(&format!("http://{authority}/"))
     }
 }
 
@@ -171,19 +232,34 @@ impl<F: Fetch> LocalApi<F> {
         })
     }
 
-    async fn route(&self, req: Request<Incoming>, peer: &Peer) -> Result<Response<Body>, ApiError> {
-        if let Some(allowed) = &self.allowed_uids
-            && !peer.uid.is_some_and(|uid| allowed.contains(&uid))
-        {
-            return Err(ApiError {
+    /// Whether only some uids may use this sidecar.
+    pub fn restricts_uids(&self) -> bool {
+        self.allowed_uids.is_some()
+    }
+
+    /// Refuses a peer whose uid is not on the allow-list (when there is
+    /// one): the local API and the outbound proxy both act as this
+    /// workload, so both serve only these uids.
+    ///
+    /// # Errors
+    /// 403 naming the allowed uids and the caller's.
+    pub fn admit(&self, peer: &Peer, what: &str) -> Result<(), ApiError> {
+        match &self.allowed_uids {
+            Some(allowed) if !peer.uid.is_some_and(|uid| allowed.contains(&uid)) => Err(ApiError {
                 status: StatusCode::FORBIDDEN,
                 code: "access_denied",
                 description: format!(
-                    "this socket serves only uids {allowed:?}; the caller is {}",
-                    peer.uid.map_or_else(|| "unknown".into(), |u| u.to_string())
+                    "this {what} serves only uids {allowed:?}; the caller is {}",
+                    peer.uid
+                        .map_or_else(|| "of unknown uid".into(), |u| format!("uid {u}"))
                 ),
-            });
+            }),
+            _ => Ok(()),
         }
+    }
+
+    async fn route(&self, req: Request<Incoming>, peer: &Peer) -> Result<Response<Body>, ApiError> {
+        self.admit(peer, "socket")?;
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/v1/token") => self.token(req.uri().query().unwrap_or("")).await,
             (&Method::POST, "/v1/authorize") => {
@@ -239,9 +315,26 @@ impl<F: Fetch> LocalApi<F> {
             url: String,
             audience: Option<String>,
             scope: Option<String>,
+            /// The `DPoP-Nonce` the destination answered with
+            /// (`use_dpop_nonce`): the proof carries it, and later proofs
+            /// for that origin too.
+            nonce: Option<String>,
         }
         let ask: Ask = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
+        if let Some(nonce) = &ask.nonce {
+            // RFC 9449 §8.1: NQCHAR, 1*%x21 / %x23-5B / %x5D-7E.
+            let ok = !nonce.is_empty()
+                && nonce.len() <= 512
+                && nonce
+                    .bytes()
+                    .all(|b| matches!(b, 0x21 | 0x23..=0x5b | 0x5d..=0x7e));
+            if !ok {
+                return Err(ApiError::bad_request(
+                    "nonce must be the DPoP-Nonce value: 1 to 512 visible ASCII characters, no quote or backslash",
+                ));
+            }
+        }
         if ask.method.is_empty() || !ask.method.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(ApiError::bad_request(
                 "method must be an upper-case HTTP method",
@@ -264,6 +357,9 @@ impl<F: Fetch> LocalApi<F> {
                 })?,
         };
         let scopes = parse_scopes(ask.scope.as_deref().unwrap_or(""))?;
+        if let Some(nonce) = &ask.nonce {
+            self.remember_nonce(&origin_of(htu.as_str()), nonce);
+        }
         let headers = self
             .headers_for(&ask.method, &htu, &audience, &scopes)
             .await?;
@@ -420,10 +516,12 @@ pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener>
 pub async fn serve<F: Fetch>(
     api: Arc<LocalApi<F>>,
     listener: tokio::net::UnixListener,
+    listen: crate::http::Listen,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     crate::http::serve_unix(
         listener,
+        listen,
         move |req, peer| Arc::clone(&api).handle(req, peer),
         shutdown,
     )
@@ -438,14 +536,16 @@ mod tests {
     fn the_service_map_finds_an_audience_by_host_and_port() {
         let map = ServiceMap::new([
             (
-                "payments.svc".to_owned(),
+                "payments.svc:*".to_owned(),
                 "spiffe://td/pay".parse().unwrap(),
             ),
             (
                 "ledger:8443".to_owned(),
                 "spiffe://td/ledger".parse().unwrap(),
             ),
-        ]);
+            ("web:80".to_owned(), "spiffe://td/web".parse().unwrap()),
+        ])
+        .unwrap();
         let aud = |u: &str| map.audience_for(u).map(|a| a.as_str().to_owned());
         assert_eq!(
             aud("http://Payments.svc:8080/v1/x?y").as_deref(),
@@ -455,8 +555,44 @@ mod tests {
             aud("https://ledger:8443/").as_deref(),
             Some("spiffe://td/ledger")
         );
+        assert_eq!(aud("http://web/x").as_deref(), Some("spiffe://td/web"));
+        assert_eq!(aud("http://web:80/x").as_deref(), Some("spiffe://td/web"));
+        assert_eq!(aud("http://web:8080/x"), None);
         assert_eq!(aud("https://ledger:9000/"), None);
+        assert_eq!(aud("https://ledger/"), None, "443 is not 8443");
         assert_eq!(aud("not a url"), None);
+        assert_eq!(
+            map.audience_for_authority("ledger:8443")
+                .map(Audience::as_str),
+            Some("spiffe://td/ledger")
+        );
+    }
+
+    #[test]
+    fn a_service_map_entry_without_a_port_is_refused_with_the_fix() {
+        let aud: Audience = "spiffe://td/pay".parse().unwrap();
+        let errors = ServiceMap::new([
+            ("localhost".to_owned(), aud.clone()),
+            ("a b:80".to_owned(), aud.clone()),
+            ("x:99999".to_owned(), aud.clone()),
+            ("y:80".to_owned(), aud.clone()),
+            ("Y:80".to_owned(), aud),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            errors,
+            vec![
+                ServiceMapError::NoPort("localhost".into()),
+                ServiceMapError::Malformed("a b:80".into()),
+                ServiceMapError::Malformed("x:99999".into()),
+                ServiceMapError::Duplicate("Y:80".into()),
+            ]
+        );
+        assert!(
+            errors[0].to_string().contains("localhost:*"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]

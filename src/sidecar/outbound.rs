@@ -9,6 +9,11 @@
 //!   untouched (TLS to the destination stays end to end; no token is
 //!   added: the proxy cannot see inside).
 //! - A request that already carries `Authorization` is forwarded as is.
+//! - Strict (`--outbound-strict`): a destination outside the service map
+//!   is refused (403), a `CONNECT` too, with or without credentials.
+//! - Only the uids on the sidecar's allow-list (`--allow-uid`) may use the
+//!   proxy: the caller's uid is read from the kernel's socket table (see
+//!   [`crate::http::peer_uid`]); anyone else gets 403 naming their uid.
 //! - The app picks scopes with `x-tally-scope: a b` (removed before
 //!   forwarding); without it, the token carries what the policy grants.
 //! - The nonce retry resends the body, so it needs the body in memory: only
@@ -103,10 +108,22 @@ impl<F: Fetch> Outbound<F> {
         self.requests.render(out);
     }
 
-    /// Handles one proxied request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
-        let (result, response) = if req.method() == Method::CONNECT {
-            tunnel(req, self.config.timeout).await
+    /// Handles one proxied request from `peer`.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<crate::http::Peer>,
+    ) -> Response<ProxyBody> {
+        let (result, response) = if let Err(e) = self.api.admit(&peer, "outbound proxy") {
+            // Anything sent here leaves signed as this workload: only the
+            // uids the local socket serves may send it.
+            tracing::debug!(uid = ?peer.uid, "outbound proxy refused a caller by uid");
+            (
+                "refused_uid",
+                proxy::refusal(e.status, e.code, &e.description),
+            )
+        } else if req.method() == Method::CONNECT {
+            self.connect(req).await
         } else {
             self.forward(req).await
         };
@@ -131,6 +148,15 @@ impl<F: Fetch> Outbound<F> {
         };
         parts.headers.remove(&SCOPE);
         proxy::strip_hop_by_hop(&mut parts.headers);
+        // RFC 9112 §3.2.2: a proxy replaces `Host` with the target's
+        // authority, which is also what a proof names.
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
         let length = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -144,9 +170,12 @@ impl<F: Fetch> Outbound<F> {
         }
 
         let audience = self.api.services().audience_for(&url).cloned();
-        let signed = audience.is_some() && !parts.headers.contains_key(header::AUTHORIZATION);
+        let mapped = audience.is_some();
+        let signed = mapped && !parts.headers.contains_key(header::AUTHORIZATION);
         let Some(audience) = audience.filter(|_| signed) else {
-            if self.config.strict && !parts.headers.contains_key(header::AUTHORIZATION) {
+            // Strict: nothing reaches a destination outside the service
+            // map, whatever credentials the app put on it itself.
+            if self.config.strict && !mapped {
                 return refuse(
                     StatusCode::FORBIDDEN,
                     "access_denied",
@@ -312,6 +341,28 @@ fn asks_for_nonce(response: &Response<ProxyBody>) -> bool {
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
             .any(|v| v.as_bytes().windows(14).any(|w| w == b"use_dpop_nonce"))
+}
+
+impl<F: Fetch> Outbound<F> {
+    /// `CONNECT host:port`: a tunnel, unless the proxy is strict and the
+    /// destination is not in the service map.
+    async fn connect(&self, req: Request<Incoming>) -> (&'static str, Response<ProxyBody>) {
+        let mapped = req.uri().authority().is_some_and(|a| {
+            self.api
+                .services()
+                .audience_for_authority(a.as_str())
+                .is_some()
+        });
+        if self.config.strict && !mapped {
+            let refusal = proxy::refusal(
+                StatusCode::FORBIDDEN,
+                "access_denied",
+                "the CONNECT destination is not in the service map and this proxy is strict",
+            );
+            return ("refused", refusal);
+        }
+        tunnel(req, self.config.timeout).await
+    }
 }
 
 /// Answers `CONNECT host:port`: connects to the destination, then 200

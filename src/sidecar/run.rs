@@ -45,6 +45,8 @@ pub struct SidecarSettings {
     /// Not ready once the Watch stream has been down this long (seconds):
     /// revocations could be missed.
     pub watch_staleness: u64,
+    /// Timeouts and connection cap of every listener.
+    pub limits: crate::http::Limits,
 }
 
 /// Where the sidecar serves; each part runs only if its listener is here.
@@ -78,6 +80,8 @@ pub struct Parts {
     pub revocation_lag: Arc<crate::metrics::Histogram>,
     /// Longest Watch outage before not-ready, seconds.
     pub watch_staleness: u64,
+    /// Every listener's counters (not ready while one cannot accept).
+    pub listeners: crate::http::Listeners,
 }
 
 /// A running sidecar.
@@ -149,11 +153,15 @@ impl Sidecar {
             .map_err(|e| IdentityError::Local(format!("own SPIFFE ID: {e}")))?;
         let token_issuer = svid.issuer.clone();
         let inbound_nonces = settings.inbound_nonces;
+        let started_at = clock.now();
         let verifier_config = move |inbound: &InboundConfig| {
             let mut c = VerifierConfig::new(TokenConfig::new(token_issuer, own_audience));
             c.nonce_slot_secs = inbound_nonces.then_some(30);
             c.proof.max_age = inbound.proof_max_age;
             c.proof.max_skew = inbound.clock_skew;
+            // The replay cache starts empty: a proof the previous process
+            // (before a restart) could have accepted needs a nonce of ours.
+            c.fresh_proofs_after = Some(started_at + inbound.clock_skew);
             c
         };
         let (stop, _) = watch::channel(false);
@@ -237,7 +245,14 @@ impl Sidecar {
             clock,
             revocation_lag,
             watch_staleness: settings.watch_staleness,
+            listeners: crate::http::Listeners::default(),
         });
+        let limits = settings.limits;
+        let listen = |name: &'static str| {
+            let listen = crate::http::Listen::new(name).limits(limits);
+            parts.listeners.add(listen.stats());
+            listen
+        };
 
         let mut servers = Vec::new();
         let stopped = |rx: watch::Receiver<bool>| async move {
@@ -246,13 +261,14 @@ impl Sidecar {
         };
         if let Some(socket) = listeners.socket {
             let api = Arc::clone(&parts.api);
-            let server = super::api::serve(api, socket, stopped(stop.subscribe()));
+            let server =
+                super::api::serve(api, socket, listen("socket"), stopped(stop.subscribe()));
             servers.push(("local API", tokio::spawn(server)));
         }
         if let (Some(listener), Some(inbound)) = (listeners.inbound, parts.inbound.clone()) {
             let server = crate::http::serve(
                 listener,
-                None,
+                listen("inbound"),
                 move |req, _peer| Arc::clone(&inbound).handle(req),
                 stopped(stop.subscribe()),
             );
@@ -260,10 +276,18 @@ impl Sidecar {
         }
         if let Some(listener) = listeners.outbound {
             let outbound = Arc::clone(&parts.outbound);
+            // The outbound proxy signs as this workload: only the uids the
+            // socket serves may use it, so learn each local caller's uid.
+            let listen = listen("outbound");
+            let listen = if parts.api.restricts_uids() {
+                listen.peer_uid()
+            } else {
+                listen
+            };
             let server = crate::http::serve(
                 listener,
-                None,
-                move |req, _peer| Arc::clone(&outbound).handle(req),
+                listen,
+                move |req, peer| Arc::clone(&outbound).handle(req, peer),
                 stopped(stop.subscribe()),
             );
             servers.push(("outbound proxy", tokio::spawn(server)));
@@ -272,7 +296,7 @@ impl Sidecar {
             let admin = Arc::clone(&parts);
             let server = crate::http::serve(
                 listener,
-                None,
+                listen("admin"),
                 move |req, _peer| super::admin::handle(Arc::clone(&admin), req),
                 stopped(stop.subscribe()),
             );
