@@ -68,16 +68,24 @@ impl Scene {
 /// A calling sidecar for `id` (socket and outbound proxy) whose service
 /// map sends `inbound` to the payments audience.
 async fn caller(mesh: &Mesh, id: &str, inbound: std::net::SocketAddr) -> support::mesh::Started {
-    mesh.sidecar(
-        id,
-        Parts {
-            socket: true,
-            outbound: true,
-            services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
-            ..Parts::default()
-        },
-    )
-    .await
+    let started = mesh
+        .sidecar(
+            id,
+            Parts {
+                socket: true,
+                outbound: true,
+                services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
+                ..Parts::default()
+            },
+        )
+        .await;
+    let scope = if id == CHECKOUT {
+        "payments:charge"
+    } else {
+        "payments:read"
+    };
+    support::mesh::prime_nonce(started.socket.as_deref().unwrap(), inbound, scope).await;
+    started
 }
 
 /// `POST /v1/charges` to the inbound proxy with these credentials.
@@ -931,7 +939,7 @@ async fn a_leaked_signing_key_is_withdrawn_and_nothing_it_signs_passes_any_more(
         stored[0].kid.clone(),
         broker.issuer(),
     );
-    let forge = || {
+    let forge = |nonce: Option<&str>| {
         let thief = tally::dpop::ProofKey::generate().unwrap();
         let now = tally::clock::SystemClock.now();
         let (token, _) = leaked
@@ -948,10 +956,16 @@ async fn a_leaked_signing_key_is_withdrawn_and_nothing_it_signs_passes_any_more(
             )
             .unwrap();
         let proof = thief
-            .mint("POST", &url, Some(token.expose()), None, now)
+            .mint("POST", &url, Some(token.expose()), nonce, now)
             .unwrap();
         (format!("DPoP {}", token.expose()), proof)
     };
+    // The freshly started sidecar asks for a nonce, as it would of anyone.
+    let (a, d) = forge(None);
+    let asked = charge_with(inbound, &a, &d).await;
+    assert_eq!(asked.status, 401);
+    let nonce = asked.header("dpop-nonce").unwrap().to_owned();
+    let forge = || forge(Some(&nonce));
     let (a, d) = forge();
     assert_eq!(
         charge_with(inbound, &a, &d).await.status,
@@ -1177,7 +1191,7 @@ async fn a_websocket_handshake_is_checked_then_joined_to_the_app() {
     let (authorization, dpop) = authorize(socket, "GET", &url, "payments:read").await;
     let handshake = |extra: &str| {
         format!(
-            "GET /v1/ws/prices HTTP/1.1\r\nHost: {inbound}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n{extra}\r\n"
+            "GET /v1/ws/prices HTTP/1.1\r\nHost: {inbound}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{extra}\r\n"
         )
     };
 
@@ -1200,7 +1214,7 @@ async fn a_websocket_handshake_is_checked_then_joined_to_the_app() {
     let (head, mut rest) = response_head(&mut tcp).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
-        head.to_ascii_lowercase().contains("upgrade: echo"),
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
         "{head}"
     );
     while !rest.contains(&b'\n') {

@@ -4,6 +4,7 @@
 
 pub mod answer;
 pub mod credentials;
+pub mod path;
 pub mod request;
 
 pub use answer::{HttpAnswer, answer};

@@ -11,6 +11,10 @@ use crate::token::access::{self, TokenClaims, TokenConfig};
 use crate::token::{Jwks, VerifiedTokens};
 use std::sync::Arc;
 
+/// How long a nonce stays valid when only the restart rule issues them
+/// (per slot; a nonce is good for its slot and the next).
+const DEFAULT_NONCE_SLOT: u64 = 30;
+
 /// Verifier settings.
 #[derive(Debug, Clone)]
 pub struct VerifierConfig {
@@ -26,6 +30,13 @@ pub struct VerifierConfig {
     pub key_cache_capacity: usize,
     /// Demand server nonces in proofs, valid for this many seconds per slot.
     pub nonce_slot_secs: Option<u64>,
+    /// A verifier whose replay cache starts empty (a new process) sets
+    /// this to its start time plus the allowed clock skew: a proof whose
+    /// `iat` is at or before it is accepted only with a nonce this
+    /// verifier issued, so nothing the previous process accepted can be
+    /// replayed to this one. `None`: no such rule (a verifier that lives
+    /// as long as its callers' proofs, as in tests of the core).
+    pub fresh_proofs_after: Option<u64>,
 }
 
 impl VerifierConfig {
@@ -39,6 +50,7 @@ impl VerifierConfig {
             token_cache_capacity: 10_000,
             key_cache_capacity: 4_096,
             nonce_slot_secs: None,
+            fresh_proofs_after: None,
         }
     }
 }
@@ -73,6 +85,9 @@ pub struct RequestVerifier {
     tokens: Option<VerifiedTokens>,
     keys: KeyCache,
     nonces: Option<Nonces>,
+    /// Whether every proof needs a nonce (else only those before
+    /// `fresh_proofs_after`).
+    nonces_always: bool,
 }
 
 impl RequestVerifier {
@@ -85,9 +100,15 @@ impl RequestVerifier {
         let replay = ReplayCache::new(config.replay_capacity, window)?;
         let tokens = (config.token_cache_capacity > 0)
             .then(|| VerifiedTokens::new(config.token_cache_capacity, config.token.leeway));
-        let nonces = config.nonce_slot_secs.map(Nonces::random).transpose()?;
+        // Nonces are issued when always demanded, and after a restart for
+        // proofs that may predate this process.
+        let slot = config
+            .nonce_slot_secs
+            .or(config.fresh_proofs_after.map(|_| DEFAULT_NONCE_SLOT));
+        let nonces = slot.map(Nonces::random).transpose()?;
         Ok(Self {
             keys: KeyCache::new(config.key_cache_capacity),
+            nonces_always: config.nonce_slot_secs.is_some(),
             config,
             replay,
             tokens,
@@ -131,10 +152,14 @@ impl RequestVerifier {
             uri: &uri,
             token_hash: Some(&hash),
             expected_jkt: Some(&token.jkt),
-            nonce: self
-                .nonces
-                .as_ref()
-                .map_or(NonceRule::NotRequired, NonceRule::Issued),
+            nonce: match (&self.nonces, self.config.fresh_proofs_after) {
+                (Some(nonces), _) if self.nonces_always => NonceRule::Issued(nonces),
+                (Some(nonces), Some(iat_through)) => NonceRule::IssuedThrough {
+                    nonces,
+                    iat_through,
+                },
+                _ => NonceRule::NotRequired,
+            },
             keys: Some(&self.keys),
         };
         let proof = proof::verify(creds.proof, &ctx, &self.config.proof, now, &mut ())?;

@@ -56,6 +56,18 @@ pub enum NonceRule<'a> {
     Issued(&'a Nonces),
     /// Exactly this nonce is required.
     Exact(&'a str),
+    /// A nonce issued by these [`Nonces`] is required of a proof whose
+    /// `iat` is at or before `iat_through`; a later proof needs none. A
+    /// verifier that has just started sets `iat_through` to its start plus
+    /// the allowed clock skew: every proof the previous process could have
+    /// accepted (and so could have had replayed to it) is at or before
+    /// that, and its replay cache is gone.
+    IssuedThrough {
+        /// Who issued the nonce.
+        nonces: &'a Nonces,
+        /// The latest `iat` that needs one.
+        iat_through: u64,
+    },
 }
 
 /// SHA-256 of an access token: the `ath` claim's content, and the key of
@@ -411,6 +423,16 @@ pub fn verify(
                 return Err(ProofError::NonceInvalid(NonceError::Mismatch));
             }
             observer.passed(ProofCheck::Nonce);
+        }
+        NonceRule::IssuedThrough {
+            nonces,
+            iat_through,
+        } => {
+            if iat <= iat_through {
+                let nonce = nonce_claim(claims)?;
+                nonces.check(nonce, now)?;
+                observer.passed(ProofCheck::Nonce);
+            }
         }
     }
 

@@ -72,6 +72,38 @@ pub struct InboundConfig {
     pub deny_when_stale: bool,
     /// How often refusals are summarized to the broker's audit log.
     pub report_every: Duration,
+    /// When not empty, the only authorities requests may address; any
+    /// other is refused (421) before any token work.
+    pub authorities: Vec<Authority>,
+}
+
+/// A request authority (`host[:port]`), normalized as in `htu`: host
+/// lower-cased, the default port 80 dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority(String);
+
+impl Authority {
+    /// Parses and normalizes `text`.
+    ///
+    /// # Errors
+    /// If `text` is not a host with an optional port.
+    pub fn parse(text: &str) -> Result<Self, crate::dpop::UriError> {
+        if text.contains(['/', '?', '#', '@']) || text.is_empty() {
+            return Err(crate::dpop::UriError::Host);
+        }
+        let uri = NormalizedUri::parse(&format!("http://{text}/"))?;
+        let authority = uri
+            .as_str()
+            .strip_prefix("http://")
+            .and_then(|rest| rest.strip_suffix('/'))
+            .ok_or(crate::dpop::UriError::Host)?;
+        Ok(Self(authority.to_owned()))
+    }
+
+    /// The normalized text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl InboundConfig {
@@ -92,6 +124,7 @@ impl InboundConfig {
             stale_after: 30,
             deny_when_stale: false,
             report_every: super::failures::INTERVAL,
+            authorities: Vec::new(),
         }
     }
 }
@@ -134,6 +167,8 @@ struct Admitted {
     token_id: String,
     /// Normalized path plus the original query.
     path_and_query: String,
+    /// The authority the proof was checked against: the app's `Host`.
+    authority: HeaderValue,
     /// For an upgrade: the protocol asked for, and the token whose expiry
     /// or revocation ends the tunnel.
     upgrade: Option<(HeaderValue, Arc<crate::token::TokenClaims>)>,
@@ -270,29 +305,61 @@ impl Inbound {
                 )),
             });
         }
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-            .ok_or_else(|| Refused {
-                reason: "bad_request",
-                response: Box::new(proxy::refusal(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "the request names no host",
-                )),
-            })?;
-        let path = req.uri().path();
-        let url = format!("http://{authority}{path}");
-        let normalized = NormalizedUri::parse(&url).map_err(|e| Refused {
+        let bad = |text: &str| Refused {
             reason: "bad_request",
             response: Box::new(proxy::refusal(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
-                &format!("request URL: {e}"),
+                text,
             )),
-        })?;
+        };
+        // The authority the caller addressed: the absolute-form target or
+        // HTTP/2 `:authority`, else `Host`. When both are sent they must
+        // agree: the proof is checked against one, and the app must not
+        // route by another.
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map(|v| v.to_str().map_err(|_| bad("the Host header is not text")))
+            .transpose()?;
+        let authority = match (req.uri().authority(), host) {
+            (Some(target), Some(host)) => {
+                let (a, b) = (Authority::parse(target.as_str()), Authority::parse(host));
+                if a.is_err() || a != b {
+                    return Err(bad(
+                        "the Host header does not name the authority of the request target",
+                    ));
+                }
+                target.as_str()
+            }
+            (Some(target), None) => target.as_str(),
+            (None, Some(host)) => host,
+            (None, None) => return Err(bad("the request names no host")),
+        };
+        let normalized_authority =
+            Authority::parse(authority).map_err(|e| bad(&format!("request authority: {e}")))?;
+        if !self.config.authorities.is_empty()
+            && !self.config.authorities.contains(&normalized_authority)
+        {
+            return Err(Refused {
+                reason: "misdirected",
+                response: Box::new(proxy::refusal(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "invalid_request",
+                    &format!(
+                        "this sidecar does not serve {}",
+                        normalized_authority.as_str()
+                    ),
+                )),
+            });
+        }
+        let path = req.uri().path();
+        let url = format!("http://{authority}{path}");
+        let normalized =
+            NormalizedUri::parse(&url).map_err(|e| bad(&format!("request URL: {e}")))?;
+        // Only a path the app will route as judged (see `auth::path`).
+        crate::auth::path::check_routable(normalized.path())
+            .map_err(|e| bad(&format!("request path: {e}")))?;
 
         let (jwks, access, revocations, down_since_ms) = {
             let mesh = self.mesh.borrow();
@@ -387,11 +454,14 @@ impl Inbound {
             path_and_query.push('?');
             path_and_query.push_str(query);
         }
+        let authority = HeaderValue::from_str(authority)
+            .map_err(|_| bad("the request authority cannot be forwarded"))?;
         Ok(Admitted {
             caller: token.sub.to_string(),
             scopes: token.scope.to_string(),
             token_id: token.jti.clone(),
             path_and_query,
+            authority,
             upgrade: upgrade_to(req).map(|protocol| (protocol, Arc::clone(token))),
         })
     }
@@ -438,10 +508,6 @@ impl Inbound {
         parts: &mut http::request::Parts,
         admitted: Admitted,
     ) -> Result<(), Box<Response<ProxyBody>>> {
-        let host = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         let headers = &mut parts.headers;
         proxy::strip_hop_by_hop(headers);
         let spoofed: Vec<HeaderName> = headers
@@ -456,12 +522,9 @@ impl Inbound {
             headers.remove(header::AUTHORIZATION);
             headers.remove("dpop");
         }
-        if let Some(host) = host
-            && !headers.contains_key(header::HOST)
-        {
-            // HTTP/2 callers send `:authority`; the app gets it as `Host`.
-            headers.insert(header::HOST, host);
-        }
+        // The authority the proof was checked against, whatever `Host`
+        // said (HTTP/2 callers send `:authority`; the app gets `Host`).
+        headers.insert(header::HOST, admitted.authority);
         for (name, value) in [
             (CALLER, admitted.caller),
             (SCOPES, admitted.scopes),
@@ -633,7 +696,12 @@ impl Inbound {
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection:
-/// upgrade` and `Upgrade: …`), if any.
+/// upgrade` and `Upgrade: websocket`), if it is a WebSocket. Any other
+/// upgrade (`h2c`, `TLS/1.0`, a list of several) is not tunneled: its
+/// `Upgrade` header is dropped with the other hop-by-hop headers and the
+/// request goes to the app as a plain one, which RFC 9110 §7.8 allows (a
+/// server may ignore `Upgrade`). An `h2c` upgrade would otherwise let
+/// HTTP/2 requests reach the app that this proxy never checked.
 fn upgrade_to(req: &Request<Incoming>) -> Option<HeaderValue> {
     if req.version() != http::Version::HTTP_11 {
         return None;
@@ -645,8 +713,11 @@ fn upgrade_to(req: &Request<Incoming>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
+    let mut upgrades = req.headers().get_all(header::UPGRADE).iter();
+    let protocol = upgrades.next()?;
+    let websocket =
+        upgrades.next().is_none() && protocol.as_bytes().eq_ignore_ascii_case(b"websocket");
+    (asks && websocket).then(|| protocol.clone())
 }
 
 /// 503 until the sidecar holds the broker's keys and access rules.

@@ -41,7 +41,7 @@ impl App {
         let counter = Arc::clone(&seen);
         tokio::spawn(tally::http::serve(
             listener,
-            None,
+            tally::http::Listen::new("test app"),
             move |mut req: http::Request<hyper::body::Incoming>, _peer| {
                 let counter = Arc::clone(&counter);
                 async move {
@@ -55,6 +55,7 @@ impl App {
                             .get("x-tally-caller")
                             .map(|v| v.as_bytes().to_vec())
                             .unwrap_or_default();
+                        let asked = req.headers().get("upgrade").cloned().unwrap();
                         let upgrade = hyper::upgrade::on(&mut req);
                         tokio::spawn(async move {
                             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -73,9 +74,7 @@ impl App {
                             hyper::body::Bytes::new(),
                         ));
                         *switching.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-                        switching
-                            .headers_mut()
-                            .insert("upgrade", http::HeaderValue::from_static("echo"));
+                        switching.headers_mut().insert("upgrade", asked);
                         switching
                             .headers_mut()
                             .insert("connection", http::HeaderValue::from_static("upgrade"));
@@ -96,6 +95,7 @@ impl App {
                         "method": req.method().as_str(),
                         "path": req.uri().path_and_query().map(|p| p.as_str()),
                         "host": header("host"),
+                        "upgrade": header("upgrade"),
                         "caller": header("x-tally-caller"),
                         "scopes": header("x-tally-scopes"),
                         "token_id": header("x-tally-token-id"),
@@ -143,6 +143,15 @@ pub struct Parts {
     pub clock: Option<Arc<dyn tally::clock::Clock>>,
     /// How often refusals are reported (100 ms when unset).
     pub report_every: Option<std::time::Duration>,
+    /// Only these uids may use the socket and the outbound proxy.
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Listener limits (the defaults when unset).
+    pub limits: Option<tally::http::Limits>,
+    /// `--inbound-authority` values.
+    pub authorities: Vec<String>,
+    /// Bind the inbound proxy here (a restarted sidecar takes its
+    /// predecessor's port); port 0 when unset.
+    pub inbound_at: Option<std::net::SocketAddr>,
 }
 
 /// A started sidecar and where it listens.
@@ -184,7 +193,10 @@ impl Mesh {
             ..Listeners::default()
         };
         if parts.inbound_to.is_some() {
-            listeners.inbound = Some(bind().await);
+            listeners.inbound = Some(match parts.inbound_at {
+                Some(at) => tokio::net::TcpListener::bind(at).await.unwrap(),
+                None => bind().await,
+            });
         }
         if parts.outbound {
             listeners.outbound = Some(bind().await);
@@ -208,8 +220,9 @@ impl Mesh {
                     .services
                     .iter()
                     .map(|(h, a)| (h.clone(), a.parse().unwrap())),
-            ),
-            allowed_uids: None,
+            )
+            .unwrap(),
+            allowed_uids: parts.allowed_uids.clone(),
             cache: CacheConfig::default(),
             inbound: parts.inbound_to.map(|up| {
                 let mut c = InboundConfig::new(up.to_string());
@@ -218,6 +231,11 @@ impl Mesh {
                 c.report_every = parts
                     .report_every
                     .unwrap_or(std::time::Duration::from_millis(100));
+                c.authorities = parts
+                    .authorities
+                    .iter()
+                    .map(|a| tally::sidecar::inbound::Authority::parse(a).unwrap())
+                    .collect();
                 c
             }),
             inbound_nonces: parts.nonces,
@@ -226,6 +244,7 @@ impl Mesh {
                 ..OutboundConfig::default()
             },
             watch_staleness: 30,
+            limits: parts.limits.unwrap_or_default(),
         };
         let clock = parts.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
         let sidecar = Sidecar::start(settings, listeners, clock).await.unwrap();
@@ -324,7 +343,43 @@ pub async fn authorize(
     url: &str,
     scope: &str,
 ) -> (String, String) {
-    let ask = serde_json::json!({"method": method, "url": url, "scope": scope});
+    authorize_with_nonce(socket, method, url, scope, None).await
+}
+
+/// Primes `socket`'s sidecar with a server nonce from the inbound proxy
+/// at `inbound`, as a client does after its first `use_dpop_nonce`: a
+/// freshly started inbound proxy demands one (it cannot know which proofs
+/// its predecessor saw), and the sidecar puts the last nonce it was given
+/// for an origin into every later proof for it.
+pub async fn prime_nonce(socket: &std::path::Path, inbound: std::net::SocketAddr, scope: &str) {
+    let url = format!("http://{inbound}/nonce");
+    let (authorization, dpop) = authorize(socket, "GET", &url, scope).await;
+    let answer = send(
+        inbound,
+        "GET",
+        "/nonce",
+        &[("authorization", &authorization), ("dpop", &dpop)],
+        "",
+    )
+    .await;
+    if let Some(nonce) = answer.header("dpop-nonce") {
+        assert_eq!(answer.status, 401);
+        authorize_with_nonce(socket, "GET", &url, scope, Some(nonce)).await;
+    }
+}
+
+/// The same, with the `DPoP-Nonce` a server asked for.
+pub async fn authorize_with_nonce(
+    socket: &std::path::Path,
+    method: &str,
+    url: &str,
+    scope: &str,
+    nonce: Option<&str>,
+) -> (String, String) {
+    let mut ask = serde_json::json!({"method": method, "url": url, "scope": scope});
+    if let Some(nonce) = nonce {
+        ask["nonce"] = nonce.into();
+    }
     let (status, headers) = local(socket, "POST", "/v1/authorize", Some(ask)).await;
     assert_eq!(status, 200, "{headers}");
     (
