@@ -31,7 +31,6 @@ use crate::identity::SpiffeId;
 use crate::jose::KeyCache;
 use crate::metrics::{CounterVec, Histogram};
 use crate::policy::Policy;
-use crate::rate::RateLimiter;
 use crate::store::{Store, StoreError, Write};
 use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -266,7 +265,7 @@ pub struct Broker {
     proof_keys: KeyCache,
     token_hmac: hmac::Key,
     nonces: Nonces,
-    rule_limits: RateLimiter<usize>,
+    rule_limits: issue::RuleBuckets,
     /// Flips to true when the broker shuts down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
     metrics: BrokerMetrics,
@@ -408,7 +407,7 @@ impl Broker {
             token_hmac: hmac::Key::new(hmac::HMAC_SHA256, &hmac_key),
             // Shared by replicas (same store), valid 30–60 s.
             nonces: Nonces::new(&nonce_key, 30),
-            rule_limits: RateLimiter::new(),
+            rule_limits: issue::RuleBuckets::new(),
             closing: tokio::sync::watch::Sender::new(false),
             metrics: BrokerMetrics::new(),
             changes: tokio::sync::watch::Sender::new(last_seq),
