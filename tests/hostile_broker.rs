@@ -250,7 +250,9 @@ fn a_csr_is_certified_only_for_an_uncompressed_p256_key_whatever_its_signature_a
 
 /// A gRPC channel to the broker with no client certificate (attestation
 /// comes before any SVID).
-fn anonymous(served: &ServedBroker) -> pb::identity_client::IdentityClient<tonic::transport::Channel> {
+fn anonymous(
+    served: &ServedBroker,
+) -> pb::identity_client::IdentityClient<tonic::transport::Channel> {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(served.broker.bundle_pem()))
@@ -306,7 +308,10 @@ async fn a_refused_csr_leaves_the_join_token_usable_once() {
     let other_id = params.serialize_request(&key).unwrap().der().to_vec();
     let refused = client.attest(attest(token, other_id)).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("CSR asks for identity"), "{refused:?}");
+    assert!(
+        refused.message().contains("CSR asks for identity"),
+        "{refused:?}"
+    );
 
     // The token still works, once.
     let svid = client
@@ -376,7 +381,13 @@ const BOB: &str = "spiffe://example.org/ns/b/sa/bob";
 async fn ask_token(served: &ServedBroker, caller: &str) -> Result<(), tonic::Status> {
     let key = ProofKey::generate().unwrap();
     let proof = key
-        .mint("POST", served.broker.issue_uri(), None, None, SystemClock.now())
+        .mint(
+            "POST",
+            served.broker.issue_uri(),
+            None,
+            None,
+            SystemClock.now(),
+        )
         .unwrap();
     let mut client = pb::tokens_client::TokensClient::new(channel_as(served, caller));
     client
@@ -531,7 +542,13 @@ async fn a_stranger_revoking_a_live_token_hears_what_it_would_for_no_token_and_c
     let checkout = "spiffe://example.org/ns/shop/sa/checkout";
     let key = ProofKey::generate().unwrap();
     let proof = key
-        .mint("POST", served.broker.issue_uri(), None, None, SystemClock.now())
+        .mint(
+            "POST",
+            served.broker.issue_uri(),
+            None,
+            None,
+            SystemClock.now(),
+        )
         .unwrap();
     let live = pb::tokens_client::TokensClient::new(channel_as(&served, checkout))
         .issue(pb::IssueRequest {
@@ -554,7 +571,10 @@ async fn a_stranger_revoking_a_live_token_hears_what_it_would_for_no_token_and_c
 
     let stranger = served
         .broker
-        .mint_credential(&"spiffe://example.org/ns/x/sa/stranger".parse().unwrap(), 600)
+        .mint_credential(
+            &"spiffe://example.org/ns/x/sa/stranger".parse().unwrap(),
+            600,
+        )
         .unwrap();
     let revoke = |token: String| {
         let stranger = &stranger;
@@ -579,7 +599,14 @@ async fn a_stranger_revoking_a_live_token_hears_what_it_would_for_no_token_and_c
     let (found, revoked) = served.broker.find_token(&live).await.unwrap().unwrap();
     assert_eq!(found.sub, checkout);
     assert!(!revoked);
-    assert!(served.broker.revocations_in_force().await.unwrap().is_empty());
+    assert!(
+        served
+            .broker
+            .revocations_in_force()
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let holder = served
         .broker
         .mint_credential(&checkout.parse().unwrap(), 600)

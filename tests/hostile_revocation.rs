@@ -172,9 +172,7 @@ async fn a_workload_revoked_after_the_policy_was_narrowed_stays_refused_until_it
         held.claims.exp + 30
     );
     revocations(&first, 1).await;
-    assert!(refused_as_revoked(
-        &charge(inbound, &key, &token, t0).await
-    ));
+    assert!(refused_as_revoked(&charge(inbound, &key, &token, t0).await));
 
     // Past the bound the narrowed policy would give (the token itself has
     // most of its hour left). Another revocation makes the sidecar prune
@@ -254,7 +252,10 @@ async fn every_kind_of_entry_lasts_until_what_it_covers_has_expired() {
             }
         };
         assert_eq!(in_state(clock.now()).await, 1, "{kind}");
-        assert!(broker.find_token(&token).await.unwrap().unwrap().1, "{kind}");
+        assert!(
+            broker.find_token(&token).await.unwrap().unwrap().1,
+            "{kind}"
+        );
         assert_eq!(broker.revocations_in_force().await.unwrap().len(), 1);
 
         // Once the token is past its exp and the leeway, the entry goes.
@@ -332,7 +333,8 @@ async fn a_retired_key_stays_published_while_a_token_it_signed_lives() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(t0));
     let broker = broker_on(dir.path(), clock.clone()).await;
-    let config = tally::token::TokenConfig::new("https://localhost:8444", PAYMENTS.parse().unwrap());
+    let config =
+        tally::token::TokenConfig::new("https://localhost:8444", PAYMENTS.parse().unwrap());
     let held = issue(&broker, &ProofKey::generate().unwrap(), t0).await;
     let (_, retired) = {
         let (kid, _) = broker.rotate_signing_key(0, None).await.unwrap();
@@ -347,7 +349,10 @@ async fn a_retired_key_stays_published_while_a_token_it_signed_lives() {
     clock.set(t0 + NARROW_BOUND + 60);
     broker.maintain().await.unwrap();
     let jwks = broker.jwks();
-    assert!(jwks.get(&retired).is_some(), "the retired key left the JWKS");
+    assert!(
+        jwks.get(&retired).is_some(),
+        "the retired key left the JWKS"
+    );
     tally::token::verify(held.token.expose(), &jwks, &config, clock.now(), &mut ()).unwrap();
 
     // Once its last token has expired, it goes.

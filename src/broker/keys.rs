@@ -195,7 +195,8 @@ impl SigningKeys {
             let live = !k.withdrawn
                 && k.retired_at.is_none_or(|r| {
                     r.saturating_add(max_token_ttl).saturating_add(leeway) > now
-                        || k.signed_until.is_none_or(|u| u.saturating_add(leeway) > now)
+                        || k.signed_until
+                            .is_none_or(|u| u.saturating_add(leeway) > now)
                 });
             if live {
                 jwks.insert(k.signer.kid(), k.signer.key().public_key().clone());

@@ -801,7 +801,9 @@ impl Broker {
                 Ok(p) => longest = longest.max(longest_life(&p)),
                 // Never served by this build, so it issued nothing here;
                 // another build may have served it: say so.
-                Err(e) => tracing::warn!(version = v.version, error = %e, "a stored policy version does not parse; its lifetimes are not counted"),
+                Err(e) => {
+                    tracing::warn!(version = v.version, error = %e, "a stored policy version does not parse; its lifetimes are not counted")
+                }
             }
         }
         Ok(longest)
@@ -932,7 +934,9 @@ impl Broker {
                 })? + TOKEN_LEEWAY
             }
             RevocationTarget::Kid(_) => crate::token::revocation::NEVER,
-            RevocationTarget::Subject(_) | RevocationTarget::Jkt(_) | RevocationTarget::Everything => {
+            RevocationTarget::Subject(_)
+            | RevocationTarget::Jkt(_)
+            | RevocationTarget::Everything => {
                 self.covered_until(&target, issued_before, now).await? + TOKEN_LEEWAY
             }
         };

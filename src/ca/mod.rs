@@ -37,7 +37,9 @@ pub enum CaError {
     /// The CSR's key is not an ECDSA P-256 key (id-ecPublicKey on
     /// prime256v1, an uncompressed point), or the CSR is not signed with
     /// ecdsa-with-SHA256.
-    #[error("CSR key must be ECDSA P-256 (an uncompressed point, signed with ecdsa-with-SHA256); found {found}")]
+    #[error(
+        "CSR key must be ECDSA P-256 (an uncompressed point, signed with ecdsa-with-SHA256); found {found}"
+    )]
     CsrKeyType {
         /// What the CSR has instead.
         found: String,

@@ -423,10 +423,11 @@ impl SqliteStore {
         hash: &JoinTokenHash,
         now: u64,
     ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
-        let row = sqlx::query("SELECT spiffe_id, used_at, expires_at FROM join_tokens WHERE hash = ?")
-            .bind(&hash.0[..])
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT spiffe_id, used_at, expires_at FROM join_tokens WHERE hash = ?")
+                .bind(&hash.0[..])
+                .fetch_optional(&self.pool)
+                .await?;
         join_token_from_row(row.as_ref(), now)
     }
 
