@@ -127,7 +127,12 @@ fn only_p256_keys_are_accepted() {
     let err = ca
         .issue_svid(&csr(&[], &PKCS_ECDSA_P384_SHA384), &id(ID), 3600, NOW)
         .unwrap_err();
-    assert_eq!(err, CaError::CsrKeyType);
+    assert_eq!(
+        err,
+        CaError::CsrKeyType {
+            found: "a P-384 key".into()
+        }
+    );
 }
 
 #[test]

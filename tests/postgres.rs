@@ -119,6 +119,33 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
         a.consume_join_token(&unknown.hash(), NOW).await.unwrap(),
         Err(JoinTokenRefusal::Unknown)
     );
+    // Reading whom a token names does not use it.
+    assert_eq!(
+        b.join_token_identity(&token.hash(), NOW + 2).await.unwrap(),
+        Err(JoinTokenRefusal::AlreadyUsed)
+    );
+    assert_eq!(
+        b.join_token_identity(&unknown.hash(), NOW).await.unwrap(),
+        Err(JoinTokenRefusal::Unknown)
+    );
+    let fresh = JoinToken::generate().unwrap();
+    a.create_join_token(&fresh.hash(), &id, NOW + 600, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.join_token_identity(&fresh.hash(), NOW).await.unwrap(),
+        Ok(id.clone())
+    );
+    assert_eq!(
+        b.join_token_identity(&fresh.hash(), NOW + 600)
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Expired)
+    );
+    assert_eq!(
+        a.consume_join_token(&fresh.hash(), NOW).await.unwrap(),
+        Ok(id.clone())
+    );
 
     // 200 records from two replicas at once: one gapless chain.
     let mut writes = tokio::task::JoinSet::new();
@@ -211,6 +238,32 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
     filter.expires_by = Some(NOW + 320);
     assert!(a.find_live_tokens(&filter, 100).await.unwrap().len() < 10);
     assert_eq!(a.live_token_counts(NOW).await.unwrap(), (180, 4, 50));
+    // How long revocations and retired keys must last: the latest exp of
+    // what they cover (n1: odd i with i % 4 == 1, the last 197).
+    let n1 = "spiffe://example.org/ns/n1/sa/app";
+    assert_eq!(
+        b.latest_live_exp(NOW, NOW, Some(n1), None).await.unwrap(),
+        Some(NOW + 300 + 197)
+    );
+    let jkt = t.jkt.as_str();
+    assert_eq!(
+        b.latest_live_exp(NOW, NOW, None, Some(jkt)).await.unwrap(),
+        Some(NOW + 300 + 199)
+    );
+    assert_eq!(
+        b.latest_live_exp(NOW, NOW - 1, None, None).await.unwrap(),
+        None,
+        "issued after"
+    );
+    assert_eq!(
+        b.latest_live_exp(NOW + 500, NOW, None, None).await.unwrap(),
+        None,
+        "expired"
+    );
+    assert_eq!(
+        a.live_exp_by_kid(NOW).await.unwrap(),
+        vec![("k1".to_owned(), NOW + 300 + 199)]
+    );
     let usage = a.token_usage(NOW - 10).await.unwrap();
     assert_eq!(usage.iter().map(|u| u.count).sum::<u64>(), 180);
     let ids = a.identities(NOW).await.unwrap();
@@ -314,6 +367,24 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
         "seed"
     );
     assert_eq!(b.policy_versions(10).await.unwrap().len(), 2);
+    let v3 = a
+        .insert_policy_version("seed", "apply", "", "y: 2\n", NOW + 100)
+        .await
+        .unwrap();
+    let since = |t| {
+        let b = b.clone();
+        async move {
+            b.policy_versions_since(t)
+                .await
+                .unwrap()
+                .iter()
+                .map(|v| v.version)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(since(NOW - 1).await, [v1, v2, v3], "none in force yet");
+    assert_eq!(since(NOW + 50).await, [v2, v3], "v2 in force, v3 later");
+    assert_eq!(since(NOW + 100).await, [v3]);
     drop(pg);
 }
 

@@ -26,7 +26,7 @@ fn ca_status(e: CaError) -> Status {
     match e {
         CaError::CsrTooLarge
         | CaError::CsrInvalid
-        | CaError::CsrKeyType
+        | CaError::CsrKeyType { .. }
         | CaError::Lifetime { .. } => Status::invalid_argument(e.to_string()),
         CaError::CsrIdentity { .. } => Status::permission_denied(e.to_string()),
         other => internal("issuing a certificate", other),
@@ -57,32 +57,62 @@ pub(super) async fn issue_svid(
     actor: &SpiffeId,
 ) -> Result<Response<pb::SvidResponse>, Status> {
     let now = broker.clock.now();
-    let kind = match method {
+    let svid = sign_svid(broker, id, csr, method, ttl, actor, now).await?;
+    hand_out(broker, id, svid, method, actor, now).await
+}
+
+fn svid_audit_kind(method: &str) -> AuditKind {
+    match method {
         "renew" => AuditKind::Renew,
         "admin_mint" => AuditKind::SvidMint,
         _ => AuditKind::Attest,
+    }
+}
+
+/// Checks the CSR (form, self-signature, key, identity) and signs an
+/// X.509-SVID for `id`, recording nothing yet; a refusal is counted and
+/// audited.
+async fn sign_svid(
+    broker: &Broker,
+    id: &SpiffeId,
+    csr: &[u8],
+    method: &'static str,
+    ttl: u64,
+    actor: &SpiffeId,
+    now: u64,
+) -> Result<crate::ca::Svid, Status> {
+    let e = match broker.ca().issue_svid(csr, id, ttl, now) {
+        Ok(svid) => return Ok(svid),
+        Err(e) => e,
     };
-    let svid = match broker.ca().issue_svid(csr, id, ttl, now) {
-        Ok(svid) => svid,
-        Err(e) => {
-            let status = ca_status(e);
-            let outcome = if status.code() == tonic::Code::Internal {
-                Outcome::Error
-            } else {
-                Outcome::Denied
-            };
-            broker.metrics.attestations.inc(&[method, outcome.as_str()]);
-            let event = AuditEvent::new(kind, outcome, now)
-                .actor(actor)
-                .field("spiffe_id", id.as_str())
-                .field("method", method)
-                .field("reason", "csr")
-                .field("detail", status.message());
-            broker.audit(event).await;
-            return Err(status);
-        }
+    let status = ca_status(e);
+    let outcome = if status.code() == tonic::Code::Internal {
+        Outcome::Error
+    } else {
+        Outcome::Denied
     };
-    let event = AuditEvent::new(kind, Outcome::Ok, now)
+    broker.metrics.attestations.inc(&[method, outcome.as_str()]);
+    let event = AuditEvent::new(svid_audit_kind(method), outcome, now)
+        .actor(actor)
+        .field("spiffe_id", id.as_str())
+        .field("method", method)
+        .field("reason", "csr")
+        .field("detail", status.message());
+    broker.audit(event).await;
+    Err(status)
+}
+
+/// Records a signed X.509-SVID (inventory and audit, durably), counts it,
+/// and answers with it.
+async fn hand_out(
+    broker: &Broker,
+    id: &SpiffeId,
+    svid: crate::ca::Svid,
+    method: &'static str,
+    actor: &SpiffeId,
+    now: u64,
+) -> Result<Response<pb::SvidResponse>, Status> {
+    let event = AuditEvent::new(svid_audit_kind(method), Outcome::Ok, now)
         .actor(actor)
         .field("spiffe_id", id.as_str())
         .field("method", method)
@@ -111,6 +141,67 @@ pub(super) async fn issue_svid(
     }))
 }
 
+/// Refuses a join token: the reason is logged and audited; the caller
+/// learns only that the token does not work.
+async fn join_token_refused(
+    broker: &Broker,
+    hash: &crate::identity::JoinTokenHash,
+    refusal: crate::store::JoinTokenRefusal,
+) -> Status {
+    tracing::warn!(?refusal, token = ?hash, "join token refused");
+    broker.metrics.attestations.inc(&["join_token", "denied"]);
+    let event = AuditEvent::new(AuditKind::Attest, Outcome::Denied, broker.clock.now())
+        .field("method", "join_token")
+        .field("reason", refusal.to_string())
+        .field("join_token_sha256", crate::audit::hex(&hash.0));
+    broker.audit(event).await;
+    Status::permission_denied("join token is not valid (unknown, expired or already used)")
+}
+
+/// Attests with a join token. The CSR is checked and the SVID signed
+/// before the token is used, so a refused CSR leaves it usable; then one
+/// atomic statement uses it (of concurrent callers one wins), and only
+/// the winner's SVID is recorded and handed out.
+async fn attest_join_token(
+    broker: &Broker,
+    text: &str,
+    csr: &[u8],
+) -> Result<Response<pb::SvidResponse>, Status> {
+    let token = JoinToken::presented(text)
+        .ok_or_else(|| Status::invalid_argument("join_token is empty or too long"))?;
+    let hash = token.hash();
+    let now = broker.clock.now();
+    let id = match broker
+        .store
+        .join_token_identity(&hash, now)
+        .await
+        .map_err(|e| internal("reading a join token", e))?
+    {
+        Ok(id) => id,
+        Err(refusal) => return Err(join_token_refused(broker, &hash, refusal).await),
+    };
+    let ttl = broker.settings.svid_ttl;
+    let svid = sign_svid(broker, &id, csr, "join_token", ttl, &id, now).await?;
+    match broker
+        .store
+        .consume_join_token(&hash, now)
+        .await
+        .map_err(|e| internal("using a join token", e))?
+    {
+        Ok(used) if used == id => {}
+        Ok(used) => {
+            return Err(internal(
+                "using a join token",
+                format!("the token named {id} when read and {used} when used"),
+            ));
+        }
+        // Another caller used it meanwhile: its SVID stands, this one is
+        // dropped unseen.
+        Err(refusal) => return Err(join_token_refused(broker, &hash, refusal).await),
+    }
+    hand_out(broker, &id, svid, "join_token", &id, now).await
+}
+
 struct IdentityService(Arc<Broker>);
 
 #[tonic::async_trait]
@@ -121,34 +212,9 @@ impl pb::identity_server::Identity for IdentityService {
     ) -> Result<Response<pb::SvidResponse>, Status> {
         let broker = &self.0;
         let body = request.into_inner();
-        let (id, method) = match body.credential {
+        let id = match body.credential {
             Some(pb::attest_request::Credential::JoinToken(text)) => {
-                let token = JoinToken::presented(&text)
-                    .ok_or_else(|| Status::invalid_argument("join_token is empty or too long"))?;
-                let hash = token.hash();
-                match broker
-                    .store
-                    .consume_join_token(&hash, broker.clock.now())
-                    .await
-                    .map_err(|e| internal("using a join token", e))?
-                {
-                    Ok(id) => (id, "join_token"),
-                    Err(refusal) => {
-                        // The reason is logged and audited; the caller
-                        // learns only that the token does not work.
-                        tracing::warn!(?refusal, token = ?hash, "join token refused");
-                        broker.metrics.attestations.inc(&["join_token", "denied"]);
-                        let event =
-                            AuditEvent::new(AuditKind::Attest, Outcome::Denied, broker.clock.now())
-                                .field("method", "join_token")
-                                .field("reason", refusal.to_string())
-                                .field("join_token_sha256", crate::audit::hex(&hash.0));
-                        broker.audit(event).await;
-                        return Err(Status::permission_denied(
-                            "join token is not valid (unknown, expired or already used)",
-                        ));
-                    }
-                }
+                return attest_join_token(broker, &text, &body.csr_der).await;
             }
             Some(pb::attest_request::Credential::ServiceAccountToken(text)) => {
                 let Some((keys, config)) = &broker.settings.service_accounts else {
@@ -165,7 +231,7 @@ impl pb::identity_server::Identity for IdentityService {
                             .map_err(|e| format!("ServiceAccount name: {e}"))
                     });
                 match account {
-                    Ok(id) => (id, "k8s_sa"),
+                    Ok(id) => id,
                     Err(reason) => {
                         tracing::warn!(%reason, "ServiceAccount token refused");
                         broker.metrics.attestations.inc(&["k8s_sa", "denied"]);
@@ -187,7 +253,7 @@ impl pb::identity_server::Identity for IdentityService {
             broker,
             &id,
             &body.csr_der,
-            method,
+            "k8s_sa",
             broker.settings.svid_ttl,
             &id,
         )

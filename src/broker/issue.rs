@@ -92,6 +92,31 @@ fn internal(context: &str, error: impl std::fmt::Display) -> IssueError {
     IssueError::Internal
 }
 
+/// An issue rule as its rate-limit buckets know it: by what it says, not
+/// where it stands, so a policy reload keeps the buckets of the rules it
+/// leaves as they were (wherever they moved) and starts those it changed
+/// afresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct RuleKey(u64);
+
+impl RuleKey {
+    fn of(rule: &crate::policy::IssueRule) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        rule.from.to_string().hash(&mut h);
+        rule.to.to_string().hash(&mut h);
+        rule.scopes.hash(&mut h);
+        rule.class.hash(&mut h);
+        rule.rate.map(|r| (r.count, r.per_secs)).hash(&mut h);
+        rule.max_ttl.hash(&mut h);
+        Self(h.finish())
+    }
+}
+
+/// Rate-limit buckets: per rule and caller, and per rule for callers
+/// past the limiter's cap (`None`), who then share one.
+pub(crate) type RuleBuckets = crate::rate::RateLimiter<(RuleKey, Option<SpiffeId>)>;
+
 impl Broker {
     /// Issues a DPoP-bound token: checks the proof (then records its `jti`
     /// against replay), the trust policy and the rule's rate limit, signs,
@@ -166,9 +191,17 @@ impl Broker {
                 tracing::info!(caller = %input.caller, audience = %input.audience, reason = %denial, "issuance denied");
             })?;
         if let Some(rate) = grant.rate
-            && let Err(retry_after) = self
-                .rule_limits
-                .take(&grant.rule, rate, self.clock.now_ms())
+            && let Err(retry_after) = {
+                // Each caller has its own budget under a rule, so one caller
+                // (with a wildcard `from:`) cannot spend everyone's.
+                let rule = RuleKey::of(&policy.issue[grant.rule]);
+                self.rule_limits.take_or_share(
+                    &(rule, Some(input.caller.clone())),
+                    &(rule, None),
+                    rate,
+                    self.clock.now_ms(),
+                )
+            }
         {
             return Err(IssueError::RateLimited {
                 line: grant.pos.line,

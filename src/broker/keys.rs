@@ -1,8 +1,10 @@
 //! Token-signing keys: the first is made on first start; rotation publishes
 //! the next key in the JWKS before it signs, and keeps a retired key
-//! published until every token it signed has expired, so no token is ever
-//! unverifiable during a rotation. A leaked key is withdrawn instead: it
-//! leaves the JWKS at once, so nothing it signed verifies any more.
+//! published until every token it signed has expired (by the inventory,
+//! not by the current policy's lifetimes, which may have been narrowed
+//! since), so no token is ever unverifiable during a rotation. A leaked
+//! key is withdrawn instead: it leaves the JWKS at once, so nothing it
+//! signed verifies any more.
 
 use crate::jose::SigningKey;
 use crate::store::{SigningKeyRecord, Store, StoreError};
@@ -25,6 +27,9 @@ struct Managed {
     sign_from: u64,
     retired_at: Option<u64>,
     withdrawn: bool,
+    /// For a retired key, the latest `exp` the inventory held for live
+    /// tokens it signed when last asked (0: none); `None` until asked.
+    signed_until: Option<u64>,
 }
 
 /// The broker's signing keys, oldest first.
@@ -62,6 +67,7 @@ impl SigningKeys {
                 sign_from: record.sign_from,
                 retired_at: record.retired_at,
                 withdrawn: record.withdrawn_at.is_some(),
+                signed_until: None,
             });
         }
         if keys.keys.is_empty() {
@@ -90,6 +96,7 @@ impl SigningKeys {
             sign_from,
             retired_at: None,
             withdrawn: false,
+            signed_until: None,
         });
         Ok(kid)
     }
@@ -177,18 +184,49 @@ impl SigningKeys {
     }
 
     /// The keys to publish at `now`: every key not yet retired, and every
-    /// retired key that may still have signed a live token (retired less
-    /// than `max_token_ttl + leeway` ago); never a withdrawn key.
+    /// retired key that may still have signed a live token: retired less
+    /// than `max_token_ttl + leeway` ago (tokens it signed last may not be
+    /// in the inventory yet), not yet looked up in the inventory, or with
+    /// a token the inventory says lives until past `now - leeway`. Never a
+    /// withdrawn key.
     pub fn jwks(&self, now: u64, max_token_ttl: u64, leeway: u64) -> Jwks {
         let mut jwks = Jwks::default();
         for k in &self.keys {
             let live = !k.withdrawn
-                && k.retired_at
-                    .is_none_or(|r| r.saturating_add(max_token_ttl).saturating_add(leeway) > now);
+                && k.retired_at.is_none_or(|r| {
+                    r.saturating_add(max_token_ttl).saturating_add(leeway) > now
+                        || k.signed_until
+                            .is_none_or(|u| u.saturating_add(leeway) > now)
+                });
             if live {
                 jwks.insert(k.signer.kid(), k.signer.key().public_key().clone());
             }
         }
         jwks
+    }
+
+    /// Retired keys, not withdrawn, past `max_token_ttl + leeway` since
+    /// retirement, whose tokens the inventory has not been asked about:
+    /// whether they stay published depends on it. Once asked, a key is not
+    /// asked again (retired, it signs nothing new).
+    pub fn unchecked_retired(&self, now: u64, max_token_ttl: u64, leeway: u64) -> Vec<String> {
+        self.keys
+            .iter()
+            .filter(|k| {
+                !k.withdrawn
+                    && k.signed_until.is_none()
+                    && k.retired_at.is_some_and(|r| {
+                        r.saturating_add(max_token_ttl).saturating_add(leeway) <= now
+                    })
+            })
+            .map(|k| k.signer.kid().to_owned())
+            .collect()
+    }
+
+    /// Records the latest `exp` of the live tokens `kid` signed (0: none).
+    pub fn note_signed_until(&mut self, kid: &str, until: u64) {
+        if let Some(k) = self.keys.iter_mut().find(|k| k.signer.kid() == kid) {
+            k.signed_until = Some(until);
+        }
     }
 }

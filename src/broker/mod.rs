@@ -31,7 +31,6 @@ use crate::identity::SpiffeId;
 use crate::jose::KeyCache;
 use crate::metrics::{CounterVec, Histogram};
 use crate::policy::Policy;
-use crate::rate::RateLimiter;
 use crate::store::{Store, StoreError, Write};
 use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -71,6 +70,16 @@ pub(crate) fn unverified_jti(token: &str) -> Option<String> {
     (!jti.is_empty() && jti.len() <= 256).then(|| jti.to_owned())
 }
 
+/// The longest lifetime any token class may have under `policy`, seconds.
+fn longest_life(policy: &Policy) -> u64 {
+    policy
+        .classes
+        .values()
+        .map(|c| c.max_ttl)
+        .max()
+        .unwrap_or(900)
+}
+
 /// Whether `set` covers an inventory record; a record that does not parse
 /// counts as revoked.
 pub(crate) fn is_revoked(set: &crate::token::RevocationSet, t: &crate::store::IssuedToken) -> bool {
@@ -89,6 +98,12 @@ pub(crate) fn is_revoked(set: &crate::token::RevocationSet, t: &crate::store::Is
 /// The clock leeway verifiers allow on `exp` (seconds), added to a
 /// revocation's expiry so it outlives every token it covers.
 const TOKEN_LEEWAY: u64 = 30;
+
+/// How long (seconds) a token being issued may take to show in the
+/// inventory, and a replica to take in a policy version another one
+/// stored: a revocation also covers tokens signed under any policy served
+/// this recently, which its inventory query may not see yet.
+const ISSUANCE_SETTLE: u64 = 60;
 
 /// Opens the audit JSON-lines file for appending (0600, created if
 /// missing).
@@ -253,7 +268,7 @@ pub struct Broker {
     proof_keys: KeyCache,
     token_hmac: hmac::Key,
     nonces: Nonces,
-    rule_limits: RateLimiter<usize>,
+    rule_limits: issue::RuleBuckets,
     /// Flips to true when the broker shuts down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
     metrics: BrokerMetrics,
@@ -397,7 +412,7 @@ impl Broker {
             token_hmac: hmac::Key::new(hmac::HMAC_SHA256, &hmac_key),
             // Shared by replicas (same store), valid 30–60 s.
             nonces: Nonces::new(&nonce_key, 30),
-            rule_limits: RateLimiter::new(),
+            rule_limits: issue::RuleBuckets::new(),
             closing: tokio::sync::watch::Sender::new(false),
             metrics: BrokerMetrics::new(),
             changes: tokio::sync::watch::Sender::new(last_seq),
@@ -428,6 +443,7 @@ impl Broker {
     /// # Errors
     /// [`StoreError`].
     pub async fn publish_state(&self) -> Result<(), StoreError> {
+        self.look_up_retired_keys().await?;
         let jwks = self.jwks().to_json().to_string();
         let bundle = serde_json::Value::from(
             self.ca()
@@ -778,12 +794,81 @@ impl Broker {
     /// The longest lifetime any token class may have under the current
     /// policy, seconds.
     fn longest_token_life(&self) -> u64 {
-        self.policy()
-            .classes
-            .values()
-            .map(|c| c.max_ttl)
-            .max()
-            .unwrap_or(900)
+        longest_life(&self.policy())
+    }
+
+    /// The longest lifetime a token issued in the last
+    /// [`ISSUANCE_SETTLE`] seconds can have: under the policy served now,
+    /// or under any stored version in force meanwhile (another replica may
+    /// still be serving one it has not replaced yet).
+    async fn recent_longest_life(&self, now: u64) -> Result<u64, StoreError> {
+        let mut longest = self.longest_token_life();
+        for v in self
+            .store
+            .policy_versions_since(now.saturating_sub(ISSUANCE_SETTLE))
+            .await?
+        {
+            match Policy::parse(&v.yaml) {
+                Ok(p) => longest = longest.max(longest_life(&p)),
+                // Never served by this build, so it issued nothing here;
+                // another build may have served it: say so.
+                Err(e) => {
+                    tracing::warn!(version = v.version, error = %e, "a stored policy version does not parse; its lifetimes are not counted")
+                }
+            }
+        }
+        Ok(longest)
+    }
+
+    /// How long an entry revoking what `target` names up to
+    /// `issued_before` must last: until the latest `exp` among the live
+    /// tokens it covers that the inventory holds (every token is there
+    /// before it leaves the broker, whatever policy it was issued under),
+    /// and at least `issued_before` plus the longest lifetime of a policy
+    /// served lately, for tokens being issued meanwhile.
+    async fn covered_until(
+        &self,
+        target: &crate::token::RevocationTarget,
+        issued_before: u64,
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        use crate::token::RevocationTarget;
+        let (sub, jkt) = match target {
+            RevocationTarget::Subject(s) => (Some(s.to_string()), None),
+            RevocationTarget::Jkt(k) => (None, Some(k.to_string())),
+            _ => (None, None),
+        };
+        let inventory = self
+            .store
+            .latest_live_exp(now, issued_before, sub.as_deref(), jkt.as_deref())
+            .await?;
+        let floor = issued_before.saturating_add(self.recent_longest_life(now).await?);
+        Ok(inventory.map_or(floor, |exp| exp.max(floor)))
+    }
+
+    /// Asks the inventory how long the tokens of retired keys live, for
+    /// keys past the current policy's lifetimes (see
+    /// [`SigningKeys::jwks`]).
+    async fn look_up_retired_keys(&self) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let unchecked = self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unchecked_retired(now, self.longest_token_life(), TOKEN_LEEWAY);
+        if unchecked.is_empty() {
+            return Ok(());
+        }
+        let live: std::collections::HashMap<String, u64> =
+            self.store.live_exp_by_kid(now).await?.into_iter().collect();
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for kid in unchecked {
+            keys.note_signed_until(&kid, live.get(&kid).copied().unwrap_or(0));
+        }
+        Ok(())
     }
 
     /// The JWKS to publish now.
@@ -792,7 +877,7 @@ impl Broker {
         self.keys
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .jwks(self.clock.now(), max_ttl, 30)
+            .jwks(self.clock.now(), max_ttl, TOKEN_LEEWAY)
     }
 
     /// The current policy.
@@ -827,10 +912,13 @@ impl Broker {
     /// Revokes tokens, durably: the entry is committed to the change feed
     /// (and so reaches every Watch subscriber) before this returns, then
     /// audited with `actor`. `issued_before` (default now) bounds the
-    /// workload, key and everything targets; the entry expires when no
-    /// token it covers can be live (a jti's own expiry, else
-    /// `issued_before` plus the longest token lifetime and the verifiers'
-    /// leeway).
+    /// workload, DPoP key and everything targets. The entry expires, plus
+    /// the verifiers' leeway, when no token it covers can be live: a jti
+    /// at its token's own `exp`; the others at the latest `exp` the
+    /// inventory holds for what they cover (see `covered_until`), never
+    /// from the current policy alone, which may have been narrowed since
+    /// those tokens were issued. A signing-key entry never expires: a
+    /// token forged with the key carries any `exp` the forger chose.
     ///
     /// # Errors
     /// [`BrokerError::Revoke`] for an unknown jti or a time in the future;
@@ -850,13 +938,19 @@ impl Broker {
                 "issued_before {issued_before} is in the future (now {now})"
             )));
         }
-        let longest = self.longest_token_life();
         let expires_at = match &target {
-            RevocationTarget::Jti(jti) => self.store.token_exp(jti).await?.ok_or_else(|| {
-                BrokerError::Revoke(format!("no token with jti {jti:?} in the inventory"))
-            })?,
-            _ => issued_before + longest,
-        } + TOKEN_LEEWAY;
+            RevocationTarget::Jti(jti) => {
+                self.store.token_exp(jti).await?.ok_or_else(|| {
+                    BrokerError::Revoke(format!("no token with jti {jti:?} in the inventory"))
+                })? + TOKEN_LEEWAY
+            }
+            RevocationTarget::Kid(_) => crate::token::revocation::NEVER,
+            RevocationTarget::Subject(_)
+            | RevocationTarget::Jkt(_)
+            | RevocationTarget::Everything => {
+                self.covered_until(&target, issued_before, now).await? + TOKEN_LEEWAY
+            }
+        };
         let reason: String = crate::auth::answer::safe_description(reason)
             .chars()
             .take(crate::token::revocation::MAX_REASON)

@@ -473,32 +473,48 @@ async fn introspect(
 }
 
 /// `POST /oauth2/revoke` (RFC 7009): an admin or the token's own holder
-/// revokes it (durably, then on Watch to every sidecar). An unknown or
-/// expired token is answered 200 as the RFC asks; someone else's token is
-/// refused with `unauthorized_client`.
+/// revokes it (durably, then on Watch to every sidecar). Everything else
+/// is answered exactly as an invalid token is (RFC 7009 §2.2: 200, empty
+/// body): an unknown, forged, expired or revoked token, and someone else's
+/// live token, which stays live. To anyone but its holder and the admins,
+/// another workload's token is no token at all, so the endpoint cannot
+/// tell a stranger which tokens exist (§2.1's refusal for a token issued
+/// to another client would). The attempt is audited, not answered.
 async fn revoke(
-    broker: &Broker,
+    broker: &Arc<Broker>,
     req: Request<Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
     let (caller, live) = live_token(broker, req, peer, "revocation").await?;
-    if let Some(t) = live {
-        if !may_manage(broker, &caller, &t) {
-            return Err(OAuthError::new(
-                StatusCode::BAD_REQUEST,
-                "unauthorized_client",
-                "only the token's holder or an admin may revoke it",
-            ));
+    match live {
+        Some(t) if may_manage(broker, &caller, &t) => {
+            broker
+                .revoke(
+                    crate::token::RevocationTarget::Jti(t.jti),
+                    None,
+                    "revoked through /oauth2/revoke",
+                    &caller,
+                )
+                .await
+                .map_err(|e| OAuthError::internal("revocation", &e))?;
         }
-        broker
-            .revoke(
-                crate::token::RevocationTarget::Jti(t.jti),
-                None,
-                "revoked through /oauth2/revoke",
-                &caller,
+        Some(t) => {
+            tracing::warn!(%caller, jti = %t.jti, "a workload tried to revoke another's token");
+            let event = crate::audit::AuditEvent::new(
+                crate::audit::AuditKind::Revoke,
+                crate::audit::Outcome::Denied,
+                broker.clock.now(),
             )
-            .await
-            .map_err(|e| OAuthError::internal("revocation", &e))?;
+            .actor(&caller)
+            .field("jti", t.jti.as_str())
+            .field("reason", "not the token's holder or an admin")
+            .field("via", "oauth");
+            // Recorded off the answer's path: waiting for the commit would
+            // make this answer slower than an unknown token's.
+            let broker = Arc::clone(broker);
+            tokio::spawn(async move { broker.audit(event).await });
+        }
+        None => {}
     }
     let mut r = Response::new(Body::default());
     r.headers_mut()

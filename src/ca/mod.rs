@@ -34,9 +34,16 @@ pub enum CaError {
     /// carries extensions we do not accept.
     #[error("CSR is malformed or its signature does not verify")]
     CsrInvalid,
-    /// The CSR's key is not P-256 ECDSA.
-    #[error("CSR key must be ECDSA P-256")]
-    CsrKeyType,
+    /// The CSR's key is not an ECDSA P-256 key (id-ecPublicKey on
+    /// prime256v1, an uncompressed point), or the CSR is not signed with
+    /// ecdsa-with-SHA256.
+    #[error(
+        "CSR key must be ECDSA P-256 (an uncompressed point, signed with ecdsa-with-SHA256); found {found}"
+    )]
+    CsrKeyType {
+        /// What the CSR has instead.
+        found: String,
+    },
     /// The CSR asks for a name other than the attested SPIFFE ID.
     #[error("CSR asks for identity {requested:?}, but the caller proved {attested}")]
     CsrIdentity {
@@ -427,13 +434,20 @@ impl Authority {
                 max: self.lifetimes.max_svid_secs,
             });
         }
+        // The key first, from the key info itself: the signature
+        // algorithm says nothing about the key's curve (ecdsa-with-SHA256
+        // verifies with a P-384 key too), and the SVID labels the key it
+        // certifies as P-256.
+        require_p256_key(csr_der)?;
         // from_der verifies the CSR's self-signature (proof of possession)
         // with aws-lc-rs.
         let csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(|_| CaError::CsrInvalid)?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(CaError::CsrKeyType);
+            return Err(CaError::CsrKeyType {
+                found: "a P-256 key signed with another algorithm than ecdsa-with-SHA256".into(),
+            });
         }
         for san in &csr.params.subject_alt_names {
             let requested = match san {
@@ -459,6 +473,58 @@ impl Authority {
             serial,
         })
     }
+}
+
+/// Refuses a CSR whose subject key is anything but an ECDSA P-256 key as
+/// the SVID will describe it: algorithm id-ecPublicKey, parameters the
+/// named curve prime256v1 (1.2.840.10045.3.1.7), and a 65-byte
+/// uncompressed point (0x04, x, y). RSA, Ed25519, other curves and
+/// compressed points are refused.
+fn require_p256_key(csr_der: &[u8]) -> Result<(), CaError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_NIST_EC_P521,
+        OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519,
+    };
+    use x509_parser::prelude::FromDer as _;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(csr_der).map_err(|_| CaError::CsrInvalid)?;
+    if !rest.is_empty() {
+        return Err(CaError::CsrInvalid);
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    let refuse = |found: String| Err(CaError::CsrKeyType { found });
+    // An OID from the request, bounded (it is the caller's text).
+    let named = |oid: &x509_parser::der_parser::oid::Oid<'_>| {
+        let mut text = oid.to_id_string();
+        text.truncate(64);
+        text
+    };
+    let algorithm = &spki.algorithm.algorithm;
+    if *algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return refuse(if *algorithm == OID_PKCS1_RSAENCRYPTION {
+            "an RSA key".into()
+        } else if *algorithm == OID_SIG_ED25519 {
+            "an Ed25519 key".into()
+        } else {
+            format!("a key of algorithm {}", named(algorithm))
+        });
+    }
+    match spki.algorithm.parameters.as_ref().map(|p| p.as_oid()) {
+        Some(Ok(curve)) if curve == OID_EC_P256 => {}
+        Some(Ok(curve)) if curve == OID_NIST_EC_P384 => return refuse("a P-384 key".into()),
+        Some(Ok(curve)) if curve == OID_NIST_EC_P521 => return refuse("a P-521 key".into()),
+        Some(Ok(curve)) => return refuse(format!("an EC key on curve {}", named(&curve))),
+        _ => return refuse("an EC key without a named curve".into()),
+    }
+    let point = &spki.subject_public_key;
+    if point.unused_bits != 0 || point.data.len() != 65 || point.data.first() != Some(&0x04) {
+        return refuse(format!(
+            "a P-256 key that is not a 65-byte uncompressed point ({} bytes)",
+            point.data.len()
+        ));
+    }
+    Ok(())
 }
 
 /// A root CA the operator supplies (`--ca-cert`, `--ca-key`) instead of

@@ -443,6 +443,24 @@ impl Store {
         }
     }
 
+    /// Whom a join token names, if it is still usable (known, unexpired,
+    /// unused), without using it: lets a request be checked before the
+    /// token is spent. [`Store::consume_join_token`] still decides.
+    ///
+    /// # Errors
+    /// `Ok(Err(refusal))` for an unknown, expired or used token;
+    /// [`StoreError`] for a database failure.
+    pub async fn join_token_identity(
+        &self,
+        hash: &JoinTokenHash,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.join_token_identity(hash, now).await,
+            Self::Postgres(s) => s.join_token_identity(hash, now).await,
+        }
+    }
+
     /// Uses a join token: atomically marks it used and returns its SPIFFE
     /// ID. Of many concurrent callers with the same token, exactly one
     /// succeeds.
@@ -541,6 +559,18 @@ impl Store {
         match self {
             Self::Sqlite(s) => s.policy_versions(limit).await,
             Self::Postgres(s) => s.policy_versions(limit).await,
+        }
+    }
+
+    /// The policy version in force at `t` (the newest stored at or before
+    /// it) and every later one, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn policy_versions_since(&self, t: u64) -> Result<Vec<PolicyVersion>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.policy_versions_since(t).await,
+            Self::Postgres(s) => s.policy_versions_since(t).await,
         }
     }
 
@@ -658,6 +688,37 @@ impl Store {
         match self {
             Self::Sqlite(s) => s.token_exp(jti).await,
             Self::Postgres(s) => s.token_exp(jti).await,
+        }
+    }
+
+    /// The latest `exp` of the tokens live at `now` and issued at or
+    /// before `issued_before`, of holder `sub` and DPoP key `jkt` when
+    /// given: how long a revocation covering them must last.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn latest_live_exp(
+        &self,
+        now: u64,
+        issued_before: u64,
+        sub: Option<&str>,
+        jkt: Option<&str>,
+    ) -> Result<Option<u64>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.latest_live_exp(now, issued_before, sub, jkt).await,
+            Self::Postgres(s) => s.latest_live_exp(now, issued_before, sub, jkt).await,
+        }
+    }
+
+    /// Per signing key, the latest `exp` of the live tokens it signed: how
+    /// long a retired key must stay published.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn live_exp_by_kid(&self, now: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.live_exp_by_kid(now).await,
+            Self::Postgres(s) => s.live_exp_by_kid(now).await,
         }
     }
 

@@ -18,7 +18,8 @@
 
 use super::rows::{
     audit_from_row, ca_from_row, change_from_row, head_from_row, identities_from_rows,
-    issued_from_row, policy_from_row, signing_key_from_row, time_of, usage_from_row,
+    issued_from_row, join_token_from_row, kid_exp_from_row, policy_from_row, signing_key_from_row,
+    time_of, usage_from_row,
 };
 use super::{
     AuditFilter, AuditHead, Change, IdentityRecord, IssuedToken, JoinTokenRefusal, PolicyVersion,
@@ -356,6 +357,19 @@ impl PgStore {
         Ok(())
     }
 
+    pub(super) async fn join_token_identity(
+        &self,
+        hash: &JoinTokenHash,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+        let row =
+            sqlx::query("SELECT spiffe_id, used_at, expires_at FROM join_tokens WHERE hash = $1")
+                .bind(&hash.0[..])
+                .fetch_optional(&self.pool)
+                .await?;
+        join_token_from_row(row.as_ref(), now)
+    }
+
     pub(super) async fn consume_join_token(
         &self,
         hash: &JoinTokenHash,
@@ -553,6 +567,21 @@ impl PgStore {
         rows.iter().map(policy_from_row).collect()
     }
 
+    pub(super) async fn policy_versions_since(
+        &self,
+        t: u64,
+    ) -> Result<Vec<PolicyVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM policy_versions WHERE version >= \
+             COALESCE((SELECT MAX(version) FROM policy_versions WHERE created_at <= $1), 0) \
+             ORDER BY version",
+        )
+        .bind(db_time(t))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(policy_from_row).collect()
+    }
+
     pub(super) async fn append_change(
         &self,
         kind: &str,
@@ -627,6 +656,39 @@ impl PgStore {
             .fetch_optional(&self.pool)
             .await?;
         Ok(exp.map(|e| u64::try_from(e).unwrap_or(0)))
+    }
+
+    pub(super) async fn latest_live_exp(
+        &self,
+        now: u64,
+        issued_before: u64,
+        sub: Option<&str>,
+        jkt: Option<&str>,
+    ) -> Result<Option<u64>, StoreError> {
+        // Walks the exp index down from the latest: tokens issued after
+        // `issued_before` are the only ones skipped.
+        let exp: Option<i64> = sqlx::query_scalar(
+            "SELECT exp FROM issued_tokens WHERE exp > $1 AND iat <= $2 \
+             AND ($3::text IS NULL OR sub = $3) AND ($4::text IS NULL OR jkt = $4) \
+             ORDER BY exp DESC LIMIT 1",
+        )
+        .bind(db_time(now))
+        .bind(db_time(issued_before))
+        .bind(sub)
+        .bind(jkt)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(exp.map(|e| u64::try_from(e).unwrap_or(0)))
+    }
+
+    pub(super) async fn live_exp_by_kid(&self, now: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kid, MAX(exp) AS exp FROM issued_tokens WHERE exp > $1 GROUP BY kid",
+        )
+        .bind(db_time(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(kid_exp_from_row).collect()
     }
 
     pub(super) async fn count_issued(&self) -> Result<u64, StoreError> {

@@ -3,8 +3,8 @@
 //! integer out of its row type ([`Fields`]).
 
 use super::{
-    AuditHead, Change, IdentityRecord, IssuedToken, PolicyVersion, Sealer, SigningKeyRecord,
-    StoreError, TokenUsage, Write,
+    AuditHead, Change, IdentityRecord, IssuedToken, JoinTokenRefusal, PolicyVersion, Sealer,
+    SigningKeyRecord, StoreError, TokenUsage, Write,
 };
 use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
@@ -96,6 +96,32 @@ pub(super) fn policy_from_row(row: &impl Fields) -> Result<PolicyVersion, StoreE
         comment: row.text("comment")?,
         yaml: row.text("yaml")?,
     })
+}
+
+/// Whether the join token in `row` (`spiffe_id`, `used_at`, `expires_at`;
+/// none: unknown) is usable at `now`, and whom it names.
+pub(super) fn join_token_from_row(
+    row: Option<&impl Fields>,
+    now: u64,
+) -> Result<Result<crate::identity::SpiffeId, JoinTokenRefusal>, StoreError> {
+    let Some(row) = row else {
+        return Ok(Err(JoinTokenRefusal::Unknown));
+    };
+    if row.opt_int("used_at")?.is_some() {
+        return Ok(Err(JoinTokenRefusal::AlreadyUsed));
+    }
+    if time_of(row, "expires_at")? <= now {
+        return Ok(Err(JoinTokenRefusal::Expired));
+    }
+    row.text("spiffe_id")?
+        .parse()
+        .map(Ok)
+        .map_err(|e| StoreError::Corrupt(format!("join token SPIFFE ID: {e}")))
+}
+
+/// A signing key and the latest `exp` among the live tokens it signed.
+pub(super) fn kid_exp_from_row(row: &impl Fields) -> Result<(String, u64), StoreError> {
+    Ok((row.text("kid")?, time_of(row, "exp")?))
 }
 
 pub(super) fn audit_from_row(row: &impl Fields) -> Result<AuditRecord, StoreError> {

@@ -7,7 +7,8 @@
 //! side); or every token a signing key signed, whatever its `iat` (a
 //! leaked key can mint tokens claiming any time). It can be dropped after
 //! `expires_at`, when no token it matches can still be live, so the set
-//! stays small.
+//! stays small; a signing-key entry is [`NEVER`] dropped, because a token
+//! forged with a leaked key carries whatever `exp` the forger chose.
 
 use crate::identity::SpiffeId;
 use crate::jose::Jkt;
@@ -16,6 +17,10 @@ use std::collections::{HashMap, HashSet};
 
 /// Longest `reason` kept.
 pub const MAX_REASON: usize = 200;
+
+/// The `expires_at` of an entry that never lapses: the largest time the
+/// change feed's JSON, both stores' `BIGINT` and the wire's `int64` hold.
+pub const NEVER: u64 = i64::MAX as u64;
 
 /// What a revocation covers.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -70,11 +70,17 @@ pub async fn serve_store(
     settings: BrokerSettings,
     listener: tokio::net::TcpListener,
 ) -> ServedBroker {
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
+    serve_store_with_clock(store, settings, listener, Arc::new(SystemClock)).await
+}
+
+/// The same with the broker reading `clock`.
+pub async fn serve_store_with_clock(
+    store: Store,
+    settings: BrokerSettings,
+    listener: tokio::net::TcpListener,
+    clock: Arc<dyn tally::clock::Clock>,
+) -> ServedBroker {
+    let broker = Arc::new(Broker::open(settings, store, clock).await.unwrap());
     let addr = listener.local_addr().unwrap();
     let certs = broker
         .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])

@@ -171,6 +171,22 @@ impl Mesh {
         Self { dir, broker }
     }
 
+    /// A mesh whose broker serves `policy` and reads `clock`.
+    pub async fn start_with(policy: &str, clock: Arc<dyn tally::clock::Clock>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Sealer::generate_key_text().unwrap();
+        let store = tally::store::Store::open_sqlite(
+            &dir.path().join("tally.db"),
+            Sealer::from_key_material(key.as_bytes()).unwrap(),
+        )
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let broker =
+            super::broker::serve_store_with_clock(store, settings(policy), listener, clock).await;
+        Self { dir, broker }
+    }
+
     /// A sidecar for `id`, attested with a fresh join token, ready (keys,
     /// bundle and access rules in hand) when this returns.
     pub async fn sidecar(&self, id: &str, parts: Parts) -> Started {
