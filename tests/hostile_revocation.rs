@@ -99,13 +99,24 @@ async fn charge(
     now: u64,
 ) -> support::mesh::Answer {
     let url = format!("http://{inbound}/v1/charges");
-    let proof = key.mint("POST", &url, Some(token), None, now).unwrap();
     let authorization = format!("DPoP {token}");
-    let headers = [
-        ("authorization", authorization.as_str()),
-        ("dpop", proof.as_str()),
-    ];
-    send(inbound, "POST", "/v1/charges", &headers, "").await
+    let mut nonce: Option<String> = None;
+    loop {
+        let proof = key
+            .mint("POST", &url, Some(token), nonce.as_deref(), now)
+            .unwrap();
+        let headers = [
+            ("authorization", authorization.as_str()),
+            ("dpop", proof.as_str()),
+        ];
+        let answer = send(inbound, "POST", "/v1/charges", &headers, "").await;
+        // A freshly started sidecar asks for a nonce first: sign again
+        // with it, as a client does.
+        match answer.header("dpop-nonce") {
+            Some(n) if answer.status == 401 && nonce.is_none() => nonce = Some(n.to_owned()),
+            _ => return answer,
+        }
+    }
 }
 
 fn refused_as_revoked(answer: &support::mesh::Answer) -> bool {
