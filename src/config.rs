@@ -94,3 +94,82 @@ pub fn boolean(key: &str, text: &str) -> Result<bool, String> {
         _ => Err(format!("{key} {text:?} must be true or false")),
     }
 }
+
+/// Listener limits from their three settings (`header_timeout`,
+/// `idle_timeout`, `max_connections`; each the default when `None`),
+/// every fault pushed to `errors`.
+pub fn listener_limits(
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<String>,
+    errors: &mut Vec<String>,
+) -> crate::http::Limits {
+    let defaults = crate::http::Limits::default();
+    let mut seconds = |text: Option<String>, key: &str, default: std::time::Duration, max: u64| {
+        let Some(text) = text else { return default };
+        match humantime::parse_duration(&text) {
+            Ok(d) if (1..=max).contains(&d.as_secs()) && d.subsec_nanos() == 0 => d,
+            _ => {
+                errors.push(format!(
+                    "{key} {text:?} must be whole seconds from 1s to {max}s"
+                ));
+                default
+            }
+        }
+    };
+    let header_timeout = seconds(
+        header_timeout,
+        "header_timeout",
+        defaults.header_timeout,
+        300,
+    );
+    let idle_timeout = seconds(idle_timeout, "idle_timeout", defaults.idle_timeout, 86_400);
+    let max_connections = match max_connections {
+        None => defaults.max_connections,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=1_000_000).contains(&n) => n,
+            _ => {
+                errors.push(format!(
+                    "max_connections {text:?} must be a number from 1 to 1000000"
+                ));
+                defaults.max_connections
+            }
+        },
+    };
+    crate::http::Limits {
+        header_timeout,
+        idle_timeout,
+        max_connections,
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::listener_limits;
+
+    #[test]
+    fn listener_limits_default_and_report_every_fault() {
+        let mut errors = Vec::new();
+        let l = listener_limits(None, None, None, &mut errors);
+        assert_eq!(l, crate::http::Limits::default());
+        assert!(errors.is_empty());
+        let l = listener_limits(
+            Some("5s".into()),
+            Some("2m".into()),
+            Some("10".into()),
+            &mut errors,
+        );
+        assert_eq!(l.header_timeout.as_secs(), 5);
+        assert_eq!(l.idle_timeout.as_secs(), 120);
+        assert_eq!(l.max_connections, 10);
+        listener_limits(
+            Some("0s".into()),
+            Some("1.5s".into()),
+            Some("0".into()),
+            &mut errors,
+        );
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].starts_with("header_timeout \"0s\""), "{errors:?}");
+        assert!(errors[2].starts_with("max_connections \"0\""), "{errors:?}");
+    }
+}

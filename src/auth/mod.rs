@@ -1,11 +1,13 @@
 //! A whole DPoP-bound request check ([`request`]), reading the credentials
-//! from headers ([`credentials`]), and the one mapping from a refusal to its
-//! HTTP answer ([`answer`]).
+//! from headers ([`credentials`]), what a request addresses and which paths
+//! may be judged ([`target`], [`path`]), and the one mapping from a refusal
+//! to its HTTP answer ([`answer`]).
 
 pub mod answer;
 pub mod credentials;
 pub mod path;
 pub mod request;
+pub mod target;
 
 pub use answer::{HttpAnswer, answer};
 pub use credentials::{Credentials, RequestError};

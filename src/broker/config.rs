@@ -85,6 +85,17 @@ pub struct BrokerFlags {
     /// X.509-SVID lifetime, e.g. 1h.
     #[arg(long, env = "TALLY_SVID_TTL")]
     pub svid_ttl: Option<String>,
+    /// Every listener: time from accept to a whole request head (TLS
+    /// handshake included) [default: 10s].
+    #[arg(long, env = "TALLY_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// Every listener: close a connection with no request in flight after
+    /// this long [default: 60s]. A Watch stream is a request in flight.
+    #[arg(long, env = "TALLY_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Every listener: most connections open at once [default: 1024].
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS")]
+    pub max_connections: Option<String>,
 }
 
 /// A PostgreSQL URL; it may hold a password, so `Debug` shows only where
@@ -146,6 +157,8 @@ pub struct BrokerConfig {
     pub key_rotation: u64,
     /// How long expired inventory rows are kept, in seconds.
     pub inventory_retention: u64,
+    /// Timeouts and connection cap of each listener.
+    pub limits: crate::http::Limits,
     /// Supplied root CA certificate and key files.
     pub ca_root: Option<(PathBuf, PathBuf)>,
     /// ServiceAccount JWKS file, issuer and audience (if given), when SA
@@ -169,6 +182,9 @@ const KEYS: &[&str] = &[
     "svid_ttl",
     "key_rotation",
     "inventory_retention",
+    "header_timeout",
+    "idle_timeout",
+    "max_connections",
     "ca_cert",
     "ca_key",
     "sa_jwks",
@@ -246,6 +262,12 @@ impl BrokerConfig {
                 0
             }
         };
+        let limits = crate::config::listener_limits(
+            one(flags.header_timeout.clone(), "header_timeout"),
+            one(flags.idle_timeout.clone(), "idle_timeout"),
+            one(flags.max_connections.clone(), "max_connections"),
+            &mut errors,
+        );
         let dns_names = if flags.dns_names.is_empty() {
             from_file.all("dns_names")
         } else {
@@ -329,6 +351,7 @@ impl BrokerConfig {
             svid_ttl: svid_ttl.unwrap_or_else(|| unreachable!("checked above")),
             key_rotation: key_rotation.unwrap_or_else(|| unreachable!("checked above")),
             inventory_retention,
+            limits,
             ca_root,
             sa,
         })

@@ -173,6 +173,7 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     settings.svid_ttl = config.svid_ttl;
     settings.key_rotation = config.key_rotation;
     settings.inventory_retention = config.inventory_retention;
+    settings.limits = config.limits;
     settings.audit_file = Some(config.audit_file.clone());
     if let Some((cert, key)) = &config.ca_root {
         settings.ca_root = Some(supplied_root(cert, key)?);

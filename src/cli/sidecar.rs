@@ -270,21 +270,11 @@ impl SidecarConfig {
         let proof_max_age = seconds(&flags.proof_max_age, "proof_max_age", "30s", 1, 300);
         let clock_skew = seconds(&flags.clock_skew, "clock_skew", "5s", 0, 300);
         let watch_staleness = seconds(&flags.watch_staleness, "watch_staleness", "30s", 1, 86_400);
-        let header_timeout = seconds(&flags.header_timeout, "header_timeout", "10s", 1, 300);
-        let idle_timeout = seconds(&flags.idle_timeout, "idle_timeout", "60s", 1, 86_400);
-        let max_connections = one(&flags.max_connections, "max_connections").map_or(
-            Some(crate::http::Limits::default().max_connections),
-            |text| {
-                text.parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=1_000_000).contains(n))
-                    .or_else(|| {
-                        errors.push(format!(
-                            "max_connections {text:?} must be a number from 1 to 1000000"
-                        ));
-                        None
-                    })
-            },
+        let limits = crate::config::listener_limits(
+            one(&flags.header_timeout, "header_timeout"),
+            one(&flags.idle_timeout, "idle_timeout"),
+            one(&flags.max_connections, "max_connections"),
+            &mut errors,
         );
         let inbound_authorities = if flags.inbound_authorities.is_empty() {
             from_file.all("inbound_authorities")
@@ -292,7 +282,7 @@ impl SidecarConfig {
             flags.inbound_authorities.clone()
         };
         for authority in &inbound_authorities {
-            if crate::sidecar::inbound::Authority::parse(authority).is_err() {
+            if crate::auth::target::Authority::parse(authority).is_err() {
                 errors.push(format!(
                     "inbound_authorities: {authority:?} must be HOST:PORT"
                 ));
@@ -332,15 +322,7 @@ impl SidecarConfig {
             outbound_strict,
             admin_listen,
             inbound_authorities,
-            limits: crate::http::Limits {
-                header_timeout: Duration::from_secs(
-                    header_timeout.unwrap_or_else(|| unreachable!("checked above")),
-                ),
-                idle_timeout: Duration::from_secs(
-                    idle_timeout.unwrap_or_else(|| unreachable!("checked above")),
-                ),
-                max_connections: max_connections.unwrap_or_else(|| unreachable!("checked above")),
-            },
+            limits,
         })
     }
 }
@@ -503,7 +485,7 @@ async fn serve(
             c.authorities = config
                 .inbound_authorities
                 .iter()
-                .filter_map(|a| crate::sidecar::inbound::Authority::parse(a).ok())
+                .filter_map(|a| crate::auth::target::Authority::parse(a).ok())
                 .collect();
             c
         }),

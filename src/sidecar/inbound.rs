@@ -29,7 +29,6 @@ use super::proxy::{self, NextHop, ProxyBody};
 use super::watch::MeshState;
 use crate::auth::{self, AuthError, RequestVerifier};
 use crate::clock::Clock;
-use crate::dpop::NormalizedUri;
 use crate::identity::SpiffeId;
 use crate::metrics::{CounterVec, Histogram};
 use crate::policy::{AccessDenial, AccessRequest, Pos};
@@ -74,36 +73,7 @@ pub struct InboundConfig {
     pub report_every: Duration,
     /// When not empty, the only authorities requests may address; any
     /// other is refused (421) before any token work.
-    pub authorities: Vec<Authority>,
-}
-
-/// A request authority (`host[:port]`), normalized as in `htu`: host
-/// lower-cased, the default port 80 dropped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Authority(String);
-
-impl Authority {
-    /// Parses and normalizes `text`.
-    ///
-    /// # Errors
-    /// If `text` is not a host with an optional port.
-    pub fn parse(text: &str) -> Result<Self, crate::dpop::UriError> {
-        if text.contains(['/', '?', '#', '@']) || text.is_empty() {
-            return Err(crate::dpop::UriError::Host);
-        }
-        let uri = NormalizedUri::parse(&format!("http://{text}/"))?;
-        let authority = uri
-            .as_str()
-            .strip_prefix("http://")
-            .and_then(|rest| rest.strip_suffix('/'))
-            .ok_or(crate::dpop::UriError::Host)?;
-        Ok(Self(authority.to_owned()))
-    }
-
-    /// The normalized text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+    pub authorities: Vec<crate::auth::target::Authority>,
 }
 
 impl InboundConfig {
@@ -292,74 +262,31 @@ impl Inbound {
     /// Every check, without touching the body.
     fn check(&self, req: &Request<Incoming>) -> Result<Admitted, Refused> {
         let now = self.clock.now();
-        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
-            // RFC 9112 §3.2: more than one Host is a bad request; the proof
-            // would be checked against one and the app might route by
-            // another.
-            return Err(Refused {
-                reason: "bad_request",
-                response: Box::new(proxy::refusal(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "more than one Host header",
-                )),
-            });
-        }
-        let bad = |text: &str| Refused {
-            reason: "bad_request",
-            response: Box::new(proxy::refusal(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                text,
-            )),
-        };
-        // The authority the caller addressed: the absolute-form target or
-        // HTTP/2 `:authority`, else `Host`. When both are sent they must
-        // agree: the proof is checked against one, and the app must not
-        // route by another.
-        let host = req
+        let hosts: Vec<&[u8]> = req
             .headers()
-            .get(header::HOST)
-            .map(|v| v.to_str().map_err(|_| bad("the Host header is not text")))
-            .transpose()?;
-        let authority = match (req.uri().authority(), host) {
-            (Some(target), Some(host)) => {
-                let (a, b) = (Authority::parse(target.as_str()), Authority::parse(host));
-                if a.is_err() || a != b {
-                    return Err(bad(
-                        "the Host header does not name the authority of the request target",
-                    ));
+            .get_all(header::HOST)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        let target = crate::auth::target::request_target(
+            req.uri().authority().map(|a| a.as_str()),
+            req.uri().path(),
+            &hosts,
+            &self.config.authorities,
+        )
+        .map_err(|e| {
+            let (status, reason) = match e {
+                crate::auth::target::TargetError::Misdirected(_) => {
+                    (StatusCode::MISDIRECTED_REQUEST, "misdirected")
                 }
-                target.as_str()
+                _ => (StatusCode::BAD_REQUEST, "bad_request"),
+            };
+            Refused {
+                reason,
+                response: Box::new(proxy::refusal(status, "invalid_request", &e.to_string())),
             }
-            (Some(target), None) => target.as_str(),
-            (None, Some(host)) => host,
-            (None, None) => return Err(bad("the request names no host")),
-        };
-        let normalized_authority =
-            Authority::parse(authority).map_err(|e| bad(&format!("request authority: {e}")))?;
-        if !self.config.authorities.is_empty()
-            && !self.config.authorities.contains(&normalized_authority)
-        {
-            return Err(Refused {
-                reason: "misdirected",
-                response: Box::new(proxy::refusal(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "invalid_request",
-                    &format!(
-                        "this sidecar does not serve {}",
-                        normalized_authority.as_str()
-                    ),
-                )),
-            });
-        }
-        let path = req.uri().path();
-        let url = format!("http://{authority}{path}");
-        let normalized =
-            NormalizedUri::parse(&url).map_err(|e| bad(&format!("request URL: {e}")))?;
-        // Only a path the app will route as judged (see `auth::path`).
-        crate::auth::path::check_routable(normalized.path())
-            .map_err(|e| bad(&format!("request path: {e}")))?;
+        })?;
+        let url = target.url.as_str();
 
         let (jwks, access, revocations, down_since_ms) = {
             let mesh = self.mesh.borrow();
@@ -397,7 +324,7 @@ impl Inbound {
             .collect();
         let request = auth::Request {
             method: req.method().as_str(),
-            uri: &url,
+            uri: url,
             authorization: &authorization,
             dpop: &dpop,
         };
@@ -429,7 +356,7 @@ impl Inbound {
             workload: &self.workload,
             caller: &token.sub,
             method: req.method().as_str(),
-            path: normalized.path(),
+            path: target.path(),
             scopes: &token.scope,
         });
         let grant = decision.map_err(|denial| {
@@ -449,13 +376,19 @@ impl Inbound {
             }
         }
 
-        let mut path_and_query = normalized.path().to_owned();
+        let mut path_and_query = target.path().to_owned();
         if let Some(query) = req.uri().query() {
             path_and_query.push('?');
             path_and_query.push_str(query);
         }
-        let authority = HeaderValue::from_str(authority)
-            .map_err(|_| bad("the request authority cannot be forwarded"))?;
+        let authority = HeaderValue::from_str(&target.authority).map_err(|_| Refused {
+            reason: "bad_request",
+            response: Box::new(proxy::refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request authority cannot be forwarded",
+            )),
+        })?;
         Ok(Admitted {
             caller: token.sub.to_string(),
             scopes: token.scope.to_string(),

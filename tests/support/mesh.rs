@@ -250,7 +250,7 @@ impl Mesh {
                 c.authorities = parts
                     .authorities
                     .iter()
-                    .map(|a| tally::sidecar::inbound::Authority::parse(a).unwrap())
+                    .map(|a| tally::auth::target::Authority::parse(a).unwrap())
                     .collect();
                 c
             }),
