@@ -60,9 +60,10 @@ pub(super) async fn peer_id<T>(
 /// is cut off (see [`DENIED_METADATA`]).
 pub(super) fn denied_status(id: SpiffeId) -> Status {
     let mut status = Status::permission_denied(CallerError::Denied { id }.to_string());
-    status
-        .metadata_mut()
-        .insert(DENIED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
+    status.metadata_mut().insert(
+        DENIED_METADATA,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     status
 }
 

@@ -213,7 +213,8 @@ async fn client_id(broker: &Broker, peer: &Peer, call: Call) -> Result<SpiffeId,
     if let Err(CallerError::Denied { id }) = &checked {
         broker.refuse_denied(id, call).await;
     }
-    checked.map_err(|why| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", why.to_string()))
+    checked
+        .map_err(|why| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", why.to_string()))
 }
 
 /// Refuses a body that is not a form (RFC 6749 §3.2, RFC 7662 §2.1, RFC
@@ -419,7 +420,8 @@ async fn token_param(req: Request<Incoming>) -> Result<zeroize::Zeroizing<String
 }
 
 /// The authenticated caller, and the token the request names if this
-/// broker issued it and it is live (not expired, not revoked).
+/// broker issued it and it is live (not expired, not revoked, its holder
+/// not denied: every sidecar refuses it).
 async fn live_token(
     broker: &Broker,
     req: Request<Incoming>,
@@ -434,7 +436,12 @@ async fn live_token(
         .await
         .map_err(|e| OAuthError::internal(what, &e))?;
     let now = broker.clock.now();
-    let live = found.and_then(|(t, revoked)| (!revoked && t.exp > now).then_some(t));
+    let denied = |t: &crate::store::IssuedToken| {
+        t.sub
+            .parse::<SpiffeId>()
+            .map_or(true, |sub| broker.is_denied(&sub))
+    };
+    let live = found.and_then(|(t, revoked)| (!revoked && t.exp > now && !denied(&t)).then_some(t));
     Ok((caller, live))
 }
 
@@ -445,8 +452,8 @@ fn may_manage(broker: &Broker, caller: &SpiffeId, token: &crate::store::IssuedTo
 
 /// `POST /oauth2/introspect` (RFC 7662): for an admin, or the token's own
 /// holder, the token's metadata; `{"active": false}` for anything else
-/// (unknown, forged, expired, revoked, or someone else's token), so the
-/// endpoint tells a stranger nothing.
+/// (unknown, forged, expired, revoked, a denied holder's, or someone
+/// else's token), so the endpoint tells a stranger nothing.
 async fn introspect(
     broker: &Broker,
     req: Request<Incoming>,

@@ -261,7 +261,11 @@ pub(super) fn identities(
 }
 
 /// `identities deny` (`deny`) or `identities allow`.
-fn change_denial(conn: &BrokerConnection, deny: bool, args: DenialArgs) -> Result<ExitCode, CliError> {
+fn change_denial(
+    conn: &BrokerConnection,
+    deny: bool,
+    args: DenialArgs,
+) -> Result<ExitCode, CliError> {
     let DenialArgs {
         spiffe_id,
         reason,
@@ -302,7 +306,11 @@ fn change_denial(conn: &BrokerConnection, deny: bool, args: DenialArgs) -> Resul
                 say!(
                     "allowed: {spiffe_id} may attest, renew and get tokens again (watch sequence {}){}",
                     done.sequence,
-                    if done.was_denied { "" } else { "; it was not denied" }
+                    if done.was_denied {
+                        ""
+                    } else {
+                        "; it was not denied"
+                    }
                 );
             }
         },

@@ -92,10 +92,7 @@ impl DenialSet {
 
     /// The denial in force for `id`, if any.
     pub fn denial(&self, id: &SpiffeId) -> Option<&Denial> {
-        self.newest
-            .get(id)
-            .map(|(_, d)| d)
-            .filter(|d| d.denied)
+        self.newest.get(id).map(|(_, d)| d).filter(|d| d.denied)
     }
 
     /// Whether `id` is denied.

@@ -237,7 +237,9 @@ fn note_denied(state: &tokio::sync::watch::Sender<MeshState>, status: &tonic::St
             .metadata()
             .contains_key(crate::identity::denial::DENIED_METADATA);
     if denied {
-        tracing::error!("the broker denies this workload's identity: no tokens until an admin allows it (tally ctl identities allow)");
+        tracing::error!(
+            "the broker denies this workload's identity: no tokens until an admin allows it (tally ctl identities allow)"
+        );
         state.send_if_modified(|s| !std::mem::replace(&mut s.own_identity_denied, true));
     }
 }
