@@ -42,6 +42,14 @@ pub enum AuditKind {
     AdminCall,
     /// The beginning of the audit log was archived and removed.
     AuditTruncate,
+    /// An admin denied an identity (cut a workload off).
+    IdentityDeny,
+    /// An admin lifted an identity's denial.
+    IdentityAllow,
+    /// A call without an audit kind of its own (Watch, Reports, Admin,
+    /// OAuth introspection or revocation) refused before it reached its
+    /// service: the caller's identity is denied.
+    CallRefused,
 }
 
 impl AuditKind {
@@ -62,6 +70,9 @@ impl AuditKind {
             Self::VerifyFailure => "token.verify_failure",
             Self::AdminCall => "admin.call",
             Self::AuditTruncate => "audit.truncate",
+            Self::IdentityDeny => "identity.deny",
+            Self::IdentityAllow => "identity.allow",
+            Self::CallRefused => "call.refused",
         }
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! - [`jose`]: strict base64url and JSON, P-256 JWKs and RFC 7638
 //!   thumbprints, ES256 keys, the compact JWS parser.
-//! - [`identity`]: SPIFFE IDs.
+//! - [`identity`]: SPIFFE IDs, join tokens, denied identities.
 //! - [`ca`]: the identity CA: root and intermediate, X.509-SVIDs from CSRs.
 //! - [`dpop`]: RFC 9449 proofs (mint and verify), `htu` normalization, the
 //!   replay cache and stateless server nonces.

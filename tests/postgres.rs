@@ -1,8 +1,8 @@
 //! The PostgreSQL store on a real PostgreSQL (a throwaway cluster, or
 //! `TALLY_TEST_POSTGRES`): what the SQLite store guarantees, with two
 //! store handles writing at once as two broker replicas would; then two
-//! brokers on one database, where a revocation, a key rotation and a
-//! policy change made on one reach the other.
+//! brokers on one database, where a revocation, a key rotation, a policy
+//! change and an identity denial made on one reach the other.
 
 mod support;
 
@@ -486,6 +486,93 @@ async fn two_broker_replicas_on_one_database_act_as_one() {
     drop(rx);
     a.stop().await;
     b.stop().await;
+    follower.await.unwrap();
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_denied_on_one_replica_is_refused_by_the_other_and_a_replica_started_later() {
+    use support::broker::{channel_as, serve_store, settings};
+    use tally::sidecar::watch::{MeshState, follow};
+    const CHECKOUT: &str = "spiffe://example.org/ns/shop/sa/checkout";
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let key = Sealer::generate_key_text().unwrap();
+    let replica = || async {
+        let store = open(&url, &key).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        serve_store(
+            store,
+            settings(include_str!("fixtures/policy.yaml")),
+            listener,
+        )
+        .await
+    };
+    let (a, b) = (replica().await, replica().await);
+    let (state, mut rx) = tokio::sync::watch::channel(MeshState::default());
+    let channel = channel_as(&b, "spiffe://example.org/ns/pay/sa/payments");
+    let follower = tokio::spawn(follow(
+        move || channel.clone(),
+        Arc::new(tally::clock::SystemClock),
+        state,
+    ));
+    let renew = |served: &support::broker::ServedBroker| {
+        let channel = channel_as(served, CHECKOUT);
+        async move {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let csr = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap();
+            tally::proto::v1::identity_client::IdentityClient::new(channel)
+                .renew(tally::proto::v1::RenewRequest {
+                    csr_der: csr.der().to_vec(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    };
+    renew(&b).await.unwrap();
+
+    let (id, admin) = (
+        CHECKOUT.parse().unwrap(),
+        "spiffe://example.org/admin".parse().unwrap(),
+    );
+    a.broker
+        .deny_identity(&id, "replica test", &admin)
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s| s.denied.is_denied(&id)),
+    );
+    seen.await
+        .expect("the denial never reached B's subscriber")
+        .unwrap();
+    assert!(
+        b.broker.is_denied(&id),
+        "B took it in before waking its subscribers"
+    );
+    assert_eq!(renew(&b).await, Err(tonic::Code::PermissionDenied));
+    // A replica started now loads it from the feed.
+    let c = replica().await;
+    assert_eq!(renew(&c).await, Err(tonic::Code::PermissionDenied));
+
+    // Allowed on B: A and C let it renew again.
+    b.broker.allow_identity(&id, "", &admin).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a.broker.is_denied(&id) || c.broker.is_denied(&id) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the allow never reached A and C"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    renew(&a).await.unwrap();
+    drop(rx);
+    for served in [a, b, c] {
+        served.stop().await;
+    }
     follower.await.unwrap();
     drop(pg);
 }

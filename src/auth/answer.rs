@@ -52,7 +52,9 @@ pub fn answer(error: &AuthError, fresh_nonce: Option<String>) -> HttpAnswer {
         }
         AuthError::Request(RequestError::BoundTokenAsBearer) => (401, "invalid_token"),
         AuthError::Request(_) => (400, "invalid_request"),
-        AuthError::Token(_) | AuthError::Revoked => (401, "invalid_token"),
+        AuthError::Token(_) | AuthError::Revoked | AuthError::IdentityDenied => {
+            (401, "invalid_token")
+        }
         AuthError::Proof(e) if e.wants_nonce() => (401, "use_dpop_nonce"),
         AuthError::Proof(_) => (401, "invalid_dpop_proof"),
         AuthError::InsufficientScope { .. } => (403, "insufficient_scope"),
@@ -155,6 +157,7 @@ mod tests {
                 "invalid_token",
             ),
             (AuthError::Revoked, 401, "invalid_token"),
+            (AuthError::IdentityDenied, 401, "invalid_token"),
             (
                 AuthError::Proof(ProofError::AthMismatch),
                 401,

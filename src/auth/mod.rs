@@ -32,6 +32,10 @@ pub enum AuthError {
     /// The access token was revoked: 401 `invalid_token`.
     #[error("access token was revoked")]
     Revoked,
+    /// The token's holder (`sub`) is an identity the broker's admins have
+    /// denied: 401 `invalid_token`, whatever the token says.
+    #[error("the token's holder is a denied identity")]
+    IdentityDenied,
     /// The proof failed a check: 401 `invalid_dpop_proof`, or
     /// `use_dpop_nonce` for nonce problems.
     #[error("DPoP proof: {0}")]

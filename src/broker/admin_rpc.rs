@@ -1,7 +1,8 @@
 //! The Admin gRPC service: join tokens, credentials for workloads without
-//! a sidecar, key rotation, revocation, and reading the audit log. Only
-//! identities the broker lists as admins may call it; every call is
-//! audited with the admin as actor, and every refusal with the caller.
+//! a sidecar, key rotation, revocation, identity denial, and reading the
+//! audit log. Only identities the broker lists as admins may call it;
+//! every call is audited with the admin as actor, and every refusal with
+//! the caller.
 
 use super::Broker;
 use super::grpc::{internal, issue_svid, peer_id};
@@ -20,7 +21,7 @@ const MAX_MINT_TTL: u64 = 86_400;
 /// The caller, if it is an admin; a refusal is audited with the call's
 /// name.
 async fn admin<T>(broker: &Broker, request: &Request<T>, call: &str) -> Result<SpiffeId, Status> {
-    let id = peer_id(broker, request)?;
+    let id = peer_id(broker, request, super::denials::Call::Admin).await?;
     if broker.is_admin(&id) {
         return Ok(id);
     }
@@ -129,6 +130,41 @@ fn workload_id(text: &str, broker: &Broker) -> Result<SpiffeId, Status> {
         ));
     }
     Ok(id)
+}
+
+/// The answer to a deny or allow; a refusal is audited under `kind`.
+async fn denial_change(
+    broker: &Broker,
+    caller: &SpiffeId,
+    id: &SpiffeId,
+    kind: AuditKind,
+    done: Result<super::denials::DenialChange, super::denials::DenyError>,
+) -> Result<Response<pb::IdentityDenialResponse>, Status> {
+    use super::denials::DenyError as E;
+    let done = match done {
+        Ok(done) => done,
+        Err(e) => {
+            let status = match &e {
+                E::Admin(_) | E::Broker(_) => Status::failed_precondition(e.to_string()),
+                E::NotAWorkload { .. } => Status::invalid_argument(e.to_string()),
+                _ => return Err(internal("recording an identity denial", e)),
+            };
+            broker
+                .audit(
+                    AuditEvent::new(kind, Outcome::Denied, broker.clock.now())
+                        .actor(caller)
+                        .field("spiffe_id", id.as_str())
+                        .field("reason", status.message()),
+                )
+                .await;
+            return Err(status);
+        }
+    };
+    Ok(Response::new(pb::IdentityDenialResponse {
+        sequence: done.sequence,
+        was_denied: done.was_denied,
+        at: unix(done.at),
+    }))
 }
 
 struct AdminService(Arc<Broker>);
@@ -467,19 +503,47 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| internal("listing identities", e))?;
         audit_query(broker, &caller, "identities").await;
-        let identities = found
+        let mut denials: std::collections::BTreeMap<String, crate::identity::Denial> = broker
+            .denials()
             .into_iter()
-            .map(|i| pb::IdentityInfo {
-                first_seen: unix(i.first_seen),
-                last_seen: unix(i.last_seen()),
-                svid_expires_at: i.svid_expires_at.map_or(0, unix),
-                spiffe_id: i.spiffe_id,
-                method: i.method,
-                svids: i.svids,
-                tokens: i.tokens,
-                live_tokens: i.live_tokens,
+            .map(|d| (d.spiffe_id.to_string(), d))
+            .collect();
+        let with_denial = |info: pb::IdentityInfo, denial: Option<crate::identity::Denial>| {
+            let Some(d) = denial else { return info };
+            pb::IdentityInfo {
+                denied: true,
+                denied_reason: d.reason,
+                denied_at: unix(d.at),
+                denied_by: d.actor,
+                ..info
+            }
+        };
+        let mut identities: Vec<pb::IdentityInfo> = found
+            .into_iter()
+            .map(|i| {
+                let denial = denials.remove(&i.spiffe_id);
+                let info = pb::IdentityInfo {
+                    first_seen: unix(i.first_seen),
+                    last_seen: unix(i.last_seen()),
+                    svid_expires_at: i.svid_expires_at.map_or(0, unix),
+                    spiffe_id: i.spiffe_id,
+                    method: i.method,
+                    svids: i.svids,
+                    tokens: i.tokens,
+                    live_tokens: i.live_tokens,
+                    ..pb::IdentityInfo::default()
+                };
+                with_denial(info, denial)
             })
             .collect();
+        // Denied before the broker issued them anything (pre-emptively).
+        identities.extend(denials.into_iter().map(|(id, d)| {
+            let info = pb::IdentityInfo {
+                spiffe_id: id,
+                ..pb::IdentityInfo::default()
+            };
+            with_denial(info, Some(d))
+        }));
         Ok(Response::new(pb::ListIdentitiesResponse { identities }))
     }
 
@@ -629,6 +693,30 @@ impl pb::admin_server::Admin for AdminService {
             records: found.records.into_iter().map(|r| r.line).collect(),
             from_audit_log: found.from_audit,
         }))
+    }
+
+    async fn deny_identity(
+        &self,
+        request: Request<pb::DenyIdentityRequest>,
+    ) -> Result<Response<pb::IdentityDenialResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "DenyIdentity").await?;
+        let body = request.into_inner();
+        let id = workload_id(&body.spiffe_id, broker)?;
+        let done = broker.deny_identity(&id, &body.reason, &caller).await;
+        denial_change(broker, &caller, &id, AuditKind::IdentityDeny, done).await
+    }
+
+    async fn allow_identity(
+        &self,
+        request: Request<pb::AllowIdentityRequest>,
+    ) -> Result<Response<pb::IdentityDenialResponse>, Status> {
+        let broker = &self.0;
+        let caller = admin(broker, &request, "AllowIdentity").await?;
+        let body = request.into_inner();
+        let id = workload_id(&body.spiffe_id, broker)?;
+        let done = broker.allow_identity(&id, &body.reason, &caller).await;
+        denial_change(broker, &caller, &id, AuditKind::IdentityAllow, done).await
     }
 
     async fn revoke(

@@ -4,9 +4,11 @@
 //! the detail.
 
 use super::Broker;
+use super::denials::{Call, CallerError};
 use super::issue::{IssueError, IssueInput};
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::ca::CaError;
+use crate::identity::denial::DENIED_METADATA;
 use crate::identity::{JoinToken, SpiffeId};
 use crate::proto::v1 as pb;
 use crate::store::{SvidRecord, Write};
@@ -35,19 +37,44 @@ fn ca_status(e: CaError) -> Status {
 
 /// The caller's SPIFFE ID from its verified client certificate (the
 /// connection's [`crate::http::Peer`], put in the request by
-/// [`super::serve`]).
-pub(super) fn peer_id<T>(broker: &Broker, request: &Request<T>) -> Result<SpiffeId, Status> {
+/// [`super::serve`]). A denied identity is refused (counted and audited as
+/// a refusal of `call`).
+pub(super) async fn peer_id<T>(
+    broker: &Broker,
+    request: &Request<T>,
+    call: Call,
+) -> Result<SpiffeId, Status> {
     let certs = request
         .extensions()
         .get::<Arc<crate::http::Peer>>()
         .and_then(|peer| peer.certs.as_deref());
-    broker.caller(certs).map_err(Status::unauthenticated)
+    match broker.caller(certs) {
+        Ok(id) => Ok(id),
+        Err(CallerError::Denied { id }) => {
+            broker.refuse_denied(&id, call).await;
+            Err(denied_status(id))
+        }
+        Err(e) => Err(Status::unauthenticated(e.to_string())),
+    }
+}
+
+/// PERMISSION_DENIED for a denied identity, marked so a sidecar knows it
+/// is cut off (see [`DENIED_METADATA`]).
+pub(super) fn denied_status(id: SpiffeId) -> Status {
+    let mut status = Status::permission_denied(CallerError::Denied { id }.to_string());
+    status.metadata_mut().insert(
+        DENIED_METADATA,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    status
 }
 
 /// Issues an X.509-SVID for `id` from the CSR, valid `ttl` seconds,
 /// records it (inventory and audit, durably) and counts it. `method` says
 /// how the identity was proved: `join_token`, `k8s_sa`, `renew`, or
-/// `admin_mint` (then `actor` is the admin; otherwise it is `id`).
+/// `admin_mint` (then `actor` is the admin; otherwise it is `id`). A denied
+/// `id` gets nothing, however it proved itself: the one check for every
+/// SVID the broker signs.
 pub(super) async fn issue_svid(
     broker: &Broker,
     id: &SpiffeId,
@@ -81,6 +108,29 @@ async fn sign_svid(
     actor: &SpiffeId,
     now: u64,
 ) -> Result<crate::ca::Svid, Status> {
+    // A denied `id` gets nothing, however it proved itself: the one
+    // check for every SVID the broker signs.
+    if broker.is_denied(id) {
+        broker.metrics.attestations.inc(&[method, "denied"]);
+        if method == "admin_mint" {
+            let event = AuditEvent::new(svid_audit_kind(method), Outcome::Denied, now)
+                .actor(actor)
+                .field("spiffe_id", id.as_str())
+                .field("method", method)
+                .field("reason", "identity_denied");
+            broker.audit(event).await;
+            return Err(Status::failed_precondition(format!(
+                "{id} is denied; `tally ctl identities allow` lifts the denial"
+            )));
+        }
+        let call = if method == "renew" {
+            Call::Renew
+        } else {
+            Call::Attest
+        };
+        broker.refuse_denied(id, call).await;
+        return Err(denied_status(id.clone()));
+    }
     let e = match broker.ca().issue_svid(csr, id, ttl, now) {
         Ok(svid) => return Ok(svid),
         Err(e) => e,
@@ -264,7 +314,7 @@ impl pb::identity_server::Identity for IdentityService {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::SvidResponse>, Status> {
-        let id = peer_id(&self.0, &request)?;
+        let id = peer_id(&self.0, &request, Call::Renew).await?;
         let ttl = self.0.settings.svid_ttl;
         issue_svid(&self.0, &id, &request.get_ref().csr_der, "renew", ttl, &id).await
     }
@@ -296,7 +346,7 @@ impl pb::tokens_server::Tokens for TokensService {
         request: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::IssueResponse>, Status> {
         let broker = &self.0;
-        let caller = peer_id(broker, &request)?;
+        let caller = peer_id(broker, &request, Call::Issue).await?;
         let body = request.into_inner();
         let audience: Audience = body
             .audience
@@ -348,7 +398,7 @@ impl pb::watch_server::Watch for WatchService {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
         let broker = Arc::clone(&self.0);
-        let caller = peer_id(&broker, &request)?;
+        let caller = peer_id(&broker, &request, Call::Watch).await?;
         let after = request.get_ref().after_sequence;
         let newest = *broker.watch_changes().borrow();
         // A fresh start, or a sequence this broker never issued (another
@@ -361,13 +411,20 @@ impl pb::watch_server::Watch for WatchService {
         .map_err(|e| internal("reading the change feed", e))?;
         tracing::debug!(%caller, after, "watch subscriber");
         // One task per subscriber feeds its stream; the stream ends when
-        // the broker closes (so shutdown can finish) or the client leaves.
+        // the broker closes (so shutdown can finish), the client leaves,
+        // or an admin denies the subscriber (a denial is in force before
+        // the feed moves past it, so the wake-up finds it).
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut changes = broker.watch_changes();
             let mut last = after;
             let mut pending = first;
             loop {
+                if broker.is_denied(&caller) {
+                    broker.refuse_denied(&caller, Call::Watch).await;
+                    let _ = tx.send(Err(denied_status(caller))).await;
+                    return;
+                }
                 for change in pending.drain(..) {
                     last = change.seq;
                     if tx.send(update(&change, &caller)).await.is_err() {
@@ -436,6 +493,16 @@ fn update(change: &crate::store::Change, subscriber: &SpiffeId) -> Result<pb::Up
                 issued_before: i64::try_from(r.issued_before).unwrap_or(i64::MAX),
                 expires_at: i64::try_from(r.expires_at).unwrap_or(i64::MAX),
                 reason: r.reason,
+            })
+        }
+        "denial" => {
+            let d = crate::identity::Denial::from_json(&change.body)
+                .map_err(|e| internal("reading a stored identity denial", e))?;
+            pb::update::Kind::Denial(pb::IdentityDenial {
+                spiffe_id: d.spiffe_id.to_string(),
+                denied: d.denied,
+                reason: d.reason,
+                at: i64::try_from(d.at).unwrap_or(i64::MAX),
             })
         }
         "policy" => {

@@ -5,7 +5,8 @@
 //! issuance (both front ends call it); [`grpc`] and [`admin_rpc`] map the
 //! gRPC wire to it, [`oauth`] the OAuth endpoints, [`admin_port`] the
 //! metrics and health endpoints; [`tls`] is the listeners' renewing
-//! certificate; [`keys`] the signing keys, [`crate::rate`] rule rate limits,
+//! certificate; [`denials`] who the caller is and the identities an admin
+//! cut off; [`keys`] the signing keys, [`crate::rate`] rule rate limits,
 //! [`config`] the command-line settings. [`serve`], [`serve_https`] and
 //! [`serve_admin`] run on a listener until a shutdown future resolves;
 //! [`run_maintenance`] does rotations and the change feed.
@@ -13,6 +14,7 @@
 pub mod admin_port;
 pub mod admin_rpc;
 pub mod config;
+pub mod denials;
 pub mod governance;
 pub mod grpc;
 pub mod issue;
@@ -27,7 +29,7 @@ use crate::ca::{Authority, CaError, Credential, Lifetimes};
 use crate::clock::Clock;
 use crate::dpop::proof::ProofConfig;
 use crate::dpop::{Nonces, NormalizedUri, ReplayCache};
-use crate::identity::SpiffeId;
+use crate::identity::{DenialSet, SpiffeId};
 use crate::jose::KeyCache;
 use crate::metrics::{CounterVec, Histogram};
 use crate::policy::Policy;
@@ -94,6 +96,9 @@ pub(crate) fn is_revoked(set: &crate::token::RevocationSet, t: &crate::store::Is
         _ => true,
     }
 }
+
+/// The path of the broker's own SPIFFE ID (its listeners' certificate).
+const BROKER_PATH: &str = "/tally/broker";
 
 /// The clock leeway verifiers allow on `exp` (seconds), added to a
 /// revocation's expiry so it outlives every token it covers.
@@ -280,6 +285,11 @@ pub struct Broker {
     server_certs: std::sync::OnceLock<Arc<tls::ServerCerts>>,
     /// The listeners' counters (not ready while one cannot accept).
     listeners: crate::http::Listeners,
+    /// Identities an admin cut off, as of the change feed this replica
+    /// has read (see [`denials`]).
+    denials: RwLock<DenialSet>,
+    /// Bounds the audit records of a denied identity's refused calls.
+    denied_audits: crate::rate::RateLimiter<SpiffeId>,
 }
 
 /// What the broker counts (rendered by [`Broker::render_metrics`]).
@@ -293,6 +303,8 @@ pub struct BrokerMetrics {
     pub attestations: CounterVec,
     /// Policy reloads by result.
     pub policy_reloads: CounterVec,
+    /// Calls refused because the caller's identity is denied, by call.
+    pub denied_calls: CounterVec,
 }
 
 impl BrokerMetrics {
@@ -316,6 +328,11 @@ impl BrokerMetrics {
                 "tally_broker_policy_reloads_total",
                 "Trust policy reloads by result (ok, error).",
                 &["result"],
+            ),
+            denied_calls: CounterVec::new(
+                "tally_broker_denied_identity_calls_total",
+                "Calls refused because an admin denied the caller's identity, by call.",
+                &["call"],
             ),
         }
     }
@@ -383,6 +400,15 @@ impl Broker {
         .map_err(|e| BrokerError::Config(format!("issuer {:?}: {e}", settings.issuer)))?;
         let proof_config = ProofConfig::default();
         let window = proof_config.max_age + proof_config.max_skew;
+        let mut denials = DenialSet::default();
+        for change in store.current_state(now).await? {
+            if change.kind == "denial" {
+                denials::take_in(&mut denials, &change);
+            }
+        }
+        if !denials.is_empty() {
+            tracing::info!(denied = denials.len(), "identity denials in force");
+        }
         let latest = store.latest_changes().await?;
         let last_seq = latest.iter().map(|c| c.seq).max().unwrap_or(0);
         let published = latest
@@ -419,6 +445,8 @@ impl Broker {
             server_certs: std::sync::OnceLock::new(),
             listeners: crate::http::Listeners::default(),
             published: tokio::sync::Mutex::new(published),
+            denials: RwLock::new(denials),
+            denied_audits: crate::rate::RateLimiter::new(),
         };
         // The feed starts with the state this broker opened with.
         broker.publish_state().await?;
@@ -662,6 +690,7 @@ impl Broker {
         self.metrics.attestations.render(&mut out);
         self.metrics.policy_reloads.render(&mut out);
         self.listeners.render(&mut out);
+        self.metrics.denied_calls.render(&mut out);
         match self.store.live_svids(now).await {
             Ok(n) => {
                 #[expect(clippy::cast_precision_loss, reason = "a count far below 2^52")]
@@ -1040,7 +1069,7 @@ impl Broker {
         dns: &[String],
         ips: &[std::net::IpAddr],
     ) -> Result<Credential, BrokerError> {
-        let id: SpiffeId = format!("{}/tally/broker", self.settings.trust_domain)
+        let id: SpiffeId = format!("{}{BROKER_PATH}", self.settings.trust_domain)
             .parse()
             .map_err(|e| BrokerError::Config(format!("broker ID: {e}")))?;
         Ok(self
@@ -1205,30 +1234,6 @@ impl Broker {
             .await?;
         }
         Ok((kid, old))
-    }
-
-    /// The caller's SPIFFE ID from the leaf of its client certificate
-    /// chain. The TLS layer has already verified the chain to our bundle
-    /// and its validity; what remains is the identity it names, which must
-    /// be in this trust domain. The `Err` text says what is wrong.
-    ///
-    /// # Errors
-    /// No certificate, no single SPIFFE ID, or another trust domain.
-    pub fn caller(
-        &self,
-        certs: Option<&[rustls_pki_types::CertificateDer<'_>]>,
-    ) -> Result<SpiffeId, String> {
-        let leaf = certs
-            .and_then(<[_]>::first)
-            .ok_or("a client certificate (X.509-SVID) is required")?;
-        let id = crate::ca::spiffe_id_of(leaf).map_err(|e| format!("client certificate: {e}"))?;
-        if id.trust_domain() != self.settings.trust_domain.trust_domain() {
-            return Err(format!(
-                "{id} is not in trust domain {}",
-                self.settings.trust_domain
-            ));
-        }
-        Ok(id)
     }
 
     /// How a broker listener called `name` serves: the configured limits,

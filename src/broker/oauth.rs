@@ -9,6 +9,7 @@
 //! one place ([`oauth_error`]).
 
 use super::Broker;
+use super::denials::{Call, CallerError};
 use super::issue::{IssueError, IssueInput};
 use crate::auth::answer::safe_description;
 use crate::http::{Body, Peer, json, read_body};
@@ -204,11 +205,16 @@ async fn token(broker: &Broker, req: Request<Incoming>, peer: &Peer) -> Response
 
 /// The client's SPIFFE ID from its certificate (RFC 8705 §2.1.2: the
 /// client is identified by the SAN of a certificate that chains to our
-/// bundle, which the TLS layer has checked).
-fn client_id(broker: &Broker, peer: &Peer) -> Result<SpiffeId, OAuthError> {
-    broker
-        .caller(peer.certs.as_deref())
-        .map_err(|why| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", why))
+/// bundle, which the TLS layer has checked). A denied identity fails
+/// client authentication (RFC 6749 §5.2 `invalid_client`), counted and
+/// audited as a refusal of `call`.
+async fn client_id(broker: &Broker, peer: &Peer, call: Call) -> Result<SpiffeId, OAuthError> {
+    let checked = broker.caller(peer.certs.as_deref());
+    if let Err(CallerError::Denied { id }) = &checked {
+        broker.refuse_denied(id, call).await;
+    }
+    checked
+        .map_err(|why| OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", why.to_string()))
 }
 
 /// Refuses a body that is not a form (RFC 6749 §3.2, RFC 7662 §2.1, RFC
@@ -267,7 +273,7 @@ async fn token_checked(
     req: Request<Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
-    let caller = client_id(broker, peer)?;
+    let caller = client_id(broker, peer, Call::OAuthToken).await?;
     require_form(&req)?;
     let mut proofs = req.headers().get_all("dpop").iter();
     let proof = match (proofs.next(), proofs.next()) {
@@ -414,21 +420,28 @@ async fn token_param(req: Request<Incoming>) -> Result<zeroize::Zeroizing<String
 }
 
 /// The authenticated caller, and the token the request names if this
-/// broker issued it and it is live (not expired, not revoked).
+/// broker issued it and it is live (not expired, not revoked, its holder
+/// not denied: every sidecar refuses it).
 async fn live_token(
     broker: &Broker,
     req: Request<Incoming>,
     peer: &Peer,
-    what: &str,
+    call: Call,
 ) -> Result<(SpiffeId, Option<crate::store::IssuedToken>), OAuthError> {
-    let caller = client_id(broker, peer)?;
+    let what = call.as_str();
+    let caller = client_id(broker, peer, call).await?;
     let token = token_param(req).await?;
     let found = broker
         .find_token(&token)
         .await
         .map_err(|e| OAuthError::internal(what, &e))?;
     let now = broker.clock.now();
-    let live = found.and_then(|(t, revoked)| (!revoked && t.exp > now).then_some(t));
+    let denied = |t: &crate::store::IssuedToken| {
+        t.sub
+            .parse::<SpiffeId>()
+            .map_or(true, |sub| broker.is_denied(&sub))
+    };
+    let live = found.and_then(|(t, revoked)| (!revoked && t.exp > now && !denied(&t)).then_some(t));
     Ok((caller, live))
 }
 
@@ -439,14 +452,14 @@ fn may_manage(broker: &Broker, caller: &SpiffeId, token: &crate::store::IssuedTo
 
 /// `POST /oauth2/introspect` (RFC 7662): for an admin, or the token's own
 /// holder, the token's metadata; `{"active": false}` for anything else
-/// (unknown, forged, expired, revoked, or someone else's token), so the
-/// endpoint tells a stranger nothing.
+/// (unknown, forged, expired, revoked, a denied holder's, or someone
+/// else's token), so the endpoint tells a stranger nothing.
 async fn introspect(
     broker: &Broker,
     req: Request<Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
-    let (caller, live) = live_token(broker, req, peer, "introspection").await?;
+    let (caller, live) = live_token(broker, req, peer, Call::Introspect).await?;
     let answer = match live {
         Some(t) if may_manage(broker, &caller, &t) => {
             json!({
@@ -485,7 +498,7 @@ async fn revoke(
     req: Request<Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
-    let (caller, live) = live_token(broker, req, peer, "revocation").await?;
+    let (caller, live) = live_token(broker, req, peer, Call::OAuthRevoke).await?;
     match live {
         Some(t) if may_manage(broker, &caller, &t) => {
             broker

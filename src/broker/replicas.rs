@@ -7,7 +7,10 @@
 //!   reaches every sidecar;
 //! - a JWKS, bundle or policy that another replica published is loaded
 //!   here too (the new signing keys, the rotated intermediate, the applied
-//!   policy version), so every replica signs, issues and decides alike.
+//!   policy version), so every replica signs, issues and decides alike;
+//! - an identity another replica denied or allowed is denied or allowed
+//!   here too, before this replica's Watch subscribers are woken (so the
+//!   denied workload's own stream ends).
 //!
 //! With the embedded SQLite store there is one broker and nothing to do.
 
@@ -100,6 +103,11 @@ impl Broker {
                 break;
             };
             for change in changes {
+                // Every denial counts, not only the newest: each names its
+                // own identity.
+                if change.kind == "denial" {
+                    self.take_in_denial(&change);
+                }
                 newest.insert(change.kind.clone(), change);
             }
             seen = last;
@@ -119,7 +127,8 @@ impl Broker {
             "jwks" => "jwks",
             "bundle" => "bundle",
             "policy" => "policy",
-            // Revocations are read from the store by each Watch stream.
+            // Revocations are read from the store by each Watch stream;
+            // denials were taken in as they were read.
             _ => return Ok(()),
         };
         let mut published = self.published.lock().await;

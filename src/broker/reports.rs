@@ -43,7 +43,7 @@ impl pb::reports_server::Reports for ReportsService {
         request: Request<pb::FailureReport>,
     ) -> Result<Response<pb::FailureReportAck>, Status> {
         let broker = &self.broker;
-        let reporter = peer_id(broker, &request)?;
+        let reporter = peer_id(broker, &request, super::denials::Call::Reports).await?;
         if let Err(retry_ms) = self.limits.take(&reporter, REPORTS, broker.clock.now_ms()) {
             return Err(Status::resource_exhausted(format!(
                 "too many reports; retry in {} s",

@@ -85,7 +85,8 @@ pub enum CtlCommand {
     /// Live tokens in the inventory.
     #[command(subcommand)]
     Tokens(super::ctl_inventory::TokensCommand),
-    /// Workloads the broker has issued credentials to.
+    /// Workloads the broker has issued credentials to; cut one off (deny)
+    /// or let it back (allow).
     #[command(subcommand)]
     Identities(super::ctl_inventory::IdentitiesCommand),
     /// Access review: issue rules and scopes unused, identities dormant,

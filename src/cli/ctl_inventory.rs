@@ -1,8 +1,9 @@
-//! `tally ctl tokens list`, `identities list` and `review`: the broker's
-//! inventory, for people (tables) and scripts (`--output json`).
+//! `tally ctl tokens list`, `identities list|deny|allow` and `review`: the
+//! broker's inventory and the identities cut off, for people (tables) and
+//! scripts (`--output json`).
 
 use super::CliError;
-use super::ctl::{BrokerConnection, Output, admin_client, block_on, refused, table, when};
+use super::ctl::{BrokerConnection, Output, admin_client, block_on, print, refused, table, when};
 use crate::proto::v1 as pb;
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -43,12 +44,35 @@ pub struct ListTokensArgs {
 #[derive(Debug, Subcommand)]
 pub enum IdentitiesCommand {
     /// Every workload the broker has issued an SVID or a token to: first
-    /// and last seen, SVID expiry, how it attested, tokens issued and live.
+    /// and last seen, SVID expiry, how it attested, tokens issued and live,
+    /// and whether it is denied (denied IDs never issued anything too).
     List {
         /// `table` (default) or `json`.
         #[arg(long, default_value = "table")]
         output: Output,
     },
+    /// Cut a workload off: no attestation, renewal, token or Watch for it,
+    /// its SVIDs refused at the broker, its tokens refused by every
+    /// sidecar, until `identities allow`. Committed before this returns.
+    /// Run `tally ctl revoke --sub ID` too, so the tokens it holds now stay
+    /// refused after an allow.
+    Deny(DenialArgs),
+    /// Lift a denial: the workload may renew, attest and get tokens again.
+    Allow(DenialArgs),
+}
+
+/// `tally ctl identities deny|allow`.
+#[derive(Debug, Args)]
+pub struct DenialArgs {
+    /// The workload's SPIFFE ID (in the broker's trust domain; one never
+    /// seen may be denied ahead of time).
+    spiffe_id: String,
+    /// Why, for the audit log and `identities list`.
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// `table` (default: text for people) or `json`.
+    #[arg(long, default_value = "table")]
+    output: Output,
 }
 
 /// `tally ctl review`.
@@ -161,7 +185,11 @@ pub(super) fn identities(
     conn: &BrokerConnection,
     command: IdentitiesCommand,
 ) -> Result<ExitCode, CliError> {
-    let IdentitiesCommand::List { output } = command;
+    let output = match command {
+        IdentitiesCommand::List { output } => output,
+        IdentitiesCommand::Deny(args) => return change_denial(conn, true, args),
+        IdentitiesCommand::Allow(args) => return change_denial(conn, false, args),
+    };
     let found = block_on(async {
         admin_client(conn)
             .await?
@@ -180,7 +208,10 @@ pub(super) fn identities(
                         "last_seen": i.last_seen,
                         "svid_expires_at": (i.svid_expires_at > 0).then_some(i.svid_expires_at),
                         "method": i.method, "svids": i.svids, "tokens": i.tokens,
-                        "live_tokens": i.live_tokens,
+                        "live_tokens": i.live_tokens, "denied": i.denied,
+                        "denied_reason": i.denied.then_some(&i.denied_reason),
+                        "denied_at": i.denied.then_some(i.denied_at),
+                        "denied_by": i.denied.then_some(&i.denied_by),
                     })
                 })
                 .collect();
@@ -201,6 +232,11 @@ pub(super) fn identities(
                         },
                         i.tokens.to_string(),
                         i.live_tokens.to_string(),
+                        if i.denied {
+                            format!("denied {}", when(i.denied_at))
+                        } else {
+                            "allowed".into()
+                        },
                     ]
                 })
                 .collect();
@@ -213,13 +249,72 @@ pub(super) fn identities(
                         "SVID EXPIRES",
                         "METHOD",
                         "TOKENS",
-                        "LIVE"
+                        "LIVE",
+                        "STATE"
                     ],
                     rows
                 )
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `identities deny` (`deny`) or `identities allow`.
+fn change_denial(
+    conn: &BrokerConnection,
+    deny: bool,
+    args: DenialArgs,
+) -> Result<ExitCode, CliError> {
+    let DenialArgs {
+        spiffe_id,
+        reason,
+        output,
+    } = args;
+    let done = block_on(async {
+        let mut admin = admin_client(conn).await?;
+        let answer = if deny {
+            admin
+                .deny_identity(pb::DenyIdentityRequest {
+                    spiffe_id: spiffe_id.clone(),
+                    reason,
+                })
+                .await
+        } else {
+            admin
+                .allow_identity(pb::AllowIdentityRequest {
+                    spiffe_id: spiffe_id.clone(),
+                    reason,
+                })
+                .await
+        };
+        answer.map_err(refused).map(tonic::Response::into_inner)
+    })?;
+    print(
+        output,
+        &json!({
+            "spiffe_id": spiffe_id, "denied": deny, "was_denied": done.was_denied,
+            "sequence": done.sequence, "at": done.at,
+        }),
+        || {
+            if deny {
+                say!(
+                    "denied: {spiffe_id} gets no SVID, token or Watch from now on, and every sidecar refuses its tokens (watch sequence {}); `tally ctl revoke --sub {spiffe_id}` keeps the tokens it already holds refused after an allow",
+                    done.sequence
+                );
+            } else {
+                say!(
+                    "allowed: {spiffe_id} may attest, renew and get tokens again (watch sequence {}){}",
+                    done.sequence,
+                    if done.was_denied {
+                        ""
+                    } else {
+                        "; it was not denied"
+                    }
+                );
+            }
+        },
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,8 +1,8 @@
 //! The sidecar's admin port (plain HTTP on loopback by default):
 //! `/healthz` (the process answers), `/readyz` (it holds a valid SVID and
-//! the broker's keys, bundle and access rules, and its Watch stream has
-//! not been down longer than the staleness bound; the body says what is
-//! missing) and `/metrics` (Prometheus text).
+//! the broker's keys, bundle and access rules, its Watch stream has not
+//! been down longer than the staleness bound, and the broker does not
+//! deny its identity; the body says what is missing) and `/metrics` (Prometheus text).
 
 use super::run::Parts;
 use crate::http::{Body, respond};
@@ -75,6 +75,9 @@ pub fn readiness(parts: &Parts) -> Result<(), Vec<String>> {
     }
     if mesh.access.is_none() {
         why.push("no access rules from the broker yet".into());
+    }
+    if mesh.own_identity_denied {
+        why.push("an admin has denied this workload's identity at the broker".into());
     }
     let down_secs = down_for(&mesh, now);
     why.extend(parts.listeners.failing());

@@ -13,8 +13,9 @@
 //! - `GET /v1/identity` → `{spiffe_id, trust_domain, expires_at}`
 //!
 //! Errors are `{error, error_description}` with 400, 403 (the broker or
-//! the peer-uid allow-list refused), 503 (broker unreachable) — mapped in
-//! one place ([`api_error`]).
+//! the peer-uid allow-list refused, or an admin denied this workload's
+//! identity), 503 (broker unreachable) — mapped in one place
+//! ([`api_error`]).
 
 use super::cache::{CacheError, Fetch, Fetched, TokenCache};
 use super::identity::Svid;
@@ -411,8 +412,21 @@ impl<F: Fetch> LocalApi<F> {
     /// A token from the cache that no revocation known here covers: a
     /// covered one (the cache may not have dropped it yet) is dropped and
     /// replaced, and if the new one is covered too (the workload itself is
-    /// revoked) the answer is 403.
+    /// revoked) the answer is 403. While the broker denies this workload's
+    /// identity, 403 at once: even a cached token would be refused
+    /// everywhere.
     async fn fetch(&self, audience: &Audience, scopes: &Scopes) -> Result<Fetched, ApiError> {
+        if self
+            .mesh
+            .as_ref()
+            .is_some_and(|m| m.borrow().own_identity_denied)
+        {
+            return Err(ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "access_denied",
+                description: "an admin has denied this workload's identity at the broker: no token is handed out until it is allowed again".into(),
+            });
+        }
         let fetched = self
             .cache
             .get(audience, scopes)

@@ -5,7 +5,7 @@
 //! The check, in order: the whole token-core check of the request
 //! ([`RequestVerifier`]: credentials, access token against the broker's
 //! JWKS with `aud` = this workload, the DPoP proof against this request
-//! and this token, replay), then the revocations the broker sent (cached
+//! and this token, replay), then the revocations and denied identities the broker sent (cached
 //! tokens too; when the Watch stream has been down too long, `admin`
 //! tokens, or all with `deny_when_stale`, get 503), then the `access:` rules the broker sent for
 //! this workload (caller, method, path, scopes), then the per-caller rate
@@ -288,12 +288,13 @@ impl Inbound {
         })?;
         let url = target.url.as_str();
 
-        let (jwks, access, revocations, down_since_ms) = {
+        let (jwks, access, revocations, denied, down_since_ms) = {
             let mesh = self.mesh.borrow();
             (
                 mesh.jwks.clone(),
                 mesh.access.clone(),
                 std::sync::Arc::clone(&mesh.revocations),
+                std::sync::Arc::clone(&mesh.denied),
                 if mesh.connected {
                     0
                 } else {
@@ -335,6 +336,9 @@ impl Inbound {
         let token = &verified.token;
         if revocations.revoked(token) {
             return Err(self.refuse(&AuthError::Revoked, now));
+        }
+        if denied.is_denied(&token.sub) {
+            return Err(self.refuse(&AuthError::IdentityDenied, now));
         }
         if stale && (self.config.deny_when_stale || token.class == crate::token::TokenClass::Admin)
         {
@@ -556,8 +560,16 @@ impl Inbound {
             let left = token.exp.saturating_sub(clock.now());
             let ended = async {
                 loop {
-                    if mesh.borrow_and_update().revocations.revoked(&token) {
-                        return "revoked";
+                    let why = {
+                        let m = mesh.borrow_and_update();
+                        if m.revocations.revoked(&token) {
+                            Some("revoked")
+                        } else {
+                            m.denied.is_denied(&token.sub).then_some("denied")
+                        }
+                    };
+                    if let Some(why) = why {
+                        return why;
                     }
                     if mesh.changed().await.is_err() {
                         return std::future::pending().await;
@@ -569,7 +581,7 @@ impl Inbound {
                 () = tokio::time::sleep(Duration::from_secs(left)) => {
                     tracing::debug!(jti = token.jti, "closed a tunnel: its token expired");
                 }
-                why = ended => tracing::info!(jti = token.jti, why, "closed a tunnel: its token was revoked"),
+                why = ended => tracing::info!(jti = token.jti, why, "closed a tunnel: its token was revoked or its holder denied"),
             }
         });
         let empty = http_body_util::Empty::new()
@@ -674,6 +686,7 @@ fn reason(error: &AuthError) -> &'static str {
         AuthError::Request(_) => "bad_request",
         AuthError::Token(_) => "invalid_token",
         AuthError::Revoked => "revoked",
+        AuthError::IdentityDenied => "identity_denied",
         AuthError::Proof(e) if e.wants_nonce() => "use_dpop_nonce",
         AuthError::Proof(crate::dpop::ProofError::Replayed) => "replayed_proof",
         AuthError::Proof(_) => "invalid_dpop_proof",

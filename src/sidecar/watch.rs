@@ -1,11 +1,14 @@
-//! Following the broker's Watch stream: the JWKS, trust bundle and access
-//! rules the sidecar verifies with, kept current, resuming after the last sequence
-//! number on every reconnect so no change is missed, and how stale it all
-//! is (for `/readyz` and metrics).
+//! Following the broker's Watch stream: the JWKS, trust bundle, access
+//! rules, revocations and denied identities the sidecar verifies with,
+//! kept current, resuming after the last sequence number on every
+//! reconnect so no change is missed; how stale it all is (for `/readyz`
+//! and metrics); and whether the broker has cut this sidecar's own
+//! identity off.
 
 use super::identity::backoff;
 use super::random_unit;
 use crate::clock::Clock;
+use crate::identity::{Denial, DenialSet};
 use crate::policy::Policy;
 use crate::proto::v1 as pb;
 use crate::token::{Jwks, Revocation, RevocationSet, RevocationTarget};
@@ -26,6 +29,14 @@ pub struct MeshState {
     pub revocations: Arc<RevocationSet>,
     /// How many revocations have arrived (to tell new ones apart).
     pub revocations_seen: u64,
+    /// Identities an admin has denied: their tokens are refused here (and
+    /// their mesh TLS connections, once there are any).
+    pub denied: Arc<DenialSet>,
+    /// The broker refused this sidecar's own identity as denied (its
+    /// Watch stream was refused or ended so): the local API says so
+    /// instead of handing out tokens. Cleared by the next subscription
+    /// the broker accepts.
+    pub own_identity_denied: bool,
     /// The last change applied.
     pub sequence: u64,
     /// When that change was committed at the broker (Unix ms).
@@ -77,6 +88,24 @@ fn revocation_from(r: pb::Revocation) -> Result<Revocation, String> {
     })
 }
 
+/// A denial from the wire, checked.
+fn denial_from(d: pb::IdentityDenial) -> Result<Denial, String> {
+    Ok(Denial {
+        spiffe_id: d
+            .spiffe_id
+            .parse()
+            .map_err(|e| format!("denied identity: {e}"))?,
+        denied: d.denied,
+        reason: d
+            .reason
+            .chars()
+            .take(crate::identity::denial::MAX_REASON)
+            .collect(),
+        actor: String::new(),
+        at: u64::try_from(d.at).map_err(|_| format!("denial time {}", d.at))?,
+    })
+}
+
 /// Applies one update; `Err` names what was wrong with it (the update is
 /// skipped, the stream goes on).
 fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), String> {
@@ -107,6 +136,13 @@ fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), S
             set.insert(revocation, now_ms / 1000);
             state.revocations = Arc::new(set);
             state.revocations_seen += 1;
+        }
+        Some(pb::update::Kind::Denial(d)) => {
+            let denial = denial_from(d)?;
+            tracing::info!(sequence = update.sequence, spiffe_id = %denial.spiffe_id, denied = denial.denied, "identity denial received");
+            let mut set = (*state.denied).clone();
+            set.apply(update.sequence, denial);
+            state.denied = Arc::new(set);
         }
         None => return Err("an update without a kind".into()),
     }
@@ -140,6 +176,7 @@ pub async fn follow(
                 state.send_modify(|s| {
                     s.connected = true;
                     s.down_since_ms = 0;
+                    s.own_identity_denied = false;
                 });
                 let mut stream = stream.into_inner();
                 loop {
@@ -167,6 +204,7 @@ pub async fn follow(
                         }
                         Err(status) => {
                             tracing::warn!(code = ?status.code(), message = status.message(), "watch stream broke; reconnecting");
+                            note_denied(&state, &status);
                             break;
                         }
                     }
@@ -179,6 +217,7 @@ pub async fn follow(
             }
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), after, "cannot subscribe to the watch stream");
+                note_denied(&state, &status);
             }
         }
         let wait = backoff(attempt, random_unit());
@@ -187,5 +226,20 @@ pub async fn follow(
             () = tokio::time::sleep(wait) => {}
             () = state.closed() => return,
         }
+    }
+}
+
+/// Marks this sidecar's own identity denied when `status` is the broker's
+/// refusal of a denied identity.
+fn note_denied(state: &tokio::sync::watch::Sender<MeshState>, status: &tonic::Status) {
+    let denied = status.code() == tonic::Code::PermissionDenied
+        && status
+            .metadata()
+            .contains_key(crate::identity::denial::DENIED_METADATA);
+    if denied {
+        tracing::error!(
+            "the broker denies this workload's identity: no tokens until an admin allows it (tally ctl identities allow)"
+        );
+        state.send_if_modified(|s| !std::mem::replace(&mut s.own_identity_denied, true));
     }
 }

@@ -131,7 +131,7 @@ pub struct Change {
     pub seq: u64,
     /// When it was committed, Unix milliseconds.
     pub at_ms: u64,
-    /// `jwks` or `bundle` (revocations and policy come with governance).
+    /// `jwks`, `bundle`, `policy`, `revocation` or `denial`.
     pub kind: String,
     /// The new state, JSON.
     pub body: String,
@@ -668,8 +668,10 @@ impl Store {
     }
 
     /// What a fresh Watch subscriber needs at `now`: the newest JWKS,
-    /// bundle and policy, and every revocation that can still match a live
-    /// token; oldest first.
+    /// bundle and policy, every revocation that can still match a live
+    /// token, and every identity denial in force (the newest `denial`
+    /// entry per identity, when it denies; denials never expire); oldest
+    /// first.
     ///
     /// # Errors
     /// [`StoreError`].

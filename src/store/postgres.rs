@@ -640,8 +640,12 @@ impl PgStore {
     pub(super) async fn current_state(&self, now: u64) -> Result<Vec<Change>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, at_ms, kind, body FROM changes \
-             WHERE seq IN (SELECT MAX(seq) FROM changes WHERE kind <> 'revocation' GROUP BY kind) \
+             WHERE seq IN (SELECT MAX(seq) FROM changes \
+                 WHERE kind NOT IN ('revocation', 'denial') GROUP BY kind) \
              OR (kind = 'revocation' AND ((body::jsonb)->>'expires_at')::bigint > $1) \
+             OR (seq IN (SELECT MAX(seq) FROM changes WHERE kind = 'denial' \
+                     GROUP BY (body::jsonb)->>'spiffe_id') \
+                 AND ((body::jsonb)->>'denied')::boolean) \
              ORDER BY seq",
         )
         .bind(db_time(now))

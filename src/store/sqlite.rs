@@ -537,8 +537,12 @@ impl SqliteStore {
     pub(super) async fn current_state(&self, now: u64) -> Result<Vec<Change>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, at_ms, kind, body FROM changes \
-             WHERE seq IN (SELECT MAX(seq) FROM changes WHERE kind != 'revocation' GROUP BY kind) \
+             WHERE seq IN (SELECT MAX(seq) FROM changes \
+                 WHERE kind NOT IN ('revocation', 'denial') GROUP BY kind) \
              OR (kind = 'revocation' AND CAST(json_extract(body, '$.expires_at') AS INTEGER) > ?) \
+             OR (seq IN (SELECT MAX(seq) FROM changes WHERE kind = 'denial' \
+                     GROUP BY json_extract(body, '$.spiffe_id')) \
+                 AND json_extract(body, '$.denied') = 1) \
              ORDER BY seq",
         )
         .bind(db_time(now))

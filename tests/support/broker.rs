@@ -132,6 +132,45 @@ pub fn channel_via(
         .connect_lazy()
 }
 
+/// A CSR for a new P-256 key (the key is dropped: the SVID is for
+/// checking what the broker answers, not for use).
+pub fn csr() -> Vec<u8> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = rcgen::CertificateParams::default();
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+/// `Identity.Renew` over `channel` (mTLS as the identity to renew).
+pub async fn renew(
+    channel: &tonic::transport::Channel,
+) -> Result<tally::proto::v1::SvidResponse, tonic::Status> {
+    tally::proto::v1::identity_client::IdentityClient::new(channel.clone())
+        .renew(tally::proto::v1::RenewRequest { csr_der: csr() })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// `Tokens.Issue` of `scope` for `audience` over `channel`, with a valid
+/// DPoP proof for `htu` (the broker's `<issuer>/tally.v1.Tokens/Issue`).
+pub async fn issue(
+    channel: &tonic::transport::Channel,
+    htu: &str,
+    audience: &str,
+    scope: &str,
+) -> Result<tally::proto::v1::IssueResponse, tonic::Status> {
+    let now = tally::clock::Clock::now(&SystemClock);
+    let key = tally::dpop::ProofKey::generate().unwrap();
+    tally::proto::v1::tokens_client::TokensClient::new(channel.clone())
+        .issue(tally::proto::v1::IssueRequest {
+            audience: audience.into(),
+            scopes: vec![scope.into()],
+            ttl_seconds: 0,
+            dpop_proof: key.mint("POST", htu, None, None, now).unwrap(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// The test policy file.
 pub const POLICY_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/policy.yaml");
 
@@ -205,6 +244,50 @@ impl Spawned {
             child,
             out,
         }
+    }
+
+    /// `tally ctl ARGS` against this broker as the admin in `data`; must
+    /// succeed.
+    pub fn ctl(&self, data: &std::path::Path, args: &[&str]) -> std::process::Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("ctl")
+            .args(args)
+            .arg("--broker")
+            .arg(format!(
+                "https://{}",
+                self.grpc.replace("127.0.0.1", "localhost")
+            ))
+            .arg("--data-dir")
+            .arg(data)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "ctl {args:?}: {err}");
+        out
+    }
+
+    /// The issuer URL it printed (the `iss` of its tokens).
+    pub fn issuer(&self) -> String {
+        let after = self.https_line.split("issuer ").nth(1).unwrap();
+        after.trim().to_owned()
+    }
+
+    /// An mTLS channel to it with the credential in `dir` (cert.pem,
+    /// key.pem, bundle.pem, as `ctl svid mint` writes them).
+    pub async fn channel_with(&self, dir: &std::path::Path) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("bundle.pem")))
+            .identity(Identity::from_pem(read("cert.pem"), read("key.pem")))
+            .domain_name("localhost");
+        Channel::from_shared(format!("https://{}", self.grpc))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     /// SIGKILL: no goodbye, nothing flushed that was not already durable.
