@@ -141,7 +141,7 @@ async fn idle_slow_and_excess_connections_are_closed_and_real_ones_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_broker_grpc_listener_closes_silent_and_preface_only_connections() {
+async fn the_broker_grpc_listener_closes_stalled_handshakes_and_keeps_watch_streams_open() {
     let dir = tempfile::tempdir().unwrap();
     let key = tally::store::Sealer::generate_key_text().unwrap();
     let mut settings = support::broker::settings(support::mesh::POLICY);
