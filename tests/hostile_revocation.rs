@@ -372,3 +372,53 @@ async fn a_retired_key_stays_published_while_a_token_it_signed_lives() {
     assert!(broker.jwks().get(&retired).is_none());
     assert_eq!(broker.jwks().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_subscriber_hears_every_revocation_before_it_can_verify() {
+    // A revocation newer than the keys, bundle and rules: in feed order it
+    // would arrive after them, and a sidecar is ready (verifies) as soon
+    // as it holds those.
+    let mesh = Mesh::start().await;
+    let broker = &mesh.broker.broker;
+    let key = ProofKey::generate().unwrap();
+    let held = issue(broker, &key, SystemClock.now()).await;
+    broker
+        .revoke(
+            RevocationTarget::Jti(held.claims.jti.clone()),
+            None,
+            "test",
+            &admin(),
+        )
+        .await
+        .unwrap();
+    let channel = support::broker::channel_as(&mesh.broker, PAYMENTS);
+    let mut watch = tally::proto::v1::watch_client::WatchClient::new(channel);
+    let mut stream = watch
+        .subscribe(tally::proto::v1::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    use tally::proto::v1::update::Kind;
+    let (mut seen_ready_kind, mut order) = (false, Vec::new());
+    let mut ready = [false; 3];
+    while ready != [true; 3] {
+        let update = tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
+            .await
+            .expect("the initial state arrives")
+            .unwrap()
+            .unwrap();
+        match update.kind.unwrap() {
+            Kind::Revocation(_) | Kind::Denial(_) => {
+                assert!(
+                    !seen_ready_kind,
+                    "a revocation came after the keys or rules: {order:?}"
+                );
+                order.push("revocation");
+            }
+            Kind::Jwks(_) => (ready[0], seen_ready_kind) = (true, true),
+            Kind::Bundle(_) => (ready[1], seen_ready_kind) = (true, true),
+            Kind::Policy(_) => (ready[2], seen_ready_kind) = (true, true),
+        }
+    }
+    assert_eq!(order, ["revocation"]);
+}

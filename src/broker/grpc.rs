@@ -403,12 +403,24 @@ impl pb::watch_server::Watch for WatchService {
         let newest = *broker.watch_changes().borrow();
         // A fresh start, or a sequence this broker never issued (another
         // store): the whole current state. Otherwise every change since.
-        let first = if after == 0 || after > newest {
+        let fresh = after == 0 || after > newest;
+        let mut first = if fresh {
             broker.store.current_state(broker.clock.now()).await
         } else {
             broker.store.changes_after(after, CHANGE_PAGE).await
         }
         .map_err(|e| internal("reading the change feed", e))?;
+        if fresh {
+            // Revocations and denials before the keys, bundle and rules: a
+            // sidecar is ready (and verifies) once it holds the latter, so
+            // by then it knows every revocation in force.
+            first.sort_by_key(|c| {
+                (
+                    matches!(c.kind.as_str(), "jwks" | "bundle" | "policy"),
+                    c.seq,
+                )
+            });
+        }
         tracing::debug!(%caller, after, "watch subscriber");
         // One task per subscriber feeds its stream; the stream ends when
         // the broker closes (so shutdown can finish), the client leaves,
@@ -426,7 +438,7 @@ impl pb::watch_server::Watch for WatchService {
                     return;
                 }
                 for change in pending.drain(..) {
-                    last = change.seq;
+                    last = last.max(change.seq);
                     if tx.send(update(&change, &caller)).await.is_err() {
                         return;
                     }

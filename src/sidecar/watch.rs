@@ -146,7 +146,9 @@ fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), S
         }
         None => return Err("an update without a kind".into()),
     }
-    state.sequence = update.sequence;
+    // The initial state sends revocations and denials before the kinds
+    // that make a sidecar ready, so numbers may come out of order there.
+    state.sequence = state.sequence.max(update.sequence);
     state.committed_at_ms = u64::try_from(update.committed_at_ms).unwrap_or(0);
     state.received_at_ms = now_ms;
     Ok(())
