@@ -371,3 +371,134 @@ async fn a_sidecar_out_of_file_descriptors_stays_up_and_serves_again() {
     let _ = sidecar.kill();
     let _ = sidecar.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_takes_its_response_does_not_keep_the_connection() {
+    // HTTP/2 with a zero stream window: the response head arrives, its
+    // body can never be sent, and the client still answers pings.
+    let mesh = Mesh::start().await;
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                admin: true,
+                limits: Some(limits(2, 2, 64)),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let tcp = TcpStream::connect(payments.admin.unwrap()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(500))
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let request = http::Request::get("http://admin/metrics")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let started = Instant::now();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // Never read: the connection is closed after the idle timeout.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "a stalled response kept its connection open");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    drop(response);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_sent_a_byte_at_a_time_is_cut_off() {
+    let mesh = Mesh::start().await;
+    let checkout = mesh
+        .sidecar(
+            support::mesh::CHECKOUT,
+            Parts {
+                socket: true,
+                ..Parts::default()
+            },
+        )
+        .await;
+    let mut unix = tokio::net::UnixStream::connect(checkout.socket.as_deref().unwrap())
+        .await
+        .unwrap();
+    unix.write_all(b"POST /v1/authorize HTTP/1.1\r\nHost: tally\r\nContent-Length: 4000\r\n\r\n{")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::select! {
+                n = unix.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        answer.extend_from_slice(&buf[..n]);
+                        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                            return;
+                        }
+                    }
+                },
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    let _ = unix.write_all(b" ").await;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a dripping body was read for 20 s");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("did not arrive within 10s"), "{text}");
+    assert!(started.elapsed() >= Duration::from_secs(9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_hold_their_slot_and_end_when_quiet() {
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let checkout = mesh
+        .sidecar(
+            support::mesh::CHECKOUT,
+            Parts {
+                socket: true,
+                outbound: true,
+                limits: Some(limits(5, 2, 2)),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let outbound = checkout.outbound.unwrap();
+    let connect = || async {
+        let mut tcp = TcpStream::connect(outbound).await.unwrap();
+        tcp.write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", app.addr).as_bytes())
+            .await
+            .unwrap();
+        let mut head = [0u8; 256];
+        let n = tcp.read(&mut head).await.unwrap();
+        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+        tcp
+    };
+    let mut first = connect().await;
+    let _second = connect().await;
+    // Both tunnels still hold their slots: a third connection is refused.
+    let mut third = TcpStream::connect(outbound).await.unwrap();
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
+    // A quiet tunnel ends after the idle timeout (2 s); traffic keeps one
+    // alive until then.
+    let opened = Instant::now();
+    assert!(
+        closed_within(&mut first, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+    assert!(opened.elapsed() >= Duration::from_millis(1500));
+}

@@ -127,9 +127,17 @@ impl ListenerStats {
 }
 
 /// An open connection, counted until dropped.
-pub(super) struct OpenGuard {
+pub struct OpenGuard {
     stats: Arc<ListenerStats>,
     _slot: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for OpenGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenGuard")
+            .field("listener", &self.stats.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for OpenGuard {

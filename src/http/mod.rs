@@ -15,6 +15,7 @@
 pub mod listener;
 pub mod peer_uid;
 pub mod server;
+pub mod tunnel;
 
 pub use listener::{ListenerStats, Listeners};
 pub use server::{Limits, Listen, serve, serve_unix};
@@ -26,6 +27,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// The response body every handler returns.
 pub type Body = Full<Bytes>;
@@ -62,6 +64,19 @@ pub struct Peer {
     /// The client certificate chain, leaf first, if the client sent one
     /// (already verified by the TLS layer).
     pub certs: Option<Vec<CertificateDer<'static>>>,
+    /// The connection's slot under its listener's limit and its idle
+    /// bound: a tunnel that outlives the HTTP exchange keeps the `Peer`,
+    /// and with it the slot.
+    pub(crate) hold: Option<Arc<server::Hold>>,
+}
+
+impl Peer {
+    /// How long a tunnel from this connection may stay silent.
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        self.hold
+            .as_ref()
+            .map_or(Limits::default().idle_timeout, |h| h.idle_timeout)
+    }
 }
 
 /// Why a request body was not read.
@@ -77,14 +92,26 @@ pub enum BodyError {
     /// The connection failed while reading.
     #[error("reading the request body failed")]
     Read,
+    /// The client did not send it within [`BODY_TIMEOUT`].
+    #[error("the request body did not arrive within {}s", BODY_TIMEOUT.as_secs())]
+    TimedOut,
 }
+
+/// How long a client may take to send a body read whole (the small
+/// bodies of the OAuth endpoints and the local API: a few KiB).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads a whole request body, refusing more than `limit` bytes.
 ///
 /// # Errors
 /// [`BodyError`].
 pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
-    match Limited::new(body, limit).collect().await {
+    // A body dripped a byte a minute would hold the connection (and its
+    // slot) for ever: a request in flight is never idle.
+    let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| BodyError::TimedOut)?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
         Err(_) => Err(BodyError::Read),

@@ -41,12 +41,17 @@ pub fn lookup(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
 /// and returns its owner's uid.
 pub fn uid_in_table(table: &str, client: SocketAddr, server: SocketAddr) -> Option<u32> {
     table.lines().skip(1).find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let _slot = fields.next()?;
-        let local = parse_addr(fields.next()?)?;
-        let remote = parse_addr(fields.next()?)?;
-        // state, tx:rx queues, timer, retransmits, then the uid.
-        let uid = fields.nth(4)?;
+        // sl local rem st tx:rx tr:tm retrnsmt uid timeout inode
+        let fields: Vec<&str> = line.split_whitespace().take(10).collect();
+        let [_, local, remote, state, _, _, _, uid, _, inode] = fields[..] else {
+            return None;
+        };
+        // Only an established socket with an inode has a real owner: the
+        // kernel shows uid 0 for TIME_WAIT entries and orphaned sockets.
+        if state != "01" || inode == "0" {
+            return None;
+        }
+        let (local, remote) = (parse_addr(local)?, parse_addr(remote)?);
         (same(local, client) && same(remote, server))
             .then(|| uid.parse().ok())
             .flatten()
@@ -93,6 +98,8 @@ mod tests {
    0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
    1: 0100007F:3A99 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
    2: 0100007F:D431 0100007F:3A99 01 00000000:00000000 00:00000000 00000000  1001        0 3 1 0000000000000000 20 4 30 10 -1
+   3: 0100007F:D432 0100007F:3A99 06 00000000:00000000 03:00000000 00000000     0        0 0 3 0000000000000000
+   4: 0100007F:D433 0100007F:3A99 01 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000
 ";
 
     #[test]
@@ -110,6 +117,16 @@ mod tests {
         assert_eq!(uid_in_table(TCP, server, client), Some(0));
         let stranger: SocketAddr = "127.0.0.1:54322".parse().unwrap();
         assert_eq!(uid_in_table(TCP, stranger, server), None);
+    }
+
+    #[test]
+    fn time_wait_and_orphaned_sockets_are_not_taken_for_root() {
+        // Entries 3 (TIME_WAIT) and 4 (no inode) say uid 0.
+        let server: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        for port in [54322, 54323] {
+            let client = SocketAddr::new([127, 0, 0, 1].into(), port);
+            assert_eq!(uid_in_table(TCP, client, server), None, "{port}");
+        }
     }
 
     #[test]

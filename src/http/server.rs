@@ -17,7 +17,9 @@
 //! - a connection with no request in flight for [`Limits::idle_timeout`]
 //!   is closed gracefully (HTTP/2 `GOAWAY`), then dropped if it does not go.
 //!   A request counts as in flight until its whole response has been sent,
-//!   so a long response stream (the broker's Watch) keeps its connection.
+//!   so a long response stream (the broker's Watch) keeps its connection;
+//!   but a response whose data the peer does not take for the idle timeout
+//!   (a zero HTTP/2 window, an unread socket) ends the connection too;
 //!   HTTP/2 connections are pinged every 30 s while streams are open, and
 //!   closed when a ping goes unanswered for 10 s.
 //!
@@ -153,7 +155,6 @@ where
     F: Future<Output = Response<B>> + Send + 'static,
     B: ResponseBody,
 {
-    let local = listener.local_addr().ok();
     let listen_for_conn = listen.clone();
     let open = move |stream: tokio::net::TcpStream, addr: std::net::SocketAddr| {
         let listen = listen_for_conn.clone();
@@ -161,15 +162,23 @@ where
             // Without TCP_NODELAY a response's last bytes wait for the
             // client's delayed ACK (about 40 ms).
             let _ = stream.set_nodelay(true);
-            let uid = if listen.peer_uid {
-                local.and_then(|local| super::peer_uid::lookup(addr, local))
-            } else {
-                None
+            // The connection's own local address: a listener bound to
+            // 0.0.0.0 or [::] has no single one. The table is read off the
+            // runtime's threads.
+            let uid = match (listen.peer_uid, stream.local_addr()) {
+                (true, Ok(local)) => {
+                    tokio::task::spawn_blocking(move || super::peer_uid::lookup(addr, local))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                _ => None,
             };
             let mut peer = Peer {
                 addr: Some(addr),
                 uid,
                 certs: None,
+                hold: None,
             };
             let Some(acceptor) = listen.tls.clone() else {
                 return Some((Box::new(stream) as Box<dyn Io>, peer));
@@ -215,6 +224,7 @@ where
             addr: None,
             uid: stream.peer_cred().ok().map(|c| c.uid()),
             certs: None,
+            hold: None,
         };
         Some((Box::new(stream) as Box<dyn Io>, peer))
     };
@@ -338,7 +348,7 @@ where
 /// it ends, idles past its limits, or the server stops.
 async fn connection<H, F, B>(
     io: Box<dyn Io>,
-    peer: Peer,
+    mut peer: Peer,
     handler: H,
     listen: &Listen,
     opened_at: Instant,
@@ -350,7 +360,10 @@ async fn connection<H, F, B>(
     B: ResponseBody,
 {
     let limits = listen.limits;
-    let _open = listen.stats.opened(slot);
+    peer.hold = Some(Arc::new(Hold {
+        _open: listen.stats.opened(slot),
+        idle_timeout: limits.idle_timeout,
+    }));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     if listen.http2_only {
         builder = builder.http2_only();
@@ -375,6 +388,8 @@ async fn connection<H, F, B>(
         since: opened_at,
         served: false,
         head_since: None,
+        waiting: 0,
+        progress_at: opened_at,
     });
     let activity = Arc::new(activity);
     let io = Watched {
@@ -390,10 +405,7 @@ async fn connection<H, F, B>(
             let (parts, body) = response.await.into_parts();
             Ok::<_, std::convert::Infallible>(Response::from_parts(
                 parts,
-                Tracked {
-                    body: Box::pin(body),
-                    _guard: guard,
-                },
+                Tracked::new(body, guard),
             ))
         }
     });
@@ -425,6 +437,14 @@ async fn connection<H, F, B>(
     let _ = tokio::time::timeout(grace, conn).await;
 }
 
+/// A connection's slot under the limit, held by its [`Peer`] (and so by a
+/// tunnel that outlives the exchange), and its idle bound.
+#[derive(Debug)]
+pub struct Hold {
+    _open: super::listener::OpenGuard,
+    pub(crate) idle_timeout: Duration,
+}
+
 /// What a connection is doing, for the idle rule.
 #[derive(Debug, Clone, Copy)]
 struct Activity {
@@ -437,26 +457,51 @@ struct Activity {
     /// When the first byte of the next HTTP/1.1 request head arrived, while
     /// nothing was in flight.
     head_since: Option<Instant>,
+    /// Responses with data ready that the peer has not taken (sent a frame,
+    /// or never polled): the peer's receive window or socket is closed.
+    waiting: usize,
+    /// When a response body was last polled (not notified: read when a
+    /// deadline passes).
+    progress_at: Instant,
 }
 
-/// Resolves when the connection has had nothing in flight for too long:
-/// the header timeout before its first request, the idle timeout after.
+/// When the connection is due to close if nothing changes: with nothing
+/// in flight, the header timeout before its first request (or from the
+/// first byte of a later HTTP/1.1 head) and the idle timeout otherwise;
+/// with responses the peer does not take (a closed HTTP/2 window, an
+/// unread socket), the idle timeout after the last progress. `None`:
+/// requests in flight that are working (a quiet Watch stream waits on its
+/// source, not on the peer).
+fn deadline(a: &Activity, limits: Limits) -> Option<Instant> {
+    if a.in_flight == 0 {
+        return Some(match (a.served, a.head_since) {
+            (false, _) => a.since + limits.header_timeout,
+            (true, Some(head)) => head + limits.header_timeout,
+            (true, None) => a.since + limits.idle_timeout,
+        });
+    }
+    (a.waiting > 0).then(|| a.progress_at + limits.idle_timeout)
+}
+
+/// Resolves when the connection is idle or stalled past its bound (see
+/// [`deadline`]).
 async fn idle(mut activity: watch::Receiver<Activity>, limits: Limits) {
     loop {
-        let now = *activity.borrow_and_update();
-        if now.in_flight > 0 {
+        let due = deadline(&activity.borrow_and_update(), limits);
+        let Some(due) = due else {
             if activity.changed().await.is_err() {
                 return std::future::pending().await;
             }
             continue;
-        }
-        let deadline = match (now.served, now.head_since) {
-            (false, _) => now.since + limits.header_timeout,
-            (true, Some(head)) => head + limits.header_timeout,
-            (true, None) => now.since + limits.idle_timeout,
         };
         tokio::select! {
-            () = tokio::time::sleep_until(deadline) => return,
+            () = tokio::time::sleep_until(due) => {
+                // Progress is recorded without a wake-up: look again.
+                let now = deadline(&activity.borrow(), limits);
+                if now.is_some_and(|d| d <= Instant::now()) {
+                    return;
+                }
+            }
             changed = activity.changed() => if changed.is_err() {
                 return std::future::pending().await;
             },
@@ -576,10 +621,54 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
 }
 
 /// A response body that keeps its request in flight until it is sent
-/// (or dropped).
+/// (or dropped), and tells the connection whether it waits on the peer.
 struct Tracked<B> {
     body: Pin<Box<B>>,
-    _guard: InFlight,
+    guard: InFlight,
+    /// Data is ready and the peer has not taken it yet.
+    waiting: bool,
+}
+
+impl<B> Tracked<B> {
+    fn new(body: B, guard: InFlight) -> Self {
+        let tracked = Self {
+            body: Box::pin(body),
+            guard,
+            waiting: false,
+        };
+        tracked.set_waiting(true)
+    }
+
+    fn set_waiting(mut self, waiting: bool) -> Self {
+        self.update(waiting);
+        self
+    }
+
+    /// Records a poll, and whether the body now waits on the peer;
+    /// wakes the idle watch only when "some response waits" changes.
+    fn update(&mut self, waiting: bool) {
+        let was = std::mem::replace(&mut self.waiting, waiting);
+        self.guard.0.send_if_modified(|a| {
+            a.progress_at = Instant::now();
+            let before = a.waiting > 0;
+            match (was, waiting) {
+                (false, true) => a.waiting += 1,
+                (true, false) => a.waiting = a.waiting.saturating_sub(1),
+                _ => {}
+            }
+            before != (a.waiting > 0)
+        });
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.guard
+                .0
+                .send_modify(|a| a.waiting = a.waiting.saturating_sub(1));
+        }
+    }
 }
 
 impl<B: ResponseBody> hyper::body::Body for Tracked<B> {
@@ -590,7 +679,12 @@ impl<B: ResponseBody> hyper::body::Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.body.as_mut().poll_frame(cx)
+        let polled = self.body.as_mut().poll_frame(cx);
+        // A frame handed out: the next poll comes when the peer takes it.
+        // Pending: the body waits on its own source, not on the peer.
+        let waiting = matches!(polled, Poll::Ready(Some(Ok(_))));
+        self.update(waiting);
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -605,8 +699,13 @@ impl<B: ResponseBody> hyper::body::Body for Tracked<B> {
 /// Accept errors that concern one connection, not the listener.
 fn is_per_connection(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    // accept(2): on Linux, network errors pending on the new socket are
+    // passed on by accept and should be treated like EAGAIN: EPROTO,
+    // ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETDOWN,
+    // ENETUNREACH.
+    const RETRY: [i32; 8] = [71, 92, 112, 64, 113, 95, 100, 101];
     matches!(
         e.kind(),
         ConnectionAborted | ConnectionRefused | ConnectionReset
-    )
+    ) || e.raw_os_error().is_some_and(|code| RETRY.contains(&code))
 }

@@ -214,7 +214,11 @@ impl Inbound {
 
     /// Checks `req` and, if it passes, streams it to the app and the
     /// app's answer back.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<crate::http::Peer>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let checked = self.check(&req);
         self.metrics.check_seconds.observe(started.elapsed());
@@ -222,7 +226,7 @@ impl Inbound {
             Ok(admitted) => {
                 self.metrics.requests.inc(&["allowed"]);
                 if let Some((protocol, token)) = admitted.upgrade.clone() {
-                    return self.tunnel(req, admitted, protocol, token).await;
+                    return self.tunnel(req, admitted, protocol, token, peer).await;
                 }
                 self.forward(req, admitted).await
             }
@@ -491,6 +495,7 @@ impl Inbound {
         admitted: Admitted,
         protocol: HeaderValue,
         token: Arc<crate::token::TokenClaims>,
+        peer: Arc<crate::http::Peer>,
     ) -> Response<ProxyBody> {
         let caller_side = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
@@ -577,7 +582,11 @@ impl Inbound {
                 }
             };
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut caller, &mut app) => {}
+                // The tunnel keeps the connection's slot (`peer`), and ends
+                // when both sides are quiet for the idle timeout.
+                how = crate::http::tunnel::join(&mut caller, &mut app, peer.idle_timeout()) => {
+                    tracing::debug!(jti = token.jti, ?how, "a tunnel ended");
+                }
                 () = tokio::time::sleep(Duration::from_secs(left)) => {
                     tracing::debug!(jti = token.jti, "closed a tunnel: its token expired");
                 }

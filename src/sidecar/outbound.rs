@@ -123,7 +123,7 @@ impl<F: Fetch> Outbound<F> {
                 proxy::refusal(e.status, e.code, &e.description),
             )
         } else if req.method() == Method::CONNECT {
-            self.connect(req).await
+            self.connect(req, peer).await
         } else {
             self.forward(req).await
         };
@@ -346,7 +346,11 @@ fn asks_for_nonce(response: &Response<ProxyBody>) -> bool {
 impl<F: Fetch> Outbound<F> {
     /// `CONNECT host:port`: a tunnel, unless the proxy is strict and the
     /// destination is not in the service map.
-    async fn connect(&self, req: Request<Incoming>) -> (&'static str, Response<ProxyBody>) {
+    async fn connect(
+        &self,
+        req: Request<Incoming>,
+        peer: Arc<crate::http::Peer>,
+    ) -> (&'static str, Response<ProxyBody>) {
         let mapped = req.uri().authority().is_some_and(|a| {
             self.api
                 .services()
@@ -361,14 +365,18 @@ impl<F: Fetch> Outbound<F> {
             );
             return ("refused", refusal);
         }
-        tunnel(req, self.config.timeout).await
+        tunnel(req, self.config.timeout, peer).await
     }
 }
 
 /// Answers `CONNECT host:port`: connects to the destination, then 200
-/// and bytes copied both ways until either side closes (or 502 if the
-/// destination cannot be reached).
-async fn tunnel(req: Request<Incoming>, timeout: Duration) -> (&'static str, Response<ProxyBody>) {
+/// and bytes copied both ways until either side closes or both are quiet
+/// for the idle timeout (or 502 if the destination cannot be reached).
+async fn tunnel(
+    req: Request<Incoming>,
+    timeout: Duration,
+    peer: Arc<crate::http::Peer>,
+) -> (&'static str, Response<ProxyBody>) {
     let Some(target) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
         let refusal = proxy::refusal(
             StatusCode::BAD_REQUEST,
@@ -400,7 +408,10 @@ async fn tunnel(req: Request<Incoming>, timeout: Duration) -> (&'static str, Res
             }
         };
         let mut client = hyper_util::rt::TokioIo::new(upgraded);
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        // The tunnel keeps the connection's slot (`peer`) and ends when
+        // neither side has sent anything for the idle timeout.
+        let ended = crate::http::tunnel::join(&mut client, &mut server, peer.idle_timeout()).await;
+        tracing::debug!(?ended, "CONNECT tunnel ended");
     });
     ("tunnel", Response::new(proxy::full(Bytes::new())))
 }

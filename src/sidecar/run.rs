@@ -269,7 +269,7 @@ impl Sidecar {
             let server = crate::http::serve(
                 listener,
                 listen("inbound"),
-                move |req, _peer| Arc::clone(&inbound).handle(req),
+                move |req, peer| Arc::clone(&inbound).handle(req, peer),
                 stopped(stop.subscribe()),
             );
             servers.push(("inbound proxy", tokio::spawn(server)));
