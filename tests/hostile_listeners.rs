@@ -255,25 +255,27 @@ async fn a_sidecar_out_of_file_descriptors_stays_up_and_serves_again() {
     // 64 descriptors: the runtime, the broker connection, the listeners
     // and the socket leave a few dozen for connections; the default
     // connection cap (1,024) is far above that, so accept hits EMFILE.
-    let mut sidecar = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
-        .arg(env!("CARGO_BIN_EXE_tally"))
-        .args(["sidecar", "--broker", &broker_url])
-        .arg("--trust-bundle")
-        .arg(data.join("bundle.pem"))
-        .arg("--socket")
-        .arg(dir.path().join("agent.sock"))
-        .args(["--inbound-listen", "127.0.0.1:0", "--upstream"])
-        .arg(app.addr.to_string())
-        .args(["--admin-listen", "127.0.0.1:0", "--header-timeout", "2s"])
-        .env("TALLY_JOIN_TOKEN", &token)
-        .env("TALLY_LOG", "tally::http=debug")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("sidecar.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(sidecar.stdout.take().unwrap());
+    let mut sidecar = Killed(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_tally"))
+            .args(["sidecar", "--broker", &broker_url])
+            .arg("--trust-bundle")
+            .arg(data.join("bundle.pem"))
+            .arg("--socket")
+            .arg(dir.path().join("agent.sock"))
+            .args(["--inbound-listen", "127.0.0.1:0", "--upstream"])
+            .arg(app.addr.to_string())
+            .args(["--admin-listen", "127.0.0.1:0", "--header-timeout", "2s"])
+            .env("TALLY_JOIN_TOKEN", &token)
+            .env("TALLY_LOG", "tally::http=debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("sidecar.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = lines_of(sidecar.0.stdout.take().unwrap());
     let address_after = |prefix: &str| -> std::net::SocketAddr {
         loop {
             let line = lines
@@ -288,8 +290,10 @@ async fn a_sidecar_out_of_file_descriptors_stays_up_and_serves_again() {
     let admin = address_after("admin listening on ");
     // Each sends its first request at once (within the header timeout).
     let mut admin_conn = KeptOpen::connect(admin).await;
+    let mut metrics_conn = KeptOpen::connect(admin).await;
     let mut inbound_conn = KeptOpen::connect(inbound).await;
     assert_eq!(admin_conn.get("/readyz").await.0, 200);
+    assert_eq!(metrics_conn.get("/healthz").await.0, 200);
     assert_eq!(inbound_conn.get("/v1/charges").await.0, 401);
 
     // The flood: silent and preface-only connections, far more than the
@@ -302,41 +306,40 @@ async fn a_sidecar_out_of_file_descriptors_stays_up_and_serves_again() {
         }
         flood.push(tcp);
     }
-    // Not ready while accepting fails, and it says why; alive, and the
-    // connections it holds are still served.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Not ready while accepting fails, and it says why, in its log (at
+    // most once a second)...
     let log_path = dir.path().join("sidecar.log");
-    let (status, body) = loop {
-        if let Some(exit) = sidecar.try_wait().unwrap() {
-            panic!(
-                "the sidecar exited ({exit}): {}",
-                std::fs::read_to_string(&log_path).unwrap()
-            );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("cannot accept connections; backing off")
+    {
+        if let Some(exit) = sidecar.0.try_wait().unwrap() {
+            let log = std::fs::read_to_string(&log_path).unwrap();
+            panic!("the sidecar exited ({exit}): {log}");
         }
-        let (status, body) = admin_conn.get("/readyz").await;
-        if status == 503 || Instant::now() > deadline {
-            break (status, body);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        assert!(Instant::now() < deadline, "no accept failure was logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and on its admin port, over connections it already holds (one
+    // request each), while the connections it holds are still served.
+    let (status, body) = admin_conn.get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("the inbound listener cannot accept connections"),
         "{body}"
     );
-    if let Some(exit) = sidecar.try_wait().unwrap() {
-        panic!(
-            "the sidecar exited ({exit}): {}",
-            std::fs::read_to_string(&log_path).unwrap()
-        );
-    }
-    let (_, metrics) = admin_conn.get("/metrics").await;
-    assert!(
-        metrics.contains("tally_listener_accepting{listener=\"inbound\"} 0\n"),
-        "{metrics}"
-    );
+    let (_, metrics) = metrics_conn.get("/metrics").await;
+    let accept_errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tally_listener_accept_errors_total{listener=\"inbound\"} "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(accept_errors.is_some_and(|n| n > 0), "{metrics}");
     assert_eq!(inbound_conn.get("/v1/charges").await.0, 401);
-    assert!(sidecar.try_wait().unwrap().is_none(), "the sidecar exited");
+    assert!(
+        sidecar.0.try_wait().unwrap().is_none(),
+        "the sidecar exited"
+    );
 
     // Every flood connection is closed within its header timeout of
     // being accepted: a few rounds of 2 s as descriptors free up.
@@ -350,7 +353,11 @@ async fn a_sidecar_out_of_file_descriptors_stays_up_and_serves_again() {
     // Then it accepts again, is ready, and serves new connections.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, body) = admin_conn.get("/readyz").await;
+        let answer = send(admin, "GET", "/readyz", &[], "").await;
+        let (status, body) = (
+            answer.status,
+            String::from_utf8_lossy(&answer.body).into_owned(),
+        );
         if status == 200 {
             break;
         }
@@ -359,7 +366,10 @@ async fn a_sidecar_out_of_file_descriptors_stays_up_and_serves_again() {
     }
     let answer = send(inbound, "GET", "/v1/charges", &[], "").await;
     assert_eq!(answer.status, 401);
-    assert!(sidecar.try_wait().unwrap().is_none(), "the sidecar exited");
+    assert!(
+        sidecar.0.try_wait().unwrap().is_none(),
+        "the sidecar exited"
+    );
     let log = std::fs::read_to_string(dir.path().join("sidecar.log")).unwrap();
     let warnings = log
         .matches("cannot accept connections; backing off")
@@ -368,8 +378,16 @@ async fn a_sidecar_out_of_file_descriptors_stays_up_and_serves_again() {
         (1..=30).contains(&warnings),
         "{warnings} warnings logged: rate limit"
     );
-    let _ = sidecar.kill();
-    let _ = sidecar.wait();
+}
+
+/// A child process killed when the test ends, passing or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
