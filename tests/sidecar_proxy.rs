@@ -215,7 +215,11 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     let scope = charge_with(inbound, &a, &d).await;
     assert_eq!(scope.status, 403);
     assert!(challenge(&scope).contains("insufficient_scope"));
-    // A dot segment does not smuggle a path past the rules.
+    // A dot segment does not smuggle a path past the rules: the rules
+    // judge the normalized path (the refusal names it), and a path that
+    // only matches once normalized is allowed and routed there. (The raw
+    // `/v1/charges/../refunds` misses the rule too, so the status alone
+    // would prove nothing; tests/hostile_inbound.rs covers the rest.)
     let sneaky = format!("http://{inbound}/v1/charges/../refunds");
     let (a, d) = authorize(socket, "POST", &sneaky, "payments:charge").await;
     let smuggled = send(
@@ -226,7 +230,24 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
         "",
     )
     .await;
-    assert_eq!(smuggled.status, 403, "judged as /v1/refunds");
+    assert_eq!(smuggled.status, 403);
+    assert_eq!(
+        smuggled.json()["error_description"],
+        "denied by policy: path /v1/refunds is not allowed for this caller",
+        "judged as /v1/refunds"
+    );
+    let roundabout = format!("http://{inbound}/v1/refunds/../charges");
+    let (a, d) = authorize(socket, "POST", &roundabout, "payments:charge").await;
+    let routed = send(
+        inbound,
+        "POST",
+        "/v1/refunds/../charges",
+        &[("authorization", &a), ("dpop", &d)],
+        "",
+    )
+    .await;
+    assert_eq!(routed.status, 200, "{:?}", routed.body);
+    assert_eq!(routed.json()["path"], "/v1/charges", "the app gets the path judged");
 
     // Two Host headers: which one would the proof be for?
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
@@ -258,7 +279,7 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
 
     assert_eq!(
         app.seen.load(Ordering::SeqCst),
-        1,
+        2,
         "no refused request reached the app"
     );
 
@@ -268,7 +289,7 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     let metrics =
         String::from_utf8(send(admin, "GET", "/metrics", &[], "").await.body.to_vec()).unwrap();
     for line in [
-        "tally_sidecar_inbound_requests_total{result=\"allowed\"} 1",
+        "tally_sidecar_inbound_requests_total{result=\"allowed\"} 2",
         "tally_sidecar_inbound_requests_total{result=\"replayed_proof\"} 1",
         "tally_sidecar_inbound_requests_total{result=\"policy_denied\"} 2",
         "tally_sidecar_inbound_requests_total{result=\"insufficient_scope\"} 1",
