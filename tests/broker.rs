@@ -27,11 +27,19 @@ struct Running {
 }
 
 impl Running {
+    /// Stops the server and waits for it to end: a panic in it (at stop
+    /// or before) fails the test, and so does a server that does not end
+    /// within its 10 s drain plus a margin.
     async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
+            // An error means the server has already ended; awaiting it
+            // below says how.
             let _ = stop.send(());
         }
-        let _ = (&mut self.server).await;
+        tokio::time::timeout(std::time::Duration::from_secs(20), &mut self.server)
+            .await
+            .expect("the broker did not stop within 20 s")
+            .expect("the broker's server task failed");
     }
 }
 

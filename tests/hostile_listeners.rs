@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::io::BufRead as _;
 use std::time::{Duration, Instant};
 use support::broker::Spawned;
 use support::mesh::{App, Mesh, PAYMENTS, Parts, send};
@@ -188,20 +187,6 @@ async fn the_broker_grpc_listener_closes_silent_and_preface_only_connections() {
     broker.stop().await;
 }
 
-/// Reads lines from a child's stdout on a thread, so every wait is bounded.
-fn lines_of(out: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 /// An HTTP/1.1 keep-alive connection made before the flood: the
 /// process's descriptors may be gone by the time we ask again.
 struct KeptOpen(hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>);
@@ -273,16 +258,11 @@ async fn a_sidecar_out_of_file_descriptors_stays_up_and_serves_again() {
         .stderr(std::fs::File::create(dir.path().join("sidecar.log")).unwrap())
         .spawn()
         .unwrap();
-    let lines = lines_of(sidecar.stdout.take().unwrap());
-    let address_after = |prefix: &str| -> std::net::SocketAddr {
-        loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(30))
-                .expect("the sidecar printed its addresses");
-            if let Some(rest) = line.split(prefix).nth(1) {
-                return rest.split([',', ' ']).next().unwrap().parse().unwrap();
-            }
-        }
+    let mut lines = support::process::Lines::of(sidecar.stdout.take().unwrap());
+    let mut address_after = |prefix: &str| -> std::net::SocketAddr {
+        let line = lines.wait_for(prefix, support::process::PATIENCE);
+        let rest = line.split(prefix).nth(1).unwrap();
+        rest.split([',', ' ']).next().unwrap().parse().unwrap()
     };
     let inbound = address_after("inbound proxy listening on ");
     let admin = address_after("admin listening on ");

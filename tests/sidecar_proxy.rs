@@ -247,7 +247,11 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     )
     .await;
     assert_eq!(routed.status, 200, "{:?}", routed.body);
-    assert_eq!(routed.json()["path"], "/v1/charges", "the app gets the path judged");
+    assert_eq!(
+        routed.json()["path"],
+        "/v1/charges",
+        "the app gets the path judged"
+    );
 
     // Two Host headers: which one would the proof be for?
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod mesh;
 pub mod partition;
 pub mod postgres;
+pub mod process;
 
 use serde_json::{Value, json};
 use tally::dpop::NormalizedUri;
