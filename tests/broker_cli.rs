@@ -613,27 +613,6 @@ async fn a_revocation_is_durable_when_ctl_returns() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let broker = Spawned::start(&data);
-    let o = ctl(
-        &broker,
-        &data,
-        &[
-            "revoke",
-            "--sub",
-            "spiffe://example.org/ns/shop/sa/checkout",
-            "--reason",
-            "compromised pod",
-        ],
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&o.stdout)
-            .starts_with("revoked: covers tokens issued at or before")
-    );
     // For scripts: one JSON document.
     let o = ctl(
         &broker,
@@ -672,9 +651,33 @@ async fn a_revocation_is_durable_when_ctl_returns() {
     );
     assert_eq!(o.status.code(), Some(64));
 
-    // Killed right after the answer: the revocation is in the store, in
-    // the state every new Watch subscriber gets, and in the audit log.
+    // The revocation that counts comes last, so the kill follows its
+    // answer at once: the revocation is then in the store, in the state
+    // every new Watch subscriber gets, and in the audit log
+    // (tests/durability.rs does the same under load, for every kind of
+    // acknowledged write).
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "revoke",
+            "--sub",
+            "spiffe://example.org/ns/shop/sa/checkout",
+            "--reason",
+            "compromised pod",
+        ],
+    );
     broker.kill();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .starts_with("revoked: covers tokens issued at or before")
+    );
     let key = std::fs::read(data.join("store.key")).unwrap();
     let store = tally::store::Store::open_sqlite(
         &data.join("tally.db"),
@@ -696,8 +699,18 @@ async fn a_revocation_is_durable_when_ctl_returns() {
         )
     );
     assert_eq!(entry.reason, "compromised pod");
-    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
-    assert!(audit.contains("\"kind\":\"token.revoke\""), "{audit}");
+    // The store's log (the JSON-lines file is a copy written after the
+    // commit, for log shippers).
+    let filter = tally::store::AuditFilter {
+        kind: Some("token.revoke".into()),
+        ..Default::default()
+    };
+    let audit = store.audit_query(&filter, 10).await.unwrap();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert!(
+        audit[1].line.contains("\"reason\":\"compromised pod\""),
+        "{audit:?}"
+    );
 }
 
 #[test]
@@ -1361,4 +1374,53 @@ fn the_beginning_of_the_audit_log_is_archived_then_removed_and_the_rest_still_ve
     let left: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(left[0]["seq"], 5, "records 1 to 4 are gone from the store");
     assert_eq!(broker.stop().0, Some(0));
+}
+
+#[test]
+fn a_sigterm_right_after_the_first_ready_line_stops_the_broker_cleanly() {
+    // Scripts wait for the address lines; a SIGTERM at once after the
+    // first must find the handler in place (a broker killed by the signal
+    // exits without a code, and never says it stopped). A few times: the
+    // window is short.
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..5 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "broker",
+                "--trust-domain",
+                "example.org",
+                "--policy",
+                POLICY,
+            ])
+            .args(EPHEMERAL_PORTS)
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("data{i}")))
+            .env_remove("TALLY_STORE_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // A shell waiting to send the signal: `kill` as a builtin goes out
+        // within microseconds of the line, where spawning kill(1) would take
+        // milliseconds, long enough to hide a late handler.
+        let mut trigger = Command::new("sh")
+            .args(["-c", &format!("read go && kill -TERM {}", child.id())])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = Lines::of(child.stdout.take().unwrap());
+        let first = out.next_within(PATIENCE);
+        {
+            use std::io::Write as _;
+            writeln!(trigger.stdin.take().unwrap()).unwrap();
+        }
+        assert!(wait_exit(&mut trigger, PATIENCE).success());
+        let status = wait_exit(&mut child, PATIENCE);
+        let rest = out.rest(PATIENCE);
+        assert_eq!(status.code(), Some(0), "start {i}: {first} {rest:?}");
+        assert_eq!(
+            rest.last().map(String::as_str),
+            Some("tally broker: stopped")
+        );
+    }
 }

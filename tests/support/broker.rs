@@ -168,6 +168,13 @@ impl Spawned {
 
     /// `tally broker` with these policy arguments (and the usual others).
     pub fn start_with(data: &std::path::Path, policy_args: &[&str]) -> Self {
+        // Appended to, so a restarted broker's log follows its predecessor's.
+        let log_path = data.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
             .args(["broker", "--trust-domain", "example.org"])
             .args(policy_args)
@@ -179,13 +186,20 @@ impl Spawned {
             .env("TALLY_LOG", "debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(data.with_extension("log")).unwrap())
+            .stderr(log)
             .spawn()
             .unwrap();
         // The broker prints its addresses once it listens: no sleeping, and
         // no waiting past the bound either.
         let mut out = Lines::of(child.stdout.take().unwrap());
-        let mut next_line = || out.next_within(PATIENCE);
+        let mut next_line = || {
+            out.try_next_within(PATIENCE).unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(20)..];
+                panic!("the broker printed no address ({e}); its log ends:\n{tail:#?}")
+            })
+        };
         let (grpc, https_line, admin) = (next_line(), next_line(), next_line());
         assert!(
             grpc.contains("gRPC (mTLS) listening on 127.0.0.1:"),

@@ -42,13 +42,18 @@ impl Lines {
     /// # Panics
     /// When no line comes in time or the pipe closes.
     pub fn next_within(&mut self, limit: Duration) -> String {
-        match self.rx.recv_timeout(limit) {
-            Ok(line) => {
-                self.seen.push(line.clone());
-                line
-            }
-            Err(e) => panic!("no line within {limit:?} ({e}); so far: {:#?}", self.seen),
-        }
+        self.try_next_within(limit)
+            .unwrap_or_else(|e| panic!("no line within {limit:?} ({e}); so far: {:#?}", self.seen))
+    }
+
+    /// The same, saying why there is none instead of panicking.
+    ///
+    /// # Errors
+    /// The pipe closed, or `limit` passed.
+    pub fn try_next_within(&mut self, limit: Duration) -> Result<String, mpsc::RecvTimeoutError> {
+        let line = self.rx.recv_timeout(limit)?;
+        self.seen.push(line.clone());
+        Ok(line)
     }
 
     /// Reads until a line contains `needle`, for at most `limit` in all.
