@@ -649,6 +649,16 @@ async fn inbound_proofs_expire_after_30_seconds() {
     mesh.broker.stop().await;
 }
 
+/// The claims of the token in an `Authorization: DPoP …` value.
+fn claims_of(authorization: &str) -> serde_json::Value {
+    let payload = authorization
+        .trim_start_matches("DPoP ")
+        .split('.')
+        .nth(1)
+        .unwrap();
+    serde_json::from_slice(&tally::jose::b64::decode(payload.as_bytes()).unwrap()).unwrap()
+}
+
 /// Waits until the sidecar has received `n` revocations.
 async fn revocations(sidecar: &support::mesh::Started, n: u64) {
     let mut mesh = sidecar.sidecar.parts().mesh.clone();
@@ -697,7 +707,10 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     let unknown = broker
         .revoke(RevocationTarget::Jti("nope".into()), None, "", &admin)
         .await;
-    assert!(unknown.is_err(), "an unknown jti is refused, not recorded");
+    assert!(
+        matches!(&unknown, Err(tally::broker::BrokerError::Revoke(m)) if m == "no token with jti \"nope\" in the inventory"),
+        "an unknown jti is refused, not recorded: {unknown:?}"
+    );
     broker
         .revoke(
             RevocationTarget::Jti(jti.clone()),
@@ -725,15 +738,7 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     // By DPoP key (another key's: no effect; checkout's own: refused) and
     // by workload: headers made before are refused.
     let probe = authorize(socket, "POST", &url, "payments:charge").await;
-    let payload = probe
-        .0
-        .trim_start_matches("DPoP ")
-        .split('.')
-        .nth(1)
-        .unwrap()
-        .to_owned();
-    let claims: serde_json::Value =
-        serde_json::from_slice(&tally::jose::b64::decode(payload.as_bytes()).unwrap()).unwrap();
+    let claims = claims_of(&probe.0);
     let own_key: tally::jose::Jkt = claims["cnf"]["jkt"].as_str().unwrap().parse().unwrap();
     let other_key = tally::dpop::ProofKey::generate().unwrap().thumbprint();
     // Headers made before each revocation (one token, three proofs).
@@ -741,6 +746,7 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     for _ in 0..3 {
         held.push(authorize(socket, "POST", &url, "payments:charge").await);
     }
+    let mut workload_revoked_up_to = 0;
     for ((n, target, expected), before) in [
         (2, RevocationTarget::Jkt(other_key), 200),
         (3, RevocationTarget::Jkt(own_key), 401),
@@ -749,16 +755,20 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     .into_iter()
     .zip(held)
     {
-        broker
+        let (_, entry) = broker
             .revoke(target.clone(), None, "", &admin)
             .await
             .unwrap();
+        workload_revoked_up_to = entry.issued_before;
         revocations(&payments, n).await;
         assert_eq!(charge(before).await.status, expected, "{target:?}");
     }
     // The revoked workload is not handed tokens the revocation covers:
     // within the revocation's second the socket says so (403); later it
-    // gets a new token, issued after the revocation.
+    // gets a new token, issued after the revocation (a token from inside
+    // the revoked second would be refused everywhere). Which of the two
+    // depends on the wall clock here; tests/hostile_revocation.rs pins
+    // both with a manual clock.
     revocations(&checkout, 4).await;
     let ask = serde_json::json!({"method": "POST", "url": url, "scope": "payments:charge"});
     let (status, answer) = support::mesh::local(socket, "POST", "/v1/authorize", Some(ask)).await;
@@ -769,7 +779,15 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
                 .unwrap()
                 .contains("revoked")
         ),
-        200 => assert_ne!(answer["authorization"].as_str().unwrap(), probe.0),
+        200 => {
+            let replacement = answer["authorization"].as_str().unwrap();
+            assert_ne!(replacement, probe.0);
+            let iat = claims_of(replacement)["iat"].as_u64().unwrap();
+            assert!(
+                iat > workload_revoked_up_to,
+                "a token issued at {iat}, inside the revoked second {workload_revoked_up_to}"
+            );
+        }
         other => panic!("{other}: {answer}"),
     }
     // Everything issued before a time.
@@ -788,7 +806,10 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
             &admin,
         )
         .await;
-    assert!(late.is_err(), "a time in the future is refused");
+    assert!(
+        matches!(&late, Err(tally::broker::BrokerError::Revoke(m)) if m.contains("is in the future")),
+        "a time in the future is refused: {late:?}"
+    );
 
     let admin_port = payments.admin.unwrap();
     let metrics = String::from_utf8(
