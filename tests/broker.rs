@@ -27,11 +27,19 @@ struct Running {
 }
 
 impl Running {
+    /// Stops the server and waits for it to end: a panic in it (at stop
+    /// or before) fails the test, and so does a server that does not end
+    /// within its 10 s drain plus a margin.
     async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
+            // An error means the server has already ended; awaiting it
+            // below says how.
             let _ = stop.send(());
         }
-        let _ = (&mut self.server).await;
+        tokio::time::timeout(std::time::Duration::from_secs(20), &mut self.server)
+            .await
+            .expect("the broker did not stop within 20 s")
+            .expect("the broker's server task failed");
     }
 }
 
@@ -276,22 +284,43 @@ async fn renew_needs_the_current_svid_and_keeps_the_identity() {
 }
 
 #[tokio::test]
-async fn a_certificate_from_another_ca_is_refused() {
+async fn a_certificate_from_another_ca_is_refused_in_the_handshake() {
     let r = start(POLICY).await;
     let other = start(POLICY).await;
-    let foreign = workload(&other, CHECKOUT).await;
-    // The TLS handshake or the first call fails: either way, no token.
-    let result = async {
-        let mut client = pb::tokens_client::TokensClient::new(channel(&r, Some(foreign)).await?);
+    let issue_as = |identity: Identity| async {
+        let mut client = pb::tokens_client::TokensClient::new(
+            channel(&r, Some(identity))
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         let key = ProofKey::generate().unwrap();
         client
             .issue(issue_request(&r, &key, &["payments:read"], 0))
             .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, Box<dyn std::error::Error>>(())
-    }
-    .await;
-    assert!(result.is_err());
+            .map(tonic::Response::into_inner)
+            .map_err(|e| e.to_string())
+    };
+    // The control: a credential from this broker gets its token.
+    let issued = issue_as(workload(&r, CHECKOUT).await).await.unwrap();
+    assert_eq!(issued.token_type, "DPoP");
+
+    // The same call with the same identity certified by another broker's
+    // CA (same trust domain, same names, another key): the server ends
+    // the TLS handshake with a fatal alert (the chain's signature does not
+    // verify under its root), before any RPC is heard.
+    let refused = issue_as(workload(&other, CHECKOUT).await)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("transport error")
+            && refused.contains("received fatal alert: DecryptError"),
+        "{refused}"
+    );
+    assert_eq!(
+        r.broker.store().count_issued().await.unwrap(),
+        1,
+        "only the control's token was issued"
+    );
     r.stop().await;
     other.stop().await;
 }
@@ -754,7 +783,12 @@ async fn an_expired_client_certificate_is_refused() {
         Ok::<_, Box<dyn std::error::Error>>(())
     }
     .await;
-    assert!(result.is_err(), "an expired certificate was accepted");
+    // Refused in the handshake, for expiry.
+    let refused = result.unwrap_err().to_string();
+    assert!(
+        refused.contains("received fatal alert: CertificateExpired"),
+        "an expired certificate was accepted or refused for another reason: {refused}"
+    );
 
     // The same identity with a current certificate is fine, so the refusal
     // was about expiry.

@@ -3,10 +3,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use support::broker::{EPHEMERAL_PORTS, Spawned};
+use support::process::{Lines, PATIENCE, finish_within, output_within, terminate, wait_exit};
 use tally::proto::v1 as pb;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -93,18 +93,19 @@ async fn the_broker_binary_serves_mtls_with_the_credential_it_writes_and_stops_o
 }
 
 fn ctl(broker: &Spawned, data: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("ctl")
-        .args(args)
-        .arg("--broker")
-        .arg(format!(
-            "https://{}",
-            broker.grpc.replace("127.0.0.1", "localhost")
-        ))
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .unwrap()
+    output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("ctl")
+            .args(args)
+            .arg("--broker")
+            .arg(format!(
+                "https://{}",
+                broker.grpc.replace("127.0.0.1", "localhost")
+            ))
+            .arg("--data-dir")
+            .arg(data),
+        PATIENCE,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,21 +219,22 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
     assert_eq!(o.status.code(), Some(64), "{}", text(&o));
 
     // That credential is not an admin's: the broker refuses, and says why.
-    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["ctl", "keys", "rotate"])
-        .arg("--broker")
-        .arg(format!(
-            "https://{}",
-            broker.grpc.replace("127.0.0.1", "localhost")
-        ))
-        .arg("--cert")
-        .arg(out.join("cert.pem"))
-        .arg("--key")
-        .arg(out.join("key.pem"))
-        .arg("--bundle")
-        .arg(out.join("bundle.pem"))
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["ctl", "keys", "rotate"])
+            .arg("--broker")
+            .arg(format!(
+                "https://{}",
+                broker.grpc.replace("127.0.0.1", "localhost")
+            ))
+            .arg("--cert")
+            .arg(out.join("cert.pem"))
+            .arg("--key")
+            .arg(out.join("key.pem"))
+            .arg("--bundle")
+            .arg(out.join("bundle.pem")),
+        PATIENCE,
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("is not an admin"), "{}", text(&o));
 
@@ -302,7 +304,7 @@ async fn ctl_makes_join_tokens_mints_credentials_and_rotates_keys_as_the_admin()
         let mut stdin = child.stdin.take().unwrap();
         writeln!(stdin, "{}", issued.access_token).unwrap();
     }
-    let o = child.wait_with_output().unwrap();
+    let o = finish_within(child, PATIENCE);
     assert_eq!(o.status.code(), Some(0));
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -493,8 +495,8 @@ fn http_get(addr: &str, path: &str) -> String {
 
 #[test]
 fn bad_configuration_lists_every_error_and_exits_64() {
-    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally")).args([
             "broker",
             "--grpc-listen",
             "nowhere",
@@ -502,9 +504,9 @@ fn bad_configuration_lists_every_error_and_exits_64() {
             "5s",
             "--trust-domain",
             "Bad",
-        ])
-        .output()
-        .unwrap();
+        ]),
+        PATIENCE,
+    );
     assert_eq!(o.status.code(), Some(64));
     let err = String::from_utf8_lossy(&o.stderr);
     for needle in [
@@ -514,21 +516,6 @@ fn bad_configuration_lists_every_error_and_exits_64() {
     ] {
         assert!(err.contains(needle), "{err}");
     }
-}
-
-/// Reads lines from `lines` until one contains `needle`, or panics after
-/// `limit` lines (the broker logs little, so this bounds the wait).
-fn wait_for_line(
-    lines: &mut impl Iterator<Item = std::io::Result<String>>,
-    needle: &str,
-) -> String {
-    for line in lines.take(200) {
-        let line = line.unwrap();
-        if line.contains(needle) {
-            return line;
-        }
-    }
-    panic!("no line containing {needle:?}");
 }
 
 #[test]
@@ -549,8 +536,8 @@ fn a_changed_policy_is_reloaded_and_a_broken_one_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
-    wait_for_line(&mut log, "watching the policy file for changes");
+    let mut log = Lines::of(child.stderr.take().unwrap());
+    log.wait_for("watching the policy file for changes", PATIENCE);
 
     // A broken file: logged with its position, the old policy stays.
     std::fs::write(
@@ -558,21 +545,15 @@ fn a_changed_policy_is_reloaded_and_a_broken_one_is_refused() {
         "trust_domain: example.org\nissue:\n  - from: nope\n",
     )
     .unwrap();
-    let line = wait_for_line(&mut log, "policy NOT reloaded");
+    let line = log.wait_for("policy NOT reloaded", PATIENCE);
     assert!(line.contains("policy.yaml:3:"), "{line}");
 
     // A good change is picked up.
     std::fs::write(&policy, "trust_domain: example.org\n").unwrap();
-    wait_for_line(&mut log, "policy reloaded");
+    log.wait_for("policy reloaded", PATIENCE);
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    terminate(&child);
+    assert_eq!(wait_exit(&mut child, PATIENCE).code(), Some(0));
     // Each text the file served is a stored version; the reload's audit
     // record carries its diff, the refused one its errors.
     let audit = std::fs::read_to_string(dir.path().join("data/audit.jsonl")).unwrap();
@@ -606,17 +587,18 @@ fn a_supplied_root_key_readable_by_others_is_refused() {
     std::fs::write(&cert, &root.root_cert_pem).unwrap();
     std::fs::write(&key, root.root_key_pem.unwrap().as_bytes()).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["broker", "--trust-domain", "example.org"])
-        .args(EPHEMERAL_PORTS)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--ca-cert")
-        .arg(&cert)
-        .arg("--ca-key")
-        .arg(&key)
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["broker", "--trust-domain", "example.org"])
+            .args(EPHEMERAL_PORTS)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--ca-cert")
+            .arg(&cert)
+            .arg("--ca-key")
+            .arg(&key),
+        PATIENCE,
+    );
     assert_eq!(o.status.code(), Some(64));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -631,27 +613,6 @@ async fn a_revocation_is_durable_when_ctl_returns() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let broker = Spawned::start(&data);
-    let o = ctl(
-        &broker,
-        &data,
-        &[
-            "revoke",
-            "--sub",
-            "spiffe://example.org/ns/shop/sa/checkout",
-            "--reason",
-            "compromised pod",
-        ],
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&o.stdout)
-            .starts_with("revoked: covers tokens issued at or before")
-    );
     // For scripts: one JSON document.
     let o = ctl(
         &broker,
@@ -690,9 +651,33 @@ async fn a_revocation_is_durable_when_ctl_returns() {
     );
     assert_eq!(o.status.code(), Some(64));
 
-    // Killed right after the answer: the revocation is in the store, in
-    // the state every new Watch subscriber gets, and in the audit log.
+    // The revocation that counts comes last, so the kill follows its
+    // answer at once: the revocation is then in the store, in the state
+    // every new Watch subscriber gets, and in the audit log
+    // (tests/durability.rs does the same under load, for every kind of
+    // acknowledged write).
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "revoke",
+            "--sub",
+            "spiffe://example.org/ns/shop/sa/checkout",
+            "--reason",
+            "compromised pod",
+        ],
+    );
     broker.kill();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .starts_with("revoked: covers tokens issued at or before")
+    );
     let key = std::fs::read(data.join("store.key")).unwrap();
     let store = tally::store::Store::open_sqlite(
         &data.join("tally.db"),
@@ -714,8 +699,18 @@ async fn a_revocation_is_durable_when_ctl_returns() {
         )
     );
     assert_eq!(entry.reason, "compromised pod");
-    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
-    assert!(audit.contains("\"kind\":\"token.revoke\""), "{audit}");
+    // The store's log (the JSON-lines file is a copy written after the
+    // commit, for log shippers).
+    let filter = tally::store::AuditFilter {
+        kind: Some("token.revoke".into()),
+        ..Default::default()
+    };
+    let audit = store.audit_query(&filter, 10).await.unwrap();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert!(
+        audit[1].line.contains("\"reason\":\"compromised pod\""),
+        "{audit:?}"
+    );
 }
 
 #[test]
@@ -834,7 +829,7 @@ async fn verify_after(
     pool.close().await;
     let broker = Spawned::start(&copy);
     let o = ctl(&broker, &copy, &["audit", "verify"]);
-    let _ = broker.stop();
+    assert_eq!(broker.stop().0, Some(0));
     (
         o.status.code(),
         format!(
@@ -868,11 +863,12 @@ async fn audit_verify_names_the_first_edited_deleted_or_reordered_record() {
 
     // The JSON-lines file holds the same chain, checked offline.
     let file = data.join("audit.jsonl");
-    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["ctl", "audit", "verify", "--file"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["ctl", "audit", "verify", "--file"])
+            .arg(&file),
+        PATIENCE,
+    );
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -887,11 +883,12 @@ async fn audit_verify_names_the_first_edited_deleted_or_reordered_record() {
     lines.remove(2);
     let cut = dir.path().join("cut.jsonl");
     std::fs::write(&cut, lines.join("\n")).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["ctl", "audit", "verify", "--file"])
-        .arg(&cut)
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["ctl", "audit", "verify", "--file"])
+            .arg(&cut),
+        PATIENCE,
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("record 3 is missing or out of place"), "{out}");
@@ -1081,14 +1078,15 @@ fn policy_versions_are_applied_diffed_and_rolled_back_and_a_file_never_silently_
     // Started again with a file that differs from the applied version and
     // nothing said about which wins: refused, with both ways out.
     let start = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(["broker", "--trust-domain", "example.org", "--data-dir"])
-            .arg(&data)
-            .args(support::broker::EPHEMERAL_PORTS)
-            .args(args)
-            .env_remove("TALLY_STORE_KEY")
-            .output()
-            .unwrap()
+        output_within(
+            Command::new(env!("CARGO_BIN_EXE_tally"))
+                .args(["broker", "--trust-domain", "example.org", "--data-dir"])
+                .arg(&data)
+                .args(support::broker::EPHEMERAL_PORTS)
+                .args(args)
+                .env_remove("TALLY_STORE_KEY"),
+            PATIENCE,
+        )
     };
     let o = start(&["--policy", widened.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -1300,11 +1298,12 @@ fn the_beginning_of_the_audit_log_is_archived_then_removed_and_the_rest_still_ve
         .unwrap()
         .to_owned();
     // The archive verifies on its own and ends at the exported hash.
-    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["ctl", "audit", "verify", "--output", "json", "--file"])
-        .arg(&archive)
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["ctl", "audit", "verify", "--output", "json", "--file"])
+            .arg(&archive),
+        PATIENCE,
+    );
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         (report["intact"].as_bool(), report["head_seq"].as_u64()),
@@ -1375,4 +1374,53 @@ fn the_beginning_of_the_audit_log_is_archived_then_removed_and_the_rest_still_ve
     let left: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(left[0]["seq"], 5, "records 1 to 4 are gone from the store");
     assert_eq!(broker.stop().0, Some(0));
+}
+
+#[test]
+fn a_sigterm_right_after_the_first_ready_line_stops_the_broker_cleanly() {
+    // Scripts wait for the address lines; a SIGTERM at once after the
+    // first must find the handler in place (a broker killed by the signal
+    // exits without a code, and never says it stopped). A few times: the
+    // window is short.
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..5 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "broker",
+                "--trust-domain",
+                "example.org",
+                "--policy",
+                POLICY,
+            ])
+            .args(EPHEMERAL_PORTS)
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("data{i}")))
+            .env_remove("TALLY_STORE_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // A shell waiting to send the signal: `kill` as a builtin goes out
+        // within microseconds of the line, where spawning kill(1) would take
+        // milliseconds, long enough to hide a late handler.
+        let mut trigger = Command::new("sh")
+            .args(["-c", &format!("read go && kill -TERM {}", child.id())])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = Lines::of(child.stdout.take().unwrap());
+        let first = out.next_within(PATIENCE);
+        {
+            use std::io::Write as _;
+            writeln!(trigger.stdin.take().unwrap()).unwrap();
+        }
+        assert!(wait_exit(&mut trigger, PATIENCE).success());
+        let status = wait_exit(&mut child, PATIENCE);
+        let rest = out.rest(PATIENCE);
+        assert_eq!(status.code(), Some(0), "start {i}: {first} {rest:?}");
+        assert_eq!(
+            rest.last().map(String::as_str),
+            Some("tally broker: stopped")
+        );
+    }
 }

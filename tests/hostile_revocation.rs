@@ -422,3 +422,98 @@ async fn a_fresh_subscriber_hears_every_revocation_before_it_can_verify() {
     }
     assert_eq!(order, ["revocation"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_workload_gets_no_token_from_inside_the_revoked_second() {
+    // A revocation covers tokens issued at or before its second: one
+    // issued later in that same second is covered too. Every clock stands
+    // still, so both sides of the second are reached on purpose.
+    let t0 = SystemClock.now();
+    let clock = Arc::new(ManualClock::new(t0));
+    let mesh = Mesh::start_with(LONG, clock.clone()).await;
+    let app = App::start().await;
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                inbound_to: Some(app.addr),
+                clock: Some(clock.clone()),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let inbound = payments.inbound.unwrap();
+    let checkout = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                socket: true,
+                services: vec![(inbound.to_string(), PAYMENTS.to_owned())],
+                clock: Some(clock.clone()),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let socket = checkout.socket.as_deref().unwrap();
+    support::mesh::prime_nonce(socket, inbound, "payments:charge").await;
+    let url = format!("http://{inbound}/v1/charges");
+    let ask = || serde_json::json!({"method": "POST", "url": url, "scope": "payments:charge"});
+    let charge = |(status, headers): (u16, serde_json::Value)| async move {
+        assert_eq!(status, 200, "{headers}");
+        let authorization = headers["authorization"].as_str().unwrap().to_owned();
+        let dpop = headers["dpop"].as_str().unwrap();
+        let headers = [("authorization", authorization.as_str()), ("dpop", dpop)];
+        let answer = send(inbound, "POST", "/v1/charges", &headers, "").await;
+        (authorization, answer)
+    };
+    let (before, answer) =
+        charge(support::mesh::local(socket, "POST", "/v1/authorize", Some(ask())).await).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    let (_, entry) = mesh
+        .broker
+        .broker
+        .revoke(
+            RevocationTarget::Subject(CHECKOUT.parse().unwrap()),
+            None,
+            "pod compromised",
+            &admin(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(entry.issued_before, t0);
+    revocations(&checkout, 1).await;
+    revocations(&payments, 1).await;
+
+    // Still inside the revoked second: the cached token is covered, and so
+    // is any the broker would sign now.
+    let (status, refusal) =
+        support::mesh::local(socket, "POST", "/v1/authorize", Some(ask())).await;
+    assert_eq!(status, 403, "{refusal}");
+    assert_eq!(refusal["error"], "access_denied");
+    assert!(
+        refusal["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{refusal}"
+    );
+
+    // One second later: a new token, issued after the revocation, passes.
+    clock.advance(1);
+    let (after, answer) =
+        charge(support::mesh::local(socket, "POST", "/v1/authorize", Some(ask())).await).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_ne!(after, before);
+    let broker = &mesh.broker.broker;
+    let config = tally::token::TokenConfig::new(broker.issuer(), PAYMENTS.parse().unwrap());
+    let token = after.trim_start_matches("DPoP ");
+    let claims =
+        tally::token::verify(token, &broker.jwks(), &config, clock.now(), &mut ()).unwrap();
+    assert!(claims.iat > entry.issued_before, "iat {}", claims.iat);
+
+    checkout.sidecar.stop().await.unwrap();
+    payments.sidecar.stop().await.unwrap();
+    app.stop();
+    mesh.broker.stop().await;
+}

@@ -40,6 +40,48 @@ async fn open(url: &str, key: &str) -> Store {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_commits_synchronously_whatever_the_database_default() {
+    use sqlx::Connection as _;
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    // A database whose default would acknowledge a commit before its WAL
+    // is flushed (a setting made "for speed"), and a URL asking the same.
+    let name = url.split('?').next().unwrap().rsplit('/').next().unwrap();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {name} SET synchronous_commit = off"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    admin.close().await.unwrap();
+    let joiner = if url.contains('?') { '&' } else { '?' };
+    let asking_off = format!("{url}{joiner}options=-c%20synchronous_commit%3Doff");
+    for url in [&url, &asking_off] {
+        let mut plain = sqlx::PgConnection::connect(url).await.unwrap();
+        let default: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut plain)
+            .await
+            .unwrap();
+        assert_eq!(default, "off", "the control: a plain connection is async");
+        plain.close().await.unwrap();
+
+        let store = open(url, &Sealer::generate_key_text().unwrap()).await;
+        let settings = store.durability().await.unwrap();
+        assert_eq!(settings[0], ("synchronous_commit", "on".to_owned()));
+        // The throwaway cluster runs with fsync off for speed, and the
+        // store reports the server's setting as it is (the broker logs it
+        // as an error at start).
+        let expected_fsync = if std::env::var("TALLY_TEST_POSTGRES").is_ok() {
+            settings[1].1.clone()
+        } else {
+            "off".to_owned()
+        };
+        assert_eq!(settings[1], ("fsync", expected_fsync));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers() {
     let pg = Postgres::start();
     let url = pg.database().await;

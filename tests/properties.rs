@@ -1,10 +1,13 @@
 //! Property tests: mint → verify round trips, htu normalization is
-//! idempotent, and any single-byte change breaks a proof or a token.
+//! idempotent, and any single-byte change to the header bytes a verifier
+//! receives breaks the request, with the error class that change calls
+//! for.
 
 mod support;
 
 use proptest::prelude::*;
 use support::*;
+use tally::auth::{AuthError, Request, RequestError, RequestVerifier, VerifierConfig};
 use tally::dpop::NormalizedUri;
 use tally::dpop::proof::{self, NonceRule, ProofConfig, ProofContext, TokenHash};
 use tally::token::{MintRequest, Scope, Scopes, TokenClass, verify};
@@ -101,30 +104,69 @@ proptest! {
     }
 
     #[test]
-    fn flipping_any_byte_of_a_proof_breaks_it(index in any::<prop::sample::Index>(), flip in 1u8..) {
+    fn flipping_any_byte_of_the_dpop_header_breaks_the_request(index in any::<prop::sample::Index>(), flip in 1u8..) {
         let fx = Fixture::new();
         let token = fx.token();
-        let valid = fx.proof(token.expose());
-        let mut bytes = valid.clone().into_bytes();
-        let i = index.index(bytes.len());
-        bytes[i] ^= flip;
-        let uri = uri();
-        let hash = TokenHash::of(token.expose());
-        let jkt = fx.client.thumbprint();
-        let ctx = context(&uri, Some(&hash), Some(&jkt));
-        if let Ok(spoiled) = String::from_utf8(bytes) {
-            prop_assert!(proof::verify(&spoiled, &ctx, &ProofConfig::default(), NOW, &mut ()).is_err());
+        let authorization = format!("DPoP {}", token.expose());
+        let valid = fx.proof(token.expose()).into_bytes();
+        // The control: the headers as minted pass.
+        check(&fx, authorization.as_bytes(), &valid).unwrap();
+
+        let mut spoiled = valid;
+        let i = index.index(spoiled.len());
+        spoiled[i] ^= flip;
+        let err = check(&fx, authorization.as_bytes(), &spoiled).unwrap_err();
+        // A header value that is not printable ASCII is malformed; any
+        // other change is a proof that fails its checks (the token is
+        // untouched).
+        if (0x20..0x7f).contains(&spoiled[i]) {
+            prop_assert!(matches!(err, AuthError::Proof(_)), "{err:?}");
+        } else {
+            prop_assert_eq!(err, AuthError::Request(RequestError::Malformed));
         }
     }
 
     #[test]
-    fn flipping_any_byte_of_a_token_breaks_it(index in any::<prop::sample::Index>(), flip in 1u8..) {
+    fn flipping_any_byte_of_the_access_token_breaks_the_request(index in any::<prop::sample::Index>(), flip in 1u8..) {
         let fx = Fixture::new();
-        let mut bytes = fx.token().expose().as_bytes().to_vec();
-        let i = index.index(bytes.len());
-        bytes[i] ^= flip;
-        if let Ok(spoiled) = String::from_utf8(bytes) {
-            prop_assert!(verify(&spoiled, &fx.jwks, &fx.token_config(), NOW, &mut ()).is_err());
+        let token = fx.token();
+        let proof = fx.proof(token.expose());
+        let valid = format!("DPoP {}", token.expose()).into_bytes();
+        check(&fx, &valid, proof.as_bytes()).unwrap();
+
+        // Any byte of the token as the header carries it.
+        let mut spoiled = valid;
+        let i = "DPoP ".len() + index.index(spoiled.len() - "DPoP ".len());
+        spoiled[i] ^= flip;
+        let err = check(&fx, &spoiled, proof.as_bytes()).unwrap_err();
+        // Outside the token68 alphabet the header is malformed; inside it
+        // the token fails its own checks.
+        if is_token68(&spoiled["DPoP ".len()..]) {
+            prop_assert!(matches!(err, AuthError::Token(_)), "{err:?}");
+        } else {
+            prop_assert_eq!(err, AuthError::Request(RequestError::Malformed));
         }
     }
+}
+
+/// `POST URL` with these header values, as the inbound proxy hands them
+/// to the verifier (bytes, not strings), on a fresh verifier at `NOW`.
+fn check(fx: &Fixture, authorization: &[u8], dpop: &[u8]) -> Result<(), AuthError> {
+    let verifier = RequestVerifier::new(VerifierConfig::new(fx.token_config())).unwrap();
+    let request = Request {
+        method: "POST",
+        uri: URL,
+        authorization: &[authorization],
+        dpop: &[dpop],
+    };
+    verifier.verify(&request, &fx.jwks, NOW).map(|_| ())
+}
+
+/// RFC 7235 `token68`, over bytes.
+fn is_token68(bytes: &[u8]) -> bool {
+    let end = bytes.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
+    end > 0
+        && bytes[..end]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(b))
 }

@@ -4,9 +4,10 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::process::{Command, Stdio};
 use support::broker::Spawned;
+use support::process::{Lines, PATIENCE, output_within, terminate, wait_exit};
 
 fn get(socket: &std::path::Path, target: &str) -> (u16, serde_json::Value) {
     let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
@@ -31,14 +32,15 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
     let broker = Spawned::start(&data);
     let broker_url = format!("https://{}", broker.grpc.replace("127.0.0.1", "localhost"));
     let checkout = "spiffe://example.org/ns/shop/sa/checkout";
-    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["ctl", "join-token", "create", "--spiffe-id", checkout])
-        .arg("--broker")
-        .arg(&broker_url)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["ctl", "join-token", "create", "--spiffe-id", checkout])
+            .arg("--broker")
+            .arg(&broker_url)
+            .arg("--data-dir")
+            .arg(&data),
+        PATIENCE,
+    );
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -61,9 +63,8 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(sidecar.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let mut out = Lines::of(sidecar.stdout.take().unwrap());
+    let line = out.next_within(PATIENCE);
     assert!(
         line.contains(checkout) && line.contains("local API on"),
         "{line}"
@@ -82,13 +83,14 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
 
     // The same from a shell, with `tally client`.
     let client = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_tally"))
-            .arg("client")
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap()
+        output_within(
+            Command::new(env!("CARGO_BIN_EXE_tally"))
+                .arg("client")
+                .arg("--socket")
+                .arg(&socket)
+                .args(args),
+            PATIENCE,
+        )
     };
     let o = client(&["identity"]);
     assert_eq!(o.status.code(), Some(0));
@@ -128,22 +130,17 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["client", "--socket"])
-        .arg(dir.path().join("nothing.sock"))
-        .arg("identity")
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["client", "--socket"])
+            .arg(dir.path().join("nothing.sock"))
+            .arg("identity"),
+        PATIENCE,
+    );
     assert_eq!(o.status.code(), Some(69));
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &sidecar.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert_eq!(sidecar.wait().unwrap().code(), Some(0));
+    terminate(&sidecar);
+    assert_eq!(wait_exit(&mut sidecar, PATIENCE).code(), Some(0));
     assert!(!socket.exists(), "the socket is removed on the way out");
     let (code, _) = broker.stop();
     assert_eq!(code, Some(0));

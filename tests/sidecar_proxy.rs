@@ -215,7 +215,11 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     let scope = charge_with(inbound, &a, &d).await;
     assert_eq!(scope.status, 403);
     assert!(challenge(&scope).contains("insufficient_scope"));
-    // A dot segment does not smuggle a path past the rules.
+    // A dot segment does not smuggle a path past the rules: the rules
+    // judge the normalized path (the refusal names it), and a path that
+    // only matches once normalized is allowed and routed there. (The raw
+    // `/v1/charges/../refunds` misses the rule too, so the status alone
+    // would prove nothing; tests/hostile_inbound.rs covers the rest.)
     let sneaky = format!("http://{inbound}/v1/charges/../refunds");
     let (a, d) = authorize(socket, "POST", &sneaky, "payments:charge").await;
     let smuggled = send(
@@ -226,7 +230,28 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
         "",
     )
     .await;
-    assert_eq!(smuggled.status, 403, "judged as /v1/refunds");
+    assert_eq!(smuggled.status, 403);
+    assert_eq!(
+        smuggled.json()["error_description"],
+        "denied by policy: path /v1/refunds is not allowed for this caller",
+        "judged as /v1/refunds"
+    );
+    let roundabout = format!("http://{inbound}/v1/refunds/../charges");
+    let (a, d) = authorize(socket, "POST", &roundabout, "payments:charge").await;
+    let routed = send(
+        inbound,
+        "POST",
+        "/v1/refunds/../charges",
+        &[("authorization", &a), ("dpop", &d)],
+        "",
+    )
+    .await;
+    assert_eq!(routed.status, 200, "{:?}", routed.body);
+    assert_eq!(
+        routed.json()["path"],
+        "/v1/charges",
+        "the app gets the path judged"
+    );
 
     // Two Host headers: which one would the proof be for?
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
@@ -258,7 +283,7 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
 
     assert_eq!(
         app.seen.load(Ordering::SeqCst),
-        1,
+        2,
         "no refused request reached the app"
     );
 
@@ -268,7 +293,7 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     let metrics =
         String::from_utf8(send(admin, "GET", "/metrics", &[], "").await.body.to_vec()).unwrap();
     for line in [
-        "tally_sidecar_inbound_requests_total{result=\"allowed\"} 1",
+        "tally_sidecar_inbound_requests_total{result=\"allowed\"} 2",
         "tally_sidecar_inbound_requests_total{result=\"replayed_proof\"} 1",
         "tally_sidecar_inbound_requests_total{result=\"policy_denied\"} 2",
         "tally_sidecar_inbound_requests_total{result=\"insufficient_scope\"} 1",
@@ -624,6 +649,16 @@ async fn inbound_proofs_expire_after_30_seconds() {
     mesh.broker.stop().await;
 }
 
+/// The claims of the token in an `Authorization: DPoP …` value.
+fn claims_of(authorization: &str) -> serde_json::Value {
+    let payload = authorization
+        .trim_start_matches("DPoP ")
+        .split('.')
+        .nth(1)
+        .unwrap();
+    serde_json::from_slice(&tally::jose::b64::decode(payload.as_bytes()).unwrap()).unwrap()
+}
+
 /// Waits until the sidecar has received `n` revocations.
 async fn revocations(sidecar: &support::mesh::Started, n: u64) {
     let mut mesh = sidecar.sidecar.parts().mesh.clone();
@@ -672,7 +707,10 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     let unknown = broker
         .revoke(RevocationTarget::Jti("nope".into()), None, "", &admin)
         .await;
-    assert!(unknown.is_err(), "an unknown jti is refused, not recorded");
+    assert!(
+        matches!(&unknown, Err(tally::broker::BrokerError::Revoke(m)) if m == "no token with jti \"nope\" in the inventory"),
+        "an unknown jti is refused, not recorded: {unknown:?}"
+    );
     broker
         .revoke(
             RevocationTarget::Jti(jti.clone()),
@@ -700,15 +738,7 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     // By DPoP key (another key's: no effect; checkout's own: refused) and
     // by workload: headers made before are refused.
     let probe = authorize(socket, "POST", &url, "payments:charge").await;
-    let payload = probe
-        .0
-        .trim_start_matches("DPoP ")
-        .split('.')
-        .nth(1)
-        .unwrap()
-        .to_owned();
-    let claims: serde_json::Value =
-        serde_json::from_slice(&tally::jose::b64::decode(payload.as_bytes()).unwrap()).unwrap();
+    let claims = claims_of(&probe.0);
     let own_key: tally::jose::Jkt = claims["cnf"]["jkt"].as_str().unwrap().parse().unwrap();
     let other_key = tally::dpop::ProofKey::generate().unwrap().thumbprint();
     // Headers made before each revocation (one token, three proofs).
@@ -716,6 +746,7 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     for _ in 0..3 {
         held.push(authorize(socket, "POST", &url, "payments:charge").await);
     }
+    let mut workload_revoked_up_to = 0;
     for ((n, target, expected), before) in [
         (2, RevocationTarget::Jkt(other_key), 200),
         (3, RevocationTarget::Jkt(own_key), 401),
@@ -724,16 +755,20 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
     .into_iter()
     .zip(held)
     {
-        broker
+        let (_, entry) = broker
             .revoke(target.clone(), None, "", &admin)
             .await
             .unwrap();
+        workload_revoked_up_to = entry.issued_before;
         revocations(&payments, n).await;
         assert_eq!(charge(before).await.status, expected, "{target:?}");
     }
     // The revoked workload is not handed tokens the revocation covers:
     // within the revocation's second the socket says so (403); later it
-    // gets a new token, issued after the revocation.
+    // gets a new token, issued after the revocation (a token from inside
+    // the revoked second would be refused everywhere). Which of the two
+    // depends on the wall clock here; tests/hostile_revocation.rs pins
+    // both with a manual clock.
     revocations(&checkout, 4).await;
     let ask = serde_json::json!({"method": "POST", "url": url, "scope": "payments:charge"});
     let (status, answer) = support::mesh::local(socket, "POST", "/v1/authorize", Some(ask)).await;
@@ -744,7 +779,15 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
                 .unwrap()
                 .contains("revoked")
         ),
-        200 => assert_ne!(answer["authorization"].as_str().unwrap(), probe.0),
+        200 => {
+            let replacement = answer["authorization"].as_str().unwrap();
+            assert_ne!(replacement, probe.0);
+            let iat = claims_of(replacement)["iat"].as_u64().unwrap();
+            assert!(
+                iat > workload_revoked_up_to,
+                "a token issued at {iat}, inside the revoked second {workload_revoked_up_to}"
+            );
+        }
         other => panic!("{other}: {answer}"),
     }
     // Everything issued before a time.
@@ -763,7 +806,10 @@ async fn revocations_reach_the_sidecars_and_are_enforced() {
             &admin,
         )
         .await;
-    assert!(late.is_err(), "a time in the future is refused");
+    assert!(
+        matches!(&late, Err(tally::broker::BrokerError::Revoke(m)) if m.contains("is in the future")),
+        "a time in the future is refused: {late:?}"
+    );
 
     let admin_port = payments.admin.unwrap();
     let metrics = String::from_utf8(

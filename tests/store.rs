@@ -64,6 +64,22 @@ async fn a_new_store_is_migrated_and_reopens() {
 }
 
 #[tokio::test]
+async fn every_commit_is_fsynced_in_wal_mode() {
+    // What "durable before acknowledged" rests on: a SIGKILL test (see
+    // tests/durability.rs) cannot tell a commit in the page cache from one
+    // on the disk; `synchronous = FULL` (2) is what fsyncs each commit.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    assert_eq!(
+        store.durability().await.unwrap(),
+        [
+            ("journal_mode", "wal".to_owned()),
+            ("synchronous", "2".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
 async fn ca_keys_are_sealed_at_rest_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_text();

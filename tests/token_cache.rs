@@ -93,34 +93,57 @@ async fn a_thousand_concurrent_callers_cause_one_broker_call() {
     assert_eq!(broker.calls.load(Ordering::SeqCst), 1);
 }
 
+/// Calls `cache` once a second from a fresh token on and returns the
+/// second at which it started its background refresh; every call before
+/// it got the first token without a broker call, and none waited.
+async fn refresh_point(broker: &Broker, cache: &Arc<TokenCache<Arc<Broker>>>) -> u64 {
+    let a = aud("spiffe://example.org/ns/pay/sa/payments");
+    let first = cache.get(&a, &scopes()).await.unwrap();
+    for second in 1..300 {
+        advance(Duration::from_secs(1)).await;
+        let t0 = Instant::now();
+        let got = cache.get(&a, &scopes()).await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::ZERO, "no wait on the broker");
+        assert_eq!(got.jti, first.jti, "at {second} s");
+        if cache.stats().refreshes.load(Ordering::SeqCst) == 1 {
+            return second;
+        }
+        assert_eq!(broker.calls.load(Ordering::SeqCst), 1, "at {second} s");
+    }
+    panic!("never refreshed");
+}
+
 #[tokio::test(start_paused = true)]
 async fn tokens_are_refreshed_ahead_and_callers_never_wait_or_get_a_stale_one() {
     let (broker, cache) = setup(300);
     let a = aud("spiffe://example.org/ns/pay/sa/payments");
-    let first = cache.get(&a, &scopes()).await.unwrap();
-    let got_at = Instant::now();
-    // Before 75% of the life (the earliest jittered refresh point): cached.
-    advance(Duration::from_secs(224)).await;
-    assert_eq!(cache.get(&a, &scopes()).await.unwrap().jti, first.jti);
-    assert_eq!(broker.calls.load(Ordering::SeqCst), 1);
-    // Past 85% (the latest): the caller still gets the cached token at
-    // once, and one background fetch starts…
-    advance(Duration::from_secs(32)).await;
-    let t0 = Instant::now();
-    let during = cache.get(&a, &scopes()).await.unwrap();
-    assert_eq!(t0.elapsed(), Duration::ZERO, "no wait on the broker");
-    assert_eq!(during.jti, first.jti);
-    // …which later callers see, without another call.
+    // The cache picks the point: 80% of the life ± 5%, so between 225 s
+    // and 255 s of a 300 s token (whole seconds: the first call at or past
+    // it starts the refresh).
+    let at = refresh_point(&broker, &cache).await;
+    assert!((225..=256).contains(&at), "refreshed at {at} s");
+    // The one background fetch lands; later callers see it, without
+    // another call.
     tokio::time::sleep(Duration::from_millis(50)).await;
     for _ in 0..10 {
         assert_eq!(cache.get(&a, &scopes()).await.unwrap().jti, "jti-2");
     }
     assert_eq!(broker.calls.load(Ordering::SeqCst), 2);
     assert_eq!(cache.stats().refreshes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sidecars_started_together_do_not_refresh_together() {
+    let mut points = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (broker, cache) = setup(300);
+        points.insert(refresh_point(&broker, &cache).await);
+    }
     assert!(
-        got_at.elapsed() < Duration::from_secs(270),
-        "never past the floor"
+        points.len() >= 5,
+        "20 caches refreshed at only {points:?} (a ±15 s jitter spreads them)"
     );
+    assert!(points.iter().all(|p| (225..=256).contains(p)), "{points:?}");
 }
 
 #[tokio::test(start_paused = true)]

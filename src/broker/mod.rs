@@ -13,6 +13,7 @@
 
 pub mod admin_port;
 pub mod admin_rpc;
+mod audit_file;
 pub mod config;
 pub mod denials;
 pub mod governance;
@@ -367,6 +368,11 @@ impl Broker {
             )));
         }
         if let Some(path) = &settings.audit_file {
+            // The copy is not a gate: a file that cannot be caught up is
+            // logged, as a failing append is.
+            if let Err(e) = audit_file::catch_up(path, &store).await {
+                tracing::error!(error = %e, file = %path.display(), "catching the audit file up with the store failed");
+            }
             let file = open_audit_file(path)
                 .map_err(|e| BrokerError::Config(format!("audit file {}: {e}", path.display())))?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

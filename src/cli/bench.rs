@@ -3,8 +3,9 @@
 //! (its own process, real SQLite store, mTLS gRPC on 127.0.0.1), gets a
 //! client certificate through `Admin.MintSvid`, then keeps N connections
 //! busy with `Tokens.Issue` calls, each with a fresh DPoP proof. At the end
-//! it kills the broker without warning (SIGKILL), reopens the store and
-//! checks that every acknowledged issuance is in the inventory.
+//! it kills the broker without warning (SIGKILL) with calls still in flight
+//! (some answered, some queued for a commit), reopens the store and checks
+//! that every acknowledged issuance is in the inventory.
 
 use super::CliError;
 use crate::clock::{Clock, SystemClock};
@@ -220,6 +221,10 @@ pub(super) async fn client_identity(
 #[derive(Default)]
 struct Tally {
     ok: u64,
+    /// The jti of every acknowledged issuance, looked up after the crash.
+    jtis: Vec<String>,
+    /// Calls the final SIGKILL cut off (no answer): not errors.
+    cut_off: u64,
     errors: std::collections::BTreeMap<String, u64>,
     /// Latencies of measured (post-warmup) successes, microseconds.
     latencies: Vec<u32>,
@@ -229,14 +234,16 @@ async fn worker(
     mut client: pb::tokens_client::TokensClient<Channel>,
     htu: String,
     measure_from: Instant,
-    until: Instant,
+    killed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Tally {
+    use std::sync::atomic::Ordering;
     let mut tally = Tally::default();
     let Ok(key) = ProofKey::generate() else {
         tally.errors.insert("client key generation".into(), 1);
         return tally;
     };
-    while Instant::now() < until {
+    // Until the broker is killed: the kill lands with calls in flight.
+    while !killed.load(Ordering::SeqCst) {
         let started = Instant::now();
         let proof = match key.mint("POST", &htu, None, None, SystemClock.now()) {
             Ok(p) => p,
@@ -254,14 +261,24 @@ async fn worker(
             })
             .await;
         match result {
-            Ok(_) => {
+            Ok(answer) => {
                 tally.ok += 1;
+                tally.jtis.push(answer.into_inner().jti);
                 if started >= measure_from {
                     let micros = started.elapsed().as_micros();
                     tally
                         .latencies
                         .push(u32::try_from(micros).unwrap_or(u32::MAX));
                 }
+            }
+            Err(status)
+                if killed.load(Ordering::SeqCst)
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+            {
+                tally.cut_off += 1;
             }
             Err(status) => {
                 *tally
@@ -302,6 +319,7 @@ async fn issue(
     let start = Instant::now();
     let measure_from = start + warmup;
     let until = measure_from + duration;
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for _ in 0..args.connections {
         let channel = channel(&addr, &bundle, identity.clone()).await?;
@@ -311,7 +329,7 @@ async fn issue(
                 client,
                 htu.clone(),
                 measure_from,
-                until,
+                std::sync::Arc::clone(&killed),
             )));
         }
     }
@@ -322,19 +340,23 @@ async fn issue(
     };
     tokio::time::sleep_until(until.into()).await;
     let cpu_end = (cpu_seconds(broker_pid), cpu_seconds(std::process::id()));
+    // No goodbye, with calls in flight: an acknowledged issuance must
+    // already be committed (some answered just now, some still queued).
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = broker.0.kill();
+    let _ = broker.0.wait();
     let mut total = Tally::default();
     for w in workers {
         let t = w.await.map_err(|e| failed("a worker", e))?;
         total.ok += t.ok;
+        total.jtis.extend(t.jtis);
+        total.cut_off += t.cut_off;
         for (k, v) in t.errors {
             *total.errors.entry(k).or_default() += v;
         }
         total.latencies.extend(t.latencies);
     }
 
-    // No goodbye: an acknowledged issuance must already be on disk.
-    let _ = broker.0.kill();
-    let _ = broker.0.wait();
     let key = std::fs::read(data.join("store.key")).map_err(|e| failed("store.key", e))?;
     let sealer = Sealer::from_key_material(&key).map_err(|e| failed("store.key", e))?;
     // The broker inherits TALLY_DATABASE_URL: with it, the run measures
@@ -345,10 +367,13 @@ async fn issue(
         Err(_) => Store::open_sqlite(&data.join("tally.db"), sealer).await,
     }
     .map_err(|e| failed("reopening the store", e))?;
-    let recorded = store
-        .count_issued()
+    let recorded = stored_jtis(&store)
         .await
-        .map_err(|e| failed("counting the inventory", e))?;
+        .map_err(|e| failed("reading the inventory", e))?;
+    // Each acknowledged one by its jti: a count could hide a missing one
+    // behind a cut-off call that was committed but never answered.
+    let missing = total.jtis.iter().filter(|j| !recorded.contains(*j)).count();
+    let recorded = recorded.len();
 
     total.latencies.sort_unstable();
     let measured = total.latencies.len();
@@ -389,13 +414,13 @@ async fn issue(
         say!("    {n} x {what}");
     }
     say!(
-        "  inventory after SIGKILL and reopen: {recorded} records for {} acknowledged issuances (warm-up included)",
-        total.ok
+        "  inventory after SIGKILL under load and reopen: {recorded} records for {} acknowledged issuances (warm-up included; {} calls cut off by the kill)",
+        total.ok,
+        total.cut_off
     );
-    if recorded < total.ok {
+    if missing > 0 {
         return Err(CliError::Failed(format!(
-            "{} acknowledged issuances are missing from the inventory",
-            total.ok - recorded
+            "{missing} acknowledged issuances are missing from the inventory"
         )));
     }
     Ok(if errors == 0 {
@@ -403,6 +428,25 @@ async fn issue(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The jti of every live token in the inventory.
+async fn stored_jtis(
+    store: &Store,
+) -> Result<std::collections::HashSet<String>, crate::store::StoreError> {
+    let mut filter = crate::store::TokenFilter {
+        now: SystemClock.now(),
+        ..crate::store::TokenFilter::default()
+    };
+    let mut jtis = std::collections::HashSet::new();
+    loop {
+        let page = store.find_live_tokens(&filter, 10_000).await?;
+        let Some(last) = page.last() else {
+            return Ok(jtis);
+        };
+        filter.after = Some((last.exp, last.jti.clone()));
+        jtis.extend(page.into_iter().map(|t| t.jti));
+    }
 }
 
 /// User + system CPU seconds a process has used, from `/proc/PID/stat`

@@ -509,6 +509,12 @@ async fn serve(
             return Ok(ExitCode::SUCCESS);
         }
     };
+    // Watched from before the lines that say it is ready, so a SIGTERM
+    // after them is never lost.
+    let (signal, drain_signal) = (
+        super::broker::shutdown_signal(),
+        super::broker::shutdown_signal(),
+    );
     // The lines below tell scripts it is ready: keys, bundle and access
     // rules in hand (or a warning after a while, and it keeps trying).
     if !sidecar.ready(Duration::from_secs(15)).await {
@@ -531,11 +537,11 @@ async fn serve(
     // In-flight requests get DRAIN to finish after the signal; a client
     // that never lets go does not keep the sidecar from exiting.
     let signal_then_drain = async {
-        super::broker::shutdown_signal().await;
+        drain_signal.await;
         tokio::time::sleep(DRAIN).await;
     };
     let result = tokio::select! {
-        result = sidecar.run_until(super::broker::shutdown_signal()) => result,
+        result = sidecar.run_until(signal) => result,
         () = signal_then_drain => {
             tracing::warn!("requests still open {} s after the shutdown signal; exiting anyway", DRAIN.as_secs());
             Ok(())

@@ -325,6 +325,22 @@ impl Store {
         }
     }
 
+    /// The settings an acknowledged write's durability rests on, as the
+    /// database reports them on one of the store's own connections:
+    /// SQLite `journal_mode` (`wal`) and `synchronous` (`2`, FULL: each
+    /// commit is fsynced); PostgreSQL `synchronous_commit` (`on`: a commit
+    /// returns once its WAL is flushed) and `fsync` (the server's; `off`
+    /// would make the flush a no-op).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn durability(&self) -> Result<Vec<(&'static str, String)>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.durability().await,
+            Self::Postgres(s) => s.durability().await,
+        }
+    }
+
     /// The schema version in the database.
     ///
     /// # Errors

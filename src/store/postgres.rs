@@ -13,8 +13,12 @@
 //! - secrets, the CA and join tokens use the same first-writer-wins and
 //!   single-winner statements as SQLite.
 //!
-//! Durability is PostgreSQL's: a commit returns after its WAL is flushed
-//! (`synchronous_commit = on`, the default).
+//! Durability is PostgreSQL's: a commit returns after its WAL is flushed.
+//! Every connection sets `synchronous_commit = on` itself, so a database or
+//! role default of `off` (or `local`/`remote_write` on a replica set up
+//! for speed) cannot make an acknowledged write disappear in a crash; a
+//! server running with `fsync = off` is reported at open, since no client
+//! setting can undo it.
 
 use super::rows::{
     audit_from_row, ca_from_row, change_from_row, head_from_row, identities_from_rows,
@@ -178,9 +182,24 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET synchronous_commit = on")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
             .connect(url)
             .await?;
         migrate(&pool).await?;
+        let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&pool).await?;
+        if fsync != "on" {
+            tracing::error!(
+                fsync = %fsync,
+                "the PostgreSQL server runs with fsync off: a crash of its machine can lose acknowledged writes"
+            );
+        }
         let (writer, queue) = mpsc::channel(QUEUE);
         let tap = Tap::default();
         tokio::spawn(group_commit(pool.clone(), queue, tap.clone()));
@@ -195,6 +214,18 @@ impl PgStore {
     /// The pool, for LISTEN.
     pub(super) fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    pub(super) async fn durability(&self) -> Result<Vec<(&'static str, String)>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut settings = Vec::new();
+        for name in ["synchronous_commit", "fsync"] {
+            let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+                .fetch_one(&mut *conn)
+                .await?;
+            settings.push((name, value));
+        }
+        Ok(settings)
     }
 
     pub(super) async fn schema_version(&self) -> Result<i64, StoreError> {

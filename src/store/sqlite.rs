@@ -268,6 +268,20 @@ impl SqliteStore {
         rows.iter().map(audit_from_row).collect()
     }
 
+    pub(super) async fn durability(&self) -> Result<Vec<(&'static str, String)>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await?;
+        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(vec![
+            ("journal_mode", journal),
+            ("synchronous", synchronous.to_string()),
+        ])
+    }
+
     pub(super) async fn schema_version(&self) -> Result<i64, StoreError> {
         let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
             .fetch_one(&self.pool)

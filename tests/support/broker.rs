@@ -2,7 +2,7 @@
 //! ([`Spawned`]): SQLite store in a directory, gRPC
 //! over TLS on 127.0.0.1 (port 0 unless given), stopped on demand.
 
-use std::io::{BufRead as _, BufReader};
+use super::process::{Lines, PATIENCE, terminate, wait_exit};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use tally::broker::{Broker, BrokerSettings};
@@ -21,8 +21,13 @@ pub struct ServedBroker {
 impl ServedBroker {
     /// Stops accepting, finishes calls, and waits for the server to end.
     pub async fn stop(self) {
+        // An error means the server has already ended; awaiting it below
+        // says how (a panic there fails the test).
         let _ = self.stop.send(());
-        self.server.await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.server)
+            .await
+            .expect("the broker did not stop within 20 s (its drain is 10 s)")
+            .expect("the broker's server task failed");
     }
 
     /// `https://localhost:PORT`, as a client names it.
@@ -184,10 +189,11 @@ pub const EPHEMERAL_PORTS: [&str; 6] = [
     "127.0.0.1:0",
 ];
 
-/// A broker binary on ephemeral ports, and where it listens.
+/// A broker binary on ephemeral ports, and where it listens. Killed when
+/// dropped, so a failing test leaves no broker behind.
 pub struct Spawned {
     child: std::process::Child,
-    out: BufReader<std::process::ChildStdout>,
+    out: Lines,
     pub grpc: String,
     pub https_line: String,
     pub admin: String,
@@ -201,6 +207,13 @@ impl Spawned {
 
     /// `tally broker` with these policy arguments (and the usual others).
     pub fn start_with(data: &std::path::Path, policy_args: &[&str]) -> Self {
+        // Appended to, so a restarted broker's log follows its predecessor's.
+        let log_path = data.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
             .args(["broker", "--trust-domain", "example.org"])
             .args(policy_args)
@@ -212,15 +225,19 @@ impl Spawned {
             .env("TALLY_LOG", "debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(data.with_extension("log")).unwrap())
+            .stderr(log)
             .spawn()
             .unwrap();
-        // The broker prints its addresses once it listens: no sleeping.
-        let mut out = BufReader::new(child.stdout.take().unwrap());
+        // The broker prints its addresses once it listens: no sleeping, and
+        // no waiting past the bound either.
+        let mut out = Lines::of(child.stdout.take().unwrap());
         let mut next_line = || {
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            line
+            out.try_next_within(PATIENCE).unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(20)..];
+                panic!("the broker printed no address ({e}); its log ends:\n{tail:#?}")
+            })
         };
         let (grpc, https_line, admin) = (next_line(), next_line(), next_line());
         assert!(
@@ -293,22 +310,21 @@ impl Spawned {
     /// SIGKILL: no goodbye, nothing flushed that was not already durable.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        wait_exit(&mut self.child, PATIENCE);
     }
 
     /// SIGTERM, then the exit code and the rest of stdout.
     pub fn stop(mut self) -> (Option<i32>, Vec<String>) {
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let status = self.child.wait().unwrap();
-        (
-            status.code(),
-            self.out.lines().map(Result::unwrap).collect(),
-        )
+        terminate(&self.child);
+        let status = wait_exit(&mut self.child, PATIENCE);
+        (status.code(), self.out.rest(PATIENCE))
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Already gone after `kill` or `stop`; otherwise a test failed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -8,6 +8,7 @@ pub mod https;
 pub mod mesh;
 pub mod partition;
 pub mod postgres;
+pub mod process;
 
 use serde_json::{Value, json};
 use tally::dpop::NormalizedUri;
