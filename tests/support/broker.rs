@@ -224,6 +224,11 @@ impl Spawned {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The issuer URL it printed (`https://localhost:PORT`).
     pub fn issuer(&self) -> String {
         self.https_line
