@@ -283,7 +283,12 @@ impl Spawned {
         out
     }
 
-    /// The issuer URL it printed (the `iss` of its tokens).
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The issuer URL it printed (`https://localhost:PORT`).
     pub fn issuer(&self) -> String {
         let after = self.https_line.split("issuer ").nth(1).unwrap();
         after.trim().to_owned()
