@@ -1,31 +1,69 @@
-//! Inputs that once crashed a fuzz target, replayed through every parser.
+//! Inputs that once crashed a fuzz target, replayed through every fuzz
+//! target's body (the same code, `fuzz/targets.rs`) on each test run; and
+//! the targets' accepting paths reached with valid inputs, so their
+//! oracles are known to run.
+
+#[path = "../fuzz/targets.rs"]
+mod targets;
 
 use std::path::Path;
-use tally::dpop::NormalizedUri;
-use tally::dpop::proof::{self, NonceRule, ProofConfig, ProofContext};
-use tally::jose::{Jws, Limits};
+
+/// A target's body: whether a verifier accepted the input.
+type Target = fn(&[u8]) -> bool;
+
+/// Every target, by name.
+const TARGETS: [(&str, Target); 4] = [
+    ("jws_parse", targets::jws_parse),
+    ("proof_verify", targets::proof_verify),
+    ("token_verify", targets::token_verify),
+    ("sa_token_verify", targets::sa_token_verify),
+];
 
 #[test]
-fn every_saved_crash_input_is_refused_without_panicking() {
+fn every_saved_crash_input_goes_through_every_target_and_is_refused() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
     let mut seen = 0;
-    let uri = NormalizedUri::parse("https://server.example.com/token").unwrap();
     for entry in std::fs::read_dir(dir).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-        let text = String::from_utf8_lossy(&bytes);
-        assert!(Jws::parse(&text, &Limits::default()).is_err());
-        let ctx = ProofContext {
-            method: "POST",
-            uri: &uri,
-            token_hash: None,
-            expected_jkt: None,
-            nonce: NonceRule::NotRequired,
-            keys: None,
-        };
-        assert!(
-            proof::verify(&text, &ctx, &ProofConfig::default(), 1_562_262_616, &mut ()).is_err()
-        );
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        for (name, target) in TARGETS {
+            // A panic (a parser's, or an oracle's) fails the test.
+            assert!(!target(&bytes), "{name} accepted {}", path.display());
+        }
         seen += 1;
     }
     assert!(seen >= 1);
+}
+
+#[test]
+fn a_valid_proof_and_a_valid_token_reach_the_oracles() {
+    let key = tally::dpop::ProofKey::generate().unwrap();
+    let proof = key
+        .mint(
+            targets::PROOF_METHOD,
+            targets::PROOF_URL,
+            None,
+            None,
+            targets::PROOF_NOW,
+        )
+        .unwrap();
+    assert!(targets::proof_verify(proof.as_bytes()));
+    // One byte off: refused, without a panic.
+    let mut spoiled = proof.into_bytes();
+    let last = spoiled.len() - 1;
+    spoiled[last] = if spoiled[last] == b'A' { b'B' } else { b'A' };
+    assert!(!targets::proof_verify(&spoiled));
+
+    let request = tally::token::MintRequest {
+        subject: &"spiffe://example.org/ns/shop/sa/checkout".parse().unwrap(),
+        audience: &"spiffe://example.org/ns/pay/sa/payments".parse().unwrap(),
+        scope: &"payments:read".parse().unwrap(),
+        class: tally::token::TokenClass::Service,
+        ttl: 300,
+        jkt: key.thumbprint(),
+    };
+    let (token, _) = targets::token_signer()
+        .mint(&request, 1_800_000_000)
+        .unwrap();
+    assert!(targets::token_verify(token.expose().as_bytes()));
 }

@@ -146,20 +146,23 @@ fn hostile_service_account_tokens_are_refused_with_their_reason() {
         check(&with(&|v| v["nbf"] = (NOW + 31).into())),
         SaTokenError::NotYetValid { .. }
     ));
-    assert!(matches!(
-        check(&with(&|v| v["sub"] = "system:node:worker-1".into())),
-        SaTokenError::Subject(_)
-    ));
-    assert!(matches!(
-        check(&with(&|v| v["sub"] = "system:serviceaccount:Shop:x".into())),
-        SaTokenError::Subject(_)
-    ));
-    assert!(matches!(
-        check(&with(
-            &|v| v["kubernetes.io"]["namespace"] = "kube-system".into()
-        )),
-        SaTokenError::Subject(_)
-    ));
+    // Three different subject faults, each named.
+    let subject = |edit: &dyn Fn(&mut Value)| match check(&with(edit)) {
+        SaTokenError::Subject(why) => why,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        subject(&|v| v["sub"] = "system:node:worker-1".into()),
+        "not system:serviceaccount:NAMESPACE:NAME"
+    );
+    assert_eq!(
+        subject(&|v| v["sub"] = "system:serviceaccount:Shop:x".into()),
+        "namespace or ServiceAccount name is not a valid Kubernetes name"
+    );
+    assert_eq!(
+        subject(&|v| v["kubernetes.io"]["namespace"] = "kube-system".into()),
+        "kubernetes.io claim names another ServiceAccount than sub"
+    );
     assert!(matches!(
         check(&with(&|v| {
             v.as_object_mut().unwrap().remove("exp");

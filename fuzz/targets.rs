@@ -1,0 +1,167 @@
+//! The bodies of the fuzz targets, shared by the cargo-fuzz binaries
+//! (`fuzz_targets/*.rs`) and `tests/fuzz_regressions.rs`, which replays
+//! every saved input through every one of them on each test run. Each
+//! panics on a bug: a panic inside a parser, or an oracle that fails.
+//! Each returns whether a verifier accepted the input, so a test can show
+//! that the accepting path (and its oracle) is reachable.
+
+// Each fuzz binary uses one target.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+use tally::dpop::NormalizedUri;
+use tally::dpop::proof::{self, NonceRule, ProofConfig, ProofContext, TokenHash};
+use tally::jose::{Jws, Limits, PublicKey, SigningKey, b64};
+use tally::token::{Jwks, TokenConfig, TokenSigner};
+
+/// The request `proof_verify` judges proofs for (RFC 9449's example).
+pub const PROOF_METHOD: &str = "GET";
+/// Its URL.
+pub const PROOF_URL: &str = "https://resource.example.org/protectedresource";
+/// Its time.
+pub const PROOF_NOW: u64 = 1_562_262_618;
+
+/// Whatever a verifier accepted is a compact JWS that re-encodes to the
+/// input: three segments, each the canonical base64url of its bytes (no
+/// second spelling of an accepted proof or token).
+fn re_encodes(text: &str) {
+    let segments: Vec<&str> = text.split('.').collect();
+    assert_eq!(segments.len(), 3, "accepted input is not a compact JWS");
+    for segment in segments {
+        let bytes = b64::decode(segment.as_bytes()).expect("accepted segment decodes");
+        assert_eq!(
+            b64::encode(bytes),
+            segment,
+            "accepted segment is not canonical"
+        );
+    }
+}
+
+/// The compact JWS parser, `htu` normalization (idempotent), request
+/// path routability, the `Authorization`/`DPoP` header reader, the strict
+/// JSON reader and the JWKS parser.
+pub fn jws_parse(data: &[u8]) -> bool {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(jws) = Jws::parse(text, &Limits::default()) {
+            let _ = jws.typ();
+        }
+        if let Ok(uri) = NormalizedUri::parse(text) {
+            let again = NormalizedUri::parse(uri.as_str()).expect("normalized URI reparses");
+            assert_eq!(again, uri, "normalization is idempotent");
+            let _ = tally::auth::path::check_routable(uri.path());
+        }
+        let _ = tally::auth::path::check_routable(text);
+    }
+    let _ = tally::auth::credentials::parse(&[data], &[data]);
+    let _ = tally::jose::json::parse_object(data);
+    let _ = Jwks::parse(data);
+    false
+}
+
+/// The DPoP proof verifier, with and without a token hash and nonce rule.
+/// Oracle: nothing but a well-formed proof signed by its own `jwk`
+/// passes — it re-encodes to the input, its signature verifies under the
+/// key in its header, and the thumbprint reported is that key's.
+pub fn proof_verify(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let uri = NormalizedUri::parse(PROOF_URL).unwrap();
+    let hash = TokenHash::of("Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU");
+    let mut accepted = false;
+    for (token_hash, nonce) in [
+        (None, NonceRule::NotRequired),
+        (Some(&hash), NonceRule::Exact("n")),
+    ] {
+        let ctx = ProofContext {
+            method: PROOF_METHOD,
+            uri: &uri,
+            token_hash,
+            expected_jkt: None,
+            nonce,
+            keys: None,
+        };
+        let Ok(verified) = proof::verify(text, &ctx, &ProofConfig::default(), PROOF_NOW, &mut ())
+        else {
+            continue;
+        };
+        accepted = true;
+        re_encodes(text);
+        let jws = Jws::parse(text, &Limits::default()).expect("an accepted proof parses");
+        assert_eq!(jws.typ(), Some("dpop+jwt"));
+        let key = PublicKey::from_jwk(&jws.header()["jwk"]).expect("its jwk is a public key");
+        jws.verify(&key).expect("it verifies under its own jwk");
+        assert_eq!(verified.jkt, key.thumbprint(), "the jkt is its jwk's");
+    }
+    accepted
+}
+
+/// The broker `token_verify` trusts (key `k1`).
+pub fn token_signer() -> &'static TokenSigner {
+    static SIGNER: OnceLock<TokenSigner> = OnceLock::new();
+    SIGNER.get_or_init(|| TokenSigner::new(SigningKey::generate().unwrap(), "k1", ISSUER))
+}
+
+/// Its issuer.
+pub const ISSUER: &str = "https://broker.example";
+
+/// The access-token verifier against a JWKS holding [`token_signer`]'s
+/// key as `k1`. Oracle: an accepted token re-encodes to the input and
+/// verifies under that key.
+pub fn token_verify(data: &[u8]) -> bool {
+    static JWKS: OnceLock<Jwks> = OnceLock::new();
+    let jwks = JWKS.get_or_init(|| {
+        let mut jwks = Jwks::default();
+        jwks.insert("k1", token_signer().key().public_key().clone());
+        jwks
+    });
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let config = TokenConfig::new(
+        ISSUER,
+        "spiffe://example.org/ns/pay/sa/payments".parse().unwrap(),
+    );
+    let Ok(claims) = tally::token::verify(text, jwks, &config, 1_800_000_000, &mut ()) else {
+        return false;
+    };
+    re_encodes(text);
+    assert_eq!(claims.kid, "k1");
+    let jws = Jws::parse(text, &Limits::default()).expect("an accepted token parses");
+    jws.verify(token_signer().key().public_key())
+        .expect("it verifies under the trusted key");
+    true
+}
+
+/// The Kubernetes ServiceAccount token verifier and the cluster JWKS
+/// parser (the first byte picks which).
+pub fn sa_token_verify(data: &[u8]) -> bool {
+    use tally::identity::k8s::{self, SaKeys, SaTokenConfig};
+    static KEYS: OnceLock<SaKeys> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        let key = SigningKey::generate().unwrap();
+        let mut jwk: serde_json::Value =
+            serde_json::from_str(&key.public_key().to_jwk_json()).unwrap();
+        jwk["kid"] = "k1".into();
+        SaKeys::parse(serde_json::json!({"keys": [jwk]}).to_string().as_bytes()).unwrap()
+    });
+    let Some((first, rest)) = data.split_first() else {
+        return false;
+    };
+    if first % 2 == 0 {
+        let _ = SaKeys::parse(rest);
+        return false;
+    }
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return false;
+    };
+    let config = SaTokenConfig {
+        issuer: "https://kubernetes.default.svc".into(),
+        audience: "tally".into(),
+    };
+    let accepted = k8s::verify(text, keys, &config, 1_800_000_000).is_ok();
+    if accepted {
+        re_encodes(text);
+    }
+    accepted
+}
