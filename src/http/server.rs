@@ -630,18 +630,16 @@ struct Tracked<B> {
 }
 
 impl<B> Tracked<B> {
+    /// Counts as waiting from the start: until hyper polls it, the peer
+    /// has taken nothing.
     fn new(body: B, guard: InFlight) -> Self {
-        let tracked = Self {
+        let mut tracked = Self {
             body: Box::pin(body),
             guard,
             waiting: false,
         };
-        tracked.set_waiting(true)
-    }
-
-    fn set_waiting(mut self, waiting: bool) -> Self {
-        self.update(waiting);
-        self
+        tracked.update(true);
+        tracked
     }
 
     /// Records a poll, and whether the body now waits on the peer;
