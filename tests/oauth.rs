@@ -719,3 +719,66 @@ async fn introspection_and_revocation_serve_the_holder_and_admins_only() {
     );
     r.stop().await;
 }
+
+#[tokio::test]
+async fn an_admin_revokes_a_workloads_token_through_the_revocation_endpoint() {
+    let r = start(false).await;
+    let client = checkout(&r);
+    let key = ProofKey::generate().unwrap();
+    let proof = key
+        .mint("POST", &r.token_url(), None, None, SystemClock.now())
+        .unwrap();
+    let issued = post_token(&r, Some(&client), &proof, &form("payments:charge")).await;
+    assert_eq!(issued.status, 200, "{issued:?}");
+    let token = issued.json()["access_token"].as_str().unwrap().to_owned();
+    let admin = r
+        .broker
+        .mint_credential(&"spiffe://example.org/admin".parse().unwrap(), 600)
+        .unwrap();
+
+    let done = ask(&r, &admin, "POST /oauth2/revoke", token.clone()).await;
+    assert_eq!(done.status, 200, "{done:?}");
+    // Inactive for everyone, the holder included.
+    for who in [&admin, &client] {
+        let seen = ask(&r, who, "POST /oauth2/introspect", token.clone()).await;
+        assert_eq!(seen.json(), serde_json::json!({"active": false}));
+    }
+    // A revocation of that jti in the state every sidecar gets, audited as
+    // the admin's, never with the token.
+    let claims = verify(
+        &token,
+        &r.broker.jwks(),
+        &TokenConfig::new(r.broker.issuer(), PAYMENTS.parse().unwrap()),
+        SystemClock.now(),
+        &mut (),
+    )
+    .unwrap();
+    let state = r
+        .broker
+        .store()
+        .current_state(SystemClock.now())
+        .await
+        .unwrap();
+    let entries: Vec<_> = state
+        .iter()
+        .filter(|c| c.kind == "revocation")
+        .map(|c| tally::token::Revocation::from_json(&c.body).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0].target,
+        tally::token::RevocationTarget::Jti(claims.jti.clone())
+    );
+    let filter = tally::store::AuditFilter {
+        kind: Some("token.revoke".into()),
+        ..Default::default()
+    };
+    let audit = r.broker.store().audit_query(&filter, 10).await.unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let record: Value = serde_json::from_str(&audit[0].line).unwrap();
+    assert_eq!(record["actor"], "spiffe://example.org/admin");
+    assert_eq!(record["outcome"], "ok");
+    assert_eq!(record["jti"], claims.jti.as_str());
+    assert!(!audit[0].line.contains(&token));
+    r.stop().await;
+}

@@ -15,11 +15,10 @@ use zeroize::Zeroizing;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
     let dir = tempfile::tempdir().unwrap();
-    let mut short = settings("trust_domain: example.org\n");
-    // Short SVIDs so renewal (at 40–60% of the life) happens in the test.
-    short.svid_ttl = 4;
+    let mut svids = settings("trust_domain: example.org\n");
+    svids.svid_ttl = 600;
     let key = Sealer::generate_key_text().unwrap();
-    let served = serve_broker(dir.path(), &key, short, "127.0.0.1:0").await;
+    let served = serve_broker(dir.path(), &key, svids, "127.0.0.1:0").await;
     let broker = Arc::clone(&served.broker);
     let client = IdentityClient::new(served.url(), broker.bundle_pem());
     let id = "spiffe://example.org/vm/build-1";
@@ -30,7 +29,7 @@ async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
     let how = Attestation::JoinToken(Zeroizing::new(token.expose().to_owned()));
     let first = client.attest(&how, SystemClock.now()).await.unwrap();
     assert_eq!(first.spiffe_id.as_str(), id);
-    assert!(first.expires_at <= SystemClock.now() + 4);
+    assert_eq!(first.expires_at - first.issued_at, 600);
     assert_eq!(first.bundle_pem, broker.bundle_pem());
     // The broker says where Tokens.Issue proofs must point.
     assert_eq!(first.issue_htu(), broker.issue_uri());
@@ -39,17 +38,26 @@ async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
     let again = client.attest(&how, SystemClock.now()).await.unwrap_err();
     assert!(matches!(again, IdentityError::Refused(_)), "{again:?}");
 
-    // Kept renewed: a new SVID (new key) for the same ID before expiry.
-    let (updates, mut rx) = tokio::sync::watch::channel(Arc::new(first.clone()));
-    let renewer = tokio::spawn(keep_renewed(
-        client.clone(),
-        Arc::new(SystemClock),
-        updates,
-        None,
-    ));
-    tokio::time::timeout(Duration::from_secs(4), rx.changed())
+    // Kept renewed, on a clock the test sets (renewal is due at 40–60% of
+    // the life; `renew_at` is unit-tested). Early in the life: nothing.
+    let renewer = |clock: tally::clock::ManualClock| {
+        let (updates, rx) = tokio::sync::watch::channel(Arc::new(first.clone()));
+        let task = tokio::spawn(keep_renewed(client.clone(), Arc::new(clock), updates, None));
+        (rx, task)
+    };
+    let (mut rx, early) = renewer(tally::clock::ManualClock::new(first.issued_at + 60));
+    // It sleeps at least 180 s before the window; half a second of
+    // silence is a margin of 360 times the other way.
+    let quiet = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+    assert!(quiet.is_err(), "renewed at 10% of the life");
+    drop(rx);
+    early.await.unwrap();
+    // Past the window, before expiry: a new SVID (new key) for the same ID
+    // at once. The bound is for one renewal round trip on loopback.
+    let (mut rx, late) = renewer(tally::clock::ManualClock::new(first.issued_at + 361));
+    tokio::time::timeout(Duration::from_secs(20), rx.changed())
         .await
-        .expect("renewed before the 4 s SVID expired")
+        .expect("renewed once due")
         .unwrap();
     let second = Arc::clone(&rx.borrow());
     assert_eq!(second.spiffe_id, first.spiffe_id);
@@ -57,7 +65,7 @@ async fn a_sidecar_attests_once_and_renews_before_its_svid_expires() {
     assert_ne!(*second.key_pem, *first.key_pem, "a new key each time");
     assert!(second.expires_at >= first.expires_at);
     drop(rx);
-    renewer.await.unwrap();
+    late.await.unwrap();
 
     // No broker there: unreachable, not refused.
     served.stop().await;

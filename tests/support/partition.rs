@@ -10,6 +10,8 @@ pub struct Partition {
     pub addr: std::net::SocketAddr,
     target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections dropped while cut.
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
     open: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -20,10 +22,17 @@ impl Partition {
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let open = Arc::new(std::sync::Mutex::new(Vec::new()));
         let target = Arc::new(std::sync::Mutex::new(target));
-        let (c, o, t) = (Arc::clone(&cut), Arc::clone(&open), Arc::clone(&target));
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, o, t, d) = (
+            Arc::clone(&cut),
+            Arc::clone(&open),
+            Arc::clone(&target),
+            Arc::clone(&dropped),
+        );
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    d.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     continue; // dropped: connection reset
                 }
                 let target = *t.lock().unwrap();
@@ -38,6 +47,7 @@ impl Partition {
             addr,
             target,
             cut,
+            dropped,
             open,
         }
     }
