@@ -1,6 +1,6 @@
 //! Durable before acknowledged, under a real crash: the broker binary is
 //! killed with SIGKILL the moment it answers (an issuance, a revocation,
-//! a policy change, a refusal it audits), then its store is reopened and
+//! an identity denial, a policy change, a refusal it audits), then its store is reopened and
 //! what it acknowledged must be there.
 //!
 //! A SIGKILL loses what the process held in memory or had queued, not
@@ -322,6 +322,58 @@ async fn every_revocation_answered_before_a_sigkill_is_in_force_after_the_restar
                 .iter()
                 .any(|r| r["outcome"] == "ok" && r["value"] == jkt.as_str()),
             "revocation of {jkt} is not in the audit log"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_identity_denial_answered_before_a_sigkill_is_in_force_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Each call denies another workload, so each is its own entry.
+    let mut denied = Vec::new();
+    for round in 0..ROUNDS {
+        let broker = start(&data);
+        let admin = admin_of(&broker, &data).await;
+        denied.extend(
+            kill_under_load(broker, |i| {
+                let mut admin = admin.clone();
+                let id = format!("spiffe://example.org/ns/crash/sa/w{round}-{i}");
+                async move {
+                    let request = pb::DenyIdentityRequest {
+                        spiffe_id: id.clone(),
+                        reason: "compromised node".into(),
+                    };
+                    let answer = admin.deny_identity(request).await?.into_inner();
+                    Ok((id, answer))
+                }
+            })
+            .await,
+        );
+    }
+
+    // In the state every new Watch subscriber gets, at the sequence the
+    // answer named, and audited.
+    let store = reopen(&data).await;
+    let state = store.current_state(SystemClock.now()).await.unwrap();
+    let audit = audited(&store, "identity.deny", None).await;
+    for answer in &denied {
+        let (id, answer) = answer.as_ref().unwrap();
+        assert!(!answer.was_denied, "{id}");
+        let change = state
+            .iter()
+            .find(|c| c.seq == answer.sequence)
+            .unwrap_or_else(|| panic!("the denial of {id} (seq {}) is gone", answer.sequence));
+        assert_eq!(change.kind, "denial");
+        let entry = tally::identity::denial::Denial::from_json(&change.body).unwrap();
+        assert_eq!(entry.spiffe_id.as_str(), id);
+        assert!(entry.denied);
+        assert_eq!(entry.reason, "compromised node");
+        assert!(
+            audit
+                .iter()
+                .any(|r| r["outcome"] == "ok" && r["spiffe_id"] == id.as_str()),
+            "the denial of {id} is not in the audit log"
         );
     }
 }
