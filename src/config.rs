@@ -173,3 +173,44 @@ mod limits_tests {
         assert!(errors[2].starts_with("max_connections \"0\""), "{errors:?}");
     }
 }
+
+/// Largest settings or policy file read (the policy parser's own limit).
+pub const MAX_FILE: u64 = crate::policy::yaml::MAX_LEN as u64;
+
+/// A settings or policy file that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// Opening, reading or decoding it failed.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// It is larger than [`MAX_FILE`].
+    #[error("{path}: larger than 1 MiB ({MAX_FILE} bytes)")]
+    TooLarge {
+        /// The file.
+        path: String,
+    },
+}
+
+/// Reads a settings or policy file as UTF-8, refusing one larger than
+/// [`MAX_FILE`] before reading it.
+///
+/// # Errors
+/// [`ReadError`], naming the file.
+pub fn read_text(path: &std::path::Path) -> Result<String, ReadError> {
+    let io = |error| ReadError::Io {
+        path: path.display().to_string(),
+        error,
+    };
+    if std::fs::metadata(path).map_err(io)?.len() > MAX_FILE {
+        return Err(ReadError::TooLarge {
+            path: path.display().to_string(),
+        });
+    }
+    std::fs::read_to_string(path).map_err(io)
+}

@@ -6,7 +6,6 @@ use tally::broker::{Broker, BrokerSettings};
 use tally::clock::{Clock, SystemClock};
 use tally::dpop::ProofKey;
 use tally::identity::SpiffeId;
-use tally::policy::Policy;
 use tally::proto::v1 as pb;
 use tally::store::{Sealer, Store};
 use tally::token::{TokenConfig, verify};
@@ -22,7 +21,7 @@ struct Running {
     broker: Arc<Broker>,
     addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<()>,
+    running: tally::broker::Running,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -36,52 +35,52 @@ impl Running {
             // below says how.
             let _ = stop.send(());
         }
-        tokio::time::timeout(std::time::Duration::from_secs(20), &mut self.server)
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.running.wait())
             .await
             .expect("the broker did not stop within 20 s")
-            .expect("the broker's server task failed");
+            .expect("the broker's servers failed");
     }
 }
 
-/// A broker on the store in `dir`, with `clock`.
-async fn open_broker(
+async fn start_in(dir: &std::path::Path, key: &str, policy: &str) -> Running {
+    start_with_clock(dir, key, policy, Arc::new(SystemClock)).await
+}
+
+/// A broker on the store in `dir` reading `clock`, started as `tally
+/// broker` starts one, gRPC only.
+async fn start_with_clock(
     dir: &std::path::Path,
     key: &str,
     policy: &str,
     clock: Arc<dyn Clock>,
-) -> Broker {
+) -> Running {
     let store = Store::open_sqlite(
         &dir.join("tally.db"),
         Sealer::from_key_material(key.as_bytes()).unwrap(),
     )
     .await
     .unwrap();
-    let mut settings = BrokerSettings::new("example.org", Policy::parse(policy).unwrap()).unwrap();
+    let mut settings = BrokerSettings::with_policy("example.org", policy).unwrap();
     settings.audit_file = Some(dir.join("audit.jsonl"));
-    Broker::open(settings, store, clock).await.unwrap()
-}
-
-async fn start_in(dir: &std::path::Path, key: &str, policy: &str) -> Running {
-    let broker = Arc::new(open_broker(dir, key, policy, Arc::new(SystemClock)).await);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let credential = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, credential, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
+    let listeners = tally::broker::Listeners {
+        grpc: listener,
+        https: None,
+        admin: None,
+    };
+    let parts = tally::broker::Parts::new(settings, store).clock(clock);
+    let running = tally::broker::start(parts, listeners, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
     Running {
-        broker,
+        broker: Arc::clone(&running.broker),
         addr,
         stop: Some(stop),
-        server,
+        running,
         _dir: None,
     }
 }
@@ -660,7 +659,7 @@ async fn keys_rotate_on_schedule_and_no_token_is_ever_unverifiable() {
     )
     .await
     .unwrap();
-    let mut settings = BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
+    let mut settings = BrokerSettings::with_policy("example.org", POLICY).unwrap();
     settings.key_rotation = 3600;
     settings.key_publish_lead = 600;
     let broker = Broker::open(settings, store, clock.clone()).await.unwrap();
@@ -763,7 +762,7 @@ async fn an_expired_client_certificate_is_refused() {
     )
     .await
     .unwrap();
-    let settings = BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
+    let settings = BrokerSettings::with_policy("example.org", POLICY).unwrap();
     let then = Broker::open(settings, store, past).await.unwrap();
     let expired = then
         .mint_credential(&CHECKOUT.parse().unwrap(), 3600)
@@ -822,8 +821,7 @@ async fn the_intermediate_rotates_before_it_runs_out_and_a_foreign_root_is_refus
                 Store::open_sqlite(&path, Sealer::from_key_material(key.as_bytes()).unwrap())
                     .await
                     .unwrap();
-            let mut settings =
-                BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
+            let mut settings = BrokerSettings::with_policy("example.org", POLICY).unwrap();
             settings.ca_lifetimes.intermediate_secs = 3 * 86_400;
             settings.ca_root = root;
             Broker::open(settings, store, clock).await
@@ -881,38 +879,16 @@ async fn the_listeners_certificate_is_renewed_in_place() {
     let now = SystemClock.now();
     let clock = Arc::new(tally::clock::ManualClock::new(now));
     let key = Sealer::generate_key_text().unwrap();
-    let broker = Arc::new(open_broker(dir.path(), &key, POLICY, clock.clone()).await);
-    let certs = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
+    let running = start_with_clock(dir.path(), &key, POLICY, clock.clone()).await;
+    let certs = &running.running.certs;
     let first = certs.expires_at();
-    assert_eq!(first, now + tally::broker::tls::SERVER_CERT_TTL);
-    broker.maintain().await.unwrap();
+    assert_eq!(first, now + tally::broker::serve::tls::SERVER_CERT_TTL);
+    running.running.upkeep().await.unwrap();
     assert_eq!(certs.expires_at(), first, "more than half its life left");
-    clock.advance(tally::broker::tls::SERVER_CERT_TTL / 2 + 1);
-    broker.maintain().await.unwrap();
+    clock.advance(tally::broker::serve::tls::SERVER_CERT_TTL / 2 + 1);
+    running.running.upkeep().await.unwrap();
     assert!(certs.expires_at() > first, "renewed");
 
-    // A server started with it hands out the renewed certificate.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let c = Arc::clone(&certs);
-    let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, c, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    let running = Running {
-        broker: Arc::clone(&broker),
-        addr,
-        stop: Some(stop),
-        server,
-        _dir: None,
-    };
     // The listener serves the renewed certificate: it starts half a week
     // ahead of the wall clock the client checks it with (the broker's
     // clock was moved), so the client refuses it as not yet valid.

@@ -524,12 +524,9 @@ async fn a_stranger_revoking_a_live_token_hears_what_it_would_for_no_token_and_c
     let (_dir, served) = broker(POLICY).await;
     let https = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let https_addr = https.local_addr().unwrap();
-    let certs = served
-        .broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
+    let certs = Arc::clone(&served.certs);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tally::broker::serve_https(
+    let server = tokio::spawn(tally::broker::serve::serve_https(
         Arc::clone(&served.broker),
         https,
         certs,

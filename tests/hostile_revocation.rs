@@ -14,7 +14,6 @@ use tally::broker::{Broker, BrokerSettings, PolicySource};
 use tally::clock::{Clock, ManualClock, SystemClock};
 use tally::dpop::{NormalizedUri, ProofKey};
 use tally::identity::SpiffeId;
-use tally::policy::Policy;
 use tally::store::{Sealer, Store};
 use tally::token::RevocationTarget;
 use tally::token::revocation::NEVER;
@@ -84,7 +83,7 @@ async fn broker_on(dir: &std::path::Path, clock: Arc<ManualClock>) -> Broker {
     )
     .await
     .unwrap();
-    let mut settings = BrokerSettings::new("example.org", Policy::parse(LONG).unwrap()).unwrap();
+    let mut settings = BrokerSettings::with_policy("example.org", LONG).unwrap();
     settings.policy_yaml = Some(LONG.into());
     settings.policy_source = PolicySource::Store;
     Broker::open(settings, store, clock).await.unwrap()

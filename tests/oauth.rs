@@ -8,7 +8,6 @@ use tally::broker::{Broker, BrokerSettings};
 use tally::ca::Credential;
 use tally::clock::{Clock, SystemClock};
 use tally::dpop::ProofKey;
-use tally::policy::Policy;
 use tally::store::{Sealer, Store};
 use tally::token::{Jwks, TokenConfig, verify};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -23,7 +22,7 @@ struct Running {
     https: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    servers: Vec<tokio::task::JoinHandle<()>>,
+    running: tally::broker::Running,
     dir: tempfile::TempDir,
 }
 
@@ -32,9 +31,7 @@ impl Running {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        for s in self.servers.drain(..) {
-            s.await.unwrap();
-        }
+        self.running.wait().await.unwrap();
     }
 
     fn token_url(&self) -> String {
@@ -53,43 +50,28 @@ async fn start(nonce: bool) -> Running {
     )
     .await
     .unwrap();
-    let mut settings = BrokerSettings::new("example.org", Policy::parse(POLICY).unwrap()).unwrap();
+    let mut settings = BrokerSettings::with_policy("example.org", POLICY).unwrap();
     settings.issuer = format!("https://localhost:{}", https_addr.port());
     settings.token_endpoint_nonce = nonce;
     settings.audit_file = Some(dir.path().join("audit.jsonl"));
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
-    let credential = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let (stop_admin, admin_stopped) = oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let https_server = tokio::spawn(async move {
-        tally::broker::serve_https(b, https, credential, async {
-            let _ = stopped.await;
-            let _ = stop_admin.send(());
-        })
-        .await
-        .unwrap();
-    });
-    let b = Arc::clone(&broker);
-    let admin_server = tokio::spawn(async move {
-        tally::broker::serve_admin(b, admin, async {
-            let _ = admin_stopped.await;
-        })
-        .await
-        .unwrap();
-    });
+    let listeners = tally::broker::Listeners {
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        https: Some(https),
+        admin: Some(admin),
+    };
+    let parts = tally::broker::Parts::new(settings, store);
+    let running = tally::broker::start(parts, listeners, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
     Running {
-        broker,
+        broker: Arc::clone(&running.broker),
         https: https_addr,
         admin: admin_addr,
         stop: Some(stop),
-        servers: vec![https_server, admin_server],
+        running,
         dir,
     }
 }

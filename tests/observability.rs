@@ -170,7 +170,7 @@ async fn scrape_after_traffic() -> Scraped {
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let broker_admin = admin_listener.local_addr().unwrap();
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_server = tokio::spawn(tally::broker::serve_admin(
+    let admin_server = tokio::spawn(tally::broker::serve::serve_admin(
         std::sync::Arc::clone(broker),
         admin_listener,
         async {

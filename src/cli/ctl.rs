@@ -554,16 +554,7 @@ fn load(path: &Path) -> Result<Policy, CliError> {
 }
 
 pub(super) fn read_text(path: &Path) -> Result<String, CliError> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
-    if meta.len() > crate::policy::yaml::MAX_LEN as u64 {
-        return Err(CliError::Usage(format!(
-            "{}: larger than {} bytes",
-            path.display(),
-            crate::policy::yaml::MAX_LEN
-        )));
-    }
-    std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    crate::config::read_text(path).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 fn check(path: &Path) -> Result<ExitCode, CliError> {

@@ -4,11 +4,10 @@
 //! says, so it doubles as a smoke test of the whole system.
 
 use super::CliError;
-use crate::broker::{Broker, BrokerSettings};
+use crate::broker::BrokerSettings;
 use crate::clock::{Clock, SystemClock};
 use crate::dpop::ProofKey;
 use crate::http::{Answer, json, send};
-use crate::policy::Policy;
 use crate::sidecar::api::{self, ServiceMap};
 use crate::sidecar::cache::CacheConfig;
 use crate::sidecar::identity::Attestation;
@@ -244,28 +243,23 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     .map_err(|e| failed("opening the store", &e))?;
     let grpc = bind().await?;
     let grpc_addr = addr_of(&grpc)?;
-    let policy = Policy::parse(POLICY).map_err(|e| failed("the demo policy", &e))?;
-    let mut settings =
-        BrokerSettings::new(TRUST_DOMAIN, policy).map_err(|e| failed("broker settings", &e))?;
+    let mut settings = BrokerSettings::with_policy(TRUST_DOMAIN, POLICY)
+        .map_err(|e| failed("the demo policy", &e))?;
     settings.issuer = format!("https://localhost:{}", grpc_addr.port());
     settings.audit_file = Some(scratch.path().join("audit.jsonl"));
-    let broker = Arc::new(
-        Broker::open(settings, store, Arc::clone(&clock))
-            .await
-            .map_err(|e| failed("starting the broker", &e))?,
-    );
-    let certs = broker
-        .server_certs(&["localhost".to_owned()], &[[127, 0, 0, 1].into()])
-        .map_err(|e| failed("the broker's certificate", &e))?;
     let (broker_stop, broker_stopped) = tokio::sync::oneshot::channel::<()>();
-    let broker_server = tokio::spawn(crate::broker::serve(
-        Arc::clone(&broker),
+    let parts = crate::broker::Parts::new(settings, store).clock(Arc::clone(&clock));
+    let listeners = crate::broker::Listeners {
         grpc,
-        certs,
-        async {
-            let _ = broker_stopped.await;
-        },
-    ));
+        https: None,
+        admin: None,
+    };
+    let running = crate::broker::start(parts, listeners, async {
+        let _ = broker_stopped.await;
+    })
+    .await
+    .map_err(|e| failed("starting the broker", &e))?;
+    let broker = Arc::clone(&running.broker);
     let broker_url = format!("https://localhost:{}", grpc_addr.port());
     say!(
         "   gRPC (mTLS) on {grpc_addr}; policy: checkout may charge payments; payments accepts POST /v1/charges with payments:charge from checkout\n"
@@ -646,10 +640,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     let stopped = tokio::join!(checkout.stop(), payments.stop());
     let _ = app_stop.send(());
     let _ = broker_stop.send(());
-    broker_server
-        .await
-        .map_err(|e| failed("the broker", &e))?
-        .map_err(|e| failed("the broker", &e))?;
+    running.wait().await.map_err(|e| failed("the broker", &e))?;
     stopped.0.map_err(|e| failed("the checkout sidecar", &e))?;
     stopped.1.map_err(|e| failed("the payments sidecar", &e))?;
     drop(scratch);

@@ -7,15 +7,17 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use tally::broker::{Broker, BrokerSettings};
 use tally::clock::SystemClock;
-use tally::policy::Policy;
 use tally::store::{Sealer, Store};
 
-/// A running broker.
+/// A running broker, started the way `tally broker` starts one
+/// ([`tally::broker::start`]: upkeep, replica following, self-renewing
+/// certificate), gRPC only.
 pub struct ServedBroker {
     pub broker: Arc<Broker>,
     pub addr: std::net::SocketAddr,
+    pub certs: Arc<tally::broker::serve::tls::ServerCerts>,
     stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<()>,
+    running: tally::broker::Running,
 }
 
 impl ServedBroker {
@@ -24,10 +26,10 @@ impl ServedBroker {
         // An error means the server has already ended; awaiting it below
         // says how (a panic there fails the test).
         let _ = self.stop.send(());
-        tokio::time::timeout(std::time::Duration::from_secs(20), self.server)
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.running.wait())
             .await
             .expect("the broker did not stop within 20 s (its drain is 10 s)")
-            .expect("the broker's server task failed");
+            .expect("the broker's servers failed");
     }
 
     /// `https://localhost:PORT`, as a client names it.
@@ -36,9 +38,10 @@ impl ServedBroker {
     }
 }
 
-/// Settings for trust domain example.org with `policy` (YAML).
+/// Settings for trust domain example.org with `policy` (YAML), which
+/// the broker stores as a version when it opens (policy source: store).
 pub fn settings(policy: &str) -> BrokerSettings {
-    BrokerSettings::new("example.org", Policy::parse(policy).unwrap()).unwrap()
+    BrokerSettings::with_policy("example.org", policy).unwrap()
 }
 
 /// Opens a broker on the store in `dir` (sealed with `key`) and serves it
@@ -85,25 +88,25 @@ pub async fn serve_store_with_clock(
     listener: tokio::net::TcpListener,
     clock: Arc<dyn tally::clock::Clock>,
 ) -> ServedBroker {
-    let broker = Arc::new(Broker::open(settings, store, clock).await.unwrap());
     let addr = listener.local_addr().unwrap();
-    let certs = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let b = Arc::clone(&broker);
-    let server = tokio::spawn(async move {
-        tally::broker::serve(b, listener, certs, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
+    let parts = tally::broker::Parts::new(settings, store).clock(clock);
+    let listeners = tally::broker::Listeners {
+        grpc: listener,
+        https: None,
+        admin: None,
+    };
+    let running = tally::broker::start(parts, listeners, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
     ServedBroker {
-        broker,
+        broker: Arc::clone(&running.broker),
         addr,
+        certs: Arc::clone(&running.certs),
         stop,
-        server,
+        running,
     }
 }
 

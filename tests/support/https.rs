@@ -18,14 +18,17 @@ pub async fn serve_https(served: &ServedBroker) -> ServedHttps {
     let broker = Arc::clone(&served.broker);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let certs = broker
-        .server_certs(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
+    let certs = Arc::clone(&served.certs);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let bundle_pem = broker.bundle_pem();
-    let server = tokio::spawn(tally::broker::serve_https(broker, listener, certs, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(tally::broker::serve::serve_https(
+        broker,
+        listener,
+        certs,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     ServedHttps {
         addr,
         bundle_pem,

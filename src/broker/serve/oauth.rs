@@ -8,10 +8,11 @@
 //! token endpoint requires one. Errors are RFC 6749 §5.2 JSON, mapped in
 //! one place ([`oauth_error`]).
 
-use super::Broker;
-use super::denials::{Call, CallerError};
-use super::issue::{IssueError, IssueInput};
 use crate::auth::answer::safe_description;
+use crate::broker::Broker;
+use crate::broker::state::denials::{Call, CallerError};
+use crate::broker::state::issue::{IssueError, IssueInput};
+use crate::dpop::NormalizedUri;
 use crate::http::{Body, Peer, json, read_body};
 use crate::identity::SpiffeId;
 use crate::token::{Audience, Scope, Scopes};
@@ -34,18 +35,36 @@ pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 /// RFC 8414 metadata path.
 pub const METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
 
-/// Answers one request on the HTTPS listener.
-pub async fn handle(
+/// The OAuth endpoints of one broker.
+#[derive(Debug)]
+pub struct OAuth {
     broker: Arc<Broker>,
-    req: Request<Incoming>,
-    peer: Arc<Peer>,
-) -> Response<Body> {
+    /// The DPoP `htu` of the token endpoint.
+    token_uri: NormalizedUri,
+}
+
+impl OAuth {
+    /// The endpoints under `broker`'s issuer URL.
+    ///
+    /// # Errors
+    /// If the issuer and [`TOKEN_PATH`] do not make a URL.
+    pub fn new(broker: Arc<Broker>) -> Result<Self, String> {
+        let issuer = broker.issuer().trim_end_matches('/');
+        let token_uri = NormalizedUri::parse(&format!("{issuer}{TOKEN_PATH}"))
+            .map_err(|e| format!("issuer {issuer:?}: {e}"))?;
+        Ok(Self { broker, token_uri })
+    }
+}
+
+/// Answers one request on the HTTPS listener.
+pub async fn handle(oauth: Arc<OAuth>, req: Request<Incoming>, peer: Arc<Peer>) -> Response<Body> {
+    let broker = &oauth.broker;
     match (req.method(), req.uri().path()) {
-        (&Method::POST, TOKEN_PATH) => token(&broker, req, &peer).await,
-        (&Method::POST, INTROSPECT_PATH) => introspect(&broker, req, &peer)
+        (&Method::POST, TOKEN_PATH) => token(broker, &oauth.token_uri, req, &peer).await,
+        (&Method::POST, INTROSPECT_PATH) => introspect(broker, req, &peer)
             .await
             .unwrap_or_else(OAuthError::into_response),
-        (&Method::POST, REVOKE_PATH) => revoke(&broker, req, &peer)
+        (&Method::POST, REVOKE_PATH) => revoke(broker, req, &peer)
             .await
             .unwrap_or_else(OAuthError::into_response),
         (&Method::GET | &Method::HEAD, JWKS_PATH) => {
@@ -58,7 +77,7 @@ pub async fn handle(
             );
             r
         }
-        (&Method::GET | &Method::HEAD, METADATA_PATH) => json(StatusCode::OK, &metadata(&broker)),
+        (&Method::GET | &Method::HEAD, METADATA_PATH) => json(StatusCode::OK, &metadata(&oauth)),
         (_, TOKEN_PATH | INTROSPECT_PATH | REVOKE_PATH) => not_allowed("POST"),
         (_, JWKS_PATH | METADATA_PATH) => not_allowed("GET, HEAD"),
         _ => json(
@@ -79,11 +98,12 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
 }
 
 /// RFC 8414 authorization server metadata.
-fn metadata(broker: &Broker) -> serde_json::Value {
-    let issuer = broker.settings.issuer.trim_end_matches('/');
+fn metadata(oauth: &OAuth) -> serde_json::Value {
+    let broker = &oauth.broker;
+    let issuer = broker.issuer().trim_end_matches('/');
     json!({
         "issuer": issuer,
-        "token_endpoint": broker.token_uri.as_str(),
+        "token_endpoint": oauth.token_uri.as_str(),
         "introspection_endpoint": format!("{issuer}{INTROSPECT_PATH}"),
         "introspection_endpoint_auth_methods_supported": ["tls_client_auth"],
         "revocation_endpoint": format!("{issuer}{REVOKE_PATH}"),
@@ -95,7 +115,7 @@ fn metadata(broker: &Broker) -> serde_json::Value {
         // Tokens are bound to the DPoP key (cnf.jkt), not to the client
         // certificate (cnf.x5t#S256).
         "tls_client_certificate_bound_access_tokens": false,
-        "token_endpoint_dpop_nonce_required": broker.settings.token_endpoint_nonce,
+        "token_endpoint_dpop_nonce_required": broker.settings().token_endpoint_nonce,
         // The DPoP htu for the gRPC Tokens.Issue call.
         "tally_grpc_issue_htu": broker.issue_uri(),
     })
@@ -196,8 +216,13 @@ fn oauth_error(broker: &Broker, e: &IssueError) -> OAuthError {
     }
 }
 
-async fn token(broker: &Broker, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
-    match token_checked(broker, req, peer).await {
+async fn token(
+    broker: &Broker,
+    token_uri: &NormalizedUri,
+    req: Request<Incoming>,
+    peer: &Peer,
+) -> Response<Body> {
+    match token_checked(broker, token_uri, req, peer).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -270,6 +295,7 @@ fn parse_form(body: &[u8]) -> Result<TokenForm, OAuthError> {
 
 async fn token_checked(
     broker: &Broker,
+    token_uri: &NormalizedUri,
     req: Request<Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
@@ -371,13 +397,13 @@ async fn token_checked(
             scopes: &scopes,
             ttl: None,
             proof: &proof,
-            htu: &broker.token_uri,
-            require_nonce: broker.settings.token_endpoint_nonce,
+            htu: token_uri,
+            require_nonce: broker.settings().token_endpoint_nonce,
             via: "oauth",
         })
         .await
         .map_err(|e| oauth_error(broker, &e))?;
-    let now = broker.clock.now();
+    let now = broker.now();
     let mut r = json(
         StatusCode::OK,
         &json!({
@@ -391,7 +417,7 @@ async fn token_checked(
     // RFC 6749 §5.1: token responses are never cached.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    if broker.settings.token_endpoint_nonce
+    if broker.settings().token_endpoint_nonce
         && let Ok(nonce) = HeaderValue::from_str(&broker.dpop_nonce())
     {
         // The nonce for the client's next request (RFC 9449 §8.2).
@@ -435,7 +461,7 @@ async fn live_token(
         .find_token(&token)
         .await
         .map_err(|e| OAuthError::internal(what, &e))?;
-    let now = broker.clock.now();
+    let now = broker.now();
     let denied = |t: &crate::store::IssuedToken| {
         t.sub
             .parse::<SpiffeId>()
@@ -516,7 +542,7 @@ async fn revoke(
             let event = crate::audit::AuditEvent::new(
                 crate::audit::AuditKind::Revoke,
                 crate::audit::Outcome::Denied,
-                broker.clock.now(),
+                broker.now(),
             )
             .actor(&caller)
             .field("jti", t.jti.as_str())

@@ -4,10 +4,14 @@
 //! every call is audited with the admin as actor, and every refusal with
 //! the caller.
 
-use super::Broker;
-use super::grpc::{internal, issue_svid, peer_id};
+use super::grpc::{internal, issue_svid};
+use helpers::{
+    admin, audit_query, condition, denial_change, policy_change, unix, version_message, workload_id,
+};
+
+mod helpers;
 use crate::audit::{AuditEvent, AuditKind, Outcome};
-use crate::identity::SpiffeId;
+use crate::broker::Broker;
 use crate::proto::v1 as pb;
 use crate::store::AuditFilter;
 use std::sync::Arc;
@@ -17,155 +21,6 @@ use tonic::{Request, Response, Status};
 const MAX_JOIN_TOKEN_TTL: u64 = 86_400;
 /// Longest admin-minted SVID lifetime.
 const MAX_MINT_TTL: u64 = 86_400;
-
-/// The caller, if it is an admin; a refusal is audited with the call's
-/// name.
-async fn admin<T>(broker: &Broker, request: &Request<T>, call: &str) -> Result<SpiffeId, Status> {
-    let id = peer_id(broker, request, super::denials::Call::Admin).await?;
-    if broker.is_admin(&id) {
-        return Ok(id);
-    }
-    tracing::warn!(caller = %id, call, "admin call refused: not an admin");
-    broker
-        .audit(
-            AuditEvent::new(AuditKind::AdminCall, Outcome::Denied, broker.clock.now())
-                .actor(&id)
-                .field("call", call)
-                .field("reason", "not_admin"),
-        )
-        .await;
-    Err(Status::permission_denied(format!(
-        "{id} is not an admin of this broker"
-    )))
-}
-
-/// Audits an admin's read (keys, audit, inventory).
-async fn audit_query(broker: &Broker, caller: &SpiffeId, what: &str) {
-    broker
-        .audit(
-            AuditEvent::new(AuditKind::AdminQuery, Outcome::Ok, broker.clock.now())
-                .actor(caller)
-                .field("what", what),
-        )
-        .await;
-}
-
-/// A query condition: empty means none; too long is refused, never
-/// ignored (ignoring it would widen the query).
-fn condition(text: String, what: &str) -> Result<Option<String>, Status> {
-    if text.len() > 512 {
-        return Err(Status::invalid_argument(format!(
-            "{what} is longer than 512 bytes"
-        )));
-    }
-    Ok(Some(text).filter(|s| !s.is_empty()))
-}
-
-fn unix(t: u64) -> i64 {
-    i64::try_from(t).unwrap_or(i64::MAX)
-}
-
-fn version_message(v: crate::store::PolicyVersion) -> pb::PolicyVersion {
-    pb::PolicyVersion {
-        version: v.version,
-        created_at: unix(v.created_at),
-        author: v.author,
-        source: v.source,
-        comment: v.comment,
-        yaml: v.yaml,
-    }
-}
-
-/// The answer to a policy change; a refusal is audited.
-async fn policy_change(
-    broker: &Broker,
-    caller: &SpiffeId,
-    how: &str,
-    change: Result<super::governance::PolicyChange, super::governance::PolicyChangeError>,
-) -> Result<Response<pb::PolicyChangeResponse>, Status> {
-    use super::governance::PolicyChangeError as E;
-    let change = match change {
-        Ok(change) => change,
-        Err(e) => {
-            let status = match &e {
-                E::FileMode(_) => Status::failed_precondition(e.to_string()),
-                E::Invalid(_) => Status::invalid_argument(e.to_string()),
-                E::NoVersion(_) => Status::not_found(e.to_string()),
-                _ => return Err(internal("changing the policy", e)),
-            };
-            broker
-                .audit(
-                    AuditEvent::new(AuditKind::PolicyChange, Outcome::Denied, broker.clock.now())
-                        .actor(caller)
-                        .field("how", how)
-                        .field("reason", status.message()),
-                )
-                .await;
-            return Err(status);
-        }
-    };
-    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    Ok(Response::new(pb::PolicyChangeResponse {
-        version: change.version,
-        changed: !change.diff.is_empty(),
-        added: count(change.diff.added),
-        removed: count(change.diff.removed),
-        diff: change.diff.text,
-    }))
-}
-
-fn workload_id(text: &str, broker: &Broker) -> Result<SpiffeId, Status> {
-    let id: SpiffeId = text
-        .parse()
-        .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
-    if id.trust_domain() != broker.settings.trust_domain.trust_domain() {
-        return Err(Status::invalid_argument(format!(
-            "spiffe_id {id} is not in trust domain {}",
-            broker.settings.trust_domain
-        )));
-    }
-    if id.path().is_empty() {
-        return Err(Status::invalid_argument(
-            "spiffe_id must name a workload, not the trust domain",
-        ));
-    }
-    Ok(id)
-}
-
-/// The answer to a deny or allow; a refusal is audited under `kind`.
-async fn denial_change(
-    broker: &Broker,
-    caller: &SpiffeId,
-    id: &SpiffeId,
-    kind: AuditKind,
-    done: Result<super::denials::DenialChange, super::denials::DenyError>,
-) -> Result<Response<pb::IdentityDenialResponse>, Status> {
-    use super::denials::DenyError as E;
-    let done = match done {
-        Ok(done) => done,
-        Err(e) => {
-            let status = match &e {
-                E::Admin(_) | E::Broker(_) => Status::failed_precondition(e.to_string()),
-                E::NotAWorkload { .. } => Status::invalid_argument(e.to_string()),
-                _ => return Err(internal("recording an identity denial", e)),
-            };
-            broker
-                .audit(
-                    AuditEvent::new(kind, Outcome::Denied, broker.clock.now())
-                        .actor(caller)
-                        .field("spiffe_id", id.as_str())
-                        .field("reason", status.message()),
-                )
-                .await;
-            return Err(status);
-        }
-    };
-    Ok(Response::new(pb::IdentityDenialResponse {
-        sequence: done.sequence,
-        was_denied: done.was_denied,
-        at: unix(done.at),
-    }))
-}
 
 struct AdminService(Arc<Broker>);
 
@@ -195,7 +50,7 @@ impl pb::admin_server::Admin for AdminService {
         tracing::info!(admin = %caller, spiffe_id = %id, ttl, "join token created");
         Ok(Response::new(pb::CreateJoinTokenResponse {
             join_token: token.expose().to_owned(),
-            expires_at: i64::try_from(broker.clock.now() + ttl).unwrap_or(i64::MAX),
+            expires_at: i64::try_from(broker.now() + ttl).unwrap_or(i64::MAX),
         }))
     }
 
@@ -208,7 +63,7 @@ impl pb::admin_server::Admin for AdminService {
         let body = request.into_inner();
         let id = workload_id(&body.spiffe_id, broker)?;
         let ttl = match u64::from(body.ttl_seconds) {
-            0 => broker.settings.svid_ttl,
+            0 => broker.settings().svid_ttl,
             t if t <= MAX_MINT_TTL => t,
             t => {
                 return Err(Status::invalid_argument(format!(
@@ -239,7 +94,7 @@ impl pb::admin_server::Admin for AdminService {
                 .map_err(|e| internal("replacing the signing key", e))?;
             return Ok(Response::new(pb::RotateSigningKeyResponse {
                 kid,
-                signs_from: unix(broker.clock.now()),
+                signs_from: unix(broker.now()),
                 withdrawn,
             }));
         }
@@ -261,7 +116,7 @@ impl pb::admin_server::Admin for AdminService {
         let broker = &self.0;
         let caller = admin(broker, &request, "ListSigningKeys").await?;
         let records = broker
-            .store
+            .store()
             .signing_keys()
             .await
             .map_err(|e| internal("reading the signing keys", e))?;
@@ -388,10 +243,10 @@ impl pb::admin_server::Admin for AdminService {
         let caller = admin(broker, &request, "PolicyHistory").await?;
         let limit = match request.get_ref().limit {
             0 => 100,
-            l => l.min(super::governance::MAX_HISTORY),
+            l => l.min(crate::broker::state::governance::MAX_HISTORY),
         };
         let versions = broker
-            .store
+            .store()
             .policy_versions(limit)
             .await
             .map_err(|e| internal("reading the policy history", e))?;
@@ -404,9 +259,9 @@ impl pb::admin_server::Admin for AdminService {
                     ..version_message(v)
                 })
                 .collect(),
-            policy_source: match broker.settings.policy_source {
-                super::PolicySource::File { .. } => "file",
-                super::PolicySource::Store => "store",
+            policy_source: match broker.settings().policy_source {
+                crate::broker::PolicySource::File { .. } => "file",
+                crate::broker::PolicySource::Store => "store",
             }
             .into(),
         }))
@@ -420,7 +275,7 @@ impl pb::admin_server::Admin for AdminService {
         let caller = admin(broker, &request, "GetPolicy").await?;
         let version = request.get_ref().version;
         let found = broker
-            .store
+            .store()
             .policy_version((version > 0).then_some(version))
             .await
             .map_err(|e| internal("reading a policy version", e))?;
@@ -444,7 +299,7 @@ impl pb::admin_server::Admin for AdminService {
             0 => 100,
             l => l.min(1000),
         };
-        let now = broker.clock.now();
+        let now = broker.now();
         let filter = crate::store::TokenFilter {
             now,
             sub: condition(q.sub, "sub")?,
@@ -456,7 +311,7 @@ impl pb::admin_server::Admin for AdminService {
                 .map(|j| (u64::try_from(q.after_exp).unwrap_or(0), j)),
         };
         let found = broker
-            .store
+            .store()
             .find_live_tokens(&filter, limit)
             .await
             .map_err(|e| internal("listing tokens", e))?;
@@ -472,7 +327,7 @@ impl pb::admin_server::Admin for AdminService {
         let tokens = found
             .iter()
             .map(|t| pb::TokenInfo {
-                revoked: super::is_revoked(&set, t),
+                revoked: crate::broker::state::revoke::is_revoked(&set, t),
                 jti: t.jti.clone(),
                 sub: t.sub.clone(),
                 aud: t.aud.clone(),
@@ -498,8 +353,8 @@ impl pb::admin_server::Admin for AdminService {
         let broker = &self.0;
         let caller = admin(broker, &request, "ListIdentities").await?;
         let found = broker
-            .store
-            .identities(broker.clock.now())
+            .store()
+            .identities(broker.now())
             .await
             .map_err(|e| internal("listing identities", e))?;
         audit_query(broker, &caller, "identities").await;
@@ -618,7 +473,7 @@ impl pb::admin_server::Admin for AdminService {
             .rotate_intermediate_now(&caller)
             .await
             .map_err(|e| match e {
-                super::BrokerError::Config(why) => Status::failed_precondition(why),
+                crate::broker::BrokerError::Config(why) => Status::failed_precondition(why),
                 other => internal("rotating the intermediate CA", other),
             })?;
         Ok(Response::new(pb::RotateIntermediateResponse {
@@ -639,7 +494,7 @@ impl pb::admin_server::Admin for AdminService {
             .truncate_audit(body.through_seq, &expect, &caller)
             .await
             .map_err(|e| match e {
-                super::BrokerError::Store(crate::store::StoreError::Refused(why)) => {
+                crate::broker::BrokerError::Store(crate::store::StoreError::Refused(why)) => {
                     Status::failed_precondition(why)
                 }
                 other => internal("removing archived audit records", other),
@@ -664,7 +519,7 @@ impl pb::admin_server::Admin for AdminService {
             .lookup_token(token.trim())
             .await
             .map_err(|e| internal("looking up a token", e))?;
-        let mut event = AuditEvent::new(AuditKind::AdminQuery, Outcome::Ok, broker.clock.now())
+        let mut event = AuditEvent::new(AuditKind::AdminQuery, Outcome::Ok, broker.now())
             .actor(&caller)
             .field("what", "token_lookup")
             .field("found", found.is_some());
@@ -759,7 +614,7 @@ impl pb::admin_server::Admin for AdminService {
             .revoke(target, issued_before, &body.reason, &caller)
             .await
             .map_err(|e| match e {
-                super::BrokerError::Revoke(why) => Status::failed_precondition(why),
+                crate::broker::BrokerError::Revoke(why) => Status::failed_precondition(why),
                 other => internal("recording the revocation", other),
             })?;
         Ok(Response::new(pb::RevokeResponse {

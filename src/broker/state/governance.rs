@@ -121,7 +121,7 @@ impl Broker {
         let Some(jti) = found
             .as_ref()
             .map(|(t, _)| t.jti.clone())
-            .or_else(|| super::unverified_jti(token))
+            .or_else(|| super::revoke::unverified_jti(token))
         else {
             return Ok(None);
         };
@@ -156,7 +156,7 @@ impl Broker {
         };
         let set = self.revocations_in_force().await?;
         Ok(Some(TokenLookup {
-            revoked: super::is_revoked(&set, &issued),
+            revoked: super::revoke::is_revoked(&set, &issued),
             token: issued,
             records,
             from_audit: true,
@@ -225,6 +225,18 @@ impl Broker {
         use super::PolicySource;
         let latest = store.policy_version(None).await?;
         let given = settings.policy_yaml.as_deref();
+        // Every policy served is a stored version: rules given without
+        // their text could not be stored, so they are refused.
+        let no_rules = crate::policy::Policy::parse(&format!(
+            "trust_domain: {}\n",
+            settings.trust_domain.trust_domain()
+        ))
+        .ok();
+        if given.is_none() && no_rules.as_ref() != Some(&settings.policy) {
+            return Err(BrokerError::Config(
+                "a policy given without its text cannot be stored: set policy_yaml (BrokerSettings::with_policy)".into(),
+            ));
+        }
         match (&settings.policy_source, latest) {
             (
                 PolicySource::File {

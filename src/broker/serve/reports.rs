@@ -3,9 +3,9 @@
 //! workload. Each reporter is rate-limited and every field bounded, so a
 //! sidecar (or whoever holds its SVID) cannot flood the log.
 
-use super::Broker;
 use super::grpc::{internal, peer_id};
 use crate::audit::{AuditEvent, AuditKind, Outcome};
+use crate::broker::Broker;
 use crate::identity::SpiffeId;
 use crate::policy::Rate;
 use crate::proto::v1 as pb;
@@ -43,8 +43,16 @@ impl pb::reports_server::Reports for ReportsService {
         request: Request<pb::FailureReport>,
     ) -> Result<Response<pb::FailureReportAck>, Status> {
         let broker = &self.broker;
-        let reporter = peer_id(broker, &request, super::denials::Call::Reports).await?;
-        if let Err(retry_ms) = self.limits.take(&reporter, REPORTS, broker.clock.now_ms()) {
+        let reporter = peer_id(
+            broker,
+            &request,
+            crate::broker::state::denials::Call::Reports,
+        )
+        .await?;
+        if let Err(retry_ms) = self
+            .limits
+            .take(&reporter, REPORTS, broker.clock().now_ms())
+        {
             return Err(Status::resource_exhausted(format!(
                 "too many reports; retry in {} s",
                 retry_ms.div_ceil(1000)
@@ -56,7 +64,7 @@ impl pb::reports_server::Reports for ReportsService {
                 "at most {MAX_RECORDS} records per report"
             )));
         }
-        let now = broker.clock.now();
+        let now = broker.now();
         let time = |t: i64| u64::try_from(t).unwrap_or(0);
         let events = report.records.iter().map(|r| {
             let mut event = AuditEvent::new(AuditKind::VerifyFailure, Outcome::Denied, now)

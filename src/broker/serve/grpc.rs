@@ -3,10 +3,10 @@
 //! mistakes say what to fix, internal faults say "internal error" and log
 //! the detail.
 
-use super::Broker;
-use super::denials::{Call, CallerError};
-use super::issue::{IssueError, IssueInput};
 use crate::audit::{AuditEvent, AuditKind, Outcome};
+use crate::broker::Broker;
+use crate::broker::state::denials::{Call, CallerError};
+use crate::broker::state::issue::{IssueError, IssueInput};
 use crate::ca::CaError;
 use crate::identity::denial::DENIED_METADATA;
 use crate::identity::{JoinToken, SpiffeId};
@@ -37,7 +37,7 @@ fn ca_status(e: CaError) -> Status {
 
 /// The caller's SPIFFE ID from its verified client certificate (the
 /// connection's [`crate::http::Peer`], put in the request by
-/// [`super::serve`]). A denied identity is refused (counted and audited as
+/// [`super::serve_grpc`]). A denied identity is refused (counted and audited as
 /// a refusal of `call`).
 pub(super) async fn peer_id<T>(
     broker: &Broker,
@@ -83,7 +83,7 @@ pub(super) async fn issue_svid(
     ttl: u64,
     actor: &SpiffeId,
 ) -> Result<Response<pb::SvidResponse>, Status> {
-    let now = broker.clock.now();
+    let now = broker.now();
     let svid = sign_svid(broker, id, csr, method, ttl, actor, now).await?;
     hand_out(broker, id, svid, method, actor, now).await
 }
@@ -111,7 +111,7 @@ async fn sign_svid(
     // A denied `id` gets nothing, however it proved itself: the one
     // check for every SVID the broker signs.
     if broker.is_denied(id) {
-        broker.metrics.attestations.inc(&[method, "denied"]);
+        broker.metrics().attestations.inc(&[method, "denied"]);
         if method == "admin_mint" {
             let event = AuditEvent::new(svid_audit_kind(method), Outcome::Denied, now)
                 .actor(actor)
@@ -141,7 +141,10 @@ async fn sign_svid(
     } else {
         Outcome::Denied
     };
-    broker.metrics.attestations.inc(&[method, outcome.as_str()]);
+    broker
+        .metrics()
+        .attestations
+        .inc(&[method, outcome.as_str()]);
     let event = AuditEvent::new(svid_audit_kind(method), outcome, now)
         .actor(actor)
         .field("spiffe_id", id.as_str())
@@ -179,7 +182,7 @@ async fn hand_out(
         .record(Some(Write::Svid(record)), event)
         .await
         .map_err(|e| internal("recording an X.509-SVID", e))?;
-    broker.metrics.attestations.inc(&[method, "ok"]);
+    broker.metrics().attestations.inc(&[method, "ok"]);
     tracing::info!(spiffe_id = %id, method, serial = %svid.serial, "issued X.509-SVID");
     Ok(Response::new(pb::SvidResponse {
         spiffe_id: id.to_string(),
@@ -187,7 +190,7 @@ async fn hand_out(
         chain_der: svid.chain_der,
         bundle_der: broker.ca().bundle_der(),
         expires_at: i64::try_from(svid.expires_at).unwrap_or(i64::MAX),
-        issuer: broker.settings.issuer.clone(),
+        issuer: broker.settings().issuer.clone(),
     }))
 }
 
@@ -199,8 +202,8 @@ async fn join_token_refused(
     refusal: crate::store::JoinTokenRefusal,
 ) -> Status {
     tracing::warn!(?refusal, token = ?hash, "join token refused");
-    broker.metrics.attestations.inc(&["join_token", "denied"]);
-    let event = AuditEvent::new(AuditKind::Attest, Outcome::Denied, broker.clock.now())
+    broker.metrics().attestations.inc(&["join_token", "denied"]);
+    let event = AuditEvent::new(AuditKind::Attest, Outcome::Denied, broker.now())
         .field("method", "join_token")
         .field("reason", refusal.to_string())
         .field("join_token_sha256", crate::audit::hex(&hash.0));
@@ -220,9 +223,9 @@ async fn attest_join_token(
     let token = JoinToken::presented(text)
         .ok_or_else(|| Status::invalid_argument("join_token is empty or too long"))?;
     let hash = token.hash();
-    let now = broker.clock.now();
+    let now = broker.now();
     let id = match broker
-        .store
+        .store()
         .join_token_identity(&hash, now)
         .await
         .map_err(|e| internal("reading a join token", e))?
@@ -230,10 +233,10 @@ async fn attest_join_token(
         Ok(id) => id,
         Err(refusal) => return Err(join_token_refused(broker, &hash, refusal).await),
     };
-    let ttl = broker.settings.svid_ttl;
+    let ttl = broker.settings().svid_ttl;
     let svid = sign_svid(broker, &id, csr, "join_token", ttl, &id, now).await?;
     match broker
-        .store
+        .store()
         .consume_join_token(&hash, now)
         .await
         .map_err(|e| internal("using a join token", e))?
@@ -267,24 +270,24 @@ impl pb::identity_server::Identity for IdentityService {
                 return attest_join_token(broker, &text, &body.csr_der).await;
             }
             Some(pb::attest_request::Credential::ServiceAccountToken(text)) => {
-                let Some((keys, config)) = &broker.settings.service_accounts else {
+                let Some((keys, config)) = &broker.settings().service_accounts else {
                     return Err(Status::failed_precondition(
                         "this broker does not accept Kubernetes ServiceAccount tokens (start it with --sa-jwks and --sa-issuer); use a join token",
                     ));
                 };
-                let now = broker.clock.now();
+                let now = broker.now();
                 let account = crate::identity::k8s::verify(&text, keys, config, now)
                     .map_err(|e| e.to_string())
                     .and_then(|account| {
                         account
-                            .spiffe_id(broker.settings.trust_domain.trust_domain())
+                            .spiffe_id(broker.settings().trust_domain.trust_domain())
                             .map_err(|e| format!("ServiceAccount name: {e}"))
                     });
                 match account {
                     Ok(id) => id,
                     Err(reason) => {
                         tracing::warn!(%reason, "ServiceAccount token refused");
-                        broker.metrics.attestations.inc(&["k8s_sa", "denied"]);
+                        broker.metrics().attestations.inc(&["k8s_sa", "denied"]);
                         let event = AuditEvent::new(AuditKind::Attest, Outcome::Denied, now)
                             .field("method", "k8s_sa")
                             .field("reason", reason.as_str());
@@ -304,7 +307,7 @@ impl pb::identity_server::Identity for IdentityService {
             &id,
             &body.csr_der,
             "k8s_sa",
-            broker.settings.svid_ttl,
+            broker.settings().svid_ttl,
             &id,
         )
         .await
@@ -315,7 +318,7 @@ impl pb::identity_server::Identity for IdentityService {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::SvidResponse>, Status> {
         let id = peer_id(&self.0, &request, Call::Renew).await?;
-        let ttl = self.0.settings.svid_ttl;
+        let ttl = self.0.settings().svid_ttl;
         issue_svid(&self.0, &id, &request.get_ref().csr_der, "renew", ttl, &id).await
     }
 }
@@ -367,7 +370,7 @@ impl pb::tokens_server::Tokens for TokensService {
                 scopes: &requested,
                 ttl: (body.ttl_seconds > 0).then_some(u64::from(body.ttl_seconds)),
                 proof: &body.dpop_proof,
-                htu: &broker.issue_uri,
+                htu: broker.issue_htu(),
                 require_nonce: false,
                 via: "grpc",
             })
@@ -405,9 +408,9 @@ impl pb::watch_server::Watch for WatchService {
         // store): the whole current state. Otherwise every change since.
         let fresh = after == 0 || after > newest;
         let mut first = if fresh {
-            broker.store.current_state(broker.clock.now()).await
+            broker.store().current_state(broker.now()).await
         } else {
-            broker.store.changes_after(after, CHANGE_PAGE).await
+            broker.store().changes_after(after, CHANGE_PAGE).await
         }
         .map_err(|e| internal("reading the change feed", e))?;
         if fresh {
@@ -445,7 +448,7 @@ impl pb::watch_server::Watch for WatchService {
                 }
                 // Page through a backlog before waiting.
                 if last < *changes.borrow_and_update() {
-                    match broker.store.changes_after(last, CHANGE_PAGE).await {
+                    match broker.store().changes_after(last, CHANGE_PAGE).await {
                         Ok(more) if !more.is_empty() => {
                             pending = more;
                             continue;

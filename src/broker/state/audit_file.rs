@@ -114,6 +114,45 @@ fn last_seq(file: &mut std::fs::File) -> Result<Option<u64>, CatchUpError> {
         .ok_or(CatchUpError::NotAudit)
 }
 
+/// Opens the audit JSON-lines file for appending (0600, created if
+/// missing).
+pub(super) fn open_audit_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Appends audit lines to the file as they come, as many per write as
+/// have queued. The store holds the authoritative copy; a failing file is
+/// logged, not fatal.
+pub(super) async fn append_audit_lines(
+    mut file: std::fs::File,
+    mut lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use std::io::Write as _;
+    let mut buf = String::new();
+    while let Some(line) = lines.recv().await {
+        buf.clear();
+        buf.push_str(&line);
+        buf.push('\n');
+        while buf.len() < 1 << 20 {
+            match lines.try_recv() {
+                Ok(more) => {
+                    buf.push_str(&more);
+                    buf.push('\n');
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = file.write_all(buf.as_bytes()) {
+            tracing::error!(error = %e, "appending to the audit file failed");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,8 +3,8 @@
 //! certificates verified against the trust bundle when sent. Both the
 //! gRPC and the HTTPS listener use it.
 
-use super::Broker;
-use crate::ca::Credential;
+use crate::broker::Broker;
+use crate::ca::{Authority, Credential};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
@@ -15,11 +15,35 @@ use std::sync::{Arc, RwLock};
 pub const SERVER_CERT_TTL: u64 = 7 * 86_400;
 
 /// The broker's current server certificate, swapped whole on renewal.
-#[derive(Debug)]
+///
+/// Renewal needs no task: each handshake asks [`ServerCerts::current`],
+/// which issues a new certificate when less than half of the current
+/// one's life is left or when the broker's intermediate changed (so the
+/// chain always ends at the intermediate that signs now). Open
+/// connections keep the certificate they were made with.
 pub struct ServerCerts {
+    broker: Arc<Broker>,
     dns: Vec<String>,
     ips: Vec<std::net::IpAddr>,
-    current: RwLock<(Arc<CertifiedKey>, u64)>,
+    current: RwLock<Issued>,
+}
+
+/// One issued certificate.
+struct Issued {
+    key: Arc<CertifiedKey>,
+    expires_at: u64,
+    /// The CA it chains to: another one means the intermediate rotated.
+    under: Arc<Authority>,
+}
+
+impl std::fmt::Debug for ServerCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCerts")
+            .field("dns", &self.dns)
+            .field("ips", &self.ips)
+            .field("expires_at", &self.expires_at())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerCerts {
@@ -28,12 +52,13 @@ impl ServerCerts {
     /// # Errors
     /// If the CA cannot issue or the result does not load.
     pub fn new(
-        broker: &Broker,
+        broker: Arc<Broker>,
         dns: Vec<String>,
         ips: Vec<std::net::IpAddr>,
     ) -> Result<Self, String> {
-        let first = issue(broker, &dns, &ips)?;
+        let first = issue(&broker, &dns, &ips)?;
         Ok(Self {
+            broker,
             dns,
             ips,
             current: RwLock::new(first),
@@ -42,61 +67,64 @@ impl ServerCerts {
 
     /// When the current certificate expires.
     pub fn expires_at(&self) -> u64 {
+        self.read().expires_at
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Issued> {
         self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .1
     }
 
     /// Issues a new certificate when less than half of the current one's
-    /// life is left. New handshakes use it; open connections keep theirs.
-    /// Returns whether it renewed.
+    /// life is left, or when the intermediate changed. Returns whether it
+    /// renewed.
     ///
     /// # Errors
     /// If the CA cannot issue.
-    pub fn renew_if_due(&self, broker: &Broker, now: u64) -> Result<bool, String> {
-        if self.expires_at().saturating_sub(now) > SERVER_CERT_TTL / 2 {
+    pub fn renew_if_due(&self) -> Result<bool, String> {
+        let now = self.broker.now();
+        let due = |issued: &Issued| {
+            issued.expires_at.saturating_sub(now) <= SERVER_CERT_TTL / 2
+                || !Arc::ptr_eq(&issued.under, &self.broker.ca())
+        };
+        if !due(&self.read()) {
             return Ok(false);
         }
-        self.renew_now(broker)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Another handshake may have renewed it meanwhile.
+        if !due(&current) {
+            return Ok(false);
+        }
+        *current = issue(&self.broker, &self.dns, &self.ips)?;
+        tracing::info!(
+            expires_at = current.expires_at,
+            "renewed the broker's server certificate"
+        );
         Ok(true)
     }
 
-    /// Issues a new certificate now (after the intermediate changed).
-    ///
-    /// # Errors
-    /// If the CA cannot issue.
-    pub fn renew_now(&self, broker: &Broker) -> Result<(), String> {
-        let next = issue(broker, &self.dns, &self.ips)?;
-        tracing::info!(
-            expires_at = next.1,
-            "renewed the broker's server certificate"
-        );
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
-        Ok(())
+    /// The certificate to present now, renewed first when due.
+    fn current(&self) -> Arc<CertifiedKey> {
+        if let Err(e) = self.renew_if_due() {
+            // The current one stays in use while it is valid.
+            tracing::error!(error = %e, "renewing the broker's server certificate failed");
+        }
+        Arc::clone(&self.read().key)
     }
 }
 
 impl ResolvesServerCert for ServerCerts {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self
-                .current
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0,
-        ))
+        Some(self.current())
     }
 }
 
-fn issue(
-    broker: &Broker,
-    dns: &[String],
-    ips: &[std::net::IpAddr],
-) -> Result<(Arc<CertifiedKey>, u64), String> {
+fn issue(broker: &Broker, dns: &[String], ips: &[std::net::IpAddr]) -> Result<Issued, String> {
+    let under = broker.ca();
     let credential: Credential = broker
         .server_credential(dns, ips)
         .map_err(|e| format!("issuing the server certificate: {e}"))?;
@@ -108,7 +136,11 @@ fn issue(
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let certified = CertifiedKey::from_der(chain, key, &provider)
         .map_err(|e| format!("server certificate: {e}"))?;
-    Ok((Arc::new(certified), credential.expires_at))
+    Ok(Issued {
+        key: Arc::new(certified),
+        expires_at: credential.expires_at,
+        under,
+    })
 }
 
 /// A rustls server configuration: the renewing certificate, client

@@ -3,7 +3,7 @@
 //! `/readyz` (it can issue: store reachable, a signing key active, not
 //! shutting down).
 
-use super::Broker;
+use crate::broker::Broker;
 use crate::http::{Body, Peer, respond};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;

@@ -23,7 +23,7 @@ use std::time::Duration;
 const CATCH_UP: Duration = Duration::from_secs(5);
 
 /// Follows the other replicas until the broker closes.
-pub(super) async fn follow(broker: Weak<Broker>) {
+pub(crate) async fn follow(broker: Weak<Broker>) {
     let Some(b) = broker.upgrade() else {
         return;
     };

@@ -6,6 +6,9 @@
 //! key is withdrawn instead: it leaves the JWKS at once, so nothing it
 //! signed verifies any more.
 
+use super::{Broker, BrokerError, TOKEN_LEEWAY};
+use crate::audit::{AuditEvent, AuditKind, Outcome};
+use crate::identity::SpiffeId;
 use crate::jose::SigningKey;
 use crate::store::{SigningKeyRecord, Store, StoreError};
 use crate::token::{Jwks, TokenSigner};
@@ -228,5 +231,123 @@ impl SigningKeys {
         if let Some(k) = self.keys.iter_mut().find(|k| k.signer.kid() == kid) {
             k.signed_until = Some(until);
         }
+    }
+}
+
+impl Broker {
+    /// Asks the inventory how long the tokens of retired keys live, for
+    /// keys past the current policy's lifetimes (see
+    /// [`SigningKeys::jwks`]).
+    pub(super) async fn look_up_retired_keys(&self) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let unchecked = self
+            .keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unchecked_retired(now, self.longest_token_life(), TOKEN_LEEWAY);
+        if unchecked.is_empty() {
+            return Ok(());
+        }
+        let live: std::collections::HashMap<String, u64> =
+            self.store.live_exp_by_kid(now).await?.into_iter().collect();
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for kid in unchecked {
+            keys.note_signed_until(&kid, live.get(&kid).copied().unwrap_or(0));
+        }
+        Ok(())
+    }
+
+    /// The JWKS to publish now.
+    pub fn jwks(&self) -> crate::token::Jwks {
+        let max_ttl = self.longest_token_life();
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .jwks(self.clock.now(), max_ttl, TOKEN_LEEWAY)
+    }
+
+    /// Rotates the token-signing key (see [`SigningKeys::rotate`]): the
+    /// new key signs from `now + publish_lead`. Audited, with `actor` if an
+    /// admin asked. Returns the new key id and when it starts signing.
+    ///
+    /// # Errors
+    /// [`BrokerError::Keys`].
+    pub async fn rotate_signing_key(
+        &self,
+        publish_lead: u64,
+        actor: Option<&SpiffeId>,
+    ) -> Result<(String, u64), BrokerError> {
+        let now = self.clock.now();
+        // The store write happens outside the lock; the in-memory set is
+        // swapped in afterwards.
+        let mut keys = SigningKeys::load_or_create(&self.store, &self.settings.issuer, now).await?;
+        let (kid, _) = keys.rotate(&self.store, now, publish_lead).await?;
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+        let mut event = AuditEvent::new(AuditKind::KeyRotate, Outcome::Ok, now)
+            .field("kid", kid.as_str())
+            .field("signs_from", now + publish_lead);
+        if let Some(actor) = actor {
+            event = event.actor(actor);
+        }
+        self.audit(event.field("by", if actor.is_some() { "admin" } else { "schedule" }))
+            .await;
+        tracing::info!(%kid, signs_from = now + publish_lead, "token-signing key rotated");
+        // Subscribers learn the new key at once.
+        self.publish_state().await?;
+        Ok((kid, now + publish_lead))
+    }
+
+    /// The leaked-signing-key runbook in one step: a new key signs from
+    /// now, the keys it replaces are withdrawn (they leave the JWKS, so
+    /// nothing they signed verifies any more) and every token they signed
+    /// is revoked by `kid` whatever its `iat` (a leaked key can write any),
+    /// for verifiers holding the old JWKS. Returns the new key id and the
+    /// withdrawn ones.
+    ///
+    /// # Errors
+    /// [`BrokerError::Keys`], [`BrokerError::Store`].
+    pub async fn replace_leaked_signing_key(
+        &self,
+        actor: &SpiffeId,
+        reason: &str,
+    ) -> Result<(String, Vec<String>), BrokerError> {
+        let now = self.clock.now();
+        let mut keys = SigningKeys::load_or_create(&self.store, &self.settings.issuer, now).await?;
+        let (kid, old) = keys.rotate(&self.store, now, 0).await?;
+        keys.withdraw(&self.store, &old, now).await?;
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+        self.audit(
+            AuditEvent::new(AuditKind::KeyRotate, Outcome::Ok, now)
+                .actor(actor)
+                .field("kid", kid.as_str())
+                .field("signs_from", now)
+                .field("by", "admin")
+                .field("withdrawn", old.clone()),
+        )
+        .await;
+        tracing::warn!(%kid, withdrawn = ?old, "token-signing key replaced after a leak");
+        // The new JWKS first (Watch delivers in order): verifiers know the
+        // new key before holders drop the old key's tokens and fetch new
+        // ones.
+        self.publish_state().await?;
+        for leaked in &old {
+            self.revoke(
+                crate::token::RevocationTarget::Kid(leaked.clone()),
+                None,
+                reason,
+                actor,
+            )
+            .await?;
+        }
+        Ok((kid, old))
     }
 }
