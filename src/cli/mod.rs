@@ -10,8 +10,6 @@ macro_rules! say {
 }
 
 mod bench;
-mod bench_sidecar;
-mod bench_watch;
 mod broker;
 mod client;
 mod ctl;

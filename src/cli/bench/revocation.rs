@@ -4,8 +4,8 @@
 //! process), then makes revocations one at a time through `Admin.Revoke`
 //! and records when each subscriber receives each one.
 
-use super::CliError;
-use super::bench::{channel, client_identity, failed, percentile, start_broker};
+use super::common::{channel, client_identity, failed, percentile, start_broker};
+use crate::cli::CliError;
 use crate::clock::{Clock, SystemClock};
 use crate::proto::v1 as pb;
 use clap::Args;
@@ -76,7 +76,7 @@ async fn subscriber(
 }
 
 async fn bench(args: &RevocationArgs) -> Result<ExitCode, CliError> {
-    let dir = super::ScratchDir::new("bench")?;
+    let dir = crate::cli::ScratchDir::new("bench")?;
     let data = dir.path().join("data");
     let (_broker, addr, _issuer) = start_broker(dir.path())?;
     let (identity, bundle) = client_identity(&addr, &data).await?;

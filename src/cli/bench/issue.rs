@@ -7,33 +7,18 @@
 //! (some answered, some queued for a commit), reopens the store and checks
 //! that every acknowledged issuance is in the inventory.
 
-use super::CliError;
+use super::common::{
+    AUDIENCE, channel, client_identity, cpu_seconds, failed, percentile, start_broker,
+};
+use crate::cli::CliError;
 use crate::clock::{Clock, SystemClock};
 use crate::dpop::ProofKey;
 use crate::proto::v1 as pb;
 use crate::store::{Sealer, Store};
-use clap::{Args, Subcommand};
-use std::io::BufRead as _;
-use std::path::Path;
-use std::process::{ExitCode, Stdio};
+use clap::Args;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-/// Benchmarks.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Token issuance over mTLS gRPC against a broker started for the run.
-    Issue(IssueArgs),
-    /// `POST /v1/authorize` on a sidecar's socket (sidecar and broker
-    /// started for the run).
-    Authorize(super::bench_sidecar::AuthorizeArgs),
-    /// wrk through a sidecar's inbound proxy vs. straight to a trivial
-    /// upstream, every proxied request with a fresh DPoP proof (needs wrk).
-    Inbound(super::bench_sidecar::InboundArgs),
-    /// Revocation propagation: many Watch subscribers, revocations one at
-    /// a time, time from the call to each subscriber's receipt.
-    Revocation(super::bench_watch::RevocationArgs),
-}
+use tonic::transport::Channel;
 
 /// Arguments of `tally bench issue`.
 #[derive(Debug, Args)]
@@ -50,171 +35,6 @@ pub struct IssueArgs {
     /// Load before measuring (not counted in the latency figures).
     #[arg(long, default_value = "2s")]
     warmup: String,
-}
-
-pub(super) fn run(cmd: BenchCommand) -> Result<ExitCode, CliError> {
-    match cmd {
-        BenchCommand::Authorize(args) => super::bench_sidecar::run_authorize(&args),
-        BenchCommand::Inbound(args) => super::bench_sidecar::run_inbound(&args),
-        BenchCommand::Revocation(args) => super::bench_watch::run(&args),
-        BenchCommand::Issue(args) => {
-            let parse = |flag: &str, text: &str| {
-                humantime::parse_duration(text)
-                    .map_err(|e| CliError::Usage(format!("{flag} {text:?}: {e}")))
-            };
-            let duration = parse("--duration", &args.duration)?;
-            let warmup = parse("--warmup", &args.warmup)?;
-            if args.connections == 0 || args.concurrency == 0 || duration.is_zero() {
-                return Err(CliError::Usage(
-                    "--connections, --concurrency and --duration must be above zero".into(),
-                ));
-            }
-            // One thread: the load generator should take as little of the
-            // machine from the broker as it can.
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))?
-                .block_on(issue(&args, warmup, duration))
-        }
-    }
-}
-
-const TRUST_DOMAIN: &str = "bench.tally";
-pub(super) const CLIENT: &str = "spiffe://bench.tally/bench/client";
-pub(super) const AUDIENCE: &str = "spiffe://bench.tally/bench/server";
-const POLICY: &str = "trust_domain: bench.tally
-classes:
-  service: { default_ttl: 5m, max_ttl: 15m }
-issue:
-  - from: spiffe://bench.tally/bench/client
-    to: spiffe://bench.tally/bench/server
-    scopes: [bench:read, bench:write]
-    class: service
-access:
-  - workload: spiffe://bench.tally/bench/server
-    allow:
-      - from: spiffe://bench.tally/bench/client
-        methods: [GET]
-        paths: [/bench/**]
-        scopes: [bench:read]
-";
-
-pub(super) fn failed(what: &str, e: impl std::fmt::Display) -> CliError {
-    CliError::Failed(format!("{what}: {e}"))
-}
-
-/// The broker process; killed when dropped.
-pub(super) struct BrokerProcess(std::process::Child);
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `tally broker` on `dir`; returns the process, its gRPC address
-/// and its issuer URL.
-pub(super) fn start_broker(dir: &Path) -> Result<(BrokerProcess, String, String), CliError> {
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, POLICY).map_err(|e| failed("writing the bench policy", e))?;
-    let exe = std::env::current_exe().map_err(|e| failed("finding the tally binary", e))?;
-    let mut child = std::process::Command::new(exe)
-        .args(["broker", "--trust-domain", TRUST_DOMAIN])
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--admin-listen", "127.0.0.1:0"])
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .env_remove("TALLY_STORE_KEY")
-        .env("TALLY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| failed("starting the broker", e))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| CliError::Failed("no broker output".into()))?;
-    let process = BrokerProcess(child);
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let first = lines
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| CliError::Failed("the broker exited before listening".into()))?;
-    let addr = first
-        .rsplit(' ')
-        .next()
-        .filter(|_| first.contains("gRPC (mTLS) listening on"))
-        .ok_or_else(|| CliError::Failed(format!("unexpected broker output: {first}")))?
-        .to_owned();
-    let second = lines.next().and_then(Result::ok).unwrap_or_default();
-    let issuer = second
-        .split("issuer ")
-        .nth(1)
-        .ok_or_else(|| CliError::Failed(format!("unexpected broker output: {second}")))?
-        .trim()
-        .to_owned();
-    // Keep reading (and dropping) its output so it never blocks on a pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok((process, addr, issuer))
-}
-
-pub(super) async fn channel(
-    addr: &str,
-    bundle: &str,
-    identity: Identity,
-) -> Result<Channel, CliError> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(bundle))
-        .identity(identity)
-        .domain_name("localhost");
-    Channel::from_shared(format!("https://{addr}"))
-        .map_err(|e| failed("broker address", e))?
-        .tls_config(tls)
-        .map_err(|e| failed("TLS settings", e))?
-        .connect()
-        .await
-        .map_err(|e| failed("connecting to the broker", e))
-}
-
-/// The bench client's credential, minted through the Admin API.
-pub(super) async fn client_identity(
-    addr: &str,
-    data: &Path,
-) -> Result<(Identity, String), CliError> {
-    let read = |p: &str| std::fs::read_to_string(data.join(p)).map_err(|e| failed(p, e));
-    let bundle = read("bundle.pem")?;
-    let admin = Identity::from_pem(read("admin/cert.pem")?, read("admin/key.pem")?);
-    let mut client = pb::admin_client::AdminClient::new(channel(addr, &bundle, admin).await?);
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| failed("generating a key", e))?;
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .map_err(|e| failed("making a CSR", e))?
-        .der()
-        .to_vec();
-    let svid = client
-        .mint_svid(pb::MintSvidRequest {
-            spiffe_id: CLIENT.into(),
-            ttl_seconds: 3600,
-            csr_der: csr,
-        })
-        .await
-        .map_err(|e| failed("minting the bench credential", e.message()))?
-        .into_inner();
-    let chain: String = std::iter::once(&svid.svid_der)
-        .chain(&svid.chain_der)
-        .map(|d| crate::ca::pem("CERTIFICATE", d))
-        .collect();
-    Ok((Identity::from_pem(chain, key.serialize_pem()), bundle))
 }
 
 /// What one worker saw.
@@ -291,26 +111,12 @@ async fn worker(
     tally
 }
 
-pub(super) fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "an index into a list far shorter than 2^52"
-    )]
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
-}
-
-async fn issue(
+pub(super) async fn issue(
     args: &IssueArgs,
     warmup: Duration,
     duration: Duration,
 ) -> Result<ExitCode, CliError> {
-    let dir = super::ScratchDir::new("bench")?;
+    let dir = crate::cli::ScratchDir::new("bench")?;
     let (mut broker, addr, issuer) = start_broker(dir.path())?;
     let data = dir.path().join("data");
     let (identity, bundle) = client_identity(&addr, &data).await?;
@@ -449,15 +255,24 @@ async fn stored_jtis(
     }
 }
 
-/// User + system CPU seconds a process has used, from `/proc/PID/stat`
-/// (Linux; clock ticks are 100 per second in that interface).
-pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are
-    // fields 14 and 15 of the whole line.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    #[expect(clippy::cast_precision_loss, reason = "ticks far below 2^52")]
-    Some(ticks as f64 / 100.0)
+/// `tally bench issue`.
+pub(super) fn run(args: &IssueArgs) -> Result<ExitCode, CliError> {
+    let parse = |flag: &str, text: &str| {
+        humantime::parse_duration(text)
+            .map_err(|e| CliError::Usage(format!("{flag} {text:?}: {e}")))
+    };
+    let duration = parse("--duration", &args.duration)?;
+    let warmup = parse("--warmup", &args.warmup)?;
+    if args.connections == 0 || args.concurrency == 0 || duration.is_zero() {
+        return Err(CliError::Usage(
+            "--connections, --concurrency and --duration must be above zero".into(),
+        ));
+    }
+    // One thread: the load generator should take as little of the
+    // machine from the broker as it can.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))?
+        .block_on(issue(args, warmup, duration))
 }
