@@ -2,8 +2,9 @@
 //! broker's inventory and the identities cut off, for people (tables) and
 //! scripts (`--output json`).
 
-use super::CliError;
-use super::ctl::{BrokerConnection, Output, admin_client, block_on, print, refused, table, when};
+use super::connect::{BrokerConnection, admin_client, block_on, refused};
+use super::output::{Output, print, table, when};
+use crate::cli::CliError;
 use crate::proto::v1 as pb;
 use clap::{Args, Subcommand};
 use serde_json::json;

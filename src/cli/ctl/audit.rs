@@ -1,11 +1,10 @@
 //! `tally ctl audit`: check the hash chain (on the broker's store, or a
 //! JSON-lines file offline), query records, and look up a leaked token.
 
-use super::CliError;
-use super::ctl::{
-    BrokerConnection, Output, admin_client, block_on, refused, table, unix_time, when,
-};
+use super::connect::{BrokerConnection, admin_client, block_on, refused};
+use super::output::{Output, table, unix_time, when};
 use crate::audit::{ChainVerifier, MAX_LINE};
+use crate::cli::CliError;
 use crate::proto::v1 as pb;
 use clap::{Args, Subcommand};
 use serde_json::Value;
@@ -431,7 +430,7 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
             );
         }
         Output::Table => {
-            let now = i64::try_from(super::wall_clock_now()).unwrap_or(i64::MAX);
+            let now = i64::try_from(crate::cli::wall_clock_now()).unwrap_or(i64::MAX);
             let state = match (found.revoked, found.exp > now) {
                 (true, true) => "REVOKED (not yet expired)",
                 (false, true) => "LIVE: revoke it with `tally ctl revoke --jti`",

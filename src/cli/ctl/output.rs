@@ -1,0 +1,105 @@
+//! How `tally ctl` prints: text tables for people, JSON for scripts, and
+//! times both ways.
+
+use crate::cli::CliError;
+
+/// How a listing is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document for scripts.
+    Json,
+}
+
+pub(super) fn duration(flag: &str, text: &str) -> Result<u32, CliError> {
+    humantime::parse_duration(text)
+        .ok()
+        .and_then(|d| u32::try_from(d.as_secs()).ok())
+        .filter(|s| *s > 0 || flag == "--publish-lead")
+        .ok_or_else(|| CliError::Usage(format!("{flag} {text:?} is not a duration like 10m")))
+}
+
+/// A time given as Unix seconds or RFC 3339.
+pub(super) fn unix_time(flag: &str, text: &str) -> Result<i64, CliError> {
+    if let Ok(secs) = text.parse::<i64>() {
+        return Ok(secs);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{flag} {text:?}: give Unix seconds or RFC 3339 (2026-11-22T16:00:00Z)"
+            ))
+        })
+}
+
+/// Unix seconds as RFC 3339 (UTC), or `-` for none.
+pub(super) fn when(secs: i64) -> String {
+    u64::try_from(secs).ok().filter(|s| *s > 0).map_or_else(
+        || "-".to_owned(),
+        |s| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+            )
+            .to_string()
+        },
+    )
+}
+
+/// `json` as one line with `--output json`, else what `text` prints.
+pub(super) fn print(output: Output, json: &serde_json::Value, text: impl FnOnce()) {
+    match output {
+        Output::Json => say!("{json}"),
+        Output::Table => text(),
+    }
+}
+
+/// Rows under headers, each column as wide as its widest cell, two spaces
+/// apart; the last column is not padded. No trailing newline.
+pub(super) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i + 1 == headers.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.trim_end().to_owned()
+    };
+    let mut lines = vec![line(&mut headers.iter().copied())];
+    lines.extend(rows.iter().map(|r| line(&mut r.iter().map(String::as_str))));
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_aligns_columns_to_the_widest_cell() {
+        let t = table(
+            &["A", "LONG HEADER", "LAST"],
+            vec![
+                vec!["wide cell".into(), "x".into(), "tail text".into()],
+                vec!["y".into(), "".into(), "z".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "A          LONG HEADER  LAST\n\
+             wide cell  x            tail text\n\
+             y                       z"
+        );
+    }
+}
