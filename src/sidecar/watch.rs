@@ -6,7 +6,7 @@
 //! identity off.
 
 use super::identity::backoff;
-use super::random_unit;
+use super::jitter::random_unit;
 use crate::clock::Clock;
 use crate::identity::{Denial, DenialSet};
 use crate::policy::Policy;
