@@ -228,8 +228,8 @@ impl SidecarConfig {
         };
         let inbound_listen = address(&flags.inbound_listen, "inbound_listen");
         let outbound_listen = address(&flags.outbound_listen, "outbound_listen");
-        let admin_text = one(&flags.admin_listen, "admin_listen")
-            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.into());
+        let admin_text =
+            one(&flags.admin_listen, "admin_listen").unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.into());
         let admin_listen = if admin_text == "off" {
             None
         } else {
@@ -540,7 +540,10 @@ mod tests {
         let errors = service_map("map.yaml", "a: [1]\nb.svc: spiffe://td/b\n").unwrap_err();
         assert_eq!(errors, ["map.yaml:1:1: the audience for a must be text"]);
         let errors = service_map("map.yaml", "b.svc: spiffe://td/b\n").unwrap_err();
-        assert!(errors[0].starts_with("map.yaml: \"b.svc\" names no port"), "{errors:?}");
+        assert!(
+            errors[0].starts_with("map.yaml: \"b.svc\" names no port"),
+            "{errors:?}"
+        );
         let errors = service_map("map.yaml", "- a\n").unwrap_err();
         assert_eq!(errors, ["map.yaml: expected a mapping of host to audience"]);
     }
