@@ -1,6 +1,6 @@
 //! Why the token core refuses a request: [`AuthError`] (and the
 //! malformed-request cases, [`RequestError`]). Mapped to HTTP by
-//! [`super::answer`]; the refusals the mesh adds after the token core
+//! [`mod@super::answer`]; the refusals the mesh adds after the token core
 //! (revocation, denied identity, staleness, policy, rate) are
 //! [`super::verdict::Refusal`]s.
 

@@ -4,7 +4,7 @@
 //! [`error::AuthError`]), the admission verdict on what passed it
 //! ([`verdict`]: revocations, denied identities, staleness, access rules,
 //! rate limits), and the one mapping from a refusal to its HTTP answer
-//! ([`answer`]). Every front end (inbound proxy, ext_authz, WIMSE) runs
+//! ([`mod@answer`]). Every front end (inbound proxy, ext_authz, WIMSE) runs
 //! these in that order.
 
 pub mod answer;

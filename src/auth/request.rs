@@ -135,7 +135,7 @@ impl RequestVerifier {
     /// Checks one request against the trusted `jwks` at `now`.
     ///
     /// # Errors
-    /// The [`AuthError`] to answer with (see [`super::answer`]).
+    /// The [`AuthError`] to answer with (see [`super::answer()`]).
     pub fn verify(
         &self,
         request: &Request<'_>,
@@ -151,7 +151,7 @@ impl RequestVerifier {
     /// (see [`super::target::request_target`]).
     ///
     /// # Errors
-    /// The [`AuthError`] to answer with (see [`super::answer`]).
+    /// The [`AuthError`] to answer with (see [`super::answer()`]).
     pub fn verify_parsed(
         &self,
         request: &ParsedRequest<'_>,
