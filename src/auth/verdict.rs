@@ -608,79 +608,55 @@ access:
     #[test]
     fn every_refusal_has_its_label_and_only_the_callers_failures_are_audited() {
         use crate::dpop::ProofError;
-        let cases = [
+        let proof = |e| Refusal::from(AuthError::Proof(e));
+        let denied = |d| Refusal::AccessDenied(d);
+        let malformed = AuthError::Request(super::super::RequestError::Malformed);
+        let kid = AuthError::Token(crate::token::TokenError::KidMissing);
+        let stale = Refusal::Stale {
+            down_for: 40,
+            after: 30,
+        };
+        let audited = [
             (
                 Refusal::Target(TargetError::Misdirected("x".into())),
                 "misdirected",
-                true,
             ),
-            (Refusal::Target(TargetError::TwoHosts), "bad_request", true),
-            (Refusal::NotReady, "not_ready", false),
-            (AuthError::NoCredentials.into(), "no_credentials", true),
-            (
-                AuthError::Request(super::super::RequestError::Malformed).into(),
-                "bad_request",
-                true,
-            ),
-            (
-                AuthError::Token(crate::token::TokenError::KidMissing).into(),
-                "invalid_token",
-                true,
-            ),
-            (
-                AuthError::Proof(ProofError::NonceMissing).into(),
-                "use_dpop_nonce",
-                false,
-            ),
-            (
-                AuthError::Proof(ProofError::Replayed).into(),
-                "replayed_proof",
-                true,
-            ),
-            (
-                AuthError::Proof(ProofError::AthMismatch).into(),
-                "invalid_dpop_proof",
-                true,
-            ),
-            (AuthError::Overloaded.into(), "overloaded", true),
-            (Refusal::Revoked { jti: "j".into() }, "revoked", true),
+            (Refusal::Target(TargetError::TwoHosts), "bad_request"),
+            (AuthError::NoCredentials.into(), "no_credentials"),
+            (malformed.into(), "bad_request"),
+            (kid.into(), "invalid_token"),
+            (proof(ProofError::Replayed), "replayed_proof"),
+            (proof(ProofError::AthMismatch), "invalid_dpop_proof"),
+            (AuthError::Overloaded.into(), "overloaded"),
+            (Refusal::Revoked { jti: "j".into() }, "revoked"),
             (
                 Refusal::IdentityDenied {
                     caller: id(CHECKOUT),
                 },
                 "identity_denied",
-                true,
             ),
+            (stale, "revocations_stale"),
             (
-                Refusal::Stale {
-                    down_for: 40,
-                    after: 30,
-                },
-                "revocations_stale",
-                true,
-            ),
-            (
-                Refusal::AccessDenied(AccessDenial::MissingScope("a:b".parse().unwrap())),
+                denied(AccessDenial::MissingScope("a:b".parse().unwrap())),
                 "insufficient_scope",
-                true,
             ),
             (
-                Refusal::AccessDenied(AccessDenial::PathNotAllowed("/x".into())),
+                denied(AccessDenial::PathNotAllowed("/x".into())),
                 "policy_denied",
-                true,
             ),
-            (
-                Refusal::RateLimited { retry_after: 2 },
-                "rate_limited",
-                true,
-            ),
+            (Refusal::RateLimited { retry_after: 2 }, "rate_limited"),
         ];
-        for (refusal, reason, audited) in cases {
-            assert_eq!(
-                (refusal.reason(), refusal.is_callers_failure()),
-                (reason, audited),
-                "{refusal:?}"
-            );
+        for (refusal, reason) in audited {
+            assert_eq!(refusal.reason(), reason, "{refusal:?}");
+            assert!(refusal.is_callers_failure(), "{refusal:?}");
+        }
+        // The protocol working, and this sidecar's own state.
+        for (refusal, reason) in [
+            (proof(ProofError::NonceMissing), "use_dpop_nonce"),
+            (Refusal::NotReady, "not_ready"),
+        ] {
+            assert_eq!(refusal.reason(), reason);
+            assert!(!refusal.is_callers_failure(), "{refusal:?}");
         }
     }
 
