@@ -82,6 +82,33 @@ impl FileSettings {
     }
 }
 
+/// A secret given on the command line or in a `TALLY_*` variable (a
+/// token): `Debug` shows only that it is there, and the text is wiped on
+/// drop.
+#[derive(Clone)]
+pub struct SecretArg(zeroize::Zeroizing<String>);
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(zeroize::Zeroizing::new(s.to_owned())))
+    }
+}
+
+impl SecretArg {
+    /// The text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// `true`/`false` (also `yes`/`no`, `on`/`off`, `1`/`0`) for a boolean
 /// setting, or an error naming it.
 ///

@@ -1,39 +1,11 @@
 //! Reading `Authorization` and `DPoP` request headers (RFC 9449 §7.1,
 //! RFC 6750 §2.1).
 
-use super::AuthError;
+use super::error::{AuthError, RequestError};
 use crate::jose::{b64, json};
 
 /// Longest header value considered, in bytes (beyond the JWS caps).
 const MAX_HEADER_LEN: usize = 16 * 1024;
-
-/// A request that is malformed rather than unauthenticated: answered with
-/// 400 `invalid_request`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RequestError {
-    /// More than one `Authorization` header.
-    #[error("more than one Authorization header")]
-    MultipleAuthorization,
-    /// More than one `DPoP` header (RFC 9449 §4.3 check 1).
-    #[error("more than one DPoP header")]
-    MultipleProofs,
-    /// `Authorization: Bearer` together with a `DPoP` header.
-    #[error("Bearer and DPoP used together")]
-    BearerWithProof,
-    /// A DPoP-bound token presented as a bearer token (RFC 9449 §7.2).
-    #[error("DPoP-bound access token sent with the Bearer scheme")]
-    BoundTokenAsBearer,
-    /// `Authorization: DPoP` without a `DPoP` proof header.
-    #[error("DPoP authorization without a DPoP proof header")]
-    MissingProof,
-    /// A `DPoP` proof header without `Authorization: DPoP`.
-    #[error("DPoP proof header without a DPoP access token")]
-    MissingToken,
-    /// The header value is not `scheme token68` or is not ASCII.
-    #[error("malformed Authorization or DPoP header")]
-    Malformed,
-}
 
 /// The credentials of a DPoP-bound request.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,9 @@
 //! against the request and the token, then the replay cache — last, so a
 //! request that fails any check does not burn its proof.
 
-use super::{AuthError, credentials};
+use super::answer::HttpAnswer;
+use super::credentials::{self, Credentials};
+use super::error::{AuthError, RequestError};
 use crate::dpop::proof::{self, NonceRule, ProofConfig, ProofContext, TokenHash, VerifiedProof};
 use crate::dpop::{Nonces, NormalizedUri, ReplayCache, ReplayError};
 use crate::jose::KeyCache;
@@ -68,6 +70,20 @@ pub struct Request<'a> {
     pub dpop: &'a [&'a [u8]],
 }
 
+/// A request whose target is already parsed ([`super::target`]): the
+/// proof's `htu` is compared with `url` as it is, never re-parsed.
+#[derive(Clone, Copy)]
+pub struct ParsedRequest<'a> {
+    /// Method, e.g. `GET`.
+    pub method: &'a str,
+    /// The request URL (scheme, authority, normalized path).
+    pub url: &'a NormalizedUri,
+    /// Every `Authorization` header value.
+    pub authorization: &'a [&'a [u8]],
+    /// Every `DPoP` header value.
+    pub dpop: &'a [&'a [u8]],
+}
+
 /// A request that passed.
 #[derive(Debug, Clone)]
 pub struct Verified {
@@ -119,7 +135,7 @@ impl RequestVerifier {
     /// Checks one request against the trusted `jwks` at `now`.
     ///
     /// # Errors
-    /// The [`AuthError`] to answer with (see [`super::answer`]).
+    /// The [`AuthError`] to answer with (see [`super::answer()`]).
     pub fn verify(
         &self,
         request: &Request<'_>,
@@ -127,7 +143,34 @@ impl RequestVerifier {
         now: u64,
     ) -> Result<Verified, AuthError> {
         let creds = credentials::parse(request.authorization, request.dpop)?;
-        let uri = NormalizedUri::parse(request.uri).map_err(|_| super::RequestError::Malformed)?;
+        let uri = NormalizedUri::parse(request.uri).map_err(|_| RequestError::Malformed)?;
+        self.check(creds, request.method, &uri, jwks, now)
+    }
+
+    /// Checks one request whose URL was parsed once by the front end
+    /// (see [`super::target::request_target`]).
+    ///
+    /// # Errors
+    /// The [`AuthError`] to answer with (see [`super::answer()`]).
+    pub fn verify_parsed(
+        &self,
+        request: &ParsedRequest<'_>,
+        jwks: &Jwks,
+        now: u64,
+    ) -> Result<Verified, AuthError> {
+        let creds = credentials::parse(request.authorization, request.dpop)?;
+        self.check(creds, request.method, request.url, jwks, now)
+    }
+
+    /// Token, proof, then replay.
+    fn check(
+        &self,
+        creds: Credentials<'_>,
+        method: &str,
+        uri: &NormalizedUri,
+        jwks: &Jwks,
+        now: u64,
+    ) -> Result<Verified, AuthError> {
         let hash = TokenHash::of(creds.token);
 
         let token = match self.cached(&hash, jwks, now) {
@@ -148,8 +191,8 @@ impl RequestVerifier {
         };
 
         let ctx = ProofContext {
-            method: request.method,
-            uri: &uri,
+            method,
+            uri,
             token_hash: Some(&hash),
             expected_jkt: Some(&token.jkt),
             nonce: match (&self.nonces, self.config.fresh_proofs_after) {
@@ -182,7 +225,13 @@ impl RequestVerifier {
     }
 
     /// The HTTP answer for `error`, with a fresh nonce when one is asked for.
-    pub fn answer(&self, error: &AuthError, now: u64) -> super::HttpAnswer {
-        super::answer(error, self.nonces.as_ref().map(|n| n.issue(now)))
+    pub fn answer(&self, error: &AuthError, now: u64) -> HttpAnswer {
+        super::answer::answer(error, self.fresh_nonce(now))
+    }
+
+    /// A nonce for a `DPoP-Nonce` header at `now`, if this verifier
+    /// issues them.
+    pub fn fresh_nonce(&self, now: u64) -> Option<String> {
+        self.nonces.as_ref().map(|n| n.issue(now))
     }
 }

@@ -102,22 +102,26 @@ pub fn request_target(
         [one] => Some(std::str::from_utf8(one).map_err(|_| TargetError::HostNotText)?),
         _ => return Err(TargetError::TwoHosts),
     };
-    let authority = match (target_authority, host) {
+    // The authority as written (the app gets it as `Host`) and normalized
+    // (what is compared).
+    let (authority, normalized) = match (target_authority, host) {
         (Some(target), Some(host)) => {
-            let target_parsed = Authority::parse(target).map_err(TargetError::Authority)?;
-            if Authority::parse(host).ok() != Some(target_parsed) {
+            let parsed = Authority::parse(target).map_err(TargetError::Authority)?;
+            if Authority::parse(host).as_ref() != Ok(&parsed) {
                 return Err(TargetError::HostMismatch);
             }
-            target
+            (target, parsed)
         }
-        (Some(target), None) => target,
-        (None, Some(host)) => host,
+        (Some(one), None) | (None, Some(one)) => {
+            (one, Authority::parse(one).map_err(TargetError::Authority)?)
+        }
         (None, None) => return Err(TargetError::NoHost),
     };
-    let normalized = Authority::parse(authority).map_err(TargetError::Authority)?;
     if !served.is_empty() && !served.contains(&normalized) {
         return Err(TargetError::Misdirected(normalized.0));
     }
+    // The URL as the caller wrote it, so its length limit counts what was
+    // sent; normalizing it gives the normalized authority again.
     let url =
         NormalizedUri::parse(&format!("http://{authority}{path}")).map_err(TargetError::Url)?;
     check_routable(url.path()).map_err(TargetError::Path)?;

@@ -130,31 +130,7 @@ pub(crate) fn wall_clock_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A secret given on the command line (a token): `Debug` shows only that
-/// it is there, and the text is wiped on drop.
-#[derive(Clone)]
-pub struct SecretArg(zeroize::Zeroizing<String>);
-
-impl std::str::FromStr for SecretArg {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(zeroize::Zeroizing::new(s.to_owned())))
-    }
-}
-
-impl SecretArg {
-    /// The text.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for SecretArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::config::SecretArg;
 
 /// Reads a value given on the command line, or standard input for `-`
 /// (keeps tokens out of shell history and `ps`).

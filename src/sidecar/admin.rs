@@ -4,13 +4,43 @@
 //! been down longer than the staleness bound, and the broker does not
 //! deny its identity; the body says what is missing) and `/metrics` (Prometheus text).
 
-use super::run::Parts;
+use super::api::LocalApi;
+use super::identity::Svid;
+use super::inbound::Inbound;
+use super::issuer::BrokerIssuer;
+use super::outbound::Outbound;
+use super::watch::MeshState;
+use crate::clock::Clock;
 use crate::http::{Body, respond};
 use crate::metrics::render_gauge;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use tokio::sync::watch;
+
+/// What the admin port reads: the running sidecar's parts (what
+/// `Sidecar::parts` hands out).
+pub struct Parts {
+    /// The current SVID.
+    pub svid: watch::Receiver<Arc<Svid>>,
+    /// What the Watch stream has delivered.
+    pub mesh: watch::Receiver<MeshState>,
+    /// The local API's state (token cache, service map, nonces).
+    pub api: Arc<LocalApi<Arc<BrokerIssuer>>>,
+    /// The inbound proxy, if it runs.
+    pub inbound: Option<Arc<Inbound>>,
+    /// The outbound proxy.
+    pub outbound: Arc<Outbound<Arc<BrokerIssuer>>>,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+    /// Broker commit to arrival here, per revocation.
+    pub revocation_lag: Arc<crate::metrics::Histogram>,
+    /// Longest Watch outage before not-ready, seconds.
+    pub watch_staleness: u64,
+    /// Every listener's counters (not ready while one cannot accept).
+    pub listeners: crate::http::Listeners,
+}
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
@@ -43,7 +73,7 @@ pub async fn handle(parts: Arc<Parts>, req: Request<Incoming>) -> Response<Body>
 }
 
 /// Seconds the Watch stream has been down (0 while up).
-fn down_for(mesh: &super::watch::MeshState, now: u64) -> u64 {
+fn down_for(mesh: &MeshState, now: u64) -> u64 {
     if mesh.connected || mesh.down_since_ms == 0 {
         0
     } else {

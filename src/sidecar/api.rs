@@ -15,7 +15,7 @@
 //! Errors are `{error, error_description}` with 400, 403 (the broker or
 //! the peer-uid allow-list refused, or an admin denied this workload's
 //! identity), 503 (broker unreachable) — mapped in one place
-//! ([`api_error`]).
+//! (`api_error`).
 
 use super::cache::{CacheError, Fetch, Fetched, TokenCache};
 use super::identity::Svid;

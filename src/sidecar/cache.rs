@@ -17,7 +17,7 @@
 //!
 //! Time is tokio's clock, so tests run with `start_paused`.
 
-use super::random_unit;
+use super::jitter::random_unit;
 use crate::token::{AccessToken, Audience, Scopes};
 use std::collections::HashMap;
 use std::future::Future;

@@ -8,7 +8,7 @@
 //! maths ([`renew_at`], [`backoff`]) is pure and takes its randomness as an
 //! argument.
 
-use super::random_unit;
+use super::jitter::random_unit;
 use crate::identity::SpiffeId;
 use crate::proto::v1 as pb;
 use std::path::PathBuf;

@@ -1,17 +1,20 @@
-//! The inbound verifying proxy: every request is checked before the app
+//! The inbound verifying proxy: every request is judged before the app
 //! sees it, then streamed to the app with the caller's identity in
 //! `x-tally-*` headers.
 //!
-//! The check, in order: the whole token-core check of the request
-//! ([`RequestVerifier`]: credentials, access token against the broker's
-//! JWKS with `aud` = this workload, the DPoP proof against this request
-//! and this token, replay), then the revocations and denied identities the broker sent (cached
-//! tokens too; when the Watch stream has been down too long, `admin`
-//! tokens, or all with `deny_when_stale`, get 503), then the `access:` rules the broker sent for
-//! this workload (caller, method, path, scopes), then the per-caller rate
-//! limit of the rule that admitted it. A refusal answers with the token
-//! core's status and `WWW-Authenticate` (401/400), 403, or 429 with
-//! `Retry-After`, and never reaches the app.
+//! A request is judged in three steps, each pure and shared with every
+//! other front end: its target, parsed once ([`auth::target`]: the
+//! authority it addresses, the URL a proof must name, the normalized
+//! path); the token core ([`RequestVerifier`]: credentials, the access
+//! token against the broker's JWKS with `aud` = this workload, the DPoP
+//! proof against that URL and this token, replay); then the admission
+//! verdict ([`auth::verdict::judge`]) on what the Watch stream delivered:
+//! revocations and denied identities, staleness (when the stream has been
+//! down too long, `admin` tokens, or all with `deny_when_stale`, get
+//! 503), the `access:` rules for this workload and the per-caller rate
+//! limit of the rule that admitted it. Every refusal is answered through
+//! the one mapping ([`auth::answer::refusal_answer`]) and never reaches
+//! the app.
 //!
 //! The URL a proof must name is `http://` + the request's `Host` (or
 //! HTTP/2 `:authority`) + its path: what the caller addressed. The path
@@ -27,12 +30,13 @@
 
 use super::proxy::{self, NextHop, ProxyBody};
 use super::watch::MeshState;
-use crate::auth::{self, AuthError, RequestVerifier};
+use crate::auth::target::{TargetError, request_target};
+use crate::auth::verdict::{self, Allowed, CallerLimits, Refusal, StaleRule, VerifiedRequest};
+use crate::auth::{self, HttpAnswer, ParsedRequest, RequestVerifier};
 use crate::clock::Clock;
+use crate::dpop::UriError;
 use crate::identity::SpiffeId;
 use crate::metrics::{CounterVec, Histogram};
-use crate::policy::{AccessDenial, AccessRequest, Pos};
-use crate::rate::RateLimiter;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Limited};
@@ -130,24 +134,57 @@ impl InboundMetrics {
     }
 }
 
-/// A request that passed every check.
+/// A request that passed every check, and how it goes to the app.
 struct Admitted {
-    caller: String,
-    scopes: String,
-    token_id: String,
+    /// The verdict.
+    allowed: Allowed,
     /// Normalized path plus the original query.
     path_and_query: String,
     /// The authority the proof was checked against: the app's `Host`.
     authority: HeaderValue,
-    /// For an upgrade: the protocol asked for, and the token whose expiry
-    /// or revocation ends the tunnel.
-    upgrade: Option<(HeaderValue, Arc<crate::token::TokenClaims>)>,
+    /// For an upgrade: the protocol asked for.
+    upgrade: Option<HeaderValue>,
 }
 
-/// A refusal and the metrics label for it.
-struct Refused {
-    reason: &'static str,
-    response: Box<Response<ProxyBody>>,
+/// Why an admitted request did not reach the app, or its answer the
+/// caller: the one mapping of those to responses.
+#[derive(Debug, Clone, Copy)]
+enum Unforwarded {
+    /// The declared body is larger than the limit (bytes).
+    TooLarge(u64),
+    /// The request target cannot be written for the app.
+    Target,
+    /// The app did not answer.
+    AppUnavailable,
+    /// The app did not answer in time.
+    AppTimeout,
+}
+
+impl Unforwarded {
+    fn response(self) -> Response<ProxyBody> {
+        match self {
+            Self::TooLarge(max) => proxy::refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                &format!("the body is larger than {max} bytes"),
+            ),
+            Self::Target => proxy::refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request target cannot be forwarded",
+            ),
+            Self::AppUnavailable => proxy::refusal(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the application behind this sidecar did not answer",
+            ),
+            Self::AppTimeout => proxy::refusal(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the application behind this sidecar did not answer in time",
+            ),
+        }
+    }
 }
 
 /// The inbound proxy. Share it behind an `Arc`.
@@ -157,7 +194,7 @@ pub struct Inbound {
     verifier: RequestVerifier,
     mesh: tokio::sync::watch::Receiver<MeshState>,
     /// Per (policy version, caller, allow entry).
-    limits: RateLimiter<(u64, SpiffeId, Pos)>,
+    limits: CallerLimits,
     next_hop: NextHop,
     clock: Arc<dyn Clock>,
     metrics: InboundMetrics,
@@ -189,7 +226,7 @@ impl Inbound {
             config,
             verifier,
             mesh,
-            limits: RateLimiter::new(),
+            limits: CallerLimits::new(),
             next_hop,
             clock,
             metrics: InboundMetrics::new(),
@@ -220,100 +257,42 @@ impl Inbound {
         peer: Arc<crate::http::Peer>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let checked = self.check(&req);
+        let now_ms = self.clock.now_ms();
+        let checked = self.check(&req, now_ms);
         self.metrics.check_seconds.observe(started.elapsed());
         match checked {
             Ok(admitted) => {
                 self.metrics.requests.inc(&["allowed"]);
-                if let Some((protocol, token)) = admitted.upgrade.clone() {
-                    return self.tunnel(req, admitted, protocol, token, peer).await;
+                if let Some(protocol) = admitted.upgrade.clone() {
+                    return self.tunnel(req, admitted, protocol, peer).await;
                 }
                 self.forward(req, admitted).await
             }
-            Err(refused) => {
-                self.metrics.requests.inc(&[refused.reason]);
-                // A nonce challenge is the protocol working, and not-ready
-                // is this sidecar's state, not the caller's failure.
-                if !matches!(refused.reason, "use_dpop_nonce" | "not_ready") {
-                    let token = req
-                        .headers()
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.split_once(' '))
-                        .map(|(_, t)| t.trim());
-                    self.failures.note(
-                        super::failures::Failure::new(
-                            refused.reason,
-                            req.method().as_str(),
-                            req.uri().path(),
-                            token,
-                        ),
-                        self.clock.now(),
-                    );
-                }
-                tracing::debug!(
-                    reason = refused.reason,
-                    status = refused.response.status().as_u16(),
-                    method = %req.method(),
-                    path = req.uri().path(),
-                    "inbound request refused"
-                );
-                *refused.response
-            }
+            Err(refusal) => self.refuse(&req, &refusal, now_ms / 1000),
         }
     }
 
-    /// Every check, without touching the body.
-    fn check(&self, req: &Request<Incoming>) -> Result<Admitted, Refused> {
-        let now = self.clock.now();
+    /// Every check, without touching the body: the target, the token
+    /// core, then the verdict.
+    fn check(&self, req: &Request<Incoming>, now_ms: u64) -> Result<Admitted, Refusal> {
+        let now = now_ms / 1000;
         let hosts: Vec<&[u8]> = req
             .headers()
             .get_all(header::HOST)
             .iter()
             .map(HeaderValue::as_bytes)
             .collect();
-        let target = crate::auth::target::request_target(
+        let target = request_target(
             req.uri().authority().map(|a| a.as_str()),
             req.uri().path(),
             &hosts,
             &self.config.authorities,
-        )
-        .map_err(|e| {
-            let (status, reason) = match e {
-                crate::auth::target::TargetError::Misdirected(_) => {
-                    (StatusCode::MISDIRECTED_REQUEST, "misdirected")
-                }
-                _ => (StatusCode::BAD_REQUEST, "bad_request"),
-            };
-            Refused {
-                reason,
-                response: Box::new(proxy::refusal(status, "invalid_request", &e.to_string())),
-            }
-        })?;
-        let url = target.url.as_str();
-
-        let (jwks, access, revocations, denied, down_since_ms) = {
-            let mesh = self.mesh.borrow();
-            (
-                mesh.jwks.clone(),
-                mesh.access.clone(),
-                std::sync::Arc::clone(&mesh.revocations),
-                std::sync::Arc::clone(&mesh.denied),
-                if mesh.connected {
-                    0
-                } else {
-                    mesh.down_since_ms
-                },
-            )
-        };
-        let stale = down_since_ms != 0
-            && now.saturating_sub(down_since_ms / 1000) > self.config.stale_after;
-        let (Some(jwks), Some((version, policy))) = (jwks, access) else {
-            return Err(Refused {
-                reason: "not_ready",
-                response: Box::new(not_ready()),
-            });
-        };
+        )?;
+        // The target check admitted only host characters and a port, so
+        // this holds; were it not so, the authority would be malformed.
+        let authority = HeaderValue::from_str(&target.authority)
+            .map_err(|_| TargetError::Authority(UriError::Host))?;
+        let mesh = self.mesh.borrow().snapshot().ok_or(Refusal::NotReady)?;
 
         let authorization: Vec<&[u8]> = req
             .headers()
@@ -327,120 +306,75 @@ impl Inbound {
             .iter()
             .map(HeaderValue::as_bytes)
             .collect();
-        let request = auth::Request {
-            method: req.method().as_str(),
-            uri: url,
+        let method = req.method().as_str();
+        let request = ParsedRequest {
+            method,
+            url: &target.url,
             authorization: &authorization,
             dpop: &dpop,
         };
-        let verified = self
-            .verifier
-            .verify(&request, &jwks, now)
-            .map_err(|e| self.refuse(&e, now))?;
-        let token = &verified.token;
-        if revocations.revoked(token) {
-            return Err(self.refuse(&AuthError::Revoked, now));
-        }
-        if denied.is_denied(&token.sub) {
-            return Err(self.refuse(&AuthError::IdentityDenied, now));
-        }
-        if stale && (self.config.deny_when_stale || token.class == crate::token::TokenClass::Admin)
-        {
-            let mut response = proxy::refusal(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "temporarily_unavailable",
-                "this sidecar has not heard from the broker for too long to know whether the token is revoked",
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(5u64));
-            return Err(Refused {
-                reason: "revocations_stale",
-                response: Box::new(response),
-            });
-        }
-
-        let decision = policy.decide_access(&AccessRequest {
-            workload: &self.workload,
-            caller: &token.sub,
-            method: req.method().as_str(),
-            path: target.path(),
-            scopes: &token.scope,
-        });
-        let grant = decision.map_err(|denial| {
-            let error = match denial {
-                AccessDenial::MissingScope(scope) => AuthError::InsufficientScope {
-                    scope: scope.to_string(),
-                },
-                other => AuthError::Forbidden(other.to_string()),
-            };
-            self.refuse(&error, now)
-        })?;
-        if let Some(rate) = grant.rate {
-            let key = (version, token.sub.clone(), grant.pos);
-            let now_ms = self.clock.now_ms();
-            if let Err(retry_after) = self.limits.take(&key, rate, now_ms) {
-                return Err(self.refuse(&AuthError::RateLimited { retry_after }, now));
-            }
-        }
+        let verified = self.verifier.verify_parsed(&request, &mesh.jwks, now)?;
+        let stale = StaleRule {
+            after: self.config.stale_after,
+            deny_all: self.config.deny_when_stale,
+        };
+        let allowed = verdict::judge(
+            &VerifiedRequest {
+                token: &verified.token,
+                method,
+                path: target.path(),
+            },
+            &mesh.view(&self.workload, stale),
+            &self.limits,
+            now_ms,
+        )?;
 
         let mut path_and_query = target.path().to_owned();
         if let Some(query) = req.uri().query() {
             path_and_query.push('?');
             path_and_query.push_str(query);
         }
-        let authority = HeaderValue::from_str(&target.authority).map_err(|_| Refused {
-            reason: "bad_request",
-            response: Box::new(proxy::refusal(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "the request authority cannot be forwarded",
-            )),
-        })?;
         Ok(Admitted {
-            caller: token.sub.to_string(),
-            scopes: token.scope.to_string(),
-            token_id: token.jti.clone(),
+            allowed,
             path_and_query,
             authority,
-            upgrade: upgrade_to(req).map(|protocol| (protocol, Arc::clone(token))),
+            upgrade: upgrade_to(req),
         })
     }
 
-    /// The answer for a refused request, from the one mapping in
-    /// [`crate::auth::answer`].
-    fn refuse(&self, error: &AuthError, now: u64) -> Refused {
-        let answer = self.verifier.answer(error, now);
-        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::UNAUTHORIZED);
-        let code = answer.error.unwrap_or(match status {
-            StatusCode::FORBIDDEN => "access_denied",
-            StatusCode::TOO_MANY_REQUESTS => "rate_limited",
-            _ => "unauthorized",
-        });
-        let mut response = proxy::refusal(status, code, &error.to_string());
-        let headers = response.headers_mut();
-        if let Some(challenge) = answer
-            .www_authenticate
-            .and_then(|v| HeaderValue::from_str(&v).ok())
-        {
-            headers.insert(header::WWW_AUTHENTICATE, challenge);
+    /// Counts, audits and answers a refused request, through the one
+    /// mapping in [`crate::auth::answer`].
+    fn refuse(&self, req: &Request<Incoming>, refusal: &Refusal, now: u64) -> Response<ProxyBody> {
+        let reason = refusal.reason();
+        self.metrics.requests.inc(&[reason]);
+        if refusal.is_callers_failure() {
+            let token = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .map(|(_, t)| t.trim());
+            self.failures.note(
+                super::failures::Failure::new(
+                    reason,
+                    req.method().as_str(),
+                    req.uri().path(),
+                    token,
+                ),
+                now,
+            );
         }
-        if let Some(nonce) = answer
-            .dpop_nonce
-            .and_then(|v| HeaderValue::from_str(&v).ok())
-        {
-            headers.insert("dpop-nonce", nonce);
-        }
-        if let Some(secs) = answer.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        Refused {
-            reason: reason(error),
-            response: Box::new(response),
-        }
+        let answer = auth::refusal_answer(refusal, self.verifier.fresh_nonce(now));
+        tracing::debug!(
+            reason,
+            status = answer.status,
+            method = %req.method(),
+            path = req.uri().path(),
+            "inbound request refused"
+        );
+        respond(answer)
     }
 
-    /// Streams an admitted request to the app and its answer back.
     /// The request's head as the app receives it: hop-by-hop and spoofed
     /// `x-tally-*` headers removed, credentials dropped unless configured,
     /// the caller's identity set, the target rewritten to the app.
@@ -448,7 +382,7 @@ impl Inbound {
         &self,
         parts: &mut http::request::Parts,
         admitted: Admitted,
-    ) -> Result<(), Box<Response<ProxyBody>>> {
+    ) -> Result<(), Unforwarded> {
         let headers = &mut parts.headers;
         proxy::strip_hop_by_hop(headers);
         let spoofed: Vec<HeaderName> = headers
@@ -466,23 +400,18 @@ impl Inbound {
         // The authority the proof was checked against, whatever `Host`
         // said (HTTP/2 callers send `:authority`; the app gets `Host`).
         headers.insert(header::HOST, admitted.authority);
+        let allowed = &admitted.allowed;
         for (name, value) in [
-            (CALLER, admitted.caller),
-            (SCOPES, admitted.scopes),
-            (TOKEN_ID, admitted.token_id),
+            (CALLER, allowed.caller().to_string()),
+            (SCOPES, allowed.scopes().to_string()),
+            (TOKEN_ID, allowed.token_id().to_owned()),
         ] {
             if let Ok(value) = HeaderValue::try_from(value) {
                 headers.insert(name, value);
             }
         }
         let uri = format!("http://{}{}", self.config.upstream, admitted.path_and_query);
-        parts.uri = uri.parse::<Uri>().map_err(|_| {
-            Box::new(proxy::refusal(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "the request target cannot be forwarded",
-            ))
-        })?;
+        parts.uri = uri.parse::<Uri>().map_err(|_| Unforwarded::Target)?;
         parts.version = http::Version::HTTP_11;
         Ok(())
     }
@@ -494,13 +423,13 @@ impl Inbound {
         mut req: Request<Incoming>,
         admitted: Admitted,
         protocol: HeaderValue,
-        token: Arc<crate::token::TokenClaims>,
         peer: Arc<crate::http::Peer>,
     ) -> Response<ProxyBody> {
+        let token = Arc::clone(&admitted.allowed.token);
         let caller_side = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
-        if let Err(refusal) = self.upstream_head(&mut parts, admitted) {
-            return *refusal;
+        if let Err(unforwarded) = self.upstream_head(&mut parts, admitted) {
+            return unforwarded.response();
         }
         parts
             .headers
@@ -518,19 +447,9 @@ impl Inbound {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, upstream = %self.config.upstream, "the app did not answer the upgrade");
-                return proxy::refusal(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unavailable",
-                    "the application behind this sidecar did not answer",
-                );
+                return Unforwarded::AppUnavailable.response();
             }
-            Err(_) => {
-                return proxy::refusal(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    "the application behind this sidecar did not answer in time",
-                );
-            }
+            Err(_) => return Unforwarded::AppTimeout.response(),
         };
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The app declined: its answer goes back as any other.
@@ -599,6 +518,7 @@ impl Inbound {
         Response::from_parts(parts, empty)
     }
 
+    /// Streams an admitted request to the app and its answer back.
     async fn forward(&self, req: Request<Incoming>, admitted: Admitted) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let too_large = parts
@@ -607,15 +527,11 @@ impl Inbound {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .is_some_and(|len| len > self.config.max_body);
         if too_large {
-            return proxy::refusal(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request",
-                &format!("the body is larger than {} bytes", self.config.max_body),
-            );
+            return Unforwarded::TooLarge(self.config.max_body).response();
         }
 
-        if let Err(refusal) = self.upstream_head(&mut parts, admitted) {
-            return *refusal;
+        if let Err(unforwarded) = self.upstream_head(&mut parts, admitted) {
+            return unforwarded.response();
         }
         let limit = usize::try_from(self.config.max_body).unwrap_or(usize::MAX);
         let body = Limited::new(body, limit).boxed_unsync();
@@ -634,17 +550,9 @@ impl Inbound {
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, upstream = %self.config.upstream, "the app did not answer");
-                proxy::refusal(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unavailable",
-                    "the application behind this sidecar did not answer",
-                )
+                Unforwarded::AppUnavailable.response()
             }
-            Err(_) => proxy::refusal(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
-                "the application behind this sidecar did not answer in time",
-            ),
+            Err(_) => Unforwarded::AppTimeout.response(),
         }
     }
 }
@@ -674,34 +582,26 @@ fn upgrade_to(req: &Request<Incoming>) -> Option<HeaderValue> {
     (asks && websocket).then(|| protocol.clone())
 }
 
-/// 503 until the sidecar holds the broker's keys and access rules.
-fn not_ready() -> Response<ProxyBody> {
-    let mut response = proxy::refusal(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "temporarily_unavailable",
-        "the sidecar has not received the broker's keys and access rules yet",
-    );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
-    response
-}
-
-/// The metrics label for a refusal: a fixed set, so a client cannot
-/// create series.
-fn reason(error: &AuthError) -> &'static str {
-    match error {
-        AuthError::NoCredentials => "no_credentials",
-        AuthError::Request(_) => "bad_request",
-        AuthError::Token(_) => "invalid_token",
-        AuthError::Revoked => "revoked",
-        AuthError::IdentityDenied => "identity_denied",
-        AuthError::Proof(e) if e.wants_nonce() => "use_dpop_nonce",
-        AuthError::Proof(crate::dpop::ProofError::Replayed) => "replayed_proof",
-        AuthError::Proof(_) => "invalid_dpop_proof",
-        AuthError::InsufficientScope { .. } => "insufficient_scope",
-        AuthError::Forbidden(_) => "policy_denied",
-        AuthError::RateLimited { .. } => "rate_limited",
-        _ => "overloaded",
+/// A refusal on the wire: the answer's status and headers, and its
+/// `{error, error_description}` body.
+fn respond(answer: HttpAnswer) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::UNAUTHORIZED);
+    let mut response = proxy::refusal(status, answer.error, &answer.description);
+    let headers = response.headers_mut();
+    if let Some(challenge) = answer
+        .www_authenticate
+        .and_then(|v| HeaderValue::from_str(&v).ok())
+    {
+        headers.insert(header::WWW_AUTHENTICATE, challenge);
     }
+    if let Some(nonce) = answer
+        .dpop_nonce
+        .and_then(|v| HeaderValue::from_str(&v).ok())
+    {
+        headers.insert("dpop-nonce", nonce);
+    }
+    if let Some(secs) = answer.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }

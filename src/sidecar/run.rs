@@ -4,6 +4,7 @@
 //! a listener. `tally sidecar` and `tally demo` both run this; tests start
 //! it on sockets bound to port 0.
 
+use super::admin::Parts;
 use super::api::{LocalApi, ServiceMap};
 use super::cache::{CacheConfig, TokenCache};
 use super::identity::{Attestation, IdentityClient, IdentityError, Svid, backoff, keep_renewed};
@@ -62,28 +63,6 @@ pub struct Listeners {
     pub admin: Option<tokio::net::TcpListener>,
 }
 
-/// What the admin port reads.
-pub struct Parts {
-    /// The current SVID.
-    pub svid: watch::Receiver<Arc<Svid>>,
-    /// What the Watch stream has delivered.
-    pub mesh: watch::Receiver<MeshState>,
-    /// The local API's state (token cache, service map, nonces).
-    pub api: Arc<LocalApi<Arc<BrokerIssuer>>>,
-    /// The inbound proxy, if it runs.
-    pub inbound: Option<Arc<Inbound>>,
-    /// The outbound proxy.
-    pub outbound: Arc<Outbound<Arc<BrokerIssuer>>>,
-    /// The clock.
-    pub clock: Arc<dyn Clock>,
-    /// Broker commit to arrival here, per revocation.
-    pub revocation_lag: Arc<crate::metrics::Histogram>,
-    /// Longest Watch outage before not-ready, seconds.
-    pub watch_staleness: u64,
-    /// Every listener's counters (not ready while one cannot accept).
-    pub listeners: crate::http::Listeners,
-}
-
 /// A running sidecar.
 pub struct Sidecar {
     spiffe_id: SpiffeId,
@@ -116,7 +95,7 @@ pub async fn attest(
     loop {
         match identity.attest(how, clock.now()).await {
             Err(IdentityError::Unreachable(why)) => {
-                let wait = backoff(attempt, super::random_unit());
+                let wait = backoff(attempt, super::jitter::random_unit());
                 attempt += 1;
                 tracing::warn!(%why, retry_in = ?wait, "broker unreachable; retrying attestation");
                 tokio::time::sleep(wait).await;

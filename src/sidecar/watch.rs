@@ -6,9 +6,10 @@
 //! identity off.
 
 use super::identity::backoff;
-use super::random_unit;
+use super::jitter::random_unit;
+use crate::auth::verdict::{MeshView, StaleRule};
 use crate::clock::Clock;
-use crate::identity::{Denial, DenialSet};
+use crate::identity::{Denial, DenialSet, SpiffeId};
 use crate::policy::Policy;
 use crate::proto::v1 as pb;
 use crate::token::{Jwks, Revocation, RevocationSet, RevocationTarget};
@@ -59,6 +60,52 @@ impl MeshState {
     /// How long the last change took from the broker's commit to here.
     pub fn propagation_ms(&self) -> u64 {
         self.received_at_ms.saturating_sub(self.committed_at_ms)
+    }
+
+    /// What a request is judged with, held apart from the watch lock;
+    /// `None` until the broker's keys and access rules have arrived.
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        let (Some(jwks), Some((version, access))) = (&self.jwks, &self.access) else {
+            return None;
+        };
+        Some(Snapshot {
+            jwks: Arc::clone(jwks),
+            access: (*version, Arc::clone(access)),
+            revocations: Arc::clone(&self.revocations),
+            denied: Arc::clone(&self.denied),
+            watch_down_since: (!self.connected && self.down_since_ms != 0)
+                .then_some(self.down_since_ms / 1000),
+        })
+    }
+}
+
+/// The parts of [`MeshState`] a request is judged with (see
+/// [`crate::auth::verdict`]), as of one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The broker's signing keys.
+    pub jwks: Arc<Jwks>,
+    /// The access rules for this workload and their version.
+    pub access: (u64, Arc<Policy>),
+    /// Revocations in force.
+    pub revocations: Arc<RevocationSet>,
+    /// Denied identities.
+    pub denied: Arc<DenialSet>,
+    /// Since when (Unix seconds) the stream has been down, if it is now.
+    pub watch_down_since: Option<u64>,
+}
+
+impl Snapshot {
+    /// The verdict's view of it, for `workload` with `stale`.
+    pub fn view<'a>(&'a self, workload: &'a SpiffeId, stale: StaleRule) -> MeshView<'a> {
+        MeshView {
+            workload,
+            access: (self.access.0, &self.access.1),
+            revocations: &self.revocations,
+            denied: &self.denied,
+            watch_down_since: self.watch_down_since,
+            stale,
+        }
     }
 }
 

@@ -1,0 +1,60 @@
+//! Why the token core refuses a request: [`AuthError`] (and the
+//! malformed-request cases, [`RequestError`]). Mapped to HTTP by
+//! [`mod@super::answer`]; the refusals the mesh adds after the token core
+//! (revocation, denied identity, staleness, policy, rate) are
+//! [`super::verdict::Refusal`]s.
+
+use crate::dpop::ProofError;
+use crate::token::TokenError;
+
+/// Why the token core ([`super::RequestVerifier`]) refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No usable credentials: 401 with a bare `DPoP` challenge.
+    #[error("no DPoP credentials")]
+    NoCredentials,
+    /// Malformed request: 400 `invalid_request` (401 for a missing or
+    /// doubled proof, or a bound token sent as Bearer).
+    #[error("{0}")]
+    Request(#[from] RequestError),
+    /// The access token failed a check: 401 `invalid_token`.
+    #[error("access token: {0}")]
+    Token(#[from] TokenError),
+    /// The proof failed a check: 401 `invalid_dpop_proof`, or
+    /// `use_dpop_nonce` for nonce problems.
+    #[error("DPoP proof: {0}")]
+    Proof(#[from] ProofError),
+    /// The verifier cannot safely accept more proofs right now (the replay
+    /// cache is full): 503, failing closed.
+    #[error("verifier overloaded")]
+    Overloaded,
+}
+
+/// A request that is malformed rather than unauthenticated: answered with
+/// 400 `invalid_request`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// More than one `Authorization` header.
+    #[error("more than one Authorization header")]
+    MultipleAuthorization,
+    /// More than one `DPoP` header (RFC 9449 §4.3 check 1).
+    #[error("more than one DPoP header")]
+    MultipleProofs,
+    /// `Authorization: Bearer` together with a `DPoP` header.
+    #[error("Bearer and DPoP used together")]
+    BearerWithProof,
+    /// A DPoP-bound token presented as a bearer token (RFC 9449 §7.2).
+    #[error("DPoP-bound access token sent with the Bearer scheme")]
+    BoundTokenAsBearer,
+    /// `Authorization: DPoP` without a `DPoP` proof header.
+    #[error("DPoP authorization without a DPoP proof header")]
+    MissingProof,
+    /// A `DPoP` proof header without `Authorization: DPoP`.
+    #[error("DPoP proof header without a DPoP access token")]
+    MissingToken,
+    /// The header value is not `scheme token68` or is not ASCII.
+    #[error("malformed Authorization or DPoP header")]
+    Malformed,
+}

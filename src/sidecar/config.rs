@@ -1,0 +1,550 @@
+//! `tally sidecar` configuration: command-line flags, then `TALLY_*`
+//! environment variables (clap reads both), then a YAML file, then
+//! defaults. Every problem is reported at once; [`SidecarConfig::settings`]
+//! turns the result into the [`SidecarSettings`] a sidecar runs with.
+//! Pure: the caller reads the files and binds the listeners.
+
+use super::api::ServiceMap;
+use super::cache::CacheConfig;
+use super::identity::Attestation;
+use super::inbound::InboundConfig;
+use super::outbound::OutboundConfig;
+use super::run::SidecarSettings;
+use crate::auth::target::Authority;
+use crate::config::{FileSettings, SecretArg, boolean};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Arguments of `tally sidecar` (`Debug` leaves the join token out).
+#[derive(Debug, Default, clap::Args)]
+pub struct SidecarFlags {
+    /// YAML file with any of the settings below, by their long names with
+    /// `_` for `-` (flags and TALLY_* win). The join token is never read
+    /// from it.
+    #[arg(long, env = "TALLY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The broker's gRPC URL, e.g. https://broker:8443.
+    #[arg(long, env = "TALLY_BROKER")]
+    pub broker: Option<String>,
+    /// Trust bundle (PEM) to verify the broker with on first contact.
+    #[arg(long, env = "TALLY_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// One-time join token (or set TALLY_JOIN_TOKEN, which keeps it out of `ps`).
+    #[arg(
+        long,
+        env = "TALLY_JOIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "sa_token_file"
+    )]
+    pub join_token: Option<SecretArg>,
+    /// Projected Kubernetes ServiceAccount token file.
+    #[arg(long, env = "TALLY_SA_TOKEN_FILE")]
+    pub sa_token_file: Option<PathBuf>,
+    /// Unix socket for the local API [default: /run/tally/agent.sock as
+    /// root, else $XDG_RUNTIME_DIR/tally/agent.sock or the temp dir].
+    #[arg(long, env = "TALLY_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Only these peer uids may use the socket and the outbound proxy
+    /// (repeatable).
+    #[arg(long = "allow-uid", env = "TALLY_ALLOW_UIDS", value_delimiter = ',')]
+    pub allow_uids: Vec<u32>,
+    /// YAML mapping of HOST:PORT (or HOST:* for every port) to audience,
+    /// for /v1/authorize and the outbound proxy.
+    #[arg(long, env = "TALLY_SERVICE_MAP")]
+    pub service_map: Option<PathBuf>,
+    /// Inbound verifying proxy address, e.g. 0.0.0.0:15006 (needs --upstream).
+    #[arg(long, env = "TALLY_INBOUND_LISTEN")]
+    pub inbound_listen: Option<String>,
+    /// The application behind the inbound proxy, host:port (plain HTTP).
+    #[arg(long, env = "TALLY_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Demand DPoP server nonces from inbound callers (RFC 9449 §8).
+    #[arg(long, env = "TALLY_INBOUND_NONCES")]
+    pub inbound_nonces: bool,
+    /// Also hand Authorization and DPoP to the app (dropped by default).
+    #[arg(long, env = "TALLY_PASS_CREDENTIALS")]
+    pub pass_credentials: bool,
+    /// Oldest inbound DPoP proof accepted, after its iat [default: 30s].
+    #[arg(long, env = "TALLY_PROOF_MAX_AGE")]
+    pub proof_max_age: Option<String>,
+    /// Clock difference allowed between callers and this sidecar [default: 5s].
+    #[arg(long, env = "TALLY_CLOCK_SKEW")]
+    pub clock_skew: Option<String>,
+    /// Outbound forward proxy address, e.g. 127.0.0.1:15001 (the app's HTTP_PROXY).
+    #[arg(long, env = "TALLY_OUTBOUND_LISTEN")]
+    pub outbound_listen: Option<String>,
+    /// Refuse outbound requests to hosts not in the service map.
+    #[arg(long, env = "TALLY_OUTBOUND_STRICT")]
+    pub outbound_strict: bool,
+    /// Not ready once the Watch stream has been down this long [default: 30s].
+    #[arg(long, env = "TALLY_WATCH_STALENESS")]
+    pub watch_staleness: Option<String>,
+    /// Past that, refuse every inbound request (503) instead of only
+    /// admin-class tokens (revocation_staleness: deny).
+    #[arg(long, env = "TALLY_DENY_WHEN_STALE")]
+    pub deny_when_stale: bool,
+    /// Admin port address (/healthz, /readyz, /metrics), or `off`
+    /// [default: 127.0.0.1:15020].
+    #[arg(long, env = "TALLY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// The only authorities (HOST:PORT) inbound requests may address,
+    /// repeatable; any other is refused (421) before any token work
+    /// [default: any].
+    #[arg(
+        long = "inbound-authority",
+        env = "TALLY_INBOUND_AUTHORITIES",
+        value_delimiter = ','
+    )]
+    pub inbound_authorities: Vec<String>,
+    /// Every listener: time from accept to a whole request head (TLS
+    /// handshake included) [default: 10s].
+    #[arg(long, env = "TALLY_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// Every listener: close a connection with no request in flight after
+    /// this long [default: 60s].
+    #[arg(long, env = "TALLY_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Every listener: most connections open at once [default: 1024].
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS")]
+    pub max_connections: Option<String>,
+}
+
+/// The keys a `--config` file may set (the join token is not one).
+const KEYS: &[&str] = &[
+    "broker",
+    "trust_bundle",
+    "sa_token_file",
+    "socket",
+    "allow_uids",
+    "service_map",
+    "inbound_listen",
+    "upstream",
+    "inbound_nonces",
+    "pass_credentials",
+    "proof_max_age",
+    "clock_skew",
+    "outbound_listen",
+    "outbound_strict",
+    "watch_staleness",
+    "deny_when_stale",
+    "admin_listen",
+    "inbound_authorities",
+    "header_timeout",
+    "idle_timeout",
+    "max_connections",
+];
+
+/// The admin port when none is given.
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15020";
+
+/// Resolved, validated settings (`Debug` leaves the join token out).
+#[derive(Debug)]
+pub struct SidecarConfig {
+    /// The broker's gRPC URL (`https://`).
+    pub broker: String,
+    /// Trust bundle file for first contact.
+    pub trust_bundle: PathBuf,
+    /// How to attest.
+    pub attestation: Attestation,
+    /// Local API socket, if given (else [`default_socket`]).
+    pub socket: Option<PathBuf>,
+    /// Peer uids allowed on the socket and outbound proxy (empty: any).
+    pub allow_uids: Vec<u32>,
+    /// Service map file, if any.
+    pub service_map: Option<PathBuf>,
+    /// Inbound proxy address and the app's `host:port`, if it runs.
+    pub inbound: Option<(SocketAddr, String)>,
+    /// Demand DPoP server nonces from inbound callers.
+    pub inbound_nonces: bool,
+    /// Hand `Authorization` and `DPoP` to the app too.
+    pub pass_credentials: bool,
+    /// Oldest inbound proof accepted, seconds after its `iat`.
+    pub proof_max_age: u64,
+    /// Clock skew allowed with callers, seconds.
+    pub clock_skew: u64,
+    /// Longest Watch outage before not-ready (and stale), seconds.
+    pub watch_staleness: u64,
+    /// Past that, refuse every inbound request, not only admin tokens.
+    pub deny_when_stale: bool,
+    /// Outbound proxy address, if it runs.
+    pub outbound_listen: Option<SocketAddr>,
+    /// Refuse outbound requests to hosts not in the service map.
+    pub outbound_strict: bool,
+    /// Admin port address (`None`: `off`).
+    pub admin_listen: Option<SocketAddr>,
+    /// The only authorities inbound requests may address (empty: any).
+    pub inbound_authorities: Vec<Authority>,
+    /// Timeouts and connection cap of every listener.
+    pub limits: crate::http::Limits,
+}
+
+impl SidecarConfig {
+    /// Resolves `flags` (already merged with the environment by clap) over
+    /// the config file's text, if any (`file` is its name, for errors).
+    ///
+    /// # Errors
+    /// Every problem found, one line each.
+    pub fn resolve(flags: &SidecarFlags, file: Option<(&str, &str)>) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let from_file = FileSettings::read(file, KEYS, &mut errors);
+        let one = |flag: &Option<String>, key: &str| flag.clone().or_else(|| from_file.one(key));
+        let path = |flag: &Option<PathBuf>, key: &str| {
+            flag.clone()
+                .or_else(|| from_file.one(key).map(PathBuf::from))
+        };
+        let mut switch = |flag: bool, key: &str| {
+            flag || from_file.one(key).is_some_and(|t| {
+                boolean(key, &t)
+                    .map_err(|e| errors.push(e))
+                    .unwrap_or(false)
+            })
+        };
+        let inbound_nonces = switch(flags.inbound_nonces, "inbound_nonces");
+        let pass_credentials = switch(flags.pass_credentials, "pass_credentials");
+        let outbound_strict = switch(flags.outbound_strict, "outbound_strict");
+        let deny_when_stale = switch(flags.deny_when_stale, "deny_when_stale");
+
+        let broker = one(&flags.broker, "broker");
+        match &broker {
+            None => errors
+                .push("broker: give the broker's gRPC URL (--broker https://HOST:8443)".into()),
+            Some(url) if !url.starts_with("https://") => {
+                errors.push(format!("broker {url:?} must be an https:// URL"));
+            }
+            Some(_) => {}
+        }
+        let trust_bundle = path(&flags.trust_bundle, "trust_bundle");
+        if trust_bundle.is_none() {
+            errors.push("trust_bundle: give the trust bundle file (--trust-bundle FILE)".into());
+        }
+        let attestation = attestation(flags, path(&flags.sa_token_file, "sa_token_file"))
+            .map_err(|e| errors.push(e.into()))
+            .ok();
+        let mut address = |flag: &Option<String>, key: &str| -> Option<SocketAddr> {
+            let text = one(flag, key)?;
+            text.parse()
+                .map_err(|e| errors.push(format!("{key} {text:?}: {e}")))
+                .ok()
+        };
+        let inbound_listen = address(&flags.inbound_listen, "inbound_listen");
+        let outbound_listen = address(&flags.outbound_listen, "outbound_listen");
+        let admin_text =
+            one(&flags.admin_listen, "admin_listen").unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.into());
+        let admin_listen = if admin_text == "off" {
+            None
+        } else {
+            admin_text
+                .parse()
+                .map_err(|e| errors.push(format!("admin_listen {admin_text:?}: {e}")))
+                .ok()
+        };
+        let upstream = one(&flags.upstream, "upstream");
+        if let Some(up) = &upstream {
+            let ok = up
+                .parse::<http::uri::Authority>()
+                .is_ok_and(|a| a.port_u16().is_some() && !up.contains('@'));
+            if !ok {
+                errors.push(format!("upstream {up:?} must be host:port"));
+            }
+        }
+        let inbound = match (inbound_listen, upstream) {
+            (Some(listen), Some(up)) => Some((listen, up)),
+            (None, None) => None,
+            (Some(_), None) => {
+                errors.push("inbound_listen needs upstream (the app's host:port)".into());
+                None
+            }
+            (None, Some(_)) => {
+                errors.push("upstream needs inbound_listen (where callers connect)".into());
+                None
+            }
+        };
+        let mut seconds = |flag: &Option<String>, key: &str, default: &str, min: u64, max: u64| {
+            let text = one(flag, key).unwrap_or_else(|| default.into());
+            match humantime::parse_duration(&text) {
+                Ok(d) if (min..=max).contains(&d.as_secs()) && d.subsec_nanos() == 0 => {
+                    Some(d.as_secs())
+                }
+                _ => {
+                    errors.push(format!(
+                        "{key} {text:?} must be whole seconds from {min}s to {max}s"
+                    ));
+                    None
+                }
+            }
+        };
+        let proof_max_age = seconds(&flags.proof_max_age, "proof_max_age", "30s", 1, 300);
+        let clock_skew = seconds(&flags.clock_skew, "clock_skew", "5s", 0, 300);
+        let watch_staleness = seconds(&flags.watch_staleness, "watch_staleness", "30s", 1, 86_400);
+        let limits = crate::config::listener_limits(
+            one(&flags.header_timeout, "header_timeout"),
+            one(&flags.idle_timeout, "idle_timeout"),
+            one(&flags.max_connections, "max_connections"),
+            &mut errors,
+        );
+        let authority_texts = if flags.inbound_authorities.is_empty() {
+            from_file.all("inbound_authorities")
+        } else {
+            flags.inbound_authorities.clone()
+        };
+        let inbound_authorities = authority_texts
+            .iter()
+            .filter_map(|text| {
+                Authority::parse(text)
+                    .map_err(|_| {
+                        errors.push(format!("inbound_authorities: {text:?} must be HOST:PORT"));
+                    })
+                    .ok()
+            })
+            .collect();
+        let allow_uids = if flags.allow_uids.is_empty() {
+            from_file
+                .all("allow_uids")
+                .iter()
+                .filter_map(|t| {
+                    t.parse()
+                        .map_err(|_| errors.push(format!("allow_uids: {t:?} is not a uid")))
+                        .ok()
+                })
+                .collect()
+        } else {
+            flags.allow_uids.clone()
+        };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            broker: broker.unwrap_or_else(|| unreachable!("checked above")),
+            trust_bundle: trust_bundle.unwrap_or_else(|| unreachable!("checked above")),
+            attestation: attestation.unwrap_or_else(|| unreachable!("checked above")),
+            socket: path(&flags.socket, "socket"),
+            allow_uids,
+            service_map: path(&flags.service_map, "service_map"),
+            inbound,
+            inbound_nonces,
+            pass_credentials,
+            proof_max_age: proof_max_age.unwrap_or_else(|| unreachable!("checked above")),
+            clock_skew: clock_skew.unwrap_or_else(|| unreachable!("checked above")),
+            watch_staleness: watch_staleness.unwrap_or_else(|| unreachable!("checked above")),
+            deny_when_stale,
+            outbound_listen,
+            outbound_strict,
+            admin_listen,
+            inbound_authorities,
+            limits,
+        })
+    }
+
+    /// What the sidecar runs with: these settings, the trust bundle's PEM
+    /// and the service map (both read by the caller).
+    pub fn settings(self, bundle_pem: String, services: ServiceMap) -> SidecarSettings {
+        let inbound = self.inbound.map(|(_, upstream)| {
+            let mut c = InboundConfig::new(upstream);
+            c.pass_credentials = self.pass_credentials;
+            c.proof_max_age = self.proof_max_age;
+            c.clock_skew = self.clock_skew;
+            c.stale_after = self.watch_staleness;
+            c.deny_when_stale = self.deny_when_stale;
+            c.authorities = self.inbound_authorities;
+            c
+        });
+        SidecarSettings {
+            broker: self.broker,
+            bundle_pem,
+            attestation: self.attestation,
+            services,
+            allowed_uids: (!self.allow_uids.is_empty()).then_some(self.allow_uids),
+            cache: CacheConfig::default(),
+            inbound,
+            inbound_nonces: self.inbound_nonces,
+            outbound: OutboundConfig {
+                strict: self.outbound_strict,
+                ..OutboundConfig::default()
+            },
+            watch_staleness: self.watch_staleness,
+            limits: self.limits,
+        }
+    }
+}
+
+/// The join token or the ServiceAccount token file: exactly one.
+fn attestation(
+    flags: &SidecarFlags,
+    sa_token_file: Option<PathBuf>,
+) -> Result<Attestation, &'static str> {
+    match (&flags.join_token, sa_token_file) {
+        (Some(t), None) => Ok(Attestation::JoinToken(zeroize::Zeroizing::new(
+            t.expose().to_owned(),
+        ))),
+        (None, Some(f)) => Ok(Attestation::ServiceAccountTokenFile(f)),
+        (Some(_), Some(_)) => Err("give the join token or sa_token_file, not both"),
+        (None, None) => {
+            Err("attestation: give --join-token (or TALLY_JOIN_TOKEN) or --sa-token-file")
+        }
+    }
+}
+
+/// Reads a service map (`name` is the file's, for errors): a YAML
+/// mapping of `host:port` (or `host:*`) to audience.
+///
+/// # Errors
+/// Every problem found, one line each.
+pub fn service_map(name: &str, text: &str) -> Result<ServiceMap, Vec<String>> {
+    use crate::policy::yaml::{self, Value};
+    let doc = yaml::parse(text).map_err(|e| vec![format!("{name}:{}: {}", e.pos, e.message)])?;
+    let Value::Map(entries) = doc.value else {
+        return Err(vec![format!(
+            "{name}: expected a mapping of host to audience"
+        )]);
+    };
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (host, pos, node) in entries {
+        match &node.value {
+            Value::Str(a) => match a.parse() {
+                Ok(audience) => out.push((host, audience)),
+                Err(e) => errors.push(format!("{name}:{}: audience for {host}: {e}", node.pos)),
+            },
+            _ => errors.push(format!(
+                "{name}:{pos}: the audience for {host} must be text"
+            )),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    ServiceMap::new(out).map_err(|faults| faults.iter().map(|f| format!("{name}: {f}")).collect())
+}
+
+/// Where the socket goes when not given: `/run/tally` as root, else the
+/// user's runtime dir or the temp dir.
+pub fn default_socket() -> PathBuf {
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    let dir = if root {
+        PathBuf::from("/run/tally")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map_or_else(std::env::temp_dir, PathBuf::from)
+            .join("tally")
+    };
+    dir.join("agent.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> SidecarFlags {
+        SidecarFlags {
+            broker: Some("https://broker:8443".into()),
+            trust_bundle: Some("bundle.pem".into()),
+            sa_token_file: Some("/var/run/token".into()),
+            ..SidecarFlags::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_the_file_fill_what_flags_leave_out() {
+        let file = "inbound_listen: 127.0.0.1:15006\nupstream: 127.0.0.1:8080\ninbound_nonces: yes\nallow_uids: [1000, 1001]\nclock_skew: 2s\n";
+        let c = SidecarConfig::resolve(&flags(), Some(("sidecar.yaml", file))).unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:15020".parse().unwrap()));
+        assert_eq!(
+            c.inbound,
+            Some(("127.0.0.1:15006".parse().unwrap(), "127.0.0.1:8080".into()))
+        );
+        assert!(c.inbound_nonces && !c.pass_credentials && !c.outbound_strict);
+        assert_eq!(c.allow_uids, [1000, 1001]);
+        assert_eq!(c.outbound_listen, None);
+        assert_eq!((c.proof_max_age, c.clock_skew), (30, 2));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let flags = SidecarFlags {
+            broker: Some("http://plain".into()),
+            admin_listen: Some("nowhere".into()),
+            ..SidecarFlags::default()
+        };
+        let file = "inbound_listen: 127.0.0.1:15006\noutbound_strict: maybe\ncolour: blue\nproof_max_age: forever\n";
+        let errors = SidecarConfig::resolve(&flags, Some(("sidecar.yaml", file))).unwrap_err();
+        let all = errors.join("\n");
+        for expected in [
+            "sidecar.yaml:3:1: unknown key \"colour\"",
+            "outbound_strict \"maybe\"",
+            "broker \"http://plain\"",
+            "trust_bundle",
+            "attestation",
+            "admin_listen \"nowhere\"",
+            "inbound_listen needs upstream",
+            "proof_max_age \"forever\"",
+        ] {
+            assert!(all.contains(expected), "{expected} missing from:\n{all}");
+        }
+        assert_eq!(errors.len(), 8, "{all}");
+    }
+
+    #[test]
+    fn settings_carry_every_inbound_choice_to_the_proxy() {
+        let flags = SidecarFlags {
+            inbound_listen: Some("127.0.0.1:15006".into()),
+            upstream: Some("127.0.0.1:8080".into()),
+            pass_credentials: true,
+            deny_when_stale: true,
+            watch_staleness: Some("45s".into()),
+            inbound_authorities: vec!["Pay.svc:8080".into()],
+            allow_uids: vec![1000],
+            ..flags()
+        };
+        let settings = SidecarConfig::resolve(&flags, None)
+            .unwrap()
+            .settings("PEM".into(), ServiceMap::default());
+        let inbound = settings.inbound.unwrap();
+        assert_eq!(inbound.upstream, "127.0.0.1:8080");
+        assert!(inbound.pass_credentials && inbound.deny_when_stale);
+        assert_eq!((inbound.stale_after, settings.watch_staleness), (45, 45));
+        assert_eq!(
+            inbound.authorities,
+            [Authority::parse("pay.svc:8080").unwrap()]
+        );
+        assert_eq!(settings.allowed_uids, Some(vec![1000]));
+        assert!(matches!(
+            settings.attestation,
+            Attestation::ServiceAccountTokenFile(_)
+        ));
+    }
+
+    #[test]
+    fn a_join_token_is_never_shown_and_cannot_come_with_a_token_file() {
+        let flags = SidecarFlags {
+            join_token: Some("s3cret-join".parse().unwrap()),
+            sa_token_file: None,
+            ..flags()
+        };
+        let c = SidecarConfig::resolve(&flags, None).unwrap();
+        let shown = format!("{flags:?}\n{c:?}");
+        assert!(!shown.contains("s3cret-join"), "{shown}");
+        let both = SidecarFlags {
+            join_token: Some("s3cret-join".parse().unwrap()),
+            ..self::flags()
+        };
+        let errors = SidecarConfig::resolve(&both, None).unwrap_err();
+        assert_eq!(errors, ["give the join token or sa_token_file, not both"]);
+    }
+
+    #[test]
+    fn a_service_map_reports_every_bad_entry() {
+        let map = service_map("map.yaml", "a.svc:80: spiffe://td/a\n").unwrap();
+        assert!(format!("{map:?}").contains("a.svc:80"));
+        let errors = service_map("map.yaml", "a: [1]\nb.svc: spiffe://td/b\n").unwrap_err();
+        assert_eq!(errors, ["map.yaml:1:1: the audience for a must be text"]);
+        let errors = service_map("map.yaml", "b.svc: spiffe://td/b\n").unwrap_err();
+        assert!(
+            errors[0].starts_with("map.yaml: \"b.svc\" names no port"),
+            "{errors:?}"
+        );
+        let errors = service_map("map.yaml", "- a\n").unwrap_err();
+        assert_eq!(errors, ["map.yaml: expected a mapping of host to audience"]);
+    }
+}
