@@ -25,7 +25,9 @@ fn issued(i: u64, sub: &str) -> IssuedToken {
         aud: "spiffe://example.org/ns/pay/sa/payments".parse().unwrap(),
         scope: "payments:read".parse().unwrap(),
         class: "service".parse().unwrap(),
-        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".parse().unwrap(),
+        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+            .parse()
+            .unwrap(),
         iat: NOW,
         exp: NOW + 300 + i,
         kid: "k1".into(),

@@ -40,7 +40,9 @@ fn issued(i: u64, exp: u64) -> IssuedToken {
         aud: "spiffe://example.org/ns/pay/sa/payments".parse().unwrap(),
         scope: "payments:charge".parse().unwrap(),
         class: "service".parse().unwrap(),
-        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".parse().unwrap(),
+        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+            .parse()
+            .unwrap(),
         iat: NOW,
         exp,
         kid: "k1".into(),
@@ -551,7 +553,11 @@ async fn a_stored_row_that_does_not_read_is_a_corrupt_row_naming_its_table_and_c
     assert_eq!(corrupt_at(&err), Some(("issued_tokens", "exp")), "{err:?}");
 
     // A value of the wrong type.
-    tamper(dir.path(), "UPDATE audit SET at = 'yesterday' WHERE seq = 1").await;
+    tamper(
+        dir.path(),
+        "UPDATE audit SET at = 'yesterday' WHERE seq = 1",
+    )
+    .await;
     let err = store.audit_after(0, 10).await.unwrap_err();
     assert_eq!(corrupt_at(&err), Some(("audit", "at")), "{err:?}");
 
@@ -570,5 +576,9 @@ async fn a_stored_row_that_does_not_read_is_a_corrupt_row_naming_its_table_and_c
         .consume_join_token(&token.hash(), NOW + 1)
         .await
         .unwrap_err();
-    assert_eq!(corrupt_at(&err), Some(("join_tokens", "spiffe_id")), "{err:?}");
+    assert_eq!(
+        corrupt_at(&err),
+        Some(("join_tokens", "spiffe_id")),
+        "{err:?}"
+    );
 }

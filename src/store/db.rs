@@ -99,6 +99,17 @@ impl<'a> From<Option<&'a [u8]>> for Arg<'a> {
     }
 }
 
+/// A Rust type both drivers read a column into.
+pub(super) trait Column:
+    for<'r> Decode<'r, Sqlite> + Type<Sqlite> + for<'r> Decode<'r, Postgres> + Type<Postgres>
+{
+}
+
+impl<T> Column for T where
+    T: for<'r> Decode<'r, Sqlite> + Type<Sqlite> + for<'r> Decode<'r, Postgres> + Type<Postgres>
+{
+}
+
 /// A returned row, from either backend.
 pub(super) enum Row {
     /// From SQLite.
@@ -109,10 +120,7 @@ pub(super) enum Row {
 
 impl Row {
     /// Column `column` as `T`.
-    pub(super) fn get<T>(&self, column: &str) -> Result<T, sqlx::Error>
-    where
-        T: for<'r> Decode<'r, Sqlite> + Type<Sqlite> + for<'r> Decode<'r, Postgres> + Type<Postgres>,
-    {
+    pub(super) fn get<T: Column>(&self, column: &str) -> Result<T, sqlx::Error> {
         match self {
             Self::Sqlite(row) => row.try_get(column),
             Self::Postgres(row) => row.try_get(column),
@@ -130,12 +138,11 @@ where
     for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
     for<'t> Option<&'t [u8]>: Encode<'t, DB> + Type<DB>,
 {
-    args.iter()
-        .fold(sqlx::query(sql), |query, arg| match *arg {
-            Arg::Int(v) => query.bind(v),
-            Arg::Text(v) => query.bind(v),
-            Arg::Blob(v) => query.bind(v),
-        })
+    args.iter().fold(sqlx::query(sql), |query, arg| match *arg {
+        Arg::Int(v) => query.bind(v),
+        Arg::Text(v) => query.bind(v),
+        Arg::Blob(v) => query.bind(v),
+    })
 }
 
 /// Where a statement runs.
@@ -164,14 +171,10 @@ impl Query<'_> {
         Ok(match self.on {
             On::SqlitePool(p) => rows(bound(sql.sqlite, args).fetch_all(p).await?, Row::Sqlite),
             On::Sqlite(c) => rows(bound(sql.sqlite, args).fetch_all(c).await?, Row::Sqlite),
-            On::PostgresPool(p) => rows(
-                bound(sql.postgres, args).fetch_all(p).await?,
-                Row::Postgres,
-            ),
-            On::Postgres(c) => rows(
-                bound(sql.postgres, args).fetch_all(c).await?,
-                Row::Postgres,
-            ),
+            On::PostgresPool(p) => {
+                rows(bound(sql.postgres, args).fetch_all(p).await?, Row::Postgres)
+            }
+            On::Postgres(c) => rows(bound(sql.postgres, args).fetch_all(c).await?, Row::Postgres),
         })
     }
 
@@ -283,8 +286,8 @@ impl Conn {
     /// `sql` with `args`, on this connection.
     pub(super) fn query<'a>(&'a mut self, sql: Sql, args: &'a [Arg<'a>]) -> Query<'a> {
         let on = match self {
-            Self::Sqlite(c) => On::Sqlite(&mut **c),
-            Self::Postgres(c) => On::Postgres(&mut **c),
+            Self::Sqlite(c) => On::Sqlite(c),
+            Self::Postgres(c) => On::Postgres(c),
         };
         Query { on, sql, args }
     }
@@ -313,8 +316,8 @@ impl Tx<'_> {
     /// `sql` with `args`, in this transaction.
     pub(super) fn query<'a>(&'a mut self, sql: Sql, args: &'a [Arg<'a>]) -> Query<'a> {
         let on = match self {
-            Self::Sqlite(t) => On::Sqlite(&mut **t),
-            Self::Postgres(t) => On::Postgres(&mut **t),
+            Self::Sqlite(t) => On::Sqlite(t),
+            Self::Postgres(t) => On::Postgres(t),
         };
         Query { on, sql, args }
     }
@@ -345,5 +348,56 @@ impl Tx<'_> {
             Self::Sqlite(t) => t.commit().await,
             Self::Postgres(t) => t.commit().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::rows::Cells;
+
+    async fn memory() -> Pool {
+        Pool::Sqlite(SqlitePool::connect("sqlite::memory:").await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn sqlite_reads_numbered_parameters_as_postgresql_does() {
+        // What lets most statements be one text for both dialects: `$n`
+        // is the n-th bound value, however often and in whatever order
+        // the text names it.
+        let db = memory().await;
+        let sql = Sql::both("SELECT $2 AS name, $1 AS n, $1 + $1 AS twice");
+        let row = db
+            .query(sql, &[20u64.into(), "checkout".into()])
+            .one()
+            .await
+            .unwrap();
+        let c = Cells::of("test", &row);
+        assert_eq!(c.text("name").unwrap(), "checkout");
+        assert_eq!(c.uint("n").unwrap(), 20);
+        assert_eq!(c.uint("twice").unwrap(), 40);
+    }
+
+    #[tokio::test]
+    async fn an_absent_filter_is_bound_as_null() {
+        let db = memory().await;
+        let sql = Sql::both("SELECT ($1 IS NULL) AS text_off, ($2 IS NULL) AS int_off");
+        let absent: Option<&str> = None;
+        let row = db
+            .query(sql, &[absent.into(), Some(5u64).into()])
+            .one()
+            .await
+            .unwrap();
+        let c = Cells::of("test", &row);
+        assert_eq!(
+            (c.uint("text_off").unwrap(), c.uint("int_off").unwrap()),
+            (1, 0)
+        );
+    }
+
+    #[test]
+    fn a_time_past_the_database_range_is_bound_as_the_largest_it_holds() {
+        assert_eq!(db_int(u64::MAX), i64::MAX);
+        assert_eq!(db_int(7), 7);
     }
 }

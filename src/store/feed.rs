@@ -35,8 +35,7 @@ const INSERT_POLICY: Sql = Sql::both(
      VALUES ($1, $2, $3, $4, $5) RETURNING version",
 );
 const POLICY: Sql = Sql::both("SELECT * FROM policy_versions WHERE version = $1");
-const NEWEST_POLICY: Sql =
-    Sql::both("SELECT * FROM policy_versions ORDER BY version DESC LIMIT 1");
+const NEWEST_POLICY: Sql = Sql::both("SELECT * FROM policy_versions ORDER BY version DESC LIMIT 1");
 const NEWEST_POLICIES: Sql =
     Sql::both("SELECT * FROM policy_versions ORDER BY version DESC LIMIT $1");
 const POLICIES_SINCE: Sql = Sql::both(

@@ -115,11 +115,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn live_exp_by_kid(&self, now: u64) -> Result<Vec<(String, u64)>, StoreError> {
-        let rows = self
-            .db
-            .query(LIVE_EXP_BY_KID, &[now.into()])
-            .all()
-            .await?;
+        let rows = self.db.query(LIVE_EXP_BY_KID, &[now.into()]).all().await?;
         rows.iter().map(kid_exp_from_row).collect()
     }
 

@@ -33,9 +33,8 @@ const INSERT_SIGNING_KEY: Sql = Sql::both(
     "INSERT INTO signing_keys (kid, key_sealed, created_at, sign_from, retired_at, withdrawn_at) \
      VALUES ($1, $2, $3, $4, $5, $6)",
 );
-const RETIRE_SIGNING_KEY: Sql = Sql::both(
-    "UPDATE signing_keys SET retired_at = $1 WHERE kid = $2 AND retired_at IS NULL",
-);
+const RETIRE_SIGNING_KEY: Sql =
+    Sql::both("UPDATE signing_keys SET retired_at = $1 WHERE kid = $2 AND retired_at IS NULL");
 const WITHDRAW_SIGNING_KEY: Sql = Sql::both(
     "UPDATE signing_keys SET withdrawn_at = $1, \
      retired_at = CASE WHEN retired_at IS NULL OR retired_at > $1 THEN $1 ELSE retired_at END \

@@ -14,7 +14,7 @@
 //!   `audit.rs`, `feed.rs` (change feed, policy versions), `inventory.rs`,
 //!   and `writer.rs` (group commit). A body names its statement, binds its
 //!   parameters and reads the rows it gets back.
-//! - A statement ([`db::Sql`]) is one text where both dialects read it
+//! - A statement (`db::Sql`) is one text where both dialects read it
 //!   alike, or one text each where they differ (JSON operators, row locks,
 //!   casts); `db.rs` runs it on the backend's driver.
 //! - Rows become typed records (`SpiffeId`, `Audience`, `Scopes`,
@@ -25,6 +25,13 @@
 //!   synchronous commit, advisory-locked migrations, LISTEN/NOTIFY and
 //!   row-locked numbering (`postgres.rs`); the schema in each dialect
 //!   (`schema.rs`).
+//!
+//! ```text
+//! Store::token_by_jti            inventory.rs: the one body
+//!   TOKEN_BY_JTI: Sql            the statement (one text, or one per dialect)
+//!   Pool::query(..).optional()   db.rs: run on SQLite's or PostgreSQL's driver
+//!   rows::issued_from_row        rows.rs: an IssuedToken, or CorruptRow
+//! ```
 
 mod audit;
 mod db;

@@ -5,7 +5,7 @@
 //! caller never gets a guess. The reason never carries a secret: sealed
 //! values and hashes are only ever judged by their length.
 
-use super::db::Row;
+use super::db::{Column, Row};
 use super::{
     AuditHead, Change, IdentityRecord, IssuedToken, JoinTokenRefusal, PolicyVersion, Sealer,
     SigningKeyRecord, StoreError, TokenUsage, Write,
@@ -14,9 +14,6 @@ use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
 use crate::identity::SpiffeId;
 use serde_json::{Value, json};
-use sqlx::postgres::Postgres;
-use sqlx::sqlite::Sqlite;
-use sqlx::{Decode, Type};
 use std::fmt::Display;
 use std::str::FromStr;
 use zeroize::Zeroizing;
@@ -41,15 +38,20 @@ impl<'r> Cells<'r> {
         }
     }
 
-    fn get<T>(&self, column: &'static str) -> Result<T, StoreError>
-    where
-        T: for<'a> Decode<'a, Sqlite> + Type<Sqlite> + for<'a> Decode<'a, Postgres> + Type<Postgres>,
-    {
+    /// A column that may be NULL. Always read as an `Option`: SQLite's
+    /// driver would decode a NULL text as "" and a NULL integer as 0.
+    fn opt<T: Column>(&self, column: &'static str) -> Result<Option<T>, StoreError> {
         self.row.get(column).map_err(|e| match e {
-            // A value of the wrong type, or NULL where none may be.
+            // A value of the wrong type.
             sqlx::Error::ColumnDecode { source, .. } => self.corrupt(column, source),
             other => StoreError::Database(other),
         })
+    }
+
+    /// A column that may not be NULL.
+    fn get<T: Column>(&self, column: &'static str) -> Result<T, StoreError> {
+        self.opt(column)?
+            .ok_or_else(|| self.corrupt(column, "NULL"))
     }
 
     /// A text column.
@@ -76,7 +78,7 @@ impl<'r> Cells<'r> {
 
     /// A time that may be NULL (not yet).
     pub(super) fn opt_uint(&self, column: &'static str) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> = self.get(column)?;
+        let v: Option<i64> = self.opt(column)?;
         v.map(|v| u64::try_from(v).map_err(|_| self.corrupt(column, "negative")))
             .transpose()
     }
@@ -88,7 +90,7 @@ impl<'r> Cells<'r> {
 
     /// A blob column that may be NULL.
     pub(super) fn opt_blob(&self, column: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.get(column)
+        self.opt(column)
     }
 
     /// A SHA-256 or HMAC-SHA256 column.
@@ -337,9 +339,74 @@ pub(super) fn batch_rows<'a>(
     }
     let audit = records
         .iter()
-        .map(
-            |r| json!({"seq": db_int(r.seq), "at": db_int(r.at), "kind": r.kind, "line": r.line}),
-        )
+        .map(|r| json!({"seq": db_int(r.seq), "at": db_int(r.at), "kind": r.kind, "line": r.line}))
         .collect();
     (issued, svids, audit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::SqlitePool;
+
+    /// One row of literal values, as SQLite returns it.
+    async fn row(select: &'static str) -> Row {
+        let pool = SqlitePool::connect("sqlite::memory:").await.unwrap();
+        Row::Sqlite(sqlx::query(select).fetch_one(&pool).await.unwrap())
+    }
+
+    fn place(err: StoreError) -> (&'static str, &'static str, String) {
+        match err {
+            StoreError::CorruptRow {
+                table,
+                column,
+                reason,
+            } => (table, column, reason),
+            other => panic!("not a corrupt row: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_negative_time_is_corrupt_not_zero() {
+        let r = row("SELECT -5 AS exp").await;
+        let err = Cells::of("issued_tokens", &r).uint("exp").unwrap_err();
+        assert_eq!(place(err), ("issued_tokens", "exp", "negative".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_value_that_does_not_parse_names_the_column_but_not_the_value() {
+        let r = row("SELECT 'spiffe://Example.org/secret-looking' AS sub").await;
+        let err = Cells::of("issued_tokens", &r)
+            .parse::<SpiffeId>("sub")
+            .unwrap_err();
+        let (table, column, reason) = place(err);
+        assert_eq!((table, column), ("issued_tokens", "sub"));
+        assert!(!reason.contains("secret-looking"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_hash_is_judged_by_its_length_only() {
+        let r = row("SELECT X'00112233' AS token_hmac").await;
+        let err = Cells::of("issued_tokens", &r)
+            .hash("token_hmac")
+            .unwrap_err();
+        assert_eq!(
+            place(err),
+            ("issued_tokens", "token_hmac", "4 bytes, not 32".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn null_where_a_value_must_be_is_corrupt() {
+        let r = row("SELECT NULL AS kind").await;
+        let (table, column, _) = place(Cells::of("changes", &r).text("kind").unwrap_err());
+        assert_eq!((table, column), ("changes", "kind"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_column_is_a_database_error_not_corruption() {
+        let r = row("SELECT 1 AS seq").await;
+        let err = Cells::of("changes", &r).uint("at_ms").unwrap_err();
+        assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    }
 }
