@@ -594,7 +594,7 @@ async fn a_stranger_revoking_a_live_token_hears_what_it_would_for_no_token_and_c
     // Nothing was revoked: the token is live for its holder, and no
     // revocation reached the feed.
     let (found, revoked) = served.broker.find_token(&live).await.unwrap().unwrap();
-    assert_eq!(found.sub, checkout);
+    assert_eq!(found.sub.as_str(), checkout);
     assert!(!revoked);
     assert!(
         served

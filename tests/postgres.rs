@@ -21,11 +21,13 @@ const NOW: u64 = 1_800_000_000;
 fn issued(i: u64, sub: &str) -> IssuedToken {
     IssuedToken {
         jti: format!("{NOW:09x}{i:06x}jti"),
-        sub: sub.into(),
-        aud: "spiffe://example.org/ns/pay/sa/payments".into(),
-        scope: "payments:read".into(),
-        class: "service".into(),
-        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into(),
+        sub: sub.parse().unwrap(),
+        aud: "spiffe://example.org/ns/pay/sa/payments".parse().unwrap(),
+        scope: "payments:read".parse().unwrap(),
+        class: "service".parse().unwrap(),
+        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+            .parse()
+            .unwrap(),
         iat: NOW,
         exp: NOW + 300 + i,
         kid: "k1".into(),
@@ -198,7 +200,7 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
             let write = if i % 10 == 0 {
                 Write::Svid(SvidRecord {
                     serial: format!("{i:x}"),
-                    spiffe_id: sub,
+                    spiffe_id: sub.parse().unwrap(),
                     method: "join_token",
                     issued_at: NOW,
                     expires_at: NOW + 3600,
@@ -287,9 +289,9 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
         b.latest_live_exp(NOW, NOW, Some(n1), None).await.unwrap(),
         Some(NOW + 300 + 197)
     );
-    let jkt = t.jkt.as_str();
+    let jkt = t.jkt.to_string();
     assert_eq!(
-        b.latest_live_exp(NOW, NOW, None, Some(jkt)).await.unwrap(),
+        b.latest_live_exp(NOW, NOW, None, Some(&jkt)).await.unwrap(),
         Some(NOW + 300 + 199)
     );
     assert_eq!(

@@ -1101,7 +1101,7 @@ async fn refusals_reach_the_audit_log_and_a_leaked_token_lookup_shows_them() {
         assert!(std::time::Instant::now() < deadline, "no failure reported");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
-    assert_eq!(lookup.token.sub, CHECKOUT);
+    assert_eq!(lookup.token.sub.as_str(), CHECKOUT);
     let failure: serde_json::Value = lookup
         .records
         .iter()

@@ -36,11 +36,13 @@ fn file_bytes(dir: &std::path::Path) -> Vec<u8> {
 fn issued(i: u64, exp: u64) -> IssuedToken {
     IssuedToken {
         jti: format!("jti-{i}"),
-        sub: "spiffe://example.org/ns/shop/sa/checkout".into(),
-        aud: "spiffe://example.org/ns/pay/sa/payments".into(),
-        scope: "payments:charge".into(),
-        class: "service".into(),
-        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into(),
+        sub: "spiffe://example.org/ns/shop/sa/checkout".parse().unwrap(),
+        aud: "spiffe://example.org/ns/pay/sa/payments".parse().unwrap(),
+        scope: "payments:charge".parse().unwrap(),
+        class: "service".parse().unwrap(),
+        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+            .parse()
+            .unwrap(),
         iat: NOW,
         exp,
         kid: "k1".into(),
@@ -485,4 +487,98 @@ async fn audit_queries_match_every_condition_given_and_nothing_else() {
     assert_eq!((head.chain_from, head.seq), (1, 4));
     let last = store.audit_after(3, 1).await.unwrap();
     assert_eq!(head.hash, tally::audit::ChainHash::of(&last[0].line));
+}
+
+/// Edits the store's file behind its back, as a database editor (or a bug
+/// in some other program) could.
+async fn tamper(dir: &std::path::Path, sql: &'static str) {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(dir.join("tally.db"));
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::query(sql).execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
+fn corrupt_at(err: &StoreError) -> Option<(&'static str, &'static str)> {
+    match err {
+        StoreError::CorruptRow { table, column, .. } => Some((table, column)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_stored_row_that_does_not_read_is_a_corrupt_row_naming_its_table_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), &key_text()).await;
+    for i in [1, 2] {
+        record_issued(&store, issued(i, NOW + 300)).await.unwrap();
+    }
+    let token = JoinToken::generate().unwrap();
+    let id: SpiffeId = "spiffe://example.org/vm/build-1".parse().unwrap();
+    store
+        .create_join_token(&token.hash(), &id, NOW + 600, NOW)
+        .await
+        .unwrap();
+
+    // A holder that is not a SPIFFE ID: not a guess (revoked, or skipped),
+    // but an error saying where, without the value.
+    tamper(
+        dir.path(),
+        "UPDATE issued_tokens SET sub = 'checkout-impostor' WHERE jti = 'jti-1'",
+    )
+    .await;
+    let err = store
+        .token_by_jti("jti-1", &issued(1, 0).token_hmac)
+        .await
+        .unwrap_err();
+    assert_eq!(corrupt_at(&err), Some(("issued_tokens", "sub")), "{err:?}");
+    assert!(!err.to_string().contains("impostor"), "{err}");
+    let err = store.live_tokens(NOW, 10).await.unwrap_err();
+    assert_eq!(corrupt_at(&err), Some(("issued_tokens", "sub")), "{err:?}");
+    // The row beside it still reads.
+    assert!(
+        store
+            .token_by_jti("jti-2", &issued(2, 0).token_hmac)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // A negative time.
+    tamper(
+        dir.path(),
+        "UPDATE issued_tokens SET exp = -1 WHERE jti = 'jti-2'",
+    )
+    .await;
+    let err = store.token_exp("jti-2").await.unwrap_err();
+    assert_eq!(corrupt_at(&err), Some(("issued_tokens", "exp")), "{err:?}");
+
+    // A value of the wrong type.
+    tamper(
+        dir.path(),
+        "UPDATE audit SET at = 'yesterday' WHERE seq = 1",
+    )
+    .await;
+    let err = store.audit_after(0, 10).await.unwrap_err();
+    assert_eq!(corrupt_at(&err), Some(("audit", "at")), "{err:?}");
+
+    // A hash of the wrong length.
+    tamper(dir.path(), "UPDATE audit_head SET hash = X'0102'").await;
+    let err = store.audit_head().await.unwrap_err();
+    assert_eq!(corrupt_at(&err), Some(("audit_head", "hash")), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "stored data is corrupt: audit_head.hash 2 bytes, not 32"
+    );
+
+    // A join token naming no SPIFFE ID is refused as corrupt, not used.
+    tamper(dir.path(), "UPDATE join_tokens SET spiffe_id = 'build-1'").await;
+    let err = store
+        .consume_join_token(&token.hash(), NOW + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        corrupt_at(&err),
+        Some(("join_tokens", "spiffe_id")),
+        "{err:?}"
+    );
 }

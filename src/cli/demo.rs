@@ -590,7 +590,10 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     let failures = refused_uses(&found);
     tally.expect(
         "audit lookup of the stolen token",
-        found.as_ref().is_some_and(|f| f.token.sub == CHECKOUT) && failures >= 2,
+        found
+            .as_ref()
+            .is_some_and(|f| f.token.sub.as_str() == CHECKOUT)
+            && failures >= 2,
         &format!("holder found from the token alone, with its {failures} refused uses\n"),
     );
 

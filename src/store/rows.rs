@@ -1,157 +1,200 @@
-//! Reading stored rows into the store's types, the same way for both
-//! backends: each backend only says how to get a text, a blob or an
-//! integer out of its row type ([`Fields`]).
+//! Reading stored rows into the store's typed records, once, for both
+//! backends. A column that does not read as what its table holds (a
+//! negative time, a holder that is not a SPIFFE ID, a hash of the wrong
+//! length) is [`StoreError::CorruptRow`] naming the table and column: the
+//! caller never gets a guess. The reason never carries a secret: sealed
+//! values and hashes are only ever judged by their length.
 
+use super::db::{Column, Row};
 use super::{
     AuditHead, Change, IdentityRecord, IssuedToken, JoinTokenRefusal, PolicyVersion, Sealer,
     SigningKeyRecord, StoreError, TokenUsage, Write,
 };
 use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
+use crate::identity::SpiffeId;
 use serde_json::{Value, json};
-use sqlx::Row as _;
+use std::fmt::Display;
+use std::str::FromStr;
 use zeroize::Zeroizing;
 
-/// A row's columns by name.
-pub(super) trait Fields {
-    /// A text column.
-    fn text(&self, column: &str) -> Result<String, StoreError>;
-    /// A blob column.
-    fn blob(&self, column: &str) -> Result<Vec<u8>, StoreError>;
-    /// An integer column.
-    fn int(&self, column: &str) -> Result<i64, StoreError>;
-    /// A blob column that may be NULL.
-    fn opt_blob(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// An integer column that may be NULL.
-    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+/// One row of `table`, read column by column.
+pub(super) struct Cells<'r> {
+    table: &'static str,
+    row: &'r Row,
 }
 
-/// Both backends' rows read every column type the same way.
-macro_rules! fields_for {
-    ($($row:ty),*) => {$(
-        impl Fields for $row {
-            fn text(&self, column: &str) -> Result<String, StoreError> {
-                Ok(self.try_get(column)?)
-            }
-            fn blob(&self, column: &str) -> Result<Vec<u8>, StoreError> {
-                Ok(self.try_get(column)?)
-            }
-            fn int(&self, column: &str) -> Result<i64, StoreError> {
-                Ok(self.try_get(column)?)
-            }
-            fn opt_blob(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
-                Ok(self.try_get(column)?)
-            }
-            fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-                Ok(self.try_get(column)?)
-            }
+impl<'r> Cells<'r> {
+    /// `row`, as a row of `table` (named when a column does not read).
+    pub(super) fn of(table: &'static str, row: &'r Row) -> Self {
+        Self { table, row }
+    }
+
+    fn corrupt(&self, column: &'static str, reason: impl Display) -> StoreError {
+        StoreError::CorruptRow {
+            table: self.table,
+            column,
+            reason: reason.to_string(),
         }
-    )*};
+    }
+
+    /// A column that may be NULL. Always read as an `Option`: SQLite's
+    /// driver would decode a NULL text as "" and a NULL integer as 0.
+    fn opt<T: Column>(&self, column: &'static str) -> Result<Option<T>, StoreError> {
+        self.row.get(column).map_err(|e| match e {
+            // A value of the wrong type.
+            sqlx::Error::ColumnDecode { source, .. } => self.corrupt(column, source),
+            other => StoreError::Database(other),
+        })
+    }
+
+    /// A column that may not be NULL.
+    fn get<T: Column>(&self, column: &'static str) -> Result<T, StoreError> {
+        self.opt(column)?
+            .ok_or_else(|| self.corrupt(column, "NULL"))
+    }
+
+    /// A text column.
+    pub(super) fn text(&self, column: &'static str) -> Result<String, StoreError> {
+        self.get(column)
+    }
+
+    /// A text column holding a `T` (a SPIFFE ID, an audience…).
+    pub(super) fn parse<T>(&self, column: &'static str) -> Result<T, StoreError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        self.text(column)?
+            .parse()
+            .map_err(|e| self.corrupt(column, e))
+    }
+
+    /// A time, count or sequence number: never negative.
+    pub(super) fn uint(&self, column: &'static str) -> Result<u64, StoreError> {
+        let v: i64 = self.get(column)?;
+        u64::try_from(v).map_err(|_| self.corrupt(column, "negative"))
+    }
+
+    /// A time that may be NULL (not yet).
+    pub(super) fn opt_uint(&self, column: &'static str) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> = self.opt(column)?;
+        v.map(|v| u64::try_from(v).map_err(|_| self.corrupt(column, "negative")))
+            .transpose()
+    }
+
+    /// A blob column.
+    pub(super) fn blob(&self, column: &'static str) -> Result<Vec<u8>, StoreError> {
+        self.get(column)
+    }
+
+    /// A blob column that may be NULL.
+    pub(super) fn opt_blob(&self, column: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.opt(column)
+    }
+
+    /// A SHA-256 or HMAC-SHA256 column.
+    pub(super) fn hash(&self, column: &'static str) -> Result<[u8; 32], StoreError> {
+        self.blob(column)?
+            .try_into()
+            .map_err(|b: Vec<u8>| self.corrupt(column, format_args!("{} bytes, not 32", b.len())))
+    }
 }
 
-fields_for!(sqlx::sqlite::SqliteRow, sqlx::postgres::PgRow);
-
-/// A time or count column, which is never negative.
-pub(super) fn time_of(row: &impl Fields, column: &str) -> Result<u64, StoreError> {
-    u64::try_from(row.int(column)?)
-        .map_err(|_| StoreError::Corrupt(format!("negative value in {column}")))
-}
-
-fn hash_of(row: &impl Fields, column: &str) -> Result<[u8; 32], StoreError> {
-    row.blob(column)?
-        .try_into()
-        .map_err(|_| StoreError::Corrupt(format!("{column} is not 32 bytes")))
-}
-
-pub(super) fn change_from_row(row: &impl Fields) -> Result<Change, StoreError> {
+pub(super) fn change_from_row(row: &Row) -> Result<Change, StoreError> {
+    let c = Cells::of("changes", row);
     Ok(Change {
-        seq: time_of(row, "seq")?,
-        at_ms: time_of(row, "at_ms")?,
-        kind: row.text("kind")?,
-        body: row.text("body")?,
+        seq: c.uint("seq")?,
+        at_ms: c.uint("at_ms")?,
+        kind: c.text("kind")?,
+        body: c.text("body")?,
     })
 }
 
-pub(super) fn issued_from_row(row: &impl Fields) -> Result<IssuedToken, StoreError> {
+pub(super) fn issued_from_row(row: &Row) -> Result<IssuedToken, StoreError> {
+    let c = Cells::of("issued_tokens", row);
     Ok(IssuedToken {
-        jti: row.text("jti")?,
-        sub: row.text("sub")?,
-        aud: row.text("aud")?,
-        scope: row.text("scope")?,
-        class: row.text("class")?,
-        jkt: row.text("jkt")?,
-        iat: time_of(row, "iat")?,
-        exp: time_of(row, "exp")?,
-        kid: row.text("kid")?,
-        token_hmac: hash_of(row, "token_hmac")?,
+        jti: c.text("jti")?,
+        sub: c.parse("sub")?,
+        aud: c.parse("aud")?,
+        scope: c.parse("scope")?,
+        class: c.parse("class")?,
+        jkt: c.parse("jkt")?,
+        iat: c.uint("iat")?,
+        exp: c.uint("exp")?,
+        kid: c.text("kid")?,
+        token_hmac: c.hash("token_hmac")?,
     })
 }
 
-pub(super) fn policy_from_row(row: &impl Fields) -> Result<PolicyVersion, StoreError> {
+pub(super) fn policy_from_row(row: &Row) -> Result<PolicyVersion, StoreError> {
+    let c = Cells::of("policy_versions", row);
     Ok(PolicyVersion {
-        version: time_of(row, "version")?,
-        created_at: time_of(row, "created_at")?,
-        author: row.text("author")?,
-        source: row.text("source")?,
-        comment: row.text("comment")?,
-        yaml: row.text("yaml")?,
+        version: c.uint("version")?,
+        created_at: c.uint("created_at")?,
+        author: c.text("author")?,
+        source: c.text("source")?,
+        comment: c.text("comment")?,
+        yaml: c.text("yaml")?,
     })
 }
 
 /// Whether the join token in `row` (`spiffe_id`, `used_at`, `expires_at`;
 /// none: unknown) is usable at `now`, and whom it names.
 pub(super) fn join_token_from_row(
-    row: Option<&impl Fields>,
+    row: Option<&Row>,
     now: u64,
-) -> Result<Result<crate::identity::SpiffeId, JoinTokenRefusal>, StoreError> {
+) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
     let Some(row) = row else {
         return Ok(Err(JoinTokenRefusal::Unknown));
     };
-    if row.opt_int("used_at")?.is_some() {
+    let c = Cells::of("join_tokens", row);
+    if c.opt_uint("used_at")?.is_some() {
         return Ok(Err(JoinTokenRefusal::AlreadyUsed));
     }
-    if time_of(row, "expires_at")? <= now {
+    if c.uint("expires_at")? <= now {
         return Ok(Err(JoinTokenRefusal::Expired));
     }
-    row.text("spiffe_id")?
-        .parse()
-        .map(Ok)
-        .map_err(|e| StoreError::Corrupt(format!("join token SPIFFE ID: {e}")))
+    c.parse("spiffe_id").map(Ok)
 }
 
 /// A signing key and the latest `exp` among the live tokens it signed.
-pub(super) fn kid_exp_from_row(row: &impl Fields) -> Result<(String, u64), StoreError> {
-    Ok((row.text("kid")?, time_of(row, "exp")?))
+pub(super) fn kid_exp_from_row(row: &Row) -> Result<(String, u64), StoreError> {
+    let c = Cells::of("issued_tokens", row);
+    Ok((c.text("kid")?, c.uint("exp")?))
 }
 
-pub(super) fn audit_from_row(row: &impl Fields) -> Result<AuditRecord, StoreError> {
+pub(super) fn audit_from_row(row: &Row) -> Result<AuditRecord, StoreError> {
+    let c = Cells::of("audit", row);
     Ok(AuditRecord {
-        seq: time_of(row, "seq")?,
-        at: time_of(row, "at")?,
-        kind: row.text("kind")?,
-        line: row.text("line")?,
+        seq: c.uint("seq")?,
+        at: c.uint("at")?,
+        kind: c.text("kind")?,
+        line: c.text("line")?,
     })
 }
 
-pub(super) fn head_from_row(row: &impl Fields) -> Result<AuditHead, StoreError> {
+pub(super) fn head_from_row(row: &Row) -> Result<AuditHead, StoreError> {
+    let c = Cells::of("audit_head", row);
     Ok(AuditHead {
-        chain_from: time_of(row, "chain_from")?,
-        seq: time_of(row, "seq")?,
-        hash: ChainHash(hash_of(row, "hash")?),
-        anchor: ChainHash(hash_of(row, "anchor")?),
+        chain_from: c.uint("chain_from")?,
+        seq: c.uint("seq")?,
+        hash: ChainHash(c.hash("hash")?),
+        anchor: ChainHash(c.hash("anchor")?),
     })
 }
 
 /// A row of the per-(holder, audience, scopes, class) usage query.
-pub(super) fn usage_from_row(row: &impl Fields) -> Result<TokenUsage, StoreError> {
+pub(super) fn usage_from_row(row: &Row) -> Result<TokenUsage, StoreError> {
+    let c = Cells::of("issued_tokens", row);
     Ok(TokenUsage {
-        sub: row.text("sub")?,
-        aud: row.text("aud")?,
-        scope: row.text("scope")?,
-        class: row.text("class")?,
-        count: time_of(row, "n")?,
-        longest_life: time_of(row, "longest")?,
-        last_issued: time_of(row, "last")?,
+        sub: c.parse("sub")?,
+        aud: c.parse("aud")?,
+        scope: c.parse("scope")?,
+        class: c.parse("class")?,
+        count: c.uint("n")?,
+        longest_life: c.uint("longest")?,
+        last_issued: c.uint("last")?,
     })
 }
 
@@ -159,21 +202,22 @@ pub(super) fn usage_from_row(row: &impl Fields) -> Result<TokenUsage, StoreError
 /// `last`, `expires`, `n`, `method`) and token summary (`sub`, `last`,
 /// `n`, `live`) queries, merged by SPIFFE ID.
 pub(super) fn identities_from_rows(
-    svids: &[impl Fields],
-    tokens: &[impl Fields],
+    svids: &[Row],
+    tokens: &[Row],
 ) -> Result<Vec<IdentityRecord>, StoreError> {
     let mut by_id = std::collections::BTreeMap::new();
     for row in svids {
-        let id = row.text("spiffe_id")?;
+        let c = Cells::of("svids", row);
+        let id: SpiffeId = c.parse("spiffe_id")?;
         by_id.insert(
             id.clone(),
             IdentityRecord {
                 spiffe_id: id,
-                first_seen: time_of(row, "first")?,
-                last_svid_at: Some(time_of(row, "last")?),
-                svid_expires_at: Some(time_of(row, "expires")?),
-                svids: time_of(row, "n")?,
-                method: row.text("method")?,
+                first_seen: c.uint("first")?,
+                last_svid_at: Some(c.uint("last")?),
+                svid_expires_at: Some(c.uint("expires")?),
+                svids: c.uint("n")?,
+                method: c.text("method")?,
                 last_token_at: None,
                 tokens: 0,
                 live_tokens: 0,
@@ -181,8 +225,9 @@ pub(super) fn identities_from_rows(
         );
     }
     for row in tokens {
-        let id = row.text("sub")?;
-        let last = time_of(row, "last")?;
+        let c = Cells::of("issued_tokens", row);
+        let id: SpiffeId = c.parse("sub")?;
+        let last = c.uint("last")?;
         let entry = by_id.entry(id.clone()).or_insert_with(|| IdentityRecord {
             spiffe_id: id,
             first_seen: last,
@@ -195,10 +240,53 @@ pub(super) fn identities_from_rows(
             live_tokens: 0,
         });
         entry.last_token_at = Some(last);
-        entry.tokens = time_of(row, "n")?;
-        entry.live_tokens = time_of(row, "live")?;
+        entry.tokens = c.uint("n")?;
+        entry.live_tokens = c.uint("live")?;
     }
     Ok(by_id.into_values().collect())
+}
+
+/// A signing key row (`kid`, `key_sealed`, `created_at`, `sign_from`,
+/// `retired_at`, `withdrawn_at`), its key unsealed.
+pub(super) fn signing_key_from_row(
+    row: &Row,
+    sealer: &Sealer,
+) -> Result<SigningKeyRecord, StoreError> {
+    let c = Cells::of("signing_keys", row);
+    let kid = c.text("kid")?;
+    Ok(SigningKeyRecord {
+        pkcs8: sealer.open(&format!("signing-key/{kid}"), &c.blob("key_sealed")?)?,
+        created_at: c.uint("created_at")?,
+        sign_from: c.uint("sign_from")?,
+        retired_at: c.opt_uint("retired_at")?,
+        withdrawn_at: c.opt_uint("withdrawn_at")?,
+        kid,
+    })
+}
+
+/// The CA row, its keys unsealed.
+pub(super) fn ca_from_row(row: &Row, sealer: &Sealer) -> Result<CaMaterial, StoreError> {
+    let c = Cells::of("ca", row);
+    let pem = |column: &'static str, bytes: Zeroizing<Vec<u8>>| {
+        String::from_utf8(bytes.to_vec())
+            .map(Zeroizing::new)
+            .map_err(|_| c.corrupt(column, "the unsealed key is not UTF-8 PEM"))
+    };
+    let root_key_pem = c
+        .opt_blob("root_key_sealed")?
+        .map(|s| sealer.open("ca/root", &s))
+        .transpose()?
+        .map(|k| pem("root_key_sealed", k))
+        .transpose()?;
+    Ok(CaMaterial {
+        root_cert_pem: c.text("root_cert_pem")?,
+        root_key_pem,
+        intermediate_cert_pem: c.text("intermediate_cert_pem")?,
+        intermediate_key_pem: pem(
+            "intermediate_key_sealed",
+            sealer.open("ca/intermediate", &c.blob("intermediate_key_sealed")?)?,
+        )?,
+    })
 }
 
 /// A batch's audit records, numbered from `first` and chained from
@@ -224,79 +312,101 @@ pub(super) fn chain_records<'a>(
     (records, prev)
 }
 
-fn db_time(t: u64) -> i64 {
-    i64::try_from(t).unwrap_or(i64::MAX)
-}
-
 /// A batch as JSON arrays of rows, one per table (issued tokens, SVIDs,
 /// audit records), so each table takes one INSERT however large the batch.
 pub(super) fn batch_rows<'a>(
     writes: impl Iterator<Item = &'a Option<Write>>,
     records: &[AuditRecord],
 ) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
+    use super::db::db_int;
     let mut issued = Vec::new();
     let mut svids = Vec::new();
     for write in writes {
         match write {
             Some(Write::Issued(t)) => issued.push(json!({
-                "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
-                "class": t.class, "jkt": t.jkt, "iat": db_time(t.iat),
-                "exp": db_time(t.exp), "kid": t.kid,
+                "jti": t.jti, "sub": t.sub.as_str(), "aud": t.aud.as_str(),
+                "scope": t.scope.to_string(), "class": t.class.as_str(),
+                "jkt": t.jkt.to_string(), "iat": db_int(t.iat),
+                "exp": db_int(t.exp), "kid": t.kid,
                 "token_hmac": crate::audit::hex(&t.token_hmac),
             })),
             Some(Write::Svid(v)) => svids.push(json!({
-                "serial": v.serial, "spiffe_id": v.spiffe_id, "method": v.method,
-                "issued_at": db_time(v.issued_at), "expires_at": db_time(v.expires_at),
+                "serial": v.serial, "spiffe_id": v.spiffe_id.as_str(), "method": v.method,
+                "issued_at": db_int(v.issued_at), "expires_at": db_int(v.expires_at),
             })),
             None => {}
         }
     }
     let audit = records
         .iter()
-        .map(
-            |r| json!({"seq": db_time(r.seq), "at": db_time(r.at), "kind": r.kind, "line": r.line}),
-        )
+        .map(|r| json!({"seq": db_int(r.seq), "at": db_int(r.at), "kind": r.kind, "line": r.line}))
         .collect();
     (issued, svids, audit)
 }
 
-/// A signing key row (`kid`, `key_sealed`, `created_at`, `sign_from`,
-/// `retired_at`, `withdrawn_at`), its key unsealed.
-pub(super) fn signing_key_from_row(
-    row: &impl Fields,
-    sealer: &Sealer,
-) -> Result<SigningKeyRecord, StoreError> {
-    let kid = row.text("kid")?;
-    let time = |t: Option<i64>| t.map(|t| u64::try_from(t).unwrap_or(0));
-    Ok(SigningKeyRecord {
-        pkcs8: sealer.open(&format!("signing-key/{kid}"), &row.blob("key_sealed")?)?,
-        created_at: time_of(row, "created_at")?,
-        sign_from: time_of(row, "sign_from")?,
-        retired_at: time(row.opt_int("retired_at")?),
-        withdrawn_at: time(row.opt_int("withdrawn_at")?),
-        kid,
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::SqlitePool;
 
-/// The CA row, its keys unsealed.
-pub(super) fn ca_from_row(row: &impl Fields, sealer: &Sealer) -> Result<CaMaterial, StoreError> {
-    let text = |bytes: Zeroizing<Vec<u8>>| {
-        String::from_utf8(bytes.to_vec())
-            .map(Zeroizing::new)
-            .map_err(|_| StoreError::Corrupt("CA key is not UTF-8 PEM".into()))
-    };
-    let root_key_pem = row
-        .opt_blob("root_key_sealed")?
-        .map(|s| sealer.open("ca/root", &s))
-        .transpose()?
-        .map(text)
-        .transpose()?;
-    Ok(CaMaterial {
-        root_cert_pem: row.text("root_cert_pem")?,
-        root_key_pem,
-        intermediate_cert_pem: row.text("intermediate_cert_pem")?,
-        intermediate_key_pem: text(
-            sealer.open("ca/intermediate", &row.blob("intermediate_key_sealed")?)?,
-        )?,
-    })
+    /// One row of literal values, as SQLite returns it.
+    async fn row(select: &'static str) -> Row {
+        let pool = SqlitePool::connect("sqlite::memory:").await.unwrap();
+        Row::Sqlite(sqlx::query(select).fetch_one(&pool).await.unwrap())
+    }
+
+    fn place(err: StoreError) -> (&'static str, &'static str, String) {
+        match err {
+            StoreError::CorruptRow {
+                table,
+                column,
+                reason,
+            } => (table, column, reason),
+            other => panic!("not a corrupt row: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_negative_time_is_corrupt_not_zero() {
+        let r = row("SELECT -5 AS exp").await;
+        let err = Cells::of("issued_tokens", &r).uint("exp").unwrap_err();
+        assert_eq!(place(err), ("issued_tokens", "exp", "negative".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_value_that_does_not_parse_names_the_column_but_not_the_value() {
+        let r = row("SELECT 'spiffe://Example.org/secret-looking' AS sub").await;
+        let err = Cells::of("issued_tokens", &r)
+            .parse::<SpiffeId>("sub")
+            .unwrap_err();
+        let (table, column, reason) = place(err);
+        assert_eq!((table, column), ("issued_tokens", "sub"));
+        assert!(!reason.contains("secret-looking"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_hash_is_judged_by_its_length_only() {
+        let r = row("SELECT X'00112233' AS token_hmac").await;
+        let err = Cells::of("issued_tokens", &r)
+            .hash("token_hmac")
+            .unwrap_err();
+        assert_eq!(
+            place(err),
+            ("issued_tokens", "token_hmac", "4 bytes, not 32".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn null_where_a_value_must_be_is_corrupt() {
+        let r = row("SELECT NULL AS kind").await;
+        let (table, column, _) = place(Cells::of("changes", &r).text("kind").unwrap_err());
+        assert_eq!((table, column), ("changes", "kind"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_column_is_a_database_error_not_corruption() {
+        let r = row("SELECT 1 AS seq").await;
+        let err = Cells::of("changes", &r).uint("at_ms").unwrap_err();
+        assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    }
 }

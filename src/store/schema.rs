@@ -1,11 +1,68 @@
-//! Versioned schema of the SQLite store. Each migration runs once, in
-//! order, in its own transaction; `schema_version` holds the last one
-//! applied. Layout choices here are SQLite's (`WITHOUT ROWID`, `INTEGER
-//! PRIMARY KEY` row ids); the PostgreSQL backend keeps the same tables and
-//! version numbers in its own dialect.
+//! Versioned schema of both stores. Each migration runs once, in order,
+//! in its own transaction; `schema_version` holds the last one applied.
+//! The two dialects keep the same tables and version numbers, each in its
+//! own types (`BLOB`/`BYTEA`) and layout: SQLite's `WITHOUT ROWID` and
+//! `INTEGER PRIMARY KEY` row ids, PostgreSQL's row-locked counters. A
+//! shipped migration is never edited, so the two histories stay apart;
+//! [`migrate`] applies either.
 
-/// Migrations, oldest first. Never edit one that has shipped: add another.
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+use super::StoreError;
+use super::db::{Conn, Sql};
+use super::rows::Cells;
+
+const CREATE_VERSIONS: Sql =
+    Sql::both("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)");
+const VERSION: Sql = Sql::both("SELECT MAX(version) AS version FROM schema_version");
+const INSERT_VERSION: Sql = Sql::both("INSERT INTO schema_version (version) VALUES ($1)");
+
+/// The schema version in the database (0: none yet).
+///
+/// # Errors
+/// [`StoreError`].
+pub(super) async fn version(conn: &mut Conn) -> Result<i64, StoreError> {
+    let row = conn.query(VERSION, &[]).one().await?;
+    let found = Cells::of("schema_version", &row).opt_uint("version")?;
+    Ok(super::db::db_int(found.unwrap_or(0)))
+}
+
+/// Applies the migrations of `history` the database does not have yet.
+///
+/// # Errors
+/// [`StoreError::SchemaTooNew`] if the database is ahead of `history`;
+/// [`StoreError`] if a migration fails (it leaves nothing behind).
+pub(super) async fn migrate(
+    conn: &mut Conn,
+    history: &[(i64, &'static str)],
+) -> Result<(), StoreError> {
+    conn.query(CREATE_VERSIONS, &[]).execute().await?;
+    let current = version(conn).await?;
+    let supported = latest(history);
+    if current > supported {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported,
+        });
+    }
+    for &(version, sql) in history.iter().filter(|(v, _)| *v > current) {
+        let mut tx = conn.begin().await?;
+        tx.script(sql).await?;
+        tx.query(INSERT_VERSION, &[version.into()])
+            .execute()
+            .await?;
+        tx.commit().await?;
+        tracing::info!(version, "applied store migration");
+    }
+    Ok(())
+}
+
+/// The newest version of `history`.
+fn latest(history: &[(i64, &str)]) -> i64 {
+    history.last().map_or(0, |(v, _)| *v)
+}
+
+/// SQLite's migrations, oldest first. Never edit one that has shipped:
+/// add another (to both histories).
+pub(super) const SQLITE: &[(i64, &str)] = &[
     (
         1,
         "
@@ -163,7 +220,106 @@ ALTER TABLE audit_head ADD COLUMN anchor BLOB NOT NULL
     ),
 ];
 
-/// The newest schema this build knows.
-pub(crate) fn latest() -> i64 {
-    MIGRATIONS.last().map_or(0, |(v, _)| *v)
-}
+/// PostgreSQL's migrations. A PostgreSQL store starts at the SQLite
+/// store's version 6 (no earlier PostgreSQL deployments exist); later migrations
+/// carry the same numbers in both.
+pub(super) const POSTGRES: &[(i64, &str)] = &[
+    (
+        6,
+        "
+CREATE TABLE secrets (
+    name        TEXT PRIMARY KEY,
+    sealed      BYTEA NOT NULL,
+    created_at  BIGINT NOT NULL
+);
+CREATE TABLE ca (
+    id                      INTEGER PRIMARY KEY CHECK (id = 1),
+    root_cert_pem           TEXT NOT NULL,
+    root_key_sealed         BYTEA,
+    intermediate_cert_pem   TEXT NOT NULL,
+    intermediate_key_sealed BYTEA NOT NULL,
+    updated_at              BIGINT NOT NULL
+);
+CREATE TABLE signing_keys (
+    kid          TEXT PRIMARY KEY,
+    key_sealed   BYTEA NOT NULL,
+    created_at   BIGINT NOT NULL,
+    sign_from    BIGINT NOT NULL,
+    retired_at   BIGINT,
+    withdrawn_at BIGINT
+);
+CREATE TABLE join_tokens (
+    hash        BYTEA PRIMARY KEY,
+    spiffe_id   TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    used_at     BIGINT
+);
+CREATE TABLE issued_tokens (
+    jti         TEXT PRIMARY KEY,
+    sub         TEXT NOT NULL,
+    aud         TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    class       TEXT NOT NULL,
+    jkt         TEXT NOT NULL,
+    iat         BIGINT NOT NULL,
+    exp         BIGINT NOT NULL,
+    kid         TEXT NOT NULL,
+    token_hmac  BYTEA NOT NULL
+);
+CREATE INDEX issued_tokens_exp ON issued_tokens (exp);
+CREATE INDEX issued_tokens_sub ON issued_tokens (sub);
+CREATE TABLE svids (
+    serial      TEXT PRIMARY KEY,
+    spiffe_id   TEXT NOT NULL,
+    method      TEXT NOT NULL,
+    issued_at   BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL
+);
+CREATE INDEX svids_expires_at ON svids (expires_at);
+CREATE INDEX svids_spiffe_id ON svids (spiffe_id);
+-- The line is kept as text: its exact bytes are what the chain hashes.
+CREATE TABLE audit (
+    seq         BIGINT PRIMARY KEY,
+    at          BIGINT NOT NULL,
+    kind        TEXT NOT NULL,
+    line        TEXT NOT NULL
+);
+CREATE INDEX audit_jti ON audit (((line::jsonb)->>'jti')) WHERE (line::jsonb)->>'jti' IS NOT NULL;
+CREATE TABLE audit_head (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    chain_from  BIGINT NOT NULL,
+    seq         BIGINT NOT NULL,
+    hash        BYTEA NOT NULL
+);
+INSERT INTO audit_head (id, chain_from, seq, hash) VALUES (1, 1, 0, decode(repeat('00', 32), 'hex'));
+CREATE TABLE changes (
+    seq         BIGINT PRIMARY KEY,
+    at_ms       BIGINT NOT NULL,
+    kind        TEXT NOT NULL,
+    body        TEXT NOT NULL
+);
+CREATE INDEX changes_kind ON changes (kind, seq);
+-- Numbers change-feed entries in commit order (a row lock, not a sequence).
+CREATE TABLE change_head (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    seq         BIGINT NOT NULL
+);
+INSERT INTO change_head (id, seq) VALUES (1, 0);
+CREATE TABLE policy_versions (
+    version     BIGSERIAL PRIMARY KEY,
+    created_at  BIGINT NOT NULL,
+    author      TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    comment     TEXT NOT NULL,
+    yaml        TEXT NOT NULL
+);
+",
+    ),
+    (
+        7,
+        "
+ALTER TABLE audit_head ADD COLUMN anchor BYTEA NOT NULL DEFAULT decode(repeat('00', 32), 'hex');
+",
+    ),
+];

@@ -173,7 +173,7 @@ async fn hand_out(
         .field("expires_at", svid.expires_at);
     let record = SvidRecord {
         serial: svid.serial.clone(),
-        spiffe_id: id.to_string(),
+        spiffe_id: id.clone(),
         method,
         issued_at: now,
         expires_at: svid.expires_at,

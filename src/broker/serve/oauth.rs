@@ -462,18 +462,14 @@ async fn live_token(
         .await
         .map_err(|e| OAuthError::internal(what, &e))?;
     let now = broker.now();
-    let denied = |t: &crate::store::IssuedToken| {
-        t.sub
-            .parse::<SpiffeId>()
-            .map_or(true, |sub| broker.is_denied(&sub))
-    };
+    let denied = |t: &crate::store::IssuedToken| broker.is_denied(&t.sub);
     let live = found.and_then(|(t, revoked)| (!revoked && t.exp > now && !denied(&t)).then_some(t));
     Ok((caller, live))
 }
 
 /// Admins may see and revoke any token; a workload, its own.
 fn may_manage(broker: &Broker, caller: &SpiffeId, token: &crate::store::IssuedToken) -> bool {
-    broker.is_admin(caller) || token.sub == caller.as_str()
+    broker.is_admin(caller) || token.sub == *caller
 }
 
 /// `POST /oauth2/introspect` (RFC 7662): for an admin, or the token's own
@@ -491,16 +487,16 @@ async fn introspect(
             json!({
                 "active": true,
                 "iss": broker.issuer(),
-                "sub": t.sub,
-                "client_id": t.sub,
-                "aud": t.aud,
-                "scope": t.scope,
+                "sub": t.sub.as_str(),
+                "client_id": t.sub.as_str(),
+                "aud": t.aud.as_str(),
+                "scope": t.scope.to_string(),
                 "iat": t.iat,
                 "exp": t.exp,
                 "jti": t.jti,
                 "token_type": "DPoP",
-                "cnf": {"jkt": t.jkt},
-                "tcl": t.class,
+                "cnf": {"jkt": t.jkt.to_string()},
+                "tcl": t.class.as_str(),
             })
         }
         _ => json!({"active": false}),

@@ -167,14 +167,17 @@ impl Broker {
 /// An inventory record rebuilt from a token's issuance audit record.
 fn issued_from_record(record: &AuditRecord, v: &serde_json::Value) -> Option<IssuedToken> {
     let text = |k: &str| v[k].as_str().map(str::to_owned);
+    fn parse<T: std::str::FromStr>(v: &serde_json::Value, k: &str) -> Option<T> {
+        v[k].as_str()?.parse().ok()
+    }
     let token_hmac = crate::audit::unhex32(v["token_hmac"].as_str()?)?;
     Some(IssuedToken {
         jti: text("jti")?,
-        sub: text("actor")?,
-        aud: text("audience")?,
-        scope: text("scope")?,
-        class: text("class")?,
-        jkt: text("jkt")?,
+        sub: parse(v, "actor")?,
+        aud: parse(v, "audience")?,
+        scope: parse(v, "scope")?,
+        class: parse(v, "class")?,
+        jkt: parse(v, "jkt")?,
         iat: record.at,
         exp: v["exp"].as_u64()?,
         kid: text("kid")?,
@@ -488,19 +491,15 @@ impl Broker {
         let start = now.saturating_sub(unused_for);
         let rows = self.store.token_usage(start).await?;
         let tokens = rows.iter().map(|r| r.count).sum();
-        // Rows that do not parse (never written by this broker) are left
-        // out of the attribution rather than failing the report.
         let usage: Vec<Usage> = rows
             .into_iter()
-            .filter_map(|r| {
-                Some(Usage {
-                    sub: r.sub.parse().ok()?,
-                    aud: r.aud.parse().ok()?,
-                    scopes: r.scope.parse().ok()?,
-                    class: r.class.parse().ok()?,
-                    count: r.count,
-                    longest_life: r.longest_life,
-                })
+            .map(|r| Usage {
+                sub: r.sub,
+                aud: r.aud,
+                scopes: r.scope,
+                class: r.class,
+                count: r.count,
+                longest_life: r.longest_life,
             })
             .collect();
         let seen: Vec<Seen> = self
@@ -508,11 +507,9 @@ impl Broker {
             .identities(now)
             .await?
             .into_iter()
-            .filter_map(|i| {
-                Some(Seen {
-                    last_seen: i.last_seen(),
-                    id: i.spiffe_id.parse().ok()?,
-                })
+            .map(|i| Seen {
+                last_seen: i.last_seen(),
+                id: i.spiffe_id,
             })
             .collect();
         let policy = self.policy();

@@ -248,11 +248,11 @@ impl Broker {
         self.record(
             Some(Write::Issued(IssuedToken {
                 jti: claims.jti.clone(),
-                sub: input.caller.to_string(),
-                aud: input.audience.to_string(),
-                scope: claims.scope.to_string(),
-                class: claims.class.to_string(),
-                jkt: claims.jkt.to_string(),
+                sub: input.caller.clone(),
+                aud: input.audience.clone(),
+                scope: claims.scope.clone(),
+                class: claims.class,
+                jkt: claims.jkt,
                 iat: claims.iat,
                 exp: claims.exp,
                 kid: claims.kid.clone(),

@@ -7,19 +7,15 @@ use crate::identity::SpiffeId;
 use crate::policy::Policy;
 use crate::store::StoreError;
 
-/// Whether `set` covers an inventory record; a record that does not parse
-/// counts as revoked.
+/// Whether `set` covers an inventory record.
 pub(crate) fn is_revoked(set: &crate::token::RevocationSet, t: &crate::store::IssuedToken) -> bool {
-    match (t.sub.parse(), t.jkt.parse()) {
-        (Ok(sub), Ok(jkt)) => set.covers(&crate::token::TokenRef {
-            jti: &t.jti,
-            sub: &sub,
-            jkt: &jkt,
-            kid: &t.kid,
-            iat: t.iat,
-        }),
-        _ => true,
-    }
+    set.covers(&crate::token::TokenRef {
+        jti: &t.jti,
+        sub: &t.sub,
+        jkt: &t.jkt,
+        kid: &t.kid,
+        iat: t.iat,
+    })
 }
 
 /// The `jti` claim of a compact JWS, read with the JWS parser's limits

@@ -329,11 +329,11 @@ impl pb::admin_server::Admin for AdminService {
             .map(|t| pb::TokenInfo {
                 revoked: crate::broker::state::revoke::is_revoked(&set, t),
                 jti: t.jti.clone(),
-                sub: t.sub.clone(),
-                aud: t.aud.clone(),
-                scope: t.scope.clone(),
-                class: t.class.clone(),
-                jkt: t.jkt.clone(),
+                sub: t.sub.to_string(),
+                aud: t.aud.to_string(),
+                scope: t.scope.to_string(),
+                class: t.class.to_string(),
+                jkt: t.jkt.to_string(),
                 kid: t.kid.clone(),
                 iat: unix(t.iat),
                 exp: unix(t.exp),
@@ -376,12 +376,12 @@ impl pb::admin_server::Admin for AdminService {
         let mut identities: Vec<pb::IdentityInfo> = found
             .into_iter()
             .map(|i| {
-                let denial = denials.remove(&i.spiffe_id);
+                let denial = denials.remove(i.spiffe_id.as_str());
                 let info = pb::IdentityInfo {
                     first_seen: unix(i.first_seen),
                     last_seen: unix(i.last_seen()),
                     svid_expires_at: i.svid_expires_at.map_or(0, unix),
-                    spiffe_id: i.spiffe_id,
+                    spiffe_id: i.spiffe_id.to_string(),
                     method: i.method,
                     svids: i.svids,
                     tokens: i.tokens,
@@ -536,11 +536,11 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::LookupTokenResponse {
             found: true,
             jti: t.jti,
-            sub: t.sub,
-            aud: t.aud,
-            scope: t.scope,
-            class: t.class,
-            jkt: t.jkt,
+            sub: t.sub.to_string(),
+            aud: t.aud.to_string(),
+            scope: t.scope.to_string(),
+            class: t.class.to_string(),
+            jkt: t.jkt.to_string(),
             iat: unix(t.iat),
             exp: unix(t.exp),
             kid: t.kid,
