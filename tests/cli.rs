@@ -150,7 +150,7 @@ fn the_demo_runs_every_step_and_exits_0() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
-        out.contains("Summary: all 9 steps went as described"),
+        out.contains("Summary: all 9 checks went as described"),
         "{out}"
     );
     assert_eq!(out.matches("✓").count(), 9, "{out}");
