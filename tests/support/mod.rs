@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod ctl;
 pub mod https;
 pub mod mesh;
 pub mod partition;
