@@ -43,6 +43,18 @@ fn ctl_lists_the_signing_keys_as_a_table_or_json() {
     assert_eq!(table.lines().count(), 3, "{table}");
     let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"kind\":\"admin.query\""), "{audit}");
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn a_leaked_signing_key_is_withdrawn_at_once_and_the_withdrawal_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start(&data);
+    // A key rotated once already, as in the listing above.
+    let rotated = ctl(&broker, &data, &["keys", "rotate"]);
+    assert_eq!(rotated.status.code(), Some(0));
 
     let o = ctl(&broker, &data, &["keys", "rotate", "--output", "json"]);
     let rotated: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
