@@ -10,6 +10,7 @@ pub mod mesh;
 pub mod partition;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 
 use serde_json::{Value, json};
 use tally::dpop::NormalizedUri;
