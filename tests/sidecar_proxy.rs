@@ -10,23 +10,18 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use support::mesh::{App, CHECKOUT, Mesh, PAYMENTS, Parts, REPORTING, authorize, send};
-use support::proxy::{Scene, caller, challenge, charge_with, pair, response_head};
+use support::proxy::{Scene, caller, challenge, charge_with, pair};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_requests_that_pass_every_check_reach_the_app() {
-    let Scene {
-        mesh,
-        app,
-        checkout,
-        payments,
-        socket,
-        inbound,
-        url,
-    } = Scene::start().await;
-    let socket = socket.as_path();
-
+/// A request with the app's headers from the socket and spoofed identity
+/// headers: it reaches the app with only the proxy's own headers. Its
+/// credentials, for the steps that reuse them.
+async fn allowed_with_spoofed_headers(scene: &Scene) -> (String, String) {
+    let socket = scene.socket.as_path();
+    let inbound = scene.inbound;
+    let url = &scene.url;
+    let app = &scene.app;
     // The app's headers from the socket, plus spoofed identity headers.
-    let (auth, dpop) = authorize(socket, "POST", &url, "payments:charge").await;
+    let (auth, dpop) = authorize(socket, "POST", url, "payments:charge").await;
     let body = vec![b'x'; 1 << 20];
     let ok = send(
         inbound,
@@ -59,22 +54,31 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     assert_eq!(seen["path"], "/v1/charges?idempotency=7");
     assert_eq!(seen["body_len"], 1 << 20, "the body is streamed whole");
     assert_eq!(app.seen.load(Ordering::SeqCst), 1);
+    (auth, dpop)
+}
 
+/// The same headers again: the proof was used.
+async fn replayed(scene: &Scene, auth: &str, dpop: &str) {
+    let inbound = scene.inbound;
     // The same headers again: the proof was used.
-    let replay = charge_with(inbound, &auth, &dpop).await;
+    let replay = charge_with(inbound, auth, dpop).await;
     assert_eq!(replay.status, 401);
     assert!(
         challenge(&replay).contains("invalid_dpop_proof"),
         "{}",
         challenge(&replay)
     );
+}
 
+/// A thief with the token but not the key: no proof, or Bearer.
+async fn stolen(scene: &Scene, auth: &str) {
+    let inbound = scene.inbound;
     // A thief with the token but not the key: no proof, or Bearer.
     let stolen = send(
         inbound,
         "POST",
         "/v1/charges",
-        &[("authorization", &auth)],
+        &[("authorization", auth)],
         "",
     )
     .await;
@@ -91,7 +95,12 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     .await;
     assert_eq!(bearer.status, 401);
     assert!(challenge(&bearer).contains("invalid_token"));
+}
 
+/// A proof made for another URL.
+async fn proof_for_another_url(scene: &Scene) {
+    let socket = scene.socket.as_path();
+    let inbound = scene.inbound;
     // A proof made for another URL.
     let (auth2, other) = authorize(
         socket,
@@ -103,9 +112,15 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     let moved = charge_with(inbound, &auth2, &other).await;
     assert_eq!(moved.status, 401);
     assert!(challenge(&moved).contains("invalid_dpop_proof"));
+}
 
+/// Good credentials, but the access rules say no: method, then scope.
+async fn denied_by_the_rules(scene: &Scene) {
+    let socket = scene.socket.as_path();
+    let inbound = scene.inbound;
+    let url = &scene.url;
     // Good credentials, but the access rules say no: method, then scope.
-    let (a, d) = authorize(socket, "GET", &url, "payments:charge").await;
+    let (a, d) = authorize(socket, "GET", url, "payments:charge").await;
     let get = send(
         inbound,
         "GET",
@@ -121,10 +136,16 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
             .unwrap()
             .contains("method GET")
     );
-    let (a, d) = authorize(socket, "POST", &url, "payments:read").await;
+    let (a, d) = authorize(socket, "POST", url, "payments:read").await;
     let scope = charge_with(inbound, &a, &d).await;
     assert_eq!(scope.status, 403);
     assert!(challenge(&scope).contains("insufficient_scope"));
+}
+
+/// Paths with dot segments: judged, and routed, as normalized.
+async fn dot_segments(scene: &Scene) {
+    let socket = scene.socket.as_path();
+    let inbound = scene.inbound;
     // A dot segment does not smuggle a path past the rules: the rules
     // judge the normalized path (the refusal names it), and a path that
     // only matches once normalized is allowed and routed there. (The raw
@@ -162,9 +183,15 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
         "/v1/charges",
         "the app gets the path judged"
     );
+}
 
+/// Two Host headers.
+async fn two_hosts(scene: &Scene) {
+    let socket = scene.socket.as_path();
+    let inbound = scene.inbound;
+    let url = &scene.url;
     // Two Host headers: which one would the proof be for?
-    let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
+    let (a, d) = authorize(socket, "POST", url, "payments:charge").await;
     let doubled = send(
         inbound,
         "POST",
@@ -185,11 +212,87 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
             .unwrap()
             .contains("more than one Host")
     );
+}
 
+/// Nothing at all.
+async fn no_credentials(scene: &Scene) {
+    let inbound = scene.inbound;
     // Nothing at all: a bare challenge.
     let none = send(inbound, "POST", "/v1/charges", &[], "").await;
     assert_eq!(none.status, 401);
     assert_eq!(challenge(&none), "DPoP algs=\"ES256\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_request_reaches_the_app_with_only_the_proxys_headers() {
+    let scene = Scene::start().await;
+    allowed_with_spoofed_headers(&scene).await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_proof_is_refused() {
+    let scene = Scene::start().await;
+    let (auth, dpop) = allowed_with_spoofed_headers(&scene).await;
+    replayed(&scene, &auth, &dpop).await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_token_without_its_key_is_refused() {
+    let scene = Scene::start().await;
+    let (auth, _) = allowed_with_spoofed_headers(&scene).await;
+    stolen(&scene, &auth).await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_for_another_url_is_refused() {
+    let scene = Scene::start().await;
+    proof_for_another_url(&scene).await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_rules_refuse_a_method_then_a_scope() {
+    let scene = Scene::start().await;
+    denied_by_the_rules(&scene).await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dot_segment_does_not_smuggle_a_path_past_the_rules() {
+    let scene = Scene::start().await;
+    dot_segments(&scene).await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_headers_are_refused() {
+    let scene = Scene::start().await;
+    two_hosts(&scene).await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credentials_get_a_bare_challenge() {
+    let scene = Scene::start().await;
+    no_credentials(&scene).await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_that_pass_every_check_reach_the_app() {
+    let scene = Scene::start().await;
+    let (auth, dpop) = allowed_with_spoofed_headers(&scene).await;
+    replayed(&scene, &auth, &dpop).await;
+    stolen(&scene, &auth).await;
+    proof_for_another_url(&scene).await;
+    denied_by_the_rules(&scene).await;
+    dot_segments(&scene).await;
+    two_hosts(&scene).await;
+    no_credentials(&scene).await;
+    let (app, payments) = (&scene.app, &scene.payments);
 
     assert_eq!(
         app.seen.load(Ordering::SeqCst),
@@ -212,11 +315,7 @@ async fn only_requests_that_pass_every_check_reach_the_app() {
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
-
-    checkout.sidecar.stop().await.unwrap();
-    payments.sidecar.stop().await.unwrap();
-    app.stop();
-    mesh.broker.stop().await;
+    scene.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,103 +502,6 @@ async fn inbound_proofs_expire_after_30_seconds() {
     let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
     let fresh = charge_with(inbound, &a, &d).await;
     assert_eq!(fresh.status, 200);
-    checkout.sidecar.stop().await.unwrap();
-    payments.sidecar.stop().await.unwrap();
-    mesh.broker.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_handshake_is_checked_then_joined_to_the_app() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let Scene {
-        mesh,
-        app,
-        checkout,
-        payments,
-        inbound,
-        ..
-    } = Scene::start().await;
-    let reporting = caller(&mesh, REPORTING, inbound).await;
-    let socket = reporting.socket.as_deref().unwrap();
-    let url = format!("http://{inbound}/v1/ws/prices");
-    let (authorization, dpop) = authorize(socket, "GET", &url, "payments:read").await;
-    let handshake = |extra: &str| {
-        format!(
-            "GET /v1/ws/prices HTTP/1.1\r\nHost: {inbound}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{extra}\r\n"
-        )
-    };
-
-    // Checked like any request: no credentials, no tunnel, and the app
-    // never hears of it.
-    let seen = app.seen.load(Ordering::SeqCst);
-    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
-    tcp.write_all(handshake("").as_bytes()).await.unwrap();
-    let (head, _) = response_head(&mut tcp).await;
-    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
-    assert_eq!(app.seen.load(Ordering::SeqCst), seen);
-
-    // With the token and its proof: 101, then bytes both ways, the app
-    // having been told who is calling.
-    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
-    let credentials = format!("Authorization: {authorization}\r\nDPoP: {dpop}\r\n");
-    tcp.write_all(handshake(&credentials).as_bytes())
-        .await
-        .unwrap();
-    let (head, mut rest) = response_head(&mut tcp).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.to_ascii_lowercase().contains("upgrade: websocket"),
-        "{head}"
-    );
-    while !rest.contains(&b'\n') {
-        let mut buf = [0u8; 256];
-        let n = tcp.read(&mut buf).await.unwrap();
-        assert!(n > 0);
-        rest.extend_from_slice(&buf[..n]);
-    }
-    let first_line = String::from_utf8_lossy(&rest)
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned();
-    assert_eq!(
-        first_line, REPORTING,
-        "the app learned the caller from the sidecar"
-    );
-    tcp.write_all(b"ping 1234").await.unwrap();
-    let mut echoed = vec![0u8; 9];
-    tcp.read_exact(&mut echoed).await.unwrap();
-    assert_eq!(&echoed, b"ping 1234");
-
-    // The same proof again: a replay, refused before any upgrade.
-    let mut replay = tokio::net::TcpStream::connect(inbound).await.unwrap();
-    replay
-        .write_all(handshake(&credentials).as_bytes())
-        .await
-        .unwrap();
-    let (head, _) = response_head(&mut replay).await;
-    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
-
-    // The tunnel lives only as long as its token: a revocation covering it
-    // closes the open connection.
-    let admin = "spiffe://example.org/admin".parse().unwrap();
-    mesh.broker
-        .broker
-        .revoke(
-            tally::token::RevocationTarget::Subject(REPORTING.parse().unwrap()),
-            None,
-            "",
-            &admin,
-        )
-        .await
-        .unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("the tunnel is closed once the revocation arrives");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-
-    reporting.sidecar.stop().await.unwrap();
     checkout.sidecar.stop().await.unwrap();
     payments.sidecar.stop().await.unwrap();
     mesh.broker.stop().await;

@@ -58,6 +58,14 @@ impl Scene {
             inbound,
         }
     }
+
+    /// Stops both sidecars, the app and the broker.
+    pub async fn stop(self) {
+        self.checkout.sidecar.stop().await.unwrap();
+        self.payments.sidecar.stop().await.unwrap();
+        self.app.stop();
+        self.mesh.broker.stop().await;
+    }
 }
 
 /// A calling sidecar for `id` (socket and outbound proxy) whose service
