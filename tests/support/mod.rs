@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod ctl;
+pub mod grpc;
 pub mod https;
 pub mod mesh;
 pub mod partition;
