@@ -266,21 +266,10 @@ impl Spawned {
         }
     }
 
-    /// `tally ctl ARGS` against this broker as the admin in `data`; must
-    /// succeed.
+    /// `tally ctl ARGS` against this broker as the admin in `data`, bounded
+    /// ([`super::ctl::ctl`]); must succeed.
     pub fn ctl(&self, data: &std::path::Path, args: &[&str]) -> std::process::Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .arg("ctl")
-            .args(args)
-            .arg("--broker")
-            .arg(format!(
-                "https://{}",
-                self.grpc.replace("127.0.0.1", "localhost")
-            ))
-            .arg("--data-dir")
-            .arg(data)
-            .output()
-            .unwrap();
+        let out = super::ctl::ctl(self, data, args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "ctl {args:?}: {err}");
         out

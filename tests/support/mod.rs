@@ -4,11 +4,14 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod ctl;
+pub mod grpc;
 pub mod https;
 pub mod mesh;
 pub mod partition;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 
 use serde_json::{Value, json};
 use tally::dpop::NormalizedUri;
