@@ -194,8 +194,7 @@ impl<'a> Tour<'a> {
         let inbound_addr = self.mesh.inbound_addr;
         say!("7. A proof made for one URL, sent to another");
         let refunds = format!("http://{inbound_addr}/v1/refunds");
-        let (_, authorization, other, _) =
-            headers_for(socket, &refunds, "payments:charge").await?;
+        let (_, authorization, other, _) = headers_for(socket, &refunds, "payments:charge").await?;
         let answer = self.charge(authorization, other, "{}").await?;
         self.tally
             .check("proof for another URL", &answer, StatusCode::UNAUTHORIZED);
