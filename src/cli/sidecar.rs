@@ -30,12 +30,8 @@ pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
         file_text.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
     )
     .map_err(usage)?;
-    let bundle = std::fs::read_to_string(&config.trust_bundle).map_err(|e| {
-        CliError::Usage(format!(
-            "trust_bundle {}: {e}",
-            config.trust_bundle.display()
-        ))
-    })?;
+    let bundle = crate::config::read_text(&config.trust_bundle)
+        .map_err(|e| CliError::Usage(format!("trust_bundle {e}")))?;
     let services = match &config.service_map {
         Some(path) => service_map(&path.display().to_string(), &read(path)?).map_err(usage)?,
         None => ServiceMap::default(),
@@ -48,9 +44,10 @@ pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
         .block_on(serve(config, bundle, services, socket))
 }
 
-/// A settings file's text; a file that cannot be read is bad usage.
+/// A settings file's text (at most 1 MiB); a file that cannot be read is
+/// bad usage.
 fn read(path: &Path) -> Result<String, CliError> {
-    std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    crate::config::read_text(path).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// Every configuration problem, one per line.
