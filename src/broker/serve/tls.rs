@@ -26,7 +26,13 @@ pub struct ServerCerts {
     dns: Vec<String>,
     ips: Vec<std::net::IpAddr>,
     current: RwLock<Issued>,
+    /// When (broker clock, seconds) a handshake's renewal last failed: the
+    /// next handshakes do not try again, and log again, for a minute.
+    failed_at: std::sync::atomic::AtomicU64,
 }
+
+/// How long handshakes wait after a failed renewal before trying again.
+const RENEW_RETRY: u64 = 60;
 
 /// One issued certificate.
 struct Issued {
@@ -62,6 +68,7 @@ impl ServerCerts {
             dns,
             ips,
             current: RwLock::new(first),
+            failed_at: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -109,9 +116,16 @@ impl ServerCerts {
 
     /// The certificate to present now, renewed first when due.
     fn current(&self) -> Arc<CertifiedKey> {
-        if let Err(e) = self.renew_if_due() {
-            // The current one stays in use while it is valid.
-            tracing::error!(error = %e, "renewing the broker's server certificate failed");
+        use std::sync::atomic::Ordering;
+        let now = self.broker.now();
+        let failed_at = self.failed_at.load(Ordering::Relaxed);
+        if (failed_at == 0 || now.saturating_sub(failed_at) >= RENEW_RETRY)
+            && let Err(e) = self.renew_if_due()
+        {
+            // The current one stays in use while it is valid; a flood of
+            // handshakes does not make a flood of attempts or log lines.
+            self.failed_at.store(now.max(1), Ordering::Relaxed);
+            tracing::error!(error = %e, retry_in_s = RENEW_RETRY, "renewing the broker's server certificate failed");
         }
         Arc::clone(&self.read().key)
     }
