@@ -438,3 +438,56 @@ fn the_archived_beginning_is_removed_and_the_rest_still_verifies() {
     assert_eq!(left[0]["seq"], 5, "records 1 to 4 are gone from the store");
     assert_eq!(broker.stop().0, Some(0));
 }
+
+#[test]
+fn truncate_takes_the_hash_from_the_archive_it_is_given_and_only_from_an_intact_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("audit-1-4.jsonl");
+    let (broker, data, sha) = exported(dir.path(), &archive);
+    let truncate = |through: &str, file: &std::path::Path| {
+        ctl(
+            &broker,
+            &data,
+            &[
+                "audit",
+                "truncate",
+                "--through",
+                through,
+                "--archive",
+                file.to_str().unwrap(),
+            ],
+        )
+    };
+    // An archive that ends elsewhere, or was edited, removes nothing.
+    let o = truncate("3", &archive);
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(text(&o).contains("ends at record 4, not 3"), "{}", text(&o));
+    let edited = dir.path().join("edited.jsonl");
+    let mut lines: Vec<String> = std::fs::read_to_string(&archive)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let mut second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    second["outcome"] = "edited".into();
+    lines[1] = second.to_string();
+    std::fs::write(&edited, lines.join("\n") + "\n").unwrap();
+    let o = truncate("4", &edited);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("the archive is broken"), "{}", text(&o));
+    let o = ctl(&broker, &data, &["audit", "verify", "--output", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["chain_from"], 1, "nothing was removed: {report}");
+    // The archive itself: removed through record 4, anchored on its hash.
+    let o = truncate("4", &archive);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).starts_with("removed 4 archived records"),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&broker, &data, &["audit", "verify", "--output", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["anchor_sha256"], sha.as_str(), "{report}");
+    assert_eq!(broker.stop().0, Some(0));
+}

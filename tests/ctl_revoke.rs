@@ -111,3 +111,56 @@ async fn a_revocation_is_durable_when_ctl_returns() {
         "{audit:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_token_is_revoked_from_the_token_itself_and_a_forgery_revokes_nothing() {
+    use support::ctl::{Issued, text};
+    let dir = tempfile::tempdir().unwrap();
+    let issued = Issued::start(dir.path()).await;
+    let token = issued.issued.access_token.clone();
+    let lookup = |issued: &Issued| {
+        let o = issued.ctl(&["audit", "lookup", "--token", &token, "--output", "json"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["revoked"].clone()
+    };
+    // A forged token naming the real jti: refused, and the real token
+    // stays live.
+    let forged = format!("{token}x");
+    let o = issued.ctl(&["revoke", "--token", &forged, "--reason", "forged"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("not issued by this broker") && text(&o).contains("nothing revoked"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(lookup(&issued), false);
+    // The token itself, from stdin: revoked, by its jti.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "ctl", "revoke", "--token", "-", "--reason", "leaked", "--output", "json",
+        ])
+        .arg("--broker")
+        .arg(format!(
+            "https://{}",
+            issued.broker.grpc.replace("127.0.0.1", "localhost")
+        ))
+        .arg("--data-dir")
+        .arg(&issued.data)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{token}").unwrap();
+    }
+    let o = support::process::finish_within(child, support::process::PATIENCE);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let done: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(done["sequence"].as_u64().unwrap() > 0, "{done}");
+    assert_eq!(lookup(&issued), true);
+    // The token never reaches the output.
+    assert!(!text(&o).contains(&token));
+}

@@ -95,6 +95,34 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
     let o = client(&["identity"]);
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("spiffe_id:    {checkout}")));
+    // The token alone on stdout, for `$(…)` and `> token.txt`; the rest
+    // on stderr.
+    let o = client(&[
+        "token",
+        "--audience",
+        "spiffe://example.org/ns/pay/sa/payments",
+        "--scope",
+        "payments:read",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let token = stdout.strip_suffix('\n').unwrap();
+    assert!(
+        token.starts_with("ey")
+            && token.split('.').count() == 3
+            && !token.contains(char::is_whitespace),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("scope \"payments:read\""),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let url = "https://payments.example/v1/charges";
     let o = client(&[
         "authorize",

@@ -29,13 +29,15 @@ pub struct ClientArgs {
 /// `tally client` commands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ClientCommand {
-    /// A DPoP-bound access token for an audience (GET /v1/token).
+    /// A DPoP-bound access token for an audience (GET /v1/token): the
+    /// token alone on stdout (so `$(…)` or `> file` takes it), its type,
+    /// scope and expiry on stderr.
     Token {
         /// The audience: a SPIFFE ID or URI.
         #[arg(long)]
         audience: String,
         /// Scopes, space separated [default: what the policy grants].
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", hide_default_value = true)]
         scope: String,
     },
     /// Authorization and DPoP header values for one request
@@ -106,11 +108,13 @@ pub(super) fn run(args: ClientArgs) -> Result<ExitCode, CliError> {
     }
     match &args.command {
         ClientCommand::Token { .. } => {
-            say!("access_token: {}", text(&answer, "access_token"));
-            say!("token_type:   {}", text(&answer, "token_type"));
-            say!("scope:        {}", text(&answer, "scope"));
-            say!("expires_at:   {}", answer["expires_at"]);
-            say!("# Use it with a fresh DPoP proof per request: `tally client authorize`.");
+            say!("{}", text(&answer, "access_token"));
+            eprintln!(
+                "token_type {}, scope {:?}, expires_at {}; use it with a fresh DPoP proof per request (`tally client authorize`)",
+                text(&answer, "token_type"),
+                text(&answer, "scope"),
+                answer["expires_at"]
+            );
         }
         ClientCommand::Authorize { method, url, .. } => {
             let (authorization, dpop) = (text(&answer, "authorization"), text(&answer, "dpop"));

@@ -47,9 +47,14 @@ pub enum AuditCommand {
         /// The last record to remove.
         #[arg(long)]
         through: u64,
-        /// The SHA-256 (hex) of that record's line.
+        /// The SHA-256 (hex) of that record's line, as `export` printed it.
+        #[arg(long, required_unless_present = "archive", conflicts_with = "archive")]
+        sha256: Option<String>,
+        /// The archive `export` wrote: checked as `verify --file` does,
+        /// it must end at record --through, and its last line's hash is
+        /// the one the store's record must have.
         #[arg(long)]
-        sha256: String,
+        archive: Option<std::path::PathBuf>,
     },
     /// From a token string alone (a leaked one): whom it was issued to,
     /// when, for what, whether it is revoked, and every record naming it.
@@ -99,25 +104,62 @@ pub(super) fn run(conn: &BrokerConnection, command: AuditCommand) -> Result<Exit
         AuditCommand::Verify { file: None, output } => verify_store(conn, output),
         AuditCommand::Query(args) => query(conn, args),
         AuditCommand::Export { through, out } => export(conn, through, &out),
-        AuditCommand::Truncate { through, sha256 } => block_on(async {
-            let done = admin_client(conn)
-                .await?
-                .truncate_audit(pb::TruncateAuditRequest {
-                    through_seq: through,
-                    sha256,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
-            say!(
-                "removed {} archived records; the store's log now starts at record {}",
-                done.removed,
-                done.chain_from
-            );
-            Ok(ExitCode::SUCCESS)
-        }),
+        AuditCommand::Truncate {
+            through,
+            sha256,
+            archive,
+        } => {
+            let sha256 = match (sha256, archive) {
+                (Some(sha256), _) => sha256,
+                (None, Some(archive)) => archive_head(&archive, through)?,
+                (None, None) => {
+                    return Err(CliError::Usage("give --sha256 or --archive".into()));
+                }
+            };
+            truncate(conn, through, sha256)
+        }
         AuditCommand::Lookup { token, output } => lookup(conn, &token, output),
     }
+}
+
+/// The hash of the last record of the archive at `path`, which must be an
+/// intact chain ending at record `through`.
+fn archive_head(path: &Path, through: u64) -> Result<String, CliError> {
+    let check = check_file(path)?;
+    if let Some(problem) = check.problem {
+        return Err(CliError::Failed(format!(
+            "{}: the archive is broken ({problem}); nothing removed",
+            path.display()
+        )));
+    }
+    if check.head_seq != through {
+        return Err(CliError::Usage(format!(
+            "{} ends at record {}, not {through}; nothing removed",
+            path.display(),
+            check.head_seq
+        )));
+    }
+    Ok(check.head_hash.to_string())
+}
+
+fn truncate(conn: &BrokerConnection, through: u64, sha256: String) -> Result<ExitCode, CliError> {
+    block_on(async {
+        let done = admin_client(conn)
+            .await?
+            .truncate_audit(pb::TruncateAuditRequest {
+                through_seq: through,
+                sha256,
+            })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        say!(
+            "removed {} archived records; the store's log now starts at record {}",
+            done.removed,
+            done.chain_from
+        );
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn verify_store(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliError> {
@@ -249,7 +291,32 @@ fn verdict(output: Output, report: &Value) -> Result<ExitCode, CliError> {
 }
 
 /// Checks a JSON-lines audit file here, line by line (each at most 64 KiB).
+/// What reading a JSON-lines audit file found.
+struct FileCheck {
+    checked: u64,
+    first: Option<u64>,
+    head_seq: u64,
+    head_hash: crate::audit::ChainHash,
+    problem: Option<String>,
+}
+
 fn verify_file(path: &Path, output: Output) -> Result<ExitCode, CliError> {
+    let check = check_file(path)?;
+    verdict(
+        output,
+        &serde_json::json!({
+            "intact": check.problem.is_none(),
+            "records_checked": check.checked,
+            "chain_from": check.first.unwrap_or(0),
+            "head_seq": check.head_seq,
+            "head_sha256": check.head_hash.to_string(),
+            "problem": check.problem,
+        }),
+    )
+}
+
+/// Checks the chain of the audit file at `path`, up to its first break.
+fn check_file(path: &Path) -> Result<FileCheck, CliError> {
     let file = std::fs::File::open(path)
         .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
     let mut reader = std::io::BufReader::new(file);
@@ -283,17 +350,13 @@ fn verify_file(path: &Path, output: Output) -> Result<ExitCode, CliError> {
         }
     }
     let (head_seq, head_hash) = verifier.head();
-    verdict(
-        output,
-        &serde_json::json!({
-            "intact": problem.is_none(),
-            "records_checked": verifier.checked(),
-            "chain_from": first.unwrap_or(0),
-            "head_seq": head_seq,
-            "head_sha256": head_hash.to_string(),
-            "problem": problem,
-        }),
-    )
+    Ok(FileCheck {
+        checked: verifier.checked(),
+        first,
+        head_seq,
+        head_hash,
+        problem,
+    })
 }
 
 fn query(conn: &BrokerConnection, args: QueryArgs) -> Result<ExitCode, CliError> {

@@ -13,6 +13,11 @@ pub struct RevokeArgs {
     /// One token, by its jti.
     #[arg(long, group = "target")]
     jti: Option<String>,
+    /// One token, given whole, or `-` to read it from standard input (a
+    /// leaked one): revoked only if this broker issued it (its id and
+    /// keyed hash match the inventory), else exit 1 and nothing changes.
+    #[arg(long, group = "target")]
+    token: Option<String>,
     /// Every token of this SPIFFE ID issued until now.
     #[arg(long, group = "target")]
     sub: Option<String>,
@@ -33,7 +38,19 @@ pub struct RevokeArgs {
 
 pub(super) fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCode, CliError> {
     use pb::revoke_request::Target;
-    let target = match (args.jti, args.sub, args.jkt, args.issued_before) {
+    let jti = match &args.token {
+        Some(token) => match jti_of_issued(conn, token)? {
+            Some(jti) => Some(jti),
+            None => {
+                say!(
+                    "not issued by this broker: no inventory record has this token's id and keyed hash; nothing revoked"
+                );
+                return Ok(ExitCode::from(1));
+            }
+        },
+        None => args.jti,
+    };
+    let target = match (jti, args.sub, args.jkt, args.issued_before) {
         (Some(j), ..) => Target::Jti(j),
         (_, Some(s), ..) => Target::Subject(s),
         (_, _, Some(k), _) => Target::Jkt(k),
@@ -71,4 +88,20 @@ pub(super) fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCo
         );
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The jti of `token` (`-`: standard input) if this broker issued it.
+fn jti_of_issued(conn: &BrokerConnection, token: &str) -> Result<Option<String>, CliError> {
+    let token = zeroize::Zeroizing::new(crate::cli::arg_or_stdin(token)?);
+    let found = block_on(async {
+        let mut admin = admin_client(conn).await?;
+        admin
+            .lookup_token(pb::LookupTokenRequest {
+                token: token.trim().to_owned(),
+            })
+            .await
+            .map_err(refused)
+            .map(tonic::Response::into_inner)
+    })?;
+    Ok(found.found.then_some(found.jti))
 }

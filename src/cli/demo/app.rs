@@ -85,13 +85,11 @@ pub(super) async fn call(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<
         .map_err(|e| CliError::Failed(format!("demo request: {e}")))
 }
 
-/// The payments API: charges, and who asked for them (from the headers
-/// the inbound proxy set).
-pub(super) async fn payments_app()
--> Result<(SocketAddr, tokio::sync::oneshot::Sender<()>), CliError> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| CliError::Failed(format!("binding the payments app: {e}")))?;
+/// The payments API on `listener`: charges, and who asked for them (from
+/// the headers the inbound proxy set).
+pub(super) fn payments_app(
+    listener: tokio::net::TcpListener,
+) -> Result<(SocketAddr, tokio::sync::oneshot::Sender<()>), CliError> {
     let addr = listener
         .local_addr()
         .map_err(|e| CliError::Failed(e.to_string()))?;

@@ -81,7 +81,7 @@ impl Mesh {
             "   gRPC (mTLS) on {grpc_addr}; policy: checkout may charge payments; payments accepts POST /v1/charges with payments:charge from checkout\n"
         );
 
-        let (app_addr, app_stop) = payments_app().await?;
+        let (app_addr, app_stop) = payments_app(bind().await?)?;
         say!("2. The payments API on {app_addr}, behind its sidecar's inbound verifying proxy");
         let join = |id: &'static str| {
             let broker = Arc::clone(&broker);

@@ -15,7 +15,11 @@ use std::process::ExitCode;
 
 /// Arguments of `tally demo`.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DemoArgs {
+    /// Run one part of the demo on its own instead of the tour.
+    #[command(subcommand)]
+    part: Option<DemoPart>,
     /// Stay up after the tour and print commands to try (Ctrl-C ends it).
     #[arg(long)]
     keep_running: bool,
@@ -24,6 +28,19 @@ pub struct DemoArgs {
     /// the end.
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+}
+
+/// A part of the demo that runs on its own.
+#[derive(Debug, clap::Subcommand)]
+enum DemoPart {
+    /// Only the payments app (POST /v1/charges, GET /v1/charges/ID; it
+    /// answers with the caller the inbound proxy named), for a sidecar's
+    /// --upstream in the README walk-through. Runs until SIGTERM or Ctrl-C.
+    App {
+        /// Where it listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 const TRUST_DOMAIN: &str = "demo.tally";
@@ -66,6 +83,9 @@ fn failed(what: &str, e: &dyn std::fmt::Display) -> CliError {
 }
 
 async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
+    if let Some(DemoPart::App { listen }) = args.part {
+        return app_alone(listen).await;
+    }
     let scratch = match &args.data_dir {
         Some(dir) => crate::cli::ScratchDir::keep(dir)?,
         None => crate::cli::ScratchDir::new("demo")?,
@@ -110,4 +130,16 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     mesh.stop().await?;
     drop(scratch);
     Ok(outcome)
+}
+
+/// `tally demo app`: the payments app, until a shutdown signal.
+async fn app_alone(listen: std::net::SocketAddr) -> Result<ExitCode, CliError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| CliError::Usage(format!("--listen {listen}: {e}")))?;
+    let (addr, stop) = app::payments_app(listener)?;
+    say!("tally demo app: the payments app on {addr} (POST /v1/charges, GET /v1/charges/ID)");
+    crate::cli::broker::shutdown_signal().await;
+    let _ = stop.send(());
+    Ok(ExitCode::SUCCESS)
 }
