@@ -178,7 +178,7 @@ fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), S
         }
         Some(pb::update::Kind::Revocation(r)) => {
             let revocation = revocation_from(r)?;
-            tracing::info!(sequence = update.sequence, target = ?revocation.target, "revocation received");
+            tracing::info!(sequence = update.sequence, target = %revocation.target, "revocation received");
             let mut set = (*state.revocations).clone();
             set.insert(revocation, now_ms / 1000);
             state.revocations = Arc::new(set);

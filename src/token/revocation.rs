@@ -37,6 +37,20 @@ pub enum RevocationTarget {
     Kid(String),
 }
 
+/// For logs and messages: `jti X`, `sub spiffe://…`, `jkt X`, `everything`,
+/// `kid X` (ids and thumbprints, never a token).
+impl std::fmt::Display for RevocationTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Jti(jti) => write!(f, "jti {jti}"),
+            Self::Subject(sub) => write!(f, "sub {sub}"),
+            Self::Jkt(jkt) => write!(f, "jkt {jkt}"),
+            Self::Everything => f.write_str("everything"),
+            Self::Kid(kid) => write!(f, "kid {kid}"),
+        }
+    }
+}
+
 impl RevocationTarget {
     /// Its kind (`jti`, `subject`, `jkt`, `everything`, `kid`) and value,
     /// as the feed and the audit log write them.
