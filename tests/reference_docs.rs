@@ -214,3 +214,92 @@ fn every_variable_the_code_reads_is_in_the_reference() {
         );
     }
 }
+
+fn error_table() -> String {
+    use tally::auth::cases::Case;
+    let mut out = String::from(
+        "| when | status | `error` | `WWW-Authenticate` | also sent | example `error_description` |\n|---|---|---|---|---|---|\n",
+    );
+    for case in Case::ALL {
+        let refusal = case.example();
+        let a = tally::auth::refusal_answer(&refusal, Some("NONCE".into()));
+        let challenge = a
+            .www_authenticate
+            .as_deref()
+            .map(|h| format!("`{}`", h.replace(&a.description, "…")))
+            .unwrap_or_else(|| "—".into());
+        let mut also = Vec::new();
+        if a.dpop_nonce.is_some() {
+            also.push("`DPoP-Nonce` (a fresh nonce)".to_owned());
+        }
+        if let Some(secs) = a.retry_after {
+            also.push(if case == Case::RateLimited {
+                "`Retry-After` (seconds until the caller's rate allows one more)".to_owned()
+            } else {
+                format!("`Retry-After: {secs}`")
+            });
+        }
+        let also = if also.is_empty() {
+            "—".into()
+        } else {
+            also.join(" ")
+        };
+        out.push_str(&format!(
+            "| {} | {} | `{}` | {} | {} | {} |\n",
+            cell(case.when()),
+            a.status,
+            a.error,
+            challenge.replace('|', "\\|"),
+            cell(&also),
+            cell(&a.description),
+        ));
+    }
+    out
+}
+
+#[test]
+fn the_error_reference_is_the_one_answer_mapping() {
+    check_page("ERRORS.md", &[("refusals", error_table())]);
+}
+
+/// Every string literal in `src/` that starts with `prefix`, up to its
+/// closing quote.
+fn literals_in_source(prefix: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut stack = vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")];
+    let needle = format!("\"{prefix}");
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut rest = text.as_str();
+            while let Some(at) = rest.find(&needle) {
+                let body = &rest[at + 1..];
+                let end = body.find('"').unwrap_or(body.len());
+                found.insert(body[..end].to_owned());
+                rest = &body[end..];
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_metric_name_in_the_source_is_in_the_reference() {
+    let page = std::fs::read_to_string(doc_path("METRICS.md")).unwrap();
+    let names: BTreeSet<String> = ["tally_broker_", "tally_sidecar_", "tally_listener_"]
+        .iter()
+        .flat_map(|p| literals_in_source(p))
+        .collect();
+    assert!(names.len() >= 30, "{names:?}");
+    for name in names {
+        assert!(
+            page.contains(&format!("| `{name}` |")),
+            "docs/METRICS.md lacks {name}"
+        );
+    }
+}
