@@ -303,3 +303,15 @@ fn every_metric_name_in_the_source_is_in_the_reference() {
         );
     }
 }
+
+#[test]
+fn the_audit_reference_lists_every_kind() {
+    use tally::audit::AuditKind;
+    let mut out = String::from("| `kind` | what happened |\n|---|---|\n");
+    let mut seen = BTreeSet::new();
+    for kind in AuditKind::ALL {
+        assert!(seen.insert(kind.as_str()), "{kind:?} twice");
+        out.push_str(&format!("| `{}` | {} |\n", kind.as_str(), cell(kind.meaning())));
+    }
+    check_page("AUDIT.md", &[("kinds", out)]);
+}
