@@ -311,7 +311,33 @@ fn the_audit_reference_lists_every_kind() {
     let mut seen = BTreeSet::new();
     for kind in AuditKind::ALL {
         assert!(seen.insert(kind.as_str()), "{kind:?} twice");
-        out.push_str(&format!("| `{}` | {} |\n", kind.as_str(), cell(kind.meaning())));
+        out.push_str(&format!(
+            "| `{}` | {} |\n",
+            kind.as_str(),
+            cell(kind.meaning())
+        ));
     }
     check_page("AUDIT.md", &[("kinds", out)]);
+}
+
+#[test]
+fn the_policy_reference_names_every_key_the_parser_accepts() {
+    let page = std::fs::read_to_string(doc_path("POLICY.md")).unwrap();
+    for (place, keys) in tally::policy::POLICY_KEYS {
+        for key in keys {
+            assert!(
+                page.contains(&format!("| `{key}` |")),
+                "docs/POLICY.md lacks the {place} key `{key}`"
+            );
+        }
+    }
+    // The example at the top parses.
+    let example = page
+        .split("```yaml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    tally::policy::Policy::parse(example).unwrap();
 }
