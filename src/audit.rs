@@ -53,6 +53,74 @@ pub enum AuditKind {
 }
 
 impl AuditKind {
+    /// Every kind, for the reference (docs/AUDIT.md is made from it).
+    pub const ALL: [Self; 17] = [
+        Self::Attest,
+        Self::Renew,
+        Self::TokenIssue,
+        Self::JoinTokenCreate,
+        Self::SvidMint,
+        Self::PolicyReload,
+        Self::PolicyChange,
+        Self::KeyRotate,
+        Self::CaRotate,
+        Self::Revoke,
+        Self::AdminQuery,
+        Self::VerifyFailure,
+        Self::AdminCall,
+        Self::AuditTruncate,
+        Self::IdentityDeny,
+        Self::IdentityAllow,
+        Self::CallRefused,
+    ];
+
+    /// What a record of this kind says happened, for the reference.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Self::Attest => {
+                "A workload proved who it is (join token or ServiceAccount token) and got its first X.509-SVID, or was refused."
+            }
+            Self::Renew => "A workload renewed its X.509-SVID over mTLS.",
+            Self::TokenIssue => {
+                "A token was asked for (gRPC or OAuth): issued, with `jti` and `token_hmac`, or denied with the reason."
+            }
+            Self::JoinTokenCreate => {
+                "An admin made a join token (recorded by its SHA-256, never its value)."
+            }
+            Self::SvidMint => {
+                "An admin minted a credential for a workload without a sidecar (`ctl svid mint`)."
+            }
+            Self::PolicyReload => {
+                "The policy file was reloaded (with its diff), or a broken one refused (with its errors)."
+            }
+            Self::PolicyChange => "An admin applied or rolled back a policy version.",
+            Self::KeyRotate => {
+                "A token-signing key was rotated, on schedule or by `ctl keys rotate`."
+            }
+            Self::CaRotate => "The CA's intermediate was replaced.",
+            Self::Revoke => {
+                "Tokens were revoked (by jti, holder, key, signing key or issue time), or a holder's RFC 7009 revocation."
+            }
+            Self::AdminQuery => {
+                "An admin read something: inventory, keys, audit records, a leaked-token lookup."
+            }
+            Self::VerifyFailure => {
+                "A sidecar's summary of inbound requests it refused in an interval: reason, method, path, claimed token, count; the reporting sidecar is the actor."
+            }
+            Self::AdminCall => {
+                "A call to the Admin service refused because the caller is not an admin."
+            }
+            Self::AuditTruncate => {
+                "The beginning of the log was removed from the store (`ctl audit export`, then `ctl audit truncate`); the new first record's `prev` is the anchor."
+            }
+            Self::IdentityDeny => "An admin denied an identity (`ctl identities deny`).",
+            Self::IdentityAllow => "An admin lifted an identity's denial (`ctl identities allow`).",
+            Self::CallRefused => {
+                "A call with no kind of its own (Watch, Reports, Admin, OAuth introspection or revocation) refused because the caller's identity is denied."
+            }
+        }
+    }
+
     /// The `kind` field of the record.
     pub fn as_str(self) -> &'static str {
         match self {

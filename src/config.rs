@@ -82,6 +82,70 @@ impl FileSettings {
     }
 }
 
+/// What a setting is when neither a flag, its `TALLY_*` variable nor the
+/// `--config` file gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// This text, read exactly as if it had been given.
+    Text(&'static str),
+    /// Worked out from other settings or the machine; the text says how.
+    Derived(&'static str),
+}
+
+impl DefaultValue {
+    /// The text `--help` and the configuration reference show.
+    pub fn shown(self) -> &'static str {
+        match self {
+            Self::Text(t) | Self::Derived(t) => t,
+        }
+    }
+}
+
+/// One command's defaults, by setting name (the YAML key; the flag is the
+/// same with `-` for `_`). `resolve` reads them from here, `--help` shows
+/// them (see [`Defaults::annotate`]) and `docs/CONFIGURATION.md` is made
+/// from them, so the three cannot disagree.
+#[derive(Debug)]
+pub struct Defaults(pub &'static [(&'static str, DefaultValue)]);
+
+impl Defaults {
+    /// The default of `key`, if it has one.
+    pub fn get(&self, key: &str) -> Option<DefaultValue> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    /// The text default of `key`, as `resolve` reads it.
+    ///
+    /// # Panics
+    /// When `key` has no text default: a typo in `resolve`, which every
+    /// config's `defaults_work_with_nothing_given` test (resolving with
+    /// nothing given, so asking for every default) finds first.
+    pub fn text(&self, key: &str) -> String {
+        match self.get(key) {
+            Some(DefaultValue::Text(t)) => t.to_owned(),
+            other => panic!("no text default for {key:?} ({other:?})"),
+        }
+    }
+
+    /// A function for `Command::mut_args` that appends `[default: X]` to
+    /// the help of each argument whose id has a default here.
+    pub fn annotate(&'static self) -> impl FnMut(clap::Arg) -> clap::Arg {
+        move |arg| {
+            let Some(default) = self.get(arg.get_id().as_str()) else {
+                return arg;
+            };
+            let suffix = format!("[default: {}]", default.shown());
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let long = arg.get_long_help().map(ToString::to_string);
+            let arg = arg.help(format!("{help} {suffix}"));
+            match long {
+                Some(long) => arg.long_help(format!("{long}\n\n{suffix}")),
+                None => arg,
+            }
+        }
+    }
+}
+
 /// A secret given on the command line or in a `TALLY_*` variable (a
 /// token): `Debug` shows only that it is there, and the text is wiped on
 /// drop.
@@ -123,17 +187,18 @@ pub fn boolean(key: &str, text: &str) -> Result<bool, String> {
 }
 
 /// Listener limits from their three settings (`header_timeout`,
-/// `idle_timeout`, `max_connections`; each the default when `None`),
-/// every fault pushed to `errors`.
+/// `idle_timeout`, `max_connections`; each its text in `table` when
+/// `None`), every fault pushed to `errors`.
 pub fn listener_limits(
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<String>,
+    table: &Defaults,
     errors: &mut Vec<String>,
 ) -> crate::http::Limits {
     let defaults = crate::http::Limits::default();
     let mut seconds = |text: Option<String>, key: &str, default: std::time::Duration, max: u64| {
-        let Some(text) = text else { return default };
+        let text = text.unwrap_or_else(|| table.text(key));
         match humantime::parse_duration(&text) {
             Ok(d) if (1..=max).contains(&d.as_secs()) && d.subsec_nanos() == 0 => d,
             _ => {
@@ -151,17 +216,15 @@ pub fn listener_limits(
         300,
     );
     let idle_timeout = seconds(idle_timeout, "idle_timeout", defaults.idle_timeout, 86_400);
-    let max_connections = match max_connections {
-        None => defaults.max_connections,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n) if (1..=1_000_000).contains(&n) => n,
-            _ => {
-                errors.push(format!(
-                    "max_connections {text:?} must be a number from 1 to 1000000"
-                ));
-                defaults.max_connections
-            }
-        },
+    let text = max_connections.unwrap_or_else(|| table.text("max_connections"));
+    let max_connections = match text.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => n,
+        _ => {
+            errors.push(format!(
+                "max_connections {text:?} must be a number from 1 to 1000000"
+            ));
+            defaults.max_connections
+        }
     };
     crate::http::Limits {
         header_timeout,
@@ -172,18 +235,25 @@ pub fn listener_limits(
 
 #[cfg(test)]
 mod limits_tests {
-    use super::listener_limits;
+    use super::{DefaultValue, Defaults, listener_limits};
+
+    static LIMITS: Defaults = Defaults(&[
+        ("header_timeout", DefaultValue::Text("10s")),
+        ("idle_timeout", DefaultValue::Text("60s")),
+        ("max_connections", DefaultValue::Text("1024")),
+    ]);
 
     #[test]
     fn listener_limits_default_and_report_every_fault() {
         let mut errors = Vec::new();
-        let l = listener_limits(None, None, None, &mut errors);
+        let l = listener_limits(None, None, None, &LIMITS, &mut errors);
         assert_eq!(l, crate::http::Limits::default());
         assert!(errors.is_empty());
         let l = listener_limits(
             Some("5s".into()),
             Some("2m".into()),
             Some("10".into()),
+            &LIMITS,
             &mut errors,
         );
         assert_eq!(l.header_timeout.as_secs(), 5);
@@ -193,6 +263,7 @@ mod limits_tests {
             Some("0s".into()),
             Some("1.5s".into()),
             Some("0".into()),
+            &LIMITS,
             &mut errors,
         );
         assert_eq!(errors.len(), 3, "{errors:?}");

@@ -32,6 +32,8 @@
 //! - [`rate`]: token buckets (per issue rule, per inbound caller).
 //! - [`config`]: YAML settings files for `--config`.
 //! - [`clock`]: the clock services hold (pure code takes `now`).
+//! - [`logging`]: `TALLY_LOG`, `TALLY_LOG_FORMAT` (text or JSON lines)
+//!   and colour only on a terminal.
 //! - [`cli`]: the `tally` command line (thin: parses and calls the above).
 //!
 //! The I/O shell is [`cli`], [`broker`], [`store`], [`http`] and the
@@ -51,6 +53,7 @@ pub mod dpop;
 pub mod http;
 pub mod identity;
 pub mod jose;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proto;

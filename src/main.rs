@@ -20,13 +20,10 @@ fn main() -> ExitCode {
         tally::cli::Command::Demo(_) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .init();
+    if let Err(err) = tally::logging::init(default_filter) {
+        eprintln!("tally: error: {err}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     match tally::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

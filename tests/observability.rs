@@ -3,7 +3,8 @@
 //! dashboard is valid JSON with a query in every panel, every alert rule
 //! has an expression, a severity and a summary, and every metric, label
 //! and label value they name is in the real `/metrics` of a running broker
-//! and sidecar after traffic that produces each one.
+//! and sidecar after traffic that produces each one; and docs/METRICS.md
+//! lists exactly the families exported, with their types and labels.
 
 mod support;
 
@@ -334,6 +335,52 @@ async fn the_dashboard_and_alerts_name_only_what_a_running_broker_and_sidecar_ex
                 .map(move |p| format!("{what}: {p}"))
         })
         .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    metrics_reference_matches(&scraped);
+}
+
+/// docs/METRICS.md lists every family the scrape found, with its type and
+/// every label it carries, and nothing the scrape lacks.
+fn metrics_reference_matches(scraped: &Scraped) {
+    let page =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/METRICS.md")).unwrap();
+    let mut documented = BTreeMap::new();
+    for line in page.lines().filter(|l| l.starts_with("| `tally_")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let name = cells[1].trim_matches('`').to_owned();
+        let labels: BTreeSet<String> = cells[3]
+            .split(',')
+            .map(|l| l.trim().trim_matches('`').to_owned())
+            .filter(|l| !l.is_empty() && l != "—")
+            .collect();
+        documented.insert(name, (cells[2].to_owned(), labels));
+    }
+    let mut problems = Vec::new();
+    for (name, family) in &scraped.0 {
+        match documented.get(name) {
+            None => problems.push(format!("{name} is exported but not in docs/METRICS.md")),
+            Some((kind, labels)) => {
+                if *kind != family.kind {
+                    problems.push(format!(
+                        "{name}: documented {kind}, exported {}",
+                        family.kind
+                    ));
+                }
+                for label in family.labels.keys().filter(|l| *l != "le") {
+                    if !labels.contains(label) {
+                        problems.push(format!("{name}: label {label} not documented"));
+                    }
+                }
+            }
+        }
+    }
+    for name in documented.keys() {
+        if !scraped.0.contains_key(name) {
+            problems.push(format!(
+                "docs/METRICS.md lists {name}, which nothing exports"
+            ));
+        }
+    }
     assert!(problems.is_empty(), "{problems:#?}");
 }
 

@@ -8,6 +8,7 @@
 //! these in that order.
 
 pub mod answer;
+pub mod cases;
 pub mod credentials;
 pub mod error;
 pub mod path;

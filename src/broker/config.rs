@@ -2,11 +2,14 @@
 //! environment variables (clap reads both), then a YAML file, then
 //! defaults. Every problem is reported at once.
 
+use crate::config::DefaultValue::{Derived, Text};
+use crate::config::Defaults;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Settings as given (flags and environment); `None` means "not given".
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(mut_args(DEFAULTS.annotate()))]
 pub struct BrokerFlags {
     /// YAML file with any of the settings below (flags and TALLY_* win).
     #[arg(long, env = "TALLY_CONFIG")]
@@ -26,7 +29,7 @@ pub struct BrokerFlags {
     /// Admin listen address (/metrics, /healthz, /readyz; plain HTTP).
     #[arg(long, env = "TALLY_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
-    /// Audit JSON-lines file [default: DATA_DIR/audit.jsonl].
+    /// Audit JSON-lines file.
     #[arg(long, env = "TALLY_AUDIT_FILE")]
     pub audit_file: Option<PathBuf>,
     /// Trust policy YAML. With the file source, reloaded when it changes;
@@ -35,9 +38,8 @@ pub struct BrokerFlags {
     pub policy: Option<PathBuf>,
     /// Which policy wins: `file` (the --policy file; `ctl policy apply`
     /// refused) or `store` (versions set with `ctl policy apply` and
-    /// `rollback`) [default: file with --policy, else store]. A broker
-    /// never starts with a file and stored versions disagreeing unless
-    /// this says which wins.
+    /// `rollback`). A broker never starts with a file and stored versions
+    /// disagreeing unless this says which wins.
     #[arg(long, env = "TALLY_POLICY_SOURCE")]
     pub policy_source: Option<String>,
     /// Extra DNS names for the broker's server certificate (repeatable).
@@ -52,8 +54,7 @@ pub struct BrokerFlags {
     /// it, TALLY_STORE_KEY is used, else a key file in the data dir.
     #[arg(long, env = "TALLY_STORE_KEY_FILE")]
     pub store_key_file: Option<PathBuf>,
-    /// Token issuer URL (the `iss` claim) [default:
-    /// https://localhost:<HTTPS port>].
+    /// Token issuer URL (the `iss` claim).
     #[arg(long, env = "TALLY_ISSUER")]
     pub issuer: Option<String>,
     /// Root CA certificate (PEM) to issue under instead of generating one
@@ -70,30 +71,30 @@ pub struct BrokerFlags {
     /// Issuer of ServiceAccount tokens (the cluster's --service-account-issuer).
     #[arg(long, env = "TALLY_SA_ISSUER")]
     pub sa_issuer: Option<String>,
-    /// Audience ServiceAccount tokens must carry [default: the broker's issuer URL].
+    /// Audience ServiceAccount tokens must carry.
     #[arg(long, env = "TALLY_SA_AUDIENCE")]
     pub sa_audience: Option<String>,
-    /// Rotate the token-signing key after it has signed this long [default: 24h].
+    /// Rotate the token-signing key after it has signed this long.
     #[arg(long, env = "TALLY_KEY_ROTATION")]
     pub key_rotation: Option<String>,
     /// Keep expired tokens, SVIDs and join tokens in the inventory this
-    /// long, then delete them [default: 90d]. `ctl review` and `ctl
-    /// identities` see only what is kept; the audit log keeps everything
-    /// (and `ctl audit lookup` finds a pruned token by its issuance record).
+    /// long, then delete them. `ctl review` and `ctl identities` see only
+    /// what is kept; the audit log keeps everything (and `ctl audit
+    /// lookup` finds a pruned token by its issuance record).
     #[arg(long, env = "TALLY_INVENTORY_RETENTION")]
     pub inventory_retention: Option<String>,
-    /// X.509-SVID lifetime, e.g. 1h.
+    /// X.509-SVID lifetime, from 1m to 24h.
     #[arg(long, env = "TALLY_SVID_TTL")]
     pub svid_ttl: Option<String>,
     /// Every listener: time from accept to a whole request head (TLS
-    /// handshake included) [default: 10s].
+    /// handshake included).
     #[arg(long, env = "TALLY_HEADER_TIMEOUT")]
     pub header_timeout: Option<String>,
     /// Every listener: close a connection with no request in flight after
-    /// this long [default: 60s]. A Watch stream is a request in flight.
+    /// this long. A Watch stream is a request in flight.
     #[arg(long, env = "TALLY_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
-    /// Every listener: most connections open at once [default: 1024].
+    /// Every listener: most connections open at once.
     #[arg(long, env = "TALLY_MAX_CONNECTIONS")]
     pub max_connections: Option<String>,
 }
@@ -166,7 +167,31 @@ pub struct BrokerConfig {
     pub sa: Option<(PathBuf, String, Option<String>)>,
 }
 
-const KEYS: &[&str] = &[
+/// Every setting's default; see [`Defaults`].
+pub static DEFAULTS: Defaults = Defaults(&[
+    ("data_dir", Text("tally-data")),
+    ("trust_domain", Text("tally.local")),
+    ("grpc_listen", Text("127.0.0.1:8443")),
+    ("http_listen", Text("127.0.0.1:8444")),
+    ("admin_listen", Text("127.0.0.1:9090")),
+    ("audit_file", Derived("DATA_DIR/audit.jsonl")),
+    ("policy_source", Derived("file with --policy, else store")),
+    ("issuer", Derived("https://localhost:<HTTPS port>")),
+    ("svid_ttl", Text("1h")),
+    ("key_rotation", Text("24h")),
+    ("inventory_retention", Text("90d")),
+    ("header_timeout", Text("10s")),
+    ("idle_timeout", Text("60s")),
+    ("max_connections", Text("1024")),
+    ("sa_audience", Derived("the broker's issuer URL")),
+]);
+
+/// Flags with no key in a `--config` file (the file's own name).
+pub const FLAG_ONLY: &[&str] = &["config"];
+
+/// The keys a `--config` file may set: every flag's long name with `_`
+/// for `-`, but [`FLAG_ONLY`].
+pub const KEYS: &[&str] = &[
     "data_dir",
     "trust_domain",
     "grpc_listen",
@@ -209,20 +234,20 @@ impl BrokerConfig {
                 .or_else(|| from_file.one(key).map(PathBuf::from))
         };
 
-        let trust_domain =
-            one(flags.trust_domain.clone(), "trust_domain").unwrap_or_else(|| "tally.local".into());
+        let trust_domain = one(flags.trust_domain.clone(), "trust_domain")
+            .unwrap_or_else(|| DEFAULTS.text("trust_domain"));
         if let Err(e) = format!("spiffe://{trust_domain}").parse::<crate::identity::SpiffeId>() {
             errors.push(format!("trust_domain {trust_domain:?}: {e}"));
         }
-        let mut address = |flag: &Option<String>, key: &str, default: &str| {
-            let text = one(flag.clone(), key).unwrap_or_else(|| default.into());
+        let mut address = |flag: &Option<String>, key: &str| {
+            let text = one(flag.clone(), key).unwrap_or_else(|| DEFAULTS.text(key));
             text.parse::<SocketAddr>()
                 .map_err(|e| errors.push(format!("{key} {text:?}: {e}")))
                 .ok()
         };
-        let grpc_listen = address(&flags.grpc_listen, "grpc_listen", "127.0.0.1:8443");
-        let http_listen = address(&flags.http_listen, "http_listen", "127.0.0.1:8444");
-        let admin_listen = address(&flags.admin_listen, "admin_listen", "127.0.0.1:9090");
+        let grpc_listen = address(&flags.grpc_listen, "grpc_listen");
+        let http_listen = address(&flags.http_listen, "http_listen");
+        let admin_listen = address(&flags.admin_listen, "admin_listen");
         let issuer = one(flags.issuer.clone(), "issuer");
         if let Some(issuer) = &issuer
             && (crate::dpop::NormalizedUri::parse(issuer).is_err()
@@ -230,7 +255,8 @@ impl BrokerConfig {
         {
             errors.push(format!("issuer {issuer:?} must be an https:// URL"));
         }
-        let ttl_text = one(flags.svid_ttl.clone(), "svid_ttl").unwrap_or_else(|| "1h".into());
+        let ttl_text =
+            one(flags.svid_ttl.clone(), "svid_ttl").unwrap_or_else(|| DEFAULTS.text("svid_ttl"));
         let svid_ttl = match humantime::parse_duration(&ttl_text) {
             Ok(d) if (60..=86_400).contains(&d.as_secs()) => Some(d.as_secs()),
             _ => {
@@ -240,8 +266,8 @@ impl BrokerConfig {
                 None
             }
         };
-        let rotation_text =
-            one(flags.key_rotation.clone(), "key_rotation").unwrap_or_else(|| "24h".into());
+        let rotation_text = one(flags.key_rotation.clone(), "key_rotation")
+            .unwrap_or_else(|| DEFAULTS.text("key_rotation"));
         let key_rotation = match humantime::parse_duration(&rotation_text) {
             Ok(d) if (600..=90 * 86_400).contains(&d.as_secs()) => Some(d.as_secs()),
             _ => {
@@ -252,7 +278,7 @@ impl BrokerConfig {
             }
         };
         let retention_text = one(flags.inventory_retention.clone(), "inventory_retention")
-            .unwrap_or_else(|| "90d".into());
+            .unwrap_or_else(|| DEFAULTS.text("inventory_retention"));
         let inventory_retention = match humantime::parse_duration(&retention_text) {
             Ok(d) if (86_400..=3_650 * 86_400).contains(&d.as_secs()) => d.as_secs(),
             _ => {
@@ -266,6 +292,7 @@ impl BrokerConfig {
             one(flags.header_timeout.clone(), "header_timeout"),
             one(flags.idle_timeout.clone(), "idle_timeout"),
             one(flags.max_connections.clone(), "max_connections"),
+            &DEFAULTS,
             &mut errors,
         );
         let dns_names = if flags.dns_names.is_empty() {
@@ -333,7 +360,7 @@ impl BrokerConfig {
             return Err(errors);
         }
         let data_dir =
-            path(&flags.data_dir, "data_dir").unwrap_or_else(|| PathBuf::from("tally-data"));
+            path(&flags.data_dir, "data_dir").unwrap_or_else(|| DEFAULTS.text("data_dir").into());
         Ok(Self {
             audit_file: path(&flags.audit_file, "audit_file")
                 .unwrap_or_else(|| data_dir.join("audit.jsonl")),
@@ -372,6 +399,11 @@ mod tests {
         assert_eq!(c.policy_source, PolicySourceChoice::Store);
         assert_eq!(c.database_url, None);
         assert_eq!(c.inventory_retention, 90 * 86_400);
+        assert_eq!(c.key_rotation, 86_400);
+        assert_eq!(c.limits, crate::http::Limits::default());
+        assert_eq!(c.http_listen, "127.0.0.1:8444".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.audit_file, PathBuf::from("tally-data/audit.jsonl"));
         let short = BrokerFlags {
             inventory_retention: Some("1h".into()),
             ..BrokerFlags::default()

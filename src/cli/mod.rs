@@ -15,6 +15,7 @@ mod client;
 mod ctl;
 mod demo;
 mod dpop;
+mod shell;
 mod sidecar;
 mod token;
 
@@ -67,6 +68,12 @@ pub enum Command {
     /// inbound proxy, each against processes started for the run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell), e.g. `tally completions bash > /etc/bash_completion.d/tally`.
+    Completions(shell::CompletionsArgs),
+    /// Print a manual page (roff), e.g. `tally man | man -l -` or
+    /// `tally man broker`.
+    Man(shell::ManArgs),
 }
 
 /// Arguments of a subcommand this build does not implement yet.
@@ -119,6 +126,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Ctl(cmd) => ctl::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Completions(args) => shell::completions(&args),
+        Command::Man(args) => shell::man(&args),
     }
 }
 

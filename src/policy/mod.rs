@@ -37,7 +37,7 @@ pub mod yaml;
 pub use decide::{
     AccessDenial, AccessGrant, AccessRequest, IssueDenial, IssueGrant, IssueRequest, RuleVerdict,
 };
-pub use parse::{Diagnostic, PolicyErrors};
+pub use parse::{Diagnostic, KEYS as POLICY_KEYS, PolicyErrors};
 pub use pattern::{AudiencePattern, IdPattern, PathPattern};
 pub use yaml::Pos;
 

@@ -50,6 +50,27 @@ impl fmt::Display for PolicyErrors {
     }
 }
 
+/// Keys of the document itself.
+const TOP_KEYS: &[&str] = &["trust_domain", "classes", "issue", "access"];
+/// Keys of a class under `classes`.
+const CLASS_KEYS: &[&str] = &["default_ttl", "max_ttl"];
+/// Keys of an `issue` rule.
+const ISSUE_KEYS: &[&str] = &["from", "to", "scopes", "class", "rate", "max_ttl"];
+/// Keys of an `access` rule.
+const ACCESS_KEYS: &[&str] = &["workload", "allow"];
+/// Keys of an `allow` entry.
+const ALLOW_KEYS: &[&str] = &["from", "methods", "paths", "scopes", "rate"];
+
+/// Every key the parser accepts, by where it goes (docs/POLICY.md lists
+/// them all; a test checks).
+pub const KEYS: [(&str, &[&str]); 5] = [
+    ("policy", TOP_KEYS),
+    ("class", CLASS_KEYS),
+    ("issue rule", ISSUE_KEYS),
+    ("access rule", ACCESS_KEYS),
+    ("allow entry", ALLOW_KEYS),
+];
+
 #[derive(Default)]
 struct Ctx {
     diagnostics: Vec<Diagnostic>,
@@ -237,12 +258,7 @@ impl Policy {
 }
 
 fn read_policy(ctx: &mut Ctx, root: &Node) -> Option<Policy> {
-    let top = ctx.fields(
-        root,
-        "the policy",
-        &["trust_domain", "classes", "issue", "access"],
-        &["trust_domain"],
-    );
+    let top = ctx.fields(root, "the policy", TOP_KEYS, &["trust_domain"]);
     let trust_domain = top.get("trust_domain").and_then(|n| {
         ctx.parsed(n, "trust_domain", |t| {
             format!("spiffe://{t}")
@@ -306,12 +322,7 @@ fn read_classes(
             );
             continue;
         };
-        let f = ctx.fields(
-            body,
-            &format!("class {name}"),
-            &["default_ttl", "max_ttl"],
-            &["default_ttl", "max_ttl"],
-        );
+        let f = ctx.fields(body, &format!("class {name}"), CLASS_KEYS, CLASS_KEYS);
         let default_ttl = f
             .get("default_ttl")
             .and_then(|n| ctx.parsed(n, "default_ttl", duration));
@@ -370,12 +381,7 @@ fn read_issue_rule(
     td: &str,
     classes: &std::collections::BTreeMap<TokenClass, ClassLimits>,
 ) -> Option<IssueRule> {
-    let f = ctx.fields(
-        node,
-        "issue rule",
-        &["from", "to", "scopes", "class", "rate", "max_ttl"],
-        &["from", "to", "scopes"],
-    );
+    let f = ctx.fields(node, "issue rule", ISSUE_KEYS, &["from", "to", "scopes"]);
     let from = f.get("from").and_then(|n| id_pattern(ctx, n, "from", td));
     let to = f.get("to").and_then(|n| {
         let p = ctx.parsed(n, "to", AudiencePattern::parse)?;
@@ -434,12 +440,7 @@ fn read_issue_rule(
 }
 
 fn read_access_rule(ctx: &mut Ctx, node: &Node, td: &str) -> Option<AccessRule> {
-    let f = ctx.fields(
-        node,
-        "access rule",
-        &["workload", "allow"],
-        &["workload", "allow"],
-    );
+    let f = ctx.fields(node, "access rule", ACCESS_KEYS, ACCESS_KEYS);
     let workload = f
         .get("workload")
         .and_then(|n| id_pattern(ctx, n, "workload", td));
@@ -461,12 +462,7 @@ fn read_access_rule(ctx: &mut Ctx, node: &Node, td: &str) -> Option<AccessRule> 
 }
 
 fn read_allow(ctx: &mut Ctx, node: &Node, td: &str) -> Option<Allow> {
-    let f = ctx.fields(
-        node,
-        "allow entry",
-        &["from", "methods", "paths", "scopes", "rate"],
-        &["from"],
-    );
+    let f = ctx.fields(node, "allow entry", ALLOW_KEYS, &["from"]);
     let from = f.get("from").and_then(|n| id_pattern(ctx, n, "from", td));
     let mut methods = Vec::new();
     if let Some(n) = f.get("methods")

@@ -11,12 +11,14 @@ use super::inbound::InboundConfig;
 use super::outbound::OutboundConfig;
 use super::run::SidecarSettings;
 use crate::auth::target::Authority;
-use crate::config::{FileSettings, SecretArg, boolean};
+use crate::config::DefaultValue::{Derived, Text};
+use crate::config::{Defaults, FileSettings, SecretArg, boolean};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Arguments of `tally sidecar` (`Debug` leaves the join token out).
 #[derive(Debug, Default, clap::Args)]
+#[command(mut_args(DEFAULTS.annotate()))]
 pub struct SidecarFlags {
     /// YAML file with any of the settings below, by their long names with
     /// `_` for `-` (flags and TALLY_* win). The join token is never read
@@ -40,8 +42,7 @@ pub struct SidecarFlags {
     /// Projected Kubernetes ServiceAccount token file.
     #[arg(long, env = "TALLY_SA_TOKEN_FILE")]
     pub sa_token_file: Option<PathBuf>,
-    /// Unix socket for the local API [default: /run/tally/agent.sock as
-    /// root, else $XDG_RUNTIME_DIR/tally/agent.sock or the temp dir].
+    /// Unix socket for the local API.
     #[arg(long, env = "TALLY_SOCKET")]
     pub socket: Option<PathBuf>,
     /// Only these peer uids may use the socket and the outbound proxy
@@ -64,10 +65,10 @@ pub struct SidecarFlags {
     /// Also hand Authorization and DPoP to the app (dropped by default).
     #[arg(long, env = "TALLY_PASS_CREDENTIALS")]
     pub pass_credentials: bool,
-    /// Oldest inbound DPoP proof accepted, after its iat [default: 30s].
+    /// Oldest inbound DPoP proof accepted, after its iat.
     #[arg(long, env = "TALLY_PROOF_MAX_AGE")]
     pub proof_max_age: Option<String>,
-    /// Clock difference allowed between callers and this sidecar [default: 5s].
+    /// Clock difference allowed between callers and this sidecar.
     #[arg(long, env = "TALLY_CLOCK_SKEW")]
     pub clock_skew: Option<String>,
     /// Outbound forward proxy address, e.g. 127.0.0.1:15001 (the app's HTTP_PROXY).
@@ -76,20 +77,18 @@ pub struct SidecarFlags {
     /// Refuse outbound requests to hosts not in the service map.
     #[arg(long, env = "TALLY_OUTBOUND_STRICT")]
     pub outbound_strict: bool,
-    /// Not ready once the Watch stream has been down this long [default: 30s].
+    /// Not ready once the Watch stream has been down this long.
     #[arg(long, env = "TALLY_WATCH_STALENESS")]
     pub watch_staleness: Option<String>,
     /// Past that, refuse every inbound request (503) instead of only
     /// admin-class tokens (revocation_staleness: deny).
     #[arg(long, env = "TALLY_DENY_WHEN_STALE")]
     pub deny_when_stale: bool,
-    /// Admin port address (/healthz, /readyz, /metrics), or `off`
-    /// [default: 127.0.0.1:15020].
+    /// Admin port address (/healthz, /readyz, /metrics), or `off`.
     #[arg(long, env = "TALLY_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
     /// The only authorities (HOST:PORT) inbound requests may address,
-    /// repeatable; any other is refused (421) before any token work
-    /// [default: any].
+    /// repeatable; any other is refused (421) before any token work.
     #[arg(
         long = "inbound-authority",
         env = "TALLY_INBOUND_AUTHORITIES",
@@ -97,20 +96,44 @@ pub struct SidecarFlags {
     )]
     pub inbound_authorities: Vec<String>,
     /// Every listener: time from accept to a whole request head (TLS
-    /// handshake included) [default: 10s].
+    /// handshake included).
     #[arg(long, env = "TALLY_HEADER_TIMEOUT")]
     pub header_timeout: Option<String>,
     /// Every listener: close a connection with no request in flight after
-    /// this long [default: 60s].
+    /// this long.
     #[arg(long, env = "TALLY_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
-    /// Every listener: most connections open at once [default: 1024].
+    /// Every listener: most connections open at once.
     #[arg(long, env = "TALLY_MAX_CONNECTIONS")]
     pub max_connections: Option<String>,
 }
 
-/// The keys a `--config` file may set (the join token is not one).
-const KEYS: &[&str] = &[
+/// Every setting's default; see [`Defaults`].
+pub static DEFAULTS: Defaults = Defaults(&[
+    (
+        "socket",
+        Derived(
+            "/run/tally/agent.sock as root, else $XDG_RUNTIME_DIR/tally/agent.sock or the temp dir",
+        ),
+    ),
+    ("allow_uids", Derived("any uid")),
+    ("proof_max_age", Text("30s")),
+    ("clock_skew", Text("5s")),
+    ("watch_staleness", Text("30s")),
+    ("admin_listen", Text("127.0.0.1:15020")),
+    ("inbound_authorities", Derived("any")),
+    ("header_timeout", Text("10s")),
+    ("idle_timeout", Text("60s")),
+    ("max_connections", Text("1024")),
+]);
+
+/// Flags with no key in a `--config` file: the file's own name, and the
+/// join token (a secret kept out of files that are copied around).
+pub const FLAG_ONLY: &[&str] = &["config", "join_token"];
+
+/// The keys a `--config` file may set: every flag's long name with `_`
+/// for `-`, but [`FLAG_ONLY`].
+pub const KEYS: &[&str] = &[
     "broker",
     "trust_bundle",
     "sa_token_file",
@@ -133,9 +156,6 @@ const KEYS: &[&str] = &[
     "idle_timeout",
     "max_connections",
 ];
-
-/// The admin port when none is given.
-const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15020";
 
 /// Resolved, validated settings (`Debug` leaves the join token out).
 #[derive(Debug)]
@@ -228,8 +248,8 @@ impl SidecarConfig {
         };
         let inbound_listen = address(&flags.inbound_listen, "inbound_listen");
         let outbound_listen = address(&flags.outbound_listen, "outbound_listen");
-        let admin_text =
-            one(&flags.admin_listen, "admin_listen").unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.into());
+        let admin_text = one(&flags.admin_listen, "admin_listen")
+            .unwrap_or_else(|| DEFAULTS.text("admin_listen"));
         let admin_listen = if admin_text == "off" {
             None
         } else {
@@ -259,8 +279,8 @@ impl SidecarConfig {
                 None
             }
         };
-        let mut seconds = |flag: &Option<String>, key: &str, default: &str, min: u64, max: u64| {
-            let text = one(flag, key).unwrap_or_else(|| default.into());
+        let mut seconds = |flag: &Option<String>, key: &str, min: u64, max: u64| {
+            let text = one(flag, key).unwrap_or_else(|| DEFAULTS.text(key));
             match humantime::parse_duration(&text) {
                 Ok(d) if (min..=max).contains(&d.as_secs()) && d.subsec_nanos() == 0 => {
                     Some(d.as_secs())
@@ -273,13 +293,14 @@ impl SidecarConfig {
                 }
             }
         };
-        let proof_max_age = seconds(&flags.proof_max_age, "proof_max_age", "30s", 1, 300);
-        let clock_skew = seconds(&flags.clock_skew, "clock_skew", "5s", 0, 300);
-        let watch_staleness = seconds(&flags.watch_staleness, "watch_staleness", "30s", 1, 86_400);
+        let proof_max_age = seconds(&flags.proof_max_age, "proof_max_age", 1, 300);
+        let clock_skew = seconds(&flags.clock_skew, "clock_skew", 0, 300);
+        let watch_staleness = seconds(&flags.watch_staleness, "watch_staleness", 1, 86_400);
         let limits = crate::config::listener_limits(
             one(&flags.header_timeout, "header_timeout"),
             one(&flags.idle_timeout, "idle_timeout"),
             one(&flags.max_connections, "max_connections"),
+            &DEFAULTS,
             &mut errors,
         );
         let authority_texts = if flags.inbound_authorities.is_empty() {
@@ -458,6 +479,10 @@ mod tests {
         assert_eq!(c.allow_uids, [1000, 1001]);
         assert_eq!(c.outbound_listen, None);
         assert_eq!((c.proof_max_age, c.clock_skew), (30, 2));
+        assert_eq!(c.watch_staleness, 30);
+        assert_eq!(c.limits, crate::http::Limits::default());
+        let bare = SidecarConfig::resolve(&flags(), None).unwrap();
+        assert_eq!((bare.proof_max_age, bare.clock_skew), (30, 5));
     }
 
     #[test]

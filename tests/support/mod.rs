@@ -12,6 +12,7 @@ pub mod partition;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
+pub mod reference;
 
 use serde_json::{Value, json};
 use tally::dpop::NormalizedUri;

@@ -1,0 +1,248 @@
+//! Every distinct way [`refusal_answer`](super::answer::refusal_answer)
+//! answers a refused request, each with an example refusal and when it
+//! happens: the source of the error table in `docs/ERRORS.md`, which a
+//! test renders from [`Case::ALL`]. [`case`] matches every [`Refusal`]
+//! without a catch-all, so a new variant does not build until it has a
+//! case, an example and a sentence here.
+
+use super::error::{AuthError, RequestError};
+use super::target::TargetError;
+use super::verdict::Refusal;
+use crate::dpop::ProofError;
+use crate::policy::AccessDenial;
+use crate::token::TokenError;
+
+/// A row of the error table: one kind of refusal and its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Case {
+    /// No `Authorization` (or a scheme that is not DPoP, with a token
+    /// that is not bound).
+    NoCredentials,
+    /// `Authorization: DPoP` without a `DPoP` header.
+    MissingProof,
+    /// More than one `DPoP` header.
+    MultipleProofs,
+    /// A DPoP-bound token sent with `Bearer`.
+    BoundTokenAsBearer,
+    /// More than one `Authorization` header.
+    MultipleAuthorization,
+    /// `Bearer` and a `DPoP` proof together.
+    BearerWithProof,
+    /// A `DPoP` proof without a token.
+    MissingToken,
+    /// Headers that are not `scheme token68`, or not ASCII.
+    Malformed,
+    /// The access token failed a check.
+    Token,
+    /// The proof lacks the server nonce, or carries a stale one.
+    Nonce,
+    /// The proof failed any other check, replay included.
+    Proof,
+    /// The replay cache is full.
+    Overloaded,
+    /// An authority this sidecar does not serve.
+    Misdirected,
+    /// A request head with no usable target.
+    BadTarget,
+    /// No keys or access rules from the broker yet.
+    NotReady,
+    /// A revocation covers the token.
+    Revoked,
+    /// The holder is a denied identity.
+    IdentityDenied,
+    /// The Watch stream has been down too long.
+    Stale,
+    /// The rule allows the caller but not without a scope it lacks.
+    MissingScope,
+    /// No rule lets this caller make this call.
+    PolicyDenied,
+    /// The caller spent its rate.
+    RateLimited,
+}
+
+impl Case {
+    /// Every case, in the table's order.
+    pub const ALL: [Self; 21] = [
+        Self::NoCredentials,
+        Self::MissingProof,
+        Self::MultipleProofs,
+        Self::BoundTokenAsBearer,
+        Self::MultipleAuthorization,
+        Self::BearerWithProof,
+        Self::MissingToken,
+        Self::Malformed,
+        Self::Token,
+        Self::Nonce,
+        Self::Proof,
+        Self::Overloaded,
+        Self::Misdirected,
+        Self::BadTarget,
+        Self::NotReady,
+        Self::Revoked,
+        Self::IdentityDenied,
+        Self::Stale,
+        Self::MissingScope,
+        Self::PolicyDenied,
+        Self::RateLimited,
+    ];
+
+    /// When it happens, for the reference.
+    pub fn when(self) -> &'static str {
+        match self {
+            Self::NoCredentials => {
+                "No `Authorization` header, or a scheme other than DPoP with a token that is not DPoP-bound."
+            }
+            Self::MissingProof => "`Authorization: DPoP …` without a `DPoP` proof header.",
+            Self::MultipleProofs => "More than one `DPoP` header (RFC 9449 §4.3).",
+            Self::BoundTokenAsBearer => {
+                "A DPoP-bound token (it has `cnf.jkt`) sent as `Authorization: Bearer` (RFC 9449 §7.2)."
+            }
+            Self::MultipleAuthorization => "More than one `Authorization` header.",
+            Self::BearerWithProof => "`Authorization: Bearer` together with a `DPoP` header.",
+            Self::MissingToken => "A `DPoP` proof header without `Authorization: DPoP`.",
+            Self::Malformed => {
+                "An `Authorization` or `DPoP` value that is not `scheme token68`, or not ASCII."
+            }
+            Self::Token => {
+                "The access token failed a check: not a JWS, `typ` not `at+jwt`, unknown `kid`, bad signature, wrong `iss` or `aud`, expired or not yet valid, a claim missing or malformed."
+            }
+            Self::Nonce => {
+                "The sidecar demands server nonces (`--inbound-nonces`, and for a while after a restart) and the proof has none or a stale one: retry with the `DPoP-Nonce` value."
+            }
+            Self::Proof => {
+                "The DPoP proof failed a check: `typ`, `jwk`, signature, `htm`, `htu`, `iat` window, `ath`, its key not the token's `cnf.jkt`, or its `jti` already seen (replay)."
+            }
+            Self::Overloaded => {
+                "The replay cache is full: the verifier fails closed rather than forget a `jti`."
+            }
+            Self::Misdirected => {
+                "The request addresses an authority not in `--inbound-authority` (checked before any token work)."
+            }
+            Self::BadTarget => {
+                "The request head has no usable target: several `Host` headers, none, one that is not text, one that disagrees with the URI, or a bad authority, URL or path."
+            }
+            Self::NotReady => {
+                "The sidecar has not received the broker's keys and access rules yet."
+            }
+            Self::Revoked => {
+                "A revocation covers the token (by `jti`, holder, key, signing key or issue time)."
+            }
+            Self::IdentityDenied => {
+                "The token's holder has been denied with `tally ctl identities deny`, whatever the token says."
+            }
+            Self::Stale => {
+                "The Watch stream has been down longer than `--watch-staleness`: for admin-class tokens, and for every token with `--deny-when-stale`."
+            }
+            Self::MissingScope => {
+                "An access rule allows the caller, method and path, but the token lacks a scope it requires."
+            }
+            Self::PolicyDenied => {
+                "No access rule for this workload, or none allowing this caller, method or path."
+            }
+            Self::RateLimited => "The caller spent the rate of its allow entry.",
+        }
+    }
+
+    /// A refusal of this case.
+    pub fn example(self) -> Refusal {
+        let caller = || {
+            "spiffe://example.org/ns/shop/sa/checkout"
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a valid SPIFFE ID"))
+        };
+        match self {
+            Self::NoCredentials => AuthError::NoCredentials.into(),
+            Self::MissingProof => AuthError::Request(RequestError::MissingProof).into(),
+            Self::MultipleProofs => AuthError::Request(RequestError::MultipleProofs).into(),
+            Self::BoundTokenAsBearer => AuthError::Request(RequestError::BoundTokenAsBearer).into(),
+            Self::MultipleAuthorization => {
+                AuthError::Request(RequestError::MultipleAuthorization).into()
+            }
+            Self::BearerWithProof => AuthError::Request(RequestError::BearerWithProof).into(),
+            Self::MissingToken => AuthError::Request(RequestError::MissingToken).into(),
+            Self::Malformed => AuthError::Request(RequestError::Malformed).into(),
+            Self::Token => AuthError::Token(TokenError::KidMissing).into(),
+            Self::Nonce => AuthError::Proof(ProofError::NonceMissing).into(),
+            Self::Proof => AuthError::Proof(ProofError::Replayed).into(),
+            Self::Overloaded => AuthError::Overloaded.into(),
+            Self::Misdirected => TargetError::Misdirected("pay.svc:9090".into()).into(),
+            Self::BadTarget => TargetError::TwoHosts.into(),
+            Self::NotReady => Refusal::NotReady,
+            Self::Revoked => Refusal::Revoked {
+                jti: "0190a1b2c3d4".into(),
+            },
+            Self::IdentityDenied => Refusal::IdentityDenied { caller: caller() },
+            Self::Stale => Refusal::Stale {
+                down_for: 40,
+                after: 30,
+            },
+            Self::MissingScope => Refusal::AccessDenied(AccessDenial::MissingScope(
+                "payments:charge"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!("a valid scope")),
+            )),
+            Self::PolicyDenied => {
+                Refusal::AccessDenied(AccessDenial::CallerNotAllowed(caller().as_str().to_owned()))
+            }
+            Self::RateLimited => Refusal::RateLimited { retry_after: 3 },
+        }
+    }
+}
+
+/// The case `refusal` falls in.
+pub fn case(refusal: &Refusal) -> Case {
+    match refusal {
+        Refusal::Unverified(error) => match error {
+            AuthError::NoCredentials => Case::NoCredentials,
+            AuthError::Request(r) => match r {
+                RequestError::MissingProof => Case::MissingProof,
+                RequestError::MultipleProofs => Case::MultipleProofs,
+                RequestError::BoundTokenAsBearer => Case::BoundTokenAsBearer,
+                RequestError::MultipleAuthorization => Case::MultipleAuthorization,
+                RequestError::BearerWithProof => Case::BearerWithProof,
+                RequestError::MissingToken => Case::MissingToken,
+                RequestError::Malformed => Case::Malformed,
+            },
+            AuthError::Token(_) => Case::Token,
+            AuthError::Proof(p) if p.wants_nonce() => Case::Nonce,
+            AuthError::Proof(_) => Case::Proof,
+            AuthError::Overloaded => Case::Overloaded,
+        },
+        Refusal::Target(TargetError::Misdirected(_)) => Case::Misdirected,
+        Refusal::Target(
+            TargetError::TwoHosts
+            | TargetError::NoHost
+            | TargetError::HostNotText
+            | TargetError::HostMismatch
+            | TargetError::Authority(_)
+            | TargetError::Url(_)
+            | TargetError::Path(_),
+        ) => Case::BadTarget,
+        Refusal::NotReady => Case::NotReady,
+        Refusal::Revoked { .. } => Case::Revoked,
+        Refusal::IdentityDenied { .. } => Case::IdentityDenied,
+        Refusal::Stale { .. } => Case::Stale,
+        Refusal::AccessDenied(AccessDenial::MissingScope(_)) => Case::MissingScope,
+        Refusal::AccessDenied(
+            AccessDenial::NoRuleForWorkload(_)
+            | AccessDenial::CallerNotAllowed(_)
+            | AccessDenial::MethodNotAllowed(_)
+            | AccessDenial::PathNotAllowed(_),
+        ) => Case::PolicyDenied,
+        Refusal::RateLimited { .. } => Case::RateLimited,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_case_is_listed_once_and_its_example_falls_in_it() {
+        for (i, c) in Case::ALL.iter().enumerate() {
+            assert_eq!(case(&c.example()), *c);
+            assert!(!Case::ALL[..i].contains(c), "{c:?} twice");
+        }
+    }
+}
