@@ -124,16 +124,13 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
             .map_err(refused)?
             .into_inner()
             .keys;
-        let now = i64::try_from(crate::cli::wall_clock_now()).unwrap_or(i64::MAX);
+        // The broker says what each key does by its own clock; a broker
+        // from before it did leaves `state` empty.
         let state = |k: &pb::SigningKeyInfo| {
-            if k.withdrawn_at > 0 {
-                "withdrawn"
-            } else if k.retired_at > 0 {
-                "retired"
-            } else if k.signs_from > now {
-                "next"
+            if k.state.is_empty() {
+                "unknown".to_owned()
             } else {
-                "signing"
+                k.state.clone()
             }
         };
         match output {
@@ -159,7 +156,7 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
                     .map(|k| {
                         vec![
                             k.kid.clone(),
-                            state(k).to_owned(),
+                            state(k),
                             when(k.signs_from),
                             when(k.retired_at),
                             if k.published { "yes" } else { "no" }.to_owned(),
@@ -169,7 +166,7 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
                 say!(
                     "{}",
                     table(
-                        &["KID", "STATE", "SIGNS FROM", "RETIRED", "PUBLISHED"],
+                        &["KID", "STATE", "SIGNS FROM", "SIGNS UNTIL", "PUBLISHED"],
                         rows
                     )
                 );

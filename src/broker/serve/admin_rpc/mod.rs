@@ -12,6 +12,7 @@ use helpers::{
 mod helpers;
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::broker::Broker;
+use crate::broker::state::keys::KeyState;
 use crate::proto::v1 as pb;
 use crate::store::AuditFilter;
 use std::sync::Arc;
@@ -121,6 +122,11 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| internal("reading the signing keys", e))?;
         let jwks = broker.jwks();
+        let now = broker.now();
+        // The state comes from the broker's clock and the same choice
+        // issuance makes, not from the ctl host's clock: a key retiring at
+        // the end of a publish lead signs until then.
+        let signing = broker.signing_kid();
         let keys = records
             .iter()
             .map(|k| pb::SigningKeyInfo {
@@ -130,6 +136,14 @@ impl pb::admin_server::Admin for AdminService {
                 retired_at: k.retired_at.map_or(0, unix),
                 published: jwks.get(&k.kid).is_some(),
                 withdrawn_at: k.withdrawn_at.map_or(0, unix),
+                state: KeyState::of(
+                    k.sign_from,
+                    k.withdrawn_at.is_some(),
+                    signing.as_deref() == Some(k.kid.as_str()),
+                    now,
+                )
+                .as_str()
+                .to_owned(),
             })
             .collect();
         audit_query(broker, &caller, "signing_keys").await;
