@@ -36,8 +36,9 @@ pub(super) fn unix_time(flag: &str, text: &str) -> Result<i64, CliError> {
         })
 }
 
-/// Unix seconds as RFC 3339 (UTC), or `-` for none.
-pub(super) fn when(secs: i64) -> String {
+/// Unix seconds as RFC 3339 (UTC, whole seconds), or `-` for none: the
+/// one way a time is written in tables and messages.
+pub(crate) fn when(secs: i64) -> String {
     u64::try_from(secs).ok().filter(|s| *s > 0).map_or_else(
         || "-".to_owned(),
         |s| {
@@ -47,6 +48,25 @@ pub(super) fn when(secs: i64) -> String {
             .to_string()
         },
     )
+}
+
+/// `json` (an object) with each of `times` (Unix seconds, 0 for none)
+/// added twice, as every `--output json` carries a time: `NAME` in RFC
+/// 3339 UTC (`"2026-12-01T16:00:00Z"`) for people and tools that parse
+/// dates, and `NAME_unix` in seconds for arithmetic. Both are `null` for
+/// none.
+pub(crate) fn with_times(mut json: serde_json::Value, times: &[(&str, i64)]) -> serde_json::Value {
+    if let Some(object) = json.as_object_mut() {
+        for (name, secs) in times {
+            let (text, unix) = match *secs {
+                s if s > 0 => (serde_json::json!(when(s)), serde_json::json!(s)),
+                _ => (serde_json::Value::Null, serde_json::Value::Null),
+            };
+            object.insert((*name).to_owned(), text);
+            object.insert(format!("{name}_unix"), unix);
+        }
+    }
+    json
 }
 
 /// `json` as one line with `--output json`, else what `text` prints.
