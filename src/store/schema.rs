@@ -60,6 +60,17 @@ fn latest(history: &[(i64, &str)]) -> i64 {
     history.last().map_or(0, |(v, _)| *v)
 }
 
+/// What the deployment is (trust domain, issuer): recorded by the first
+/// broker to start on the store, checked by every later one. One text
+/// both dialects read.
+const DEPLOYMENT: &str = "
+CREATE TABLE deployment (
+    name        TEXT PRIMARY KEY,
+    value       TEXT NOT NULL,
+    recorded_at BIGINT NOT NULL
+);
+";
+
 /// SQLite's migrations, oldest first. Never edit one that has shipped:
 /// add another (to both histories).
 pub(super) const SQLITE: &[(i64, &str)] = &[
@@ -218,6 +229,10 @@ ALTER TABLE audit_head ADD COLUMN anchor BLOB NOT NULL
     DEFAULT X'0000000000000000000000000000000000000000000000000000000000000000';
 ",
     ),
+    (
+        8,
+        DEPLOYMENT,
+    ),
 ];
 
 /// PostgreSQL's migrations. A PostgreSQL store starts at the SQLite
@@ -322,4 +337,5 @@ CREATE TABLE policy_versions (
 ALTER TABLE audit_head ADD COLUMN anchor BYTEA NOT NULL DEFAULT decode(repeat('00', 32), 'hex');
 ",
     ),
+    (8, DEPLOYMENT),
 ];
