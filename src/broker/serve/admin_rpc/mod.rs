@@ -504,8 +504,14 @@ impl pb::admin_server::Admin for AdminService {
         let body = request.into_inner();
         let expect = crate::audit::ChainHash::parse(&body.sha256)
             .ok_or_else(|| Status::invalid_argument("sha256 must be 64 hex digits"))?;
+        if body.archive.chars().count() > 200 || body.archive.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "archive must be at most 200 characters, none of them control characters",
+            ));
+        }
+        let archive = Some(body.archive.as_str()).filter(|a| !a.is_empty());
         let removed = broker
-            .truncate_audit(body.through_seq, &expect, &caller)
+            .truncate_audit(body.through_seq, &expect, archive, &caller)
             .await
             .map_err(|e| match e {
                 crate::broker::BrokerError::Store(crate::store::StoreError::Refused(why)) => {
