@@ -71,6 +71,21 @@ CREATE TABLE deployment (
 );
 ";
 
+/// When each identity was first issued an SVID, kept when its SVID rows
+/// are pruned; filled from what the store still holds. One text both
+/// dialects read.
+const FIRST_SEEN: &str = "
+CREATE TABLE identity_first_seen (
+    spiffe_id   TEXT PRIMARY KEY,
+    first_seen  BIGINT NOT NULL
+);
+INSERT INTO identity_first_seen (spiffe_id, first_seen)
+    SELECT spiffe_id, MIN(at) FROM (
+        SELECT spiffe_id, issued_at AS at FROM svids
+        UNION ALL SELECT sub, iat FROM issued_tokens
+    ) AS seen GROUP BY spiffe_id;
+";
+
 /// SQLite's migrations, oldest first. Never edit one that has shipped:
 /// add another (to both histories).
 pub(super) const SQLITE: &[(i64, &str)] = &[
@@ -233,6 +248,7 @@ ALTER TABLE audit_head ADD COLUMN anchor BLOB NOT NULL
         8,
         DEPLOYMENT,
     ),
+    (9, FIRST_SEEN),
 ];
 
 /// PostgreSQL's migrations. A PostgreSQL store starts at the SQLite
@@ -338,4 +354,5 @@ ALTER TABLE audit_head ADD COLUMN anchor BYTEA NOT NULL DEFAULT decode(repeat('0
 ",
     ),
     (8, DEPLOYMENT),
+    (9, FIRST_SEEN),
 ];

@@ -3,7 +3,7 @@
 //! scripts (`--output json`).
 
 use super::connect::{BrokerConnection, admin_client, block_on, refused};
-use super::output::{Output, print, table, when};
+use super::output::{Output, print, table, when, with_times};
 use crate::cli::CliError;
 use crate::proto::v1 as pb;
 use clap::{Args, Subcommand};
@@ -204,16 +204,21 @@ pub(super) fn identities(
             let rows: Vec<_> = found
                 .iter()
                 .map(|i| {
-                    json!({
-                        "spiffe_id": i.spiffe_id, "first_seen": i.first_seen,
-                        "last_seen": i.last_seen,
-                        "svid_expires_at": (i.svid_expires_at > 0).then_some(i.svid_expires_at),
-                        "method": i.method, "svids": i.svids, "tokens": i.tokens,
-                        "live_tokens": i.live_tokens, "denied": i.denied,
-                        "denied_reason": i.denied.then_some(&i.denied_reason),
-                        "denied_at": i.denied.then_some(i.denied_at),
-                        "denied_by": i.denied.then_some(&i.denied_by),
-                    })
+                    with_times(
+                        json!({
+                            "spiffe_id": i.spiffe_id,
+                            "method": i.method, "svids": i.svids, "tokens": i.tokens,
+                            "live_tokens": i.live_tokens, "denied": i.denied,
+                            "denied_reason": i.denied.then_some(&i.denied_reason),
+                            "denied_by": i.denied.then_some(&i.denied_by),
+                        }),
+                        &[
+                            ("first_seen", i.first_seen),
+                            ("last_seen", i.last_seen),
+                            ("svid_expires_at", i.svid_expires_at),
+                            ("denied_at", if i.denied { i.denied_at } else { 0 }),
+                        ],
+                    )
                 })
                 .collect();
             say!("{}", serde_json::Value::from(rows));
@@ -224,6 +229,7 @@ pub(super) fn identities(
                 .map(|i| {
                     vec![
                         i.spiffe_id.clone(),
+                        when(i.first_seen),
                         when(i.last_seen),
                         when(i.svid_expires_at),
                         if i.method.is_empty() {
@@ -246,6 +252,7 @@ pub(super) fn identities(
                 table(
                     &[
                         "SPIFFE ID",
+                        "FIRST SEEN",
                         "LAST SEEN",
                         "SVID EXPIRES",
                         "METHOD",
