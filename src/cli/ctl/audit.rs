@@ -2,7 +2,7 @@
 //! JSON-lines file offline), query records, and look up a leaked token.
 
 use super::connect::{BrokerConnection, admin_client, block_on, refused};
-use super::output::{Output, print, table, unix_time, when};
+use super::output::{Output, print, table, unix_time, when, with_times};
 use crate::audit::{ChainVerifier, MAX_LINE};
 use crate::cli::CliError;
 use crate::proto::v1 as pb;
@@ -484,14 +484,16 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
                 .collect();
             say!(
                 "{}",
-                serde_json::json!({
-                    "found": true, "jti": found.jti, "sub": found.sub, "aud": found.aud,
-                    "scope": found.scope, "class": found.class, "jkt": found.jkt,
-                    "iat": found.iat, "exp": found.exp, "kid": found.kid,
-                    "revoked": found.revoked, "records": records,
-                    "from_audit_log": found.from_audit_log,
-                    "archived": gone.as_ref().map(Archived::json),
-                })
+                with_times(
+                    serde_json::json!({
+                        "found": true, "jti": found.jti, "sub": found.sub, "aud": found.aud,
+                        "scope": found.scope, "class": found.class, "jkt": found.jkt,
+                        "kid": found.kid, "revoked": found.revoked, "records": records,
+                        "from_audit_log": found.from_audit_log,
+                        "archived": gone.as_ref().map(Archived::json),
+                    }),
+                    &[("iat", found.iat), ("exp", found.exp)],
+                )
             );
         }
         Output::Table => {
@@ -550,7 +552,7 @@ impl Archived {
     }
 
     fn json(&self) -> Value {
-        super::output::with_times(
+        with_times(
             serde_json::json!({"through": self.through, "by": self.actor, "archive": self.archive}),
             &[("at", self.at)],
         )

@@ -144,11 +144,13 @@ pub(super) fn tokens(
             let rows: Vec<_> = found
                 .iter()
                 .map(|t| {
-                    json!({
-                        "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
-                        "class": t.class, "jkt": t.jkt, "kid": t.kid,
-                        "iat": t.iat, "exp": t.exp, "revoked": t.revoked,
-                    })
+                    with_times(
+                        json!({
+                            "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
+                            "class": t.class, "jkt": t.jkt, "kid": t.kid, "revoked": t.revoked,
+                        }),
+                        &[("iat", t.iat), ("exp", t.exp)],
+                    )
                 })
                 .collect();
             say!("{}", serde_json::Value::from(rows));
@@ -300,10 +302,13 @@ fn change_denial(
     })?;
     print(
         output,
-        &json!({
-            "spiffe_id": spiffe_id, "denied": deny, "was_denied": done.was_denied,
-            "sequence": done.sequence, "at": done.at,
-        }),
+        &with_times(
+            json!({
+                "spiffe_id": spiffe_id, "denied": deny, "was_denied": done.was_denied,
+                "sequence": done.sequence,
+            }),
+            &[("at", done.at)],
+        ),
         || {
             if deny {
                 say!(
@@ -344,18 +349,26 @@ pub(super) fn review(conn: &BrokerConnection, args: ReviewArgs) -> Result<ExitCo
     if args.output == Output::Json {
         say!(
             "{}",
-            json!({
-                "window_start": r.window_start, "window_end": r.window_end,
-                "policy_version": r.policy_version,
-                "tokens_considered": r.tokens_considered,
-                "tokens_outside_policy": r.tokens_outside_policy,
-                "unused_rules": r.unused_rules.iter().map(rule).collect::<Vec<_>>(),
-                "unused_scopes": r.unused_scopes.iter().map(rule).collect::<Vec<_>>(),
-                "dormant_identities": r.dormant_identities.iter()
-                    .map(|d| json!({"spiffe_id": d.spiffe_id, "last_seen": d.last_seen}))
-                    .collect::<Vec<_>>(),
-                "ttl_findings": r.ttl_findings,
-            })
+            with_times(
+                json!({
+                    "policy_version": r.policy_version,
+                    "tokens_considered": r.tokens_considered,
+                    "tokens_outside_policy": r.tokens_outside_policy,
+                    "unused_rules": r.unused_rules.iter().map(rule).collect::<Vec<_>>(),
+                    "unused_scopes": r.unused_scopes.iter().map(rule).collect::<Vec<_>>(),
+                    "dormant_identities": r.dormant_identities.iter()
+                        .map(|d| with_times(
+                            json!({"spiffe_id": d.spiffe_id}),
+                            &[("last_seen", d.last_seen)],
+                        ))
+                        .collect::<Vec<_>>(),
+                    "ttl_findings": r.ttl_findings,
+                }),
+                &[
+                    ("window_start", r.window_start),
+                    ("window_end", r.window_end)
+                ]
+            )
         );
         return Ok(ExitCode::SUCCESS);
     }

@@ -42,8 +42,10 @@ pub(crate) fn when(secs: i64) -> String {
     u64::try_from(secs).ok().filter(|s| *s > 0).map_or_else(
         || "-".to_owned(),
         |s| {
+            // Clamped to 9999-12-31T23:59:59Z, the last time RFC 3339 can
+            // write (a hostile token's `exp` can say anything).
             humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.min(253_402_300_799)),
             )
             .to_string()
         },
@@ -105,6 +107,25 @@ pub(super) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_rfc_3339_utc_and_json_carries_unix_seconds_beside_them() {
+        assert_eq!(when(1_796_140_800), "2026-12-01T16:00:00Z");
+        assert_eq!(when(0), "-");
+        assert_eq!(when(i64::MAX), "9999-12-31T23:59:59Z");
+        let v = with_times(
+            serde_json::json!({"kid": "k"}),
+            &[("expires_at", 1_796_140_800), ("retired_at", 0)],
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "kid": "k",
+                "expires_at": "2026-12-01T16:00:00Z", "expires_at_unix": 1_796_140_800,
+                "retired_at": null, "retired_at_unix": null,
+            })
+        );
+    }
 
     #[test]
     fn a_table_aligns_columns_to_the_widest_cell() {

@@ -161,10 +161,13 @@ fn history(conn: &BrokerConnection, limit: u32, output: Output) -> Result<ExitCo
                 .versions
                 .iter()
                 .map(|v| {
-                    serde_json::json!({
-                        "version": v.version, "created_at": v.created_at,
-                        "author": v.author, "source": v.source, "comment": v.comment,
-                    })
+                    with_times(
+                        serde_json::json!({
+                            "version": v.version, "author": v.author, "source": v.source,
+                            "comment": v.comment,
+                        }),
+                        &[("created_at", v.created_at)],
+                    )
                 })
                 .collect();
             say!(
