@@ -201,10 +201,18 @@ fn keygen_sign_and_verify_round_trip_by_hand() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("dpop.pem");
     let k = key.to_str().unwrap();
-    assert_eq!(
-        tally(&["dpop", "keygen", "--out", k]).status.code(),
-        Some(0)
-    );
+    let made = tally(&["dpop", "keygen", "--out", k]);
+    assert_eq!(made.status.code(), Some(0));
+    // Stdout is the jkt alone, so `JKT=$(tally dpop keygen --out k.pem)`
+    // captures it; the rest went to stderr.
+    let jkt = stdout(&made);
+    let pem = std::fs::read(&key).unwrap();
+    let thumbprint = tally::jose::SigningKey::from_pkcs8_pem(&pem)
+        .unwrap()
+        .thumbprint()
+        .to_string();
+    assert_eq!(jkt, format!("{thumbprint}\n"));
+    assert!(String::from_utf8_lossy(&made.stderr).contains("wrote "));
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
@@ -246,6 +254,13 @@ fn keygen_sign_and_verify_round_trip_by_hand() {
         "1800000010",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    // Times in RFC 3339 UTC, as everywhere in the CLI's messages.
+    assert!(
+        stdout(&o).contains("VALID: proof jti=")
+            && stdout(&o).contains(" iat=2027-01-15T08:00:00Z jkt="),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]

@@ -279,8 +279,11 @@ async fn audit_verify_names_the_first_edited_deleted_or_reordered_record() {
     )
     .await;
     assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("BROKEN: record 3 was altered"), "{out}");
+    // Record 3 is read (its successor exposes it), but it is not good.
+    assert!(!out.contains("good records"), "{out}");
     assert!(
-        out.contains("BROKEN") && out.contains("record 3 was altered"),
+        out.contains("every record before the first one named above chains intact"),
         "{out}"
     );
 
@@ -489,5 +492,80 @@ fn truncate_takes_the_hash_from_the_archive_it_is_given_and_only_from_an_intact_
     let o = ctl(&broker, &data, &["audit", "verify", "--output", "json"]);
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["anchor_sha256"], sha.as_str(), "{report}");
+fn a_removed_record_asked_for_again_is_said_to_be_archived_and_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("audit-1-4.jsonl");
+    let (broker, data, sha) = exported(dir.path(), &archive);
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "truncate",
+            "--through",
+            "4",
+            "--sha256",
+            &sha,
+            "--stored-at",
+            "s3://audit-archive/tally/audit-1-4.jsonl",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", support::ctl::text(&o));
+    let done: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (done["removed"].as_u64(), done["chain_from"].as_u64()),
+        (Some(4), Some(5))
+    );
+
+    let again = dir.path().join("again.jsonl");
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "export",
+            "--through",
+            "2",
+            "--out",
+            again.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("record 2 is not in the store: records up to 4 were archived"),
+        "{err}"
+    );
+    assert!(
+        err.contains("s3://audit-archive/tally/audit-1-4.jsonl"),
+        "{err}"
+    );
+    assert!(!err.contains("not found"), "{err}");
+    assert!(!again.exists(), "no half archive");
+
+    // Exporting what is still there, for a script.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "export",
+            "--through",
+            "6",
+            "--out",
+            again.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", support::ctl::text(&o));
+    let exported: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (exported["first"].as_u64(), exported["through"].as_u64()),
+        (Some(5), Some(6))
+    );
+    assert_eq!(exported["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(broker.stop().0, Some(0));
 }

@@ -72,10 +72,25 @@ async fn identities_list_counts_the_tokens_of_each_workload() {
     assert_eq!(checkout_row["method"], "admin_mint");
     assert_eq!(checkout_row["tokens"], 1);
     assert_eq!(checkout_row["live_tokens"], 1);
+    let unix = |name: &str| checkout_row[format!("{name}_unix")].as_i64().unwrap();
+    assert!(unix("svid_expires_at") > unix("last_seen"));
+    assert!(unix("first_seen") <= unix("last_seen"));
+    let first = checkout_row["first_seen"].as_str().unwrap();
+    assert!(first.ends_with('Z') && first.len() == 20, "{first}");
+    assert_eq!(checkout_row["denied_at"], serde_json::Value::Null);
+
+    // The table promises first and last seen.
+    let o = ctl(&broker, &data, &["identities", "list"]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    let header = table.lines().next().unwrap();
     assert!(
-        checkout_row["svid_expires_at"].as_i64().unwrap()
-            > checkout_row["last_seen"].as_i64().unwrap()
+        header.starts_with("SPIFFE ID")
+            && header.contains("FIRST SEEN")
+            && header.contains("LAST SEEN"),
+        "{table}"
     );
+    let row = table.lines().find(|l| l.contains("/sa/checkout")).unwrap();
+    assert!(row.contains(first), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,65 @@ fn policy_versions_are_applied_diffed_and_rolled_back_and_each_change_is_audited
 }
 
 #[test]
+fn policy_diff_exits_0_same_1_different_65_for_a_version_the_broker_does_not_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = RolledBack::start(dir.path());
+    let run = |args: &[&str]| state.run(args);
+    assert_eq!(run(&["policy", "diff", "1", "3"]).0, Some(0));
+    assert_eq!(run(&["policy", "diff", "1", "2"]).0, Some(1));
+    for args in [
+        &["policy", "diff", "1", "9"][..],
+        &["policy", "diff", "9"],
+        &["policy", "show", "9"],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, Some(65), "{args:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains("no policy version 9"), "{err}");
+    }
+    assert_eq!(state.broker.stop().0, Some(0));
+}
+
+#[test]
+fn policy_diff_and_show_print_json_with_output_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = RolledBack::start(dir.path());
+    let (code, out, err) = state.run(&["policy", "diff", "1", "2", "--output", "json"]);
+    assert_eq!(code, Some(1), "the exit code is the same with JSON: {err}");
+    let diff: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (diff["from"].as_u64(), diff["to"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(diff["changed"], true);
+    assert!(diff["added"].as_u64().unwrap() > 0, "{diff}");
+    assert!(
+        diff["diff"]
+            .as_str()
+            .unwrap()
+            .starts_with("--- v1\n+++ v2\n")
+    );
+    let (code, out, _) = state.run(&["policy", "diff", "1", "3", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let same: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (same["changed"].clone(), same["diff"].clone()),
+        (false.into(), "".into())
+    );
+
+    let (code, out, _) = state.run(&["policy", "show", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["version"], 3);
+    assert_eq!(shown["yaml"], state.original.as_str());
+    assert_eq!(shown["source"], "rollback");
+    let at = shown["created_at"].as_str().unwrap();
+    assert!(at.ends_with('Z') && at.len() == 20, "{at}");
+    assert!(shown["created_at_unix"].as_i64().unwrap() > 1_700_000_000);
+    assert_eq!(state.broker.stop().0, Some(0));
+}
+
+#[test]
 fn a_policy_file_that_differs_from_the_stored_version_never_silently_wins() {
     let dir = tempfile::tempdir().unwrap();
     let RolledBack {

@@ -31,7 +31,13 @@ async fn a_revocation_is_durable_when_ctl_returns() {
         String::from_utf8_lossy(&o.stderr)
     );
     let done: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(done["issued_before"], 1_700_000_000);
+    assert_eq!(done["issued_before"], "2023-11-14T22:13:20Z");
+    assert_eq!(done["issued_before_unix"], 1_700_000_000);
+    assert!(
+        done["expires_at"].as_str().unwrap().ends_with('Z'),
+        "{done}"
+    );
+    assert!(done["expires_at_unix"].as_i64().unwrap() > 1_700_000_000);
     assert!(done["sequence"].as_u64().unwrap() > 0);
     // Mistakes are refused, not recorded.
     let o = ctl(&broker, &data, &["revoke", "--jti", "no-such-token"]);

@@ -90,8 +90,8 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
     let key = Sealer::generate_key_text().unwrap();
     // Two handles on one database: two replicas.
     let (a, b) = tokio::join!(open(&url, &key), open(&url, &key));
-    assert_eq!(a.schema_version().await.unwrap(), 7);
-    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 7);
+    assert_eq!(a.schema_version().await.unwrap(), 9);
+    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 9);
 
     // Secrets: whoever creates first, both read the same.
     let (x, y) = tokio::join!(
@@ -727,7 +727,17 @@ fn the_broker_binary_runs_on_postgres_and_never_shows_the_password() {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let broker = Spawned::start_with(&data, &["--policy", POLICY_FILE, "--database-url", &url]);
+    let broker = Spawned::start_with(
+        &data,
+        &[
+            "--policy",
+            POLICY_FILE,
+            "--database-url",
+            &url,
+            "--issuer",
+            "https://tally-broker.example:8444",
+        ],
+    );
     // The control: the process was given the password.
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", broker.pid())).unwrap();
     assert!(String::from_utf8_lossy(&cmdline).contains(&password));
@@ -797,6 +807,8 @@ fn the_broker_binary_runs_on_postgres_and_never_shows_the_password() {
         .args([
             "--database-url",
             "postgres://tally:hunter2@127.0.0.1:1/tally",
+            "--issuer",
+            "https://tally-broker.example:8444",
         ])
         .env_remove("TALLY_STORE_KEY")
         .output()

@@ -54,7 +54,10 @@ pub struct BrokerFlags {
     /// it, TALLY_STORE_KEY is used, else a key file in the data dir.
     #[arg(long, env = "TALLY_STORE_KEY_FILE")]
     pub store_key_file: Option<PathBuf>,
-    /// Token issuer URL (the `iss` claim).
+    /// Token issuer URL (the `iss` claim). Without it: the one the store
+    /// recorded, else https://localhost:<HTTPS port>. Required with
+    /// --database-url. Recorded by the first start: a later start with
+    /// another is refused.
     #[arg(long, env = "TALLY_ISSUER")]
     pub issuer: Option<String>,
     /// Root CA certificate (PEM) to issue under instead of generating one
@@ -316,6 +319,17 @@ impl BrokerConfig {
         {
             errors.push(format!("database_url {url:?} must be a postgres:// URL"));
         }
+        if database_url.is_some() && issuer.is_none() {
+            // The default names this replica's own port: replicas would
+            // sign as different issuers, and each one's sidecars refuse
+            // the others' tokens.
+            errors.push(
+                "issuer is required with database_url: every replica on one database signs \
+                 tokens as the same issuer, the https:// URL sidecars reach the brokers' Service \
+                 at (e.g. --issuer https://tally-broker.tally-system.svc:8444)"
+                    .to_owned(),
+            );
+        }
         let policy = path(&flags.policy, "policy");
         let policy_source = match one(flags.policy_source.clone(), "policy_source").as_deref() {
             None if policy.is_some() => PolicySourceChoice::FileByDefault,
@@ -419,6 +433,7 @@ mod tests {
     fn a_database_url_is_checked_and_never_shown_with_its_password() {
         let flags = BrokerFlags {
             database_url: Some("postgres://tally:s3cret@db.internal:5432/tally".into()),
+            issuer: Some("https://tally-broker.example:8444".into()),
             ..BrokerFlags::default()
         };
         let c = BrokerConfig::resolve(&flags, None).unwrap();
@@ -435,6 +450,21 @@ mod tests {
             "{errors:?}"
         );
         assert!(!errors[0].contains("pw"), "{errors:?}");
+    }
+
+    #[test]
+    fn replicas_on_a_database_must_be_given_their_one_issuer() {
+        let flags = BrokerFlags {
+            database_url: Some("postgres://tally:s3cret@db.internal:5432/tally".into()),
+            ..BrokerFlags::default()
+        };
+        let errors = BrokerConfig::resolve(&flags, None).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("issuer is required with database_url"),
+            "{errors:?}"
+        );
+        assert!(!errors[0].contains("s3cret"), "{errors:?}");
     }
 
     #[test]

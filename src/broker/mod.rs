@@ -20,6 +20,6 @@ pub mod state;
 
 pub use run::{Listeners, Parts, Running, StartError, start};
 pub use state::{
-    Broker, BrokerError, BrokerMetrics, BrokerSettings, PolicySource, denials, governance, issue,
-    keys, replicas,
+    Broker, BrokerError, BrokerMetrics, BrokerSettings, PolicySource, denials, deployment,
+    governance, issue, keys, replicas,
 };

@@ -193,6 +193,9 @@ pub async fn start(
                 BrokerError::Config(why) => {
                     StartError::Config(format!("starting the broker: {why}"))
                 }
+                BrokerError::Deployment(why) => {
+                    StartError::Config(format!("starting the broker: {why}"))
+                }
                 other => StartError::failed("starting the broker", &other),
             })?,
     );

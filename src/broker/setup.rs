@@ -66,10 +66,10 @@ impl BrokerConfig {
                 overrides_applied: choice == PolicySourceChoice::File,
             },
         };
-        settings.issuer = config
-            .issuer
-            .clone()
-            .unwrap_or_else(|| format!("https://localhost:{}", https.port()));
+        settings.issuer = match &config.issuer {
+            Some(issuer) => issuer.clone(),
+            None => default_issuer(&store, https).await?,
+        };
         settings.svid_ttl = config.svid_ttl;
         settings.key_rotation = config.key_rotation;
         settings.inventory_retention = config.inventory_retention;
@@ -102,6 +102,29 @@ impl BrokerConfig {
         parts.policy_file = policy_file;
         Ok(parts)
     }
+}
+
+/// The issuer of a broker given none (a single broker: PostgreSQL
+/// replicas must be given theirs): the one its deployment recorded at its
+/// first start, whose tokens and sidecars the broker's clients hold, or
+/// else `https://localhost:<HTTPS port>`. A broker restarted on another
+/// HTTPS port keeps its issuer; one given another `--issuer` is refused
+/// by [`crate::broker::Broker::open`].
+async fn default_issuer(store: &Store, https: std::net::SocketAddr) -> Result<String, StartError> {
+    let own = format!("https://localhost:{}", https.port());
+    let recorded = store
+        .deployment_setting(super::state::deployment::ISSUER)
+        .await
+        .map_err(|e| StartError::failed("reading the deployment's issuer", &e))?;
+    Ok(match recorded {
+        Some(recorded) => {
+            if recorded != own {
+                tracing::info!(issuer = %recorded, default = %own, "issuer as recorded at the deployment's first start (give --issuer to say so)");
+            }
+            recorded
+        }
+        None => own,
+    })
 }
 
 /// Reads `--ca-cert` and `--ca-key`, refusing a key file that group or

@@ -22,10 +22,12 @@ pub enum DpopCommand {
     Verify(VerifyArgs),
     /// Sign a DPoP proof with a key file, for testing by hand.
     Sign(SignArgs),
-    /// Generate a P-256 DPoP key (PKCS#8 PEM).
+    /// Generate a P-256 DPoP key (PKCS#8 PEM). With --out, standard output
+    /// is the key's jkt (RFC 7638 thumbprint) alone; without, the key (the
+    /// jkt goes to standard error).
     Keygen {
         /// Write the key here (mode 0600; refuses to overwrite) instead of
-        /// standard output.
+        /// standard output, and print its jkt.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -131,7 +133,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
                     claims.sub,
                     claims.jti,
                     claims.scope,
-                    claims.exp
+                    rfc3339(claims.exp)
                 );
                 expected_jkt = Some(claims.jkt);
             }
@@ -183,7 +185,12 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
     say!("replay: not checked (a one-shot verification has no replay cache)");
     match result {
         Ok(p) => {
-            say!("VALID: proof jti={} iat={} jkt={}", p.jti, p.iat, p.jkt);
+            say!(
+                "VALID: proof jti={} iat={} jkt={}",
+                p.jti,
+                rfc3339(p.iat),
+                p.jkt
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -191,6 +198,12 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// A claim's time (Unix seconds) as RFC 3339 UTC, as every CLI message
+/// writes times.
+fn rfc3339(secs: u64) -> String {
+    super::ctl::output::when(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 fn report<C: Copy + PartialEq + Display>(all: &[C], passed: &[C], error: Option<&impl Display>) {
@@ -252,18 +265,22 @@ fn keygen(out: Option<PathBuf>) -> Result<ExitCode, CliError> {
     let pem = key
         .to_pkcs8_pem()
         .map_err(|e| CliError::Failed(e.to_string()))?;
+    // Stdout carries one thing a script can capture: the key itself, or
+    // with --out the jkt alone (`JKT=$(tally dpop keygen --out k.pem)`).
     match out {
         Some(path) => {
             super::write_new_file(&path, pem.as_bytes(), 0o600)?;
             eprintln!("wrote {}", path.display());
+            eprintln!("jwk: {}", key.public_key().to_jwk_json());
+            say!("{}", key.thumbprint());
         }
         None => {
             std::io::stdout()
                 .write_all(pem.as_bytes())
                 .map_err(|e| CliError::Failed(format!("writing the key: {e}")))?;
+            eprintln!("jkt: {}", key.thumbprint());
+            eprintln!("jwk: {}", key.public_key().to_jwk_json());
         }
     }
-    eprintln!("jkt: {}", key.thumbprint());
-    eprintln!("jwk: {}", key.public_key().to_jwk_json());
     Ok(ExitCode::SUCCESS)
 }

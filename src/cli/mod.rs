@@ -24,6 +24,9 @@ use std::process::ExitCode;
 
 /// Exit code for bad usage or configuration (sysexits.h `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
+/// Exit code for input that names data which is not there, such as a
+/// policy version the store does not hold (sysexits.h `EX_DATAERR`).
+pub const EXIT_DATAERR: u8 = 65;
 /// Exit code for a feature this build does not have yet
 /// (sysexits.h `EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: u8 = 69;
@@ -89,6 +92,10 @@ pub enum CliError {
     /// Bad arguments or input files.
     #[error("{0}")]
     Usage(String),
+    /// The input names data that does not exist (a policy version the
+    /// broker does not hold).
+    #[error("{0}")]
+    Data(String),
     /// The subcommand exists in the design but not in this build.
     #[error("`tally {0}` is not implemented in this build yet")]
     NotImplemented(&'static str),
@@ -105,6 +112,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Usage(_) => EXIT_USAGE,
+            Self::Data(_) => EXIT_DATAERR,
             Self::NotImplemented(_) | Self::Unavailable(_) => EXIT_UNAVAILABLE,
             Self::Failed(_) => 1,
         }

@@ -71,9 +71,12 @@ const SVIDS_BY_IDENTITY: Sql = Sql::both(
      FROM svids GROUP BY spiffe_id ORDER BY spiffe_id",
 );
 const TOKENS_BY_IDENTITY: Sql = Sql::both(
-    "SELECT sub, MAX(iat) AS last, COUNT(*) AS n, COUNT(*) FILTER (WHERE exp > $1) AS live \
-     FROM issued_tokens GROUP BY sub",
+    "SELECT sub, MIN(iat) AS first, MAX(iat) AS last, COUNT(*) AS n, \
+     COUNT(*) FILTER (WHERE exp > $1) AS live FROM issued_tokens GROUP BY sub",
 );
+/// Each identity's first SVID as noted when it was issued: it outlives
+/// the pruned SVID rows.
+const FIRST_SEEN: Sql = Sql::both("SELECT spiffe_id, first_seen FROM identity_first_seen");
 const TOKEN_BY_JTI: Sql = Sql::both(
     "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens \
      WHERE jti = $1 AND token_hmac = $2",
@@ -231,7 +234,8 @@ impl Store {
             .query(TOKENS_BY_IDENTITY, &[now.into()])
             .all()
             .await?;
-        identities_from_rows(&svids, &tokens)
+        let first_seen = self.db.query(FIRST_SEEN, &[]).all().await?;
+        identities_from_rows(&svids, &tokens, &first_seen)
     }
 
     /// The inventory record of a token: by its `jti`, and only if its keyed

@@ -35,6 +35,7 @@
 
 mod audit;
 mod db;
+mod deployment;
 mod feed;
 mod inventory;
 mod keys;
@@ -141,6 +142,12 @@ impl Store {
     /// [`StoreError`] if it cannot connect or migrate.
     pub async fn open_postgres(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
         postgres::open(url, sealer).await
+    }
+
+    /// Whether replicas may share this store (PostgreSQL), so every
+    /// broker on it must be configured alike.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.db, Pool::Postgres(_))
     }
 
     /// For a store shared by replicas, a stream of change-feed sequence

@@ -199,11 +199,14 @@ pub(super) fn usage_from_row(row: &Row) -> Result<TokenUsage, StoreError> {
 }
 
 /// Identities from the per-identity SVID summary (`spiffe_id`, `first`,
-/// `last`, `expires`, `n`, `method`) and token summary (`sub`, `last`,
-/// `n`, `live`) queries, merged by SPIFFE ID.
+/// `last`, `expires`, `n`, `method`) and token summary (`sub`, `first`,
+/// `last`, `n`, `live`) queries, merged by SPIFFE ID, each first seen at
+/// the earliest of those and of its noted first SVID
+/// (`identity_first_seen`: it outlives pruned rows).
 pub(super) fn identities_from_rows(
     svids: &[Row],
     tokens: &[Row],
+    first_seen: &[Row],
 ) -> Result<Vec<IdentityRecord>, StoreError> {
     let mut by_id = std::collections::BTreeMap::new();
     for row in svids {
@@ -227,10 +230,11 @@ pub(super) fn identities_from_rows(
     for row in tokens {
         let c = Cells::of("issued_tokens", row);
         let id: SpiffeId = c.parse("sub")?;
+        let first = c.uint("first")?;
         let last = c.uint("last")?;
         let entry = by_id.entry(id.clone()).or_insert_with(|| IdentityRecord {
             spiffe_id: id,
-            first_seen: last,
+            first_seen: first,
             last_svid_at: None,
             svid_expires_at: None,
             svids: 0,
@@ -239,9 +243,19 @@ pub(super) fn identities_from_rows(
             tokens: 0,
             live_tokens: 0,
         });
+        // A token older than every SVID still held (they were pruned
+        // before first sightings were noted) is the earlier sighting.
+        entry.first_seen = entry.first_seen.min(first);
         entry.last_token_at = Some(last);
         entry.tokens = c.uint("n")?;
         entry.live_tokens = c.uint("live")?;
+    }
+    for row in first_seen {
+        let c = Cells::of("identity_first_seen", row);
+        let id: SpiffeId = c.parse("spiffe_id")?;
+        if let Some(entry) = by_id.get_mut(&id) {
+            entry.first_seen = entry.first_seen.min(c.uint("first_seen")?);
+        }
     }
     Ok(by_id.into_values().collect())
 }

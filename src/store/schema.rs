@@ -60,6 +60,32 @@ fn latest(history: &[(i64, &str)]) -> i64 {
     history.last().map_or(0, |(v, _)| *v)
 }
 
+/// What the deployment is (trust domain, issuer): recorded by the first
+/// broker to start on the store, checked by every later one. One text
+/// both dialects read.
+const DEPLOYMENT: &str = "
+CREATE TABLE deployment (
+    name        TEXT PRIMARY KEY,
+    value       TEXT NOT NULL,
+    recorded_at BIGINT NOT NULL
+);
+";
+
+/// When each identity was first issued an SVID, kept when its SVID rows
+/// are pruned; filled from what the store still holds. One text both
+/// dialects read.
+const FIRST_SEEN: &str = "
+CREATE TABLE identity_first_seen (
+    spiffe_id   TEXT PRIMARY KEY,
+    first_seen  BIGINT NOT NULL
+);
+INSERT INTO identity_first_seen (spiffe_id, first_seen)
+    SELECT spiffe_id, MIN(at) FROM (
+        SELECT spiffe_id, issued_at AS at FROM svids
+        UNION ALL SELECT sub, iat FROM issued_tokens
+    ) AS seen GROUP BY spiffe_id;
+";
+
 /// SQLite's migrations, oldest first. Never edit one that has shipped:
 /// add another (to both histories).
 pub(super) const SQLITE: &[(i64, &str)] = &[
@@ -218,6 +244,11 @@ ALTER TABLE audit_head ADD COLUMN anchor BLOB NOT NULL
     DEFAULT X'0000000000000000000000000000000000000000000000000000000000000000';
 ",
     ),
+    (
+        8,
+        DEPLOYMENT,
+    ),
+    (9, FIRST_SEEN),
 ];
 
 /// PostgreSQL's migrations. A PostgreSQL store starts at the SQLite
@@ -322,4 +353,6 @@ CREATE TABLE policy_versions (
 ALTER TABLE audit_head ADD COLUMN anchor BYTEA NOT NULL DEFAULT decode(repeat('00', 32), 'hex');
 ",
     ),
+    (8, DEPLOYMENT),
+    (9, FIRST_SEEN),
 ];

@@ -43,6 +43,18 @@ const INSERT_SVIDS: Sql = Sql::each(
      FROM jsonb_to_recordset($1::jsonb) AS x(serial text, spiffe_id text, method text, \
      issued_at bigint, expires_at bigint)",
 );
+/// Each identity's first SVID, kept when its SVID rows are pruned
+/// (`identities list` says since when a workload has been known). The
+/// `WHERE true` keeps SQLite from reading `ON` as a join's.
+const NOTE_FIRST_SEEN: Sql = Sql::each(
+    "INSERT INTO identity_first_seen (spiffe_id, first_seen) \
+     SELECT value->>'spiffe_id', MIN(value->>'issued_at') FROM json_each(?) WHERE true \
+     GROUP BY value->>'spiffe_id' ON CONFLICT (spiffe_id) DO NOTHING",
+    "INSERT INTO identity_first_seen (spiffe_id, first_seen) \
+     SELECT spiffe_id, MIN(issued_at) FROM jsonb_to_recordset($1::jsonb) \
+     AS x(spiffe_id text, issued_at bigint) GROUP BY spiffe_id \
+     ON CONFLICT (spiffe_id) DO NOTHING",
+);
 const INSERT_AUDIT: Sql = Sql::each(
     "INSERT INTO audit (seq, at, kind, line) \
      SELECT value->>'seq', value->>'at', value->>'kind', value->>'line' FROM json_each(?)",
@@ -210,9 +222,15 @@ async fn commit(
     };
     let (records, head) = chain_records(batch.iter().map(|p| &p.event), at.next_seq, at.prev);
     let (issued, svids, audit) = batch_rows(batch.iter().map(|p| &p.write), &records);
-    for (sql, rows) in [(INSERT_ISSUED, issued), (INSERT_SVIDS, svids)] {
-        if !rows.is_empty() {
-            let rows = serde_json::Value::Array(rows).to_string();
+    if !issued.is_empty() {
+        let rows = serde_json::Value::Array(issued).to_string();
+        tx.query(INSERT_ISSUED, &[rows.as_str().into()])
+            .execute()
+            .await?;
+    }
+    if !svids.is_empty() {
+        let rows = serde_json::Value::Array(svids).to_string();
+        for sql in [INSERT_SVIDS, NOTE_FIRST_SEEN] {
             tx.query(sql, &[rows.as_str().into()]).execute().await?;
         }
     }

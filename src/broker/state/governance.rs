@@ -73,7 +73,8 @@ impl Broker {
 
     /// Removes the audit records up to `through`, which the caller has
     /// archived (`expect` is the hash of record `through` in its copy), and
-    /// audits that it did. Returns how many records went.
+    /// audits that it did, with where the archive is kept if the admin
+    /// said. Returns how many records went.
     ///
     /// # Errors
     /// [`BrokerError::Store`], with [`crate::store::StoreError::Refused`]
@@ -82,18 +83,20 @@ impl Broker {
         &self,
         through: u64,
         expect: &crate::audit::ChainHash,
+        archive: Option<&str>,
         actor: &crate::identity::SpiffeId,
     ) -> Result<u64, BrokerError> {
         use crate::audit::{AuditEvent, AuditKind, Outcome};
         let gone = self.store.truncate_audit(through, expect).await?;
-        self.audit(
-            AuditEvent::new(AuditKind::AuditTruncate, Outcome::Ok, self.clock.now())
-                .actor(actor)
-                .field("through", through)
-                .field("anchor", expect.to_string())
-                .field("removed", gone),
-        )
-        .await;
+        let mut event = AuditEvent::new(AuditKind::AuditTruncate, Outcome::Ok, self.clock.now())
+            .actor(actor)
+            .field("through", through)
+            .field("anchor", expect.to_string())
+            .field("removed", gone);
+        if let Some(archive) = archive {
+            event = event.field("archive", archive);
+        }
+        self.audit(event).await;
         tracing::warn!(through, removed = gone, admin = %actor, "archived audit records removed from the store");
         Ok(gone)
     }

@@ -25,6 +25,48 @@ pub enum KeyError {
     Key(#[from] crate::jose::KeyError),
 }
 
+/// What a signing key does at a moment, as `tally ctl keys list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// It signs new tokens now (a key whose retirement is still ahead
+    /// signs until its successor starts).
+    Signing,
+    /// Published ahead of a rotation; it starts signing later.
+    Next,
+    /// Replaced: it signs nothing new, and stays published while tokens
+    /// it signed may live.
+    Retired,
+    /// Withdrawn after a leak: never signs, never published.
+    Withdrawn,
+}
+
+impl KeyState {
+    /// The state of a key that signs from `sign_from`, withdrawn or not,
+    /// given whether it is the one [`SigningKeys::current`] signs with at
+    /// `now`.
+    pub fn of(sign_from: u64, withdrawn: bool, is_current: bool, now: u64) -> Self {
+        if withdrawn {
+            Self::Withdrawn
+        } else if is_current {
+            Self::Signing
+        } else if sign_from > now {
+            Self::Next
+        } else {
+            Self::Retired
+        }
+    }
+
+    /// Its lower-case name (`signing`, `next`, `retired`, `withdrawn`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signing => "signing",
+            Self::Next => "next",
+            Self::Retired => "retired",
+            Self::Withdrawn => "withdrawn",
+        }
+    }
+}
+
 struct Managed {
     signer: TokenSigner,
     sign_from: u64,
@@ -162,6 +204,11 @@ impl SigningKeys {
         self.current_key(now).map(|k| &k.signer)
     }
 
+    /// The id of the key that signs at `now` (see [`Self::current`]).
+    pub fn current_kid(&self, now: u64) -> Option<&str> {
+        self.current_key(now).map(|k| k.signer.kid())
+    }
+
     /// When the newest key starts (or started) signing: later than `now`
     /// while a rotation is being published.
     pub fn newest_sign_from(&self) -> Option<u64> {
@@ -258,6 +305,15 @@ impl Broker {
             keys.note_signed_until(&kid, live.get(&kid).copied().unwrap_or(0));
         }
         Ok(())
+    }
+
+    /// The id of the key that signs now, by the broker's clock.
+    pub fn signing_kid(&self) -> Option<String> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .current_kid(self.clock.now())
+            .map(str::to_owned)
     }
 
     /// The JWKS to publish now.

@@ -5,7 +5,8 @@
 //! background tasks.
 //!
 //! [`issue`] is token issuance (both front ends call it); [`denials`]
-//! who the caller is and the identities an admin cut off; [`keys`] the
+//! who the caller is and the identities an admin cut off; [`deployment`]
+//! the trust domain and issuer every start must agree with; [`keys`] the
 //! signing keys; [`credentials`] the CA and what it hands out;
 //! [`revoke`] revocation; [`feed`] the change feed and the periodic
 //! upkeep; [`governance`] policy versions, usage and audit; [`replicas`]
@@ -15,6 +16,7 @@
 mod audit_file;
 pub mod credentials;
 pub mod denials;
+pub mod deployment;
 pub mod feed;
 pub mod governance;
 pub mod health;
@@ -62,6 +64,10 @@ pub enum BrokerError {
     /// A revocation that cannot be made as asked.
     #[error("{0}")]
     Revoke(String),
+    /// The settings name another deployment than the store's (trust
+    /// domain, issuer): the operator must choose.
+    #[error(transparent)]
+    Deployment(#[from] deployment::DeploymentError),
 }
 
 /// The path of the broker's own SPIFFE ID (its listeners' certificate).
@@ -251,6 +257,8 @@ impl Broker {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, BrokerError> {
         let now = clock.now();
+        // Before anything is written under these settings.
+        Self::check_deployment(&settings, &store).await?;
         if settings.policy.trust_domain != settings.trust_domain.trust_domain() {
             return Err(BrokerError::Config(format!(
                 "the policy is for trust domain {}, the broker for {}",
@@ -274,6 +282,7 @@ impl Broker {
         let policy = Self::resolve_policy(&settings, &store, now).await?;
         let ca = Self::open_ca(&settings, &store, now).await?;
         let keys = SigningKeys::load_or_create(&store, &settings.issuer, now).await?;
+        Self::record_deployment(&settings, &store, now).await?;
         let hmac_key = store
             .secret_or_create("token-hmac", random_secret, now)
             .await?;

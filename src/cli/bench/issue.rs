@@ -165,7 +165,8 @@ pub(super) async fn issue(
 
     let key = std::fs::read(data.join("store.key")).map_err(|e| failed("store.key", e))?;
     let sealer = Sealer::from_key_material(&key).map_err(|e| failed("store.key", e))?;
-    // The broker inherits TALLY_DATABASE_URL: with it, the run measures
+    // The broker inherits TALLY_DATABASE_URL (and TALLY_ISSUER, which a
+    // broker on PostgreSQL needs): with it, the run measures
     // the PostgreSQL store (use a fresh database: the count includes what
     // was there before).
     let store = match std::env::var("TALLY_DATABASE_URL") {

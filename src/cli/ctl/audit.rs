@@ -2,7 +2,7 @@
 //! JSON-lines file offline), query records, and look up a leaked token.
 
 use super::connect::{BrokerConnection, admin_client, block_on, refused};
-use super::output::{Output, table, unix_time, when};
+use super::output::{Output, print, table, unix_time, when, with_times};
 use crate::audit::{ChainVerifier, MAX_LINE};
 use crate::cli::CliError;
 use crate::proto::v1 as pb;
@@ -39,6 +39,9 @@ pub enum AuditCommand {
         /// The archive file (must not exist).
         #[arg(long)]
         out: PathBuf,
+        /// `table` (default: text for people) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
     /// Remove the records up to --through from the store, once archived:
     /// --sha256 is the hash of record --through as `audit export` printed
@@ -55,6 +58,14 @@ pub enum AuditCommand {
         /// the one the store's record must have.
         #[arg(long)]
         archive: Option<std::path::PathBuf>,
+        /// Where the archive is kept (a path or URL), for the audit record:
+        /// a later lookup or export of a removed record points there
+        /// [default: the --archive file's path].
+        #[arg(long)]
+        stored_at: Option<String>,
+        /// `table` (default: text for people) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
     /// From a token string alone (a leaked one): whom it was issued to,
     /// when, for what, whether it is revoked, and every record naming it.
@@ -103,12 +114,21 @@ pub(super) fn run(conn: &BrokerConnection, command: AuditCommand) -> Result<Exit
         } => verify_file(&file, output),
         AuditCommand::Verify { file: None, output } => verify_store(conn, output),
         AuditCommand::Query(args) => query(conn, args),
-        AuditCommand::Export { through, out } => export(conn, through, &out),
+        AuditCommand::Export {
+            through,
+            out,
+            output,
+        } => export(conn, through, &out, output),
         AuditCommand::Truncate {
             through,
             sha256,
             archive,
+            stored_at,
+            output,
         } => {
+            let stored_at = stored_at
+                .or_else(|| archive.as_ref().map(|a| a.display().to_string()))
+                .unwrap_or_default();
             let sha256 = match (sha256, archive) {
                 (Some(sha256), _) => sha256,
                 (None, Some(archive)) => archive_head(&archive, through)?,
@@ -116,7 +136,7 @@ pub(super) fn run(conn: &BrokerConnection, command: AuditCommand) -> Result<Exit
                     return Err(CliError::Usage("give --sha256 or --archive".into()));
                 }
             };
-            truncate(conn, through, sha256)
+            truncate(conn, through, sha256, stored_at, output)
         }
         AuditCommand::Lookup { token, output } => lookup(conn, &token, output),
     }
@@ -142,21 +162,34 @@ fn archive_head(path: &Path, through: u64) -> Result<String, CliError> {
     Ok(check.head_hash.to_string())
 }
 
-fn truncate(conn: &BrokerConnection, through: u64, sha256: String) -> Result<ExitCode, CliError> {
+fn truncate(
+    conn: &BrokerConnection,
+    through: u64,
+    sha256: String,
+    archive: String,
+    output: Output,
+) -> Result<ExitCode, CliError> {
     block_on(async {
         let done = admin_client(conn)
             .await?
             .truncate_audit(pb::TruncateAuditRequest {
                 through_seq: through,
                 sha256,
+                archive,
             })
             .await
             .map_err(refused)?
             .into_inner();
-        say!(
-            "removed {} archived records; the store's log now starts at record {}",
-            done.removed,
-            done.chain_from
+        print(
+            output,
+            &serde_json::json!({"removed": done.removed, "chain_from": done.chain_from}),
+            || {
+                say!(
+                    "removed {} archived records; the store's log now starts at record {}",
+                    done.removed,
+                    done.chain_from
+                );
+            },
         );
         Ok(ExitCode::SUCCESS)
     })
@@ -188,7 +221,12 @@ fn verify_store(conn: &BrokerConnection, output: Output) -> Result<ExitCode, Cli
 
 /// `tally ctl audit export`: pages of records into a new file, checked as
 /// they are written (a chain that does not hold is not archived).
-fn export(conn: &BrokerConnection, through: u64, out: &Path) -> Result<ExitCode, CliError> {
+fn export(
+    conn: &BrokerConnection,
+    through: u64,
+    out: &Path,
+    output: Output,
+) -> Result<ExitCode, CliError> {
     use std::io::Write as _;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -232,6 +270,15 @@ fn export(conn: &BrokerConnection, through: u64, out: &Path) -> Result<ExitCode,
             .map_err(|e| CliError::Failed(format!("{}: {e}", out.display())))?;
         let (last, hash) = verifier.head();
         if last != through {
+            // Removed by `audit truncate`: say so, and where they went.
+            if let Some(gone) = archived(&mut admin).await?
+                && through <= gone.through
+            {
+                return Err(CliError::Failed(format!(
+                    "record {through} is not in the store: {}; nothing exported",
+                    gone.text()
+                )));
+            }
             return Err(CliError::Failed(format!(
                 "the store's log has no record {through} (the last read was {last}); nothing exported"
             )));
@@ -246,11 +293,22 @@ fn export(conn: &BrokerConnection, through: u64, out: &Path) -> Result<ExitCode,
             return Err(e);
         }
     };
-    say!(
-        "exported records {first} to {through} ({count}) to {}; record {through} sha256 {last_hash}",
-        out.display()
+    print(
+        output,
+        &serde_json::json!({
+            "first": first, "through": through, "records": count,
+            "file": out.display().to_string(), "sha256": last_hash.to_string(),
+        }),
+        || {
+            say!(
+                "exported records {first} to {through} ({count}) to {}; record {through} sha256 {last_hash}",
+                out.display()
+            );
+            say!(
+                "keep it safe, then: tally ctl audit truncate --through {through} --sha256 {last_hash} --archive WHERE-IT-IS-KEPT"
+            );
+        },
     );
-    say!("keep it safe, then: tally ctl audit truncate --through {through} --sha256 {last_hash}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -268,10 +326,13 @@ fn verdict(output: Output, report: &Value) -> Result<ExitCode, CliError> {
                     report["head_sha256"].as_str().unwrap_or("")
                 );
             } else {
+                // The count includes the record a break is found at (an
+                // altered record shows only when its successor is read), so
+                // it is not a count of good records.
                 say!(
-                    "BROKEN after {} good records: {}",
+                    "BROKEN: {}\n{} records read; every record before the first one named above chains intact",
+                    report["problem"].as_str().unwrap_or(""),
                     report["records_checked"],
-                    report["problem"].as_str().unwrap_or("")
                 );
             }
             if report["chain_from"].as_u64().is_some_and(|c| c > 1) {
@@ -465,11 +526,21 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
             .map_err(refused)
             .map(tonic::Response::into_inner)
     })?;
+    let gone = block_on(async { archived(&mut admin_client(conn).await?).await })?;
     if !found.found {
-        match output {
-            Output::Json => say!("{}", serde_json::json!({"found": false})),
-            Output::Table => say!(
+        match (output, &gone) {
+            (Output::Json, _) => say!(
+                "{}",
+                serde_json::json!({"found": false, "archived": gone.as_ref().map(Archived::json)})
+            ),
+            (Output::Table, None) => say!(
                 "not issued by this broker: no inventory record has this token's id and keyed hash"
+            ),
+            // Pruned from the inventory with its issuance record archived:
+            // not proof that the broker never issued it.
+            (Output::Table, Some(gone)) => say!(
+                "not found in the store: no inventory record or stored issuance record has this token's id and keyed hash; {}: look there for its jti",
+                gone.text()
             ),
         }
         return Ok(ExitCode::from(1));
@@ -483,13 +554,16 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
                 .collect();
             say!(
                 "{}",
-                serde_json::json!({
-                    "found": true, "jti": found.jti, "sub": found.sub, "aud": found.aud,
-                    "scope": found.scope, "class": found.class, "jkt": found.jkt,
-                    "iat": found.iat, "exp": found.exp, "kid": found.kid,
-                    "revoked": found.revoked, "records": records,
-                    "from_audit_log": found.from_audit_log,
-                })
+                with_times(
+                    serde_json::json!({
+                        "found": true, "jti": found.jti, "sub": found.sub, "aud": found.aud,
+                        "scope": found.scope, "class": found.class, "jkt": found.jkt,
+                        "kid": found.kid, "revoked": found.revoked, "records": records,
+                        "from_audit_log": found.from_audit_log,
+                        "archived": gone.as_ref().map(Archived::json),
+                    }),
+                    &[("iat", found.iat), ("exp", found.exp)],
+                )
             );
         }
         Output::Table => {
@@ -513,8 +587,72 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
                 say!("         (expired and pruned from the inventory: from its issuance record)");
             }
             say!("records naming it: {}", found.records.len());
+            if let Some(gone) = &gone
+                && found.iat <= gone.at
+            {
+                say!("(earlier records may be archived: {})", gone.text());
+            }
             print_records(&found.records, Output::Table);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The newest `audit truncate`: records up to `through` left the store.
+struct Archived {
+    through: u64,
+    at: i64,
+    actor: String,
+    archive: Option<String>,
+}
+
+impl Archived {
+    /// For people: which records, when, by whom, and where they are.
+    fn text(&self) -> String {
+        let where_ = match &self.archive {
+            Some(archive) => format!("the archive is kept at {archive}"),
+            None => "the archive `audit export` wrote holds them (truncate did not say where it is kept)".to_owned(),
+        };
+        format!(
+            "records up to {} were archived and removed from the store at {} by {}; {where_}",
+            self.through,
+            when(self.at),
+            self.actor
+        )
+    }
+
+    fn json(&self) -> Value {
+        with_times(
+            serde_json::json!({"through": self.through, "by": self.actor, "archive": self.archive}),
+            &[("at", self.at)],
+        )
+    }
+}
+
+/// The newest `audit.truncate` record, if the log's beginning was ever
+/// archived (its record is written after the ones it removes, so it stays).
+async fn archived(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+) -> Result<Option<Archived>, CliError> {
+    let page = admin
+        .query_audit(pb::QueryAuditRequest {
+            kind: "audit.truncate".into(),
+            limit: 1000,
+            ..pb::QueryAuditRequest::default()
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    Ok(page.records.iter().rev().find_map(|line| {
+        let r: Value = serde_json::from_str(line).ok()?;
+        if r["outcome"] != "ok" {
+            return None;
+        }
+        Some(Archived {
+            through: r["through"].as_u64()?,
+            at: r["at"].as_i64().unwrap_or(0),
+            actor: r["actor"].as_str().unwrap_or("-").to_owned(),
+            archive: r["archive"].as_str().map(str::to_owned),
+        })
+    }))
 }

@@ -1,7 +1,7 @@
 //! `tally ctl join-token create` and `tally ctl svid mint`.
 
 use super::connect::{BrokerConnection, admin_client, block_on, refused};
-use super::output::{Output, duration, print};
+use super::output::{Output, duration, print, when, with_times};
 use crate::cli::CliError;
 use crate::proto::v1 as pb;
 use clap::Subcommand;
@@ -71,7 +71,10 @@ pub(super) fn join_token(
         // Only the token on stdout, so `$(tally ctl join-token create …)` works.
         print(
             output,
-            &serde_json::json!({"join_token": made.join_token, "expires_at": made.expires_at}),
+            &with_times(
+                serde_json::json!({"join_token": made.join_token}),
+                &[("expires_at", made.expires_at)],
+            ),
             || say!("{}", made.join_token),
         );
         Ok(ExitCode::SUCCESS)
@@ -149,16 +152,16 @@ fn mint(
     }
     print(
         output,
-        &serde_json::json!({
-            "dir": out.display().to_string(), "spiffe_id": svid.spiffe_id,
-            "expires_at": svid.expires_at,
-        }),
+        &with_times(
+            serde_json::json!({"dir": out.display().to_string(), "spiffe_id": svid.spiffe_id}),
+            &[("expires_at", svid.expires_at)],
+        ),
         || {
             say!(
                 "{}: cert.pem, key.pem (0600), bundle.pem for {} (expires {})",
                 out.display(),
                 svid.spiffe_id,
-                svid.expires_at
+                when(svid.expires_at)
             );
         },
     );

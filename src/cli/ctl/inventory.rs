@@ -3,7 +3,7 @@
 //! scripts (`--output json`).
 
 use super::connect::{BrokerConnection, admin_client, block_on, refused};
-use super::output::{Output, print, table, when};
+use super::output::{Output, print, table, when, with_times};
 use crate::cli::CliError;
 use crate::proto::v1 as pb;
 use clap::{Args, Subcommand};
@@ -144,11 +144,13 @@ pub(super) fn tokens(
             let rows: Vec<_> = found
                 .iter()
                 .map(|t| {
-                    json!({
-                        "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
-                        "class": t.class, "jkt": t.jkt, "kid": t.kid,
-                        "iat": t.iat, "exp": t.exp, "revoked": t.revoked,
-                    })
+                    with_times(
+                        json!({
+                            "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
+                            "class": t.class, "jkt": t.jkt, "kid": t.kid, "revoked": t.revoked,
+                        }),
+                        &[("iat", t.iat), ("exp", t.exp)],
+                    )
                 })
                 .collect();
             say!("{}", serde_json::Value::from(rows));
@@ -204,16 +206,21 @@ pub(super) fn identities(
             let rows: Vec<_> = found
                 .iter()
                 .map(|i| {
-                    json!({
-                        "spiffe_id": i.spiffe_id, "first_seen": i.first_seen,
-                        "last_seen": i.last_seen,
-                        "svid_expires_at": (i.svid_expires_at > 0).then_some(i.svid_expires_at),
-                        "method": i.method, "svids": i.svids, "tokens": i.tokens,
-                        "live_tokens": i.live_tokens, "denied": i.denied,
-                        "denied_reason": i.denied.then_some(&i.denied_reason),
-                        "denied_at": i.denied.then_some(i.denied_at),
-                        "denied_by": i.denied.then_some(&i.denied_by),
-                    })
+                    with_times(
+                        json!({
+                            "spiffe_id": i.spiffe_id,
+                            "method": i.method, "svids": i.svids, "tokens": i.tokens,
+                            "live_tokens": i.live_tokens, "denied": i.denied,
+                            "denied_reason": i.denied.then_some(&i.denied_reason),
+                            "denied_by": i.denied.then_some(&i.denied_by),
+                        }),
+                        &[
+                            ("first_seen", i.first_seen),
+                            ("last_seen", i.last_seen),
+                            ("svid_expires_at", i.svid_expires_at),
+                            ("denied_at", if i.denied { i.denied_at } else { 0 }),
+                        ],
+                    )
                 })
                 .collect();
             say!("{}", serde_json::Value::from(rows));
@@ -224,6 +231,7 @@ pub(super) fn identities(
                 .map(|i| {
                     vec![
                         i.spiffe_id.clone(),
+                        when(i.first_seen),
                         when(i.last_seen),
                         when(i.svid_expires_at),
                         if i.method.is_empty() {
@@ -246,6 +254,7 @@ pub(super) fn identities(
                 table(
                     &[
                         "SPIFFE ID",
+                        "FIRST SEEN",
                         "LAST SEEN",
                         "SVID EXPIRES",
                         "METHOD",
@@ -293,10 +302,13 @@ fn change_denial(
     })?;
     print(
         output,
-        &json!({
-            "spiffe_id": spiffe_id, "denied": deny, "was_denied": done.was_denied,
-            "sequence": done.sequence, "at": done.at,
-        }),
+        &with_times(
+            json!({
+                "spiffe_id": spiffe_id, "denied": deny, "was_denied": done.was_denied,
+                "sequence": done.sequence,
+            }),
+            &[("at", done.at)],
+        ),
         || {
             if deny {
                 say!(
@@ -337,18 +349,26 @@ pub(super) fn review(conn: &BrokerConnection, args: ReviewArgs) -> Result<ExitCo
     if args.output == Output::Json {
         say!(
             "{}",
-            json!({
-                "window_start": r.window_start, "window_end": r.window_end,
-                "policy_version": r.policy_version,
-                "tokens_considered": r.tokens_considered,
-                "tokens_outside_policy": r.tokens_outside_policy,
-                "unused_rules": r.unused_rules.iter().map(rule).collect::<Vec<_>>(),
-                "unused_scopes": r.unused_scopes.iter().map(rule).collect::<Vec<_>>(),
-                "dormant_identities": r.dormant_identities.iter()
-                    .map(|d| json!({"spiffe_id": d.spiffe_id, "last_seen": d.last_seen}))
-                    .collect::<Vec<_>>(),
-                "ttl_findings": r.ttl_findings,
-            })
+            with_times(
+                json!({
+                    "policy_version": r.policy_version,
+                    "tokens_considered": r.tokens_considered,
+                    "tokens_outside_policy": r.tokens_outside_policy,
+                    "unused_rules": r.unused_rules.iter().map(rule).collect::<Vec<_>>(),
+                    "unused_scopes": r.unused_scopes.iter().map(rule).collect::<Vec<_>>(),
+                    "dormant_identities": r.dormant_identities.iter()
+                        .map(|d| with_times(
+                            json!({"spiffe_id": d.spiffe_id}),
+                            &[("last_seen", d.last_seen)],
+                        ))
+                        .collect::<Vec<_>>(),
+                    "ttl_findings": r.ttl_findings,
+                }),
+                &[
+                    ("window_start", r.window_start),
+                    ("window_end", r.window_end)
+                ]
+            )
         );
         return Ok(ExitCode::SUCCESS);
     }

@@ -1,7 +1,7 @@
 //! `tally ctl keys list|rotate` and `tally ctl ca rotate`.
 
 use super::connect::{BrokerConnection, admin_client, block_on, refused};
-use super::output::{Output, duration, print, table, when};
+use super::output::{Output, duration, print, table, when, with_times};
 use crate::cli::CliError;
 use crate::proto::v1 as pb;
 use clap::Subcommand;
@@ -72,12 +72,12 @@ pub(super) fn keys(conn: &BrokerConnection, command: KeysCommand) -> Result<Exit
                     .into_inner();
                 print(
                     output,
-                    &serde_json::json!({
-                        "kid": rotated.kid, "signs_from": rotated.signs_from,
-                        "withdrawn": rotated.withdrawn,
-                    }),
+                    &with_times(
+                        serde_json::json!({"kid": rotated.kid, "withdrawn": rotated.withdrawn}),
+                        &[("signs_from", rotated.signs_from)],
+                    ),
                     || {
-                        say!("{} (signs from {})", rotated.kid, rotated.signs_from);
+                        say!("{} (signs from {})", rotated.kid, when(rotated.signs_from));
                         for old in &rotated.withdrawn {
                             say!(
                                 "withdrawn: {old} (out of the JWKS; every token it signed is revoked)"
@@ -103,7 +103,10 @@ pub(super) fn ca(conn: &BrokerConnection, command: CaCommand) -> Result<ExitCode
             .into_inner();
         print(
             output,
-            &serde_json::json!({"intermediate_expires_at": rotated.intermediate_expires_at}),
+            &with_times(
+                serde_json::json!({}),
+                &[("intermediate_expires_at", rotated.intermediate_expires_at)],
+            ),
             || {
                 say!(
                     "intermediate CA replaced; the new one expires {}. The trust bundle is unchanged: existing SVIDs verify until they expire.",
@@ -124,16 +127,13 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
             .map_err(refused)?
             .into_inner()
             .keys;
-        let now = i64::try_from(crate::cli::wall_clock_now()).unwrap_or(i64::MAX);
+        // The broker says what each key does by its own clock; a broker
+        // from before it did leaves `state` empty.
         let state = |k: &pb::SigningKeyInfo| {
-            if k.withdrawn_at > 0 {
-                "withdrawn"
-            } else if k.retired_at > 0 {
-                "retired"
-            } else if k.signs_from > now {
-                "next"
+            if k.state.is_empty() {
+                "unknown".to_owned()
             } else {
-                "signing"
+                k.state.clone()
             }
         };
         match output {
@@ -141,14 +141,19 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
                 let rows: Vec<serde_json::Value> = keys
                     .iter()
                     .map(|k| {
-                        serde_json::json!({
-                            "kid": k.kid,
-                            "state": state(k),
-                            "created_at": k.created_at,
-                            "signs_from": k.signs_from,
-                            "retired_at": (k.retired_at > 0).then_some(k.retired_at),
-                            "published": k.published,
-                        })
+                        with_times(
+                            serde_json::json!({
+                                "kid": k.kid,
+                                "state": state(k),
+                                "published": k.published,
+                            }),
+                            &[
+                                ("created_at", k.created_at),
+                                ("signs_from", k.signs_from),
+                                ("retired_at", k.retired_at),
+                                ("withdrawn_at", k.withdrawn_at),
+                            ],
+                        )
                     })
                     .collect();
                 say!("{}", serde_json::Value::from(rows));
@@ -159,7 +164,7 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
                     .map(|k| {
                         vec![
                             k.kid.clone(),
-                            state(k).to_owned(),
+                            state(k),
                             when(k.signs_from),
                             when(k.retired_at),
                             if k.published { "yes" } else { "no" }.to_owned(),
@@ -169,7 +174,7 @@ fn list_keys(conn: &BrokerConnection, output: Output) -> Result<ExitCode, CliErr
                 say!(
                     "{}",
                     table(
-                        &["KID", "STATE", "SIGNS FROM", "RETIRED", "PUBLISHED"],
+                        &["KID", "STATE", "SIGNS FROM", "SIGNS UNTIL", "PUBLISHED"],
                         rows
                     )
                 );

@@ -13,7 +13,7 @@ mod connect;
 mod credentials;
 mod inventory;
 mod keys;
-mod output;
+pub(super) mod output;
 mod policy;
 mod revoke;
 

@@ -36,17 +36,39 @@ pub(super) fn unix_time(flag: &str, text: &str) -> Result<i64, CliError> {
         })
 }
 
-/// Unix seconds as RFC 3339 (UTC), or `-` for none.
-pub(super) fn when(secs: i64) -> String {
+/// Unix seconds as RFC 3339 (UTC, whole seconds), or `-` for none: the
+/// one way a time is written in tables and messages.
+pub(crate) fn when(secs: i64) -> String {
     u64::try_from(secs).ok().filter(|s| *s > 0).map_or_else(
         || "-".to_owned(),
         |s| {
+            // Clamped to 9999-12-31T23:59:59Z, the last time RFC 3339 can
+            // write (a hostile token's `exp` can say anything).
             humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.min(253_402_300_799)),
             )
             .to_string()
         },
     )
+}
+
+/// `json` (an object) with each of `times` (Unix seconds, 0 for none)
+/// added twice, as every `--output json` carries a time: `NAME` in RFC
+/// 3339 UTC (`"2026-12-01T16:00:00Z"`) for people and tools that parse
+/// dates, and `NAME_unix` in seconds for arithmetic. Both are `null` for
+/// none.
+pub(crate) fn with_times(mut json: serde_json::Value, times: &[(&str, i64)]) -> serde_json::Value {
+    if let Some(object) = json.as_object_mut() {
+        for (name, secs) in times {
+            let (text, unix) = match *secs {
+                s if s > 0 => (serde_json::json!(when(s)), serde_json::json!(s)),
+                _ => (serde_json::Value::Null, serde_json::Value::Null),
+            };
+            object.insert((*name).to_owned(), text);
+            object.insert(format!("{name}_unix"), unix);
+        }
+    }
+    json
 }
 
 /// `json` as one line with `--output json`, else what `text` prints.
@@ -85,6 +107,25 @@ pub(super) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_rfc_3339_utc_and_json_carries_unix_seconds_beside_them() {
+        assert_eq!(when(1_796_140_800), "2026-12-01T16:00:00Z");
+        assert_eq!(when(0), "-");
+        assert_eq!(when(i64::MAX), "9999-12-31T23:59:59Z");
+        let v = with_times(
+            serde_json::json!({"kid": "k"}),
+            &[("expires_at", 1_796_140_800), ("retired_at", 0)],
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "kid": "k",
+                "expires_at": "2026-12-01T16:00:00Z", "expires_at_unix": 1_796_140_800,
+                "retired_at": null, "retired_at_unix": null,
+            })
+        );
+    }
 
     #[test]
     fn a_table_aligns_columns_to_the_widest_cell() {

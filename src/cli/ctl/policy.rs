@@ -3,7 +3,7 @@
 //! versions.
 
 use super::connect::{BrokerConnection, admin_client, block_on, refused};
-use super::output::{Output, table, when};
+use super::output::{Output, table, when, with_times};
 use crate::cli::CliError;
 use crate::identity::SpiffeId;
 use crate::policy::{AccessRequest, IssueRequest, Policy};
@@ -54,12 +54,24 @@ pub(super) fn run(conn: &BrokerConnection, command: PolicyCommand) -> Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::History { limit, output } => history(conn, limit, output),
-        PolicyCommand::Show { version } => {
+        PolicyCommand::Show { version, output } => {
             let v = block_on(get(conn, version.unwrap_or(0)))?;
-            emit(&v.yaml);
+            match output {
+                Output::Json => say!(
+                    "{}",
+                    with_times(
+                        serde_json::json!({
+                            "version": v.version, "author": v.author, "source": v.source,
+                            "comment": v.comment, "yaml": v.yaml,
+                        }),
+                        &[("created_at", v.created_at)],
+                    )
+                ),
+                Output::Table => emit(&v.yaml),
+            }
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Diff { from, to } => {
+        PolicyCommand::Diff { from, to, output } => {
             let (old, new) = block_on(async {
                 Ok((get(conn, from).await?, get(conn, to.unwrap_or(0)).await?))
             })?;
@@ -69,7 +81,17 @@ pub(super) fn run(conn: &BrokerConnection, command: PolicyCommand) -> Result<Exi
                 &format!("v{}", old.version),
                 &format!("v{}", new.version),
             );
-            emit(&d.text);
+            match output {
+                Output::Json => say!(
+                    "{}",
+                    serde_json::json!({
+                        "from": old.version, "to": new.version, "changed": !d.is_empty(),
+                        "added": d.added, "removed": d.removed, "diff": d.text,
+                    })
+                ),
+                Output::Table => emit(&d.text),
+            }
+            // The exit code says the same with either output.
             Ok(if d.is_empty() {
                 ExitCode::SUCCESS
             } else {
@@ -82,12 +104,18 @@ pub(super) fn run(conn: &BrokerConnection, command: PolicyCommand) -> Result<Exi
     }
 }
 
+/// A stored version (0: the newest). One the broker does not hold is bad
+/// data ([`CliError::Data`], exit 65), not a failure nor, for `diff`, a
+/// difference (1): a script running `policy diff 3 && …` tells them apart.
 async fn get(conn: &BrokerConnection, version: u64) -> Result<pb::PolicyVersion, CliError> {
     admin_client(conn)
         .await?
         .get_policy(pb::GetPolicyRequest { version })
         .await
-        .map_err(refused)
+        .map_err(|status| match status.code() {
+            tonic::Code::NotFound => CliError::Data(status.message().to_owned()),
+            _ => refused(status),
+        })
         .map(tonic::Response::into_inner)
 }
 
@@ -133,10 +161,13 @@ fn history(conn: &BrokerConnection, limit: u32, output: Output) -> Result<ExitCo
                 .versions
                 .iter()
                 .map(|v| {
-                    serde_json::json!({
-                        "version": v.version, "created_at": v.created_at,
-                        "author": v.author, "source": v.source, "comment": v.comment,
-                    })
+                    with_times(
+                        serde_json::json!({
+                            "version": v.version, "author": v.author, "source": v.source,
+                            "comment": v.comment,
+                        }),
+                        &[("created_at", v.created_at)],
+                    )
                 })
                 .collect();
             say!(
@@ -206,18 +237,27 @@ pub enum PolicyCommand {
         #[arg(long, default_value = "table")]
         output: Output,
     },
-    /// What changed from version V1 to V2 (a unified diff); exit 1 if
-    /// anything did.
+    /// What changed from version V1 to V2 (a unified diff). Exit 0 if
+    /// nothing did, 1 if anything did, 65 if the broker holds no such
+    /// version.
     Diff {
         /// The older version.
         from: u64,
         /// The newer version [default: the newest].
         to: Option<u64>,
+        /// `table` (default: the diff as text) or `json`.
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
-    /// Print a stored version's document [default: the newest].
+    /// Print a stored version's document [default: the newest]; exit 65
+    /// if the broker holds no such version.
     Show {
         /// The version.
         version: Option<u64>,
+        /// `table` (default: the YAML as stored) or `json` (with its
+        /// history entry).
+        #[arg(long, default_value = "table")]
+        output: Output,
     },
     /// Serve an earlier version again (stored as a new version, pushed to
     /// every sidecar).

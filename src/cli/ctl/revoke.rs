@@ -1,7 +1,7 @@
 //! `tally ctl revoke`.
 
 use super::connect::{BrokerConnection, admin_client, block_on, refused};
-use super::output::{Output, print, unix_time};
+use super::output::{Output, print, unix_time, when, with_times};
 use crate::cli::CliError;
 use crate::proto::v1 as pb;
 use std::process::ExitCode;
@@ -73,15 +73,18 @@ pub(super) fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCo
             .into_inner();
         print(
             args.output,
-            &serde_json::json!({
-                "sequence": done.sequence, "issued_before": done.issued_before,
-                "expires_at": done.expires_at,
-            }),
+            &with_times(
+                serde_json::json!({"sequence": done.sequence}),
+                &[
+                    ("issued_before", done.issued_before),
+                    ("expires_at", done.expires_at),
+                ],
+            ),
             || {
                 say!(
                     "revoked: covers tokens issued at or before {}; enforced until {} (watch sequence {})",
-                    done.issued_before,
-                    done.expires_at,
+                    when(done.issued_before),
+                    when(done.expires_at),
                     done.sequence
                 );
             },

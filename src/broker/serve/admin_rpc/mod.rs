@@ -12,6 +12,7 @@ use helpers::{
 mod helpers;
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::broker::Broker;
+use crate::broker::state::keys::KeyState;
 use crate::proto::v1 as pb;
 use crate::store::AuditFilter;
 use std::sync::Arc;
@@ -121,6 +122,11 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| internal("reading the signing keys", e))?;
         let jwks = broker.jwks();
+        let now = broker.now();
+        // The state comes from the broker's clock and the same choice
+        // issuance makes, not from the ctl host's clock: a key retiring at
+        // the end of a publish lead signs until then.
+        let signing = broker.signing_kid();
         let keys = records
             .iter()
             .map(|k| pb::SigningKeyInfo {
@@ -130,6 +136,14 @@ impl pb::admin_server::Admin for AdminService {
                 retired_at: k.retired_at.map_or(0, unix),
                 published: jwks.get(&k.kid).is_some(),
                 withdrawn_at: k.withdrawn_at.map_or(0, unix),
+                state: KeyState::of(
+                    k.sign_from,
+                    k.withdrawn_at.is_some(),
+                    signing.as_deref() == Some(k.kid.as_str()),
+                    now,
+                )
+                .as_str()
+                .to_owned(),
             })
             .collect();
         audit_query(broker, &caller, "signing_keys").await;
@@ -490,8 +504,14 @@ impl pb::admin_server::Admin for AdminService {
         let body = request.into_inner();
         let expect = crate::audit::ChainHash::parse(&body.sha256)
             .ok_or_else(|| Status::invalid_argument("sha256 must be 64 hex digits"))?;
+        if body.archive.chars().count() > 200 || body.archive.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "archive must be at most 200 characters, none of them control characters",
+            ));
+        }
+        let archive = Some(body.archive.as_str()).filter(|a| !a.is_empty());
         let removed = broker
-            .truncate_audit(body.through_seq, &expect, &caller)
+            .truncate_audit(body.through_seq, &expect, archive, &caller)
             .await
             .map_err(|e| match e {
                 crate::broker::BrokerError::Store(crate::store::StoreError::Refused(why)) => {
