@@ -492,6 +492,25 @@ fn truncate_takes_the_hash_from_the_archive_it_is_given_and_only_from_an_intact_
     let o = ctl(&broker, &data, &["audit", "verify", "--output", "json"]);
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["anchor_sha256"], sha.as_str(), "{report}");
+    // Without --stored-at, the record says the archive is where it was read.
+    let o = ctl(
+        &broker,
+        &data,
+        &[
+            "audit",
+            "export",
+            "--through",
+            "2",
+            "--out",
+            dir.path().join("again.jsonl").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains(archive.to_str().unwrap()), "{}", text(&o));
+    assert_eq!(broker.stop().0, Some(0));
+}
+
+#[test]
 fn a_removed_record_asked_for_again_is_said_to_be_archived_and_where() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("audit-1-4.jsonl");
