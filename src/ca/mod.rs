@@ -53,7 +53,7 @@ pub enum CaError {
         attested: String,
     },
     /// The requested lifetime is zero or beyond what the issuing CA allows.
-    #[error("certificate lifetime must be between 1 s and {max} s")]
+    #[error("certificate lifetime must be between 1s and {}", crate::clock::human_duration(*.max))]
     Lifetime {
         /// The cap.
         max: u64,

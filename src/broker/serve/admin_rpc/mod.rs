@@ -12,6 +12,7 @@ use helpers::{
 mod helpers;
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::broker::Broker;
+use crate::clock::human_duration;
 use crate::proto::v1 as pb;
 use crate::store::AuditFilter;
 use std::sync::Arc;
@@ -39,7 +40,9 @@ impl pb::admin_server::Admin for AdminService {
             t if t <= MAX_JOIN_TOKEN_TTL => t,
             t => {
                 return Err(Status::invalid_argument(format!(
-                    "ttl_seconds {t} is longer than {MAX_JOIN_TOKEN_TTL}"
+                    "ttl {} is longer than the {} maximum",
+                    human_duration(t),
+                    human_duration(MAX_JOIN_TOKEN_TTL)
                 )));
             }
         };
@@ -67,7 +70,9 @@ impl pb::admin_server::Admin for AdminService {
             t if t <= MAX_MINT_TTL => t,
             t => {
                 return Err(Status::invalid_argument(format!(
-                    "ttl_seconds {t} is longer than {MAX_MINT_TTL}"
+                    "ttl {} is longer than the {} maximum",
+                    human_duration(t),
+                    human_duration(MAX_MINT_TTL)
                 )));
             }
         };
