@@ -44,15 +44,13 @@ pub enum ConnectFailure {
     /// The broker's certificate does not verify with the trust bundle
     /// given: the bundle is another broker's (or the address is). Waiting
     /// will not help; the configuration must change.
-    #[error(
-        "the broker's certificate is not signed by this trust bundle ({reason}): the bundle is not this broker's"
-    )]
+    #[error("its certificate does not verify with this bundle ({reason})")]
     WrongBundle {
         /// What TLS said (`BadSignature`, `UnknownIssuer`, …).
         reason: String,
     },
     /// The certificate verifies but is not for the host name dialled.
-    #[error("the broker's certificate is not for this host name ({reason})")]
+    #[error("its certificate is not for this host name ({reason})")]
     WrongName {
         /// What TLS said.
         reason: String,

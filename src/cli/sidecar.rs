@@ -8,6 +8,7 @@
 
 use super::CliError;
 use crate::clock::{Clock, SystemClock};
+use crate::rpc::ConnectFailure;
 use crate::sidecar::api::{self, ServiceMap};
 use crate::sidecar::config::{SidecarConfig, service_map};
 use crate::sidecar::identity::IdentityError;
@@ -121,10 +122,15 @@ async fn serve(
         started = Sidecar::start(settings, listeners, clock) => {
             started.map_err(|e| match e {
                 // Retrying would never help: say which file to change.
-                IdentityError::Untrusted(why) => CliError::Usage(format!(
-                    "--trust-bundle {}: {why} at {broker}",
-                    bundle_path.display()
-                )),
+                IdentityError::Untrusted(why @ ConnectFailure::WrongBundle { .. }) => {
+                    CliError::Usage(format!(
+                        "--trust-bundle {} is not the bundle of the broker at {broker}: {why}",
+                        bundle_path.display()
+                    ))
+                }
+                IdentityError::Untrusted(why) => {
+                    CliError::Usage(format!("--broker {broker}: {why}"))
+                }
                 other => CliError::Failed(format!("attestation failed: {other}")),
             })?
         }

@@ -118,12 +118,12 @@ fn connect_failed(
     use crate::rpc::ConnectFailure;
     match ConnectFailure::of(error) {
         why @ ConnectFailure::WrongBundle { .. } => CliError::Usage(format!(
-            "trust bundle {}: {why} at {broker} (use --bundle or --data-dir for this broker's)",
+            "trust bundle {} is not the bundle of the broker at {broker}: {why} (give this broker's with --bundle or --data-dir)",
             bundle.display()
         )),
-        why @ ConnectFailure::WrongName { .. } => {
-            CliError::Usage(format!("--broker {broker}: {why}"))
-        }
+        why @ ConnectFailure::WrongName { .. } => CliError::Usage(format!(
+            "--broker {broker}: {why}; use a name its certificate holds"
+        )),
         ConnectFailure::Unreachable(why) => CliError::Unavailable(format!(
             "cannot reach the broker at {broker}: {why} (is `tally broker` running? --broker)"
         )),
