@@ -67,7 +67,7 @@ pub fn human_duration(secs: u64) -> String {
     if secs == 0 {
         return "0s".to_owned();
     }
-    if secs >= 7 * 86_400 && secs % 86_400 == 0 {
+    if secs >= 7 * 86_400 && secs.is_multiple_of(86_400) {
         return format!("{}d", secs / 86_400);
     }
     let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);

@@ -92,7 +92,7 @@ async fn answer(oauth: &OAuth, req: Request<&mut Incoming>, peer: &Peer) -> Resp
             );
             r
         }
-        (&Method::GET | &Method::HEAD, METADATA_PATH) => json(StatusCode::OK, &metadata(&oauth)),
+        (&Method::GET | &Method::HEAD, METADATA_PATH) => json(StatusCode::OK, &metadata(oauth)),
         (_, TOKEN_PATH | INTROSPECT_PATH | REVOKE_PATH) => not_allowed("POST"),
         (_, JWKS_PATH | METADATA_PATH) => not_allowed("GET, HEAD"),
         _ => json(
