@@ -59,3 +59,43 @@ impl Clock for ManualClock {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// `secs` as a person writes a duration, in the form every duration flag
+/// and policy field accepts back: `48h`, `1h30m`, `90s`, `14d` (whole
+/// days from a week up), `0s`. Messages use it, never bare seconds.
+pub fn human_duration(secs: u64) -> String {
+    if secs == 0 {
+        return "0s".to_owned();
+    }
+    if secs >= 7 * 86_400 && secs.is_multiple_of(86_400) {
+        return format!("{}d", secs / 86_400);
+    }
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let mut text = String::new();
+    for (n, unit) in [(h, 'h'), (m, 'm'), (s, 's')] {
+        if n > 0 {
+            text.push_str(&format!("{n}{unit}"));
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_read_as_people_write_them_and_parse_back() {
+        for (secs, text) in [
+            (0, "0s"),
+            (90, "1m30s"),
+            (300, "5m"),
+            (5400, "1h30m"),
+            (86_400, "24h"),
+            (172_800, "48h"),
+            (3661, "1h1m1s"),
+            (14 * 86_400, "14d"),
+        ] {
+            assert_eq!(super::human_duration(secs), text);
+            assert_eq!(humantime::parse_duration(text).unwrap().as_secs(), secs);
+        }
+    }
+}

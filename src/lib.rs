@@ -17,6 +17,8 @@
 //! - [`audit`]: audit events and their JSON-lines form (tokens only by
 //!   `jti` and keyed hash).
 //! - [`proto`]: the gRPC contract (generated from `proto/tally/v1`).
+//! - [`rpc`]: what the broker's gRPC clients share: a refusal's words, and
+//!   why a connection failed (unreachable, or the wrong trust bundle).
 //! - [`store`]: durable broker state (SQLite; keys sealed at rest, join
 //!   tokens hashed, issued-token inventory, audit log and change feed,
 //!   written by group commit).
@@ -58,6 +60,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod rate;
+pub mod rpc;
 pub mod sidecar;
 pub mod store;
 pub mod token;

@@ -115,6 +115,20 @@ fn a_csr_asking_for_another_identity_is_refused() {
 }
 
 #[test]
+fn a_csr_naming_a_dns_host_is_refused_in_words_not_debug_output() {
+    let (ca, _) = authority();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::DnsName("pay.example".try_into().unwrap())];
+    let der = params.serialize_request(&key).unwrap().der().to_vec();
+    let err = ca.issue_svid(&der, &id(ID), 3600, NOW).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("CSR asks for identity \"DNS name pay.example\", but the caller proved {ID}")
+    );
+}
+
+#[test]
 fn an_id_outside_the_trust_domain_is_refused() {
     let (ca, _) = authority();
     let foreign = "spiffe://evil.example/ns/shop/sa/checkout";

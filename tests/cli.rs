@@ -129,7 +129,11 @@ fn bad_usage_exits_64() {
 #[test]
 fn the_unbuilt_injector_refuses_to_run_and_unknown_commands_are_usage_errors() {
     let o = tally(&["injector"]);
-    assert_eq!(o.status.code(), Some(69));
+    assert_eq!(
+        o.status.code(),
+        Some(70),
+        "not built: EX_SOFTWARE, never retried"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("not implemented") || err.contains("cannot do yet"),

@@ -279,7 +279,7 @@ issue:
     assert!(
         has(
             "policy.yaml:3:",
-            "default_ttl (1200s) is longer than max_ttl (900s)"
+            "default_ttl 20m is longer than max_ttl 15m"
         ),
         "{err}"
     );

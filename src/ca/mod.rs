@@ -53,7 +53,7 @@ pub enum CaError {
         attested: String,
     },
     /// The requested lifetime is zero or beyond what the issuing CA allows.
-    #[error("certificate lifetime must be between 1 s and {max} s")]
+    #[error("certificate lifetime must be between 1s and {}", crate::clock::human_duration(*.max))]
     Lifetime {
         /// The cap.
         max: u64,
@@ -452,7 +452,12 @@ impl Authority {
         for san in &csr.params.subject_alt_names {
             let requested = match san {
                 SanType::URI(uri) => uri.as_str().to_owned(),
-                other => format!("{other:?}"),
+                // Named for a person, not by the library's Debug.
+                SanType::DnsName(name) => format!("DNS name {}", name.as_str()),
+                SanType::Rfc822Name(mail) => format!("e-mail address {}", mail.as_str()),
+                SanType::IpAddress(ip) => format!("IP address {ip}"),
+                // `SanType` may grow; any other kind is simply not a URI.
+                _ => "a name that is not a URI".to_owned(),
             };
             if requested != id.as_str() {
                 return Err(CaError::CsrIdentity {

@@ -29,10 +29,34 @@ fn read_text(path: &Path) -> Result<String, CliError> {
     crate::config::read_text(path).map_err(|e| CliError::Usage(e.to_string()))
 }
 
-async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<tokio::net::TcpListener, CliError> {
+async fn bind(
+    addr: std::net::SocketAddr,
+    flag: &'static str,
+) -> Result<tokio::net::TcpListener, CliError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| CliError::Failed(format!("binding the {what} address {addr}: {e}")))
+        .map_err(|e| bind_error(flag, &addr, &e))
+}
+
+/// A listener that could not be bound, named by the flag that sets its
+/// address (`--grpc-listen 127.0.0.1:8443: address already in use`). A
+/// port in use or an address not on this host is configuration (64); the
+/// rest (out of descriptors, …) is a failure.
+pub(super) fn bind_error(flag: &str, addr: &dyn std::fmt::Display, e: &std::io::Error) -> CliError {
+    use std::io::ErrorKind as K;
+    let why = match e.kind() {
+        K::AddrInUse => {
+            "address already in use (another process listens there; pick another)".to_owned()
+        }
+        K::AddrNotAvailable => "address not available on this host".to_owned(),
+        K::PermissionDenied => "permission denied (ports below 1024 need privileges)".to_owned(),
+        _ => e.to_string(),
+    };
+    let text = format!("{flag} {addr}: {why}");
+    match e.kind() {
+        K::AddrInUse | K::AddrNotAvailable | K::PermissionDenied => CliError::Usage(text),
+        _ => CliError::Failed(text),
+    }
 }
 
 async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
@@ -42,9 +66,9 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
     };
     // Bind first: a port in use fails fast, and port 0 gets its real
     // number before the issuer URL and certificates are made.
-    let grpc = bind(config.grpc_listen, "gRPC").await?;
-    let https = bind(config.http_listen, "HTTPS").await?;
-    let admin = bind(config.admin_listen, "admin").await?;
+    let grpc = bind(config.grpc_listen, "--grpc-listen").await?;
+    let https = bind(config.http_listen, "--http-listen").await?;
+    let admin = bind(config.admin_listen, "--admin-listen").await?;
     let https_addr = https
         .local_addr()
         .map_err(|e| CliError::Failed(format!("reading the bound address: {e}")))?;

@@ -22,18 +22,33 @@ mod token;
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
 
+/// Exit code for "the answer is no": proofs that do not verify, policy
+/// versions that differ, an audit chain that is broken, a refusal.
+pub const EXIT_NO: u8 = 1;
 /// Exit code for bad usage or configuration (sysexits.h `EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
 /// Exit code for input that names data which is not there, such as a
 /// policy version the store does not hold (sysexits.h `EX_DATAERR`).
 pub const EXIT_DATAERR: u8 = 65;
-/// Exit code for a feature this build does not have yet
-/// (sysexits.h `EX_UNAVAILABLE`).
+/// Exit code for a sidecar or broker that cannot be reached, or is not
+/// ready (sysexits.h `EX_UNAVAILABLE`): the same command may work once it
+/// is up, so scripts may retry on it.
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code for a command this build does not have (sysexits.h
+/// `EX_SOFTWARE`). Not 69: "not built" never goes away by retrying, and a
+/// script that retries on 69 must not wait forever for it. The limit is in
+/// the software itself, which is what `EX_SOFTWARE` names.
+pub const EXIT_NOT_BUILT: u8 = 70;
+
+/// Where every exit code is listed, shown after `tally --help`.
+const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 the answer is no (invalid, different, broken), \
+64 bad usage or configuration, 65 no such thing (e.g. policy version), \
+69 sidecar or broker unreachable, 70 not in this build.\n\
+Every code, command by command: README.md, section \"Exit codes\".";
 
 /// tally: DPoP-bound workload identity for service meshes.
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, about, long_about = None)]
+#[command(name = "tally", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
@@ -99,7 +114,7 @@ pub enum CliError {
     /// The subcommand exists in the design but not in this build.
     #[error("`tally {0}` is not implemented in this build yet")]
     NotImplemented(&'static str),
-    /// A part of a command this build does not have yet.
+    /// The sidecar or broker cannot be reached, or is not ready.
     #[error("{0}")]
     Unavailable(String),
     /// Anything else.
@@ -113,8 +128,9 @@ impl CliError {
         match self {
             Self::Usage(_) => EXIT_USAGE,
             Self::Data(_) => EXIT_DATAERR,
-            Self::NotImplemented(_) | Self::Unavailable(_) => EXIT_UNAVAILABLE,
-            Self::Failed(_) => 1,
+            Self::NotImplemented(_) => EXIT_NOT_BUILT,
+            Self::Unavailable(_) => EXIT_UNAVAILABLE,
+            Self::Failed(_) => EXIT_NO,
         }
     }
 }

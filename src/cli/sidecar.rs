@@ -8,8 +8,10 @@
 
 use super::CliError;
 use crate::clock::{Clock, SystemClock};
+use crate::rpc::ConnectFailure;
 use crate::sidecar::api::{self, ServiceMap};
 use crate::sidecar::config::{SidecarConfig, service_map};
+use crate::sidecar::identity::IdentityError;
 use crate::sidecar::run::{Listeners, Sidecar};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -83,26 +85,26 @@ async fn serve(
     services: ServiceMap,
     socket: PathBuf,
 ) -> Result<ExitCode, CliError> {
-    let bind = |addr: SocketAddr, what: &'static str| async move {
+    let bind = |addr: SocketAddr, flag: &'static str| async move {
         tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| CliError::Failed(format!("binding the {what} on {addr}: {e}")))
+            .map_err(|e| super::broker::bind_error(flag, &addr, &e))
     };
     let mut listeners = Listeners {
         socket: Some(
             api::bind(&socket)
-                .map_err(|e| CliError::Failed(format!("binding {}: {e}", socket.display())))?,
+                .map_err(|e| super::broker::bind_error("--socket", &socket.display(), &e))?,
         ),
         ..Listeners::default()
     };
     if let Some((addr, _)) = &config.inbound {
-        listeners.inbound = Some(bind(*addr, "inbound proxy").await?);
+        listeners.inbound = Some(bind(*addr, "--inbound-listen").await?);
     }
     if let Some(addr) = config.outbound_listen {
-        listeners.outbound = Some(bind(addr, "outbound proxy").await?);
+        listeners.outbound = Some(bind(addr, "--outbound-listen").await?);
     }
     if let Some(addr) = config.admin_listen {
-        listeners.admin = Some(bind(addr, "admin port").await?);
+        listeners.admin = Some(bind(addr, "--admin-listen").await?);
     }
     let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (inbound_at, outbound_at, admin_at) = (
@@ -110,6 +112,7 @@ async fn serve(
         local(&listeners.outbound),
         local(&listeners.admin),
     );
+    let (bundle_path, broker) = (config.trust_bundle.clone(), config.broker.clone());
     let settings = config.settings(bundle, services);
     let upstream = settings.inbound.as_ref().map(|c| c.upstream.clone());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -117,7 +120,19 @@ async fn serve(
     // meanwhile ends it cleanly.
     let sidecar = tokio::select! {
         started = Sidecar::start(settings, listeners, clock) => {
-            started.map_err(|e| CliError::Failed(format!("attestation failed: {e}")))?
+            started.map_err(|e| match e {
+                // Retrying would never help: say which file to change.
+                IdentityError::Untrusted(why @ ConnectFailure::WrongBundle { .. }) => {
+                    CliError::Usage(format!(
+                        "--trust-bundle {} is not the bundle of the broker at {broker}: {why}",
+                        bundle_path.display()
+                    ))
+                }
+                IdentityError::Untrusted(why) => {
+                    CliError::Usage(format!("--broker {broker}: {why}"))
+                }
+                other => CliError::Failed(format!("attestation failed: {other}")),
+            })?
         }
         () = super::broker::shutdown_signal() => {
             let _ = std::fs::remove_file(&socket);

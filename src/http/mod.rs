@@ -101,11 +101,15 @@ pub enum BodyError {
 /// bodies of the OAuth endpoints and the local API: a few KiB).
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Reads a whole request body, refusing more than `limit` bytes.
+/// Reads a whole request body (an [`Incoming`], or `&mut` one a handler
+/// keeps, see [`AfterRequest`]), refusing more than `limit` bytes.
 ///
 /// # Errors
 /// [`BodyError`].
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error>,
+{
     // A body dripped a byte a minute would hold the connection (and its
     // slot) for ever: a request in flight is never idle.
     let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect())
@@ -115,6 +119,62 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError>
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
         Err(_) => Err(BodyError::Read),
+    }
+}
+
+/// Reads and discards what is left of `body`, if that is at most `limit`
+/// bytes and arrives within [`BODY_TIMEOUT`]; otherwise leaves it. A
+/// request whose body was read to the end is a finished exchange for every
+/// client; one answered early ends in a stream reset some clients report
+/// as an error (see [`AfterRequest`]).
+pub async fn drain(body: &mut Incoming, limit: usize) {
+    use hyper::body::Body as _;
+    if body.is_end_stream() || body.size_hint().lower() > limit as u64 {
+        return;
+    }
+    let _ = read_body(body, limit).await;
+}
+
+/// A response body that keeps the request's body until the response has
+/// been sent. An HTTP/2 server that drops a request body still arriving
+/// resets the stream with `CANCEL` when the response is not out yet, and
+/// the client loses the answer (curl: "Stream error in the HTTP/2 framing
+/// layer"); dropped after the response's last frame, it is `NO_ERROR`,
+/// which RFC 9113 §8.1 provides for a server that answers early. Nothing
+/// more of the body is read.
+#[derive(Debug)]
+pub struct AfterRequest<B> {
+    response: B,
+    _request: Incoming,
+}
+
+impl<B> AfterRequest<B> {
+    /// `response`, holding `request` until it is dropped.
+    pub fn new(response: B, request: Incoming) -> Self {
+        Self {
+            response,
+            _request: request,
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for AfterRequest<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.response).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.response.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.response.size_hint()
     }
 }
 

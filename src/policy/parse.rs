@@ -6,6 +6,7 @@ use super::{
     AccessRule, Allow, AudiencePattern, ClassLimits, IdPattern, IssueRule, PathPattern, Policy,
     Rate, default_classes,
 };
+use crate::clock::human_duration;
 use crate::identity::SpiffeId;
 use crate::token::{Scope, Scopes, TokenClass};
 use std::collections::HashMap;
@@ -331,7 +332,14 @@ fn read_classes(
             .and_then(|n| ctx.parsed(n, "max_ttl", duration));
         if let (Some(default_ttl), Some(max_ttl)) = (default_ttl, max_ttl) {
             if default_ttl > max_ttl {
-                ctx.error(body.pos, format!("class {name}: default_ttl ({default_ttl}s) is longer than max_ttl ({max_ttl}s)"));
+                ctx.error(
+                    body.pos,
+                    format!(
+                        "class {name}: default_ttl {} is longer than max_ttl {}",
+                        human_duration(default_ttl),
+                        human_duration(max_ttl)
+                    ),
+                );
             }
             classes.insert(
                 class,
@@ -415,8 +423,9 @@ fn read_issue_rule(
         ctx.error(
             n.pos,
             format!(
-                "max_ttl ({m}s) is longer than class {c}'s max_ttl ({}s)",
-                limits.max_ttl
+                "max_ttl {} is longer than class {c}'s max_ttl {}",
+                human_duration(m),
+                human_duration(limits.max_ttl)
             ),
         );
     }

@@ -507,15 +507,23 @@ pub fn origin_of(uri: &str) -> String {
 }
 
 /// Binds the API's socket at `path` with mode 0660, replacing a stale
-/// socket file left by a previous run (never any other kind of file).
+/// socket file left by a previous run (never any other kind of file, and
+/// never a socket a live process still answers on).
 ///
 /// # Errors
-/// If the socket cannot be bound or its mode set.
+/// If the socket cannot be bound or its mode set; `AddrInUse` when
+/// another process answers on `path`.
 pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
     {
+        // A socket someone still answers on belongs to a running sidecar:
+        // taking it over would cut that one's apps off without a word.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::ErrorKind::AddrInUse.into());
+        }
+        // Left behind by a sidecar that is gone.
         std::fs::remove_file(path)?;
     }
     let listener = tokio::net::UnixListener::bind(path)?;

@@ -102,7 +102,7 @@ impl<T: Fetch> Fetch for Arc<T> {
 #[non_exhaustive]
 pub enum CacheError {
     /// The broker is unreachable and no cached token has enough life left.
-    #[error("the broker has been unreachable for {}s ({reason}); no cached token has enough life left", since.elapsed().as_secs())]
+    #[error("the broker has been unreachable for {} ({reason}); no cached token has enough life left", crate::clock::human_duration(since.elapsed().as_secs()))]
     Unreachable {
         /// When fetches started failing.
         since: Instant,

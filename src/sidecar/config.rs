@@ -229,7 +229,9 @@ impl SidecarConfig {
             None => errors
                 .push("broker: give the broker's gRPC URL (--broker https://HOST:8443)".into()),
             Some(url) if !url.starts_with("https://") => {
-                errors.push(format!("broker {url:?} must be an https:// URL"));
+                errors.push(format!(
+                    "broker {url}: the broker speaks only https (mTLS gRPC); use https://HOST:8443"
+                ));
             }
             Some(_) => {}
         }
@@ -498,7 +500,7 @@ mod tests {
         for expected in [
             "sidecar.yaml:3:1: unknown key \"colour\"",
             "outbound_strict \"maybe\"",
-            "broker \"http://plain\"",
+            "broker http://plain: the broker speaks only https",
             "trust_bundle",
             "attestation",
             "admin_listen \"nowhere\"",

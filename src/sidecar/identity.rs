@@ -88,6 +88,11 @@ pub enum IdentityError {
     /// retrying the same thing will not help.
     #[error("the broker refused: {0}")]
     Refused(String),
+    /// The broker's certificate does not verify with the trust bundle, or
+    /// is not for the host dialled: a configuration error, which retrying
+    /// will not fix.
+    #[error("{0}")]
+    Untrusted(crate::rpc::ConnectFailure),
     /// Local trouble: key generation, a token file, a bad answer.
     #[error("{0}")]
     Local(String),
@@ -167,7 +172,10 @@ impl IdentityClient {
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
-            .map_err(|e| IdentityError::Unreachable(format!("{e}: {}", source_of(&e))))
+            .map_err(|e| match crate::rpc::ConnectFailure::of(&e) {
+                crate::rpc::ConnectFailure::Unreachable(why) => IdentityError::Unreachable(why),
+                untrusted => IdentityError::Untrusted(untrusted),
+            })
     }
 
     /// First contact: proves the identity with `how` and gets an SVID for a
@@ -216,13 +224,9 @@ impl IdentityClient {
     }
 }
 
-fn source_of(e: &dyn std::error::Error) -> String {
-    e.source().map(ToString::to_string).unwrap_or_default()
-}
-
 fn status_error(status: tonic::Status) -> IdentityError {
     use tonic::Code;
-    let text = format!("{:?}: {}", status.code(), status.message());
+    let text = crate::rpc::refusal_text(&status);
     match status.code() {
         Code::Unavailable
         | Code::DeadlineExceeded

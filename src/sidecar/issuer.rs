@@ -98,7 +98,7 @@ impl Fetch for BrokerIssuer {
             .issue(request)
             .await
             .map_err(|status| {
-                let text = format!("{:?}: {}", status.code(), status.message());
+                let text = crate::rpc::refusal_text(&status);
                 if retryable(status.code()) {
                     FetchError::Unreachable(text)
                 } else {

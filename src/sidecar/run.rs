@@ -82,10 +82,12 @@ impl std::fmt::Debug for Sidecar {
 }
 
 /// First contact: attests, retrying with backoff while the broker is
-/// unreachable (it may be starting too). A refusal is final.
+/// unreachable (it may be starting too). A refusal is final, and so is a
+/// broker whose certificate the trust bundle does not verify.
 ///
 /// # Errors
-/// [`IdentityError::Refused`] or [`IdentityError::Local`].
+/// [`IdentityError::Refused`], [`IdentityError::Untrusted`] or
+/// [`IdentityError::Local`].
 pub async fn attest(
     identity: &IdentityClient,
     how: &Attestation,

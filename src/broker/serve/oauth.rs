@@ -13,7 +13,7 @@ use crate::broker::Broker;
 use crate::broker::state::denials::{Call, CallerError};
 use crate::broker::state::issue::{IssueError, IssueInput};
 use crate::dpop::NormalizedUri;
-use crate::http::{Body, Peer, json, read_body};
+use crate::http::{AfterRequest, Body, Peer, json, read_body};
 use crate::identity::SpiffeId;
 use crate::token::{Audience, Scope, Scopes};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -56,15 +56,30 @@ impl OAuth {
     }
 }
 
-/// Answers one request on the HTTPS listener.
-pub async fn handle(oauth: Arc<OAuth>, req: Request<Incoming>, peer: Arc<Peer>) -> Response<Body> {
+/// Answers one request on the HTTPS listener. A refusal decided before
+/// the body was read (no client certificate) must still reach an HTTP/2
+/// client as an answer, not a reset stream: the rest of a body within
+/// [`MAX_FORM`] is read first, so the exchange ends cleanly; a bigger one
+/// is kept unread until the answer is out (see [`AfterRequest`]).
+pub async fn handle(
+    oauth: Arc<OAuth>,
+    req: Request<Incoming>,
+    peer: Arc<Peer>,
+) -> Response<AfterRequest<Body>> {
+    let (parts, mut body) = req.into_parts();
+    let response = answer(&oauth, Request::from_parts(parts, &mut body), &peer).await;
+    crate::http::drain(&mut body, MAX_FORM).await;
+    response.map(|answer| AfterRequest::new(answer, body))
+}
+
+async fn answer(oauth: &OAuth, req: Request<&mut Incoming>, peer: &Peer) -> Response<Body> {
     let broker = &oauth.broker;
     match (req.method(), req.uri().path()) {
-        (&Method::POST, TOKEN_PATH) => token(broker, &oauth.token_uri, req, &peer).await,
-        (&Method::POST, INTROSPECT_PATH) => introspect(broker, req, &peer)
+        (&Method::POST, TOKEN_PATH) => token(broker, &oauth.token_uri, req, peer).await,
+        (&Method::POST, INTROSPECT_PATH) => introspect(broker, req, peer)
             .await
             .unwrap_or_else(OAuthError::into_response),
-        (&Method::POST, REVOKE_PATH) => revoke(broker, req, &peer)
+        (&Method::POST, REVOKE_PATH) => revoke(broker, req, peer)
             .await
             .unwrap_or_else(OAuthError::into_response),
         (&Method::GET | &Method::HEAD, JWKS_PATH) => {
@@ -77,7 +92,7 @@ pub async fn handle(oauth: Arc<OAuth>, req: Request<Incoming>, peer: Arc<Peer>) 
             );
             r
         }
-        (&Method::GET | &Method::HEAD, METADATA_PATH) => json(StatusCode::OK, &metadata(&oauth)),
+        (&Method::GET | &Method::HEAD, METADATA_PATH) => json(StatusCode::OK, &metadata(oauth)),
         (_, TOKEN_PATH | INTROSPECT_PATH | REVOKE_PATH) => not_allowed("POST"),
         (_, JWKS_PATH | METADATA_PATH) => not_allowed("GET, HEAD"),
         _ => json(
@@ -219,7 +234,7 @@ fn oauth_error(broker: &Broker, e: &IssueError) -> OAuthError {
 async fn token(
     broker: &Broker,
     token_uri: &NormalizedUri,
-    req: Request<Incoming>,
+    req: Request<&mut Incoming>,
     peer: &Peer,
 ) -> Response<Body> {
     match token_checked(broker, token_uri, req, peer).await {
@@ -244,7 +259,7 @@ async fn client_id(broker: &Broker, peer: &Peer, call: Call) -> Result<SpiffeId,
 
 /// Refuses a body that is not a form (RFC 6749 §3.2, RFC 7662 §2.1, RFC
 /// 7009 §2.1).
-fn require_form(req: &Request<Incoming>) -> Result<(), OAuthError> {
+fn require_form<B>(req: &Request<B>) -> Result<(), OAuthError> {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -296,7 +311,7 @@ fn parse_form(body: &[u8]) -> Result<TokenForm, OAuthError> {
 async fn token_checked(
     broker: &Broker,
     token_uri: &NormalizedUri,
-    req: Request<Incoming>,
+    req: Request<&mut Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
     let caller = client_id(broker, peer, Call::OAuthToken).await?;
@@ -428,7 +443,9 @@ async fn token_checked(
 
 /// The `token` parameter of an introspection or revocation request
 /// (`token_type_hint` is accepted and, with one kind of token, ignored).
-async fn token_param(req: Request<Incoming>) -> Result<zeroize::Zeroizing<String>, OAuthError> {
+async fn token_param(
+    req: Request<&mut Incoming>,
+) -> Result<zeroize::Zeroizing<String>, OAuthError> {
     require_form(&req)?;
     let body = read_body(req.into_body(), MAX_FORM)
         .await
@@ -450,7 +467,7 @@ async fn token_param(req: Request<Incoming>) -> Result<zeroize::Zeroizing<String
 /// not denied: every sidecar refuses it).
 async fn live_token(
     broker: &Broker,
-    req: Request<Incoming>,
+    req: Request<&mut Incoming>,
     peer: &Peer,
     call: Call,
 ) -> Result<(SpiffeId, Option<crate::store::IssuedToken>), OAuthError> {
@@ -478,7 +495,7 @@ fn may_manage(broker: &Broker, caller: &SpiffeId, token: &crate::store::IssuedTo
 /// else's token), so the endpoint tells a stranger nothing.
 async fn introspect(
     broker: &Broker,
-    req: Request<Incoming>,
+    req: Request<&mut Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
     let (caller, live) = live_token(broker, req, peer, Call::Introspect).await?;
@@ -517,7 +534,7 @@ async fn introspect(
 /// to another client would). The attempt is audited, not answered.
 async fn revoke(
     broker: &Arc<Broker>,
-    req: Request<Incoming>,
+    req: Request<&mut Incoming>,
     peer: &Peer,
 ) -> Result<Response<Body>, OAuthError> {
     let (caller, live) = live_token(broker, req, peer, Call::OAuthRevoke).await?;

@@ -54,8 +54,8 @@ impl pb::reports_server::Reports for ReportsService {
             .take(&reporter, REPORTS, broker.clock().now_ms())
         {
             return Err(Status::resource_exhausted(format!(
-                "too many reports; retry in {} s",
-                retry_ms.div_ceil(1000)
+                "too many reports; retry in {}",
+                crate::clock::human_duration(retry_ms.div_ceil(1000))
             )));
         }
         let report = request.into_inner();

@@ -59,7 +59,7 @@ pub enum IssueError {
     #[error("{0}")]
     Denied(#[from] IssueDenial),
     /// The matching rule's rate limit is reached.
-    #[error("rate limit of the issue rule at line {line} reached; retry in {retry_after} s")]
+    #[error("rate limit of the issue rule at line {line} reached; retry in {}", crate::clock::human_duration(*.retry_after))]
     RateLimited {
         /// Line of the rule in the policy file.
         line: usize,

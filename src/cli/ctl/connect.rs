@@ -47,13 +47,14 @@ pub(super) fn block_on<T, F: std::future::Future<Output = Result<T, CliError>>>(
         .block_on(f)
 }
 
-/// A refusal from the broker, as the broker worded it.
+/// A refusal from the broker, as the broker worded it; a broker that went
+/// away mid-call is unreachable, not a "no".
 pub(super) fn refused(status: tonic::Status) -> CliError {
-    CliError::Failed(format!(
-        "the broker refused: {}: {}",
-        status.code(),
-        status.message()
-    ))
+    let text = crate::rpc::refusal_text(&status);
+    match status.code() {
+        tonic::Code::Unavailable => CliError::Unavailable(format!("the broker is {text}")),
+        _ => CliError::Failed(format!("the broker refused: {text}")),
+    }
 }
 
 fn read_pem(path: &Path, what: &str) -> Result<String, CliError> {
@@ -79,12 +80,19 @@ pub(super) async fn admin_client(
         conn.key.as_deref().unwrap_or(&dir.join("admin/key.pem")),
         "admin key",
     )?);
-    let bundle = read_pem(
-        conn.bundle.as_deref().unwrap_or(&dir.join("bundle.pem")),
-        "trust bundle",
-    )?;
+    let bundle_path = conn
+        .bundle
+        .clone()
+        .unwrap_or_else(|| dir.join("bundle.pem"));
+    let bundle = read_pem(&bundle_path, "trust bundle")?;
+    if !conn.broker.starts_with("https://") {
+        return Err(CliError::Usage(format!(
+            "--broker {}: the broker speaks only https (mTLS gRPC); use https://HOST:PORT",
+            conn.broker
+        )));
+    }
     let endpoint = Channel::from_shared(conn.broker.clone())
-        .map_err(|e| CliError::Usage(format!("--broker {:?}: {e}", conn.broker)))?;
+        .map_err(|e| CliError::Usage(format!("--broker {}: {e}", conn.broker)))?;
     let host = endpoint.uri().host().unwrap_or("localhost").to_owned();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(bundle))
@@ -95,14 +103,29 @@ pub(super) async fn admin_client(
         .map_err(|e| CliError::Usage(format!("TLS settings: {e}")))?
         .connect()
         .await
-        .map_err(|e| {
-            CliError::Failed(format!(
-                "cannot reach the broker at {}: {e}{}",
-                conn.broker,
-                std::error::Error::source(&e)
-                    .map(|s| format!(" ({s})"))
-                    .unwrap_or_default()
-            ))
-        })?;
+        .map_err(|e| connect_failed(&conn.broker, &bundle_path, &e))?;
     Ok(pb::admin_client::AdminClient::new(channel))
+}
+
+/// A failed connect in words, with the exit code it deserves: a bundle
+/// that is not this broker's is configuration (64), anything else is the
+/// broker being unreachable (69).
+fn connect_failed(
+    broker: &str,
+    bundle: &Path,
+    error: &(dyn std::error::Error + 'static),
+) -> CliError {
+    use crate::rpc::ConnectFailure;
+    match ConnectFailure::of(error) {
+        why @ ConnectFailure::WrongBundle { .. } => CliError::Usage(format!(
+            "trust bundle {} is not the bundle of the broker at {broker}: {why} (give this broker's with --bundle or --data-dir)",
+            bundle.display()
+        )),
+        why @ ConnectFailure::WrongName { .. } => CliError::Usage(format!(
+            "--broker {broker}: {why}; use a name its certificate holds"
+        )),
+        ConnectFailure::Unreachable(why) => CliError::Unavailable(format!(
+            "cannot reach the broker at {broker}: {why} (is `tally broker` running? --broker)"
+        )),
+    }
 }

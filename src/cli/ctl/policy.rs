@@ -317,9 +317,9 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, CliError> {
     );
     for (class, limits) in &policy.classes {
         say!(
-            "  class {class}: default_ttl {}s, max_ttl {}s",
-            limits.default_ttl,
-            limits.max_ttl
+            "  class {class}: default_ttl {}, max_ttl {}",
+            crate::clock::human_duration(limits.default_ttl),
+            crate::clock::human_duration(limits.max_ttl)
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -13,6 +13,7 @@ mod helpers;
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::broker::Broker;
 use crate::broker::state::keys::KeyState;
+use crate::clock::human_duration;
 use crate::proto::v1 as pb;
 use crate::store::AuditFilter;
 use std::sync::Arc;
@@ -40,7 +41,9 @@ impl pb::admin_server::Admin for AdminService {
             t if t <= MAX_JOIN_TOKEN_TTL => t,
             t => {
                 return Err(Status::invalid_argument(format!(
-                    "ttl_seconds {t} is longer than {MAX_JOIN_TOKEN_TTL}"
+                    "ttl {} is longer than the {} maximum",
+                    human_duration(t),
+                    human_duration(MAX_JOIN_TOKEN_TTL)
                 )));
             }
         };
@@ -68,7 +71,9 @@ impl pb::admin_server::Admin for AdminService {
             t if t <= MAX_MINT_TTL => t,
             t => {
                 return Err(Status::invalid_argument(format!(
-                    "ttl_seconds {t} is longer than {MAX_MINT_TTL}"
+                    "ttl {} is longer than the {} maximum",
+                    human_duration(t),
+                    human_duration(MAX_MINT_TTL)
                 )));
             }
         };
