@@ -190,7 +190,7 @@ fn sidecar_settings_errors_are_all_reported_with_exit_64() {
     assert_eq!(o.status.code(), Some(64));
     let err = String::from_utf8_lossy(&o.stderr);
     for expected in [
-        "must be an https:// URL",
+        "the broker speaks only https",
         "trust_bundle",
         "--join-token",
         "admin_listen \"nowhere\"",
