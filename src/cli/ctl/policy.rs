@@ -47,7 +47,7 @@ pub(super) fn run(conn: &BrokerConnection, command: PolicyCommand) -> Result<Exi
                     .await?
                     .rollback_policy(pb::RollbackPolicyRequest { version, comment })
                     .await
-                    .map_err(refused)
+                    .map_err(missing_or_refused)
                     .map(tonic::Response::into_inner)
             })?;
             print_change(&change, output);
@@ -112,11 +112,17 @@ async fn get(conn: &BrokerConnection, version: u64) -> Result<pb::PolicyVersion,
         .await?
         .get_policy(pb::GetPolicyRequest { version })
         .await
-        .map_err(|status| match status.code() {
-            tonic::Code::NotFound => CliError::Data(status.message().to_owned()),
-            _ => refused(status),
-        })
+        .map_err(missing_or_refused)
         .map(tonic::Response::into_inner)
+}
+
+/// A version the broker does not hold is bad data (exit 65); any other
+/// refusal is the broker's.
+fn missing_or_refused(status: tonic::Status) -> CliError {
+    match status.code() {
+        tonic::Code::NotFound => CliError::Data(status.message().to_owned()),
+        _ => refused(status),
+    }
 }
 
 fn print_change(change: &pb::PolicyChangeResponse, output: Output) {
