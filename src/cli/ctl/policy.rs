@@ -381,14 +381,14 @@ pub(super) fn explain(args: &ExplainArgs) -> Result<ExitCode, CliError> {
     match policy.decide_issue(&request) {
         Ok(grant) => {
             say!(
-                "ALLOW: rule at line {} issues scope \"{}\" as class {} for {}s{}",
+                "ALLOW: rule at line {} issues scope \"{}\" as class {} for {}{}",
                 grant.pos.line,
                 grant.scopes,
                 grant.class,
-                grant.ttl,
+                crate::clock::human_duration(grant.ttl),
                 grant
                     .rate
-                    .map(|r| format!(", rate {}/{}s", r.count, r.per_secs))
+                    .map(|r| format!(", rate {r}"))
                     .unwrap_or_default()
             );
             Ok(ExitCode::SUCCESS)
