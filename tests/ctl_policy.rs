@@ -28,11 +28,14 @@ fn policy_versions_are_applied_diffed_and_rolled_back_and_each_change_is_audited
         table.contains("rollback") && table.contains("refunds were a mistake"),
         "{table}"
     );
-    // An unknown version: refused (NotFound, exit 1), nothing served.
+    // An unknown version: refused in the broker's words (exit 1), nothing served.
     let (code, out, err) = run(&["policy", "rollback", "9"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(out.is_empty(), "{out}");
-    assert!(err.contains("not found: no policy version 9"), "{err}");
+    assert!(
+        err.contains("the broker refused: no policy version 9"),
+        "{err}"
+    );
     // Each change is audited with its author and diff.
     let (_, out, _) = run(&[
         "audit",
