@@ -100,6 +100,27 @@ fn a_single_broker_keeps_its_issuer_across_ports_and_refuses_another() {
         "{err}"
     );
     assert!(err.contains("would be refused"), "{err}");
+
+    // Both changed at once: both named, not only the first.
+    let (code, err) = refused_start(
+        &data,
+        &[
+            "--trust-domain",
+            "other.example",
+            "--policy",
+            POLICY_FILE,
+            "--issuer",
+            "https://broker.example:8444",
+        ],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("belongs to trust domain example.org, not other.example")
+            && err.contains(&format!(
+                "issued as {issuer}, not https://broker.example:8444"
+            )),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -210,11 +231,13 @@ async fn a_replica_with_another_issuer_or_trust_domain_on_the_same_database_is_r
         }
         other => panic!("expected an issuer refusal, got {other:?}"),
     }
-    let other = tally::broker::BrokerSettings::with_policy(
+    let mut other = tally::broker::BrokerSettings::with_policy(
         "other.example",
         "trust_domain: other.example\n",
     )
     .unwrap();
+    // The same issuer, so the trust domain is the one difference.
+    other.issuer = "https://tally.example:8444".into();
     let refused = Broker::open(other, open().await, clock()).await;
     assert!(
         matches!(

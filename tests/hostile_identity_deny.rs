@@ -517,6 +517,14 @@ async fn a_denial_made_with_ctl_holds_after_the_broker_is_killed_and_restarted()
         (&row["denied"], &row["denied_reason"]),
         (&true.into(), &"pod compromised".into())
     );
+    // The table says who denied it and why, as the runbook promises.
+    let table = broker.ctl(&data, &["identities", "list"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    let line = table.lines().find(|l| l.starts_with(CHECKOUT)).unwrap();
+    assert!(
+        line.contains(" by spiffe://example.org/admin (\"pod compromised\")"),
+        "{table}"
+    );
 
     let said = broker.ctl(
         &data,

@@ -94,7 +94,17 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
     };
     let o = client(&["identity"]);
     assert_eq!(o.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("spiffe_id:    {checkout}")));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains(&format!("spiffe_id:    {checkout}")),
+        "{said}"
+    );
+    // Times as every command prints them: RFC 3339 UTC.
+    let expiry = said
+        .lines()
+        .find_map(|l| l.strip_prefix("expires_at:   "))
+        .unwrap_or_default();
+    assert!(humantime::parse_rfc3339(expiry).is_ok(), "{said}");
     // The token alone on stdout, for `$(…)` and `> token.txt`; the rest
     // on stderr.
     let o = client(&[

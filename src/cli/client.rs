@@ -113,7 +113,7 @@ pub(super) fn run(args: ClientArgs) -> Result<ExitCode, CliError> {
                 "token_type {}, scope {:?}, expires_at {}; use it with a fresh DPoP proof per request (`tally client authorize`)",
                 text(&answer, "token_type"),
                 text(&answer, "scope"),
-                answer["expires_at"]
+                expiry(&answer)
             );
         }
         ClientCommand::Authorize { method, url, .. } => {
@@ -131,7 +131,7 @@ pub(super) fn run(args: ClientArgs) -> Result<ExitCode, CliError> {
         ClientCommand::Identity => {
             say!("spiffe_id:    {}", text(&answer, "spiffe_id"));
             say!("trust_domain: {}", text(&answer, "trust_domain"));
-            say!("expires_at:   {}", answer["expires_at"]);
+            say!("expires_at:   {}", expiry(&answer));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -198,4 +198,12 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
+}
+
+/// The answer's `expires_at` (Unix seconds) as RFC 3339, as every time the
+/// CLI prints.
+fn expiry(answer: &serde_json::Value) -> String {
+    answer["expires_at"]
+        .as_i64()
+        .map_or_else(|| "-".to_owned(), super::ctl::output::when)
 }

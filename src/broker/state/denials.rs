@@ -127,7 +127,7 @@ pub enum DenyError {
     },
     /// Denying an admin would lock the admins out of `allow`.
     #[error(
-        "{0} is an admin of this broker and cannot be denied: remove it from the broker's --admin list instead"
+        "{0} is this broker's admin identity and cannot be denied (its credential is the data directory's admin/)"
     )]
     Admin(SpiffeId),
     /// The broker's own identity names its listeners, not a workload.

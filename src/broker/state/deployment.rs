@@ -53,6 +53,9 @@ pub enum DeploymentError {
         /// The store is shared by replicas (PostgreSQL).
         shared: bool,
     },
+    /// More than one setting differs: each, one per line.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<DeploymentError>),
 }
 
 /// `stored` against `configured`, pure: `Ok` when they agree.
@@ -105,13 +108,23 @@ impl Broker {
                 Some(id.trust_domain().to_owned())
             }),
         };
-        if let Some(stored) = stored {
-            check_trust_domain(&stored, configured)?;
+        // Both are checked, so a start that differs in both says so at once.
+        let mut differ = Vec::new();
+        if let Some(Err(e)) = stored.map(|stored| check_trust_domain(&stored, configured)) {
+            differ.push(e);
         }
-        if let Some(stored) = store.deployment_setting(ISSUER).await? {
-            check_issuer(&stored, &settings.issuer, store.is_shared())?;
+        if let Some(Err(e)) = store
+            .deployment_setting(ISSUER)
+            .await?
+            .map(|stored| check_issuer(&stored, &settings.issuer, store.is_shared()))
+        {
+            differ.push(e);
         }
-        Ok(())
+        match differ.len() {
+            0 => Ok(()),
+            1 => Err(differ.remove(0).into()),
+            _ => Err(DeploymentError::Several(differ).into()),
+        }
     }
 
     /// Records `settings`' trust domain and issuer for a deployment that

@@ -14,7 +14,8 @@ pub struct BrokerConnection {
         long,
         env = "TALLY_BROKER",
         default_value = "https://localhost:8443",
-        global = true
+        global = true,
+        help_heading = "Connection to the broker"
     )]
     broker: String,
     /// The broker's data directory: admin/cert.pem, admin/key.pem and
@@ -23,17 +24,18 @@ pub struct BrokerConnection {
         long,
         env = "TALLY_DATA_DIR",
         default_value = "tally-data",
-        global = true
+        global = true,
+        help_heading = "Connection to the broker"
     )]
     data_dir: PathBuf,
     /// Admin certificate chain (PEM) [default: DATA_DIR/admin/cert.pem].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection to the broker")]
     cert: Option<PathBuf>,
     /// Admin private key (PEM) [default: DATA_DIR/admin/key.pem].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection to the broker")]
     key: Option<PathBuf>,
     /// Trust bundle (PEM) [default: DATA_DIR/bundle.pem].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Connection to the broker")]
     bundle: Option<PathBuf>,
 }
 

@@ -65,8 +65,8 @@ pub enum IdentitiesCommand {
 /// `tally ctl identities deny|allow`.
 #[derive(Debug, Args)]
 pub struct DenialArgs {
-    /// The workload's SPIFFE ID (in the broker's trust domain; one never
-    /// seen may be denied ahead of time).
+    /// The workload's SPIFFE ID, in the broker's trust domain (`deny`
+    /// takes one never seen too, ahead of time).
     spiffe_id: String,
     /// Why, for the audit log and `identities list`.
     #[arg(long, default_value = "")]
@@ -241,8 +241,16 @@ pub(super) fn identities(
                         },
                         i.tokens.to_string(),
                         i.live_tokens.to_string(),
+                        // Last column, so its length cannot skew the
+                        // others; the reason is quoted (control
+                        // characters escaped).
                         if i.denied {
-                            format!("denied {}", when(i.denied_at))
+                            format!(
+                                "denied {} by {} ({:?})",
+                                when(i.denied_at),
+                                i.denied_by,
+                                i.denied_reason
+                            )
                         } else {
                             "allowed".into()
                         },
