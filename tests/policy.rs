@@ -378,3 +378,22 @@ fn the_access_document_reads_back_as_the_same_rules() {
         Policy::parse(&p.access_document(Some(&id("spiffe://example.org/ns/x/sa/y")))).unwrap();
     assert!(stranger.access.is_empty());
 }
+
+#[test]
+fn a_double_star_in_a_spiffe_id_pattern_is_refused_for_what_it_is() {
+    // `**` ends path patterns only; in a SPIFFE ID, even as its last
+    // segment, it is refused, and the message must not claim otherwise.
+    let text = "\
+trust_domain: example.org
+issue:
+  - from: spiffe://example.org/**
+    to: spiffe://example.org/ns/pay/sa/payments
+    scopes: [payments:read]
+";
+    let err = Policy::parse(text).unwrap_err().to_string();
+    assert!(
+        err.contains("'**' is not allowed in a SPIFFE ID pattern"),
+        "{err}"
+    );
+    assert!(!err.contains("only allowed as the last segment"), "{err}");
+}

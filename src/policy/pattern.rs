@@ -29,7 +29,11 @@ fn segments(path: &str, allow_rest: bool) -> Result<Vec<Segment>, String> {
         .map(|(i, part)| match *part {
             "*" => Ok(Segment::One),
             "**" if allow_rest && i == last => Ok(Segment::Rest),
-            "**" => Err("'**' is only allowed as the last segment".to_owned()),
+            "**" if allow_rest => Err("'**' is only allowed as the last segment".to_owned()),
+            "**" => Err(
+                "'**' is not allowed in a SPIFFE ID pattern: '*' stands for one whole segment"
+                    .to_owned(),
+            ),
             "" if i == last && i > 0 => Err("a trailing '/' is not allowed".to_owned()),
             "" => Err("empty path segment ('//')".to_owned()),
             p if p.contains('*') => Err(format!(
