@@ -88,7 +88,7 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
         .map_err(cli)?;
     // Before the lines that say it is ready: a SIGTERM after them stops it
     // cleanly.
-    let signal = shutdown_signal();
+    let signal = super::shutdown_signal();
     // Scripts and tests wait for these lines instead of sleeping.
     say!(
         "tally broker: trust domain {}, gRPC (mTLS) listening on {}",
@@ -126,27 +126,3 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
 /// How long shutdown waits for connections to finish.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// Resolves on SIGTERM or SIGINT. The handlers are in place when this
-/// returns, not when the future is first polled: a signal that arrives
-/// after a process has said it is ready (but before it awaits this) must
-/// stop it cleanly, not kill it (no handler yet) or be lost.
-pub(super) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        match (term, int) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(error = %e, "cannot watch SIGTERM or SIGINT; stopping on Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-        tracing::info!("shutting down: no new connections, finishing calls in flight");
-    }
-}

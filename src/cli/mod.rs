@@ -155,6 +155,31 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
+/// Resolves on SIGTERM or SIGINT. The handlers are in place when this
+/// returns, not when the future is first polled: a signal that arrives
+/// after a process has said it is ready (but before it awaits this) must
+/// stop it cleanly, not kill it (no handler yet) or be lost.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM or SIGINT; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("shutting down: no new connections, finishing calls in flight");
+    }
+}
+
 /// Seconds since the Unix epoch from the wall clock: only the CLI shell
 /// reads it; the core is always handed `now`.
 pub(crate) fn wall_clock_now() -> u64 {

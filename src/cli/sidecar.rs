@@ -134,7 +134,7 @@ async fn serve(
                 other => CliError::Failed(format!("attestation failed: {other}")),
             })?
         }
-        () = super::broker::shutdown_signal() => {
+        () = super::shutdown_signal() => {
             let _ = std::fs::remove_file(&socket);
             return Ok(ExitCode::SUCCESS);
         }
@@ -142,8 +142,8 @@ async fn serve(
     // Watched from before the lines that say it is ready, so a SIGTERM
     // after them is never lost.
     let (signal, drain_signal) = (
-        super::broker::shutdown_signal(),
-        super::broker::shutdown_signal(),
+        super::shutdown_signal(),
+        super::shutdown_signal(),
     );
     // The lines below tell scripts it is ready: keys, bundle and access
     // rules in hand (or a warning after a while, and it keeps trying).

@@ -124,7 +124,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
         );
         say!("  curl http://{payments_admin_addr}/metrics");
         say!("  curl http://{payments_admin_addr}/readyz");
-        crate::cli::broker::shutdown_signal().await;
+        crate::cli::shutdown_signal().await;
     }
 
     mesh.stop().await?;
@@ -139,7 +139,7 @@ async fn app_alone(listen: std::net::SocketAddr) -> Result<ExitCode, CliError> {
         .map_err(|e| CliError::Usage(format!("--listen {listen}: {e}")))?;
     let (addr, stop) = app::payments_app(listener)?;
     say!("tally demo app: the payments app on {addr} (POST /v1/charges, GET /v1/charges/ID)");
-    crate::cli::broker::shutdown_signal().await;
+    crate::cli::shutdown_signal().await;
     let _ = stop.send(());
     Ok(ExitCode::SUCCESS)
 }
