@@ -125,4 +125,3 @@ async fn serve(config: BrokerConfig) -> Result<ExitCode, CliError> {
 
 /// How long shutdown waits for connections to finish.
 const DRAIN: Duration = Duration::from_secs(10);
-

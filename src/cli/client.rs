@@ -189,6 +189,14 @@ pub(super) async fn call(
     Ok((status, answer))
 }
 
+/// The answer's `expires_at` (Unix seconds) as RFC 3339, as every time the
+/// CLI prints.
+fn expiry(answer: &serde_json::Value) -> String {
+    answer["expires_at"]
+        .as_i64()
+        .map_or_else(|| "-".to_owned(), super::ctl::output::when)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,12 +206,4 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
-}
-
-/// The answer's `expires_at` (Unix seconds) as RFC 3339, as every time the
-/// CLI prints.
-fn expiry(answer: &serde_json::Value) -> String {
-    answer["expires_at"]
-        .as_i64()
-        .map_or_else(|| "-".to_owned(), super::ctl::output::when)
 }

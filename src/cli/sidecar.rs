@@ -141,10 +141,7 @@ async fn serve(
     };
     // Watched from before the lines that say it is ready, so a SIGTERM
     // after them is never lost.
-    let (signal, drain_signal) = (
-        super::shutdown_signal(),
-        super::shutdown_signal(),
-    );
+    let (signal, drain_signal) = (super::shutdown_signal(), super::shutdown_signal());
     // The lines below tell scripts it is ready: keys, bundle and access
     // rules in hand (or a warning after a while, and it keeps trying).
     if !sidecar.ready(Duration::from_secs(15)).await {
