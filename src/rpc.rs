@@ -46,7 +46,8 @@ pub enum ConnectFailure {
     /// will not help; the configuration must change.
     #[error("its certificate does not verify with this bundle ({reason})")]
     WrongBundle {
-        /// What TLS said (`BadSignature`, `UnknownIssuer`, …).
+        /// What TLS found, in words ("issued by a CA this bundle does not
+        /// hold").
         reason: String,
     },
     /// The certificate verifies but is not for the host name dialled.
@@ -70,7 +71,7 @@ impl ConnectFailure {
         while let Some(e) = next {
             if let Some(tls) = tls_error(e) {
                 if let rustls::Error::InvalidCertificate(cert) = tls {
-                    let reason = format!("{cert:?}");
+                    let reason = certificate_words(cert);
                     return match cert {
                         C::BadSignature
                         | C::UnknownIssuer
@@ -96,6 +97,25 @@ impl ConnectFailure {
             }
         }
         Self::Unreachable(text)
+    }
+}
+
+/// What a certificate error means, in words (rustls names them as Rust
+/// variants: `UnknownIssuer`).
+fn certificate_words(error: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as C;
+    match error {
+        C::BadSignature => "signed by a key this bundle does not hold".into(),
+        C::UnknownIssuer => "issued by a CA this bundle does not hold".into(),
+        C::BadEncoding => "the certificate does not parse".into(),
+        C::InvalidPurpose => "the certificate is not for a TLS server".into(),
+        C::UnhandledCriticalExtension => {
+            "the certificate has a critical extension this client does not know".into()
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "the certificate is for another name".into()
+        }
+        other => other.to_string(),
     }
 }
 
@@ -134,7 +154,7 @@ mod tests {
         let io = std::io::Error::other(tls);
         assert!(matches!(
             ConnectFailure::of(&io),
-            ConnectFailure::WrongBundle { reason } if reason == "BadSignature"
+            ConnectFailure::WrongBundle { reason } if reason == "signed by a key this bundle does not hold"
         ));
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert!(matches!(
