@@ -140,6 +140,13 @@ async fn a_leaked_token_is_revoked_from_the_token_itself_and_a_forgery_revokes_n
         text(&o)
     );
     assert_eq!(lookup(&issued), false);
+    let o = issued.ctl(&["revoke", "--token", &forged, "--output", "json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let said: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (&said["found"], &said["revoked"]),
+        (&false.into(), &false.into())
+    );
     // The token itself, from stdin: revoked, by its jti.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args([

@@ -42,8 +42,14 @@ pub(super) fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCo
         Some(token) => match jti_of_issued(conn, token)? {
             Some(jti) => Some(jti),
             None => {
-                say!(
-                    "not issued by this broker: no inventory record has this token's id and keyed hash; nothing revoked"
+                print(
+                    args.output,
+                    &serde_json::json!({"found": false, "revoked": false}),
+                    || {
+                        say!(
+                            "not issued by this broker: no inventory record has this token's id and keyed hash; nothing revoked"
+                        );
+                    },
                 );
                 return Ok(ExitCode::from(1));
             }
