@@ -352,6 +352,25 @@ fn verdict(output: Output, report: &Value) -> Result<ExitCode, CliError> {
 }
 
 /// Checks a JSON-lines audit file here, line by line (each at most 64 KiB).
+/// The broker's record of `token` (`-`: standard input, which keeps it
+/// out of shell history): found only if its id and keyed hash both match.
+pub(super) fn lookup_token(
+    conn: &BrokerConnection,
+    token: &str,
+) -> Result<pb::LookupTokenResponse, CliError> {
+    let token = zeroize::Zeroizing::new(crate::cli::arg_or_stdin(token)?);
+    block_on(async {
+        admin_client(conn)
+            .await?
+            .lookup_token(pb::LookupTokenRequest {
+                token: token.trim().to_owned(),
+            })
+            .await
+            .map_err(refused)
+            .map(tonic::Response::into_inner)
+    })
+}
+
 /// What reading a JSON-lines audit file found.
 struct FileCheck {
     checked: u64,
@@ -506,26 +525,7 @@ fn print_records(lines: &[String], output: Output) {
 }
 
 fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCode, CliError> {
-    let token = zeroize::Zeroizing::new(if token == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .take(64 * 1024)
-            .read_to_string(&mut text)
-            .map_err(|e| CliError::Usage(format!("reading the token from stdin: {e}")))?;
-        text
-    } else {
-        token.to_owned()
-    });
-    let found = block_on(async {
-        let mut admin = admin_client(conn).await?;
-        admin
-            .lookup_token(pb::LookupTokenRequest {
-                token: token.trim().to_owned(),
-            })
-            .await
-            .map_err(refused)
-            .map(tonic::Response::into_inner)
-    })?;
+    let found = lookup_token(conn, token)?;
     let gone = block_on(async { archived(&mut admin_client(conn).await?).await })?;
     if !found.found {
         match (output, &gone) {

@@ -39,9 +39,9 @@ pub struct RevokeArgs {
 pub(super) fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCode, CliError> {
     use pb::revoke_request::Target;
     let jti = match &args.token {
-        Some(token) => match jti_of_issued(conn, token)? {
-            Some(jti) => Some(jti),
-            None => {
+        Some(token) => match super::audit::lookup_token(conn, token)? {
+            found if found.found => Some(found.jti),
+            _ => {
                 print(
                     args.output,
                     &serde_json::json!({"found": false, "revoked": false}),
@@ -97,20 +97,4 @@ pub(super) fn revoke(conn: &BrokerConnection, args: RevokeArgs) -> Result<ExitCo
         );
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// The jti of `token` (`-`: standard input) if this broker issued it.
-fn jti_of_issued(conn: &BrokerConnection, token: &str) -> Result<Option<String>, CliError> {
-    let token = zeroize::Zeroizing::new(crate::cli::arg_or_stdin(token)?);
-    let found = block_on(async {
-        let mut admin = admin_client(conn).await?;
-        admin
-            .lookup_token(pb::LookupTokenRequest {
-                token: token.trim().to_owned(),
-            })
-            .await
-            .map_err(refused)
-            .map(tonic::Response::into_inner)
-    })?;
-    Ok(found.found.then_some(found.jti))
 }
