@@ -121,7 +121,7 @@ impl Sidecar {
         let identity = IdentityClient::new(settings.broker.clone(), settings.bundle_pem.clone());
         let svid = attest(&identity, &settings.attestation, clock.as_ref()).await?;
         let spiffe_id = svid.spiffe_id.clone();
-        let key = Arc::new(ProofKey::generate().map_err(|e| IdentityError::Local(e.to_string()))?);
+        let key = Arc::new(svid_key(&svid)?);
         let issuer = Arc::new(BrokerIssuer::new(
             identity.channel(&svid)?,
             key,
@@ -364,8 +364,17 @@ impl Sidecar {
     }
 }
 
-/// On every renewed SVID: a new mTLS channel and a new DPoP key for new
-/// tokens (cached tokens keep the key they are bound to until they
+/// The DPoP key of an SVID: its own key, so a token bound to it is bound
+/// to the TLS identity too (a mesh peer proves possession in the
+/// handshake).
+fn svid_key(svid: &Svid) -> Result<ProofKey, IdentityError> {
+    crate::jose::SigningKey::from_pkcs8_pem(svid.key_pem.as_bytes())
+        .map(ProofKey::new)
+        .map_err(|e| IdentityError::Local(format!("the SVID's key: {e}")))
+}
+
+/// On every renewed SVID: a new mTLS channel, and its key as the DPoP key
+/// for new tokens (cached tokens keep the key they are bound to until they
 /// expire).
 async fn follow_renewals(
     mut svids: watch::Receiver<Arc<Svid>>,
@@ -381,10 +390,10 @@ async fn follow_renewals(
                 continue;
             }
         };
-        match ProofKey::generate() {
+        match svid_key(&svid) {
             Ok(key) => issuer.set_identity(channel, Arc::new(key)),
             Err(e) => {
-                tracing::error!(error = %e, "cannot make a new DPoP key; keeping the current one");
+                tracing::error!(error = %e, "cannot use the renewed SVID's key for DPoP; keeping the current one");
                 let (_, key) = issuer.current();
                 issuer.set_identity(channel, key);
             }
