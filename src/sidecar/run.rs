@@ -10,6 +10,7 @@ use super::cache::{CacheConfig, TokenCache};
 use super::identity::{Attestation, IdentityClient, IdentityError, Svid, backoff, keep_renewed};
 use super::inbound::{Inbound, InboundConfig};
 use super::issuer::BrokerIssuer;
+use super::mtls::MeshTls;
 use super::outbound::{Outbound, OutboundConfig};
 use super::watch::{MeshState, follow};
 use crate::auth::{RequestVerifier, VerifierConfig};
@@ -166,6 +167,7 @@ impl Sidecar {
             Arc::clone(&issuer),
         ));
         let (mesh, mesh_rx) = watch::channel(MeshState::default());
+        let mesh_tls = MeshTls::new(svid_rx.clone(), Some(mesh_rx.clone()));
         let current = Arc::clone(&issuer);
         tokio::spawn(follow(move || current.channel(), Arc::clone(&clock), mesh));
 
@@ -247,9 +249,20 @@ impl Sidecar {
             servers.push(("local API", tokio::spawn(server)));
         }
         if let (Some(listener), Some(inbound)) = (listeners.inbound, parts.inbound.clone()) {
+            // TLS (mesh peers) and plaintext on one port, by first byte.
+            let listen = listen("inbound")
+                .tls_or_plaintext(super::mesh_conn::tls_source(
+                    Arc::clone(&mesh_tls),
+                    inbound.config().mtls,
+                ))
+                .close_when(super::mesh_conn::closer(
+                    Arc::clone(&mesh_tls),
+                    parts.mesh.clone(),
+                    Arc::clone(&parts.clock),
+                ));
             let server = crate::http::serve(
                 listener,
-                listen("inbound"),
+                listen,
                 move |req, peer| Arc::clone(&inbound).handle(req, peer),
                 stopped(stop.subscribe()),
             );
