@@ -61,7 +61,7 @@ pub struct SidecarFlags {
     pub upstream: Option<String>,
     /// Inbound port: `optional` serves mutual TLS (sidecars, with their
     /// SVIDs) and plaintext side by side; `required` refuses plaintext.
-    #[arg(long, env = "TALLY_INBOUND_MTLS", value_name = "optional|required")]
+    #[arg(long, env = "TALLY_INBOUND_MTLS", value_name = "MODE")]
     pub inbound_mtls: Option<String>,
     /// Demand DPoP server nonces from inbound callers (RFC 9449 §8).
     #[arg(long, env = "TALLY_INBOUND_NONCES")]

@@ -174,6 +174,14 @@ impl Mesh {
         Self { dir, broker }
     }
 
+    /// A mesh whose broker runs with `settings`.
+    pub async fn start_settings(settings: tally::broker::BrokerSettings) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Sealer::generate_key_text().unwrap();
+        let broker = serve_broker(dir.path(), &key, settings, "127.0.0.1:0").await;
+        Self { dir, broker }
+    }
+
     /// A mesh whose broker serves `policy` and reads `clock`.
     pub async fn start_with(policy: &str, clock: Arc<dyn tally::clock::Clock>) -> Self {
         let dir = tempfile::tempdir().unwrap();
