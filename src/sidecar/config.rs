@@ -494,6 +494,7 @@ mod tests {
             Some(("127.0.0.1:15006".parse().unwrap(), "127.0.0.1:8080".into()))
         );
         assert!(c.inbound_nonces && !c.pass_credentials && !c.outbound_strict);
+        assert_eq!(c.inbound_mtls, super::super::mtls::InboundMtls::Optional);
         assert_eq!(c.allow_uids, [1000, 1001]);
         assert_eq!(c.outbound_listen, None);
         assert_eq!((c.proof_max_age, c.clock_skew), (30, 2));
@@ -510,7 +511,7 @@ mod tests {
             admin_listen: Some("nowhere".into()),
             ..SidecarFlags::default()
         };
-        let file = "inbound_listen: 127.0.0.1:15006\noutbound_strict: maybe\ncolour: blue\nproof_max_age: forever\n";
+        let file = "inbound_listen: 127.0.0.1:15006\noutbound_strict: maybe\ncolour: blue\nproof_max_age: forever\ninbound_mtls: sometimes\n";
         let errors = SidecarConfig::resolve(&flags, Some(("sidecar.yaml", file))).unwrap_err();
         let all = errors.join("\n");
         for expected in [
@@ -522,10 +523,11 @@ mod tests {
             "admin_listen \"nowhere\"",
             "inbound_listen needs upstream",
             "proof_max_age \"forever\"",
+            "inbound_mtls: \"sometimes\" is not optional or required",
         ] {
             assert!(all.contains(expected), "{expected} missing from:\n{all}");
         }
-        assert_eq!(errors.len(), 8, "{all}");
+        assert_eq!(errors.len(), 9, "{all}");
     }
 
     #[test]
@@ -538,6 +540,7 @@ mod tests {
             watch_staleness: Some("45s".into()),
             inbound_authorities: vec!["Pay.svc:8080".into()],
             allow_uids: vec![1000],
+            inbound_mtls: Some("required".into()),
             ..flags()
         };
         let settings = SidecarConfig::resolve(&flags, None)
@@ -545,6 +548,7 @@ mod tests {
             .settings("PEM".into(), ServiceMap::default());
         let inbound = settings.inbound.unwrap();
         assert_eq!(inbound.upstream, "127.0.0.1:8080");
+        assert_eq!(inbound.mtls, super::super::mtls::InboundMtls::Required);
         assert!(inbound.pass_credentials && inbound.deny_when_stale);
         assert_eq!((inbound.stale_after, settings.watch_staleness), (45, 45));
         assert_eq!(
