@@ -2,7 +2,7 @@
 //! assembles it from the settings [`config`] resolves: the X.509
 //! identity, attested and renewed ([`identity`]); the token cache
 //! ([`cache`]) filled by the broker call ([`issuer`]); the Watch stream
-//! follower ([`watch`]); and the servers: the local socket API ([`api`]),
+//! follower ([`watch`]); and the servers: the local socket API ([`api`], reading the [`service_map`]),
 //! the inbound verifying proxy ([`inbound`], which reports refusals
 //! through [`failures`]), the outbound proxy ([`outbound`]; both proxies
 //! share [`proxy`]) and the admin port ([`admin`]). [`jitter`] spreads
@@ -21,6 +21,7 @@ pub mod mtls;
 pub mod outbound;
 pub mod proxy;
 pub mod run;
+pub mod service_map;
 pub mod watch;
 
 pub use jitter::random_unit;
