@@ -19,16 +19,17 @@
 
 use super::cache::{CacheError, Fetch, Fetched, TokenCache};
 use super::identity::Svid;
+pub use super::service_map::{Destination, ServiceMap, ServiceMapError};
 use super::watch::MeshState;
 use crate::auth::answer::safe_description;
 use crate::clock::Clock;
 use crate::dpop::NormalizedUri;
 use crate::http::{Body, Peer, json, read_body};
+use crate::jose::Jkt;
 use crate::token::{Audience, Scope, Scopes};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
-pub use super::service_map::{Destination, ServiceMap, ServiceMapError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -63,6 +64,15 @@ pub struct RequestHeaders {
     pub authorization: String,
     /// `DPoP: <proof>`.
     pub dpop: String,
+}
+
+/// Header values for one request over a mutual-TLS connection (they hold
+/// the token: never log them).
+pub struct MeshHeaders {
+    /// `Authorization: DPoP <token>`.
+    pub authorization: String,
+    /// `DPoP: <proof>`, unless the token is bound to the connection's key.
+    pub dpop: Option<String>,
 }
 
 /// A refusal, as the app sees it.
@@ -302,8 +312,50 @@ impl<F: Fetch> LocalApi<F> {
         scopes: &Scopes,
     ) -> Result<RequestHeaders, ApiError> {
         let fetched = self.fetch(audience, scopes).await?;
+        Ok(RequestHeaders {
+            dpop: self.proof(&fetched, method, htu)?,
+            authorization: format!("DPoP {}", fetched.token.expose()),
+        })
+    }
+
+    /// The same for a request sent over a mutual-TLS connection whose
+    /// client certificate's key has the thumbprint `connection_key`: a
+    /// token bound to that key has proven possession in the handshake and
+    /// goes without a proof; one bound to another (an older SVID's) key
+    /// carries a proof signed with that key, as over plaintext.
+    ///
+    /// # Errors
+    /// As [`Self::headers_for`].
+    pub async fn mesh_headers_for(
+        &self,
+        method: &str,
+        htu: &NormalizedUri,
+        audience: &Audience,
+        scopes: &Scopes,
+        connection_key: &Jkt,
+    ) -> Result<MeshHeaders, ApiError> {
+        let fetched = self.fetch(audience, scopes).await?;
+        let dpop = if fetched.key.thumbprint() == *connection_key {
+            None
+        } else {
+            Some(self.proof(&fetched, method, htu)?)
+        };
+        Ok(MeshHeaders {
+            authorization: format!("DPoP {}", fetched.token.expose()),
+            dpop,
+        })
+    }
+
+    /// A fresh proof for `method` on `htu` with `fetched`'s key, carrying
+    /// the last nonce seen for the origin.
+    fn proof(
+        &self,
+        fetched: &Fetched,
+        method: &str,
+        htu: &NormalizedUri,
+    ) -> Result<String, ApiError> {
         let nonce = self.nonce_for(&origin_of(htu.as_str()));
-        let proof = fetched
+        fetched
             .key
             .mint(
                 method,
@@ -316,11 +368,7 @@ impl<F: Fetch> LocalApi<F> {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 code: "server_error",
                 description: format!("signing the proof: {e}"),
-            })?;
-        Ok(RequestHeaders {
-            authorization: format!("DPoP {}", fetched.token.expose()),
-            dpop: proof,
-        })
+            })
     }
 
     /// A token from the cache that no revocation known here covers: a

@@ -638,7 +638,10 @@ partner.example:80: {audience: https://api.partner.example}
         let map = service_map("map.yaml", text).unwrap();
         let mtls = |url: &str| {
             let d = map.destination_for(url).unwrap();
-            (d.audience().as_str().to_owned(), d.mtls().map(|id| id.as_str().to_owned()))
+            (
+                d.audience().as_str().to_owned(),
+                d.mtls().map(|id| id.as_str().to_owned()),
+            )
         };
         let pay = "spiffe://td/ns/pay/sa/payments".to_owned();
         assert_eq!(mtls("http://pay.svc:8080/"), (pay.clone(), Some(pay)));

@@ -277,7 +277,11 @@ mod tests {
                 "https://api.partner.example".parse().unwrap(),
                 Some(true),
             ),
-            ("td:80".to_owned(), "spiffe://td".parse().unwrap(), Some(true)),
+            (
+                "td:80".to_owned(),
+                "spiffe://td".parse().unwrap(),
+                Some(true),
+            ),
         ])
         .unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
