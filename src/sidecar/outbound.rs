@@ -312,7 +312,7 @@ impl<F: Fetch> Outbound<F> {
         parts: &http::request::Parts,
         body: Outgoing,
     ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
-        let request = build(parts, body, http::Version::HTTP_11)?;
+        let request = build(parts, body, http::Version::HTTP_11).map_err(|_| cannot_forward())?;
         match tokio::time::timeout(self.config.timeout, self.next_hop.request(request)).await {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
@@ -412,7 +412,7 @@ impl<F: Fetch> Outbound<F> {
             let held = matches!(this, Outgoing::Held(_));
             let request = match build(&parts, this, http::Version::HTTP_2) {
                 Ok(r) => r,
-                Err(refusal) => return ("refused", refusal),
+                Err(_) => return ("refused", cannot_forward()),
             };
             let response = match tokio::time::timeout(self.config.timeout, lease.send(request))
                 .await
@@ -533,7 +533,7 @@ fn build(
     parts: &http::request::Parts,
     body: Outgoing,
     version: http::Version,
-) -> Result<Request<ProxyBody>, Response<ProxyBody>> {
+) -> Result<Request<ProxyBody>, http::Error> {
     let mut request = Request::builder()
         .method(parts.method.clone())
         .uri(parts.uri.clone())
@@ -545,13 +545,16 @@ fn build(
         Outgoing::Held(bytes) => proxy::full(bytes),
         Outgoing::Streamed(body) => body,
     };
-    request.body(body).map_err(|_| {
-        proxy::refusal(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "the request cannot be forwarded",
-        )
-    })
+    request.body(body)
+}
+
+/// The answer when [`build`] fails.
+fn cannot_forward() -> Response<ProxyBody> {
+    proxy::refusal(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "the request cannot be forwarded",
+    )
 }
 
 /// Scopes the app asked for in `x-tally-scope`, if any.
