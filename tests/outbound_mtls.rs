@@ -539,3 +539,42 @@ async fn after_its_svid_renews_the_sidecar_redials_and_an_older_token_carries_a_
     assert_eq!(claims["htm"], "POST");
     assert!(claims["ath"].is_string());
 }
+
+#[test]
+fn a_service_map_asking_mtls_of_a_destination_outside_the_mesh_stops_the_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("services.yaml");
+    let text = "\
+partner.example:443: {audience: https://api.partner.example, mtls: true}
+pay.svc:80: {audience: spiffe://example.org/ns/pay/sa/payments, tls: yes}
+";
+    std::fs::write(&map, text).unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, "").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "sidecar",
+            "--broker",
+            "https://127.0.0.1:1",
+            "--join-token",
+            "x",
+        ])
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .arg("--service-map")
+        .arg(&map)
+        .args(["--admin-listen", "off"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Both faults at once, each naming its entry.
+    assert!(
+        stderr.contains("\"partner.example:443\" asks for mtls but its audience https://api.partner.example is not a workload's SPIFFE ID"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(":2:65: pay.svc:80: unknown key \"tls\""),
+        "{stderr}"
+    );
+}
