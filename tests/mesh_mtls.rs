@@ -470,7 +470,7 @@ async fn revoking_the_peers_tokens_closes_its_connections_and_the_old_token_stay
 async fn short_lived(ttl_secs: u64) -> (Mesh, App, support::mesh::Started, support::mesh::Started) {
     let mut settings = support::broker::settings(support::mesh::POLICY);
     settings.svid_ttl = ttl_secs;
-    let mesh = Mesh::start_settings(settings).await;
+    let mesh = Mesh::start_with_settings(settings).await;
     let app = App::start().await;
     let payments = mesh
         .sidecar(
