@@ -154,10 +154,14 @@ fn the_demo_runs_every_step_and_exits_0() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
-        out.contains("Summary: all 9 checks went as described"),
+        out.contains("Summary: all 10 checks went as described"),
         "{out}"
     );
-    assert_eq!(out.matches("✓").count(), 9, "{out}");
+    assert_eq!(out.matches("✓").count(), 10, "{out}");
+    assert!(
+        out.contains("the hop between the sidecars was mtls"),
+        "{out}"
+    );
     // Tokens and proofs are only ever shown shortened.
     for line in out.lines() {
         for word in line.split_whitespace() {

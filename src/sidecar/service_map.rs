@@ -262,9 +262,10 @@ mod tests {
                 .unwrap()
                 .destination_for("http://h:1/")
                 .unwrap()
-                .mtls(),
-            None,
-            "the plain constructor is plaintext"
+                .mtls()
+                .map(SpiffeId::as_str),
+            Some(pay),
+            "the short form takes the defaults"
         );
     }
 

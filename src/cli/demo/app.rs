@@ -172,7 +172,21 @@ pub(super) async fn headers_for(
     url: &str,
     scope: &str,
 ) -> Result<(u16, String, String, String), CliError> {
-    let ask = serde_json::json!({"method": "POST", "url": url, "scope": scope});
+    headers_with_nonce(socket, url, scope, None).await
+}
+
+/// The same, with the server nonce a `use_dpop_nonce` answer gave (the
+/// sidecar keeps it for the URL's origin and puts it in later proofs).
+pub(super) async fn headers_with_nonce(
+    socket: &Path,
+    url: &str,
+    scope: &str,
+    nonce: Option<&str>,
+) -> Result<(u16, String, String, String), CliError> {
+    let mut ask = serde_json::json!({"method": "POST", "url": url, "scope": scope});
+    if let Some(nonce) = nonce {
+        ask["nonce"] = nonce.into();
+    }
     let (status, answer) = local(socket, "POST", "/v1/authorize", Some(ask)).await?;
     let text = |key: &str| answer[key].as_str().unwrap_or_default().to_owned();
     Ok((

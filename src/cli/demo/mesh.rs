@@ -167,7 +167,7 @@ impl Mesh {
             socket.display()
         );
         say!(
-            "   Both attested with one-time join tokens and hold X.509-SVIDs and DPoP keys that never leave them.\n"
+            "   Both attested with one-time join tokens and hold X.509-SVIDs; each SVID key, which is also the DPoP key, never leaves its sidecar.\n"
         );
         Ok(Self {
             broker,

@@ -1,6 +1,6 @@
 //! The narrated steps of the tour, each checking its outcome.
 
-use super::app::{Tally, call, header, headers_for, request, short};
+use super::app::{Tally, call, header, headers_for, headers_with_nonce, request, short};
 use super::mesh::Mesh;
 use super::{CHECKOUT, TRUST_DOMAIN, failed};
 use crate::cli::CliError;
@@ -109,8 +109,19 @@ impl<'a> Tour<'a> {
             StatusCode::CREATED,
         );
         say!(
-            "   the payments app received: {}\n",
+            "   the payments app received: {}",
             String::from_utf8_lossy(&answer.body)
+        );
+        let transport = serde_json::from_slice::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|v| v["transport"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        self.tally.expect(
+            "the hop between the sidecars was mutual TLS",
+            transport == "mtls",
+            &format!(
+                "the hop between the sidecars was {transport}: both SVIDs in the TLS handshake, so the token went without a per-request proof\n"
+            ),
         );
         Ok(())
     }
@@ -122,7 +133,7 @@ impl<'a> Tour<'a> {
         say!(
             "5. The same through the socket API: the app asks for headers, then sends the request itself"
         );
-        let (status, authorization, proof, why) =
+        let (status, mut authorization, mut proof, why) =
             headers_for(socket, charges, "payments:charge").await?;
         if status != 200 {
             return Err(CliError::Failed(format!(
@@ -132,9 +143,25 @@ impl<'a> Tour<'a> {
         let token = authorization.trim_start_matches("DPoP ").to_owned();
         say!("   Authorization: DPoP {}", short(&token));
         say!("   DPoP: {}", short(&proof));
-        let answer = self
+        let mut answer = self
             .charge(authorization.clone(), proof.clone(), r#"{"amount": 990}"#)
             .await?;
+        // A sidecar that just started cannot know which proofs its
+        // predecessor saw: it asks for a nonce of its own, once (step 4's
+        // hop was mutual TLS, which needs none).
+        let nonce = (answer.status == StatusCode::UNAUTHORIZED)
+            .then(|| header(&answer, "dpop-nonce"))
+            .filter(|n| !n.is_empty());
+        if let Some(nonce) = nonce {
+            say!(
+                "   401 use_dpop_nonce: the payments sidecar just started and wants its nonce in the proof; asking again"
+            );
+            let again = headers_with_nonce(socket, charges, "payments:charge", Some(nonce)).await?;
+            (authorization, proof) = (again.1, again.2);
+            answer = self
+                .charge(authorization.clone(), proof.clone(), r#"{"amount": 990}"#)
+                .await?;
+        }
         self.tally.check(
             "call with headers from the socket",
             &answer,
