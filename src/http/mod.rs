@@ -12,6 +12,7 @@
 //! - [`listener`]: per-listener counters, readiness and metrics.
 //! - [`peer_uid`]: the uid of a local TCP peer, from the socket table.
 
+mod activity;
 pub mod listener;
 pub mod peer_uid;
 pub mod server;
