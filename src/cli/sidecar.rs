@@ -22,7 +22,59 @@ use std::time::Duration;
 pub use crate::sidecar::config::SidecarFlags;
 pub(super) use crate::sidecar::config::default_socket;
 
-pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
+/// What `tally sidecar --help` and `tally-sidecar --help` say first.
+pub const ABOUT: &str = "Run a sidecar: attest, keep the SVID renewed, follow the broker, \
+serve tokens and request headers on a local Unix socket, verify inbound requests and sign \
+outbound ones.";
+
+/// The command line of `tally-sidecar`: the arguments of `tally sidecar`,
+/// from the same definition.
+#[derive(Debug, clap::Parser)]
+#[command(name = "tally-sidecar", about = ABOUT, long_about = None)]
+pub struct SidecarCli {
+    /// The flags `tally sidecar` takes.
+    #[command(flatten)]
+    pub flags: SidecarFlags,
+}
+
+/// The whole of `tally-sidecar`: parse, start logging, [`run`], and map
+/// the outcome to an exit code as `tally` does. A binary of its own so a
+/// pod maps only the sidecar's code (no broker, store or SQLite).
+pub fn main() -> ExitCode {
+    use clap::Parser as _;
+    let cli = match SidecarCli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help is not an error.
+            let code = if err.use_stderr() {
+                super::EXIT_USAGE
+            } else {
+                0
+            };
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    if let Err(err) = crate::logging::init("info") {
+        eprintln!("tally-sidecar: error: {err}");
+        return ExitCode::from(super::EXIT_USAGE);
+    }
+    match run(cli.flags) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("tally-sidecar: error: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+/// Runs a sidecar until SIGTERM or SIGINT.
+///
+/// # Errors
+/// [`CliError::Usage`] for bad settings or files, an address in use or a
+/// broker that is not the trust bundle's; [`CliError::Failed`] for
+/// attestation or serving that failed.
+pub fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
     let file_text = match &flags.config {
         Some(path) => Some((path.display().to_string(), read(path)?)),
         None => None,
