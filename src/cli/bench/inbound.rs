@@ -5,8 +5,8 @@
 
 use super::common::{AUDIENCE, cpu_seconds, failed, start_broker};
 use super::sidecar::{
-    client_token, durations, join_token, memory_kib, mib, mint_proofs, runtime, start_sidecar,
-    upstream,
+    client_token, durations, join_token, jwks, memory_kib, mib, mint_proofs, pinned, runtime,
+    start_sidecar, upstream,
 };
 use crate::cli::CliError;
 use crate::dpop::ProofKey;
@@ -28,6 +28,22 @@ pub struct InboundArgs {
     /// must stay within the sidecar's 30 s proof age limit).
     #[arg(long, default_value = "15s")]
     duration: String,
+    /// Proxy to this app (e.g. an nginx) instead of the built-in trivial
+    /// upstream; the direct run goes there too.
+    #[arg(long, value_name = "HOST:PORT")]
+    upstream: Option<std::net::SocketAddr>,
+    /// Run the sidecar on this core only (`taskset -c`).
+    #[arg(long, value_name = "CORE")]
+    sidecar_cpu: Option<usize>,
+    /// Run wrk on this core only (`taskset -c`).
+    #[arg(long, value_name = "CORE")]
+    wrk_cpu: Option<usize>,
+    /// Write the bench token (`token.txt`), the broker's JWKS
+    /// (`jwks.json`), its issuer (`issuer.txt`) and the audience
+    /// (`audience.txt`) here, so other proxies can be measured with the
+    /// same token in the same run (`scripts/bench-mesh`).
+    #[arg(long, value_name = "DIR")]
+    save: Option<std::path::PathBuf>,
 }
 
 pub(super) fn run_inbound(args: &InboundArgs) -> Result<ExitCode, CliError> {
@@ -70,6 +86,31 @@ end
 "#,
         proofs.display()
     )
+}
+
+/// Writes what another proxy needs to check the same token: the token
+/// (owner-only), the JWKS, the issuer and the audience.
+fn save_for_peers(dir: &Path, token: &str, jwks: &str, issuer: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(dir).map_err(|e| failed(&dir.display().to_string(), e))?;
+    for (name, text, mode) in [
+        ("token.txt", token, 0o600),
+        ("jwks.json", jwks, 0o644),
+        ("issuer.txt", issuer, 0o644),
+        ("audience.txt", AUDIENCE, 0o644),
+    ] {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| failed(&path.display().to_string(), e))?;
+    }
+    Ok(())
 }
 
 /// What wrk reported.
@@ -126,7 +167,7 @@ async fn wrk(
     url: &str,
     script: Option<&Path>,
 ) -> Result<WrkRun, CliError> {
-    let mut command = std::process::Command::new("wrk");
+    let mut command = pinned(args.wrk_cpu, Path::new("wrk"));
     command
         .arg(format!("-t{}", args.threads))
         .arg(format!("-c{}", args.connections))
@@ -153,10 +194,16 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
     let dir = crate::cli::ScratchDir::new("bench")?;
     let data = dir.path().join("data");
     let (_broker, addr, issuer) = start_broker(dir.path())?;
-    let (app, _app_stop) = upstream().await?;
+    let (app, _app_stop) = match args.upstream {
+        Some(app) => (app, None),
+        None => {
+            let (app, stop) = upstream().await?;
+            (app, Some(stop))
+        }
+    };
     let token = join_token(&addr, &data, AUDIENCE).await?;
     let started = Instant::now();
-    let sidecar = start_sidecar(dir.path(), &addr, &token, Some(app))?;
+    let sidecar = start_sidecar(dir.path(), &addr, &token, Some(app), args.sidecar_cpu)?;
     let inbound = sidecar
         .inbound
         .ok_or_else(|| CliError::Failed("the sidecar has no inbound listener".into()))?;
@@ -167,6 +214,10 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
     // send in the run (20,000/s is above what two cores verify).
     let key = ProofKey::generate().map_err(|e| failed("a client key", e))?;
     let access = client_token(&addr, &issuer, &data, &key).await?;
+    if let Some(save) = &args.save {
+        let jwks = jwks(&addr, &data).await?;
+        save_for_peers(save, &access, &jwks, &issuer)?;
+    }
     let url = format!("http://{inbound}/bench/hello");
     let count = usize::try_from(duration.as_secs()).unwrap_or(20) * 20_000;
     // A sidecar that just started takes a proof made before its start plus
@@ -226,12 +277,14 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
             (c1 - c0) / duration.as_secs_f64()
         );
     }
-    if let (Some((idle, _)), Some((now, peak))) = (idle, loaded) {
+    if let (Some(idle), Some(now)) = (idle, loaded) {
         say!(
-            "  sidecar memory: {} idle, {} under load, {} peak",
-            mib(idle),
-            mib(now),
-            mib(peak)
+            "  sidecar memory: {} idle ({} anonymous), {} under load ({} anonymous), {} peak",
+            mib(idle.rss),
+            mib(idle.anon),
+            mib(now.rss),
+            mib(now.anon),
+            mib(now.peak)
         );
     }
     say!(
