@@ -43,9 +43,10 @@ async fn allowed_with_spoofed_headers(scene: &Scene) -> (String, String) {
     assert!(!seen["token_id"].as_str().unwrap().is_empty());
     assert_eq!(
         seen["tally_headers"].as_array().unwrap().len(),
-        3,
+        4,
         "only the proxy's own x-tally-* headers: {seen}"
     );
+    assert_eq!(seen["transport"], "plaintext");
     assert_eq!(
         seen["authorization"], false,
         "credentials stay at the proxy"

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tally::auth::path::check_routable;
-use tally::auth::target::{Authority, request_target};
+use tally::auth::target::{Authority, Scheme, request_target};
 use tally::dpop::NormalizedUri;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let hosts: Vec<&[u8]> = parts.collect();
     let served = [Authority::parse("svc:8080").unwrap()];
     for list in [&served[..], &[]] {
-        if let Ok(t) = request_target(target, path, &hosts, list) {
+        if let Ok(t) = request_target(Scheme::Http, target, path, &hosts, list) {
             let path = t.path();
             assert!(check_routable(path).is_ok());
             let again = NormalizedUri::parse(t.url.as_str()).expect("reparses");

@@ -92,7 +92,9 @@ pub fn answer(error: &AuthError, fresh_nonce: Option<String>) -> HttpAnswer {
             | RequestError::MissingToken
             | RequestError::Malformed,
         ) => HttpAnswer::challenge(400, "invalid_request", &text),
-        AuthError::Token(_) => HttpAnswer::challenge(401, "invalid_token", &text),
+        AuthError::Token(_) | AuthError::NotThePeer => {
+            HttpAnswer::challenge(401, "invalid_token", &text)
+        }
         AuthError::Proof(e) if e.wants_nonce() => HttpAnswer {
             dpop_nonce: fresh_nonce,
             ..HttpAnswer::challenge(401, "use_dpop_nonce", &text)
@@ -122,6 +124,7 @@ pub fn refusal_answer(refusal: &Refusal, fresh_nonce: Option<String>) -> HttpAns
             | TargetError::Url(_)
             | TargetError::Path(_),
         ) => HttpAnswer::plain(400, "invalid_request", &text),
+        Refusal::MtlsRequired => HttpAnswer::plain(403, "mtls_required", &text),
         Refusal::NotReady => {
             HttpAnswer::plain(503, "temporarily_unavailable", &text).retry_after(1)
         }

@@ -35,6 +35,8 @@ pub enum Case {
     Malformed,
     /// The access token failed a check.
     Token,
+    /// On mutual TLS, a token held by another workload than the peer.
+    NotThePeer,
     /// The proof lacks the server nonce, or carries a stale one.
     Nonce,
     /// The proof failed any other check, replay included.
@@ -45,6 +47,8 @@ pub enum Case {
     Misdirected,
     /// A request head with no usable target.
     BadTarget,
+    /// Plaintext on a port that demands mutual TLS.
+    MtlsRequired,
     /// No keys or access rules from the broker yet.
     NotReady,
     /// A revocation covers the token.
@@ -63,7 +67,7 @@ pub enum Case {
 
 impl Case {
     /// Every case, in the table's order.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 23] = [
         Self::NoCredentials,
         Self::MissingProof,
         Self::MultipleProofs,
@@ -73,11 +77,13 @@ impl Case {
         Self::MissingToken,
         Self::Malformed,
         Self::Token,
+        Self::NotThePeer,
         Self::Nonce,
         Self::Proof,
         Self::Overloaded,
         Self::Misdirected,
         Self::BadTarget,
+        Self::MtlsRequired,
         Self::NotReady,
         Self::Revoked,
         Self::IdentityDenied,
@@ -107,6 +113,9 @@ impl Case {
             Self::Token => {
                 "The access token failed a check: not a JWS, `typ` not `at+jwt`, unknown `kid`, bad signature, wrong `iss` or `aud`, expired or not yet valid, a claim missing or malformed."
             }
+            Self::NotThePeer => {
+                "On a mutual-TLS connection, the token's holder (`sub`) is not the SPIFFE ID of the peer's X.509-SVID, whatever proof comes with it: a sidecar cannot relay another workload's token."
+            }
             Self::Nonce => {
                 "The sidecar demands server nonces (`--inbound-nonces`, and for a while after a restart) and the proof has none or a stale one: retry with the `DPoP-Nonce` value."
             }
@@ -121,6 +130,9 @@ impl Case {
             }
             Self::BadTarget => {
                 "The request head has no usable target: several `Host` headers, none, one that is not text, one that disagrees with the URI, or a bad authority, URL or path."
+            }
+            Self::MtlsRequired => {
+                "The inbound port demands mutual TLS (`--inbound-mtls required`) and the request came in plaintext, or over TLS without a mesh SVID (checked before any token work)."
             }
             Self::NotReady => {
                 "The sidecar has not received the broker's keys and access rules yet."
@@ -163,11 +175,13 @@ impl Case {
             Self::MissingToken => AuthError::Request(RequestError::MissingToken).into(),
             Self::Malformed => AuthError::Request(RequestError::Malformed).into(),
             Self::Token => AuthError::Token(TokenError::KidMissing).into(),
+            Self::NotThePeer => AuthError::NotThePeer.into(),
             Self::Nonce => AuthError::Proof(ProofError::NonceMissing).into(),
             Self::Proof => AuthError::Proof(ProofError::Replayed).into(),
             Self::Overloaded => AuthError::Overloaded.into(),
             Self::Misdirected => TargetError::Misdirected("pay.svc:9090".into()).into(),
             Self::BadTarget => TargetError::TwoHosts.into(),
+            Self::MtlsRequired => Refusal::MtlsRequired,
             Self::NotReady => Refusal::NotReady,
             Self::Revoked => Refusal::Revoked {
                 jti: "0190a1b2c3d4".into(),
@@ -205,6 +219,7 @@ pub fn case(refusal: &Refusal) -> Case {
                 RequestError::Malformed => Case::Malformed,
             },
             AuthError::Token(_) => Case::Token,
+            AuthError::NotThePeer => Case::NotThePeer,
             AuthError::Proof(p) if p.wants_nonce() => Case::Nonce,
             AuthError::Proof(_) => Case::Proof,
             AuthError::Overloaded => Case::Overloaded,
@@ -219,6 +234,7 @@ pub fn case(refusal: &Refusal) -> Case {
             | TargetError::Url(_)
             | TargetError::Path(_),
         ) => Case::BadTarget,
+        Refusal::MtlsRequired => Case::MtlsRequired,
         Refusal::NotReady => Case::NotReady,
         Refusal::Revoked { .. } => Case::Revoked,
         Refusal::IdentityDenied { .. } => Case::IdentityDenied,

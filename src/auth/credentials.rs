@@ -54,6 +54,29 @@ pub fn parse<'a>(
             None => AuthError::NoCredentials,
         });
     };
+    let token = dpop_token(value, proof.is_some())?;
+    let proof = proof.ok_or(AuthError::Request(RequestError::MissingProof))?;
+    Ok(Credentials { token, proof })
+}
+
+/// The token of a request that sends `Authorization: DPoP <token>` and no
+/// `DPoP` header: on a mutual-TLS connection whose handshake proved the
+/// key (see [`super::bound`]).
+///
+/// # Errors
+/// As [`parse`], except that no proof is asked for.
+pub fn token_alone<'a>(authorization: &[&'a [u8]]) -> Result<&'a str, AuthError> {
+    match authorization {
+        [] => Err(AuthError::NoCredentials),
+        [value] => dpop_token(value, false),
+        _ => Err(AuthError::Request(RequestError::MultipleAuthorization)),
+    }
+}
+
+/// The token in one `Authorization` value if its scheme is DPoP;
+/// `with_proof` says whether a `DPoP` header came too.
+fn dpop_token(value: &[u8], with_proof: bool) -> Result<&str, AuthError> {
+    let malformed = AuthError::Request(RequestError::Malformed);
     let value = ascii(value).ok_or(malformed.clone())?;
     let (scheme, token) = value.split_once(' ').ok_or(malformed.clone())?;
     let token = token.trim_start_matches(' ');
@@ -61,11 +84,10 @@ pub fn parse<'a>(
         return Err(malformed);
     }
     if scheme.eq_ignore_ascii_case("DPoP") {
-        let proof = proof.ok_or(AuthError::Request(RequestError::MissingProof))?;
-        return Ok(Credentials { token, proof });
+        return Ok(token);
     }
     if scheme.eq_ignore_ascii_case("Bearer") {
-        if proof.is_some() {
+        if with_proof {
             return Err(AuthError::Request(RequestError::BearerWithProof));
         }
         if looks_dpop_bound(token) {

@@ -25,6 +25,10 @@ pub enum AuthError {
     /// `use_dpop_nonce` for nonce problems.
     #[error("DPoP proof: {0}")]
     Proof(#[from] ProofError),
+    /// On a mutual-TLS connection, a token whose holder (`sub`) is not the
+    /// TLS peer: 401 `invalid_token`, whatever proof comes with it.
+    #[error("access token: its holder is not this connection's TLS peer")]
+    NotThePeer,
     /// The verifier cannot safely accept more proofs right now (the replay
     /// cache is full): 503, failing closed.
     #[error("verifier overloaded")]

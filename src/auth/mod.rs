@@ -8,6 +8,7 @@
 //! these in that order.
 
 pub mod answer;
+pub mod bound;
 pub mod cases;
 pub mod credentials;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod target;
 pub mod verdict;
 
 pub use answer::{HttpAnswer, answer, refusal_answer};
+pub use bound::{ConnectionTokens, Possession, VerifiedOnConnection};
 pub use credentials::Credentials;
 pub use error::{AuthError, RequestError};
 pub use request::{ParsedRequest, Request, RequestVerifier, Verified, VerifierConfig};

@@ -172,28 +172,52 @@ impl RequestVerifier {
         now: u64,
     ) -> Result<Verified, AuthError> {
         let hash = TokenHash::of(creds.token);
+        let token = self.token(creds.token, &hash, jwks, now)?;
+        let proof = self.proof(creds.proof, &token, &hash, method, uri, now)?;
+        Ok(Verified { token, proof })
+    }
 
-        let token = match self.cached(&hash, jwks, now) {
-            Some(claims) => claims,
-            None => {
-                let claims = Arc::new(access::verify(
-                    creds.token,
-                    jwks,
-                    &self.config.token,
-                    now,
-                    &mut (),
-                )?);
-                if let Some(cache) = &self.tokens {
-                    cache.insert(hash, Arc::clone(&claims), now);
-                }
-                claims
-            }
-        };
+    /// The access token's claims: from the verified-token cache, or
+    /// verified (and cached).
+    pub(super) fn token(
+        &self,
+        token: &str,
+        hash: &TokenHash,
+        jwks: &Jwks,
+        now: u64,
+    ) -> Result<Arc<TokenClaims>, AuthError> {
+        if let Some(claims) = self.cached(hash, jwks, now) {
+            return Ok(claims);
+        }
+        let claims = Arc::new(access::verify(
+            token,
+            jwks,
+            &self.config.token,
+            now,
+            &mut (),
+        )?);
+        if let Some(cache) = &self.tokens {
+            cache.insert(*hash, Arc::clone(&claims), now);
+        }
+        Ok(claims)
+    }
 
+    /// The proof for `token` (whose hash is `hash`) against the request,
+    /// then the replay cache: last, so a proof that fails a check is not
+    /// burnt.
+    pub(super) fn proof(
+        &self,
+        proof: &str,
+        token: &TokenClaims,
+        hash: &TokenHash,
+        method: &str,
+        uri: &NormalizedUri,
+        now: u64,
+    ) -> Result<VerifiedProof, AuthError> {
         let ctx = ProofContext {
             method,
             uri,
-            token_hash: Some(&hash),
+            token_hash: Some(hash),
             expected_jkt: Some(&token.jkt),
             nonce: match (&self.nonces, self.config.fresh_proofs_after) {
                 (Some(nonces), _) if self.nonces_always => NonceRule::Issued(nonces),
@@ -205,15 +229,21 @@ impl RequestVerifier {
             },
             keys: Some(&self.keys),
         };
-        let proof = proof::verify(creds.proof, &ctx, &self.config.proof, now, &mut ())?;
+        let proof = proof::verify(proof, &ctx, &self.config.proof, now, &mut ())?;
 
         let key = self.replay.key(&proof.jkt, &proof.jti);
         let expires_at = proof.iat.saturating_add(self.config.proof.max_age);
         match self.replay.check_and_insert(key, expires_at, now) {
-            Ok(()) => Ok(Verified { token, proof }),
+            Ok(()) => Ok(proof),
             Err(ReplayError::Replayed) => Err(proof::ProofError::Replayed.into()),
             Err(ReplayError::Full) => Err(AuthError::Overloaded),
         }
+    }
+
+    /// Whether verified `claims` are still live at `now` (the token
+    /// checks' leeway) and their signing key still trusted.
+    pub(super) fn still_valid(&self, claims: &TokenClaims, jwks: &Jwks, now: u64) -> bool {
+        now < claims.exp.saturating_add(self.config.token.leeway) && jwks.get(&claims.kid).is_some()
     }
 
     /// A cached token, if its signing key is still trusted.

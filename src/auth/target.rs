@@ -85,13 +85,33 @@ pub enum TargetError {
     Path(PathError),
 }
 
-/// Judges a request head: the target's authority (if absolute-form or
-/// HTTP/2), its path, every `Host` value, and the authorities this server
-/// serves (empty: any).
+/// The scheme a request arrived with: what a proof's `htu` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plaintext HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// `http` or `https`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
+/// Judges a request head that arrived with `scheme`: the target's
+/// authority (if absolute-form or HTTP/2), its path, every `Host` value,
+/// and the authorities this server serves (empty: any).
 ///
 /// # Errors
 /// [`TargetError`].
 pub fn request_target(
+    scheme: Scheme,
     target_authority: Option<&str>,
     path: &str,
     hosts: &[&[u8]],
@@ -122,8 +142,8 @@ pub fn request_target(
     }
     // The URL as the caller wrote it, so its length limit counts what was
     // sent; normalizing it gives the normalized authority again.
-    let url =
-        NormalizedUri::parse(&format!("http://{authority}{path}")).map_err(TargetError::Url)?;
+    let url = NormalizedUri::parse(&format!("{}://{authority}{path}", scheme.as_str()))
+        .map_err(TargetError::Url)?;
     check_routable(url.path()).map_err(TargetError::Path)?;
     Ok(RequestTarget {
         authority: authority.to_owned(),
@@ -137,29 +157,35 @@ mod tests {
 
     #[test]
     fn the_authority_comes_from_the_target_or_host_and_both_must_agree() {
-        let t = request_target(None, "/a", &[b"Svc:80"], &[]).unwrap();
+        let t = request_target(Scheme::Http, None, "/a", &[b"Svc:80"], &[]).unwrap();
         assert_eq!(t.authority, "Svc:80");
         assert_eq!(t.url.as_str(), "http://svc/a");
-        let t = request_target(Some("svc"), "/a", &[b"SVC:80"], &[]).unwrap();
+        let t = request_target(Scheme::Https, None, "/a", &[b"Svc:443"], &[]).unwrap();
+        assert_eq!(
+            t.url.as_str(),
+            "https://svc/a",
+            "over TLS a proof names https"
+        );
+        let t = request_target(Scheme::Http, Some("svc"), "/a", &[b"SVC:80"], &[]).unwrap();
         assert_eq!(t.authority, "svc");
         assert_eq!(
-            request_target(Some("svc"), "/a", &[b"admin"], &[]),
+            request_target(Scheme::Http, Some("svc"), "/a", &[b"admin"], &[]),
             Err(TargetError::HostMismatch)
         );
         assert_eq!(
-            request_target(None, "/a", &[b"a", b"a"], &[]),
+            request_target(Scheme::Http, None, "/a", &[b"a", b"a"], &[]),
             Err(TargetError::TwoHosts)
         );
         assert_eq!(
-            request_target(None, "/a", &[], &[]),
+            request_target(Scheme::Http, None, "/a", &[], &[]),
             Err(TargetError::NoHost)
         );
         assert_eq!(
-            request_target(None, "/a", &[b"\xff"], &[]),
+            request_target(Scheme::Http, None, "/a", &[b"\xff"], &[]),
             Err(TargetError::HostNotText)
         );
         assert_eq!(
-            request_target(None, "/a", &[b"u@svc"], &[]),
+            request_target(Scheme::Http, None, "/a", &[b"u@svc"], &[]),
             Err(TargetError::Authority(UriError::Host))
         );
     }
@@ -167,19 +193,19 @@ mod tests {
     #[test]
     fn only_served_authorities_pass_when_a_list_is_given() {
         let served = [Authority::parse("pay.svc:8080").unwrap()];
-        assert!(request_target(None, "/", &[b"PAY.svc:8080"], &served).is_ok());
+        assert!(request_target(Scheme::Http, None, "/", &[b"PAY.svc:8080"], &served).is_ok());
         assert_eq!(
-            request_target(None, "/", &[b"pay.svc:9090"], &served),
+            request_target(Scheme::Http, None, "/", &[b"pay.svc:9090"], &served),
             Err(TargetError::Misdirected("pay.svc:9090".into()))
         );
     }
 
     #[test]
     fn the_path_is_normalized_and_checked() {
-        let t = request_target(None, "/v1/x/../charges", &[b"svc"], &[]).unwrap();
+        let t = request_target(Scheme::Http, None, "/v1/x/../charges", &[b"svc"], &[]).unwrap();
         assert_eq!(t.path(), "/v1/charges");
         assert_eq!(
-            request_target(None, "/v1/..%2Fadmin", &[b"svc"], &[]),
+            request_target(Scheme::Http, None, "/v1/..%2Fadmin", &[b"svc"], &[]),
             Err(TargetError::Path(PathError::EncodedSlash))
         );
     }

@@ -110,6 +110,11 @@ pub enum Refusal {
     /// 421 for an authority it does not serve.
     #[error(transparent)]
     Target(#[from] TargetError),
+    /// Plaintext (or TLS without a mesh SVID) on an inbound port that
+    /// demands mutual TLS (`--inbound-mtls required`): 403
+    /// `mtls_required`, before any token work.
+    #[error("this port accepts only mutual TLS with a mesh workload's X.509-SVID")]
+    MtlsRequired,
     /// No keys or access rules from the broker yet: 503, retry in 1 s.
     #[error("the sidecar has not received the broker's keys and access rules yet")]
     NotReady,
@@ -180,8 +185,10 @@ impl Refusal {
                 | TargetError::Url(_)
                 | TargetError::Path(_),
             ) => "bad_request",
+            Self::MtlsRequired => "mtls_required",
             Self::NotReady => "not_ready",
             Self::Unverified(AuthError::NoCredentials) => "no_credentials",
+            Self::Unverified(AuthError::NotThePeer) => "not_the_peer",
             Self::Unverified(AuthError::Request(_)) => "bad_request",
             Self::Unverified(AuthError::Token(_)) => "invalid_token",
             Self::Unverified(AuthError::Proof(e)) if e.wants_nonce() => "use_dpop_nonce",
@@ -210,10 +217,12 @@ impl Refusal {
             Self::NotReady => false,
             Self::Unverified(AuthError::Proof(e)) => !e.wants_nonce(),
             Self::Target(_)
+            | Self::MtlsRequired
             | Self::Unverified(
                 AuthError::NoCredentials
                 | AuthError::Request(_)
                 | AuthError::Token(_)
+                | AuthError::NotThePeer
                 | AuthError::Overloaded,
             )
             | Self::Revoked { .. }

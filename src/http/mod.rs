@@ -18,7 +18,7 @@ pub mod server;
 pub mod tunnel;
 
 pub use listener::{ListenerStats, Listeners};
-pub use server::{Limits, Listen, serve, serve_unix};
+pub use server::{Close, Closer, Limits, Listen, TlsSource, serve, serve_unix};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -61,9 +61,16 @@ pub struct Peer {
     /// from the socket table for a local TCP peer when the listener asks
     /// ([`Listen::peer_uid`]).
     pub uid: Option<u32>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
     /// The client certificate chain, leaf first, if the client sent one
     /// (already verified by the TLS layer).
     pub certs: Option<Vec<CertificateDer<'static>>>,
+    /// The mesh identity in that certificate, if it is an SVID.
+    pub identity: Option<crate::identity::PeerIdentity>,
+    /// Tokens verified on this connection (see
+    /// [`crate::auth::ConnectionTokens`]).
+    pub tokens: crate::auth::ConnectionTokens,
     /// The connection's slot under its listener's limit and its idle
     /// bound: a tunnel that outlives the HTTP exchange keeps the `Peer`,
     /// and with it the slot.
@@ -71,6 +78,19 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A peer at `addr` (TCP) with `uid` (when known), before any TLS.
+    pub fn new(addr: Option<SocketAddr>, uid: Option<u32>) -> Self {
+        Self {
+            addr,
+            uid,
+            tls: false,
+            certs: None,
+            identity: None,
+            tokens: crate::auth::ConnectionTokens::default(),
+            hold: None,
+        }
+    }
+
     /// How long a tunnel from this connection may stay silent.
     pub fn idle_timeout(&self) -> std::time::Duration {
         self.hold

@@ -68,11 +68,33 @@ impl Default for Limits {
     }
 }
 
+/// The TLS settings of a port that serves TLS and plaintext side by side,
+/// asked for each TLS connection (`None`: none can be made now, and the
+/// connection is closed: failing closed).
+pub type TlsSource = Arc<dyn Fn() -> Option<Arc<rustls::ServerConfig>> + Send + Sync>;
+
+/// For a new connection, a future that resolves when it must end before
+/// its time, and how (`None`: nothing ends it early).
+pub type Closer =
+    Arc<dyn Fn(&Peer) -> Option<Pin<Box<dyn Future<Output = Close> + Send>>> + Send + Sync>;
+
+/// How a connection is ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// At once, requests in flight included (the peer lost its standing).
+    Now,
+    /// Like a shutdown: HTTP/2 `GOAWAY`, requests in flight finish (within
+    /// the idle timeout), the peer reconnects (new credentials).
+    Gracefully,
+}
+
 /// How a listener serves: TLS or not, its limits, where it counts, and
 /// whether to learn the uid of a local TCP peer.
 #[derive(Clone)]
 pub struct Listen {
     tls: Option<tokio_rustls::TlsAcceptor>,
+    sniff_tls: Option<TlsSource>,
+    closer: Option<Closer>,
     limits: Limits,
     stats: Arc<ListenerStats>,
     peer_uid: bool,
@@ -84,6 +106,7 @@ impl std::fmt::Debug for Listen {
         f.debug_struct("Listen")
             .field("listener", &self.stats.name())
             .field("tls", &self.tls.is_some())
+            .field("tls_or_plaintext", &self.sniff_tls.is_some())
             .field("limits", &self.limits)
             .field("peer_uid", &self.peer_uid)
             .finish_non_exhaustive()
@@ -95,6 +118,8 @@ impl Listen {
     pub fn new(name: &'static str) -> Self {
         Self {
             tls: None,
+            sniff_tls: None,
+            closer: None,
             limits: Limits::default(),
             stats: Arc::new(ListenerStats::new(name)),
             peer_uid: false,
@@ -106,6 +131,24 @@ impl Listen {
     #[must_use]
     pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
         self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        self
+    }
+
+    /// Serves TLS and plaintext on one port: a connection whose first byte
+    /// is `0x16` (a TLS handshake record) gets TLS with the settings
+    /// `source` gives then, any other plaintext HTTP. The handler tells
+    /// them apart by [`Peer::tls`].
+    #[must_use]
+    pub fn tls_or_plaintext(mut self, source: TlsSource) -> Self {
+        self.sniff_tls = Some(source);
+        self
+    }
+
+    /// Ends a connection early when the future `closer` gives for its peer
+    /// resolves (a revoked peer, a renewed certificate).
+    #[must_use]
+    pub fn close_when(mut self, closer: Closer) -> Self {
+        self.closer = Some(closer);
         self
     }
 
@@ -174,22 +217,38 @@ where
                 }
                 _ => None,
             };
-            let mut peer = Peer {
-                addr: Some(addr),
-                uid,
-                certs: None,
-                hold: None,
-            };
-            let Some(acceptor) = listen.tls.clone() else {
-                return Some((Box::new(stream) as Box<dyn Io>, peer));
+            let mut peer = Peer::new(Some(addr), uid);
+            let acceptor = match (&listen.tls, &listen.sniff_tls) {
+                (Some(acceptor), _) => acceptor.clone(),
+                (None, Some(source)) => {
+                    // The handshake's first record is a TLS handshake
+                    // (content type 22); HTTP starts with a letter. Peeking
+                    // waits under the header timeout like any first byte.
+                    let mut first = [0u8; 1];
+                    match stream.peek(&mut first).await {
+                        Ok(1) if first[0] == 0x16 => {}
+                        Ok(1) => return Some((Box::new(stream) as Box<dyn Io>, peer)),
+                        _ => return None,
+                    }
+                    tokio_rustls::TlsAcceptor::from(source()?)
+                }
+                (None, None) => return Some((Box::new(stream) as Box<dyn Io>, peer)),
             };
             match acceptor.accept(stream).await {
                 Ok(tls) => {
+                    peer.tls = true;
                     peer.certs = tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+                    // Verified by the TLS layer against the trust bundle;
+                    // a certificate that names no SPIFFE ID names no peer.
+                    peer.identity = peer
+                        .certs
+                        .as_ref()
+                        .and_then(|c| c.first())
+                        .and_then(|leaf| crate::identity::PeerIdentity::of(leaf).ok());
                     Some((Box::new(tls) as Box<dyn Io>, peer))
                 }
                 Err(e) => {
@@ -220,12 +279,7 @@ where
     B: ResponseBody,
 {
     let open = |stream: tokio::net::UnixStream, _: tokio::net::unix::SocketAddr| async move {
-        let peer = Peer {
-            addr: None,
-            uid: stream.peer_cred().ok().map(|c| c.uid()),
-            certs: None,
-            hold: None,
-        };
+        let peer = Peer::new(None, stream.peer_cred().ok().map(|c| c.uid()));
         Some((Box::new(stream) as Box<dyn Io>, peer))
     };
     run(&listener, open, listen, handler, shutdown).await
@@ -397,6 +451,7 @@ async fn connection<H, F, B>(
         activity: Arc::clone(&activity),
         protocol: Protocol::Unknown,
     };
+    let closing = listen.closer.as_ref().and_then(|closer| closer(&peer));
     let peer = Arc::new(peer);
     let service = hyper::service::service_fn(move |req| {
         let response = handler(req, Arc::clone(&peer));
@@ -421,6 +476,18 @@ async fn connection<H, F, B>(
         }
         () = idle(activity_rx, limits) => "idle",
         _ = stopping.wait_for(|s| *s) => "stopping",
+        how = async move {
+            match closing {
+                Some(closing) => closing.await,
+                None => std::future::pending().await,
+            }
+        } => match how {
+            Close::Now => {
+                tracing::debug!(listener = listen.stats.name(), "closed a connection at once");
+                return;
+            }
+            Close::Gracefully => "renewing",
+        },
     };
     if why == "idle" {
         listen.stats.closed_idle();
@@ -429,10 +496,10 @@ async fn connection<H, F, B>(
     conn.as_mut().graceful_shutdown();
     // An idle connection goes at once; a stopping one may finish what is
     // in flight. A peer that holds on past that is dropped.
-    let grace = if why == "idle" {
-        limits.header_timeout
-    } else {
-        Duration::from_secs(3600)
+    let grace = match why {
+        "idle" => limits.header_timeout,
+        "renewing" => limits.idle_timeout,
+        _ => Duration::from_secs(3600),
     };
     let _ = tokio::time::timeout(grace, conn).await;
 }

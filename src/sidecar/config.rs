@@ -59,6 +59,10 @@ pub struct SidecarFlags {
     /// The application behind the inbound proxy, host:port (plain HTTP).
     #[arg(long, env = "TALLY_UPSTREAM")]
     pub upstream: Option<String>,
+    /// Inbound port: `optional` serves mutual TLS (sidecars, with their
+    /// SVIDs) and plaintext side by side; `required` refuses plaintext.
+    #[arg(long, env = "TALLY_INBOUND_MTLS", value_name = "optional|required")]
+    pub inbound_mtls: Option<String>,
     /// Demand DPoP server nonces from inbound callers (RFC 9449 §8).
     #[arg(long, env = "TALLY_INBOUND_NONCES")]
     pub inbound_nonces: bool,
@@ -117,6 +121,7 @@ pub static DEFAULTS: Defaults = Defaults(&[
         ),
     ),
     ("allow_uids", Derived("any uid")),
+    ("inbound_mtls", Text("optional")),
     ("proof_max_age", Text("30s")),
     ("clock_skew", Text("5s")),
     ("watch_staleness", Text("30s")),
@@ -142,6 +147,7 @@ pub const KEYS: &[&str] = &[
     "service_map",
     "inbound_listen",
     "upstream",
+    "inbound_mtls",
     "inbound_nonces",
     "pass_credentials",
     "proof_max_age",
@@ -174,6 +180,8 @@ pub struct SidecarConfig {
     pub service_map: Option<PathBuf>,
     /// Inbound proxy address and the app's `host:port`, if it runs.
     pub inbound: Option<(SocketAddr, String)>,
+    /// Whether the inbound port refuses plaintext.
+    pub inbound_mtls: super::mtls::InboundMtls,
     /// Demand DPoP server nonces from inbound callers.
     pub inbound_nonces: bool,
     /// Hand `Authorization` and `DPoP` to the app too.
@@ -224,6 +232,12 @@ impl SidecarConfig {
         let outbound_strict = switch(flags.outbound_strict, "outbound_strict");
         let deny_when_stale = switch(flags.deny_when_stale, "deny_when_stale");
 
+        let inbound_mtls = one(&flags.inbound_mtls, "inbound_mtls")
+            .map_or(Ok(super::mtls::InboundMtls::default()), |t| t.parse())
+            .unwrap_or_else(|e| {
+                errors.push(format!("inbound_mtls: {e}"));
+                super::mtls::InboundMtls::default()
+            });
         let broker = one(&flags.broker, "broker");
         match &broker {
             None => errors
@@ -344,6 +358,7 @@ impl SidecarConfig {
             allow_uids,
             service_map: path(&flags.service_map, "service_map"),
             inbound,
+            inbound_mtls,
             inbound_nonces,
             pass_credentials,
             proof_max_age: proof_max_age.unwrap_or_else(|| unreachable!("checked above")),
@@ -369,6 +384,7 @@ impl SidecarConfig {
             c.stale_after = self.watch_staleness;
             c.deny_when_stale = self.deny_when_stale;
             c.authorities = self.inbound_authorities;
+            c.mtls = self.inbound_mtls;
             c
         });
         SidecarSettings {

@@ -30,7 +30,7 @@
 
 use super::proxy::{self, NextHop, ProxyBody};
 use super::watch::MeshState;
-use crate::auth::target::{TargetError, request_target};
+use crate::auth::target::{Scheme, TargetError, request_target};
 use crate::auth::verdict::{self, Allowed, CallerLimits, Refusal, StaleRule, VerifiedRequest};
 use crate::auth::{self, HttpAnswer, ParsedRequest, RequestVerifier};
 use crate::clock::Clock;
@@ -50,6 +50,10 @@ pub const CALLER: HeaderName = HeaderName::from_static("x-tally-caller");
 pub const SCOPES: HeaderName = HeaderName::from_static("x-tally-scopes");
 /// Set by the proxy for the app: the token's `jti`.
 pub const TOKEN_ID: HeaderName = HeaderName::from_static("x-tally-token-id");
+/// Set by the proxy for the app: how the caller reached it, `mtls` (TLS
+/// with a verified mesh SVID), `tls` (TLS without a client certificate)
+/// or `plaintext`.
+pub const TRANSPORT: HeaderName = HeaderName::from_static("x-tally-transport");
 
 /// Inbound proxy settings.
 #[derive(Debug, Clone)]
@@ -78,6 +82,9 @@ pub struct InboundConfig {
     /// When not empty, the only authorities requests may address; any
     /// other is refused (421) before any token work.
     pub authorities: Vec<crate::auth::target::Authority>,
+    /// Whether plaintext is refused (mutual TLS required) or served beside
+    /// TLS on the same port.
+    pub mtls: super::mtls::InboundMtls,
 }
 
 impl InboundConfig {
@@ -99,6 +106,7 @@ impl InboundConfig {
             deny_when_stale: false,
             report_every: super::failures::INTERVAL,
             authorities: Vec::new(),
+            mtls: super::mtls::InboundMtls::Optional,
         }
     }
 }
@@ -144,6 +152,8 @@ struct Admitted {
     authority: HeaderValue,
     /// For an upgrade: the protocol asked for.
     upgrade: Option<HeaderValue>,
+    /// How the caller reached this sidecar (see [`TRANSPORT`]).
+    transport: &'static str,
 }
 
 /// Why an admitted request did not reach the app, or its answer the
@@ -258,7 +268,7 @@ impl Inbound {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let now_ms = self.clock.now_ms();
-        let checked = self.check(&req, now_ms);
+        let checked = self.check(&req, &peer, now_ms);
         self.metrics.check_seconds.observe(started.elapsed());
         match checked {
             Ok(admitted) => {
@@ -274,8 +284,22 @@ impl Inbound {
 
     /// Every check, without touching the body: the target, the token
     /// core, then the verdict.
-    fn check(&self, req: &Request<Incoming>, now_ms: u64) -> Result<Admitted, Refusal> {
+    fn check(
+        &self,
+        req: &Request<Incoming>,
+        peer: &crate::http::Peer,
+        now_ms: u64,
+    ) -> Result<Admitted, Refusal> {
         let now = now_ms / 1000;
+        let mesh_peer = peer.identity.as_ref().filter(|_| peer.tls);
+        if self.config.mtls == super::mtls::InboundMtls::Required && mesh_peer.is_none() {
+            return Err(Refusal::MtlsRequired);
+        }
+        let (scheme, transport) = match (peer.tls, mesh_peer) {
+            (true, Some(_)) => (Scheme::Https, "mtls"),
+            (true, None) => (Scheme::Https, "tls"),
+            (false, _) => (Scheme::Http, "plaintext"),
+        };
         let hosts: Vec<&[u8]> = req
             .headers()
             .get_all(header::HOST)
@@ -283,6 +307,7 @@ impl Inbound {
             .map(HeaderValue::as_bytes)
             .collect();
         let target = request_target(
+            scheme,
             req.uri().authority().map(|a| a.as_str()),
             req.uri().path(),
             &hosts,
@@ -313,14 +338,25 @@ impl Inbound {
             authorization: &authorization,
             dpop: &dpop,
         };
-        let verified = self.verifier.verify_parsed(&request, &mesh.jwks, now)?;
+        let token = match mesh_peer {
+            Some(identity) => {
+                self.verifier
+                    .verify_on_connection(&request, identity, &peer.tokens, &mesh.jwks, now)?
+                    .token
+            }
+            None => {
+                self.verifier
+                    .verify_parsed(&request, &mesh.jwks, now)?
+                    .token
+            }
+        };
         let stale = StaleRule {
             after: self.config.stale_after,
             deny_all: self.config.deny_when_stale,
         };
         let allowed = verdict::judge(
             &VerifiedRequest {
-                token: &verified.token,
+                token: &token,
                 method,
                 path: target.path(),
             },
@@ -339,6 +375,7 @@ impl Inbound {
             path_and_query,
             authority,
             upgrade: upgrade_to(req),
+            transport,
         })
     }
 
@@ -405,6 +442,7 @@ impl Inbound {
             (CALLER, allowed.caller().to_string()),
             (SCOPES, allowed.scopes().to_string()),
             (TOKEN_ID, allowed.token_id().to_owned()),
+            (TRANSPORT, admitted.transport.to_owned()),
         ] {
             if let Ok(value) = HeaderValue::try_from(value) {
                 headers.insert(name, value);

@@ -17,6 +17,8 @@ pub mod identity;
 pub mod inbound;
 pub mod issuer;
 pub mod jitter;
+pub mod mesh_conn;
+pub mod mtls;
 pub mod outbound;
 pub mod proxy;
 pub mod run;

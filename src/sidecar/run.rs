@@ -10,6 +10,7 @@ use super::cache::{CacheConfig, TokenCache};
 use super::identity::{Attestation, IdentityClient, IdentityError, Svid, backoff, keep_renewed};
 use super::inbound::{Inbound, InboundConfig};
 use super::issuer::BrokerIssuer;
+use super::mtls::MeshTls;
 use super::outbound::{Outbound, OutboundConfig};
 use super::watch::{MeshState, follow};
 use crate::auth::{RequestVerifier, VerifierConfig};
@@ -121,7 +122,7 @@ impl Sidecar {
         let identity = IdentityClient::new(settings.broker.clone(), settings.bundle_pem.clone());
         let svid = attest(&identity, &settings.attestation, clock.as_ref()).await?;
         let spiffe_id = svid.spiffe_id.clone();
-        let key = Arc::new(ProofKey::generate().map_err(|e| IdentityError::Local(e.to_string()))?);
+        let key = Arc::new(svid_key(&svid)?);
         let issuer = Arc::new(BrokerIssuer::new(
             identity.channel(&svid)?,
             key,
@@ -166,6 +167,7 @@ impl Sidecar {
             Arc::clone(&issuer),
         ));
         let (mesh, mesh_rx) = watch::channel(MeshState::default());
+        let mesh_tls = MeshTls::new(svid_rx.clone(), Some(mesh_rx.clone()));
         let current = Arc::clone(&issuer);
         tokio::spawn(follow(move || current.channel(), Arc::clone(&clock), mesh));
 
@@ -247,9 +249,20 @@ impl Sidecar {
             servers.push(("local API", tokio::spawn(server)));
         }
         if let (Some(listener), Some(inbound)) = (listeners.inbound, parts.inbound.clone()) {
+            // TLS (mesh peers) and plaintext on one port, by first byte.
+            let listen = listen("inbound")
+                .tls_or_plaintext(super::mesh_conn::tls_source(
+                    Arc::clone(&mesh_tls),
+                    inbound.config().mtls,
+                ))
+                .close_when(super::mesh_conn::closer(
+                    Arc::clone(&mesh_tls),
+                    parts.mesh.clone(),
+                    Arc::clone(&parts.clock),
+                ));
             let server = crate::http::serve(
                 listener,
-                listen("inbound"),
+                listen,
                 move |req, peer| Arc::clone(&inbound).handle(req, peer),
                 stopped(stop.subscribe()),
             );
@@ -364,8 +377,17 @@ impl Sidecar {
     }
 }
 
-/// On every renewed SVID: a new mTLS channel and a new DPoP key for new
-/// tokens (cached tokens keep the key they are bound to until they
+/// The DPoP key of an SVID: its own key, so a token bound to it is bound
+/// to the TLS identity too (a mesh peer proves possession in the
+/// handshake).
+fn svid_key(svid: &Svid) -> Result<ProofKey, IdentityError> {
+    crate::jose::SigningKey::from_pkcs8_pem(svid.key_pem.as_bytes())
+        .map(ProofKey::new)
+        .map_err(|e| IdentityError::Local(format!("the SVID's key: {e}")))
+}
+
+/// On every renewed SVID: a new mTLS channel, and its key as the DPoP key
+/// for new tokens (cached tokens keep the key they are bound to until they
 /// expire).
 async fn follow_renewals(
     mut svids: watch::Receiver<Arc<Svid>>,
@@ -381,10 +403,10 @@ async fn follow_renewals(
                 continue;
             }
         };
-        match ProofKey::generate() {
+        match svid_key(&svid) {
             Ok(key) => issuer.set_identity(channel, Arc::new(key)),
             Err(e) => {
-                tracing::error!(error = %e, "cannot make a new DPoP key; keeping the current one");
+                tracing::error!(error = %e, "cannot use the renewed SVID's key for DPoP; keeping the current one");
                 let (_, key) = issuer.current();
                 issuer.set_identity(channel, key);
             }

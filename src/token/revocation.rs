@@ -233,6 +233,17 @@ impl RevocationSet {
             || self.everything.is_some_and(|b| iat <= b)
     }
 
+    /// Whether a revocation covers the holder `sub` with key `jkt` as of
+    /// `since` (Unix seconds): one for that subject, that key, or every
+    /// token, whose `issued_before` is at or after `since`. A mesh
+    /// connection opened at `since` by that holder ends then: what it was
+    /// opened with is revoked.
+    pub fn covers_holder(&self, sub: &SpiffeId, jkt: &Jkt, since: u64) -> bool {
+        self.subjects.get(sub).is_some_and(|b| since <= *b)
+            || self.jkts.get(jkt).is_some_and(|b| since <= *b)
+            || self.everything.is_some_and(|b| since <= b)
+    }
+
     /// Entries held.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -312,6 +323,35 @@ mod tests {
         set.prune(2_000);
         assert!(set.is_empty());
         assert!(!set.covers(&tok("j1", &b, &jkt(9), "k1", 1_500)));
+    }
+
+    #[test]
+    fn a_holder_is_covered_by_its_subject_key_or_everything_as_of_a_connection() {
+        let a = id("spiffe://td/a");
+        let b = id("spiffe://td/b");
+        let entry = |target, issued_before| Revocation {
+            target,
+            issued_before,
+            expires_at: 2_000,
+            reason: "test".into(),
+        };
+        let mut set = RevocationSet::default();
+        set.insert(entry(RevocationTarget::Jti("j1".into()), 1_500), 1_000);
+        set.insert(entry(RevocationTarget::Kid("k1".into()), 1_500), 1_000);
+        assert!(
+            !set.covers_holder(&a, &jkt(1), 1_000),
+            "one token or a signing key is not the holder"
+        );
+        set.insert(entry(RevocationTarget::Subject(a.clone()), 1_000), 1_000);
+        assert!(set.covers_holder(&a, &jkt(1), 1_000), "opened by then");
+        assert!(!set.covers_holder(&a, &jkt(1), 1_001), "opened after");
+        assert!(!set.covers_holder(&b, &jkt(1), 900));
+        set.insert(entry(RevocationTarget::Jkt(jkt(2)), 1_000), 1_000);
+        assert!(set.covers_holder(&b, &jkt(2), 999));
+        assert!(!set.covers_holder(&b, &jkt(3), 999));
+        set.insert(entry(RevocationTarget::Everything, 800), 1_000);
+        assert!(set.covers_holder(&b, &jkt(3), 800));
+        assert!(!set.covers_holder(&b, &jkt(3), 801));
     }
 
     #[test]

@@ -99,6 +99,7 @@ impl App {
                         "caller": header("x-tally-caller"),
                         "scopes": header("x-tally-scopes"),
                         "token_id": header("x-tally-token-id"),
+                        "transport": header("x-tally-transport"),
                         "tally_headers": tally_headers,
                         "authorization": header("authorization").is_some(),
                         "dpop": header("dpop").is_some(),
@@ -152,6 +153,8 @@ pub struct Parts {
     /// Bind the inbound proxy here (a restarted sidecar takes its
     /// predecessor's port); port 0 when unset.
     pub inbound_at: Option<std::net::SocketAddr>,
+    /// `--inbound-mtls required` (else optional).
+    pub mtls_required: bool,
 }
 
 /// A started sidecar and where it listens.
@@ -252,6 +255,9 @@ impl Mesh {
                     .iter()
                     .map(|a| tally::auth::target::Authority::parse(a).unwrap())
                     .collect();
+                if parts.mtls_required {
+                    c.mtls = tally::sidecar::mtls::InboundMtls::Required;
+                }
                 c
             }),
             inbound_nonces: parts.nonces,

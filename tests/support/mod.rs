@@ -8,6 +8,7 @@ pub mod ctl;
 pub mod grpc;
 pub mod https;
 pub mod mesh;
+pub mod mtls;
 pub mod partition;
 pub mod postgres;
 pub mod process;
