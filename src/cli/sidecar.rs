@@ -91,11 +91,25 @@ pub fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
         None => ServiceMap::default(),
     };
     let socket = socket_path(config.socket.clone())?;
-    tokio::runtime::Builder::new_multi_thread()
+    runtime()?.block_on(serve(config, bundle, services, socket))
+}
+
+/// The sidecar's runtime: one worker thread per core it may use. Given a
+/// single core (a pinned or one-CPU pod), a current-thread runtime does
+/// the same work without cross-thread wake-ups or a second thread's
+/// stack (`TOKIO_WORKER_THREADS` set keeps the multi-thread runtime, with
+/// that many workers).
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if one_core && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
-        .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))?
-        .block_on(serve(config, bundle, services, socket))
+        .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))
 }
 
 /// A settings file's text (at most 1 MiB); a file that cannot be read is
