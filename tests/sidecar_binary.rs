@@ -60,6 +60,9 @@ fn help_is_the_help_of_tally_sidecar_apart_from_the_program_name() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: tally-sidecar [OPTIONS]"));
 }
 
+/// Arguments, and environment variables.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+
 #[test]
 fn flags_environment_and_settings_files_are_read_the_same_way() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,7 +73,7 @@ fn flags_environment_and_settings_files_are_read_the_same_way() {
     )
     .unwrap();
     let settings = settings.to_str().unwrap();
-    let cases: [(&[&str], &[(&str, &str)]); 5] = [
+    let cases: [Case; 5] = [
         (&[], &[]),
         (&["--no-such-flag"], &[]),
         (
