@@ -102,6 +102,19 @@ fn flags_environment_and_settings_files_are_read_the_same_way() {
 
 #[test]
 fn tally_sidecar_attests_and_serves_its_socket_then_stops_on_sigterm() {
+    attest_serve_and_stop(Command::new(SIDECAR));
+}
+
+#[test]
+fn on_one_core_it_serves_the_same_with_its_current_thread_runtime() {
+    // `taskset` leaves the process one core: the runtime it then picks
+    // must attest, serve and stop as the multi-thread one does.
+    let mut pinned = Command::new("taskset");
+    pinned.args(["-c", "0", SIDECAR]);
+    attest_serve_and_stop(pinned);
+}
+
+fn attest_serve_and_stop(mut command: Command) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let broker = Spawned::start(&data);
@@ -117,7 +130,7 @@ fn tally_sidecar_attests_and_serves_its_socket_then_stops_on_sigterm() {
     let token = String::from_utf8(o.stdout).unwrap().trim().to_owned();
 
     let socket = dir.path().join("agent.sock");
-    let mut sidecar = Command::new(SIDECAR)
+    let mut sidecar = command
         .args(["--broker", &broker_url])
         .arg("--trust-bundle")
         .arg(data.join("bundle.pem"))
