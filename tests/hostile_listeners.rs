@@ -520,3 +520,44 @@ async fn tunnels_hold_their_slot_and_end_when_quiet() {
     );
     assert!(opened.elapsed() >= Duration::from_millis(1500));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_inbound_port_a_stalled_or_garbled_tls_start_is_closed_and_the_port_serves_on() {
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                inbound_to: Some(app.addr),
+                limits: Some(limits(2, 2, 64)),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let inbound = payments.inbound.unwrap();
+    // The first byte of a TLS record, then nothing: the handshake never
+    // completes, and the header timeout (2 s) ends it.
+    let mut stalled = TcpStream::connect(inbound).await.unwrap();
+    stalled.write_all(&[0x16]).await.unwrap();
+    let took = closed_within(&mut stalled, Duration::from_secs(8))
+        .await
+        .expect("a stalled TLS start was kept open");
+    assert!(took >= Duration::from_millis(1500), "closed after {took:?}");
+    // A TLS record header followed by garbage: refused at once.
+    let mut garbled = TcpStream::connect(inbound).await.unwrap();
+    garbled
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0xde, 0xad, 0xbe, 0xef, 0x00])
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut garbled, Duration::from_secs(1))
+            .await
+            .is_some(),
+        "a garbled handshake was kept open"
+    );
+    // Plaintext still served beside them.
+    let answer = send(inbound, "GET", "/v1/charges", &[], "").await;
+    assert_eq!(answer.status, 401);
+    mesh.broker.stop().await;
+}

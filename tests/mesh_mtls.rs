@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 use support::mesh::{App, CHECKOUT, Mesh, PAYMENTS, Parts, REPORTING, send};
-use support::mtls::{client_config, connect, svid_of, token_from};
+use support::mtls::{client_config, connect, renewed, svid_of, token_from};
 
 const ADMIN: &str = "spiffe://example.org/admin";
 
@@ -462,5 +462,252 @@ async fn revoking_the_peers_tokens_closes_its_connections_and_the_old_token_stay
         refused.as_ref().map_or(true, |a| a.status == 401),
         "{refused:?}"
     );
+    mesh.broker.stop().await;
+}
+
+/// A mesh whose broker issues SVIDs for `ttl_secs`, so sidecars renew
+/// within the test (at 40–60% of the life).
+async fn short_lived(ttl_secs: u64) -> (Mesh, App, support::mesh::Started, support::mesh::Started) {
+    let mut settings = support::broker::settings(support::mesh::POLICY);
+    settings.svid_ttl = ttl_secs;
+    let mesh = Mesh::start_with_settings(settings).await;
+    let app = App::start().await;
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                inbound_to: Some(app.addr),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let checkout = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                socket: true,
+                ..Parts::default()
+            },
+        )
+        .await;
+    (mesh, app, payments, checkout)
+}
+
+/// One request on a fresh mTLS connection with `svid`; once more on
+/// another fresh one if the first was closed under it (SVIDs renew every
+/// few seconds here, and a renewal closes connections gracefully).
+async fn on_fresh_connection(
+    inbound: std::net::SocketAddr,
+    svid: &std::sync::Arc<tally::sidecar::identity::Svid>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> support::mesh::Answer {
+    let mut last = String::new();
+    for _ in 0..2 {
+        let mut conn = connect(inbound, client_config(svid, PAYMENTS))
+            .await
+            .unwrap();
+        match conn.send(method, path, headers).await {
+            Ok(answer) => return answer,
+            Err(e) => last = e,
+        }
+    }
+    panic!("two fresh connections failed: {last}");
+}
+
+#[tokio::test]
+async fn the_servers_renewal_closes_connections_gracefully_and_the_next_sees_its_new_svid() {
+    let (mesh, _app, payments, checkout) = short_lived(6).await;
+    let inbound = payments.inbound.unwrap();
+    let before = svid_of(&payments);
+    let mut conn = connect(inbound, client_config(&svid_of(&checkout), PAYMENTS))
+        .await
+        .unwrap();
+    let old_server = tally::identity::PeerIdentity::of(&conn.server_cert).unwrap();
+    let token = token_from(&checkout, PAYMENTS, "payments:charge").await;
+    let auth = bearer(&token);
+    assert_eq!(
+        conn.send("POST", "/v1/charges", &[("authorization", &auth)])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let after = renewed(&payments, &before).await;
+    // GOAWAY, then the client's connection ends by itself.
+    ended(conn).await;
+    let fresh = connect(inbound, client_config(&svid_of(&checkout), PAYMENTS))
+        .await
+        .unwrap();
+    let new_server = tally::identity::PeerIdentity::of(&fresh.server_cert).unwrap();
+    assert_ne!(new_server.jkt, old_server.jkt);
+    // The SVID payments holds now: the renewed one (or, were it renewed
+    // again meanwhile, a later one).
+    let current = svid_of(&payments);
+    let current_key = tally::jose::SigningKey::from_pkcs8_pem(current.key_pem.as_bytes()).unwrap();
+    assert_eq!(new_server.jkt, current_key.thumbprint());
+    assert_ne!(after.chain_pem, before.chain_pem);
+    mesh.broker.stop().await;
+}
+
+#[tokio::test]
+async fn after_the_callers_renewal_a_token_bound_to_its_old_key_needs_that_keys_proof() {
+    let (mesh, _app, payments, checkout) = short_lived(6).await;
+    let inbound = payments.inbound.unwrap();
+    let old = svid_of(&checkout);
+    let token = token_from(&checkout, PAYMENTS, "payments:charge").await;
+    let auth = bearer(&token);
+    let new = renewed(&checkout, &old).await;
+
+    // The new SVID's handshake does not prove the old key: no proof, 401.
+    let answer = on_fresh_connection(
+        inbound,
+        &new,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(answer.status, 401, "{:?}", answer.body);
+    assert_eq!(answer.json()["error"], "invalid_dpop_proof");
+    // With a proof by the old key for the https URL, it passes.
+    let old_key = tally::dpop::ProofKey::new(
+        tally::jose::SigningKey::from_pkcs8_pem(old.key_pem.as_bytes()).unwrap(),
+    );
+    let url = format!("https://{inbound}/v1/charges");
+    let mut nonce: Option<String> = None;
+    let answer = loop {
+        let now = tally::clock::Clock::now(&tally::clock::SystemClock);
+        let proof = old_key
+            .mint("POST", &url, Some(&token), nonce.as_deref(), now)
+            .unwrap();
+        let answer = on_fresh_connection(
+            inbound,
+            &new,
+            "POST",
+            "/v1/charges",
+            &[("authorization", &auth), ("dpop", &proof)],
+        )
+        .await;
+        match answer.header("dpop-nonce") {
+            Some(n) if nonce.is_none() && answer.status == 401 => nonce = Some(n.to_owned()),
+            _ => break answer,
+        }
+    };
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    // And the old SVID, still valid, proves its own key by handshake.
+    let answer = on_fresh_connection(
+        inbound,
+        &old,
+        "POST",
+        "/v1/charges",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    mesh.broker.stop().await;
+}
+
+#[tokio::test]
+async fn peers_under_a_rotated_intermediate_and_the_old_one_still_trust_each_other() {
+    let (mesh, _app, payments, _checkout) = scene(false).await;
+    let inbound = payments.inbound.unwrap();
+    let admin = ADMIN.parse().unwrap();
+    mesh.broker
+        .broker
+        .rotate_intermediate_now(&admin)
+        .await
+        .unwrap();
+    // Reporting attests after the rotation: its SVID chains to the new
+    // intermediate, payments' to the old one; both to the one root.
+    let reporting = mesh
+        .sidecar(
+            REPORTING,
+            Parts {
+                socket: true,
+                ..Parts::default()
+            },
+        )
+        .await;
+    let old_chain = svid_of(&payments).chain_pem.clone();
+    let new_chain = svid_of(&reporting).chain_pem.clone();
+    let intermediate = |pem: &str| {
+        rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+            .nth(1)
+            .map(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.unwrap().to_vec())
+            .unwrap()
+    };
+    assert_ne!(intermediate(&old_chain), intermediate(&new_chain));
+    let token = token_from(&reporting, PAYMENTS, "payments:read").await;
+    let answer = on_fresh_connection(
+        inbound,
+        &svid_of(&reporting),
+        "GET",
+        "/v1/balance",
+        &[("authorization", &bearer(&token))],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    mesh.broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_that_expires_ends_its_use_on_a_live_connection() {
+    let mesh = Mesh::start().await;
+    let app = App::start().await;
+    let clock = std::sync::Arc::new(tally::clock::ManualClock::new(tally::clock::Clock::now(
+        &tally::clock::SystemClock,
+    )));
+    let payments = mesh
+        .sidecar(
+            PAYMENTS,
+            Parts {
+                inbound_to: Some(app.addr),
+                clock: Some(clock.clone()),
+                ..Parts::default()
+            },
+        )
+        .await;
+    let checkout = mesh
+        .sidecar(
+            CHECKOUT,
+            Parts {
+                socket: true,
+                ..Parts::default()
+            },
+        )
+        .await;
+    let inbound = payments.inbound.unwrap();
+    let token = token_from(&checkout, PAYMENTS, "payments:charge").await;
+    let exp = support::proxy::claims_of(&bearer(&token))["exp"]
+        .as_u64()
+        .unwrap();
+    let auth = bearer(&token);
+    let mut conn = connect(inbound, client_config(&svid_of(&checkout), PAYMENTS))
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.send("POST", "/v1/charges", &[("authorization", &auth)])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    // The last second the verifier's 30 s leeway allows, then the first
+    // it does not: same connection, same (cached) token.
+    clock.set(exp + 29);
+    let answer = conn
+        .send("POST", "/v1/charges", &[("authorization", &auth)])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    clock.set(exp + 30);
+    let answer = conn
+        .send("POST", "/v1/charges", &[("authorization", &auth)])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 401, "{:?}", answer.body);
+    assert_eq!(answer.json()["error"], "invalid_token");
     mesh.broker.stop().await;
 }

@@ -386,8 +386,15 @@ where
             let _closed_when_dropped = open_conns;
             let opened_at = Instant::now();
             let opened = tokio::time::timeout(limits.header_timeout, open(stream, extra)).await;
-            let Ok(Some((io, peer))) = opened else {
-                return;
+            let (io, peer) = match opened {
+                Ok(Some(opened)) => opened,
+                Ok(None) => return,
+                // Silent past the header timeout before its first byte (or
+                // in a TLS handshake): idle, as the same silence is after.
+                Err(_) => {
+                    listen.stats.closed_idle();
+                    return;
+                }
             };
             connection(io, peer, handler, &listen, opened_at, slot, stop_rx).await;
         });

@@ -19,11 +19,13 @@
 
 use super::cache::{CacheError, Fetch, Fetched, TokenCache};
 use super::identity::Svid;
+pub use super::service_map::{Destination, ServiceMap, ServiceMapError};
 use super::watch::MeshState;
 use crate::auth::answer::safe_description;
 use crate::clock::Clock;
 use crate::dpop::NormalizedUri;
 use crate::http::{Body, Peer, json, read_body};
+use crate::jose::Jkt;
 use crate::token::{Audience, Scope, Scopes};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -33,93 +35,6 @@ use std::sync::{Arc, Mutex};
 
 /// Largest request body read.
 const MAX_BODY: usize = 16 * 1024;
-
-/// Which audience serves which destination: `host:port`, or `host:*`
-/// for every port of a host. A bare `host` is refused: it would send this
-/// workload's tokens to whatever listens on any port of that host.
-#[derive(Debug, Clone, Default)]
-pub struct ServiceMap(HashMap<String, Audience>);
-
-/// Why a service-map entry was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServiceMapError {
-    /// `host` alone: which port is meant?
-    #[error(
-        "{0:?} names no port: write {0}:PORT for one port, or {0}:* to send tokens to every port of that host"
-    )]
-    NoPort(String),
-    /// Not `host:port` or `host:*`.
-    #[error("{0:?} is not host:port or host:*")]
-    Malformed(String),
-    /// The same destination twice.
-    #[error("{0:?} appears twice")]
-    Duplicate(String),
-}
-
-impl ServiceMap {
-    /// A map from these (destination, audience) pairs; every entry is
-    /// checked and every fault reported.
-    ///
-    /// # Errors
-    /// One [`ServiceMapError`] per refused entry.
-    pub fn new(
-        entries: impl IntoIterator<Item = (String, Audience)>,
-    ) -> Result<Self, Vec<ServiceMapError>> {
-        let mut map = HashMap::new();
-        let mut errors = Vec::new();
-        for (destination, audience) in entries {
-            let key = destination.to_ascii_lowercase();
-            let Some((host, port)) = key.rsplit_once(':') else {
-                errors.push(ServiceMapError::NoPort(destination));
-                continue;
-            };
-            let port_ok = port == "*" || port.parse::<u16>().is_ok_and(|p| p != 0);
-            let host_ok = !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-                || host.starts_with('[') && host.ends_with(']') && host.len() > 2;
-            if !(port_ok && host_ok) {
-                errors.push(ServiceMapError::Malformed(destination));
-                continue;
-            }
-            if map.insert(key, audience).is_some() {
-                errors.push(ServiceMapError::Duplicate(destination));
-            }
-        }
-        if errors.is_empty() {
-            Ok(Self(map))
-        } else {
-            Err(errors)
-        }
-    }
-
-    /// The audience for a URL's authority: its `host:port` (the scheme's
-    /// default port when none is written), then `host:*`.
-    pub fn audience_for(&self, url: &str) -> Option<&Audience> {
-        let (scheme, rest) = url.split_once("://")?;
-        let authority = rest.split(['/', '?', '#']).next()?.to_ascii_lowercase();
-        let default_port = match scheme.to_ascii_lowercase().as_str() {
-            "http" => "80",
-            "https" => "443",
-            _ => return None,
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && !port.contains(']') => (host, port),
-            _ => (authority.as_str(), default_port),
-        };
-        let port = if port.is_empty() { default_port } else { port };
-        self.0
-            .get(&format!("{host}:{port}"))
-            .or_else(|| self.0.get(&format!("{host}:*")))
-    }
-
-    /// The audience for a `CONNECT host:port` target.
-    pub fn audience_for_authority(&self, authority: &str) -> Option<&Audience> {
-        self.audience_for(&format!("http://{authority}/"))
-    }
-}
 
 /// The local API's state.
 pub struct LocalApi<F> {
@@ -149,6 +64,15 @@ pub struct RequestHeaders {
     pub authorization: String,
     /// `DPoP: <proof>`.
     pub dpop: String,
+}
+
+/// Header values for one request over a mutual-TLS connection (they hold
+/// the token: never log them).
+pub struct MeshHeaders {
+    /// `Authorization: DPoP <token>`.
+    pub authorization: String,
+    /// `DPoP: <proof>`, unless the token is bound to the connection's key.
+    pub dpop: Option<String>,
 }
 
 /// A refusal, as the app sees it.
@@ -388,8 +312,50 @@ impl<F: Fetch> LocalApi<F> {
         scopes: &Scopes,
     ) -> Result<RequestHeaders, ApiError> {
         let fetched = self.fetch(audience, scopes).await?;
+        Ok(RequestHeaders {
+            dpop: self.proof(&fetched, method, htu)?,
+            authorization: format!("DPoP {}", fetched.token.expose()),
+        })
+    }
+
+    /// The same for a request sent over a mutual-TLS connection whose
+    /// client certificate's key has the thumbprint `connection_key`: a
+    /// token bound to that key has proven possession in the handshake and
+    /// goes without a proof; one bound to another (an older SVID's) key
+    /// carries a proof signed with that key, as over plaintext.
+    ///
+    /// # Errors
+    /// As [`Self::headers_for`].
+    pub async fn mesh_headers_for(
+        &self,
+        method: &str,
+        htu: &NormalizedUri,
+        audience: &Audience,
+        scopes: &Scopes,
+        connection_key: &Jkt,
+    ) -> Result<MeshHeaders, ApiError> {
+        let fetched = self.fetch(audience, scopes).await?;
+        let dpop = if fetched.key.thumbprint() == *connection_key {
+            None
+        } else {
+            Some(self.proof(&fetched, method, htu)?)
+        };
+        Ok(MeshHeaders {
+            authorization: format!("DPoP {}", fetched.token.expose()),
+            dpop,
+        })
+    }
+
+    /// A fresh proof for `method` on `htu` with `fetched`'s key, carrying
+    /// the last nonce seen for the origin.
+    fn proof(
+        &self,
+        fetched: &Fetched,
+        method: &str,
+        htu: &NormalizedUri,
+    ) -> Result<String, ApiError> {
         let nonce = self.nonce_for(&origin_of(htu.as_str()));
-        let proof = fetched
+        fetched
             .key
             .mint(
                 method,
@@ -402,11 +368,7 @@ impl<F: Fetch> LocalApi<F> {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 code: "server_error",
                 description: format!("signing the proof: {e}"),
-            })?;
-        Ok(RequestHeaders {
-            authorization: format!("DPoP {}", fetched.token.expose()),
-            dpop: proof,
-        })
+            })
     }
 
     /// A token from the cache that no revocation known here covers: a
@@ -553,69 +515,6 @@ pub async fn serve<F: Fetch>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_service_map_finds_an_audience_by_host_and_port() {
-        let map = ServiceMap::new([
-            (
-                "payments.svc:*".to_owned(),
-                "spiffe://td/pay".parse().unwrap(),
-            ),
-            (
-                "ledger:8443".to_owned(),
-                "spiffe://td/ledger".parse().unwrap(),
-            ),
-            ("web:80".to_owned(), "spiffe://td/web".parse().unwrap()),
-        ])
-        .unwrap();
-        let aud = |u: &str| map.audience_for(u).map(|a| a.as_str().to_owned());
-        assert_eq!(
-            aud("http://Payments.svc:8080/v1/x?y").as_deref(),
-            Some("spiffe://td/pay")
-        );
-        assert_eq!(
-            aud("https://ledger:8443/").as_deref(),
-            Some("spiffe://td/ledger")
-        );
-        assert_eq!(aud("http://web/x").as_deref(), Some("spiffe://td/web"));
-        assert_eq!(aud("http://web:80/x").as_deref(), Some("spiffe://td/web"));
-        assert_eq!(aud("http://web:8080/x"), None);
-        assert_eq!(aud("https://ledger:9000/"), None);
-        assert_eq!(aud("https://ledger/"), None, "443 is not 8443");
-        assert_eq!(aud("not a url"), None);
-        assert_eq!(
-            map.audience_for_authority("ledger:8443")
-                .map(Audience::as_str),
-            Some("spiffe://td/ledger")
-        );
-    }
-
-    #[test]
-    fn a_service_map_entry_without_a_port_is_refused_with_the_fix() {
-        let aud: Audience = "spiffe://td/pay".parse().unwrap();
-        let errors = ServiceMap::new([
-            ("localhost".to_owned(), aud.clone()),
-            ("a b:80".to_owned(), aud.clone()),
-            ("x:99999".to_owned(), aud.clone()),
-            ("y:80".to_owned(), aud.clone()),
-            ("Y:80".to_owned(), aud),
-        ])
-        .unwrap_err();
-        assert_eq!(
-            errors,
-            vec![
-                ServiceMapError::NoPort("localhost".into()),
-                ServiceMapError::Malformed("a b:80".into()),
-                ServiceMapError::Malformed("x:99999".into()),
-                ServiceMapError::Duplicate("Y:80".into()),
-            ]
-        );
-        assert!(
-            errors[0].to_string().contains("localhost:*"),
-            "{}",
-            errors[0]
-        );
-    }
 
     #[test]
     fn origins_are_scheme_and_authority() {

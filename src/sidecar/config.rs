@@ -50,7 +50,9 @@ pub struct SidecarFlags {
     #[arg(long = "allow-uid", env = "TALLY_ALLOW_UIDS", value_delimiter = ',')]
     pub allow_uids: Vec<u32>,
     /// YAML mapping of HOST:PORT (or HOST:* for every port) to audience,
-    /// for /v1/authorize and the outbound proxy.
+    /// or to {audience: A, mtls: true|false}, for /v1/authorize and the
+    /// outbound proxy; mtls (default: true when the audience is a
+    /// workload's SPIFFE ID) dials the destination with mutual TLS.
     #[arg(long, env = "TALLY_SERVICE_MAP")]
     pub service_map: Option<PathBuf>,
     /// Inbound verifying proxy address, e.g. 0.0.0.0:15006 (needs --upstream).
@@ -61,7 +63,7 @@ pub struct SidecarFlags {
     pub upstream: Option<String>,
     /// Inbound port: `optional` serves mutual TLS (sidecars, with their
     /// SVIDs) and plaintext side by side; `required` refuses plaintext.
-    #[arg(long, env = "TALLY_INBOUND_MTLS", value_name = "optional|required")]
+    #[arg(long, env = "TALLY_INBOUND_MTLS", value_name = "MODE")]
     pub inbound_mtls: Option<String>,
     /// Demand DPoP server nonces from inbound callers (RFC 9449 §8).
     #[arg(long, env = "TALLY_INBOUND_NONCES")]
@@ -424,7 +426,9 @@ fn attestation(
 }
 
 /// Reads a service map (`name` is the file's, for errors): a YAML
-/// mapping of `host:port` (or `host:*`) to audience.
+/// mapping of `host:port` (or `host:*`) to an audience, or to
+/// `{audience: AUDIENCE, mtls: true|false}` (mtls defaults to true for a
+/// workload's SPIFFE ID, false otherwise).
 ///
 /// # Errors
 /// Every problem found, one line each.
@@ -439,20 +443,60 @@ pub fn service_map(name: &str, text: &str) -> Result<ServiceMap, Vec<String>> {
     let mut errors = Vec::new();
     let mut out = Vec::new();
     for (host, pos, node) in entries {
-        match &node.value {
-            Value::Str(a) => match a.parse() {
-                Ok(audience) => out.push((host, audience)),
-                Err(e) => errors.push(format!("{name}:{}: audience for {host}: {e}", node.pos)),
-            },
-            _ => errors.push(format!(
-                "{name}:{pos}: the audience for {host} must be text"
-            )),
+        let (audience, mtls) = match &node.value {
+            Value::Str(a) => ((a.as_str(), node.pos), None),
+            Value::Map(fields) => {
+                let (mut audience, mut mtls) = (None, None);
+                let faults_before = errors.len();
+                for (key, key_pos, value) in fields {
+                    match (key.as_str(), &value.value) {
+                        ("audience", Value::Str(a)) => audience = Some((a.as_str(), value.pos)),
+                        ("mtls", Value::Str(t)) => match boolean("mtls", t) {
+                            Ok(b) => mtls = Some(b),
+                            Err(e) => errors.push(format!("{name}:{}: {host}: {e}", value.pos)),
+                        },
+                        ("audience" | "mtls", _) => errors.push(format!(
+                            "{name}:{}: {host}: {key} must be text, not {}",
+                            value.pos,
+                            value.kind()
+                        )),
+                        _ => errors.push(format!(
+                            "{name}:{key_pos}: {host}: unknown key {key:?} (expected audience, mtls)"
+                        )),
+                    }
+                }
+                // One fault an entry: an audience that was not text is not
+                // also reported missing.
+                if errors.len() > faults_before {
+                    continue;
+                }
+                let Some(audience) = audience else {
+                    errors.push(format!("{name}:{pos}: {host}: audience is required"));
+                    continue;
+                };
+                (audience, mtls)
+            }
+            _ => {
+                errors.push(format!(
+                    "{name}:{pos}: the audience for {host} must be text or {{audience, mtls}}"
+                ));
+                continue;
+            }
+        };
+        let (text, at) = audience;
+        match text.parse() {
+            Ok(audience) => out.push((host, audience, mtls)),
+            Err(e) => errors.push(format!("{name}:{at}: audience for {host}: {e}")),
         }
     }
-    if !errors.is_empty() {
-        return Err(errors);
+    match ServiceMap::with_transport(out) {
+        Ok(map) if errors.is_empty() => Ok(map),
+        Ok(_) => Err(errors),
+        Err(faults) => {
+            errors.extend(faults.iter().map(|f| format!("{name}: {f}")));
+            Err(errors)
+        }
     }
-    ServiceMap::new(out).map_err(|faults| faults.iter().map(|f| format!("{name}: {f}")).collect())
 }
 
 /// Where the socket goes when not given: `/run/tally` as root, else the
@@ -494,6 +538,7 @@ mod tests {
             Some(("127.0.0.1:15006".parse().unwrap(), "127.0.0.1:8080".into()))
         );
         assert!(c.inbound_nonces && !c.pass_credentials && !c.outbound_strict);
+        assert_eq!(c.inbound_mtls, super::super::mtls::InboundMtls::Optional);
         assert_eq!(c.allow_uids, [1000, 1001]);
         assert_eq!(c.outbound_listen, None);
         assert_eq!((c.proof_max_age, c.clock_skew), (30, 2));
@@ -510,7 +555,7 @@ mod tests {
             admin_listen: Some("nowhere".into()),
             ..SidecarFlags::default()
         };
-        let file = "inbound_listen: 127.0.0.1:15006\noutbound_strict: maybe\ncolour: blue\nproof_max_age: forever\n";
+        let file = "inbound_listen: 127.0.0.1:15006\noutbound_strict: maybe\ncolour: blue\nproof_max_age: forever\ninbound_mtls: sometimes\n";
         let errors = SidecarConfig::resolve(&flags, Some(("sidecar.yaml", file))).unwrap_err();
         let all = errors.join("\n");
         for expected in [
@@ -522,10 +567,11 @@ mod tests {
             "admin_listen \"nowhere\"",
             "inbound_listen needs upstream",
             "proof_max_age \"forever\"",
+            "inbound_mtls: \"sometimes\" is not optional or required",
         ] {
             assert!(all.contains(expected), "{expected} missing from:\n{all}");
         }
-        assert_eq!(errors.len(), 8, "{all}");
+        assert_eq!(errors.len(), 9, "{all}");
     }
 
     #[test]
@@ -538,6 +584,7 @@ mod tests {
             watch_staleness: Some("45s".into()),
             inbound_authorities: vec!["Pay.svc:8080".into()],
             allow_uids: vec![1000],
+            inbound_mtls: Some("required".into()),
             ..flags()
         };
         let settings = SidecarConfig::resolve(&flags, None)
@@ -545,6 +592,7 @@ mod tests {
             .settings("PEM".into(), ServiceMap::default());
         let inbound = settings.inbound.unwrap();
         assert_eq!(inbound.upstream, "127.0.0.1:8080");
+        assert_eq!(inbound.mtls, super::super::mtls::InboundMtls::Required);
         assert!(inbound.pass_credentials && inbound.deny_when_stale);
         assert_eq!((inbound.stale_after, settings.watch_staleness), (45, 45));
         assert_eq!(
@@ -581,7 +629,13 @@ mod tests {
         let map = service_map("map.yaml", "a.svc:80: spiffe://td/a\n").unwrap();
         assert!(format!("{map:?}").contains("a.svc:80"));
         let errors = service_map("map.yaml", "a: [1]\nb.svc: spiffe://td/b\n").unwrap_err();
-        assert_eq!(errors, ["map.yaml:1:1: the audience for a must be text"]);
+        assert_eq!(
+            errors,
+            [
+                "map.yaml:1:1: the audience for a must be text or {audience, mtls}",
+                "map.yaml: \"b.svc\" names no port: write b.svc:PORT for one port, or b.svc:* to send tokens to every port of that host"
+            ]
+        );
         let errors = service_map("map.yaml", "b.svc: spiffe://td/b\n").unwrap_err();
         assert!(
             errors[0].starts_with("map.yaml: \"b.svc\" names no port"),
@@ -589,5 +643,59 @@ mod tests {
         );
         let errors = service_map("map.yaml", "- a\n").unwrap_err();
         assert_eq!(errors, ["map.yaml: expected a mapping of host to audience"]);
+    }
+
+    #[test]
+    fn a_service_map_entry_may_say_whether_the_hop_is_mtls() {
+        let text = "\
+pay.svc:8080: spiffe://td/ns/pay/sa/payments
+ledger.svc:80: {audience: spiffe://td/ns/fin/sa/ledger, mtls: false}
+legacy.svc:80:
+  audience: spiffe://td/ns/old/sa/legacy
+  mtls: true
+partner.example:80: {audience: https://api.partner.example}
+";
+        let map = service_map("map.yaml", text).unwrap();
+        let mtls = |url: &str| {
+            let d = map.destination_for(url).unwrap();
+            (
+                d.audience().as_str().to_owned(),
+                d.mtls().map(|id| id.as_str().to_owned()),
+            )
+        };
+        let pay = "spiffe://td/ns/pay/sa/payments".to_owned();
+        assert_eq!(mtls("http://pay.svc:8080/"), (pay.clone(), Some(pay)));
+        assert_eq!(
+            mtls("http://ledger.svc/"),
+            ("spiffe://td/ns/fin/sa/ledger".into(), None)
+        );
+        let legacy = "spiffe://td/ns/old/sa/legacy".to_owned();
+        assert_eq!(mtls("http://legacy.svc/"), (legacy.clone(), Some(legacy)));
+        assert_eq!(
+            mtls("http://partner.example/"),
+            ("https://api.partner.example".into(), None)
+        );
+    }
+
+    #[test]
+    fn every_fault_of_a_long_service_map_entry_is_reported_with_its_position() {
+        let text = "\
+a.svc:80: {audience: spiffe://td/ns/a/sa/a, mtls: sometimes}
+b.svc:80: {audience: spiffe://td/ns/b/sa/b, tls: true}
+c.svc:80: {mtls: true}
+partner.example:443: {audience: https://api.partner.example, mtls: true}
+d.svc:80: {audience: [x]}
+";
+        let errors = service_map("map.yaml", text).unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                "map.yaml:1:51: a.svc:80: mtls \"sometimes\" must be true or false",
+                "map.yaml:2:45: b.svc:80: unknown key \"tls\" (expected audience, mtls)",
+                "map.yaml:3:1: c.svc:80: audience is required",
+                "map.yaml:5:22: d.svc:80: audience must be text, not a list",
+                "map.yaml: \"partner.example:443\" asks for mtls but its audience https://api.partner.example is not a workload's SPIFFE ID (spiffe://TRUST-DOMAIN/PATH); use mtls: false for a destination outside the mesh",
+            ]
+        );
     }
 }

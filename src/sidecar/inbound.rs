@@ -118,6 +118,8 @@ pub struct InboundMetrics {
     pub requests: CounterVec,
     /// Time spent checking a request (not forwarding it).
     pub check_seconds: Histogram,
+    /// Admitted requests by transport (`mtls`, `tls`, `plaintext`).
+    pub admitted: CounterVec,
 }
 
 impl InboundMetrics {
@@ -132,6 +134,11 @@ impl InboundMetrics {
                 "tally_sidecar_inbound_check_seconds",
                 "Time to check an inbound request (token, proof, replay, policy).",
             ),
+            admitted: CounterVec::new(
+                "tally_sidecar_inbound_admitted_total",
+                "Admitted inbound requests by how the caller reached this sidecar: mtls, tls or plaintext.",
+                &["transport"],
+            ),
         }
     }
 
@@ -139,6 +146,7 @@ impl InboundMetrics {
     pub fn render(&self, out: &mut String) {
         self.requests.render(out);
         self.check_seconds.render(out);
+        self.admitted.render(out);
     }
 }
 
@@ -273,6 +281,7 @@ impl Inbound {
         match checked {
             Ok(admitted) => {
                 self.metrics.requests.inc(&["allowed"]);
+                self.metrics.admitted.inc(&[admitted.transport]);
                 if let Some(protocol) = admitted.upgrade.clone() {
                     return self.tunnel(req, admitted, protocol, peer).await;
                 }

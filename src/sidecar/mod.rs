@@ -2,11 +2,13 @@
 //! assembles it from the settings [`config`] resolves: the X.509
 //! identity, attested and renewed ([`identity`]); the token cache
 //! ([`cache`]) filled by the broker call ([`issuer`]); the Watch stream
-//! follower ([`watch`]); and the servers: the local socket API ([`api`]),
-//! the inbound verifying proxy ([`inbound`], which reports refusals
-//! through [`failures`]), the outbound proxy ([`outbound`]; both proxies
-//! share [`proxy`]) and the admin port ([`admin`]). [`jitter`] spreads
-//! their timers.
+//! follower ([`watch`]); and the servers: the local socket API ([`api`],
+//! reading the [`service_map`]), the inbound verifying proxy
+//! ([`inbound`], which reports refusals through [`failures`]), the
+//! outbound proxy ([`outbound`], which reaches mesh destinations over
+//! mutual TLS ([`mtls`]) through [`mesh_client`]; both proxies share
+//! [`proxy`]) and the admin port ([`admin`]). [`jitter`] spreads their
+//! timers.
 
 pub mod admin;
 pub mod api;
@@ -17,11 +19,13 @@ pub mod identity;
 pub mod inbound;
 pub mod issuer;
 pub mod jitter;
+pub mod mesh_client;
 pub mod mesh_conn;
 pub mod mtls;
 pub mod outbound;
 pub mod proxy;
 pub mod run;
+pub mod service_map;
 pub mod watch;
 
 pub use jitter::random_unit;

@@ -5,6 +5,13 @@
 //! and remembers it for the origin. Hosts not in the map pass through
 //! without a token, or are refused when the proxy is strict.
 //!
+//! - A destination whose service-map entry says `mtls` (the default for a
+//!   workload's SPIFFE ID) is reached over mutual TLS and HTTP/2 through
+//!   [`super::mesh_client`]: the server must prove that SPIFFE ID in the
+//!   handshake before anything is sent (else 502, and no request at all).
+//!   A token bound to this sidecar's SVID key then goes without a `DPoP`
+//!   proof, since the handshake proved possession; one bound to an older
+//!   key carries a proof for `https://host:port/path` signed with it.
 //! - `CONNECT host:port` opens a TCP tunnel and passes bytes through
 //!   untouched (TLS to the destination stays end to end; no token is
 //!   added: the proxy cannot see inside).
@@ -21,12 +28,15 @@
 //!   it. Larger or streamed bodies go out once; the nonce is still
 //!   remembered, so the next request carries it.
 
-use super::api::{LocalApi, RequestHeaders, origin_of};
+use super::api::{LocalApi, MeshHeaders, RequestHeaders, origin_of};
 use super::cache::Fetch;
+use super::mesh_client::{DialError, MeshClient};
+use super::mtls::MeshTls;
 use super::proxy::{self, NextHop, ProxyBody};
 use crate::dpop::NormalizedUri;
+use crate::identity::SpiffeId;
 use crate::metrics::CounterVec;
-use crate::token::{Scope, Scopes};
+use crate::token::{Audience, Scope, Scopes};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -51,6 +61,9 @@ pub struct OutboundConfig {
     pub timeout: Duration,
     /// Largest request body forwarded.
     pub max_body: u64,
+    /// How long an idle mutual-TLS connection to a mesh destination is
+    /// kept.
+    pub pool_idle: Duration,
 }
 
 impl Default for OutboundConfig {
@@ -59,6 +72,7 @@ impl Default for OutboundConfig {
             strict: false,
             timeout: Duration::from_secs(30),
             max_body: 16 * 1024 * 1024,
+            pool_idle: Duration::from_secs(90),
         }
     }
 }
@@ -68,6 +82,8 @@ pub struct Outbound<F> {
     api: Arc<LocalApi<F>>,
     config: OutboundConfig,
     next_hop: NextHop,
+    /// Mutual-TLS connections to mesh destinations.
+    mesh: Arc<MeshClient>,
     /// Requests by result.
     requests: CounterVec,
 }
@@ -84,15 +100,28 @@ impl<F> std::fmt::Debug for Outbound<F> {
 /// be sent twice) or streamed (once).
 enum Outgoing {
     Held(Bytes),
-    Streamed(Incoming),
+    Streamed(ProxyBody),
+}
+
+impl Outgoing {
+    /// The body for one attempt: a copy of a held one, else the stream
+    /// (leaving an empty body behind).
+    fn take(&mut self) -> Self {
+        match self {
+            Self::Held(bytes) => Self::Held(bytes.clone()),
+            Self::Streamed(_) => std::mem::replace(self, Self::Held(Bytes::new())),
+        }
+    }
 }
 
 impl<F: Fetch> Outbound<F> {
     /// The proxy, taking tokens, proofs, the service map and nonces from
-    /// the local API's state.
-    pub fn new(api: Arc<LocalApi<F>>, config: OutboundConfig) -> Arc<Self> {
+    /// the local API's state, and its TLS identity for mesh destinations
+    /// from `tls`.
+    pub fn new(api: Arc<LocalApi<F>>, config: OutboundConfig, tls: Arc<MeshTls>) -> Arc<Self> {
         Arc::new(Self {
             next_hop: proxy::next_hop(config.timeout),
+            mesh: MeshClient::new(tls, config.timeout, config.pool_idle),
             api,
             config,
             requests: CounterVec::new(
@@ -101,6 +130,11 @@ impl<F: Fetch> Outbound<F> {
                 &["result"],
             ),
         })
+    }
+
+    /// The pool of mutual-TLS connections to mesh destinations.
+    pub fn mesh(&self) -> &Arc<MeshClient> {
+        &self.mesh
     }
 
     /// Appends the proxy's metrics in Prometheus text format.
@@ -169,10 +203,21 @@ impl<F: Fetch> Outbound<F> {
             );
         }
 
-        let audience = self.api.services().audience_for(&url).cloned();
-        let mapped = audience.is_some();
+        let destination = self.api.services().destination_for(&url).cloned();
+        let mapped = destination.is_some();
         let signed = mapped && !parts.headers.contains_key(header::AUTHORIZATION);
-        let Some(audience) = audience.filter(|_| signed) else {
+        if let Some(server) = destination.as_ref().and_then(|d| d.mtls()) {
+            // A mesh destination gets nothing in clear, not even
+            // credentials the app made itself.
+            let audience = destination
+                .as_ref()
+                .map(|d| d.audience())
+                .filter(|_| signed);
+            return self
+                .forward_mtls(parts, body, server, audience, &scopes)
+                .await;
+        }
+        let Some(audience) = destination.map(|d| d.audience().clone()).filter(|_| signed) else {
             // Strict: nothing reaches a destination outside the service
             // map, whatever credentials the app put on it itself.
             if self.config.strict && !mapped {
@@ -182,7 +227,7 @@ impl<F: Fetch> Outbound<F> {
                     "the destination host is not in the service map and this proxy is strict",
                 );
             }
-            let out = Outgoing::Streamed(body);
+            let out = Outgoing::Streamed(self.stream(body));
             return match self.send(&parts, out).await {
                 Ok(response) => ("passed_through", response),
                 Err(response) => ("upstream_error", response),
@@ -201,25 +246,12 @@ impl<F: Fetch> Outbound<F> {
         let origin = origin_of(htu.as_str());
         let method = parts.method.as_str().to_owned();
 
-        // Hold small bodies of known length (none, or a Content-Length) so
-        // a nonce retry can resend them; chunked bodies are streamed once.
-        let holdable = hyper::body::Body::size_hint(&body)
-            .exact()
-            .is_some_and(|len| len <= RETRY_BODY_LIMIT);
-        let mut outgoing = if holdable {
-            let limit = usize::try_from(RETRY_BODY_LIMIT).unwrap_or(usize::MAX);
-            match Limited::new(body, limit).collect().await {
-                Ok(collected) => Outgoing::Held(collected.to_bytes()),
-                Err(_) => {
-                    return refuse(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "reading the request body failed",
-                    );
-                }
-            }
-        } else {
-            Outgoing::Streamed(body)
+        let Some(mut outgoing) = self.hold(body).await else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "reading the request body failed",
+            );
         };
 
         for attempt in 0..2 {
@@ -232,12 +264,7 @@ impl<F: Fetch> Outbound<F> {
                 Err(e) => return ("no_token", proxy::refusal(e.status, e.code, &e.description)),
             };
             set_credentials(&mut parts.headers, &headers);
-            let this = match &outgoing {
-                Outgoing::Held(bytes) => Outgoing::Held(bytes.clone()),
-                Outgoing::Streamed(_) => {
-                    std::mem::replace(&mut outgoing, Outgoing::Held(Bytes::new()))
-                }
-            };
+            let this = outgoing.take();
             let retry_possible = matches!(this, Outgoing::Held(_)) && attempt == 0;
             let response = match self.send(&parts, this).await {
                 Ok(r) => r,
@@ -259,31 +286,33 @@ impl<F: Fetch> Outbound<F> {
         unreachable!("the second attempt always returns")
     }
 
+    /// Holds a small body of known length (none, or a Content-Length) so a
+    /// retry can resend it; a chunked or large one is streamed once.
+    async fn hold(&self, body: Incoming) -> Option<Outgoing> {
+        let holdable = hyper::body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|len| len <= RETRY_BODY_LIMIT);
+        if !holdable {
+            return Some(Outgoing::Streamed(self.stream(body)));
+        }
+        let limit = usize::try_from(RETRY_BODY_LIMIT).unwrap_or(usize::MAX);
+        let collected = Limited::new(body, limit).collect().await.ok()?;
+        Some(Outgoing::Held(collected.to_bytes()))
+    }
+
+    /// A streamed body, cut off past the largest body forwarded.
+    fn stream(&self, body: Incoming) -> ProxyBody {
+        let limit = usize::try_from(self.config.max_body).unwrap_or(usize::MAX);
+        Limited::new(body, limit).boxed_unsync()
+    }
+
     /// Sends the request to its destination.
     async fn send(
         &self,
         parts: &http::request::Parts,
         body: Outgoing,
     ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
-        let mut request = Request::builder()
-            .method(parts.method.clone())
-            .uri(parts.uri.clone())
-            .version(http::Version::HTTP_11);
-        if let Some(headers) = request.headers_mut() {
-            headers.clone_from(&parts.headers);
-        }
-        let limit = usize::try_from(self.config.max_body).unwrap_or(usize::MAX);
-        let body = match body {
-            Outgoing::Held(bytes) => proxy::full(bytes),
-            Outgoing::Streamed(body) => Limited::new(body, limit).boxed_unsync(),
-        };
-        let request = request.body(body).map_err(|_| {
-            proxy::refusal(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "the request cannot be forwarded",
-            )
-        })?;
+        let request = build(parts, body, http::Version::HTTP_11).map_err(|_| cannot_forward())?;
         match tokio::time::timeout(self.config.timeout, self.next_hop.request(request)).await {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
@@ -305,6 +334,227 @@ impl<F: Fetch> Outbound<F> {
             )),
         }
     }
+}
+
+impl<F: Fetch> Outbound<F> {
+    /// A request to a mesh destination, over mutual TLS and HTTP/2: the
+    /// server at the address must prove it is `server` before anything is
+    /// sent. `audience` is `None` when the app brought its own
+    /// credentials (they go as they are, but never in clear).
+    async fn forward_mtls(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        server: &SpiffeId,
+        audience: Option<&Audience>,
+        scopes: &Scopes,
+    ) -> (&'static str, Response<ProxyBody>) {
+        let refuse = |status, code, text: &str| ("refused", proxy::refusal(status, code, text));
+        let Some(authority) = parts.uri.authority().cloned() else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the URL has no host",
+            );
+        };
+        let dial = match authority.port_u16() {
+            Some(_) => authority.to_string(),
+            None => format!("{authority}:80"),
+        };
+        // The destination's inbound port sees the request over TLS, so a
+        // proof names `https://` with the same authority and path.
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let Ok(uri) = format!("https://{authority}{path}").parse::<http::Uri>() else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the URL cannot be forwarded",
+            );
+        };
+        let htu = match NormalizedUri::parse(&uri.to_string()) {
+            Ok(htu) => htu,
+            Err(e) => {
+                let text = format!("URL: {e}");
+                return refuse(StatusCode::BAD_REQUEST, "invalid_request", &text);
+            }
+        };
+        parts.uri = uri;
+        let origin = origin_of(htu.as_str());
+        let method = parts.method.as_str().to_owned();
+        let Some(mut outgoing) = self.hold(body).await else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "reading the request body failed",
+            );
+        };
+        let (mut nonce_retried, mut resent) = (false, false);
+        loop {
+            // The handshake comes first: no token is even fetched for a
+            // server that does not prove it is `server`.
+            let mut lease = match self.mesh.lease(&dial, server).await {
+                Ok(lease) => lease,
+                Err(e) => return dial_refusal(&e),
+            };
+            if let Some(audience) = audience {
+                match self
+                    .api
+                    .mesh_headers_for(&method, &htu, audience, scopes, lease.jkt())
+                    .await
+                {
+                    Ok(headers) => set_mesh_credentials(&mut parts.headers, &headers),
+                    Err(e) => {
+                        return ("no_token", proxy::refusal(e.status, e.code, &e.description));
+                    }
+                }
+            }
+            let this = outgoing.take();
+            let held = matches!(this, Outgoing::Held(_));
+            let request = match build(&parts, this, http::Version::HTTP_2) {
+                Ok(r) => r,
+                Err(_) => return ("refused", cannot_forward()),
+            };
+            let response = match tokio::time::timeout(self.config.timeout, lease.send(request))
+                .await
+            {
+                Ok(Ok(response)) => response,
+                Ok(Err(mut e)) => {
+                    // Never written: the pooled connection closed (GOAWAY,
+                    // the server went away) between lease and send. Once
+                    // more, on a new connection.
+                    if let Some(returned) = e.take_message()
+                        && !resent
+                        && !lease.fresh()
+                    {
+                        resent = true;
+                        if !held {
+                            outgoing = Outgoing::Streamed(returned.into_body());
+                        }
+                        continue;
+                    }
+                    tracing::debug!(%server, error = %e.error(), "mesh destination did not answer");
+                    let refusal = proxy::refusal(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_unavailable",
+                        "the destination did not answer",
+                    );
+                    return ("upstream_error", refusal);
+                }
+                Err(_) => {
+                    let refusal = proxy::refusal(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        "the destination did not answer in time",
+                    );
+                    return ("upstream_error", refusal);
+                }
+            };
+            let (mut head, body) = response.into_parts();
+            proxy::strip_hop_by_hop(&mut head.headers);
+            // The app's side of the proxy is HTTP/1.1.
+            head.version = http::Version::HTTP_11;
+            let response = Response::from_parts(head, proxy::stream(body));
+            if audience.is_none() {
+                return ("passed_through_mtls", response);
+            }
+            let nonce = response
+                .headers()
+                .get("dpop-nonce")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if let Some(nonce) = &nonce {
+                self.api.remember_nonce(&origin, nonce);
+            }
+            if held && !nonce_retried && nonce.is_some() && asks_for_nonce(&response) {
+                nonce_retried = true;
+                continue;
+            }
+            return ("signed_mtls", response);
+        }
+    }
+}
+
+/// The one mapping from a failed dial to the app's answer and the
+/// metric's result label. The reason is logged, never sent to the app.
+fn dial_refusal(e: &DialError) -> (&'static str, Response<ProxyBody>) {
+    match e {
+        DialError::NotProven { expected, .. } => {
+            // Someone else answers at a mesh destination's address:
+            // worth an operator's attention.
+            tracing::warn!(error = %e, "refused a mesh destination: nothing was sent");
+            let refusal = proxy::refusal(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                &format!("the destination did not prove it is {expected}: nothing was sent"),
+            );
+            ("mtls_refused", refusal)
+        }
+        DialError::Http2 { .. } => {
+            tracing::warn!(error = %e, "a mesh destination did not speak HTTP/2: nothing was sent");
+            let refusal = proxy::refusal(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the destination did not speak HTTP/2 over mutual TLS: nothing was sent",
+            );
+            ("mtls_refused", refusal)
+        }
+        DialError::Unreachable { .. } => {
+            tracing::debug!(error = %e, "mesh destination unreachable");
+            let refusal = proxy::refusal(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the destination did not answer",
+            );
+            ("upstream_error", refusal)
+        }
+        DialError::Timeout { .. } => {
+            tracing::debug!(error = %e, "mesh destination too slow");
+            let refusal = proxy::refusal(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the destination did not answer in time",
+            );
+            ("upstream_error", refusal)
+        }
+        DialError::Credentials(_) => {
+            tracing::error!(error = %e, "cannot dial a mesh destination");
+            let refusal = proxy::refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal error: this sidecar has no usable TLS identity (see its log)",
+            );
+            ("mtls_unavailable", refusal)
+        }
+    }
+}
+
+/// The request to send: `parts`' method, URI and headers with `body`.
+fn build(
+    parts: &http::request::Parts,
+    body: Outgoing,
+    version: http::Version,
+) -> Result<Request<ProxyBody>, http::Error> {
+    let mut request = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone())
+        .version(version);
+    if let Some(headers) = request.headers_mut() {
+        headers.clone_from(&parts.headers);
+    }
+    let body = match body {
+        Outgoing::Held(bytes) => proxy::full(bytes),
+        Outgoing::Streamed(body) => body,
+    };
+    request.body(body)
+}
+
+/// The answer when [`build`] fails.
+fn cannot_forward() -> Response<ProxyBody> {
+    proxy::refusal(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "the request cannot be forwarded",
+    )
 }
 
 /// Scopes the app asked for in `x-tally-scope`, if any.
@@ -329,6 +579,23 @@ fn set_credentials(headers: &mut http::HeaderMap, values: &RequestHeaders) {
         HeaderValue::from_str(&values.dpop),
     ) {
         headers.insert(header::AUTHORIZATION, auth);
+        headers.insert("dpop", dpop);
+    }
+}
+
+/// `Authorization`, and `DPoP` only when the token needs a proof on this
+/// connection (an app's own `DPoP` header never rides along with ours).
+fn set_mesh_credentials(headers: &mut http::HeaderMap, values: &MeshHeaders) {
+    headers.remove("dpop");
+    let Ok(auth) = HeaderValue::from_str(&values.authorization) else {
+        return;
+    };
+    headers.insert(header::AUTHORIZATION, auth);
+    if let Some(dpop) = values
+        .dpop
+        .as_deref()
+        .and_then(|d| HeaderValue::from_str(d).ok())
+    {
         headers.insert("dpop", dpop);
     }
 }

@@ -148,6 +148,8 @@ impl Sidecar {
         };
         let (stop, _) = watch::channel(false);
         let (svids, svid_rx) = watch::channel(Arc::new(svid));
+        let (mesh, mesh_rx) = watch::channel(MeshState::default());
+        let mesh_tls = MeshTls::new(svid_rx.clone(), Some(mesh_rx.clone()));
         // Only a ServiceAccount token can prove the identity again: a join
         // token is spent.
         let reattest = matches!(
@@ -166,8 +168,6 @@ impl Sidecar {
             identity,
             Arc::clone(&issuer),
         ));
-        let (mesh, mesh_rx) = watch::channel(MeshState::default());
-        let mesh_tls = MeshTls::new(svid_rx.clone(), Some(mesh_rx.clone()));
         let current = Arc::clone(&issuer);
         tokio::spawn(follow(move || current.channel(), Arc::clone(&clock), mesh));
 
@@ -208,7 +208,7 @@ impl Sidecar {
                 stop.subscribe(),
             ))
         });
-        let outbound = Outbound::new(Arc::clone(&api), settings.outbound);
+        let outbound = Outbound::new(Arc::clone(&api), settings.outbound, Arc::clone(&mesh_tls));
         let revocation_lag = Arc::new(crate::metrics::Histogram::new(
             "tally_sidecar_revocation_lag_seconds",
             "From a revocation's commit at the broker to its arrival here.",

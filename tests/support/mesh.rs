@@ -155,6 +155,11 @@ pub struct Parts {
     pub inbound_at: Option<std::net::SocketAddr>,
     /// `--inbound-mtls required` (else optional).
     pub mtls_required: bool,
+    /// The whole service map (mTLS entries included), instead of the
+    /// plaintext `services`.
+    pub service_map: Option<ServiceMap>,
+    /// Outbound proxy settings (`strict` still comes from `strict`).
+    pub outbound_config: Option<OutboundConfig>,
 }
 
 /// A started sidecar and where it listens.
@@ -172,6 +177,34 @@ impl Mesh {
         let key = Sealer::generate_key_text().unwrap();
         let broker = serve_broker(dir.path(), &key, settings(POLICY), "127.0.0.1:0").await;
         Self { dir, broker }
+    }
+
+    /// A mesh whose broker runs with `settings` (e.g. a short SVID TTL).
+    pub async fn start_with_settings(settings: tally::broker::BrokerSettings) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Sealer::generate_key_text().unwrap();
+        let broker = serve_broker(dir.path(), &key, settings, "127.0.0.1:0").await;
+        Self { dir, broker }
+    }
+
+    /// An X.509-SVID for `id` from this mesh's broker, attested with a
+    /// fresh join token (a test server can present it).
+    pub async fn svid(&self, id: &str) -> tally::sidecar::identity::Svid {
+        let join = self
+            .broker
+            .broker
+            .create_join_token(&id.parse().unwrap(), 600, None)
+            .await
+            .unwrap();
+        let client = tally::sidecar::identity::IdentityClient::new(
+            self.broker.url(),
+            self.broker.broker.bundle_pem(),
+        );
+        let how = Attestation::JoinToken(join.expose().to_owned().into());
+        client
+            .attest(&how, tally::clock::Clock::now(&SystemClock))
+            .await
+            .unwrap()
     }
 
     /// A mesh whose broker serves `policy` and reads `clock`.
@@ -234,13 +267,15 @@ impl Mesh {
             broker: self.broker.url(),
             bundle_pem: self.broker.broker.bundle_pem(),
             attestation: Attestation::JoinToken(join.expose().to_owned().into()),
-            services: ServiceMap::new(
-                parts
-                    .services
-                    .iter()
-                    .map(|(h, a)| (h.clone(), a.parse().unwrap())),
-            )
-            .unwrap(),
+            services: parts.service_map.clone().unwrap_or_else(|| {
+                ServiceMap::new(
+                    parts
+                        .services
+                        .iter()
+                        .map(|(h, a)| (h.clone(), a.parse().unwrap())),
+                )
+                .unwrap()
+            }),
             allowed_uids: parts.allowed_uids.clone(),
             cache: CacheConfig::default(),
             inbound: parts.inbound_to.map(|up| {
@@ -263,7 +298,7 @@ impl Mesh {
             inbound_nonces: parts.nonces,
             outbound: OutboundConfig {
                 strict: parts.strict,
-                ..OutboundConfig::default()
+                ..parts.outbound_config.clone().unwrap_or_default()
             },
             watch_staleness: 30,
             limits: parts.limits.unwrap_or_default(),

@@ -31,6 +31,8 @@ pub struct Connection {
     /// Ends when the connection does (with its error, if any).
     pub ended: tokio::task::JoinHandle<Result<(), hyper::Error>>,
     pub authority: String,
+    /// The server's leaf certificate (DER).
+    pub server_cert: Vec<u8>,
 }
 
 /// Connects to `addr` with `config` (TLS 1.3, ALPN h2).
@@ -47,6 +49,7 @@ pub async fn connect(
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
+    let server_cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
     let (sender, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .handshake(hyper_util::rt::TokioIo::new(tls))
@@ -56,6 +59,7 @@ pub async fn connect(
         sender,
         ended: tokio::spawn(conn),
         authority: addr.to_string(),
+        server_cert,
     })
 }
 
@@ -102,4 +106,18 @@ pub async fn token_from(started: &Started, audience: &str, scope: &str) -> Strin
     .await;
     assert_eq!(status, 200, "{body}");
     body["access_token"].as_str().unwrap().to_owned()
+}
+
+/// Waits (bounded) until a running sidecar holds an SVID other than
+/// `than`, and returns it.
+pub async fn renewed(started: &Started, than: &Arc<Svid>) -> Arc<Svid> {
+    let mut svids = started.sidecar.parts().svid.clone();
+    let next = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        svids.wait_for(|s| !Arc::ptr_eq(s, than)),
+    )
+    .await
+    .expect("the SVID was never renewed")
+    .unwrap();
+    Arc::clone(&next)
 }

@@ -109,6 +109,7 @@ pub(super) fn payments_app(
                         .to_owned()
                 };
                 let (caller, scopes) = (header("x-tally-caller"), header("x-tally-scopes"));
+                let transport = header("x-tally-transport");
                 let leaked = req.headers().contains_key(http::header::AUTHORIZATION);
                 match (req.method().as_str(), req.uri().path()) {
                     ("POST", "/v1/charges") => {
@@ -119,6 +120,7 @@ pub(super) fn payments_app(
                                 "charge": format!("ch_{id}"),
                                 "requested_by": caller,
                                 "scopes": scopes,
+                                "transport": transport,
                                 "app_saw_a_token": leaked,
                             }),
                         )
