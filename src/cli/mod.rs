@@ -16,7 +16,7 @@ mod ctl;
 mod demo;
 mod dpop;
 mod shell;
-mod sidecar;
+pub mod sidecar;
 mod token;
 
 use clap::{Args, Parser, Subcommand};
@@ -67,9 +67,8 @@ pub enum Command {
     /// Run the broker: identity CA and token issuer (mTLS gRPC, OAuth over
     /// HTTPS), with audit, inventory and an admin port.
     Broker(crate::broker::config::BrokerFlags),
-    /// Run a sidecar: attest, keep the SVID renewed, follow the broker,
-    /// serve tokens and request headers on a local Unix socket, verify
-    /// inbound requests and sign outbound ones.
+    /// Run a sidecar (also built alone as `tally-sidecar`).
+    #[command(about = sidecar::ABOUT, long_about = None)]
     Sidecar(sidecar::SidecarFlags),
     /// Ask the local sidecar for a token, request headers, or its identity.
     Client(client::ClientArgs),

@@ -22,7 +22,59 @@ use std::time::Duration;
 pub use crate::sidecar::config::SidecarFlags;
 pub(super) use crate::sidecar::config::default_socket;
 
-pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
+/// What `tally sidecar --help` and `tally-sidecar --help` say first.
+pub const ABOUT: &str = "Run a sidecar: attest, keep the SVID renewed, follow the broker, \
+serve tokens and request headers on a local Unix socket, verify inbound requests and sign \
+outbound ones.";
+
+/// The command line of `tally-sidecar`: the arguments of `tally sidecar`,
+/// from the same definition.
+#[derive(Debug, clap::Parser)]
+#[command(name = "tally-sidecar", about = ABOUT, long_about = None)]
+pub struct SidecarCli {
+    /// The flags `tally sidecar` takes.
+    #[command(flatten)]
+    pub flags: SidecarFlags,
+}
+
+/// The whole of `tally-sidecar`: parse, start logging, [`run`], and map
+/// the outcome to an exit code as `tally` does. A binary of its own so a
+/// pod maps only the sidecar's code (no broker, store or SQLite).
+pub fn main() -> ExitCode {
+    use clap::Parser as _;
+    let cli = match SidecarCli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help is not an error.
+            let code = if err.use_stderr() {
+                super::EXIT_USAGE
+            } else {
+                0
+            };
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    if let Err(err) = crate::logging::init("info") {
+        eprintln!("tally-sidecar: error: {err}");
+        return ExitCode::from(super::EXIT_USAGE);
+    }
+    match run(cli.flags) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("tally-sidecar: error: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+/// Runs a sidecar until SIGTERM or SIGINT.
+///
+/// # Errors
+/// [`CliError::Usage`] for bad settings or files, an address in use or a
+/// broker that is not the trust bundle's; [`CliError::Failed`] for
+/// attestation or serving that failed.
+pub fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
     let file_text = match &flags.config {
         Some(path) => Some((path.display().to_string(), read(path)?)),
         None => None,
@@ -39,11 +91,25 @@ pub(super) fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
         None => ServiceMap::default(),
     };
     let socket = socket_path(config.socket.clone())?;
-    tokio::runtime::Builder::new_multi_thread()
+    runtime()?.block_on(serve(config, bundle, services, socket))
+}
+
+/// The sidecar's runtime: one worker thread per core it may use. Given a
+/// single core (a pinned or one-CPU pod), a current-thread runtime does
+/// the same work without cross-thread wake-ups or a second thread's
+/// stack (`TOKIO_WORKER_THREADS` set keeps the multi-thread runtime, with
+/// that many workers).
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if one_core && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
-        .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))?
-        .block_on(serve(config, bundle, services, socket))
+        .map_err(|e| CliError::Failed(format!("starting the runtime: {e}")))
 }
 
 /// A settings file's text (at most 1 MiB); a file that cannot be read is

@@ -1,10 +1,14 @@
 //! The DPoP replay cache: remembers each accepted proof (by key thumbprint
 //! and `jti`) until its `iat` window closes, and refuses to see it twice.
 //!
-//! - **Keys** are SHA-256(salt ‖ jkt ‖ jti) cut to 128 bits, with a random
-//!   per-cache salt, so a client cannot aim entries at one shard or one hash
-//!   bucket. (A collision between two honest proofs has probability about
-//!   n²/2¹²⁹: nil.)
+//! - **Keys** are SHA-256(salt ‖ jkt ‖ jti), with a random per-cache
+//!   salt, so a client cannot aim entries at one shard or one hash bucket:
+//!   one byte of it picks the shard and 64 other bits are what the shard
+//!   remembers. Two different proofs can share those 64 bits only by
+//!   chance (the salt is secret): then the second is refused as a replay,
+//!   with probability (live keys in its shard) / 2⁶⁴ — about 3·10⁻¹⁶ with
+//!   350,000 live proofs. A true replay is always refused: the same
+//!   proof has the same key.
 //! - **Shards**: 64 mutex-guarded shards; a check takes one lock for a
 //!   couple of hash-set operations, so threads rarely contend.
 //! - **Expiry** by time buckets: each shard keeps a ring of buckets of
@@ -16,8 +20,8 @@
 //!   expiry); beyond that the cache **fails closed** with
 //!   [`ReplayError::Full`] rather than forgetting a live proof.
 //!
-//! Memory: a live entry costs 16 bytes in its bucket's hash set plus one
-//! control byte, at a load factor between 7/16 and 7/8: 19–39 bytes, plus
+//! Memory: a live entry costs 8 bytes in its bucket's hash set plus one
+//! control byte, at a load factor between 7/16 and 7/8: 10–21 bytes, plus
 //! two emptied sets per shard kept for reuse (`docs/BENCHMARKS.md`).
 
 use crate::jose::Jkt;
@@ -45,24 +49,28 @@ pub enum ReplayError {
     Full,
 }
 
-/// A proof's identity in the cache: 128 bits of a salted hash of its key
-/// thumbprint and `jti`.
+/// A proof's identity in the cache: from a salted hash of its key
+/// thumbprint and `jti`, the shard it goes to and the 64 bits kept there.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct ReplayKey([u8; 16]);
+pub struct ReplayKey {
+    shard: u8,
+    bits: u64,
+}
 
 impl ReplayKey {
     fn shard(&self) -> usize {
-        usize::from(self.0[0]) % SHARDS
+        usize::from(self.shard) % SHARDS
     }
 }
 
-impl Hash for ReplayKey {
+/// What a shard's sets hold of a key. Already uniformly random and
+/// unpredictable (salted), so its hash is the bits themselves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stored(u64);
+
+impl Hash for Stored {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        // Already uniformly random and unpredictable (salted): use bits
-        // directly rather than hashing again.
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&self.0[8..]);
-        state.write_u64(u64::from_le_bytes(word));
+        state.write_u64(self.0);
     }
 }
 
@@ -86,7 +94,7 @@ impl Hasher for PassThrough {
     }
 }
 
-type KeySet = HashSet<ReplayKey, BuildHasherDefault<PassThrough>>;
+type KeySet = HashSet<Stored, BuildHasherDefault<PassThrough>>;
 
 /// The keys that expire within one time bucket.
 struct Bucket {
@@ -118,8 +126,8 @@ impl Shard {
         }
     }
 
-    fn contains(&self, key: &ReplayKey) -> bool {
-        self.buckets.iter().any(|b| b.keys.contains(key))
+    fn contains(&self, key: Stored) -> bool {
+        self.buckets.iter().any(|b| b.keys.contains(&key))
     }
 
     fn bucket_for(&mut self, id: u64) -> &mut KeySet {
@@ -182,9 +190,12 @@ impl ReplayCache {
         ctx.update(jkt.as_bytes());
         ctx.update(jti.as_bytes());
         let hash = ctx.finish();
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&hash.as_ref()[..16]);
-        ReplayKey(out)
+        let mut bits = [0u8; 8];
+        bits.copy_from_slice(&hash.as_ref()[..8]);
+        ReplayKey {
+            shard: hash.as_ref()[8],
+            bits: u64::from_le_bytes(bits),
+        }
     }
 
     /// Records `key` as seen until `expires_at` (Unix seconds), unless it
@@ -207,7 +218,8 @@ impl ReplayCache {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         shard.expire(now / self.bucket_secs);
-        if shard.contains(&key) {
+        let stored = Stored(key.bits);
+        if shard.contains(stored) {
             return Err(ReplayError::Replayed);
         }
         if expires_at < now {
@@ -217,7 +229,9 @@ impl ReplayCache {
         if shard.len >= self.shard_capacity {
             return Err(ReplayError::Full);
         }
-        shard.bucket_for(expires_at / self.bucket_secs).insert(key);
+        shard
+            .bucket_for(expires_at / self.bucket_secs)
+            .insert(stored);
         shard.len += 1;
         Ok(())
     }
@@ -228,7 +242,7 @@ impl ReplayCache {
             entries: 0,
             heap_bytes: 0,
         };
-        let key = std::mem::size_of::<ReplayKey>();
+        let key = std::mem::size_of::<Stored>();
         for shard in &*self.shards {
             let shard = shard
                 .lock()
@@ -337,6 +351,26 @@ mod tests {
             Err(ReplayError::Replayed)
         );
         assert_eq!(cache.check_and_insert(probe, 1400, 1400), Ok(()));
+    }
+
+    #[test]
+    fn a_live_entry_costs_at_most_21_bytes() {
+        // 8 bytes and a control byte per slot, at least 7/16 of the slots
+        // used: 9 × 16 / 7 ≈ 20.6 bytes.
+        let cache = ReplayCache::new(1_000_000, 35).unwrap();
+        for i in 0..200_000u32 {
+            let key = cache.key(&jkt(4), &i.to_string());
+            cache
+                .check_and_insert(key, 1000 + u64::from(i % 35), 1000)
+                .unwrap();
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.entries, 200_000);
+        assert!(
+            stats.heap_bytes <= stats.entries * 21,
+            "{} bytes per entry",
+            stats.heap_bytes / stats.entries
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ async fn authorize(
     let dir = crate::cli::ScratchDir::new("bench")?;
     let (_broker, addr, _issuer) = start_broker(dir.path())?;
     let token = join_token(&addr, &dir.path().join("data"), CLIENT).await?;
-    let sidecar = start_sidecar(dir.path(), &addr, &token, None)?;
+    let sidecar = start_sidecar(dir.path(), &addr, &token, None, None)?;
     let pid = sidecar.child.id();
     let idle = memory_kib(pid);
 
@@ -100,12 +100,14 @@ async fn authorize(
             (c1 - c0) / duration.as_secs_f64()
         );
     }
-    if let (Some((idle, _)), Some((now, peak))) = (idle, loaded) {
+    if let (Some(idle), Some(now)) = (idle, loaded) {
         say!(
-            "  sidecar memory: {} idle, {} after, {} peak",
-            mib(idle),
-            mib(now),
-            mib(peak)
+            "  sidecar memory: {} idle ({} anonymous), {} after ({} anonymous), {} peak",
+            mib(idle.rss),
+            mib(idle.anon),
+            mib(now.rss),
+            mib(now.anon),
+            mib(now.peak)
         );
     }
     say!("  errors: {errors}");

@@ -5,8 +5,8 @@
 
 use super::common::{AUDIENCE, cpu_seconds, failed, start_broker};
 use super::sidecar::{
-    client_token, durations, join_token, memory_kib, mib, mint_proofs, runtime, start_sidecar,
-    upstream,
+    Memory, client_token, durations, join_token, jwks, memory_kib, mib, mint_proofs, pinned,
+    runtime, start_sidecar, upstream,
 };
 use crate::cli::CliError;
 use crate::dpop::ProofKey;
@@ -28,17 +28,43 @@ pub struct InboundArgs {
     /// must stay within the sidecar's 30 s proof age limit).
     #[arg(long, default_value = "15s")]
     duration: String,
+    /// Proxy to this app (e.g. an nginx) instead of the built-in trivial
+    /// upstream; the direct run goes there too.
+    #[arg(long, value_name = "HOST:PORT")]
+    upstream: Option<std::net::SocketAddr>,
+    /// Run the sidecar on this core only (`taskset -c`).
+    #[arg(long, value_name = "CORE")]
+    sidecar_cpu: Option<usize>,
+    /// Run wrk on this core only (`taskset -c`).
+    #[arg(long, value_name = "CORE")]
+    wrk_cpu: Option<usize>,
+    /// Write the bench token (`token.txt`), the broker's JWKS
+    /// (`jwks.json`), its issuer (`issuer.txt`) and the audience
+    /// (`audience.txt`) here, so other proxies can be measured with the
+    /// same token in the same run (`scripts/bench-mesh`).
+    #[arg(long, value_name = "DIR")]
+    save: Option<std::path::PathBuf>,
+    /// The in-mesh hop instead of wrk: TLS 1.3 and HTTP/2 with a bench
+    /// client's SVID as client certificate and a token bound to its key,
+    /// no per-request proof. `--connections` connections, `--streams`
+    /// requests in flight on each.
+    #[arg(long)]
+    mtls: bool,
+    /// With `--mtls`: requests in flight on each connection.
+    #[arg(long, default_value_t = 8, requires = "mtls")]
+    streams: usize,
 }
 
 pub(super) fn run_inbound(args: &InboundArgs) -> Result<ExitCode, CliError> {
     let d = durations(&[("--duration", &args.duration)])?;
     if args.connections == 0
         || args.threads == 0
+        || args.streams == 0
         || d[0].is_zero()
         || d[0] > Duration::from_secs(40)
     {
         return Err(CliError::Usage(
-            "--connections and --threads above zero, --duration from 1s to 40s".into(),
+            "--connections, --threads and --streams above zero, --duration from 1s to 40s".into(),
         ));
     }
     runtime()?.block_on(inbound(args, d[0]))
@@ -70,6 +96,61 @@ end
 "#,
         proofs.display()
     )
+}
+
+/// Writes what another proxy needs to check the same token: the token
+/// (owner-only), the JWKS, the issuer and the audience.
+fn save_for_peers(dir: &Path, token: &str, jwks: &str, issuer: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(dir).map_err(|e| failed(&dir.display().to_string(), e))?;
+    for (name, text, mode) in [
+        ("token.txt", token, 0o600),
+        ("jwks.json", jwks, 0o644),
+        ("issuer.txt", issuer, 0o644),
+        ("audience.txt", AUDIENCE, 0o644),
+    ] {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| failed(&path.display().to_string(), e))?;
+    }
+    Ok(())
+}
+
+/// The sidecar's CPU per request and its memory, idle and under load.
+fn report_sidecar(
+    cpu: Option<(f64, f64)>,
+    requests: u64,
+    duration: Duration,
+    idle: Option<Memory>,
+    loaded: Option<Memory>,
+) {
+    if let Some((c0, c1)) = cpu
+        && requests > 0
+    {
+        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+        let per = (c1 - c0) * 1e6 / requests as f64;
+        say!(
+            "  sidecar CPU: {per:.0} µs per verified request ({:.2} cores busy)",
+            (c1 - c0) / duration.as_secs_f64()
+        );
+    }
+    if let (Some(idle), Some(now)) = (idle, loaded) {
+        say!(
+            "  sidecar memory: {} idle ({} anonymous), {} under load ({} anonymous), {} peak",
+            mib(idle.rss),
+            mib(idle.anon),
+            mib(now.rss),
+            mib(now.anon),
+            mib(now.peak)
+        );
+    }
 }
 
 /// What wrk reported.
@@ -126,7 +207,7 @@ async fn wrk(
     url: &str,
     script: Option<&Path>,
 ) -> Result<WrkRun, CliError> {
-    let mut command = std::process::Command::new("wrk");
+    let mut command = pinned(args.wrk_cpu, Path::new("wrk"));
     command
         .arg(format!("-t{}", args.threads))
         .arg(format!("-c{}", args.connections))
@@ -153,20 +234,82 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
     let dir = crate::cli::ScratchDir::new("bench")?;
     let data = dir.path().join("data");
     let (_broker, addr, issuer) = start_broker(dir.path())?;
-    let (app, _app_stop) = upstream().await?;
+    let (app, _app_stop) = match args.upstream {
+        Some(app) => (app, None),
+        None => {
+            let (app, stop) = upstream().await?;
+            (app, Some(stop))
+        }
+    };
     let token = join_token(&addr, &data, AUDIENCE).await?;
     let started = Instant::now();
-    let sidecar = start_sidecar(dir.path(), &addr, &token, Some(app))?;
+    let sidecar = start_sidecar(dir.path(), &addr, &token, Some(app), args.sidecar_cpu)?;
     let inbound = sidecar
         .inbound
         .ok_or_else(|| CliError::Failed("the sidecar has no inbound listener".into()))?;
     let pid = sidecar.child.id();
     let idle = memory_kib(pid);
 
+    if args.mtls {
+        let peer = super::mesh::Peer::attest(&addr, &data).await?;
+        let url = format!("https://{inbound}/bench/hello");
+        let cpu0 = cpu_seconds(pid);
+        let run = super::mesh::drive(
+            &peer,
+            inbound,
+            &url,
+            args.connections,
+            args.streams,
+            duration,
+        )
+        .await?;
+        let cpu1 = cpu_seconds(pid);
+        let loaded = memory_kib(pid);
+        let direct = wrk(args, duration, &format!("http://{app}/bench/hello"), None).await?;
+        say!(
+            "tally bench inbound --mtls: {} connections × {} streams, TLS 1.3 + HTTP/2 with the client's SVID, {:.0} s",
+            args.connections,
+            args.streams,
+            run.took.as_secs_f64()
+        );
+        say!(
+            "  direct to the upstream (wrk -c{}):{:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms",
+            args.connections,
+            direct.rate,
+            direct.p50_ms,
+            direct.p99_ms
+        );
+        say!(
+            "  through the inbound proxy:{:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  (every request verified, no proof)",
+            run.rate(),
+            run.ms(0.5),
+            run.ms(0.99)
+        );
+        report_sidecar(cpu0.zip(cpu1), run.ok + run.refused, duration, idle, loaded);
+        say!(
+            "  refused through the proxy: {} of {}{}",
+            run.refused,
+            run.ok + run.refused,
+            run.first_refusal
+                .as_deref()
+                .map(|r| format!(" (first: {r})"))
+                .unwrap_or_default()
+        );
+        return Ok(if run.refused == 0 && run.ok > 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+
     // A token for the client, and a fresh proof for every request wrk can
     // send in the run (20,000/s is above what two cores verify).
     let key = ProofKey::generate().map_err(|e| failed("a client key", e))?;
     let access = client_token(&addr, &issuer, &data, &key).await?;
+    if let Some(save) = &args.save {
+        let jwks = jwks(&addr, &data).await?;
+        save_for_peers(save, &access, &jwks, &issuer)?;
+    }
     let url = format!("http://{inbound}/bench/hello");
     let count = usize::try_from(duration.as_secs()).unwrap_or(20) * 20_000;
     // A sidecar that just started takes a proof made before its start plus
@@ -193,10 +336,15 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
     let direct = wrk(args, duration, &format!("http://{app}/bench/hello"), None).await?;
 
     say!(
-        "tally bench inbound: wrk -t{} -c{} -d{}s, trivial upstream, {count} pre-signed proofs (made in {:.1} s)",
+        "tally bench inbound: wrk -t{} -c{} -d{}s, {}, {count} pre-signed proofs (made in {:.1} s)",
         args.threads,
         args.connections,
         duration.as_secs(),
+        if args.upstream.is_some() {
+            format!("upstream {app}")
+        } else {
+            "trivial upstream".to_owned()
+        },
         minted_in.as_secs_f64()
     );
     say!(
@@ -216,24 +364,7 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
         proxied.p50_ms - direct.p50_ms,
         proxied.p99_ms - direct.p99_ms
     );
-    if let (Some(c0), Some(c1)) = (cpu0, cpu1)
-        && proxied.requests > 0
-    {
-        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-        let per = (c1 - c0) * 1e6 / proxied.requests as f64;
-        say!(
-            "  sidecar CPU: {per:.0} µs per verified request ({:.2} cores busy)",
-            (c1 - c0) / duration.as_secs_f64()
-        );
-    }
-    if let (Some((idle, _)), Some((now, peak))) = (idle, loaded) {
-        say!(
-            "  sidecar memory: {} idle, {} under load, {} peak",
-            mib(idle),
-            mib(now),
-            mib(peak)
-        );
-    }
+    report_sidecar(cpu0.zip(cpu1), proxied.requests, duration, idle, loaded);
     say!(
         "  refused through the proxy: {} of {} ({})",
         proxied.non_2xx,

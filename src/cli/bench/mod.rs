@@ -7,6 +7,7 @@ mod authorize;
 mod common;
 mod inbound;
 mod issue;
+mod mesh;
 mod revocation;
 mod sidecar;
 

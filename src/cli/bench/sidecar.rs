@@ -62,26 +62,45 @@ pub(super) async fn join_token(addr: &str, data: &Path, id: &str) -> Result<Stri
     Ok(reply.into_inner().join_token)
 }
 
-/// Starts `tally sidecar` for `id` and waits until it says it is ready.
+/// The sidecar program a run starts: `tally-sidecar` beside this binary
+/// when it was built (what a pod runs), else `tally sidecar`.
+fn sidecar_program() -> Result<(PathBuf, &'static [&'static str]), CliError> {
+    let tally = std::env::current_exe().map_err(|e| failed("finding the tally binary", e))?;
+    let alone = tally.with_file_name("tally-sidecar");
+    Ok(if alone.is_file() {
+        (alone, &[])
+    } else {
+        (tally, &["sidecar"])
+    })
+}
+
+/// Starts the sidecar for `id` and waits until it says it is ready.
 pub(super) fn start_sidecar(
     dir: &Path,
     broker: &str,
     token: &str,
     upstream: Option<SocketAddr>,
+    cpu: Option<usize>,
 ) -> Result<SidecarProcess, CliError> {
     // Its own copy of the binary: code pages the broker process faulted
     // in are not mapped into the sidecar, so its resident memory is its own.
-    let exe = dir.join("tally-sidecar");
-    std::fs::copy(
-        std::env::current_exe().map_err(|e| failed("finding the tally binary", e))?,
-        &exe,
-    )
-    .map_err(|e| failed("copying the tally binary", e))?;
+    let (program, subcommand) = sidecar_program()?;
+    let exe = dir.join("sidecar-under-test");
+    std::fs::copy(&program, &exe).map_err(|e| failed("copying the sidecar binary", e))?;
+    eprintln!(
+        "tally bench: the sidecar is {}{}",
+        program.display(),
+        subcommand
+            .iter()
+            .map(|s| format!(" {s}"))
+            .collect::<String>()
+    );
     let socket = dir.join("sidecar.sock");
     let port = broker.rsplit(':').next().unwrap_or_default();
-    let mut command = std::process::Command::new(exe);
+    let mut command = pinned(cpu, &exe);
     command
-        .args(["sidecar", "--broker", &format!("https://localhost:{port}")])
+        .args(subcommand)
+        .args(["--broker", &format!("https://localhost:{port}")])
         .arg("--trust-bundle")
         .arg(dir.join("data").join("bundle.pem"))
         .arg("--socket")
@@ -132,8 +151,32 @@ pub(super) fn start_sidecar(
     Ok(process)
 }
 
-/// Resident and peak resident memory of a process, KiB.
-pub(super) fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+/// A command for `program`, run on core `cpu` when given (`taskset`
+/// execs it, so the child's pid is the program's).
+pub(super) fn pinned(cpu: Option<usize>, program: &Path) -> std::process::Command {
+    match cpu {
+        Some(cpu) => {
+            let mut command = std::process::Command::new("taskset");
+            command.arg("-c").arg(cpu.to_string()).arg(program);
+            command
+        }
+        None => std::process::Command::new(program),
+    }
+}
+
+/// A process's memory, KiB, from `/proc/PID/status`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Memory {
+    /// Resident now (VmRSS).
+    pub(super) rss: u64,
+    /// Peak resident (VmHWM).
+    pub(super) peak: u64,
+    /// Resident and anonymous (RssAnon: heap, stacks; not code pages).
+    pub(super) anon: u64,
+}
+
+/// The memory of process `pid`, if it is still there.
+pub(super) fn memory_kib(pid: u32) -> Option<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         status
@@ -144,7 +187,11 @@ pub(super) fn memory_kib(pid: u32) -> Option<(u64, u64)> {
             .parse()
             .ok()
     };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    Some(Memory {
+        rss: field("VmRSS:")?,
+        peak: field("VmHWM:")?,
+        anon: field("RssAnon:")?,
+    })
 }
 
 pub(super) fn mib(kib: u64) -> String {
@@ -199,6 +246,27 @@ pub(super) async fn client_token(
         .await
         .map_err(|e| failed("getting a token", e.message()))?;
     Ok(reply.into_inner().access_token)
+}
+
+/// The broker's JWKS document (JSON), as the Watch stream sends it first.
+pub(super) async fn jwks(addr: &str, data: &Path) -> Result<String, CliError> {
+    let (identity, bundle) = client_identity(addr, data).await?;
+    let channel = super::common::channel(addr, &bundle, identity).await?;
+    let mut updates = pb::watch_client::WatchClient::new(channel)
+        .subscribe(pb::SubscribeRequest { after_sequence: 0 })
+        .await
+        .map_err(|e| failed("subscribing to Watch", e.message()))?
+        .into_inner();
+    while let Some(update) = updates
+        .message()
+        .await
+        .map_err(|e| failed("reading Watch", e.message()))?
+    {
+        if let Some(pb::update::Kind::Jwks(jwks)) = update.kind {
+            return Ok(jwks.json);
+        }
+    }
+    Err(CliError::Failed("Watch ended before the JWKS".into()))
 }
 
 /// `count` proofs for `GET url` with `token`, on every core.
