@@ -9,27 +9,53 @@
 use super::path::{PathError, check_routable};
 use crate::dpop::{NormalizedUri, UriError};
 
-/// A request authority (`host[:port]`), normalized as in `htu`: host
-/// lower-cased, the default port 80 dropped.
+/// A request authority, normalized as in `htu` (host lower-cased) and
+/// always with its port (`host:port`): a request without one means the
+/// scheme's default, 80 in plaintext and 443 on TLS, so `pay.svc` over
+/// TLS is `pay.svc:443`, never `pay.svc:80`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authority(String);
 
 impl Authority {
-    /// Parses and normalizes `text`.
+    /// Parses and normalizes `text`, a port-less one meaning port 80 (as
+    /// `--inbound-authority` values and plaintext requests).
     ///
     /// # Errors
     /// If `text` is not a host with an optional port.
     pub fn parse(text: &str) -> Result<Self, UriError> {
+        Self::parse_for(Scheme::Http, text)
+    }
+
+    /// Parses and normalizes the authority of a request that arrived with
+    /// `scheme`.
+    ///
+    /// # Errors
+    /// If `text` is not a host with an optional port.
+    pub fn parse_for(scheme: Scheme, text: &str) -> Result<Self, UriError> {
         if text.is_empty() || text.contains(['/', '?', '#', '@']) {
             return Err(UriError::Host);
         }
-        let uri = NormalizedUri::parse(&format!("http://{text}/"))?;
+        let prefix = format!("{}://", scheme.as_str());
+        let uri = NormalizedUri::parse(&format!("{prefix}{text}/"))?;
         let authority = uri
             .as_str()
-            .strip_prefix("http://")
+            .strip_prefix(prefix.as_str())
             .and_then(|rest| rest.strip_suffix('/'))
             .ok_or(UriError::Host)?;
-        Ok(Self(authority.to_owned()))
+        // Normalizing dropped the scheme's default port: put it back, so
+        // authorities of either scheme compare by the port they mean.
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| !port.contains(']'));
+        Ok(Self(if has_port {
+            authority.to_owned()
+        } else {
+            let default = match scheme {
+                Scheme::Http => 80,
+                Scheme::Https => 443,
+            };
+            format!("{authority}:{default}")
+        }))
     }
 
     /// The normalized text.
@@ -126,15 +152,16 @@ pub fn request_target(
     // (what is compared).
     let (authority, normalized) = match (target_authority, host) {
         (Some(target), Some(host)) => {
-            let parsed = Authority::parse(target).map_err(TargetError::Authority)?;
-            if Authority::parse(host).as_ref() != Ok(&parsed) {
+            let parsed = Authority::parse_for(scheme, target).map_err(TargetError::Authority)?;
+            if Authority::parse_for(scheme, host).as_ref() != Ok(&parsed) {
                 return Err(TargetError::HostMismatch);
             }
             (target, parsed)
         }
-        (Some(one), None) | (None, Some(one)) => {
-            (one, Authority::parse(one).map_err(TargetError::Authority)?)
-        }
+        (Some(one), None) | (None, Some(one)) => (
+            one,
+            Authority::parse_for(scheme, one).map_err(TargetError::Authority)?,
+        ),
         (None, None) => return Err(TargetError::NoHost),
     };
     if !served.is_empty() && !served.contains(&normalized) {
@@ -192,6 +219,23 @@ mod tests {
 
     #[test]
     fn only_served_authorities_pass_when_a_list_is_given() {
+        // On TLS a port-less authority is :443, in plaintext :80.
+        let tls_served = [Authority::parse("pay.svc:443").unwrap()];
+        assert!(request_target(Scheme::Https, None, "/", &[b"pay.svc"], &tls_served).is_ok());
+        assert_eq!(
+            request_target(Scheme::Http, None, "/", &[b"pay.svc"], &tls_served),
+            Err(TargetError::Misdirected("pay.svc:80".into()))
+        );
+        let plain_served = [Authority::parse("pay.svc:80").unwrap()];
+        assert!(request_target(Scheme::Http, None, "/", &[b"PAY.svc"], &plain_served).is_ok());
+        assert_eq!(
+            request_target(Scheme::Https, None, "/", &[b"pay.svc"], &plain_served),
+            Err(TargetError::Misdirected("pay.svc:443".into()))
+        );
+        assert!(request_target(Scheme::Https, None, "/", &[b"pay.svc:80"], &plain_served).is_ok());
+        let v6 = [Authority::parse("[::1]:8080").unwrap()];
+        assert!(request_target(Scheme::Http, None, "/", &[b"[::1]:8080"], &v6).is_ok());
+        assert!(request_target(Scheme::Http, None, "/", &[b"[::1]"], &v6).is_err());
         let served = [Authority::parse("pay.svc:8080").unwrap()];
         assert!(request_target(Scheme::Http, None, "/", &[b"PAY.svc:8080"], &served).is_ok());
         assert_eq!(

@@ -526,9 +526,14 @@ impl Inbound {
             };
             let mut caller = hyper_util::rt::TokioIo::new(caller);
             let mut app = hyper_util::rt::TokioIo::new(app);
-            // The tunnel lives as long as the token that opened it: it is
-            // closed when the token expires or a revocation covers it.
-            let left = token.exp.saturating_sub(clock.now());
+            // The tunnel lives as long as the token that opened it, and
+            // no longer than a mesh peer's SVID: it is closed when either
+            // expires or a revocation or denial covers the token.
+            let until = peer
+                .identity
+                .as_ref()
+                .map_or(token.exp, |p| token.exp.min(p.expires_at));
+            let left = until.saturating_sub(clock.now());
             let ended = async {
                 loop {
                     let why = {
@@ -554,7 +559,7 @@ impl Inbound {
                     tracing::debug!(jti = token.jti, ?how, "a tunnel ended");
                 }
                 () = tokio::time::sleep(Duration::from_secs(left)) => {
-                    tracing::debug!(jti = token.jti, "closed a tunnel: its token expired");
+                    tracing::debug!(jti = token.jti, "closed a tunnel: its token (or the peer's SVID) expired");
                 }
                 why = ended => tracing::info!(jti = token.jti, why, "closed a tunnel: its token was revoked or its holder denied"),
             }

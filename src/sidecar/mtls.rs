@@ -154,6 +154,7 @@ impl MeshCredentials {
                 .with_client_cert_verifier(verifier)
                 .with_cert_resolver(Arc::new(Fixed(Arc::clone(&key))));
             config.alpn_protocols = vec![H2.to_vec(), HTTP11.to_vec()];
+            no_resumption(&mut config);
             Ok(Arc::new(config))
         };
         Ok(Self {
@@ -209,12 +210,51 @@ impl MeshCredentials {
             .with_client_auth_cert(self.chain.clone(), private)
             .map_err(|e| MtlsError::Settings(e.to_string()))?;
         config.alpn_protocols = vec![H2.to_vec()];
+        // Every connection a full handshake (see `no_resumption`).
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
 
     /// The certified key presented (for tests and the admin port).
     pub fn certified_key(&self) -> &Arc<CertifiedKey> {
         &self.key
+    }
+}
+
+/// No TLS session resumption, stateful or by ticket. A resumed TLS 1.3
+/// session restores the client chain of the handshake it resumes without
+/// a new `CertificateVerify` and without checking the chain's dates
+/// again: holding the session secret would stand in for holding the SVID
+/// key, even past the SVID's expiry. Every mesh connection is a full
+/// handshake, so a token bound to the peer's key is proven by a signature
+/// made for that connection. (The outbound pool keeps one long-lived
+/// connection per destination, so this costs one handshake per
+/// reconnection.)
+pub fn no_resumption(config: &mut rustls::ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.ticketer = Arc::new(NeverTickets);
+}
+
+/// A ticketer that never issues tickets.
+#[derive(Debug)]
+struct NeverTickets;
+
+impl rustls::server::ProducesTickets for NeverTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    fn lifetime(&self) -> u32 {
+        0
+    }
+
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
     }
 }
 
@@ -557,6 +597,49 @@ mod tests {
             .await;
         let refused = accept.await.unwrap().map(drop).unwrap_err();
         assert!(refused.to_string().contains("certificate"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn a_second_connection_is_a_full_handshake_never_a_resumed_session() {
+        let ca = ca();
+        let payments = creds(&ca, PAYMENTS);
+        let checkout = creds(&ca, CHECKOUT);
+        // A client that would resume if the server let it (rustls' default
+        // in-memory session store), to show the server does not.
+        let mut client = (*checkout.client_config(&PAYMENTS.parse().unwrap()).unwrap()).clone();
+        client.resumption = rustls::client::Resumption::in_memory_sessions(16);
+        let client = Arc::new(client);
+        let server = payments.server_config(InboundMtls::Required);
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let server = Arc::clone(&server);
+            let accept = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt as _;
+                let mut tls = TlsAcceptor::from(server).accept(a).await.unwrap();
+                // Tickets, if any, go out with the first application data.
+                tls.write_all(b"x").await.unwrap();
+                tls.flush().await.unwrap();
+                tls
+            });
+            let name = ServerName::try_from("payments.mesh").unwrap();
+            let mut tls = TlsConnector::from(Arc::clone(&client))
+                .connect(name, b)
+                .await
+                .unwrap();
+            let mut one = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut tls, &mut one)
+                .await
+                .unwrap();
+            kinds.push(tls.get_ref().1.handshake_kind());
+            drop(accept.await.unwrap());
+        }
+        assert!(
+            kinds
+                .iter()
+                .all(|k| *k == Some(rustls::HandshakeKind::Full)),
+            "{kinds:?}"
+        );
     }
 
     #[test]

@@ -188,5 +188,8 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(certs);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // A resumed session would bring back a client certificate without
+    // checking it again (an expired SVID could still renew itself).
+    crate::sidecar::mtls::no_resumption(&mut config);
     Ok(Arc::new(config))
 }
