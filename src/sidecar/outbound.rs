@@ -477,55 +477,56 @@ impl<F: Fetch> Outbound<F> {
 /// The one mapping from a failed dial to the app's answer and the
 /// metric's result label. The reason is logged, never sent to the app.
 fn dial_refusal(e: &DialError) -> (&'static str, Response<ProxyBody>) {
-    match e {
+    let (label, status, code, text) = match e {
         DialError::NotProven { expected, .. } => {
             // Someone else answers at a mesh destination's address:
             // worth an operator's attention.
             tracing::warn!(error = %e, "refused a mesh destination: nothing was sent");
-            let refusal = proxy::refusal(
+            (
+                "mtls_refused",
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
-                &format!("the destination did not prove it is {expected}: nothing was sent"),
-            );
-            ("mtls_refused", refusal)
+                format!("the destination did not prove it is {expected}: nothing was sent"),
+            )
         }
         DialError::Http2 { .. } => {
             tracing::warn!(error = %e, "a mesh destination did not speak HTTP/2: nothing was sent");
-            let refusal = proxy::refusal(
+            (
+                "mtls_refused",
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
-                "the destination did not speak HTTP/2 over mutual TLS: nothing was sent",
-            );
-            ("mtls_refused", refusal)
+                "the destination did not speak HTTP/2 over mutual TLS: nothing was sent".into(),
+            )
         }
         DialError::Unreachable { .. } => {
             tracing::debug!(error = %e, "mesh destination unreachable");
-            let refusal = proxy::refusal(
+            (
+                "upstream_error",
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
-                "the destination did not answer",
-            );
-            ("upstream_error", refusal)
+                "the destination did not answer".into(),
+            )
         }
         DialError::Timeout { .. } => {
             tracing::debug!(error = %e, "mesh destination too slow");
-            let refusal = proxy::refusal(
+            (
+                "upstream_error",
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
-                "the destination did not answer in time",
-            );
-            ("upstream_error", refusal)
+                "the destination did not answer in time".into(),
+            )
         }
         DialError::Credentials(_) => {
             tracing::error!(error = %e, "cannot dial a mesh destination");
-            let refusal = proxy::refusal(
+            (
+                "mtls_unavailable",
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
-                "internal error: this sidecar has no usable TLS identity (see its log)",
-            );
-            ("mtls_unavailable", refusal)
+                "internal error: this sidecar has no usable TLS identity (see its log)".into(),
+            )
         }
-    }
+    };
+    (label, proxy::refusal(status, code, &text))
 }
 
 /// The request to send: `parts`' method, URI and headers with `body`.

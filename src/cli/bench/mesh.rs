@@ -13,7 +13,6 @@ use crate::clock::{Clock, SystemClock};
 use crate::dpop::ProofKey;
 use crate::identity::SpiffeId;
 use crate::jose::SigningKey;
-use crate::proto::v1 as pb;
 use crate::sidecar::identity::{Attestation, IdentityClient, Svid};
 use crate::sidecar::mtls::MeshCredentials;
 use bytes::Bytes;
@@ -98,19 +97,7 @@ async fn token_for(
     let channel = broker
         .channel(svid)
         .map_err(|e| failed("a channel to the broker", e))?;
-    let proof = key
-        .mint("POST", &svid.issue_htu(), None, None, SystemClock.now())
-        .map_err(|e| failed("signing a proof", e))?;
-    let reply = pb::tokens_client::TokensClient::new(channel)
-        .issue(pb::IssueRequest {
-            audience: AUDIENCE.into(),
-            scopes: vec!["bench:read".into()],
-            ttl_seconds: 0,
-            dpop_proof: proof,
-        })
-        .await
-        .map_err(|e| failed("getting a token", e.message()))?;
-    Ok(reply.into_inner().access_token)
+    super::sidecar::issue_bench_token(channel, &svid.issue_htu(), key).await
 }
 
 /// What one mTLS load run saw.

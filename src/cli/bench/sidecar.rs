@@ -227,14 +227,18 @@ pub(super) async fn client_token(
 ) -> Result<String, CliError> {
     let (identity, bundle) = client_identity(addr, data).await?;
     let channel = super::common::channel(addr, &bundle, identity).await?;
+    issue_bench_token(channel, &format!("{issuer}/tally.v1.Tokens/Issue"), key).await
+}
+
+/// `Tokens.Issue` over `channel` for the bench audience, proving `key`
+/// for `issue_htu`.
+pub(super) async fn issue_bench_token(
+    channel: tonic::transport::Channel,
+    issue_htu: &str,
+    key: &ProofKey,
+) -> Result<String, CliError> {
     let proof = key
-        .mint(
-            "POST",
-            &format!("{issuer}/tally.v1.Tokens/Issue"),
-            None,
-            None,
-            SystemClock.now(),
-        )
+        .mint("POST", issue_htu, None, None, SystemClock.now())
         .map_err(|e| failed("signing a proof", e))?;
     let reply = pb::tokens_client::TokensClient::new(channel)
         .issue(pb::IssueRequest {
