@@ -16,6 +16,24 @@ const ADMIN: &str = "spiffe://example.org/admin";
 /// sidecar whose SVID and tokens the test uses by hand.
 async fn scene(mtls_required: bool) -> (Mesh, App, support::mesh::Started, support::mesh::Started) {
     let mesh = Mesh::start().await;
+    let (app, payments, checkout) = sidecars(&mesh, mtls_required).await;
+    (mesh, app, payments, checkout)
+}
+
+/// The same on a broker that issues SVIDs for `ttl_secs`, so sidecars
+/// renew within the test (at 40–60% of the life).
+async fn short_lived(ttl_secs: u64) -> (Mesh, App, support::mesh::Started, support::mesh::Started) {
+    let mut settings = support::broker::settings(support::mesh::POLICY);
+    settings.svid_ttl = ttl_secs;
+    let mesh = Mesh::start_with_settings(settings).await;
+    let (app, payments, checkout) = sidecars(&mesh, false).await;
+    (mesh, app, payments, checkout)
+}
+
+async fn sidecars(
+    mesh: &Mesh,
+    mtls_required: bool,
+) -> (App, support::mesh::Started, support::mesh::Started) {
     let app = App::start().await;
     let payments = mesh
         .sidecar(
@@ -36,7 +54,7 @@ async fn scene(mtls_required: bool) -> (Mesh, App, support::mesh::Started, suppo
             },
         )
         .await;
-    (mesh, app, payments, checkout)
+    (app, payments, checkout)
 }
 
 /// Headers for one request to payments from a sidecar's socket.
@@ -463,34 +481,6 @@ async fn revoking_the_peers_tokens_closes_its_connections_and_the_old_token_stay
         "{refused:?}"
     );
     mesh.broker.stop().await;
-}
-
-/// A mesh whose broker issues SVIDs for `ttl_secs`, so sidecars renew
-/// within the test (at 40–60% of the life).
-async fn short_lived(ttl_secs: u64) -> (Mesh, App, support::mesh::Started, support::mesh::Started) {
-    let mut settings = support::broker::settings(support::mesh::POLICY);
-    settings.svid_ttl = ttl_secs;
-    let mesh = Mesh::start_with_settings(settings).await;
-    let app = App::start().await;
-    let payments = mesh
-        .sidecar(
-            PAYMENTS,
-            Parts {
-                inbound_to: Some(app.addr),
-                ..Parts::default()
-            },
-        )
-        .await;
-    let checkout = mesh
-        .sidecar(
-            CHECKOUT,
-            Parts {
-                socket: true,
-                ..Parts::default()
-            },
-        )
-        .await;
-    (mesh, app, payments, checkout)
 }
 
 /// One request on a fresh mTLS connection with `svid`; once more on
