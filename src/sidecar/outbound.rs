@@ -362,9 +362,11 @@ impl<F: Fetch> Outbound<F> {
             None => format!("{authority}:80"),
         };
         // The destination's inbound port sees the request over TLS, so a
-        // proof names `https://` with the same authority and path.
+        // proof names `https://` with the same authority and path; the
+        // port is written out (`http://pay.svc/` is port 80, which over
+        // TLS would otherwise read as 443).
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let Ok(uri) = format!("https://{authority}{path}").parse::<http::Uri>() else {
+        let Ok(uri) = format!("https://{dial}{path}").parse::<http::Uri>() else {
             return refuse(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
@@ -379,6 +381,11 @@ impl<F: Fetch> Outbound<F> {
             }
         };
         parts.uri = uri;
+        // `Host` names the same authority as the URI, port and all (the
+        // inbound proxy refuses a request whose two disagree).
+        if let Ok(host) = HeaderValue::from_str(&dial) {
+            parts.headers.insert(header::HOST, host);
+        }
         let origin = origin_of(htu.as_str());
         let method = parts.method.as_str().to_owned();
         let Some(mut outgoing) = self.hold(body).await else {
