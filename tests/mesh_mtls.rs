@@ -346,34 +346,41 @@ impl rustls::client::ResolvesClientCert for NoCert {
     }
 }
 
-/// `POST /v1/charges` in plaintext with a proof by `key` for `token`,
-/// with the server nonce a freshly started sidecar asks for.
+/// `POST /v1/charges` with a proof by `key` for `token` and `url`, sent by
+/// `send` (given the `Authorization` and `DPoP` values); once more with the
+/// server nonce when a freshly started sidecar asks for one.
+async fn with_own_proof(
+    url: &str,
+    key: &tally::dpop::ProofKey,
+    token: &str,
+    mut send: impl AsyncFnMut(String, String) -> support::mesh::Answer,
+) -> support::mesh::Answer {
+    let mut nonce: Option<String> = None;
+    loop {
+        let now = tally::clock::Clock::now(&tally::clock::SystemClock);
+        let proof = key
+            .mint("POST", url, Some(token), nonce.as_deref(), now)
+            .unwrap();
+        let answer = send(bearer(token), proof).await;
+        match answer.header("dpop-nonce") {
+            Some(n) if nonce.is_none() && answer.status == 401 => nonce = Some(n.to_owned()),
+            _ => return answer,
+        }
+    }
+}
+
+/// The same in plaintext, on a new connection each time.
 async fn plaintext_with_proof(
     inbound: std::net::SocketAddr,
     key: &tally::dpop::ProofKey,
     token: &str,
 ) -> support::mesh::Answer {
     let url = format!("http://{inbound}/v1/charges");
-    let mut nonce = None;
-    loop {
-        let now = tally::clock::Clock::now(&tally::clock::SystemClock);
-        let proof = key
-            .mint("POST", &url, Some(token), nonce.as_deref(), now)
-            .unwrap();
-        let auth = bearer(token);
-        let answer = send(
-            inbound,
-            "POST",
-            "/v1/charges",
-            &[("authorization", &auth), ("dpop", &proof)],
-            "",
-        )
-        .await;
-        match answer.header("dpop-nonce") {
-            Some(n) if nonce.is_none() && answer.status == 401 => nonce = Some(n.to_owned()),
-            _ => return answer,
-        }
-    }
+    with_own_proof(&url, key, token, async |auth, proof| {
+        let headers = [("authorization", auth.as_str()), ("dpop", proof.as_str())];
+        send(inbound, "POST", "/v1/charges", &headers, "").await
+    })
+    .await
 }
 
 /// Waits (bounded) for a connection to end.
@@ -566,25 +573,11 @@ async fn after_the_callers_renewal_a_token_bound_to_its_old_key_needs_that_keys_
         tally::jose::SigningKey::from_pkcs8_pem(old.key_pem.as_bytes()).unwrap(),
     );
     let url = format!("https://{inbound}/v1/charges");
-    let mut nonce: Option<String> = None;
-    let answer = loop {
-        let now = tally::clock::Clock::now(&tally::clock::SystemClock);
-        let proof = old_key
-            .mint("POST", &url, Some(&token), nonce.as_deref(), now)
-            .unwrap();
-        let answer = on_fresh_connection(
-            inbound,
-            &new,
-            "POST",
-            "/v1/charges",
-            &[("authorization", &auth), ("dpop", &proof)],
-        )
-        .await;
-        match answer.header("dpop-nonce") {
-            Some(n) if nonce.is_none() && answer.status == 401 => nonce = Some(n.to_owned()),
-            _ => break answer,
-        }
-    };
+    let answer = with_own_proof(&url, &old_key, &token, async |auth, proof| {
+        let headers = [("authorization", auth.as_str()), ("dpop", proof.as_str())];
+        on_fresh_connection(inbound, &new, "POST", "/v1/charges", &headers).await
+    })
+    .await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     // And the old SVID, still valid, proves its own key by handshake.
     let answer = on_fresh_connection(
