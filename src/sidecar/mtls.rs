@@ -313,22 +313,33 @@ impl MeshTls {
     /// [`MtlsError`] if they cannot be built (then nothing is served or
     /// dialled with TLS: failing closed).
     pub fn current(&self) -> Result<Arc<MeshCredentials>, MtlsError> {
+        // Asked on every outbound request: the check copies nothing.
         let svid = self.svid();
-        let bundle = self.bundle(&svid)?;
-        let fresh = |b: &MeshCredentials| Arc::ptr_eq(&b.svid, &svid) && b.bundle == bundle;
-        if let Some(built) = read(&self.built).as_ref().filter(|b| fresh(b)) {
+        if let Some(built) = read(&self.built).as_ref().filter(|b| self.fresh(b, &svid)) {
             return Ok(Arc::clone(built));
         }
         let mut slot = self
             .built
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(built) = slot.as_ref().filter(|b| fresh(b)) {
+        if let Some(built) = slot.as_ref().filter(|b| self.fresh(b, &svid)) {
             return Ok(Arc::clone(built));
         }
+        let bundle = self.bundle(&svid)?;
         let built = Arc::new(MeshCredentials::new(svid, bundle)?);
         *slot = Some(Arc::clone(&built));
         Ok(built)
+    }
+
+    /// Whether `built` is for `svid` and the bundle in force: the Watch
+    /// stream's, or (while it has sent none) the one that came with the
+    /// SVID, which is the same for the same SVID.
+    fn fresh(&self, built: &MeshCredentials, svid: &Arc<Svid>) -> bool {
+        Arc::ptr_eq(&built.svid, svid)
+            && self.mesh.as_ref().is_none_or(|mesh| {
+                let from_watch = &mesh.borrow().bundle_der;
+                from_watch.is_empty() || *from_watch == built.bundle
+            })
     }
 
     fn bundle(&self, svid: &Svid) -> Result<Vec<Vec<u8>>, MtlsError> {
@@ -653,5 +664,26 @@ mod tests {
         let second = tls.current().unwrap();
         assert!(!Arc::ptr_eq(&first, &second));
         assert_ne!(first.jkt(), second.jkt(), "a renewal brings a new key");
+    }
+
+    #[test]
+    fn credentials_follow_the_watch_streams_bundle() {
+        let ca = ca();
+        let (_svids, rx) = watch::channel(svid(&ca, PAYMENTS));
+        let (mesh, mesh_rx) = watch::channel(MeshState::default());
+        let tls = MeshTls::new(rx, Some(mesh_rx));
+        // No bundle from the Watch stream yet: the SVID's.
+        let first = tls.current().unwrap();
+        assert_eq!(first.bundle, ca.bundle_der());
+        // The same roots from the stream: nothing to rebuild.
+        mesh.send_modify(|m| m.bundle_der = ca.bundle_der());
+        assert!(Arc::ptr_eq(&first, &tls.current().unwrap()));
+        // Another root added (a root rotation): rebuilt, trusting both.
+        let mut both = ca.bundle_der();
+        both.extend(self::ca().bundle_der());
+        mesh.send_modify(|m| m.bundle_der = both.clone());
+        let second = tls.current().unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.bundle, both);
     }
 }
