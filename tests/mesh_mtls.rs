@@ -131,6 +131,19 @@ async fn a_token_bound_to_the_peers_svid_needs_no_proof_over_mtls_and_many_share
         "{metrics}"
     );
 
+    // Two Authorization headers on the connection: malformed, whatever
+    // the handshake proved.
+    let answer = conn
+        .send(
+            "POST",
+            "/v1/charges",
+            &[("authorization", &auth), ("authorization", &auth)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 400, "{:?}", answer.body);
+    assert_eq!(answer.json()["error"], "invalid_request");
+
     // A spoofed transport header from outside never reaches the app.
     let answer = conn
         .send(
