@@ -1,13 +1,16 @@
 //! Where the binary's log lines go and how they look. `TALLY_LOG` picks
-//! what is logged (`tracing_subscriber::EnvFilter` directives, e.g.
-//! `info,tally::http=debug`); `TALLY_LOG_FORMAT` picks the shape: `text`
+//! what is logged (a level, or `target=level` directives separated by
+//! commas, e.g. `info,tally::http=debug`: `tracing_subscriber`'s
+//! `Targets`, which needs no regular-expression engine in the sidecar); `TALLY_LOG_FORMAT` picks the shape: `text`
 //! (the default, for people) or `json` (one object per line, for log
 //! shippers). Lines go to standard error, coloured only when it is a
 //! terminal and `NO_COLOR` is unset or empty.
 
 use std::ffi::OsStr;
 use std::io::IsTerminal as _;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// The variable holding the filter directives.
 pub const LOG_VAR: &str = "TALLY_LOG";
@@ -71,14 +74,15 @@ pub fn colour(is_terminal: bool, no_color: Option<&OsStr>) -> bool {
 /// # Errors
 /// [`LogSetupError::Filter`] for directives that do not parse (they used
 /// to fall back to the default without a word).
-pub fn filter(value: Option<&str>, default: &str) -> Result<EnvFilter, LogSetupError> {
-    match value.map(str::trim) {
-        None | Some("") => Ok(EnvFilter::new(default)),
-        Some(text) => EnvFilter::try_new(text).map_err(|e| LogSetupError::Filter {
-            value: text.to_owned(),
-            reason: e.to_string(),
-        }),
-    }
+pub fn filter(value: Option<&str>, default: &str) -> Result<Targets, LogSetupError> {
+    let text = match value.map(str::trim) {
+        None | Some("") => default,
+        Some(text) => text,
+    };
+    text.parse().map_err(|e: tracing_subscriber::filter::ParseError| LogSetupError::Filter {
+        value: text.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// Installs the process's subscriber from `TALLY_LOG`, `TALLY_LOG_FORMAT`
@@ -94,20 +98,17 @@ pub fn init(default_filter: &str) -> Result<(), LogSetupError> {
     };
     let format = LogFormat::parse(text(FORMAT_VAR)?.as_deref())?;
     let filter = filter(text(LOG_VAR)?.as_deref(), default_filter)?;
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder
-            .with_ansi(colour(
+        LogFormat::Text => registry
+            .with(layer.with_ansi(colour(
                 std::io::stderr().is_terminal(),
                 std::env::var_os("NO_COLOR").as_deref(),
-            ))
+            )))
             .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_ansi(false)
-            .with_current_span(false)
+        LogFormat::Json => registry
+            .with(layer.json().with_ansi(false).with_current_span(false))
             .init(),
     }
     Ok(())
@@ -146,5 +147,7 @@ mod tests {
             err.to_string().starts_with("TALLY_LOG \"tally=loud\""),
             "{err}"
         );
+        // Span and field filters are not taken: refused, never ignored.
+        assert!(filter(Some("[request{id=1}]=debug"), "info").is_err());
     }
 }
