@@ -44,6 +44,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+if [ "$mode" = cert-manager ] && $renew; then
+  echo "gen-secrets.sh: --renew-webhook: with --cert-manager, cert-manager renews the webhook certificate" >&2
+  exit 64
+fi
+
 command -v openssl >/dev/null || { echo "gen-secrets.sh: needs openssl" >&2; exit 69; }
 if [ "$mode" != files ]; then
   command -v kubectl >/dev/null || { echo "gen-secrets.sh: needs kubectl" >&2; exit 69; }
@@ -88,20 +93,27 @@ if [ "$mode" = files ]; then
   if [ ! -e "$out/tls.key" ] || $renew; then
     new_serving_cert "$out/webhook-ca.key" "$out/webhook-ca.crt" "$out/tls.key" "$out/tls.crt"
   fi
-  chmod 0600 "$out"/*
+  (cd "$out" && chmod 0600 ca.crt ca.key bundle.pem store.key webhook-ca.crt webhook-ca.key tls.crt tls.key)
   echo "wrote $out: ca.crt ca.key bundle.pem store.key webhook-ca.crt webhook-ca.key tls.crt tls.key"
   exit 0
 fi
 
 kc() { kubectl -n "$ns" "$@"; }
 exists() { kc get "$1" "$2" >/dev/null 2>&1; }
-# Applied from a file, never from the command line: keys stay out of `ps`.
-apply_secret() { # name type key=file...
-  local name=$1 type=$2; shift 2
+# From a file, never from the command line: keys stay out of `ps`. `create`
+# for what is made once (a second run racing this one fails, it does not
+# replace a root); server-side `apply` for what is renewed. Neither leaves
+# a copy of the key in a last-applied annotation.
+put_secret() { # create|apply name type key=file...
+  local verb=$1 name=$2 type=$3; shift 3
   local args=()
   for kv in "$@"; do args+=("--from-file=$kv"); done
   kc create secret generic "$name" --type="$type" "${args[@]}" --dry-run=client -o yaml > "$work/secret.yaml"
-  kc apply -f "$work/secret.yaml" >/dev/null
+  if [ "$verb" = create ]; then
+    kc create -f "$work/secret.yaml" >/dev/null
+  else
+    kc apply --server-side --force-conflicts --field-manager=tally-gen-secrets -f "$work/secret.yaml" >/dev/null
+  fi
   echo "secret/$name: written"
 }
 get_key() { # secret key file
@@ -118,7 +130,7 @@ if [ "$mode" = cluster ]; then
     echo "secret/tally-ca: kept (the root CA is never replaced here; see docs/KUBERNETES.md, Upgrades)"
   else
     new_ca "$work/ca.key" "$work/ca.crt" "/O=tally/CN=tally root CA"
-    apply_secret tally-ca kubernetes.io/tls "tls.crt=$work/ca.crt" "tls.key=$work/ca.key"
+    put_secret create tally-ca kubernetes.io/tls "tls.crt=$work/ca.crt" "tls.key=$work/ca.key"
   fi
 else
   # cert-manager issues tally-ca shortly after the overlay is applied.
@@ -129,14 +141,14 @@ fi
 get_key tally-ca tls.crt "$work/bundle.pem"
 openssl x509 -in "$work/bundle.pem" -noout >/dev/null
 kc create configmap tally-trust-bundle --from-file="bundle.pem=$work/bundle.pem" \
-  --dry-run=client -o yaml | kc apply -f - >/dev/null
+  --dry-run=client -o yaml | kc apply --server-side --field-manager=tally-gen-secrets -f - >/dev/null
 echo "configmap/tally-trust-bundle: written from secret/tally-ca"
 
 if exists secret tally-store-key; then
   echo "secret/tally-store-key: kept (a new key could not open the store)"
 else
   new_store_key "$work/store.key"
-  apply_secret tally-store-key Opaque "store.key=$work/store.key"
+  put_secret create tally-store-key Opaque "store.key=$work/store.key"
 fi
 
 if [ "$mode" = cluster ]; then
@@ -145,13 +157,13 @@ if [ "$mode" = cluster ]; then
     get_key tally-webhook-ca tls.key "$work/webhook-ca.key"
   else
     new_ca "$work/webhook-ca.key" "$work/webhook-ca.crt" "/O=tally/CN=tally webhook CA"
-    apply_secret tally-webhook-ca kubernetes.io/tls "tls.crt=$work/webhook-ca.crt" "tls.key=$work/webhook-ca.key"
+    put_secret create tally-webhook-ca kubernetes.io/tls "tls.crt=$work/webhook-ca.crt" "tls.key=$work/webhook-ca.key"
   fi
   if exists secret tally-injector-tls && ! $renew; then
     echo "secret/tally-injector-tls: kept (--renew-webhook makes a new one)"
   else
     new_serving_cert "$work/webhook-ca.key" "$work/webhook-ca.crt" "$work/tls.key" "$work/tls.crt"
-    apply_secret tally-injector-tls kubernetes.io/tls "tls.crt=$work/tls.crt" "tls.key=$work/tls.key" \
+    put_secret apply tally-injector-tls kubernetes.io/tls "tls.crt=$work/tls.crt" "tls.key=$work/tls.key" \
       "ca.crt=$work/webhook-ca.crt"
   fi
   bundle=$(openssl base64 -A < "$work/webhook-ca.crt")
