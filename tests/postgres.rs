@@ -90,8 +90,8 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
     let key = Sealer::generate_key_text().unwrap();
     // Two handles on one database: two replicas.
     let (a, b) = tokio::join!(open(&url, &key), open(&url, &key));
-    assert_eq!(a.schema_version().await.unwrap(), 9);
-    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 9);
+    assert_eq!(a.schema_version().await.unwrap(), 10);
+    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 10);
 
     // Secrets: whoever creates first, both read the same.
     let (x, y) = tokio::join!(
@@ -204,6 +204,7 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
                     method: "join_token",
                     issued_at: NOW,
                     expires_at: NOW + 3600,
+                    pod: None,
                 })
             } else {
                 Write::Issued(issued(i, &sub))

@@ -18,6 +18,7 @@ async fn svid(store: &Store, serial: &str, issued_at: u64) {
                 method: "renew",
                 issued_at,
                 expires_at: issued_at + 3600,
+                pod: None,
             })),
             event,
         )

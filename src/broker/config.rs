@@ -67,16 +67,39 @@ pub struct BrokerFlags {
     /// The root CA's private key (PEM); refused if group or others can read it.
     #[arg(long, env = "TALLY_CA_KEY")]
     pub ca_key: Option<PathBuf>,
-    /// Kubernetes ServiceAccount token keys: the cluster's JWKS document
-    /// (from the API server's /openid/v1/jwks). Enables SA attestation.
-    #[arg(long, env = "TALLY_SA_JWKS")]
-    pub sa_jwks: Option<PathBuf>,
-    /// Issuer of ServiceAccount tokens (the cluster's --service-account-issuer).
-    #[arg(long, env = "TALLY_SA_ISSUER")]
+    /// Issuer of Kubernetes ServiceAccount tokens (the cluster's
+    /// --service-account-issuer); enables SA attestation. Alone, its keys
+    /// are found by OpenID discovery at URL/.well-known/openid-configuration
+    /// (https only), cached, and refreshed on an unknown kid.
+    #[arg(long, env = "TALLY_SA_ISSUER", value_name = "URL")]
     pub sa_issuer: Option<String>,
+    /// Offline instead of discovery: the cluster's JWKS document (from
+    /// the API server's /openid/v1/jwks), read at start.
+    #[arg(long, env = "TALLY_SA_JWKS", value_name = "FILE")]
+    pub sa_jwks: Option<PathBuf>,
     /// Audience ServiceAccount tokens must carry.
     #[arg(long, env = "TALLY_SA_AUDIENCE")]
     pub sa_audience: Option<String>,
+    /// CA certificates (PEM) that discovery and TokenReview verify the
+    /// cluster's HTTPS servers with.
+    #[arg(long, env = "TALLY_SA_CA_FILE", value_name = "FILE")]
+    pub sa_ca_file: Option<PathBuf>,
+    /// The broker's own ServiceAccount token, sent as bearer to discovery
+    /// and TokenReview; read again on every use (the kubelet rotates it).
+    #[arg(long, env = "TALLY_SA_API_TOKEN_FILE", value_name = "FILE")]
+    pub sa_api_token_file: Option<PathBuf>,
+    /// Before issuing an SVID, ask the API server (TokenReview) whether the
+    /// token still authenticates, as the same account and pod: a deleted
+    /// pod's token stops working at once.
+    #[arg(long, env = "TALLY_SA_TOKEN_REVIEW")]
+    pub sa_token_review: bool,
+    /// The Kubernetes API server's URL, for TokenReview.
+    #[arg(long, env = "TALLY_KUBE_API", value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// Discovery: also accept a jwks_uri on this host (host or host:port),
+    /// e.g. the API server's address, which kube-apiserver names by default.
+    #[arg(long, env = "TALLY_SA_JWKS_HOST", value_name = "HOST")]
+    pub sa_jwks_host: Option<String>,
     /// Rotate the token-signing key after it has signed this long.
     #[arg(long, env = "TALLY_KEY_ROTATION")]
     pub key_rotation: Option<String>,
@@ -165,9 +188,40 @@ pub struct BrokerConfig {
     pub limits: crate::http::Limits,
     /// Supplied root CA certificate and key files.
     pub ca_root: Option<(PathBuf, PathBuf)>,
-    /// ServiceAccount JWKS file, issuer and audience (if given), when SA
-    /// attestation is on.
-    pub sa: Option<(PathBuf, String, Option<String>)>,
+    /// Kubernetes ServiceAccount token attestation, when on.
+    pub sa: Option<SaConfig>,
+}
+
+/// Where the cluster's ServiceAccount token keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaKeysFrom {
+    /// A JWKS file (offline).
+    File(PathBuf),
+    /// OpenID discovery at the issuer; the `jwks_uri` may also be on this
+    /// host.
+    Discovery {
+        /// `--sa-jwks-host`.
+        jwks_host: Option<String>,
+    },
+}
+
+/// ServiceAccount token attestation settings, as given (the in-cluster
+/// defaults for the CA and token files are applied at start, where files
+/// are looked at).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaConfig {
+    /// The cluster's issuer.
+    pub issuer: String,
+    /// The audience tokens must carry (default: the broker's issuer).
+    pub audience: Option<String>,
+    /// Keys.
+    pub keys: SaKeysFrom,
+    /// `--sa-ca-file`.
+    pub ca_file: Option<PathBuf>,
+    /// `--sa-api-token-file`.
+    pub api_token_file: Option<PathBuf>,
+    /// The API server to ask for TokenReview, when on.
+    pub token_review: Option<String>,
 }
 
 /// Every setting's default; see [`Defaults`].
@@ -187,6 +241,18 @@ pub static DEFAULTS: Defaults = Defaults(&[
     ("idle_timeout", Text("60s")),
     ("max_connections", Text("1024")),
     ("sa_audience", Derived("the broker's issuer URL")),
+    (
+        "sa_ca_file",
+        Derived(
+            "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt when it exists, else the system CA bundle",
+        ),
+    ),
+    (
+        "sa_api_token_file",
+        Derived("/var/run/secrets/kubernetes.io/serviceaccount/token when it exists, else none"),
+    ),
+    ("kube_api", Text("https://kubernetes.default.svc")),
+    ("sa_jwks_host", Derived("the issuer's host only")),
 ]);
 
 /// Flags with no key in a `--config` file (the file's own name).
@@ -218,6 +284,11 @@ pub const KEYS: &[&str] = &[
     "sa_jwks",
     "sa_issuer",
     "sa_audience",
+    "sa_ca_file",
+    "sa_api_token_file",
+    "sa_token_review",
+    "kube_api",
+    "sa_jwks_host",
 ];
 
 impl BrokerConfig {
@@ -356,20 +427,25 @@ impl BrokerConfig {
                 None
             }
         };
-        let sa_jwks = path(&flags.sa_jwks, "sa_jwks");
-        let sa_issuer = one(flags.sa_issuer.clone(), "sa_issuer");
-        let sa_audience = one(flags.sa_audience.clone(), "sa_audience");
-        let sa = match (sa_jwks, sa_issuer) {
-            (Some(jwks), Some(issuer)) => Some((jwks, issuer, sa_audience)),
-            (None, None) if sa_audience.is_none() => None,
-            _ => {
-                errors.push(
-                    "sa_jwks and sa_issuer go together (ServiceAccount token attestation needs both)"
-                        .into(),
-                );
-                None
-            }
-        };
+        let sa_review = flags.sa_token_review
+            || from_file.one("sa_token_review").is_some_and(|t| {
+                crate::config::boolean("sa_token_review", &t)
+                    .map_err(|e| errors.push(e))
+                    .unwrap_or(false)
+            });
+        let sa = service_accounts(
+            SaGiven {
+                jwks: path(&flags.sa_jwks, "sa_jwks"),
+                issuer: one(flags.sa_issuer.clone(), "sa_issuer"),
+                audience: one(flags.sa_audience.clone(), "sa_audience"),
+                ca_file: path(&flags.sa_ca_file, "sa_ca_file"),
+                api_token_file: path(&flags.sa_api_token_file, "sa_api_token_file"),
+                review: sa_review,
+                kube_api: one(flags.kube_api.clone(), "kube_api"),
+                jwks_host: one(flags.sa_jwks_host.clone(), "sa_jwks_host"),
+            },
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -399,9 +475,142 @@ impl BrokerConfig {
     }
 }
 
+/// The ServiceAccount settings as given, before checking.
+struct SaGiven {
+    jwks: Option<PathBuf>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    ca_file: Option<PathBuf>,
+    api_token_file: Option<PathBuf>,
+    review: bool,
+    kube_api: Option<String>,
+    jwks_host: Option<String>,
+}
+
+/// Checks the ServiceAccount settings together; every fault to `errors`.
+fn service_accounts(given: SaGiven, errors: &mut Vec<String>) -> Option<SaConfig> {
+    use crate::identity::k8s::discovery::HttpsUrl;
+    let https = |key: &str, url: &str, errors: &mut Vec<String>| {
+        if let Err(e) = url.parse::<HttpsUrl>() {
+            errors.push(format!("{key} {url:?} {e}"));
+        }
+    };
+    let Some(issuer) = given.issuer else {
+        let stray = [
+            ("sa_jwks", given.jwks.is_some()),
+            ("sa_audience", given.audience.is_some()),
+            ("sa_ca_file", given.ca_file.is_some()),
+            ("sa_api_token_file", given.api_token_file.is_some()),
+            ("sa_token_review", given.review),
+            ("kube_api", given.kube_api.is_some()),
+            ("sa_jwks_host", given.jwks_host.is_some()),
+        ];
+        for (key, _) in stray.iter().filter(|(_, set)| *set) {
+            errors.push(format!(
+                "{key} needs sa_issuer (ServiceAccount token attestation is on only with the cluster's issuer)"
+            ));
+        }
+        return None;
+    };
+    let keys = match given.jwks {
+        Some(file) => {
+            if given.jwks_host.is_some() {
+                errors.push("sa_jwks_host is for discovery; with sa_jwks the keys come from the file".into());
+            }
+            SaKeysFrom::File(file)
+        }
+        None => {
+            https("sa_issuer", &issuer, errors);
+            SaKeysFrom::Discovery {
+                jwks_host: given.jwks_host,
+            }
+        }
+    };
+    let token_review = if given.review {
+        let api = match (&keys, given.kube_api) {
+            (_, Some(api)) => api,
+            (SaKeysFrom::Discovery { .. }, None) => DEFAULTS.text("kube_api"),
+            (SaKeysFrom::File(_), None) => {
+                errors.push("sa_token_review with sa_jwks (offline keys) needs kube_api, the API server's https:// URL".into());
+                String::new()
+            }
+        };
+        if !api.is_empty() {
+            https("kube_api", &api, errors);
+        }
+        Some(api)
+    } else {
+        if given.kube_api.is_some() {
+            errors.push("kube_api is used only by sa_token_review".into());
+        }
+        None
+    };
+    if matches!(keys, SaKeysFrom::File(_)) && token_review.is_none() {
+        for (key, set) in [
+            ("sa_ca_file", given.ca_file.is_some()),
+            ("sa_api_token_file", given.api_token_file.is_some()),
+        ] {
+            if set {
+                errors.push(format!(
+                    "{key} is used only by discovery and sa_token_review; with sa_jwks nothing is fetched"
+                ));
+            }
+        }
+    }
+    Some(SaConfig {
+        issuer,
+        audience: given.audience,
+        keys,
+        ca_file: given.ca_file,
+        api_token_file: given.api_token_file,
+        token_review,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_account_settings_are_checked_together() {
+        let with = |edit: &dyn Fn(&mut BrokerFlags)| {
+            let mut flags = BrokerFlags::default();
+            edit(&mut flags);
+            BrokerConfig::resolve(&flags, None)
+        };
+        let c = with(&|f| {
+            f.sa_issuer = Some("https://kubernetes.default.svc.cluster.local".into());
+            f.sa_token_review = true;
+        })
+        .unwrap();
+        let sa = c.sa.unwrap();
+        assert_eq!(sa.keys, SaKeysFrom::Discovery { jwks_host: None });
+        assert_eq!(sa.token_review.as_deref(), Some("https://kubernetes.default.svc"));
+        let errors = with(&|f| {
+            f.sa_issuer = Some("http://kubernetes.default.svc".into());
+            f.kube_api = Some("https://x".into());
+            f.sa_ca_file = Some("ca.crt".into());
+        })
+        .unwrap_err();
+        let all = errors.join("\n");
+        assert!(all.contains("sa_issuer \"http://kubernetes.default.svc\" must be an https:// URL"), "{all}");
+        assert!(all.contains("kube_api is used only by sa_token_review"), "{all}");
+        assert_eq!(errors.len(), 2, "{all}");
+        let errors = with(&|f| {
+            f.sa_jwks = Some("jwks.json".into());
+            f.sa_token_review = true;
+            f.sa_jwks_host = Some("10.0.0.1".into());
+        })
+        .unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        let errors = with(&|f| {
+            f.sa_token_review = true;
+            f.sa_audience = Some("a".into());
+        })
+        .unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("needs sa_issuer"), "{errors:?}");
+    }
 
     #[test]
     fn defaults_work_with_nothing_given() {

@@ -114,12 +114,9 @@ pub struct BrokerSettings {
     pub audit_file: Option<std::path::PathBuf>,
     /// A root CA to use instead of generating one on first start.
     pub ca_root: Option<crate::ca::SuppliedRoot>,
-    /// Kubernetes ServiceAccount token attestation: the cluster's keys and
-    /// what tokens must say. `None` refuses such attestations.
-    pub service_accounts: Option<(
-        crate::identity::k8s::SaKeys,
-        crate::identity::k8s::SaTokenConfig,
-    )>,
+    /// Kubernetes ServiceAccount token attestation: the cluster's keys,
+    /// what tokens must say, TokenReview. `None` refuses such attestations.
+    pub service_accounts: Option<std::sync::Arc<crate::broker::cluster::ServiceAccounts>>,
     /// Rotate the token-signing key when the current one has signed this
     /// long (seconds; default 24 h).
     pub key_rotation: u64,
