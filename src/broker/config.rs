@@ -597,6 +597,7 @@ mod tests {
         assert!(all.contains("kube_api is used only by sa_token_review"), "{all}");
         assert_eq!(errors.len(), 2, "{all}");
         let errors = with(&|f| {
+            f.sa_issuer = Some("https://k".into());
             f.sa_jwks = Some("jwks.json".into());
             f.sa_token_review = true;
             f.sa_jwks_host = Some("10.0.0.1".into());

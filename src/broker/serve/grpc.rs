@@ -192,6 +192,7 @@ async fn hand_out(
         .record(Some(Write::Svid(record)), event)
         .await
         .map_err(|e| internal("recording an X.509-SVID", e))?;
+    broker.note_svid_pod(svid.serial.clone(), pod.cloned());
     broker.metrics().attestations.inc(&[method, "ok"]);
     tracing::info!(spiffe_id = %id, method, serial = %svid.serial, "issued X.509-SVID");
     Ok(Response::new(pb::SvidResponse {
@@ -408,6 +409,11 @@ impl pb::tokens_server::Tokens for TokensService {
     ) -> Result<Response<pb::IssueResponse>, Status> {
         let broker = &self.0;
         let caller = peer_id(broker, &request, Call::Issue).await?;
+        let certs = request
+            .extensions()
+            .get::<Arc<crate::http::Peer>>()
+            .and_then(|peer| peer.certs.as_deref());
+        let pod = broker.caller_pod(certs).await;
         let body = request.into_inner();
         let audience: Audience = body
             .audience
@@ -431,6 +437,7 @@ impl pb::tokens_server::Tokens for TokensService {
                 htu: broker.issue_htu(),
                 require_nonce: false,
                 via: "grpc",
+                pod: pod.as_ref(),
             })
             .await
             .map_err(issue_status)?;

@@ -231,6 +231,9 @@ pub struct Broker {
     denials: RwLock<DenialSet>,
     /// Bounds the audit records of a denied identity's refused calls.
     denied_audits: crate::rate::RateLimiter<SpiffeId>,
+    /// The pod each SVID (by serial) was attested by, as far as asked
+    /// (see [`Broker::caller_pod`]).
+    svid_pods: std::sync::Mutex<std::collections::HashMap<String, Option<crate::identity::k8s::Pod>>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -341,6 +344,7 @@ impl Broker {
             listeners: crate::http::Listeners::default(),
             published: tokio::sync::Mutex::new(published),
             denials: RwLock::new(denials),
+            svid_pods: std::sync::Mutex::default(),
             denied_audits: crate::rate::RateLimiter::new(),
         };
         // The feed starts with the state this broker opened with.
