@@ -260,3 +260,48 @@ async fn answer(answers: &Answers, base: &str, req: hyper::Request<Incoming>) ->
         _ => respond(404, b"{}".to_vec()),
     }
 }
+
+/// Rows written before the pod columns (schema 9) still read, and an
+/// SVID's pod is kept, listed with its identity while live, and found by
+/// serial: on `store`, taken back to schema 9 by [`BEFORE_PODS`] (one old
+/// SVID row, serial `old`) and opened again, which migrated it.
+pub async fn pods_survive_the_migration(store: &tally::store::Store) {
+    use tally::audit::{AuditEvent, AuditKind, Outcome};
+    use tally::identity::k8s::Pod;
+    use tally::store::{SvidRecord, Write};
+    const NOW: u64 = 1_800_000_000;
+    assert_eq!(store.schema_version().await.unwrap(), 10);
+    let ids = store.identities(NOW).await.unwrap();
+    assert_eq!(ids.len(), 1, "the old row still reads");
+    assert!(ids[0].pods.is_empty());
+    assert_eq!(store.svid_pod("old").await.unwrap(), None);
+    let pod = Pod {
+        name: "checkout-7d9f".into(),
+        uid: "3f1c9a52-1b7e-4c1d-9a2e-6d0b8f4e2a11".into(),
+    };
+    let id: tally::identity::SpiffeId = "spiffe://example.org/ns/shop/sa/checkout".parse().unwrap();
+    for (serial, pod) in [("new", Some(pod.clone())), ("joined", None)] {
+        let event = AuditEvent::new(AuditKind::Attest, Outcome::Ok, NOW).actor(&id);
+        let record = SvidRecord {
+            serial: serial.into(),
+            spiffe_id: id.clone(),
+            method: "k8s_sa",
+            issued_at: NOW,
+            expires_at: NOW + 3600,
+            pod,
+        };
+        store.record(Some(Write::Svid(record)), event).await.unwrap();
+    }
+    assert_eq!(store.svid_pod("new").await.unwrap(), Some(pod.clone()));
+    assert_eq!(store.svid_pod("joined").await.unwrap(), None);
+    assert_eq!(store.identities(NOW).await.unwrap()[0].pods, vec![pod]);
+    assert!(store.identities(NOW + 3600).await.unwrap()[0].pods.is_empty(), "expired: no pod holds it");
+}
+
+/// SQL that takes a schema-10 store back to 9 with one old SVID row.
+pub const BEFORE_PODS: [&str; 4] = [
+    "ALTER TABLE svids DROP COLUMN pod_name",
+    "ALTER TABLE svids DROP COLUMN pod_uid",
+    "DELETE FROM schema_version WHERE version = 10",
+    "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at) VALUES ('old', 'spiffe://example.org/ns/shop/sa/checkout', 'join_token', 1799999000, 1800003600)",
+];
