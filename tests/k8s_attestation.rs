@@ -51,12 +51,20 @@ fn now() -> u64 {
 }
 
 /// `Identity.Attest` with `token` (no client certificate: none is needed).
-async fn attest(broker: &Spawned, data: &Path, token: &str) -> Result<pb::SvidResponse, tonic::Status> {
+async fn attest(
+    broker: &Spawned,
+    data: &Path,
+    token: &str,
+) -> Result<pb::SvidResponse, tonic::Status> {
     attest_to(&broker.grpc, data, token).await
 }
 
 /// The same at the broker listening at `grpc`.
-async fn attest_to(grpc: &str, data: &Path, token: &str) -> Result<pb::SvidResponse, tonic::Status> {
+async fn attest_to(
+    grpc: &str,
+    data: &Path,
+    token: &str,
+) -> Result<pb::SvidResponse, tonic::Status> {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let bundle = std::fs::read_to_string(data.join("bundle.pem")).unwrap();
     let tls = ClientTlsConfig::new()
@@ -69,7 +77,9 @@ async fn attest_to(grpc: &str, data: &Path, token: &str) -> Result<pb::SvidRespo
         .connect_lazy();
     pb::identity_client::IdentityClient::new(channel)
         .attest(pb::AttestRequest {
-            credential: Some(pb::attest_request::Credential::ServiceAccountToken(token.into())),
+            credential: Some(pb::attest_request::Credential::ServiceAccountToken(
+                token.into(),
+            )),
             csr_der: support::broker::csr(),
         })
         .await
@@ -89,7 +99,9 @@ async fn a_pod_attests_with_discovered_keys_and_after_the_cluster_rotates_them()
     let dir = tempfile::tempdir().unwrap();
     let (broker, data) = broker(dir.path(), &cluster.url, &[&cluster.ca_pem], &[]);
 
-    let svid = attest(&broker, &data, &checkout(&cluster, &rsa, None)).await.unwrap();
+    let svid = attest(&broker, &data, &checkout(&cluster, &rsa, None))
+        .await
+        .unwrap();
     assert_eq!(svid.spiffe_id, "spiffe://example.org/ns/shop/sa/checkout");
     let fetched = cluster.answers.jwks_fetches.load(Ordering::SeqCst);
     assert_eq!(fetched, 1, "the keys fetched once, at start");
@@ -98,7 +110,9 @@ async fn a_pod_attests_with_discovered_keys_and_after_the_cluster_rotates_them()
     // attests after one refresh.
     let ec = Signer::ec("ec-2");
     *cluster.answers.jwks.lock().unwrap() = jwks(&[&rsa, &ec]);
-    let svid = attest(&broker, &data, &checkout(&cluster, &ec, None)).await.unwrap();
+    let svid = attest(&broker, &data, &checkout(&cluster, &ec, None))
+        .await
+        .unwrap();
     assert_eq!(svid.spiffe_id, "spiffe://example.org/ns/shop/sa/checkout");
     assert_eq!(cluster.answers.jwks_fetches.load(Ordering::SeqCst), 2);
 
@@ -114,20 +128,34 @@ async fn a_pod_attests_with_discovered_keys_and_after_the_cluster_rotates_them()
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("kid \"made-up-"), "{}", e.message());
     }
-    assert_eq!(cluster.answers.jwks_fetches.load(Ordering::SeqCst), 2, "the burst fetched nothing");
+    assert_eq!(
+        cluster.answers.jwks_fetches.load(Ordering::SeqCst),
+        2,
+        "the burst fetched nothing"
+    );
 
     // Its JWKS failing now changes nothing for keys already held.
     cluster.answers.jwks_fails.store(true, Ordering::SeqCst);
-    attest(&broker, &data, &checkout(&cluster, &rsa, None)).await.unwrap();
+    attest(&broker, &data, &checkout(&cluster, &rsa, None))
+        .await
+        .unwrap();
 
     // Every request carried the broker's own token, and only that.
     let bearers = cluster.answers.bearers.lock().unwrap().clone();
     assert!(!bearers.is_empty());
-    assert!(bearers.iter().all(|b| *b == format!("Bearer {BROKER_TOKEN}")), "{bearers:?}");
+    assert!(
+        bearers
+            .iter()
+            .all(|b| *b == format!("Bearer {BROKER_TOKEN}")),
+        "{bearers:?}"
+    );
     let (code, _) = broker.stop();
     assert_eq!(code, Some(0));
     let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
-    assert!(!log.contains(BROKER_TOKEN), "the broker's token is never logged");
+    assert!(
+        !log.contains(BROKER_TOKEN),
+        "the broker's token is never logged"
+    );
 }
 
 /// Joins every future (the test crate has no `futures`).
@@ -187,7 +215,11 @@ async fn discovery_that_cannot_be_trusted_is_refused_with_its_reason_and_the_bro
         let e = attest(&broker, &data, &token).await.unwrap_err();
         assert_eq!(e.code(), Code::Unavailable, "{case}: {e:?}");
         assert!(e.message().contains(needle), "{case}: {}", e.message());
-        assert!(e.message().contains("keys are not available"), "{case}: {}", e.message());
+        assert!(
+            e.message().contains("keys are not available"),
+            "{case}: {}",
+            e.message()
+        );
         // Still serving: a second try is answered the same way.
         let again = attest(&broker, &data, &token).await.unwrap_err();
         assert_eq!(again.code(), Code::Unavailable, "{case}: {again:?}");
@@ -209,9 +241,15 @@ async fn a_token_review_decides_before_an_svid_is_issued() {
         let user = "system:serviceaccount:shop:checkout";
         match m.load(Ordering::SeqCst) {
             0 => (201, review_answer(req, true, user, POD.1)),
-            1 => (201, json!({"kind": "TokenReview", "status": {"authenticated": false,
-                    "error": "pod \"checkout-7d9f\" not found"}})),
-            _ => (201, review_answer(req, true, user, "00000000-0000-0000-0000-000000000000")),
+            1 => (
+                201,
+                json!({"kind": "TokenReview", "status": {"authenticated": false,
+                    "error": "pod \"checkout-7d9f\" not found"}}),
+            ),
+            _ => (
+                201,
+                review_answer(req, true, user, "00000000-0000-0000-0000-000000000000"),
+            ),
         }
     });
     let dir = tempfile::tempdir().unwrap();
@@ -241,7 +279,10 @@ async fn a_token_review_decides_before_an_svid_is_issued() {
         let e = attest(&broker, &data, &token).await.unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
         assert!(e.message().contains(needle), "{}", e.message());
-        assert!(!e.message().contains(&token), "the token is never in an error");
+        assert!(
+            !e.message().contains(&token),
+            "the token is never in an error"
+        );
     }
 
     // The API server gone: refused as unavailable, never taken as a yes.
@@ -255,8 +296,14 @@ async fn a_token_review_decides_before_an_svid_is_issued() {
     let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
     let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap();
     for (name, text) in [("log", &log), ("audit", &audit)] {
-        assert!(!text.contains(&token), "the pod's token is not in the {name}");
-        assert!(!text.contains(BROKER_TOKEN), "the broker's token is not in the {name}");
+        assert!(
+            !text.contains(&token),
+            "the pod's token is not in the {name}"
+        );
+        assert!(
+            !text.contains(BROKER_TOKEN),
+            "the broker's token is not in the {name}"
+        );
     }
     let refusals: Vec<Value> = audit
         .lines()
@@ -264,7 +311,10 @@ async fn a_token_review_decides_before_an_svid_is_issued() {
         .filter(|r| r["kind"] == "identity.attest" && r["outcome"] != "ok")
         .collect();
     assert_eq!(refusals.len(), 3, "{refusals:?}");
-    assert_eq!(refusals[2]["outcome"], "error", "an API server down is the broker's trouble");
+    assert_eq!(
+        refusals[2]["outcome"], "error",
+        "an API server down is the broker's trouble"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +330,13 @@ async fn the_inventory_and_a_leaked_tokens_lookup_name_the_pod() {
     let token_file = dir.path().join("sa-token");
     std::fs::write(&token_file, checkout(&cluster, &rsa, None)).unwrap();
     let bundle = std::fs::read_to_string(data.join("bundle.pem")).unwrap();
-    let client = IdentityClient::new(format!("https://localhost:{}", broker.grpc.rsplit(':').next().unwrap()), bundle);
+    let client = IdentityClient::new(
+        format!(
+            "https://localhost:{}",
+            broker.grpc.rsplit(':').next().unwrap()
+        ),
+        bundle,
+    );
     let svid = client
         .attest(&Attestation::ServiceAccountTokenFile(token_file), now())
         .await
@@ -305,13 +361,22 @@ async fn the_inventory_and_a_leaked_tokens_lookup_name_the_pod() {
     .unwrap();
 
     let list = support::ctl::text(&broker.ctl(&data, &["identities", "list"]));
-    let row = list.lines().find(|l| l.contains("ns/shop/sa/checkout")).unwrap_or_else(|| panic!("{list}"));
+    let row = list
+        .lines()
+        .find(|l| l.contains("ns/shop/sa/checkout"))
+        .unwrap_or_else(|| panic!("{list}"));
     assert!(row.contains(&format!("{} ({})", POD.0, POD.1)), "{list}");
     let json = support::ctl::text(&broker.ctl(&data, &["identities", "list", "--output", "json"]));
     let rows: Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(rows[0]["pods"], json!([{"name": POD.0, "uid": POD.1}]), "{json}");
+    assert_eq!(
+        rows[0]["pods"],
+        json!([{"name": POD.0, "uid": POD.1}]),
+        "{json}"
+    );
 
-    let lookup = support::ctl::text(&broker.ctl(&data, &["audit", "lookup", "--token", &issued.access_token]));
+    let lookup = support::ctl::text(
+        &broker.ctl(&data, &["audit", "lookup", "--token", &issued.access_token]),
+    );
     let issuance = lookup
         .lines()
         .find(|l| l.contains("token.issue"))
@@ -343,9 +408,15 @@ async fn hostile_tokens_are_refused_with_discovered_keys_too() {
     };
     for (token, needle) in [
         (with(&|c| c["aud"] = json!(["https://other"])), "audience"),
-        (with(&|c| c["iss"] = "https://evil.example".into()), "issuer"),
+        (
+            with(&|c| c["iss"] = "https://evil.example".into()),
+            "issuer",
+        ),
         (with(&|c| c["exp"] = (now() - 120).into()), "expired"),
-        (with(&|c| c["kubernetes.io"]["pod"]["uid"] = "x; DROP TABLE".into()), "pod must have a valid name and uid"),
+        (
+            with(&|c| c["kubernetes.io"]["pod"]["uid"] = "x; DROP TABLE".into()),
+            "pod must have a valid name and uid",
+        ),
         (none, "alg \"none\" is not accepted"),
     ] {
         let e = attest(&broker, &data, &token).await.unwrap_err();

@@ -233,7 +233,8 @@ async fn served(
 ) -> (tempfile::TempDir, ServedBroker, Channel) {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = settings("trust_domain: example.org\n");
-    settings.service_accounts = service_accounts.map(|(keys, config)| Arc::new(ServiceAccounts::offline(keys, config)));
+    settings.service_accounts =
+        service_accounts.map(|(keys, config)| Arc::new(ServiceAccounts::offline(keys, config)));
     let key = Sealer::generate_key_text().unwrap();
     let served = serve_broker(dir.path(), &key, settings, "127.0.0.1:0").await;
     let tls = ClientTlsConfig::new()

@@ -239,7 +239,8 @@ pub async fn start(
         .as_ref()
         .and_then(|sa| sa.discovered())
     {
-        background.push(tokio::spawn(super::cluster::keys::keep_fresh(Arc::clone(keys))).abort_handle());
+        background
+            .push(tokio::spawn(super::cluster::keys::keep_fresh(Arc::clone(keys))).abort_handle());
     }
     // With a store shared by replicas, follow what the others commit.
     background.push(tokio::spawn(super::replicas::follow(Arc::downgrade(&broker))).abort_handle());

@@ -10,9 +10,9 @@ use super::cluster::https::ClusterHttps;
 use super::cluster::keys::{DiscoveredKeys, KeyRules};
 use super::cluster::{KeySource, ServiceAccounts, TokenReview};
 use super::config::{BrokerConfig, PolicySourceChoice, SaConfig, SaKeysFrom};
-use crate::identity::k8s::{SaKeys, SaTokenConfig};
 use super::run::{Parts, StartError, write_file};
 use super::{BrokerSettings, PolicySource};
+use crate::identity::k8s::{SaKeys, SaTokenConfig};
 use crate::store::{Sealer, Store};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -149,7 +149,10 @@ fn service_accounts(
     let usage = StartError::Config;
     let config = SaTokenConfig {
         issuer: sa.issuer.clone(),
-        audience: sa.audience.clone().unwrap_or_else(|| broker_issuer.to_owned()),
+        audience: sa
+            .audience
+            .clone()
+            .unwrap_or_else(|| broker_issuer.to_owned()),
     };
     let needs_https = matches!(sa.keys, SaKeysFrom::Discovery { .. }) || sa.token_review.is_some();
     let https = if needs_https {
@@ -331,7 +334,11 @@ mod tests {
             std::fs::write(&p, name).unwrap();
             p
         };
-        let (given, pod, system) = (file("given.pem"), dir.path().join("ca.crt"), file("system.pem"));
+        let (given, pod, system) = (
+            file("given.pem"),
+            dir.path().join("ca.crt"),
+            file("system.pem"),
+        );
         let mut paths = InCluster {
             ca: pod.clone(),
             token: dir.path().join("token"),

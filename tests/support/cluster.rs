@@ -72,8 +72,13 @@ impl Signer {
                     b64::encode(claims.to_string())
                 );
                 let mut sig = vec![0; k.public_modulus_len()];
-                k.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), input.as_bytes(), &mut sig)
-                    .unwrap();
+                k.sign(
+                    &RSA_PKCS1_SHA256,
+                    &SystemRandom::new(),
+                    input.as_bytes(),
+                    &mut sig,
+                )
+                .unwrap();
                 format!("{input}.{}", b64::encode(sig))
             }
             Key::Ec(k) => tally::jose::jws::sign_compact(
@@ -95,7 +100,14 @@ pub fn jwks(signers: &[&Signer]) -> Vec<u8> {
 
 /// The claims the kubelet projects for a pod of `ns`/`sa`, valid ten
 /// minutes from `now`.
-pub fn pod_claims(issuer: &str, audience: &str, ns: &str, sa: &str, pod: (&str, &str), now: u64) -> Value {
+pub fn pod_claims(
+    issuer: &str,
+    audience: &str,
+    ns: &str,
+    sa: &str,
+    pod: (&str, &str),
+    now: u64,
+) -> Value {
     json!({
         "aud": [audience], "exp": now + 600, "iat": now, "nbf": now, "iss": issuer,
         "sub": format!("system:serviceaccount:{ns}:{sa}"),
@@ -103,6 +115,9 @@ pub fn pod_claims(issuer: &str, audience: &str, ns: &str, sa: &str, pod: (&str, 
                           "pod": {"name": pod.0, "uid": pod.1}, "node": {"name": "worker-1", "uid": "n-1"}},
     })
 }
+
+/// How the stand-in answers a TokenReview body: status code and JSON.
+pub type Review = dyn Fn(&Value) -> (u16, Value) + Send + Sync;
 
 /// What the stand-in answers, set by the test; what it saw, for asserts.
 #[derive(Default)]
@@ -116,7 +131,7 @@ pub struct Answers {
     /// Accept connections and never answer.
     pub stall: AtomicBool,
     /// The TokenReview answer for a review body (status code and JSON).
-    pub review: Mutex<Option<Box<dyn Fn(&Value) -> (u16, Value) + Send + Sync>>>,
+    pub review: Mutex<Option<Box<Review>>>,
     pub discovery_fetches: AtomicUsize,
     pub jwks_fetches: AtomicUsize,
     /// Every TokenReview body received.
@@ -154,10 +169,11 @@ impl StandIn {
             .push(rcgen::DnType::CommonName, "test cluster CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .unwrap()
-            .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
-            .unwrap();
+        let leaf =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .unwrap()
+                .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+                .unwrap();
         let config = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(
@@ -167,18 +183,28 @@ impl StandIn {
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let url = format!(
+            "https://127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
         let answers = Arc::new(Answers::default());
         let (served, base) = (Arc::clone(&answers), url.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
-                let (acceptor, answers, base) = (acceptor.clone(), Arc::clone(&served), base.clone());
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, answers, base) =
+                    (acceptor.clone(), Arc::clone(&served), base.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     let service = hyper::service::service_fn(move |req| {
                         let (answers, base) = (Arc::clone(&answers), base.clone());
-                        async move { Ok::<_, std::convert::Infallible>(answer(&answers, &base, req).await) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(answer(&answers, &base, req).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
@@ -214,12 +240,20 @@ pub fn review_answer(request: &Value, authenticated: bool, user: &str, uid: &str
     })
 }
 
-async fn answer(answers: &Answers, base: &str, req: hyper::Request<Incoming>) -> hyper::Response<Full<Bytes>> {
+async fn answer(
+    answers: &Answers,
+    base: &str,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
     if answers.stall.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
     if let Some(auth) = req.headers().get("authorization") {
-        answers.bearers.lock().unwrap().push(auth.to_str().unwrap().to_owned());
+        answers
+            .bearers
+            .lock()
+            .unwrap()
+            .push(auth.to_str().unwrap().to_owned());
     }
     let respond = |status: u16, body: Vec<u8>| {
         hyper::Response::builder()
@@ -290,12 +324,20 @@ pub async fn pods_survive_the_migration(store: &tally::store::Store) {
             expires_at: NOW + 3600,
             pod,
         };
-        store.record(Some(Write::Svid(record)), event).await.unwrap();
+        store
+            .record(Some(Write::Svid(record)), event)
+            .await
+            .unwrap();
     }
     assert_eq!(store.svid_pod("new").await.unwrap(), Some(pod.clone()));
     assert_eq!(store.svid_pod("joined").await.unwrap(), None);
     assert_eq!(store.identities(NOW).await.unwrap()[0].pods, vec![pod]);
-    assert!(store.identities(NOW + 3600).await.unwrap()[0].pods.is_empty(), "expired: no pod holds it");
+    assert!(
+        store.identities(NOW + 3600).await.unwrap()[0]
+            .pods
+            .is_empty(),
+        "expired: no pod holds it"
+    );
 }
 
 /// SQL that takes a schema-10 store back to 9 with one old SVID row.

@@ -183,14 +183,20 @@ impl ClusterHttps {
             tokio::net::TcpStream::connect((url.host(), url.port())),
         )
         .await
-        .map_err(|_| connect(format!("no connection within {}s", CONNECT_TIMEOUT.as_secs())))?
+        .map_err(|_| {
+            connect(format!(
+                "no connection within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })?
         .map_err(|e| connect(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let exchange = async {
-            let name = ServerName::try_from(url.host().to_owned()).map_err(|e| FetchError::Tls {
-                url: named.clone(),
-                why: e.to_string(),
-            })?;
+            let name =
+                ServerName::try_from(url.host().to_owned()).map_err(|e| FetchError::Tls {
+                    url: named.clone(),
+                    why: e.to_string(),
+                })?;
             let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.tls))
                 .connect(name, tcp)
                 .await
@@ -214,10 +220,12 @@ impl ClusterHttps {
             if !body.is_empty() {
                 request = request.header(header::CONTENT_TYPE, "application/json");
             }
-            let mut request = request.body(Full::new(body)).map_err(|e| FetchError::Http {
-                url: named.clone(),
-                why: e.to_string(),
-            })?;
+            let mut request = request
+                .body(Full::new(body))
+                .map_err(|e| FetchError::Http {
+                    url: named.clone(),
+                    why: e.to_string(),
+                })?;
             if let Some(bearer) = &bearer {
                 let mut value = http::HeaderValue::from_str(&format!("Bearer {}", bearer.as_str()))
                     .map_err(|_| FetchError::Bearer {
@@ -252,12 +260,10 @@ impl ClusterHttps {
             }
             match Limited::new(response.into_body(), limit).collect().await {
                 Ok(collected) => Ok(collected.to_bytes()),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    Err(FetchError::TooLarge {
-                        url: named.clone(),
-                        limit,
-                    })
-                }
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(FetchError::TooLarge {
+                    url: named.clone(),
+                    limit,
+                }),
                 Err(e) => Err(FetchError::Http {
                     url: named.clone(),
                     why: e.to_string(),

@@ -5,12 +5,12 @@
 
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::broker::Broker;
+use crate::broker::cluster::SaAttestError;
 use crate::broker::state::denials::{Call, CallerError};
 use crate::broker::state::issue::{IssueError, IssueInput};
-use crate::broker::cluster::SaAttestError;
 use crate::ca::CaError;
-use crate::identity::k8s::Pod;
 use crate::identity::denial::DENIED_METADATA;
+use crate::identity::k8s::Pod;
 use crate::identity::{JoinToken, SpiffeId};
 use crate::proto::v1 as pb;
 use crate::store::{SvidRecord, Write};
@@ -296,7 +296,10 @@ async fn attest_service_account(
     let now = broker.now();
     let refused = |status: Status, outcome: Outcome, pod: Option<&Pod>| {
         tracing::warn!(reason = %status.message(), "ServiceAccount token refused");
-        broker.metrics().attestations.inc(&["k8s_sa", outcome.as_str()]);
+        broker
+            .metrics()
+            .attestations
+            .inc(&["k8s_sa", outcome.as_str()]);
         let mut event = AuditEvent::new(AuditKind::Attest, outcome, now)
             .field("method", "k8s_sa")
             .field("reason", status.message());

@@ -230,8 +230,10 @@ impl Broker {
 
     fn pods(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Option<crate::identity::k8s::Pod>>>
-    {
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, Option<crate::identity::k8s::Pod>>,
+    > {
         self.svid_pods
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -233,7 +233,8 @@ pub struct Broker {
     denied_audits: crate::rate::RateLimiter<SpiffeId>,
     /// The pod each SVID (by serial) was attested by, as far as asked
     /// (see [`Broker::caller_pod`]).
-    svid_pods: std::sync::Mutex<std::collections::HashMap<String, Option<crate::identity::k8s::Pod>>>,
+    svid_pods:
+        std::sync::Mutex<std::collections::HashMap<String, Option<crate::identity::k8s::Pod>>>,
 }
 
 impl std::fmt::Debug for Broker {

@@ -143,7 +143,10 @@ impl std::str::FromStr for HttpsUrl {
         if authority.as_str().contains('@') {
             return Err(UrlError::Credentials);
         }
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         if host.is_empty() {
             return Err(UrlError::Invalid);
         }
@@ -178,7 +181,9 @@ impl JwksHost {
             Self::Issuer => false,
             Self::Also(allowed) => {
                 let allowed = allowed.to_ascii_lowercase();
-                allowed == jwks.host || allowed == jwks.authority() || allowed == format!("{}:{}", jwks.host, jwks.port)
+                allowed == jwks.host
+                    || allowed == jwks.authority()
+                    || allowed == format!("{}:{}", jwks.host, jwks.port)
             }
         }
     }
@@ -224,40 +229,94 @@ mod tests {
     use super::*;
 
     fn issuer() -> HttpsUrl {
-        "https://kubernetes.default.svc.cluster.local".parse().unwrap()
+        "https://kubernetes.default.svc.cluster.local"
+            .parse()
+            .unwrap()
     }
 
     fn doc(iss: &str, jwks: &str) -> Vec<u8> {
-        serde_json::json!({"issuer": iss, "jwks_uri": jwks}).to_string().into_bytes()
+        serde_json::json!({"issuer": iss, "jwks_uri": jwks})
+            .to_string()
+            .into_bytes()
     }
 
     #[test]
     fn the_jwks_uri_on_the_issuers_host_is_accepted() {
         let iss = "https://kubernetes.default.svc.cluster.local";
-        let uri = jwks_uri(&doc(iss, &format!("{iss}:6443/openid/v1/jwks")), &issuer(), &JwksHost::Issuer).unwrap();
+        let uri = jwks_uri(
+            &doc(iss, &format!("{iss}:6443/openid/v1/jwks")),
+            &issuer(),
+            &JwksHost::Issuer,
+        )
+        .unwrap();
         assert_eq!(uri.port(), 6443);
         assert_eq!(uri.path(), "/openid/v1/jwks");
-        assert_eq!(issuer().discovery().to_string(), format!("{iss}/.well-known/openid-configuration"));
-        let gke: HttpsUrl = "https://container.googleapis.com/v1/projects/p/locations/l/clusters/c".parse().unwrap();
-        assert_eq!(gke.discovery().path(), "/v1/projects/p/locations/l/clusters/c/.well-known/openid-configuration");
+        assert_eq!(
+            issuer().discovery().to_string(),
+            format!("{iss}/.well-known/openid-configuration")
+        );
+        let gke: HttpsUrl = "https://container.googleapis.com/v1/projects/p/locations/l/clusters/c"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            gke.discovery().path(),
+            "/v1/projects/p/locations/l/clusters/c/.well-known/openid-configuration"
+        );
     }
 
     #[test]
     fn a_wrong_issuer_an_http_or_foreign_jwks_uri_is_refused() {
         let iss = "https://kubernetes.default.svc.cluster.local";
         let check = |d: Vec<u8>, hosts: &JwksHost| jwks_uri(&d, &issuer(), hosts).unwrap_err();
-        assert!(matches!(check(doc(&format!("{iss}/"), "https://x/j"), &JwksHost::Issuer), DiscoveryError::Issuer { .. }));
+        assert!(matches!(
+            check(doc(&format!("{iss}/"), "https://x/j"), &JwksHost::Issuer),
+            DiscoveryError::Issuer { .. }
+        ));
         let why = |e| match e {
             DiscoveryError::JwksUri { why, .. } => why,
             other => panic!("{other:?}"),
         };
-        assert_eq!(why(check(doc(iss, "http://kubernetes.default.svc.cluster.local/j"), &JwksHost::Issuer)), UrlError::NotHttps);
-        assert_eq!(why(check(doc(iss, "https://evil.example/j"), &JwksHost::Issuer)), UrlError::OtherHost);
-        assert_eq!(why(check(doc(iss, "https://u:p@kubernetes.default.svc.cluster.local/j"), &JwksHost::Issuer)), UrlError::Credentials);
+        assert_eq!(
+            why(check(
+                doc(iss, "http://kubernetes.default.svc.cluster.local/j"),
+                &JwksHost::Issuer
+            )),
+            UrlError::NotHttps
+        );
+        assert_eq!(
+            why(check(doc(iss, "https://evil.example/j"), &JwksHost::Issuer)),
+            UrlError::OtherHost
+        );
+        assert_eq!(
+            why(check(
+                doc(iss, "https://u:p@kubernetes.default.svc.cluster.local/j"),
+                &JwksHost::Issuer
+            )),
+            UrlError::Credentials
+        );
         let api = JwksHost::Also("172.18.0.2:6443".into());
-        assert!(jwks_uri(&doc(iss, "https://172.18.0.2:6443/openid/v1/jwks"), &issuer(), &api).is_ok());
-        assert_eq!(why(check(doc(iss, "https://172.18.0.2:7443/openid/v1/jwks"), &api)), UrlError::OtherHost);
-        assert!(matches!(check(b"{\"issuer\"".to_vec(), &JwksHost::Issuer), DiscoveryError::Malformed(_)));
-        assert_eq!(check(vec![b' '; MAX_DISCOVERY_LEN + 1], &JwksHost::Issuer), DiscoveryError::TooLarge);
+        assert!(
+            jwks_uri(
+                &doc(iss, "https://172.18.0.2:6443/openid/v1/jwks"),
+                &issuer(),
+                &api
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            why(check(
+                doc(iss, "https://172.18.0.2:7443/openid/v1/jwks"),
+                &api
+            )),
+            UrlError::OtherHost
+        );
+        assert!(matches!(
+            check(b"{\"issuer\"".to_vec(), &JwksHost::Issuer),
+            DiscoveryError::Malformed(_)
+        ));
+        assert_eq!(
+            check(vec![b' '; MAX_DISCOVERY_LEN + 1], &JwksHost::Issuer),
+            DiscoveryError::TooLarge
+        );
     }
 }

@@ -28,7 +28,9 @@ pub enum ReviewError {
     Malformed(&'static str),
     /// `status.authenticated` is not true: the token is no longer valid
     /// (its pod or ServiceAccount deleted, or it was never valid).
-    #[error("the API server does not authenticate this ServiceAccount token (its pod or ServiceAccount may be gone)")]
+    #[error(
+        "the API server does not authenticate this ServiceAccount token (its pod or ServiceAccount may be gone)"
+    )]
     NotAuthenticated,
     /// The API server names another user than the token's subject.
     #[error("the API server authenticates the token as {found:?}, not {expected:?}")]
@@ -74,7 +76,8 @@ pub fn judge(answer: &[u8], account: &ServiceAccount, audience: &str) -> Result<
     if answer.len() > MAX_ANSWER_LEN {
         return Err(ReviewError::Malformed("larger than 64 KiB"));
     }
-    let doc = json::parse_object(answer).map_err(|_| ReviewError::Malformed("not a JSON object"))?;
+    let doc =
+        json::parse_object(answer).map_err(|_| ReviewError::Malformed("not a JSON object"))?;
     if doc.get("kind").and_then(Value::as_str) != Some("TokenReview") {
         return Err(ReviewError::Malformed("kind is not TokenReview"));
     }
@@ -152,13 +155,38 @@ mod tests {
     #[test]
     fn a_review_confirms_only_the_same_account_pod_and_audience() {
         let me = "system:serviceaccount:shop:checkout";
-        assert_eq!(judge(&answer(true, me, "u-1", "a"), &account(), "a"), Ok(()));
-        assert_eq!(judge(&answer(false, me, "u-1", "a"), &account(), "a"), Err(ReviewError::NotAuthenticated));
-        assert!(matches!(judge(&answer(true, "system:serviceaccount:shop:other", "u-1", "a"), &account(), "a"), Err(ReviewError::Username { .. })));
-        assert!(matches!(judge(&answer(true, me, "u-2", "a"), &account(), "a"), Err(ReviewError::PodUid { .. })));
-        assert!(matches!(judge(&answer(true, me, "u-1", "b"), &account(), "a"), Err(ReviewError::Audience { .. })));
-        assert!(matches!(judge(b"[]", &account(), "a"), Err(ReviewError::Malformed(_))));
+        assert_eq!(
+            judge(&answer(true, me, "u-1", "a"), &account(), "a"),
+            Ok(())
+        );
+        assert_eq!(
+            judge(&answer(false, me, "u-1", "a"), &account(), "a"),
+            Err(ReviewError::NotAuthenticated)
+        );
+        assert!(matches!(
+            judge(
+                &answer(true, "system:serviceaccount:shop:other", "u-1", "a"),
+                &account(),
+                "a"
+            ),
+            Err(ReviewError::Username { .. })
+        ));
+        assert!(matches!(
+            judge(&answer(true, me, "u-2", "a"), &account(), "a"),
+            Err(ReviewError::PodUid { .. })
+        ));
+        assert!(matches!(
+            judge(&answer(true, me, "u-1", "b"), &account(), "a"),
+            Err(ReviewError::Audience { .. })
+        ));
+        assert!(matches!(
+            judge(b"[]", &account(), "a"),
+            Err(ReviewError::Malformed(_))
+        ));
         let body = String::from_utf8(request("tok.en.x", "a")).unwrap();
-        assert!(body.contains("\"token\":\"tok.en.x\"") && body.contains("\"audiences\":[\"a\"]"), "{body}");
+        assert!(
+            body.contains("\"token\":\"tok.en.x\"") && body.contains("\"audiences\":[\"a\"]"),
+            "{body}"
+        );
     }
 }
