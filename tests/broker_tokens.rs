@@ -311,6 +311,7 @@ async fn keys_rotate_on_schedule_and_no_token_is_ever_unverifiable() {
                     htu: &tally::dpop::NormalizedUri::parse(broker.issue_uri()).unwrap(),
                     require_nonce: false,
                     via: "test",
+                    pod: None,
                 })
                 .await
                 .unwrap()

@@ -69,6 +69,7 @@ async fn issue(broker: &Broker, key: &ProofKey, now: u64) -> Issued {
             htu: &NormalizedUri::parse(broker.issue_uri()).unwrap(),
             require_nonce: false,
             via: "test",
+            pod: None,
         })
         .await
         .unwrap()

@@ -9,6 +9,7 @@ use aws_lc_rs::signature::{KeyPair as _, RSA_PKCS1_SHA256};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use support::broker::{ServedBroker, serve_broker, settings};
+use tally::broker::cluster::ServiceAccounts;
 use tally::clock::{Clock, SystemClock};
 use tally::identity::k8s::{SaKeys, SaTokenConfig, SaTokenError, verify};
 use tally::jose::{SigningKey, b64};
@@ -232,7 +233,8 @@ async fn served(
 ) -> (tempfile::TempDir, ServedBroker, Channel) {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = settings("trust_domain: example.org\n");
-    settings.service_accounts = service_accounts;
+    settings.service_accounts =
+        service_accounts.map(|(keys, config)| Arc::new(ServiceAccounts::offline(keys, config)));
     let key = Sealer::generate_key_text().unwrap();
     let served = serve_broker(dir.path(), &key, settings, "127.0.0.1:0").await;
     let tls = ClientTlsConfig::new()
@@ -311,7 +313,7 @@ async fn without_a_configured_jwks_sa_tokens_are_refused_as_a_precondition() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("--sa-jwks"), "{}", err.message());
+    assert!(err.message().contains("--sa-issuer"), "{}", err.message());
     served.stop().await;
 }
 
@@ -321,7 +323,7 @@ async fn a_sidecar_whose_svid_expired_while_the_broker_was_away_attests_again() 
     let c = Cluster::new();
     let dir = tempfile::tempdir().unwrap();
     let mut settings = settings("trust_domain: example.org\n");
-    settings.service_accounts = Some((c.keys(), config()));
+    settings.service_accounts = Some(Arc::new(ServiceAccounts::offline(c.keys(), config())));
     settings.svid_ttl = 60;
     let key = Sealer::generate_key_text().unwrap();
     let served = serve_broker(dir.path(), &key, settings, "127.0.0.1:0").await;

@@ -290,6 +290,7 @@ async fn scrape_after_traffic() -> Scraped {
                 htu: &tally::dpop::NormalizedUri::parse(broker.issue_uri()).unwrap(),
                 require_nonce,
                 via: "test",
+                pod: None,
             })
             .await;
         assert_eq!(refused.unwrap_err().reason(), reason, "{audience} {scope}");

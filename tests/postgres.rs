@@ -84,14 +84,28 @@ async fn every_connection_commits_synchronously_whatever_the_database_default() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svid_rows_from_before_pods_still_read_and_new_ones_keep_their_pod() {
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let key = Sealer::generate_key_text().unwrap();
+    drop(open(&url, &key).await);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for sql in support::cluster::BEFORE_PODS {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    support::cluster::pods_survive_the_migration(&open(&url, &key).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers() {
     let pg = Postgres::start();
     let url = pg.database().await;
     let key = Sealer::generate_key_text().unwrap();
     // Two handles on one database: two replicas.
     let (a, b) = tokio::join!(open(&url, &key), open(&url, &key));
-    assert_eq!(a.schema_version().await.unwrap(), 9);
-    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 9);
+    assert_eq!(a.schema_version().await.unwrap(), 10);
+    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 10);
 
     // Secrets: whoever creates first, both read the same.
     let (x, y) = tokio::join!(
@@ -204,6 +218,7 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
                     method: "join_token",
                     issued_at: NOW,
                     expires_at: NOW + 3600,
+                    pod: None,
                 })
             } else {
                 Write::Issued(issued(i, &sub))

@@ -59,10 +59,10 @@ async fn a_new_store_is_migrated_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_text();
     let store = open(dir.path(), &key).await;
-    assert_eq!(store.schema_version().await.unwrap(), 9);
+    assert_eq!(store.schema_version().await.unwrap(), 10);
     drop(store);
     let again = open(dir.path(), &key).await;
-    assert_eq!(again.schema_version().await.unwrap(), 9);
+    assert_eq!(again.schema_version().await.unwrap(), 10);
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! The inventory's identities on a real SQLite file: since when each
 //! workload has been known survives the pruning of its old SVIDs.
 
+mod support;
+
 use tally::audit::{AuditEvent, AuditKind, Outcome};
 use tally::store::{Sealer, Store, SvidRecord, Write};
 
@@ -18,6 +20,7 @@ async fn svid(store: &Store, serial: &str, issued_at: u64) {
                 method: "renew",
                 issued_at,
                 expires_at: issued_at + 3600,
+                pod: None,
             })),
             event,
         )
@@ -45,4 +48,20 @@ async fn an_identity_is_first_seen_at_its_first_svid_after_that_svid_is_pruned()
     assert_eq!(ids[0].svids, 1, "only the newest SVID row is left");
     assert_eq!(ids[0].first_seen, NOW, "first seen at the first SVID");
     assert_eq!(ids[0].last_seen(), NOW + 90 * 86_400);
+}
+
+#[tokio::test]
+async fn svid_rows_from_before_pods_still_read_and_new_ones_keep_their_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tally.db");
+    let key = Sealer::generate_key_text().unwrap();
+    let open = || Store::open_sqlite(&path, Sealer::from_key_material(key.as_bytes()).unwrap());
+    drop(open().await.unwrap());
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    for sql in support::cluster::BEFORE_PODS {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    support::cluster::pods_survive_the_migration(&open().await.unwrap()).await;
 }

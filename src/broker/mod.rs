@@ -9,9 +9,13 @@
 //! - [`run`]: [`start`], the one way a broker is started (by `tally
 //!   broker`, the demo, the load tools and the tests), with every
 //!   background task.
+//! - [`cluster`]: Kubernetes ServiceAccount token attestation (the
+//!   cluster's keys by discovery or file, TokenReview), which the state
+//!   holds and the Attest RPC calls.
 //! - [`config`]: `tally broker`'s settings (flags, `TALLY_*`, YAML);
 //!   [`setup`] turns them into the [`run::Parts`].
 
+pub mod cluster;
 pub mod config;
 pub mod run;
 pub mod serve;

@@ -7,7 +7,8 @@
 //! and an admin credential into the data directory (when there is one),
 //! issues the listeners' certificate, and spawns: the front ends on the
 //! listeners given, the upkeep (key and intermediate rotation, inventory
-//! pruning, the change feed) every [`Parts::upkeep_every`], following
+//! pruning, the change feed) every [`Parts::upkeep_every`], the cluster's
+//! ServiceAccount token keys (discovery) kept fresh, following
 //! the other replicas' changes (PostgreSQL), and the policy file watcher
 //! (file policy source). Signals are the caller's: the servers stop when
 //! the shutdown future resolves.
@@ -232,6 +233,15 @@ pub async fn start(
         ))
         .abort_handle(),
     );
+    if let Some(keys) = broker
+        .settings()
+        .service_accounts
+        .as_ref()
+        .and_then(|sa| sa.discovered())
+    {
+        background
+            .push(tokio::spawn(super::cluster::keys::keep_fresh(Arc::clone(keys))).abort_handle());
+    }
     // With a store shared by replicas, follow what the others commit.
     background.push(tokio::spawn(super::replicas::follow(Arc::downgrade(&broker))).abort_handle());
 

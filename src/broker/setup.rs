@@ -2,14 +2,20 @@
 //! directory (0700), the store sealing key (a file that group or others
 //! can read is refused; one is generated next to the data on first
 //! start), the store (SQLite in the data directory, or PostgreSQL), the
-//! policy file, a supplied root CA, ServiceAccount token keys.
+//! policy file, a supplied root CA, ServiceAccount token attestation
+//! (the keys file, or discovery with the cluster CA and the broker's own
+//! token, and TokenReview).
 
-use super::config::{BrokerConfig, PolicySourceChoice};
+use super::cluster::https::ClusterHttps;
+use super::cluster::keys::{DiscoveredKeys, KeyRules};
+use super::cluster::{KeySource, ServiceAccounts, TokenReview};
+use super::config::{BrokerConfig, PolicySourceChoice, SaConfig, SaKeysFrom};
 use super::run::{Parts, StartError, write_file};
 use super::{BrokerSettings, PolicySource};
+use crate::identity::k8s::{SaKeys, SaTokenConfig};
 use crate::store::{Sealer, Store};
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn read_text(path: &Path) -> Result<String, StartError> {
     crate::config::read_text(path).map_err(|e| StartError::Config(e.to_string()))
@@ -78,19 +84,9 @@ impl BrokerConfig {
         if let Some((cert, key)) = &config.ca_root {
             settings.ca_root = Some(supplied_root(cert, key)?);
         }
-        if let Some((jwks, issuer, audience)) = &config.sa {
-            let bytes = std::fs::read(jwks)
-                .map_err(|e| StartError::Config(format!("sa_jwks {}: {e}", jwks.display())))?;
-            let keys = crate::identity::k8s::SaKeys::parse(&bytes)
-                .map_err(|e| StartError::Config(format!("sa_jwks {}: {e}", jwks.display())))?;
-            tracing::info!(keys = keys.len(), %issuer, "ServiceAccount token attestation on");
-            settings.service_accounts = Some((
-                keys,
-                crate::identity::k8s::SaTokenConfig {
-                    issuer: issuer.clone(),
-                    audience: audience.clone().unwrap_or_else(|| settings.issuer.clone()),
-                },
-            ));
+        if let Some(sa) = &config.sa {
+            let accounts = service_accounts(sa, &settings.issuer, &InCluster::default())?;
+            settings.service_accounts = Some(std::sync::Arc::new(accounts));
         }
         let policy_file = match (config.policy_source, &config.policy) {
             (PolicySourceChoice::Store, _) | (_, None) => None,
@@ -101,6 +97,150 @@ impl BrokerConfig {
         parts.data_dir = Some(config.data_dir.clone());
         parts.policy_file = policy_file;
         Ok(parts)
+    }
+}
+
+/// Where a pod finds its ServiceAccount's CA and token, and the system
+/// CA bundles looked for when there is no cluster CA (a field each, so
+/// tests can point them elsewhere).
+#[derive(Debug, Clone)]
+struct InCluster {
+    ca: PathBuf,
+    token: PathBuf,
+    system_bundles: Vec<PathBuf>,
+}
+
+impl Default for InCluster {
+    fn default() -> Self {
+        let mut system_bundles: Vec<PathBuf> = std::env::var_os("SSL_CERT_FILE")
+            .map(PathBuf::from)
+            .into_iter()
+            .collect();
+        system_bundles.extend(SYSTEM_BUNDLES.iter().map(PathBuf::from));
+        Self {
+            ca: PathBuf::from(SA_DIR).join("ca.crt"),
+            token: PathBuf::from(SA_DIR).join("token"),
+            system_bundles,
+        }
+    }
+}
+
+/// Where the kubelet mounts a pod's ServiceAccount credentials.
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The system CA bundle, where the common distributions keep it
+/// (Debian/Ubuntu/Alpine/distroless, Fedora/RHEL, openSUSE).
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// ServiceAccount token attestation from its settings: the JWKS file
+/// read, or discovery set up (the CA read: the given file, else the
+/// in-cluster one, else the system bundle; the bearer file: the given one,
+/// which must exist, else the in-cluster one when it exists).
+fn service_accounts(
+    sa: &SaConfig,
+    broker_issuer: &str,
+    paths: &InCluster,
+) -> Result<ServiceAccounts, StartError> {
+    use crate::identity::k8s::discovery::{HttpsUrl, JwksHost};
+    let usage = StartError::Config;
+    let config = SaTokenConfig {
+        issuer: sa.issuer.clone(),
+        audience: sa
+            .audience
+            .clone()
+            .unwrap_or_else(|| broker_issuer.to_owned()),
+    };
+    let needs_https = matches!(sa.keys, SaKeysFrom::Discovery { .. }) || sa.token_review.is_some();
+    let https = if needs_https {
+        let (ca_path, ca_pem) = cluster_ca(sa.ca_file.as_deref(), paths)?;
+        let bearer = match &sa.api_token_file {
+            Some(file) => {
+                std::fs::metadata(file)
+                    .map_err(|e| usage(format!("sa_api_token_file {}: {e}", file.display())))?;
+                Some(file.clone())
+            }
+            None => paths.token.exists().then(|| paths.token.clone()),
+        };
+        tracing::info!(ca = %ca_path.display(), bearer = ?bearer, "the cluster's HTTPS servers are verified with this CA");
+        let client = ClusterHttps::new(&ca_pem, bearer)
+            .map_err(|e| usage(format!("sa_ca_file {}: {e}", ca_path.display())))?;
+        Some(std::sync::Arc::new(client))
+    } else {
+        None
+    };
+    let keys = match (&sa.keys, &https) {
+        (SaKeysFrom::File(jwks), _) => {
+            let bytes = std::fs::read(jwks)
+                .map_err(|e| usage(format!("sa_jwks {}: {e}", jwks.display())))?;
+            let keys = SaKeys::parse(&bytes)
+                .map_err(|e| usage(format!("sa_jwks {}: {e}", jwks.display())))?;
+            tracing::info!(keys = keys.len(), issuer = %sa.issuer, "ServiceAccount token attestation on (keys from a file)");
+            KeySource::File(keys)
+        }
+        (SaKeysFrom::Discovery { jwks_host }, Some(https)) => {
+            let issuer: HttpsUrl = sa
+                .issuer
+                .parse()
+                .map_err(|e| usage(format!("sa_issuer {:?} {e}", sa.issuer)))?;
+            tracing::info!(issuer = %sa.issuer, "ServiceAccount token attestation on (keys by OpenID discovery)");
+            KeySource::Discovery(std::sync::Arc::new(DiscoveredKeys::new(
+                std::sync::Arc::clone(https),
+                KeyRules {
+                    issuer,
+                    jwks_host: jwks_host.clone().map_or(JwksHost::Issuer, JwksHost::Also),
+                    miss_interval: MISS_INTERVAL,
+                },
+            )))
+        }
+        (SaKeysFrom::Discovery { .. }, None) => unreachable!("needs_https covers discovery"),
+    };
+    let review = match (&sa.token_review, &https) {
+        (Some(api), Some(https)) => {
+            let api: HttpsUrl = api
+                .parse()
+                .map_err(|e| usage(format!("kube_api {api:?} {e}")))?;
+            Some(TokenReview {
+                https: std::sync::Arc::clone(https),
+                url: api.with_path(crate::identity::k8s::review::PATH),
+            })
+        }
+        _ => None,
+    };
+    Ok(ServiceAccounts::new(keys, config, review))
+}
+
+/// Least time between two key fetches for unknown `kid`s.
+const MISS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The CA the cluster's servers are verified with, and where it was read.
+fn cluster_ca(given: Option<&Path>, paths: &InCluster) -> Result<(PathBuf, Vec<u8>), StartError> {
+    let read = |path: &Path| {
+        std::fs::read(path)
+            .map(|pem| (path.to_owned(), pem))
+            .map_err(|e| StartError::Config(format!("sa_ca_file {}: {e}", path.display())))
+    };
+    if let Some(path) = given {
+        return read(path);
+    }
+    let found = std::iter::once(&paths.ca)
+        .chain(&paths.system_bundles)
+        .find(|p| p.exists());
+    match found {
+        Some(path) => read(path),
+        None => Err(StartError::Config(format!(
+            "sa_ca_file: none given, no cluster CA at {}, and no system CA bundle ({}); give --sa-ca-file",
+            paths.ca.display(),
+            paths
+                .system_bundles
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
 }
 
@@ -180,4 +320,37 @@ fn sealer(config: &BrokerConfig) -> Result<Sealer, StartError> {
     );
     Sealer::from_key_material(&text)
         .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_ca_is_the_given_file_else_the_pods_else_the_systems() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, name).unwrap();
+            p
+        };
+        let (given, pod, system) = (
+            file("given.pem"),
+            dir.path().join("ca.crt"),
+            file("system.pem"),
+        );
+        let mut paths = InCluster {
+            ca: pod.clone(),
+            token: dir.path().join("token"),
+            system_bundles: vec![dir.path().join("absent.pem"), system.clone()],
+        };
+        assert_eq!(cluster_ca(Some(&given), &paths).unwrap().0, given);
+        assert_eq!(cluster_ca(None, &paths).unwrap().0, system);
+        std::fs::write(&pod, "pod").unwrap();
+        assert_eq!(cluster_ca(None, &paths).unwrap().0, pod);
+        std::fs::remove_file(&pod).unwrap();
+        paths.system_bundles.clear();
+        let e = cluster_ca(None, &paths).unwrap_err().to_string();
+        assert!(e.contains("give --sa-ca-file"), "{e}");
+    }
 }

@@ -662,6 +662,20 @@ fn leaf_params(
     Ok(params)
 }
 
+/// The serial number of a certificate, hex, as [`Svid::serial`] gives it.
+///
+/// # Errors
+/// A message when `cert_der` is not a certificate.
+pub fn serial_of(cert_der: &[u8]) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|_| "not an X.509 certificate".to_owned())?;
+    Ok(cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// The SPIFFE ID of an X.509-SVID: its one URI SAN.
 ///
 /// # Errors

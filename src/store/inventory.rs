@@ -74,6 +74,14 @@ const TOKENS_BY_IDENTITY: Sql = Sql::both(
     "SELECT sub, MIN(iat) AS first, MAX(iat) AS last, COUNT(*) AS n, \
      COUNT(*) FILTER (WHERE exp > $1) AS live FROM issued_tokens GROUP BY sub",
 );
+/// The pods holding each identity's live SVIDs (renewals repeat a pod:
+/// one line each).
+const LIVE_PODS: Sql = Sql::both(
+    "SELECT DISTINCT spiffe_id, pod_name, pod_uid FROM svids \
+     WHERE expires_at > $1 AND pod_uid IS NOT NULL ORDER BY spiffe_id, pod_name, pod_uid",
+);
+/// The pod an SVID was issued to, by serial (a renewal keeps it).
+const SVID_POD: Sql = Sql::both("SELECT pod_name, pod_uid FROM svids WHERE serial = $1");
 /// Each identity's first SVID as noted when it was issued: it outlives
 /// the pruned SVID rows.
 const FIRST_SEEN: Sql = Sql::both("SELECT spiffe_id, first_seen FROM identity_first_seen");
@@ -235,7 +243,25 @@ impl Store {
             .all()
             .await?;
         let first_seen = self.db.query(FIRST_SEEN, &[]).all().await?;
-        identities_from_rows(&svids, &tokens, &first_seen)
+        let pods = self.db.query(LIVE_PODS, &[now.into()]).all().await?;
+        identities_from_rows(&svids, &tokens, &first_seen, &pods)
+    }
+
+    /// The pod the SVID with `serial` (hex) was issued to, if it was
+    /// attested by a pod's ServiceAccount token (or renewed from one
+    /// that was).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn svid_pod(
+        &self,
+        serial: &str,
+    ) -> Result<Option<crate::identity::k8s::Pod>, StoreError> {
+        let row = self.db.query(SVID_POD, &[serial.into()]).optional().await?;
+        match row {
+            Some(row) => Cells::of("svids", &row).pod(),
+            None => Ok(None),
+        }
     }
 
     /// The inventory record of a token: by its `jti`, and only if its keyed

@@ -91,6 +91,9 @@ pub struct SvidRecord {
     pub issued_at: u64,
     /// Expires at.
     pub expires_at: u64,
+    /// The pod whose ServiceAccount token attested it (carried over to
+    /// its renewals), if any.
+    pub pod: Option<crate::identity::k8s::Pod>,
 }
 
 /// Where the audit hash chain stands, as recorded with the last write.
@@ -181,6 +184,9 @@ pub struct IdentityRecord {
     pub tokens: u64,
     /// Of which live now.
     pub live_tokens: u64,
+    /// The pods holding its live SVIDs, as their ServiceAccount tokens
+    /// named them (none for join tokens and admin-minted SVIDs).
+    pub pods: Vec<crate::identity::k8s::Pod>,
 }
 
 impl IdentityRecord {

@@ -13,6 +13,7 @@ use super::{
 use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
 use crate::identity::SpiffeId;
+use crate::identity::k8s::Pod;
 use serde_json::{Value, json};
 use std::fmt::Display;
 use std::str::FromStr;
@@ -68,6 +69,20 @@ impl<'r> Cells<'r> {
         self.text(column)?
             .parse()
             .map_err(|e| self.corrupt(column, e))
+    }
+
+    /// A text column that may be NULL.
+    pub(super) fn opt_text(&self, column: &'static str) -> Result<Option<String>, StoreError> {
+        self.opt(column)
+    }
+
+    /// The pod of an SVID row (`pod_name`, `pod_uid`): both or neither.
+    pub(super) fn pod(&self) -> Result<Option<Pod>, StoreError> {
+        match (self.opt_text("pod_name")?, self.opt_text("pod_uid")?) {
+            (Some(name), Some(uid)) => Ok(Some(Pod { name, uid })),
+            (None, None) => Ok(None),
+            _ => Err(self.corrupt("pod_uid", "a pod name without a uid, or the reverse")),
+        }
     }
 
     /// A time, count or sequence number: never negative.
@@ -207,6 +222,7 @@ pub(super) fn identities_from_rows(
     svids: &[Row],
     tokens: &[Row],
     first_seen: &[Row],
+    pods: &[Row],
 ) -> Result<Vec<IdentityRecord>, StoreError> {
     let mut by_id = std::collections::BTreeMap::new();
     for row in svids {
@@ -224,6 +240,7 @@ pub(super) fn identities_from_rows(
                 last_token_at: None,
                 tokens: 0,
                 live_tokens: 0,
+                pods: Vec::new(),
             },
         );
     }
@@ -242,6 +259,7 @@ pub(super) fn identities_from_rows(
             last_token_at: None,
             tokens: 0,
             live_tokens: 0,
+            pods: Vec::new(),
         });
         // A token older than every SVID still held (they were pruned
         // before first sightings were noted) is the earlier sighting.
@@ -255,6 +273,13 @@ pub(super) fn identities_from_rows(
         let id: SpiffeId = c.parse("spiffe_id")?;
         if let Some(entry) = by_id.get_mut(&id) {
             entry.first_seen = entry.first_seen.min(c.uint("first_seen")?);
+        }
+    }
+    for row in pods {
+        let c = Cells::of("svids", row);
+        let id: SpiffeId = c.parse("spiffe_id")?;
+        if let (Some(entry), Some(pod)) = (by_id.get_mut(&id), c.pod()?) {
+            entry.pods.push(pod);
         }
     }
     Ok(by_id.into_values().collect())
@@ -347,6 +372,8 @@ pub(super) fn batch_rows<'a>(
             Some(Write::Svid(v)) => svids.push(json!({
                 "serial": v.serial, "spiffe_id": v.spiffe_id.as_str(), "method": v.method,
                 "issued_at": db_int(v.issued_at), "expires_at": db_int(v.expires_at),
+                "pod_name": v.pod.as_ref().map(|p| p.name.as_str()),
+                "pod_uid": v.pod.as_ref().map(|p| p.uid.as_str()),
             })),
             None => {}
         }

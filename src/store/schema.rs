@@ -86,6 +86,14 @@ INSERT INTO identity_first_seen (spiffe_id, first_seen)
     ) AS seen GROUP BY spiffe_id;
 ";
 
+/// The pod a Kubernetes ServiceAccount token named, with the SVID it
+/// got (and the renewals of that SVID); NULL for every other SVID and for
+/// rows written before. One text both dialects read.
+const SVID_POD: &str = "
+ALTER TABLE svids ADD COLUMN pod_name TEXT;
+ALTER TABLE svids ADD COLUMN pod_uid TEXT;
+";
+
 /// SQLite's migrations, oldest first. Never edit one that has shipped:
 /// add another (to both histories).
 pub(super) const SQLITE: &[(i64, &str)] = &[
@@ -249,6 +257,7 @@ ALTER TABLE audit_head ADD COLUMN anchor BLOB NOT NULL
         DEPLOYMENT,
     ),
     (9, FIRST_SEEN),
+    (10, SVID_POD),
 ];
 
 /// PostgreSQL's migrations. A PostgreSQL store starts at the SQLite
@@ -355,4 +364,5 @@ ALTER TABLE audit_head ADD COLUMN anchor BYTEA NOT NULL DEFAULT decode(repeat('0
     ),
     (8, DEPLOYMENT),
     (9, FIRST_SEEN),
+    (10, SVID_POD),
 ];

@@ -35,13 +35,13 @@ const INSERT_ISSUED: Sql = Sql::each(
      class text, jkt text, iat bigint, exp bigint, kid text, token_hmac text)",
 );
 const INSERT_SVIDS: Sql = Sql::each(
-    "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at) \
+    "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at, pod_name, pod_uid) \
      SELECT value->>'serial', value->>'spiffe_id', value->>'method', value->>'issued_at', \
-     value->>'expires_at' FROM json_each(?)",
-    "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at) \
-     SELECT serial, spiffe_id, method, issued_at, expires_at \
+     value->>'expires_at', value->>'pod_name', value->>'pod_uid' FROM json_each(?)",
+    "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at, pod_name, pod_uid) \
+     SELECT serial, spiffe_id, method, issued_at, expires_at, pod_name, pod_uid \
      FROM jsonb_to_recordset($1::jsonb) AS x(serial text, spiffe_id text, method text, \
-     issued_at bigint, expires_at bigint)",
+     issued_at bigint, expires_at bigint, pod_name text, pod_uid text)",
 );
 /// Each identity's first SVID, kept when its SVID rows are pruned
 /// (`identities list` says since when a workload has been known). The

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod cluster;
 pub mod ctl;
 pub mod grpc;
 pub mod https;

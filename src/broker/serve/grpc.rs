@@ -5,10 +5,12 @@
 
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::broker::Broker;
+use crate::broker::cluster::SaAttestError;
 use crate::broker::state::denials::{Call, CallerError};
 use crate::broker::state::issue::{IssueError, IssueInput};
 use crate::ca::CaError;
 use crate::identity::denial::DENIED_METADATA;
+use crate::identity::k8s::Pod;
 use crate::identity::{JoinToken, SpiffeId};
 use crate::proto::v1 as pb;
 use crate::store::{SvidRecord, Write};
@@ -70,11 +72,11 @@ pub(super) fn denied_status(id: SpiffeId) -> Status {
 }
 
 /// Issues an X.509-SVID for `id` from the CSR, valid `ttl` seconds,
-/// records it (inventory and audit, durably) and counts it. `method` says
-/// how the identity was proved: `join_token`, `k8s_sa`, `renew`, or
-/// `admin_mint` (then `actor` is the admin; otherwise it is `id`). A denied
-/// `id` gets nothing, however it proved itself: the one check for every
-/// SVID the broker signs.
+/// records it (inventory and audit, durably, with the `pod` it is for
+/// when known) and counts it. `method` says how the identity was proved:
+/// `join_token`, `k8s_sa`, `renew`, or `admin_mint` (then `actor` is the
+/// admin; otherwise it is `id`). A denied `id` gets nothing, however it
+/// proved itself: the one check for every SVID the broker signs.
 pub(super) async fn issue_svid(
     broker: &Broker,
     id: &SpiffeId,
@@ -82,10 +84,11 @@ pub(super) async fn issue_svid(
     method: &'static str,
     ttl: u64,
     actor: &SpiffeId,
+    pod: Option<&Pod>,
 ) -> Result<Response<pb::SvidResponse>, Status> {
     let now = broker.now();
     let svid = sign_svid(broker, id, csr, method, ttl, actor, now).await?;
-    hand_out(broker, id, svid, method, actor, now).await
+    hand_out(broker, id, svid, method, actor, pod, now).await
 }
 
 fn svid_audit_kind(method: &str) -> AuditKind {
@@ -163,25 +166,33 @@ async fn hand_out(
     svid: crate::ca::Svid,
     method: &'static str,
     actor: &SpiffeId,
+    pod: Option<&Pod>,
     now: u64,
 ) -> Result<Response<pb::SvidResponse>, Status> {
-    let event = AuditEvent::new(svid_audit_kind(method), Outcome::Ok, now)
+    let mut event = AuditEvent::new(svid_audit_kind(method), Outcome::Ok, now)
         .actor(actor)
         .field("spiffe_id", id.as_str())
         .field("method", method)
         .field("serial", svid.serial.as_str())
         .field("expires_at", svid.expires_at);
+    if let Some(pod) = pod {
+        event = event
+            .field("pod", pod.name.as_str())
+            .field("pod_uid", pod.uid.as_str());
+    }
     let record = SvidRecord {
         serial: svid.serial.clone(),
         spiffe_id: id.clone(),
         method,
         issued_at: now,
         expires_at: svid.expires_at,
+        pod: pod.cloned(),
     };
     broker
         .record(Some(Write::Svid(record)), event)
         .await
         .map_err(|e| internal("recording an X.509-SVID", e))?;
+    broker.note_svid_pod(svid.serial.clone(), pod.cloned());
     broker.metrics().attestations.inc(&[method, "ok"]);
     tracing::info!(spiffe_id = %id, method, serial = %svid.serial, "issued X.509-SVID");
     Ok(Response::new(pb::SvidResponse {
@@ -252,7 +263,75 @@ async fn attest_join_token(
         // dropped unseen.
         Err(refusal) => return Err(join_token_refused(broker, &hash, refusal).await),
     }
-    hand_out(broker, &id, svid, "join_token", &id, now).await
+    hand_out(broker, &id, svid, "join_token", &id, None, now).await
+}
+
+/// The one mapping from ServiceAccount attestation refusals to statuses,
+/// and whether the refusal is the token's (`Denied`) or the broker's
+/// (`Error`: keys or the API server unreachable, never taken as a yes).
+fn sa_status(e: &SaAttestError) -> (Status, Outcome) {
+    match e {
+        SaAttestError::Token(_) => (Status::permission_denied(e.to_string()), Outcome::Denied),
+        SaAttestError::Review(_) => (Status::unauthenticated(e.to_string()), Outcome::Denied),
+        SaAttestError::KeysUnavailable(_) | SaAttestError::ReviewUnavailable(_) => {
+            (Status::unavailable(e.to_string()), Outcome::Error)
+        }
+    }
+}
+
+/// Attests with a Kubernetes ServiceAccount token: verified (keys by
+/// discovery or file), reviewed at the API server when configured, then
+/// an SVID for its account, recorded with the pod it names. The token is
+/// never logged or audited; refusals are, with their reason.
+async fn attest_service_account(
+    broker: &Broker,
+    token: &str,
+    csr: &[u8],
+) -> Result<Response<pb::SvidResponse>, Status> {
+    let Some(accounts) = &broker.settings().service_accounts else {
+        return Err(Status::failed_precondition(
+            "this broker does not accept Kubernetes ServiceAccount tokens (start it with --sa-issuer, and --sa-jwks for offline keys); use a join token",
+        ));
+    };
+    let now = broker.now();
+    let refused = |status: Status, outcome: Outcome, pod: Option<&Pod>| {
+        tracing::warn!(reason = %status.message(), "ServiceAccount token refused");
+        broker
+            .metrics()
+            .attestations
+            .inc(&["k8s_sa", outcome.as_str()]);
+        let mut event = AuditEvent::new(AuditKind::Attest, outcome, now)
+            .field("method", "k8s_sa")
+            .field("reason", status.message());
+        if let Some(pod) = pod {
+            event = event
+                .field("pod", pod.name.as_str())
+                .field("pod_uid", pod.uid.as_str());
+        }
+        async move {
+            broker.audit(event).await;
+            Err(status)
+        }
+    };
+    let account = match accounts.attest(token, now).await {
+        Ok(account) => account,
+        Err(e) => {
+            let (status, outcome) = sa_status(&e);
+            return refused(status, outcome, None).await;
+        }
+    };
+    let id = match account.spiffe_id(broker.settings().trust_domain.trust_domain()) {
+        Ok(id) => id,
+        Err(e) => {
+            let status = Status::permission_denied(format!("ServiceAccount name: {e}"));
+            return refused(status, Outcome::Denied, account.pod.as_ref()).await;
+        }
+    };
+    if let Some(node) = &account.node {
+        tracing::debug!(spiffe_id = %id, node = %node, "ServiceAccount token from a pod on this node");
+    }
+    let ttl = broker.settings().svid_ttl;
+    issue_svid(broker, &id, csr, "k8s_sa", ttl, &id, account.pod.as_ref()).await
 }
 
 struct IdentityService(Arc<Broker>);
@@ -265,61 +344,44 @@ impl pb::identity_server::Identity for IdentityService {
     ) -> Result<Response<pb::SvidResponse>, Status> {
         let broker = &self.0;
         let body = request.into_inner();
-        let id = match body.credential {
+        match body.credential {
             Some(pb::attest_request::Credential::JoinToken(text)) => {
-                return attest_join_token(broker, &text, &body.csr_der).await;
+                attest_join_token(broker, &text, &body.csr_der).await
             }
             Some(pb::attest_request::Credential::ServiceAccountToken(text)) => {
-                let Some((keys, config)) = &broker.settings().service_accounts else {
-                    return Err(Status::failed_precondition(
-                        "this broker does not accept Kubernetes ServiceAccount tokens (start it with --sa-jwks and --sa-issuer); use a join token",
-                    ));
-                };
-                let now = broker.now();
-                let account = crate::identity::k8s::verify(&text, keys, config, now)
-                    .map_err(|e| e.to_string())
-                    .and_then(|account| {
-                        account
-                            .spiffe_id(broker.settings().trust_domain.trust_domain())
-                            .map_err(|e| format!("ServiceAccount name: {e}"))
-                    });
-                match account {
-                    Ok(id) => id,
-                    Err(reason) => {
-                        tracing::warn!(%reason, "ServiceAccount token refused");
-                        broker.metrics().attestations.inc(&["k8s_sa", "denied"]);
-                        let event = AuditEvent::new(AuditKind::Attest, Outcome::Denied, now)
-                            .field("method", "k8s_sa")
-                            .field("reason", reason.as_str());
-                        broker.audit(event).await;
-                        return Err(Status::permission_denied(reason));
-                    }
-                }
+                let text = zeroize::Zeroizing::new(text);
+                attest_service_account(broker, &text, &body.csr_der).await
             }
-            None => {
-                return Err(Status::invalid_argument(
-                    "set join_token or service_account_token",
-                ));
-            }
-        };
-        issue_svid(
-            broker,
-            &id,
-            &body.csr_der,
-            "k8s_sa",
-            broker.settings().svid_ttl,
-            &id,
-        )
-        .await
+            None => Err(Status::invalid_argument(
+                "set join_token or service_account_token",
+            )),
+        }
     }
 
     async fn renew(
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::SvidResponse>, Status> {
-        let id = peer_id(&self.0, &request, Call::Renew).await?;
-        let ttl = self.0.settings().svid_ttl;
-        issue_svid(&self.0, &id, &request.get_ref().csr_der, "renew", ttl, &id).await
+        let broker = &self.0;
+        let id = peer_id(broker, &request, Call::Renew).await?;
+        // The renewed SVID stays with the pod its first one was attested by.
+        let serial = request
+            .extensions()
+            .get::<Arc<crate::http::Peer>>()
+            .and_then(|peer| peer.certs.as_deref())
+            .and_then(<[_]>::first)
+            .and_then(|leaf| crate::ca::serial_of(leaf).ok());
+        let pod = match serial {
+            Some(serial) => broker
+                .store()
+                .svid_pod(&serial)
+                .await
+                .map_err(|e| internal("reading the SVID renewed", e))?,
+            None => None,
+        };
+        let ttl = broker.settings().svid_ttl;
+        let csr = &request.get_ref().csr_der;
+        issue_svid(broker, &id, csr, "renew", ttl, &id, pod.as_ref()).await
     }
 }
 
@@ -350,6 +412,11 @@ impl pb::tokens_server::Tokens for TokensService {
     ) -> Result<Response<pb::IssueResponse>, Status> {
         let broker = &self.0;
         let caller = peer_id(broker, &request, Call::Issue).await?;
+        let certs = request
+            .extensions()
+            .get::<Arc<crate::http::Peer>>()
+            .and_then(|peer| peer.certs.as_deref());
+        let pod = broker.caller_pod(certs).await;
         let body = request.into_inner();
         let audience: Audience = body
             .audience
@@ -373,6 +440,7 @@ impl pb::tokens_server::Tokens for TokensService {
                 htu: broker.issue_htu(),
                 require_nonce: false,
                 via: "grpc",
+                pod: pod.as_ref(),
             })
             .await
             .map_err(issue_status)?;

@@ -405,6 +405,7 @@ async fn token_checked(
             )
         })?;
 
+    let pod = broker.caller_pod(peer.certs.as_deref()).await;
     let issued = broker
         .issue(&IssueInput {
             caller: &caller,
@@ -415,6 +416,7 @@ async fn token_checked(
             htu: token_uri,
             require_nonce: broker.settings().token_endpoint_nonce,
             via: "oauth",
+            pod: pod.as_ref(),
         })
         .await
         .map_err(|e| oauth_error(broker, &e))?;

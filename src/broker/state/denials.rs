@@ -14,6 +14,9 @@
 //! every sidecar by Watch. It never expires; a later `allow` entry for the
 //! same identity lifts it.
 
+/// SVID serials whose pod [`Broker::caller_pod`] keeps in memory.
+const MAX_REMEMBERED_PODS: usize = 100_000;
+
 use super::Broker;
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::identity::{Denial, DenialSet, SpiffeId};
@@ -188,6 +191,52 @@ impl Broker {
             return Err(CallerError::Denied { id });
         }
         Ok(id)
+    }
+
+    /// The pod whose ServiceAccount token attested the caller's SVID (the
+    /// leaf of `certs`), for the audit records of what it does: remembered
+    /// by serial, read from the store's SVID row the first time (another
+    /// replica, or before a restart, may have issued it). `None` for
+    /// SVIDs not attested by a pod, and when the store cannot say.
+    pub async fn caller_pod(
+        &self,
+        certs: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+    ) -> Option<crate::identity::k8s::Pod> {
+        let leaf = certs.and_then(<[_]>::first)?;
+        let serial = crate::ca::serial_of(leaf).ok()?;
+        if let Some(known) = self.pods().get(&serial) {
+            return known.clone();
+        }
+        let pod = match self.store.svid_pod(&serial).await {
+            Ok(pod) => pod,
+            Err(e) => {
+                tracing::warn!(error = %e, %serial, "reading the pod of an SVID");
+                return None;
+            }
+        };
+        self.note_svid_pod(serial, pod.clone());
+        pod
+    }
+
+    /// Remembers the pod of the SVID with `serial` (hex).
+    pub fn note_svid_pod(&self, serial: String, pod: Option<crate::identity::k8s::Pod>) {
+        let mut pods = self.pods();
+        // Bounded: live SVIDs are re-read after a clear, one query each.
+        if pods.len() >= MAX_REMEMBERED_PODS {
+            pods.clear();
+        }
+        pods.insert(serial, pod);
+    }
+
+    fn pods(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, Option<crate::identity::k8s::Pod>>,
+    > {
+        self.svid_pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether an admin has denied `id` (as this replica knows now).

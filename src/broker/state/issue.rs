@@ -33,6 +33,9 @@ pub struct IssueInput<'a> {
     pub require_nonce: bool,
     /// Which front end took the request (`grpc`, `oauth`), for audit.
     pub via: &'static str,
+    /// The pod the caller's SVID was attested by, if any (see
+    /// [`Broker::caller_pod`]), for the audit record.
+    pub pod: Option<&'a crate::identity::k8s::Pod>,
 }
 
 /// A token and what it says.
@@ -243,6 +246,12 @@ impl Broker {
             .field("exp", claims.exp)
             .field("kid", claims.kid.as_str())
             .field("via", input.via);
+        let event = match input.pod {
+            Some(pod) => event
+                .field("pod", pod.name.as_str())
+                .field("pod_uid", pod.uid.as_str()),
+            None => event,
+        };
         // Inventory and audit record are durable before the token leaves
         // the broker.
         self.record(

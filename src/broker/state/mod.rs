@@ -114,12 +114,9 @@ pub struct BrokerSettings {
     pub audit_file: Option<std::path::PathBuf>,
     /// A root CA to use instead of generating one on first start.
     pub ca_root: Option<crate::ca::SuppliedRoot>,
-    /// Kubernetes ServiceAccount token attestation: the cluster's keys and
-    /// what tokens must say. `None` refuses such attestations.
-    pub service_accounts: Option<(
-        crate::identity::k8s::SaKeys,
-        crate::identity::k8s::SaTokenConfig,
-    )>,
+    /// Kubernetes ServiceAccount token attestation: the cluster's keys,
+    /// what tokens must say, TokenReview. `None` refuses such attestations.
+    pub service_accounts: Option<std::sync::Arc<crate::broker::cluster::ServiceAccounts>>,
     /// Rotate the token-signing key when the current one has signed this
     /// long (seconds; default 24 h).
     pub key_rotation: u64,
@@ -234,6 +231,10 @@ pub struct Broker {
     denials: RwLock<DenialSet>,
     /// Bounds the audit records of a denied identity's refused calls.
     denied_audits: crate::rate::RateLimiter<SpiffeId>,
+    /// The pod each SVID (by serial) was attested by, as far as asked
+    /// (see [`Broker::caller_pod`]).
+    svid_pods:
+        std::sync::Mutex<std::collections::HashMap<String, Option<crate::identity::k8s::Pod>>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -344,6 +345,7 @@ impl Broker {
             listeners: crate::http::Listeners::default(),
             published: tokio::sync::Mutex::new(published),
             denials: RwLock::new(denials),
+            svid_pods: std::sync::Mutex::default(),
             denied_audits: crate::rate::RateLimiter::new(),
         };
         // The feed starts with the state this broker opened with.

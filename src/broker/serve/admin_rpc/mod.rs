@@ -77,7 +77,7 @@ impl pb::admin_server::Admin for AdminService {
                 )));
             }
         };
-        issue_svid(broker, &id, &body.csr_der, "admin_mint", ttl, &caller).await
+        issue_svid(broker, &id, &body.csr_der, "admin_mint", ttl, &caller, None).await
     }
 
     async fn rotate_signing_key(
@@ -405,6 +405,14 @@ impl pb::admin_server::Admin for AdminService {
                     svids: i.svids,
                     tokens: i.tokens,
                     live_tokens: i.live_tokens,
+                    pods: i
+                        .pods
+                        .into_iter()
+                        .map(|p| pb::PodRef {
+                            name: p.name,
+                            uid: p.uid,
+                        })
+                        .collect(),
                     ..pb::IdentityInfo::default()
                 };
                 with_denial(info, denial)

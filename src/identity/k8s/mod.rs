@@ -1,12 +1,19 @@
-//! Kubernetes projected ServiceAccount tokens, checked offline against the
+//! Kubernetes projected ServiceAccount tokens, checked against the
 //! cluster's JWKS (the document at the API server's
-//! `/openid/v1/jwks`): signature (RS256 or ES256, key by `kid`), issuer,
-//! audience, times, and the `system:serviceaccount:NS:NAME` subject, which
-//! becomes `spiffe://<td>/ns/NS/sa/NAME`.
+//! `/openid/v1/jwks`, found by [`discovery`] or given as a file):
+//! signature (RS256 or ES256, key by `kid`), issuer, audience, times, and
+//! the `system:serviceaccount:NS:NAME` subject, which becomes
+//! `spiffe://<td>/ns/NS/sa/NAME`; the pod and node a bound token names
+//! (its `kubernetes.io` claim) come with it. [`review`] is the
+//! TokenReview wire format that asks the API server whether the token
+//! (and its pod) still stands.
 //!
 //! Pure: bytes and `now` in, a typed result out. Parsing is strict (size
 //! caps, canonical base64url, duplicate JSON members refused) like the rest
 //! of tally's JOSE code.
+
+pub mod discovery;
+pub mod review;
 
 use crate::jose::jwk::PublicKey;
 use crate::jose::{b64, json};
@@ -187,6 +194,28 @@ pub struct ServiceAccount {
     pub namespace: String,
     /// ServiceAccount name.
     pub name: String,
+    /// The pod a bound token was made for (absent from tokens not bound
+    /// to a pod, such as a TokenRequest for a Secret).
+    pub pod: Option<Pod>,
+    /// The node that pod runs on, when the token says.
+    pub node: Option<String>,
+}
+
+/// A pod, as a bound ServiceAccount token names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.uid`: tells a pod from a later one of the same name.
+    pub uid: String,
+}
+
+impl ServiceAccount {
+    /// `system:serviceaccount:NS:NAME`, the username the API server gives
+    /// this account.
+    pub fn username(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
 }
 
 impl ServiceAccount {
@@ -307,6 +336,7 @@ fn check_claims(
             "namespace or ServiceAccount name is not a valid Kubernetes name".into(),
         ));
     }
+    let (mut pod, mut node) = (None, None);
     // When present, the structured claim must name the same account.
     if let Some(k8s) = claims.get("kubernetes.io").and_then(Value::as_object) {
         let claimed_ns = k8s.get("namespace").and_then(Value::as_str);
@@ -319,11 +349,48 @@ fn check_claims(
                 "kubernetes.io claim names another ServiceAccount than sub".into(),
             ));
         }
+        pod = bound_pod(k8s.get("pod"))?;
+        node = match k8s.get("node").and_then(|n| n.get("name")) {
+            None => None,
+            Some(Value::String(n)) if is_dns_subdomain(n) => Some(n.clone()),
+            Some(_) => {
+                return Err(SaTokenError::Subject(
+                    "kubernetes.io node name is not a valid Kubernetes name".into(),
+                ));
+            }
+        };
     }
     Ok(ServiceAccount {
         namespace: ns.to_owned(),
         name: name.to_owned(),
+        pod,
+        node,
     })
+}
+
+/// The `kubernetes.io.pod` member: both a valid name and a UID, or
+/// absent. These go into the inventory and audit records, so a token that
+/// carries anything else is refused rather than recorded.
+fn bound_pod(claim: Option<&Value>) -> Result<Option<Pod>, SaTokenError> {
+    let Some(claim) = claim else {
+        return Ok(None);
+    };
+    let text = |key: &str| claim.get(key).and_then(Value::as_str);
+    match (text("name"), text("uid")) {
+        (Some(name), Some(uid)) if is_dns_subdomain(name) && is_uid(uid) => Ok(Some(Pod {
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+        })),
+        _ => Err(SaTokenError::Subject(
+            "kubernetes.io pod must have a valid name and uid".into(),
+        )),
+    }
+}
+
+/// A Kubernetes UID: a UUID in practice; letters, digits and `-`, at most
+/// 64, so one cannot smuggle anything into a record.
+fn is_uid(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// RFC 1123 label, as Kubernetes namespaces are.

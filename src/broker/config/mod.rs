@@ -7,6 +7,11 @@ use crate::config::Defaults;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod service_accounts;
+
+pub use service_accounts::{SaConfig, SaKeysFrom};
+use service_accounts::{SaGiven, service_accounts};
+
 /// Settings as given (flags and environment); `None` means "not given".
 #[derive(Debug, Clone, Default, clap::Args)]
 #[command(mut_args(DEFAULTS.annotate()))]
@@ -67,16 +72,39 @@ pub struct BrokerFlags {
     /// The root CA's private key (PEM); refused if group or others can read it.
     #[arg(long, env = "TALLY_CA_KEY")]
     pub ca_key: Option<PathBuf>,
-    /// Kubernetes ServiceAccount token keys: the cluster's JWKS document
-    /// (from the API server's /openid/v1/jwks). Enables SA attestation.
-    #[arg(long, env = "TALLY_SA_JWKS")]
-    pub sa_jwks: Option<PathBuf>,
-    /// Issuer of ServiceAccount tokens (the cluster's --service-account-issuer).
-    #[arg(long, env = "TALLY_SA_ISSUER")]
+    /// Issuer of Kubernetes ServiceAccount tokens (the cluster's
+    /// --service-account-issuer); enables SA attestation. Alone, its keys
+    /// are found by OpenID discovery at URL/.well-known/openid-configuration
+    /// (https only), cached, and refreshed on an unknown kid.
+    #[arg(long, env = "TALLY_SA_ISSUER", value_name = "URL")]
     pub sa_issuer: Option<String>,
+    /// Offline instead of discovery: the cluster's JWKS document (from
+    /// the API server's /openid/v1/jwks), read at start.
+    #[arg(long, env = "TALLY_SA_JWKS", value_name = "FILE")]
+    pub sa_jwks: Option<PathBuf>,
     /// Audience ServiceAccount tokens must carry.
     #[arg(long, env = "TALLY_SA_AUDIENCE")]
     pub sa_audience: Option<String>,
+    /// CA certificates (PEM) that discovery and TokenReview verify the
+    /// cluster's HTTPS servers with.
+    #[arg(long, env = "TALLY_SA_CA_FILE", value_name = "FILE")]
+    pub sa_ca_file: Option<PathBuf>,
+    /// The broker's own ServiceAccount token, sent as bearer to discovery
+    /// and TokenReview; read again on every use (the kubelet rotates it).
+    #[arg(long, env = "TALLY_SA_API_TOKEN_FILE", value_name = "FILE")]
+    pub sa_api_token_file: Option<PathBuf>,
+    /// Before issuing an SVID, ask the API server (TokenReview) whether the
+    /// token still authenticates, as the same account and pod: a deleted
+    /// pod's token stops working at once.
+    #[arg(long, env = "TALLY_SA_TOKEN_REVIEW")]
+    pub sa_token_review: bool,
+    /// The Kubernetes API server's URL, for TokenReview.
+    #[arg(long, env = "TALLY_KUBE_API", value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// Discovery: also accept a jwks_uri on this host (host or host:port),
+    /// e.g. the API server's address, which kube-apiserver names by default.
+    #[arg(long, env = "TALLY_SA_JWKS_HOST", value_name = "HOST")]
+    pub sa_jwks_host: Option<String>,
     /// Rotate the token-signing key after it has signed this long.
     #[arg(long, env = "TALLY_KEY_ROTATION")]
     pub key_rotation: Option<String>,
@@ -165,9 +193,8 @@ pub struct BrokerConfig {
     pub limits: crate::http::Limits,
     /// Supplied root CA certificate and key files.
     pub ca_root: Option<(PathBuf, PathBuf)>,
-    /// ServiceAccount JWKS file, issuer and audience (if given), when SA
-    /// attestation is on.
-    pub sa: Option<(PathBuf, String, Option<String>)>,
+    /// Kubernetes ServiceAccount token attestation, when on.
+    pub sa: Option<SaConfig>,
 }
 
 /// Every setting's default; see [`Defaults`].
@@ -187,6 +214,18 @@ pub static DEFAULTS: Defaults = Defaults(&[
     ("idle_timeout", Text("60s")),
     ("max_connections", Text("1024")),
     ("sa_audience", Derived("the broker's issuer URL")),
+    (
+        "sa_ca_file",
+        Derived(
+            "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt when it exists, else the system CA bundle",
+        ),
+    ),
+    (
+        "sa_api_token_file",
+        Derived("/var/run/secrets/kubernetes.io/serviceaccount/token when it exists, else none"),
+    ),
+    ("kube_api", Text("https://kubernetes.default.svc")),
+    ("sa_jwks_host", Derived("the issuer's host only")),
 ]);
 
 /// Flags with no key in a `--config` file (the file's own name).
@@ -218,6 +257,11 @@ pub const KEYS: &[&str] = &[
     "sa_jwks",
     "sa_issuer",
     "sa_audience",
+    "sa_ca_file",
+    "sa_api_token_file",
+    "sa_token_review",
+    "kube_api",
+    "sa_jwks_host",
 ];
 
 impl BrokerConfig {
@@ -356,20 +400,25 @@ impl BrokerConfig {
                 None
             }
         };
-        let sa_jwks = path(&flags.sa_jwks, "sa_jwks");
-        let sa_issuer = one(flags.sa_issuer.clone(), "sa_issuer");
-        let sa_audience = one(flags.sa_audience.clone(), "sa_audience");
-        let sa = match (sa_jwks, sa_issuer) {
-            (Some(jwks), Some(issuer)) => Some((jwks, issuer, sa_audience)),
-            (None, None) if sa_audience.is_none() => None,
-            _ => {
-                errors.push(
-                    "sa_jwks and sa_issuer go together (ServiceAccount token attestation needs both)"
-                        .into(),
-                );
-                None
-            }
-        };
+        let sa_review = flags.sa_token_review
+            || from_file.one("sa_token_review").is_some_and(|t| {
+                crate::config::boolean("sa_token_review", &t)
+                    .map_err(|e| errors.push(e))
+                    .unwrap_or(false)
+            });
+        let sa = service_accounts(
+            SaGiven {
+                jwks: path(&flags.sa_jwks, "sa_jwks"),
+                issuer: one(flags.sa_issuer.clone(), "sa_issuer"),
+                audience: one(flags.sa_audience.clone(), "sa_audience"),
+                ca_file: path(&flags.sa_ca_file, "sa_ca_file"),
+                api_token_file: path(&flags.sa_api_token_file, "sa_api_token_file"),
+                review: sa_review,
+                kube_api: one(flags.kube_api.clone(), "kube_api"),
+                jwks_host: one(flags.sa_jwks_host.clone(), "sa_jwks_host"),
+            },
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
