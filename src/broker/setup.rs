@@ -191,7 +191,11 @@ fn service_accounts(
                 std::sync::Arc::clone(https),
                 KeyRules {
                     issuer,
-                    jwks_host: jwks_host.clone().map_or(JwksHost::Issuer, JwksHost::Also),
+                    jwks_host: match jwks_host.as_deref() {
+                        None => JwksHost::Issuer,
+                        Some("*") => JwksHost::Any,
+                        Some(host) => JwksHost::Also(host.to_owned()),
+                    },
                     miss_interval: MISS_INTERVAL,
                 },
             )))

@@ -102,7 +102,8 @@ pub struct BrokerFlags {
     #[arg(long, env = "TALLY_KUBE_API", value_name = "URL")]
     pub kube_api: Option<String>,
     /// Discovery: also accept a jwks_uri on this host (host or host:port),
-    /// e.g. the API server's address, which kube-apiserver names by default.
+    /// e.g. the API server's address, which kube-apiserver names by default;
+    /// `*` for any host whose certificate chains to the cluster CA.
     #[arg(long, env = "TALLY_SA_JWKS_HOST", value_name = "HOST")]
     pub sa_jwks_host: Option<String>,
     /// Rotate the token-signing key after it has signed this long.

@@ -170,6 +170,11 @@ pub enum JwksHost {
     /// whose discovery document names its own address, as kube-apiserver
     /// does by default.
     Also(String),
+    /// Any host (`--sa-jwks-host '*'`): the keys may be wherever the
+    /// discovery document says, as long as that server's certificate
+    /// chains to the same CA the issuer's does. For a cluster whose API
+    /// server names an address that is not known when tally is deployed.
+    Any,
 }
 
 impl JwksHost {
@@ -179,6 +184,7 @@ impl JwksHost {
         }
         match self {
             Self::Issuer => false,
+            Self::Any => true,
             Self::Also(allowed) => {
                 let allowed = allowed.to_ascii_lowercase();
                 allowed == jwks.host
@@ -293,6 +299,23 @@ mod tests {
                 &JwksHost::Issuer
             )),
             UrlError::Credentials
+        );
+        assert!(
+            jwks_uri(
+                &doc(iss, "https://172.18.0.2:6443/openid/v1/jwks"),
+                &issuer(),
+                &JwksHost::Any
+            )
+            .is_ok()
+        );
+        // Any host, but never plain HTTP.
+        assert!(
+            jwks_uri(
+                &doc(iss, "http://172.18.0.2:6443/openid/v1/jwks"),
+                &issuer(),
+                &JwksHost::Any
+            )
+            .is_err()
         );
         let api = JwksHost::Also("172.18.0.2:6443".into());
         assert!(
