@@ -15,6 +15,7 @@ mod client;
 mod ctl;
 mod demo;
 mod dpop;
+mod injector;
 mod shell;
 pub mod sidecar;
 mod token;
@@ -72,8 +73,10 @@ pub enum Command {
     Sidecar(sidecar::SidecarFlags),
     /// Ask the local sidecar for a token, request headers, or its identity.
     Client(client::ClientArgs),
-    /// Run the Kubernetes admission webhook (not in this build yet).
-    Injector(NotYet),
+    /// Run the Kubernetes admission webhook that injects the sidecar into
+    /// pods (HTTPS `POST /inject`), or print one pod as it would inject it
+    /// (`--print-pod FILE`).
+    Injector(crate::injector::config::InjectorFlags),
     /// Administer: trust policy (check and explain offline; versions on the
     /// broker), join tokens, credentials, keys and CA, revocation, audit,
     /// inventory and access review (on a running broker, as an admin).
@@ -145,7 +148,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Broker(flags) => broker::run(flags),
         Command::Sidecar(flags) => sidecar::run(flags),
         Command::Client(args) => client::run(args),
-        Command::Injector(_) => Err(CliError::NotImplemented("injector")),
+        Command::Injector(flags) => injector::run(flags),
         Command::Ctl(cmd) => ctl::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Bench(cmd) => bench::run(cmd),
