@@ -20,7 +20,7 @@ mod shell;
 pub mod sidecar;
 mod token;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Exit code for "the answer is no": proofs that do not verify, policy
@@ -94,13 +94,6 @@ pub enum Command {
     /// Print a manual page (roff), e.g. `tally man | man -l -` or
     /// `tally man broker`.
     Man(shell::ManArgs),
-}
-
-/// Arguments of a subcommand this build does not implement yet.
-#[derive(Debug, Args)]
-pub struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
 }
 
 /// Why a command failed.

@@ -191,9 +191,13 @@ async fn handle(
             );
         }
     }
-    let body = match read_body(req.into_body(), review::MAX_REVIEW_BYTES).await {
+    let mut incoming = req.into_body();
+    let body = match read_body(&mut incoming, review::MAX_REVIEW_BYTES).await {
         Ok(body) => body,
         Err(e) => {
+            // Read to the end (up to the API server's own 3 MiB request
+            // limit) so the client hears the 413 instead of a reset.
+            crate::http::drain(&mut incoming, 3 * 1024 * 1024).await;
             let status = match e {
                 BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 BodyError::Read | BodyError::TimedOut => StatusCode::BAD_REQUEST,
@@ -213,7 +217,11 @@ async fn handle(
         Ok((injector, Err(e))) => {
             let status = match e {
                 ReviewError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                _ => StatusCode::BAD_REQUEST,
+                ReviewError::Json(_)
+                | ReviewError::NotAnObject
+                | ReviewError::WrongType { .. }
+                | ReviewError::NoRequest
+                | ReviewError::Field { .. } => StatusCode::BAD_REQUEST,
             };
             refuse(&injector, status, &e.to_string())
         }

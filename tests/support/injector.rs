@@ -6,6 +6,8 @@
 //! Included by the injector test files only (`#[path]`): the typed
 //! Kubernetes model is heavy to build into every test binary.
 
+#![allow(dead_code)]
+
 use crate::support::process::{Lines, PATIENCE, terminate, wait_exit};
 use base64::Engine as _;
 use bytes::Bytes;
