@@ -233,14 +233,14 @@ impl InjectorConfig {
         let cpu = quantity(&flags.proxy_cpu, "proxy_cpu");
         let memory = quantity(&flags.proxy_memory, "proxy_memory");
         let memory_limit = quantity(&flags.proxy_memory_limit, "proxy_memory_limit");
-        if let (Some(m), Some(l)) = (&memory, &memory_limit) {
-            if m.value() > l.value() {
-                errors.push(format!(
-                    "proxy_memory {} is more than proxy_memory_limit {}",
-                    m.as_str(),
-                    l.as_str()
-                ));
-            }
+        if let (Some(m), Some(l)) = (&memory, &memory_limit)
+            && m.value() > l.value()
+        {
+            errors.push(format!(
+                "proxy_memory {} is more than proxy_memory_limit {}",
+                m.as_str(),
+                l.as_str()
+            ));
         }
         let limits = crate::config::listener_limits(
             one(&flags.header_timeout, "header_timeout"),

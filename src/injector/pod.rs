@@ -344,11 +344,11 @@ fn decide(t: &Template, namespace: &str, pod: &Shape<'_>) -> Outcome {
             .flatten()
         {
             let number = port.get("containerPort").and_then(Value::as_u64);
-            if let Some(port) = number.and_then(|p| u16::try_from(p).ok()) {
-                if needed.contains(&port) {
-                    let container = name_of(c).to_owned();
-                    return Outcome::fail(InjectError::PortTaken { container, port }, warnings);
-                }
+            if let Some(port) = number.and_then(|p| u16::try_from(p).ok())
+                && needed.contains(&port)
+            {
+                let container = name_of(c).to_owned();
+                return Outcome::fail(InjectError::PortTaken { container, port }, warnings);
             }
         }
     }

@@ -149,10 +149,11 @@ fn core_schema(text: &str) -> Option<Value> {
         _ => {}
     }
     let unsigned = text.strip_prefix(['-', '+']).unwrap_or(text);
-    if !unsigned.is_empty() && unsigned.chars().all(|c| c.is_ascii_digit()) {
-        if let Ok(n) = text.parse::<i64>() {
-            return Some(Value::from(n));
-        }
+    if !unsigned.is_empty()
+        && unsigned.chars().all(|c| c.is_ascii_digit())
+        && let Ok(n) = text.parse::<i64>()
+    {
+        return Some(Value::from(n));
     }
     let radix = |prefix: &str, radix: u32| {
         text.strip_prefix(prefix)
@@ -169,10 +170,8 @@ fn core_schema(text: &str) -> Option<Value> {
         && unsigned
             .chars()
             .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'));
-    if float_like {
-        if let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
-            return Some(Value::Number(n));
-        }
+    if float_like && let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
+        return Some(Value::Number(n));
     }
     Some(Value::String(text.to_owned()))
 }
