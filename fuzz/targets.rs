@@ -165,3 +165,48 @@ pub fn sa_token_verify(data: &[u8]) -> bool {
     }
     accepted
 }
+
+/// The injector's settings the `admission_review` target injects with.
+fn injector_template() -> tally::injector::template::Template {
+    tally::injector::template::Template {
+        image: "ghcr.io/tally-dev/tally:0.1.0".into(),
+        broker: "https://tally-broker.tally-system.svc:8443".into(),
+        bundle_pem: "PEM".into(),
+        sa_audience: "tally-broker".into(),
+        sa_token_expiration: 600,
+        skip_namespaces: vec!["kube-system".into()],
+        resources: tally::injector::template::Resources {
+            cpu: "10m".parse().unwrap(),
+            memory: "16Mi".parse().unwrap(),
+            memory_limit: "64Mi".parse().unwrap(),
+        },
+        uid: 1337,
+        version: "0.1.0".into(),
+    }
+}
+
+/// The AdmissionReview parser and the injection decision: a patch always
+/// applies to the pod as sent, and a second pass on the result yields no
+/// patch. Returns whether a pod was injected.
+pub fn admission_review(data: &[u8]) -> bool {
+    use tally::injector::{apply, pod, review};
+    let t = injector_template();
+    let Ok(request) = review::parse(data) else {
+        return false;
+    };
+    let answer = review::response(&request.uid, &[], &[]);
+    assert_eq!(answer["response"]["uid"], request.uid.as_str());
+    let namespace = request
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let outcome = pod::inject(&t, &namespace, request.object.as_ref());
+    if outcome.patch.is_empty() {
+        return false;
+    }
+    let mut patched = request.object.clone().expect("a patch needs a pod");
+    apply::apply(&mut patched, &outcome.patch).expect("the patch applies to the pod as sent");
+    let again = pod::inject(&t, &namespace, Some(&patched));
+    assert!(again.patch.is_empty(), "a second pass changed the pod");
+    true
+}

@@ -31,6 +31,8 @@
 //! - [`sidecar`]: the sidecar: identity, token cache, Watch follower, the
 //!   local socket API, the inbound verifying and outbound signing proxies,
 //!   the admin port.
+//! - [`injector`]: the Kubernetes admission webhook: AdmissionReview in,
+//!   the decision and JSON Patch that add the native sidecar, out.
 //! - [`rate`]: token buckets (per issue rule, per inbound caller).
 //! - [`config`]: YAML settings files for `--config`.
 //! - [`clock`]: the clock services hold (pure code takes `now`).
@@ -54,6 +56,7 @@ pub mod config;
 pub mod dpop;
 pub mod http;
 pub mod identity;
+pub mod injector;
 pub mod jose;
 pub mod logging;
 pub mod metrics;

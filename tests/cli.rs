@@ -127,18 +127,11 @@ fn bad_usage_exits_64() {
 }
 
 #[test]
-fn the_unbuilt_injector_refuses_to_run_and_unknown_commands_are_usage_errors() {
+fn the_injector_without_its_settings_and_unknown_commands_are_usage_errors() {
     let o = tally(&["injector"]);
-    assert_eq!(
-        o.status.code(),
-        Some(70),
-        "not built: EX_SOFTWARE, never retried"
-    );
+    assert_eq!(o.status.code(), Some(64), "settings missing: EX_USAGE");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("not implemented") || err.contains("cannot do yet"),
-        "{err}"
-    );
+    assert!(err.contains("image: give"), "{err}");
     let o = tally(&["ctl", "reveiw"]);
     assert_eq!(o.status.code(), Some(64), "a typo is not a missing feature");
 }

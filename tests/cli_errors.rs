@@ -34,14 +34,10 @@ fn closed_port() -> u16 {
 }
 
 #[test]
-fn not_built_exits_70_and_unreachable_sidecar_exits_69() {
+fn an_injector_without_settings_exits_64_and_unreachable_sidecar_exits_69() {
     let o = run(&mut tally(&["injector"]));
-    assert_eq!(o.status.code(), Some(70), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("not implemented in this build"),
-        "{}",
-        stderr(&o)
-    );
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("sa_audience: give"), "{}", stderr(&o));
 
     let dir = tempfile::tempdir().unwrap();
     let o = run(tally(&["client", "identity", "--socket"]).arg(dir.path().join("none.sock")));

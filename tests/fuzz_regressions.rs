@@ -12,11 +12,12 @@ use std::path::Path;
 type Target = fn(&[u8]) -> bool;
 
 /// Every target, by name.
-const TARGETS: [(&str, Target); 4] = [
+const TARGETS: [(&str, Target); 5] = [
     ("jws_parse", targets::jws_parse),
     ("proof_verify", targets::proof_verify),
     ("token_verify", targets::token_verify),
     ("sa_token_verify", targets::sa_token_verify),
+    ("admission_review", targets::admission_review),
 ];
 
 #[test]
@@ -66,4 +67,11 @@ fn a_valid_proof_and_a_valid_token_reach_the_oracles() {
         .mint(&request, 1_800_000_000)
         .unwrap();
     assert!(targets::token_verify(token.expose().as_bytes()));
+}
+
+#[test]
+fn a_pod_review_reaches_the_admission_oracle() {
+    let review = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},"operation":"CREATE","namespace":"shop","object":{"metadata":{"annotations":{"a~/b":"c"}},"spec":{"initContainers":[],"containers":[{"name":"app","image":"x"}]}}}}"#;
+    assert!(targets::admission_review(review));
+    assert!(!targets::admission_review(b"{}"));
 }

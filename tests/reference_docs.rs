@@ -40,6 +40,16 @@ fn sidecar() -> Settings {
     }
 }
 
+fn injector() -> Settings {
+    Settings {
+        name: "injector",
+        command: tally::injector::config::InjectorFlags::augment_args(Command::new("injector")),
+        keys: tally::injector::config::KEYS,
+        flag_only: tally::injector::config::FLAG_ONLY,
+        defaults: &tally::injector::config::DEFAULTS,
+    }
+}
+
 impl Settings {
     /// The arguments with a long flag (clap's own --help has none here).
     fn args(&self) -> impl Iterator<Item = &clap::Arg> {
@@ -102,7 +112,7 @@ impl Settings {
 
 #[test]
 fn every_flag_has_a_yaml_key_and_every_key_a_flag() {
-    for s in [broker(), sidecar()] {
+    for s in [broker(), sidecar(), injector()] {
         let ids: BTreeSet<&str> = s.args().map(|a| a.get_id().as_str()).collect();
         for id in &ids {
             assert!(
@@ -137,7 +147,7 @@ fn every_flag_has_a_yaml_key_and_every_key_a_flag() {
 
 #[test]
 fn help_shows_every_default_resolve_uses() {
-    for s in [broker(), sidecar()] {
+    for s in [broker(), sidecar(), injector()] {
         let o = output_within(
             std::process::Command::new(env!("CARGO_BIN_EXE_tally")).args([s.name, "--help"]),
             PATIENCE,
@@ -169,7 +179,11 @@ fn help_shows_every_default_resolve_uses() {
 fn the_configuration_reference_is_the_parsers() {
     check_page(
         "CONFIGURATION.md",
-        &[("broker", broker().table()), ("sidecar", sidecar().table())],
+        &[
+            ("broker", broker().table()),
+            ("sidecar", sidecar().table()),
+            ("injector", injector().table()),
+        ],
     );
 }
 
@@ -291,10 +305,15 @@ fn literals_in_source(prefix: &str) -> BTreeSet<String> {
 #[test]
 fn every_metric_name_in_the_source_is_in_the_reference() {
     let page = std::fs::read_to_string(doc_path("METRICS.md")).unwrap();
-    let names: BTreeSet<String> = ["tally_broker_", "tally_sidecar_", "tally_listener_"]
-        .iter()
-        .flat_map(|p| literals_in_source(p))
-        .collect();
+    let names: BTreeSet<String> = [
+        "tally_broker_",
+        "tally_sidecar_",
+        "tally_listener_",
+        "tally_injector_",
+    ]
+    .iter()
+    .flat_map(|p| literals_in_source(p))
+    .collect();
     assert!(names.len() >= 30, "{names:?}");
     for name in names {
         assert!(

@@ -183,3 +183,62 @@ fn a_sidecar_attests_with_a_join_token_and_serves_tokens_on_its_socket() {
     let (code, _) = broker.stop();
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn tally_sidecar_as_injected_takes_the_bundle_as_text_and_opens_its_socket_to_every_uid() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = Spawned::start(&data);
+    let broker_url = format!("https://{}", broker.grpc.replace("127.0.0.1", "localhost"));
+    let spiffe_id = "spiffe://example.org/ns/shop/sa/web";
+    let o = output_within(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "ctl",
+                "join-token",
+                "create",
+                "--spiffe-id",
+                spiffe_id,
+                "--broker",
+                &broker_url,
+            ])
+            .arg("--data-dir")
+            .arg(&data),
+        PATIENCE,
+    );
+    let token = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    let socket = dir.path().join("sidecar.sock");
+    // As the injector writes the container: the bundle's PEM in an
+    // environment variable, no file.
+    let bundle = std::fs::read_to_string(data.join("bundle.pem")).unwrap();
+    let mut sidecar = Command::new(env!("CARGO_BIN_EXE_tally-sidecar"))
+        .args([
+            "--broker",
+            &broker_url,
+            "--socket-mode",
+            "0666",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--socket")
+        .arg(&socket)
+        .env("TALLY_TRUST_BUNDLE_PEM", &bundle)
+        .env("TALLY_JOIN_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = Lines::of(sidecar.stdout.take().unwrap());
+    let line = out.next_within(PATIENCE);
+    assert!(line.contains(spiffe_id), "{line}");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666);
+    let (status, identity) = get(&socket, "/v1/identity");
+    assert_eq!(
+        (status, identity["spiffe_id"].as_str()),
+        (200, Some(spiffe_id))
+    );
+    terminate(&sidecar);
+    assert!(wait_exit(&mut sidecar, PATIENCE).success());
+}

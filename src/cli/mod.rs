@@ -15,11 +15,12 @@ mod client;
 mod ctl;
 mod demo;
 mod dpop;
+mod injector;
 mod shell;
 pub mod sidecar;
 mod token;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Exit code for "the answer is no": proofs that do not verify, policy
@@ -72,8 +73,10 @@ pub enum Command {
     Sidecar(sidecar::SidecarFlags),
     /// Ask the local sidecar for a token, request headers, or its identity.
     Client(client::ClientArgs),
-    /// Run the Kubernetes admission webhook (not in this build yet).
-    Injector(NotYet),
+    /// Run the Kubernetes admission webhook that injects the sidecar into
+    /// pods (HTTPS `POST /inject`), or print one pod as it would inject it
+    /// (`--print-pod FILE`).
+    Injector(crate::injector::config::InjectorFlags),
     /// Administer: trust policy (check and explain offline; versions on the
     /// broker), join tokens, credentials, keys and CA, revocation, audit,
     /// inventory and access review (on a running broker, as an admin).
@@ -91,13 +94,6 @@ pub enum Command {
     /// Print a manual page (roff), e.g. `tally man | man -l -` or
     /// `tally man broker`.
     Man(shell::ManArgs),
-}
-
-/// Arguments of a subcommand this build does not implement yet.
-#[derive(Debug, Args)]
-pub struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
 }
 
 /// Why a command failed.
@@ -145,7 +141,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Broker(flags) => broker::run(flags),
         Command::Sidecar(flags) => sidecar::run(flags),
         Command::Client(args) => client::run(args),
-        Command::Injector(_) => Err(CliError::NotImplemented("injector")),
+        Command::Injector(flags) => injector::run(flags),
         Command::Ctl(cmd) => ctl::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Bench(cmd) => bench::run(cmd),

@@ -10,7 +10,7 @@ use super::CliError;
 use crate::clock::{Clock, SystemClock};
 use crate::rpc::ConnectFailure;
 use crate::sidecar::api::{self, ServiceMap};
-use crate::sidecar::config::{SidecarConfig, service_map};
+use crate::sidecar::config::{SidecarConfig, TrustBundle, service_map};
 use crate::sidecar::identity::IdentityError;
 use crate::sidecar::run::{Listeners, Sidecar};
 use std::net::SocketAddr;
@@ -84,8 +84,11 @@ pub fn run(flags: SidecarFlags) -> Result<ExitCode, CliError> {
         file_text.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
     )
     .map_err(usage)?;
-    let bundle = crate::config::read_text(&config.trust_bundle)
-        .map_err(|e| CliError::Usage(format!("trust_bundle {e}")))?;
+    let bundle = match &config.trust_bundle {
+        TrustBundle::File(path) => crate::config::read_text(path)
+            .map_err(|e| CliError::Usage(format!("trust_bundle {e}")))?,
+        TrustBundle::Pem(pem) => pem.clone(),
+    };
     let services = match &config.service_map {
         Some(path) => service_map(&path.display().to_string(), &read(path)?).map_err(usage)?,
         None => ServiceMap::default(),
@@ -158,7 +161,7 @@ async fn serve(
     };
     let mut listeners = Listeners {
         socket: Some(
-            api::bind(&socket)
+            api::bind_with_mode(&socket, config.socket_mode)
                 .map_err(|e| super::broker::bind_error("--socket", &socket.display(), &e))?,
         ),
         ..Listeners::default()
@@ -189,9 +192,12 @@ async fn serve(
             started.map_err(|e| match e {
                 // Retrying would never help: say which file to change.
                 IdentityError::Untrusted(why @ ConnectFailure::WrongBundle { .. }) => {
+                    let given = match &bundle_path {
+                        TrustBundle::File(path) => format!("--trust-bundle {}", path.display()),
+                        TrustBundle::Pem(_) => "--trust-bundle-pem".to_owned(),
+                    };
                     CliError::Usage(format!(
-                        "--trust-bundle {} is not the bundle of the broker at {broker}: {why}",
-                        bundle_path.display()
+                        "{given} is not the bundle of the broker at {broker}: {why}"
                     ))
                 }
                 IdentityError::Untrusted(why) => {

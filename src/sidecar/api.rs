@@ -476,6 +476,18 @@ pub fn origin_of(uri: &str) -> String {
 /// If the socket cannot be bound or its mode set; `AddrInUse` when
 /// another process answers on `path`.
 pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    bind_with_mode(path, 0o660)
+}
+
+/// [`bind`], the socket file given `mode` (0666 in a pod, where the
+/// peer-uid check decides who may use it).
+///
+/// # Errors
+/// As [`bind`].
+pub fn bind_with_mode(
+    path: &std::path::Path,
+    mode: u32,
+) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
@@ -489,7 +501,7 @@ pub fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener>
         std::fs::remove_file(path)?;
     }
     let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 

@@ -10,6 +10,7 @@ use super::identity::Attestation;
 use super::inbound::InboundConfig;
 use super::outbound::OutboundConfig;
 use super::run::SidecarSettings;
+pub use super::service_map::parse as service_map;
 use crate::auth::target::Authority;
 use crate::config::DefaultValue::{Derived, Text};
 use crate::config::{Defaults, FileSettings, SecretArg, boolean};
@@ -29,8 +30,17 @@ pub struct SidecarFlags {
     #[arg(long, env = "TALLY_BROKER")]
     pub broker: Option<String>,
     /// Trust bundle (PEM) to verify the broker with on first contact.
-    #[arg(long, env = "TALLY_TRUST_BUNDLE")]
+    #[arg(long, env = "TALLY_TRUST_BUNDLE", conflicts_with = "trust_bundle_pem")]
     pub trust_bundle: Option<PathBuf>,
+    /// The trust bundle's PEM text itself, instead of a file (the
+    /// injector hands it to pods this way; it is public data).
+    #[arg(
+        long,
+        env = "TALLY_TRUST_BUNDLE_PEM",
+        hide_env_values = true,
+        value_name = "PEM"
+    )]
+    pub trust_bundle_pem: Option<String>,
     /// One-time join token (or set TALLY_JOIN_TOKEN, which keeps it out of `ps`).
     #[arg(
         long,
@@ -45,6 +55,11 @@ pub struct SidecarFlags {
     /// Unix socket for the local API.
     #[arg(long, env = "TALLY_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// File mode of the socket, octal: 0600, 0660 or 0666. Who may use it
+    /// is decided by --allow-uid; 0666 lets every uid reach that check (a
+    /// pod's private volume, where the apps' uids differ from the sidecar's).
+    #[arg(long, env = "TALLY_SOCKET_MODE", value_name = "MODE")]
+    pub socket_mode: Option<String>,
     /// Only these peer uids may use the socket and the outbound proxy
     /// (repeatable).
     #[arg(long = "allow-uid", env = "TALLY_ALLOW_UIDS", value_delimiter = ',')]
@@ -122,6 +137,7 @@ pub static DEFAULTS: Defaults = Defaults(&[
             "/run/tally/agent.sock as root, else $XDG_RUNTIME_DIR/tally/agent.sock or the temp dir",
         ),
     ),
+    ("socket_mode", Text("0660")),
     ("allow_uids", Derived("any uid")),
     ("inbound_mtls", Text("optional")),
     ("proof_max_age", Text("30s")),
@@ -143,8 +159,10 @@ pub const FLAG_ONLY: &[&str] = &["config", "join_token"];
 pub const KEYS: &[&str] = &[
     "broker",
     "trust_bundle",
+    "trust_bundle_pem",
     "sa_token_file",
     "socket",
+    "socket_mode",
     "allow_uids",
     "service_map",
     "inbound_listen",
@@ -170,12 +188,14 @@ pub const KEYS: &[&str] = &[
 pub struct SidecarConfig {
     /// The broker's gRPC URL (`https://`).
     pub broker: String,
-    /// Trust bundle file for first contact.
-    pub trust_bundle: PathBuf,
+    /// Trust bundle for first contact.
+    pub trust_bundle: TrustBundle,
     /// How to attest.
     pub attestation: Attestation,
     /// Local API socket, if given (else [`default_socket`]).
     pub socket: Option<PathBuf>,
+    /// The socket file's mode.
+    pub socket_mode: u32,
     /// Peer uids allowed on the socket and outbound proxy (empty: any).
     pub allow_uids: Vec<u32>,
     /// Service map file, if any.
@@ -251,10 +271,25 @@ impl SidecarConfig {
             }
             Some(_) => {}
         }
-        let trust_bundle = path(&flags.trust_bundle, "trust_bundle");
-        if trust_bundle.is_none() {
-            errors.push("trust_bundle: give the trust bundle file (--trust-bundle FILE)".into());
-        }
+        let trust_bundle = trust_bundle(
+            path(&flags.trust_bundle, "trust_bundle"),
+            one(&flags.trust_bundle_pem, "trust_bundle_pem"),
+        )
+        .map_err(|e| errors.push(e))
+        .ok();
+        let mode_text =
+            one(&flags.socket_mode, "socket_mode").unwrap_or_else(|| DEFAULTS.text("socket_mode"));
+        let socket_mode = match mode_text.as_str() {
+            "0600" | "600" => 0o600,
+            "0660" | "660" => 0o660,
+            "0666" | "666" => 0o666,
+            _ => {
+                errors.push(format!(
+                    "socket_mode {mode_text:?} must be 0600, 0660 or 0666"
+                ));
+                0o660
+            }
+        };
         let attestation = attestation(flags, path(&flags.sa_token_file, "sa_token_file"))
             .map_err(|e| errors.push(e.into()))
             .ok();
@@ -357,6 +392,7 @@ impl SidecarConfig {
             trust_bundle: trust_bundle.unwrap_or_else(|| unreachable!("checked above")),
             attestation: attestation.unwrap_or_else(|| unreachable!("checked above")),
             socket: path(&flags.socket, "socket"),
+            socket_mode,
             allow_uids,
             service_map: path(&flags.service_map, "service_map"),
             inbound,
@@ -408,6 +444,36 @@ impl SidecarConfig {
     }
 }
 
+/// Where the trust bundle comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustBundle {
+    /// A PEM file, read at start.
+    File(PathBuf),
+    /// The PEM text, given inline (checked to hold certificates).
+    Pem(String),
+}
+
+/// The bundle file or its PEM text: exactly one.
+fn trust_bundle(file: Option<PathBuf>, pem: Option<String>) -> Result<TrustBundle, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    match (file, pem) {
+        (Some(file), None) => Ok(TrustBundle::File(file)),
+        (None, Some(pem)) => {
+            let certs = CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>();
+            match certs {
+                Ok(certs) if !certs.is_empty() => Ok(TrustBundle::Pem(pem)),
+                Ok(_) => Err("trust_bundle_pem holds no PEM certificate".into()),
+                Err(e) => Err(format!("trust_bundle_pem is not PEM certificates: {e}")),
+            }
+        }
+        (Some(_), Some(_)) => Err("give trust_bundle or trust_bundle_pem, not both".into()),
+        (None, None) => Err(
+            "trust_bundle: give the trust bundle file (--trust-bundle FILE) or its text (TALLY_TRUST_BUNDLE_PEM)".into(),
+        ),
+    }
+}
+
 /// The join token or the ServiceAccount token file: exactly one.
 fn attestation(
     flags: &SidecarFlags,
@@ -421,80 +487,6 @@ fn attestation(
         (Some(_), Some(_)) => Err("give the join token or sa_token_file, not both"),
         (None, None) => {
             Err("attestation: give --join-token (or TALLY_JOIN_TOKEN) or --sa-token-file")
-        }
-    }
-}
-
-/// Reads a service map (`name` is the file's, for errors): a YAML
-/// mapping of `host:port` (or `host:*`) to an audience, or to
-/// `{audience: AUDIENCE, mtls: true|false}` (mtls defaults to true for a
-/// workload's SPIFFE ID, false otherwise).
-///
-/// # Errors
-/// Every problem found, one line each.
-pub fn service_map(name: &str, text: &str) -> Result<ServiceMap, Vec<String>> {
-    use crate::policy::yaml::{self, Value};
-    let doc = yaml::parse(text).map_err(|e| vec![format!("{name}:{}: {}", e.pos, e.message)])?;
-    let Value::Map(entries) = doc.value else {
-        return Err(vec![format!(
-            "{name}: expected a mapping of host to audience"
-        )]);
-    };
-    let mut errors = Vec::new();
-    let mut out = Vec::new();
-    for (host, pos, node) in entries {
-        let (audience, mtls) = match &node.value {
-            Value::Str(a) => ((a.as_str(), node.pos), None),
-            Value::Map(fields) => {
-                let (mut audience, mut mtls) = (None, None);
-                let faults_before = errors.len();
-                for (key, key_pos, value) in fields {
-                    match (key.as_str(), &value.value) {
-                        ("audience", Value::Str(a)) => audience = Some((a.as_str(), value.pos)),
-                        ("mtls", Value::Str(t)) => match boolean("mtls", t) {
-                            Ok(b) => mtls = Some(b),
-                            Err(e) => errors.push(format!("{name}:{}: {host}: {e}", value.pos)),
-                        },
-                        ("audience" | "mtls", _) => errors.push(format!(
-                            "{name}:{}: {host}: {key} must be text, not {}",
-                            value.pos,
-                            value.kind()
-                        )),
-                        _ => errors.push(format!(
-                            "{name}:{key_pos}: {host}: unknown key {key:?} (expected audience, mtls)"
-                        )),
-                    }
-                }
-                // One fault an entry: an audience that was not text is not
-                // also reported missing.
-                if errors.len() > faults_before {
-                    continue;
-                }
-                let Some(audience) = audience else {
-                    errors.push(format!("{name}:{pos}: {host}: audience is required"));
-                    continue;
-                };
-                (audience, mtls)
-            }
-            _ => {
-                errors.push(format!(
-                    "{name}:{pos}: the audience for {host} must be text or {{audience, mtls}}"
-                ));
-                continue;
-            }
-        };
-        let (text, at) = audience;
-        match text.parse() {
-            Ok(audience) => out.push((host, audience, mtls)),
-            Err(e) => errors.push(format!("{name}:{at}: audience for {host}: {e}")),
-        }
-    }
-    match ServiceMap::with_transport(out) {
-        Ok(map) if errors.is_empty() => Ok(map),
-        Ok(_) => Err(errors),
-        Err(faults) => {
-            errors.extend(faults.iter().map(|f| format!("{name}: {f}")));
-            Err(errors)
         }
     }
 }
@@ -625,76 +617,39 @@ mod tests {
     }
 
     #[test]
-    fn a_service_map_reports_every_bad_entry() {
-        let map = service_map("map.yaml", "a.svc:80: spiffe://td/a\n").unwrap();
-        assert!(format!("{map:?}").contains("a.svc:80"));
-        let errors = service_map("map.yaml", "a: [1]\nb.svc: spiffe://td/b\n").unwrap_err();
-        assert_eq!(
-            errors,
-            [
-                "map.yaml:1:1: the audience for a must be text or {audience, mtls}",
-                "map.yaml: \"b.svc\" names no port: write b.svc:PORT for one port, or b.svc:* to send tokens to every port of that host"
-            ]
-        );
-        let errors = service_map("map.yaml", "b.svc: spiffe://td/b\n").unwrap_err();
-        assert!(
-            errors[0].starts_with("map.yaml: \"b.svc\" names no port"),
-            "{errors:?}"
-        );
-        let errors = service_map("map.yaml", "- a\n").unwrap_err();
-        assert_eq!(errors, ["map.yaml: expected a mapping of host to audience"]);
-    }
-
-    #[test]
-    fn a_service_map_entry_may_say_whether_the_hop_is_mtls() {
-        let text = "\
-pay.svc:8080: spiffe://td/ns/pay/sa/payments
-ledger.svc:80: {audience: spiffe://td/ns/fin/sa/ledger, mtls: false}
-legacy.svc:80:
-  audience: spiffe://td/ns/old/sa/legacy
-  mtls: true
-partner.example:80: {audience: https://api.partner.example}
-";
-        let map = service_map("map.yaml", text).unwrap();
-        let mtls = |url: &str| {
-            let d = map.destination_for(url).unwrap();
-            (
-                d.audience().as_str().to_owned(),
-                d.mtls().map(|id| id.as_str().to_owned()),
-            )
+    fn the_bundle_may_be_given_as_text_but_not_with_a_file_and_must_be_pem() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
+        let inline = SidecarFlags {
+            trust_bundle: None,
+            trust_bundle_pem: Some(pem.into()),
+            socket_mode: Some("0666".into()),
+            ..flags()
         };
-        let pay = "spiffe://td/ns/pay/sa/payments".to_owned();
-        assert_eq!(mtls("http://pay.svc:8080/"), (pay.clone(), Some(pay)));
+        let c = SidecarConfig::resolve(&inline, None).unwrap();
+        assert_eq!(c.trust_bundle, TrustBundle::Pem(pem.into()));
+        assert_eq!(c.socket_mode, 0o666);
         assert_eq!(
-            mtls("http://ledger.svc/"),
-            ("spiffe://td/ns/fin/sa/ledger".into(), None)
+            SidecarConfig::resolve(&flags(), None).unwrap().socket_mode,
+            0o660
         );
-        let legacy = "spiffe://td/ns/old/sa/legacy".to_owned();
-        assert_eq!(mtls("http://legacy.svc/"), (legacy.clone(), Some(legacy)));
-        assert_eq!(
-            mtls("http://partner.example/"),
-            ("https://api.partner.example".into(), None)
-        );
-    }
-
-    #[test]
-    fn every_fault_of_a_long_service_map_entry_is_reported_with_its_position() {
-        let text = "\
-a.svc:80: {audience: spiffe://td/ns/a/sa/a, mtls: sometimes}
-b.svc:80: {audience: spiffe://td/ns/b/sa/b, tls: true}
-c.svc:80: {mtls: true}
-partner.example:443: {audience: https://api.partner.example, mtls: true}
-d.svc:80: {audience: [x]}
-";
-        let errors = service_map("map.yaml", text).unwrap_err();
+        let both = SidecarFlags {
+            trust_bundle_pem: Some(pem.into()),
+            ..flags()
+        };
+        let errors = SidecarConfig::resolve(&both, None).unwrap_err();
+        assert_eq!(errors, ["give trust_bundle or trust_bundle_pem, not both"]);
+        let junk = SidecarFlags {
+            trust_bundle: None,
+            trust_bundle_pem: Some("not a bundle".into()),
+            socket_mode: Some("0777".into()),
+            ..flags()
+        };
+        let errors = SidecarConfig::resolve(&junk, None).unwrap_err();
         assert_eq!(
             errors,
             [
-                "map.yaml:1:51: a.svc:80: mtls \"sometimes\" must be true or false",
-                "map.yaml:2:45: b.svc:80: unknown key \"tls\" (expected audience, mtls)",
-                "map.yaml:3:1: c.svc:80: audience is required",
-                "map.yaml:5:22: d.svc:80: audience must be text, not a list",
-                "map.yaml: \"partner.example:443\" asks for mtls but its audience https://api.partner.example is not a workload's SPIFFE ID (spiffe://TRUST-DOMAIN/PATH); use mtls: false for a destination outside the mesh",
+                "trust_bundle_pem holds no PEM certificate",
+                "socket_mode \"0777\" must be 0600, 0660 or 0666"
             ]
         );
     }

@@ -173,6 +173,81 @@ impl ServiceMap {
     }
 }
 
+/// Reads a service map (`name` is the file's, for errors): a YAML
+/// mapping of `host:port` (or `host:*`) to an audience, or to
+/// `{audience: AUDIENCE, mtls: true|false}` (mtls defaults to true for a
+/// workload's SPIFFE ID, false otherwise).
+///
+/// # Errors
+/// Every problem found, one line each.
+pub fn parse(name: &str, text: &str) -> Result<ServiceMap, Vec<String>> {
+    use crate::config::boolean;
+    use crate::policy::yaml::{self, Value};
+    let doc = yaml::parse(text).map_err(|e| vec![format!("{name}:{}: {}", e.pos, e.message)])?;
+    let Value::Map(entries) = doc.value else {
+        return Err(vec![format!(
+            "{name}: expected a mapping of host to audience"
+        )]);
+    };
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (host, pos, node) in entries {
+        let (audience, mtls) = match &node.value {
+            Value::Str(a) => ((a.as_str(), node.pos), None),
+            Value::Map(fields) => {
+                let (mut audience, mut mtls) = (None, None);
+                let faults_before = errors.len();
+                for (key, key_pos, value) in fields {
+                    match (key.as_str(), &value.value) {
+                        ("audience", Value::Str(a)) => audience = Some((a.as_str(), value.pos)),
+                        ("mtls", Value::Str(t)) => match boolean("mtls", t) {
+                            Ok(b) => mtls = Some(b),
+                            Err(e) => errors.push(format!("{name}:{}: {host}: {e}", value.pos)),
+                        },
+                        ("audience" | "mtls", _) => errors.push(format!(
+                            "{name}:{}: {host}: {key} must be text, not {}",
+                            value.pos,
+                            value.kind()
+                        )),
+                        _ => errors.push(format!(
+                            "{name}:{key_pos}: {host}: unknown key {key:?} (expected audience, mtls)"
+                        )),
+                    }
+                }
+                // One fault an entry: an audience that was not text is not
+                // also reported missing.
+                if errors.len() > faults_before {
+                    continue;
+                }
+                let Some(audience) = audience else {
+                    errors.push(format!("{name}:{pos}: {host}: audience is required"));
+                    continue;
+                };
+                (audience, mtls)
+            }
+            _ => {
+                errors.push(format!(
+                    "{name}:{pos}: the audience for {host} must be text or {{audience, mtls}}"
+                ));
+                continue;
+            }
+        };
+        let (text, at) = audience;
+        match text.parse() {
+            Ok(audience) => out.push((host, audience, mtls)),
+            Err(e) => errors.push(format!("{name}:{at}: audience for {host}: {e}")),
+        }
+    }
+    match ServiceMap::with_transport(out) {
+        Ok(map) if errors.is_empty() => Ok(map),
+        Ok(_) => Err(errors),
+        Err(faults) => {
+            errors.extend(faults.iter().map(|f| format!("{name}: {f}")));
+            Err(errors)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +364,81 @@ mod tests {
         assert!(
             text.contains("\"partner:443\"") && text.contains("https://api.partner.example"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_service_map_reports_every_bad_entry() {
+        let map = parse("map.yaml", "a.svc:80: spiffe://td/a\n").unwrap();
+        assert!(format!("{map:?}").contains("a.svc:80"));
+        let errors = parse("map.yaml", "a: [1]\nb.svc: spiffe://td/b\n").unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                "map.yaml:1:1: the audience for a must be text or {audience, mtls}",
+                "map.yaml: \"b.svc\" names no port: write b.svc:PORT for one port, or b.svc:* to send tokens to every port of that host"
+            ]
+        );
+        let errors = parse("map.yaml", "b.svc: spiffe://td/b\n").unwrap_err();
+        assert!(
+            errors[0].starts_with("map.yaml: \"b.svc\" names no port"),
+            "{errors:?}"
+        );
+        let errors = parse("map.yaml", "- a\n").unwrap_err();
+        assert_eq!(errors, ["map.yaml: expected a mapping of host to audience"]);
+    }
+
+    #[test]
+    fn a_service_map_entry_may_say_whether_the_hop_is_mtls() {
+        let text = "\
+pay.svc:8080: spiffe://td/ns/pay/sa/payments
+ledger.svc:80: {audience: spiffe://td/ns/fin/sa/ledger, mtls: false}
+legacy.svc:80:
+  audience: spiffe://td/ns/old/sa/legacy
+  mtls: true
+partner.example:80: {audience: https://api.partner.example}
+";
+        let map = parse("map.yaml", text).unwrap();
+        let mtls = |url: &str| {
+            let d = map.destination_for(url).unwrap();
+            (
+                d.audience().as_str().to_owned(),
+                d.mtls().map(|id| id.as_str().to_owned()),
+            )
+        };
+        let pay = "spiffe://td/ns/pay/sa/payments".to_owned();
+        assert_eq!(mtls("http://pay.svc:8080/"), (pay.clone(), Some(pay)));
+        assert_eq!(
+            mtls("http://ledger.svc/"),
+            ("spiffe://td/ns/fin/sa/ledger".into(), None)
+        );
+        let legacy = "spiffe://td/ns/old/sa/legacy".to_owned();
+        assert_eq!(mtls("http://legacy.svc/"), (legacy.clone(), Some(legacy)));
+        assert_eq!(
+            mtls("http://partner.example/"),
+            ("https://api.partner.example".into(), None)
+        );
+    }
+
+    #[test]
+    fn every_fault_of_a_long_service_map_entry_is_reported_with_its_position() {
+        let text = "\
+a.svc:80: {audience: spiffe://td/ns/a/sa/a, mtls: sometimes}
+b.svc:80: {audience: spiffe://td/ns/b/sa/b, tls: true}
+c.svc:80: {mtls: true}
+partner.example:443: {audience: https://api.partner.example, mtls: true}
+d.svc:80: {audience: [x]}
+";
+        let errors = parse("map.yaml", text).unwrap_err();
+        assert_eq!(
+            errors,
+            [
+                "map.yaml:1:51: a.svc:80: mtls \"sometimes\" must be true or false",
+                "map.yaml:2:45: b.svc:80: unknown key \"tls\" (expected audience, mtls)",
+                "map.yaml:3:1: c.svc:80: audience is required",
+                "map.yaml:5:22: d.svc:80: audience must be text, not a list",
+                "map.yaml: \"partner.example:443\" asks for mtls but its audience https://api.partner.example is not a workload's SPIFFE ID (spiffe://TRUST-DOMAIN/PATH); use mtls: false for a destination outside the mesh",
+            ]
         );
     }
 }
