@@ -1,7 +1,7 @@
 //! `tally injector` over real HTTPS with real-world pods: the JSON Patch
 //! it answers is applied by a JSON Patch library to the pod as sent, and
 //! the result must be a Kubernetes 1.33 Pod with the sidecar as the docs
-//! promise (docs/KUBERNETES-injector.md), the app containers unchanged
+//! promise (docs/KUBERNETES.md ("What the injector changes in a pod")), the app containers unchanged
 //! but for appended env and mounts, and a second pass a no-op.
 
 mod support;
