@@ -252,7 +252,7 @@ impl ClusterHttps {
                             " (the broker's ServiceAccount token was not accepted: --sa-api-token-file)"
                         }
                         StatusCode::FORBIDDEN => {
-                            " (the broker's ServiceAccount lacks the RBAC for this: see docs/KUBERNETES.md ("How pods are attested"))"
+                            " (the broker's ServiceAccount lacks the RBAC for this: see docs/KUBERNETES.md, \"How pods are attested\")"
                         }
                         _ => "",
                     },
