@@ -375,7 +375,12 @@ fn metrics_reference_matches(scraped: &Scraped) {
             }
         }
     }
-    for name in documented.keys() {
+    // The injector's families are scraped from a running webhook by
+    // tests/injector_hostile.rs.
+    for name in documented
+        .keys()
+        .filter(|n| !n.starts_with("tally_injector_"))
+    {
         if !scraped.0.contains_key(name) {
             problems.push(format!(
                 "docs/METRICS.md lists {name}, which nothing exports"
