@@ -79,10 +79,12 @@ pub fn filter(value: Option<&str>, default: &str) -> Result<Targets, LogSetupErr
         None | Some("") => default,
         Some(text) => text,
     };
-    text.parse().map_err(|e: tracing_subscriber::filter::ParseError| LogSetupError::Filter {
-        value: text.to_owned(),
-        reason: e.to_string(),
-    })
+    text.parse().map_err(
+        |e: tracing_subscriber::filter::ParseError| LogSetupError::Filter {
+            value: text.to_owned(),
+            reason: e.to_string(),
+        },
+    )
 }
 
 /// Installs the process's subscriber from `TALLY_LOG`, `TALLY_LOG_FORMAT`

@@ -82,9 +82,13 @@ async fn a_deployment_pod_gets_a_native_sidecar_locked_down_and_probed() {
         "{a:?}"
     );
     assert!(has_pair(&a, "--admin-listen", "0.0.0.0:15020"), "{a:?}");
+    // Its one container's uid is known only to its image: the socket is
+    // not opened to every uid, only to the sidecar's own (fail closed).
+    assert!(has_pair(&a, "--allow-uid", "1337"), "{a:?}");
+    assert_eq!(a.iter().filter(|a| *a == "--allow-uid").count(), 1, "{a:?}");
     assert!(
         !a.iter()
-            .any(|a| a == "--allow-uid" || a == "--inbound-listen" || a == "--outbound-listen"),
+            .any(|a| a == "--inbound-listen" || a == "--outbound-listen"),
         "{a:?}"
     );
     assert_eq!(
@@ -133,7 +137,7 @@ async fn a_deployment_pod_gets_a_native_sidecar_locked_down_and_probed() {
     );
     assert_eq!(
         app["volumeMounts"],
-        json!([{"name": "tally-run", "mountPath": "/var/run/tally"}])
+        json!([{"name": "tally-run", "mountPath": "/var/run/tally", "readOnly": true}])
     );
     assert!(app.get("SPIFFE_ENDPOINT_SOCKET").is_none());
     app_unchanged_but_appended(&before, &pod, "containers");
@@ -161,7 +165,10 @@ async fn existing_init_containers_run_after_the_sidecar_and_get_the_socket() {
     let hook = Webhook::start(&[]);
     let before = fixture("init-containers");
     let (pod, patch, warnings) = inject(&hook, "init-containers", "shop").await;
-    assert!(warnings.is_empty(), "{warnings:?}");
+    // Its app declares the port the inbound proxy forwards to: reachable
+    // past the sidecar unless it listens on 127.0.0.1 only.
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("port 8080 is declared by a container"));
     let inits = pod["spec"]["initContainers"].as_array().unwrap();
     assert_eq!(inits.len(), 2);
     assert_eq!(inits[1]["name"], "migrate");
@@ -391,5 +398,84 @@ async fn every_injected_fixture_is_a_valid_kubernetes_1_33_pod_and_print_pod_agr
         );
     }
     webhook::validate_all(out.path());
+    hook.stop();
+}
+
+/// A pod from `fixture`'s deployment pod with `annotations` added.
+fn deployment_pod_with(annotations: Value) -> Value {
+    let mut pod = fixture("deployment-pod");
+    pod["metadata"]["annotations"] = annotations;
+    pod
+}
+
+#[tokio::test]
+async fn any_uid_on_the_socket_only_when_the_pod_says_so() {
+    let hook = Webhook::start(&[]);
+    let pod = deployment_pod_with(json!({"tally.dev/allow-uids": "*"}));
+    let response = hook.review(&pod, "shop").await;
+    let after = apply(&pod, &patch_of(&response));
+    let a = args(&after);
+    assert!(!a.iter().any(|a| a == "--allow-uid"), "{a:?}");
+    assert!(has_pair(&a, "--socket-mode", "0666"), "{a:?}");
+    // A list replaces what the spec says; nonsense is a warning and the
+    // fail-closed default.
+    let pod = deployment_pod_with(json!({"tally.dev/allow-uids": "1000,abc"}));
+    let response = hook.review(&pod, "shop").await;
+    let a = args(&apply(&pod, &patch_of(&response)));
+    assert!(has_pair(&a, "--allow-uid", "1337"), "{a:?}");
+    assert!(
+        warnings_of(&response)
+            .iter()
+            .any(|w| w.contains("is not a list of uids")),
+        "{:?}",
+        warnings_of(&response)
+    );
+    hook.stop();
+}
+
+#[tokio::test]
+async fn the_socket_directory_is_read_only_in_the_apps_and_writable_only_in_the_sidecar() {
+    let hook = Webhook::start(&[]);
+    let (pod, _, _) = inject(&hook, "init-containers", "shop").await;
+    let mounts = |c: &Value| {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "tally-run")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        mounts(sidecar(&pod)),
+        json!({"name": "tally-run", "mountPath": "/var/run/tally"})
+    );
+    let own = pod["spec"]["containers"].as_array().unwrap().iter().chain(
+        pod["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(1),
+    );
+    for c in own {
+        assert_eq!(mounts(c)["readOnly"], true, "{}", c["name"]);
+    }
+    hook.stop();
+}
+
+#[tokio::test]
+async fn an_inbound_port_the_app_also_exposes_is_named_in_a_warning() {
+    let hook = Webhook::start(&[]);
+    let pod = deployment_pod_with(json!({"tally.dev/inbound-port": "8080"}));
+    let response = hook.review(&pod, "shop").await;
+    let after = apply(&pod, &patch_of(&response));
+    assert!(has_pair(&args(&after), "--upstream", "127.0.0.1:8080"));
+    assert!(
+        warnings_of(&response)
+            .iter()
+            .any(|w| w.contains("port 8080 is declared by a container")),
+        "{:?}",
+        warnings_of(&response)
+    );
     hook.stop();
 }

@@ -195,3 +195,57 @@ fn bad_settings_are_all_reported_and_exit_64() {
         assert!(err.contains(expected), "{expected} not in {err}");
     }
 }
+
+/// A TLS connection that sends a review's head and one byte of its body,
+/// then stalls: the review holds its turn until the body timeout.
+async fn stalled_review(hook: &Webhook) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject as _;
+    use tokio::io::AsyncWriteExt as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(hook.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(hook.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\n{")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    tls
+}
+
+#[tokio::test]
+async fn reviews_past_the_limit_in_flight_are_turned_away_and_served_again_after() {
+    let hook = Webhook::start(&[]);
+    let mut held = Vec::new();
+    for _ in 0..tally::injector::server::MAX_REVIEWS_IN_FLIGHT {
+        held.push(stalled_review(&hook).await);
+    }
+    // Every turn is taken by a review whose body never comes: the next one
+    // waits its bounded while, then hears 503 (the API server's webhook
+    // timeout is longer), instead of the process reading without bound.
+    let (status, body) = hook
+        .post(review_body(
+            &fixture("deployment-pod"),
+            "shop",
+            "CREATE",
+            "Pod",
+        ))
+        .await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("too many reviews at once"));
+    drop(held);
+    let response = hook.review(&fixture("deployment-pod"), "shop").await;
+    assert!(!patch_of(&response).is_empty());
+    hook.stop();
+}

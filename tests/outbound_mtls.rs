@@ -443,7 +443,16 @@ async fn after_goaway_the_next_request_reconnects_and_succeeds() {
     let answer = charge(&client, server.addr, "/v1/charges").await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     assert_eq!(server.accepts(), 2);
-    assert_eq!(server.requests()[1].connection, 2, "{:?}", server.requests().iter().map(|r| (r.uri.clone(), r.connection)).collect::<Vec<_>>());
+    assert_eq!(
+        server.requests()[1].connection,
+        2,
+        "{:?}",
+        server
+            .requests()
+            .iter()
+            .map(|r| (r.uri.clone(), r.connection))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -178,11 +178,17 @@ impl Outcome {
 pub fn pod_label(namespace: &str, pod: Option<&Value>) -> String {
     let meta = pod.and_then(|p| p.get("metadata"));
     let text = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str);
-    match (text("name"), text("generateName")) {
+    // Names are not validated yet when a mutating webhook sees them: no
+    // control characters reach a log line.
+    let label = match (text("name"), text("generateName")) {
         (Some(name), _) => format!("{namespace}/{name}"),
         (None, Some(prefix)) => format!("{namespace}/{prefix}*"),
         (None, None) => format!("{namespace}/(no name)"),
-    }
+    };
+    label
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// JSON Pointer escaping of one path segment (RFC 6901: `~` is `~0`, `/`
@@ -385,12 +391,27 @@ fn choices(t: &Template, pod: &Shape<'_>, warnings: &mut Vec<String>) -> PodChoi
             }
         },
     };
+    if let Some((port, _)) = inbound {
+        let declared = pod.own().into_iter().any(|(_, c)| {
+            c.get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|p| p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(port)))
+        });
+        if declared {
+            warnings.push(format!(
+                "{INBOUND_PORT}: port {port} is declared by a container: if the app listens on the pod's address (not 127.0.0.1), callers can reach it past the sidecar's checks; bind it to 127.0.0.1, or allow only {} with a NetworkPolicy",
+                template::INBOUND_PORT
+            ));
+        }
+    }
     let outbound_map = outbound(pod, warnings);
     PodChoices {
         inbound,
         outbound_map,
         resources: resources(t, pod, warnings),
-        allow_uids: allow_uids(pod, warnings),
+        allow_uids: allow_uids(pod, t.uid, warnings),
     }
 }
 
@@ -471,22 +492,27 @@ fn resources(t: &Template, pod: &Shape<'_>, warnings: &mut Vec<String>) -> templ
     chosen
 }
 
-/// The uids allowed on the socket: the annotation's, else every one of
-/// the pod's own containers' `runAsUser` (or the pod's). When some
-/// container's uid is only known to its image, any uid in the pod may
-/// connect (the socket lives in the pod's own memory volume), and a
-/// warning says how to narrow it.
-fn allow_uids(pod: &Shape<'_>, warnings: &mut Vec<String>) -> Vec<u32> {
+/// The uids allowed on the socket: the annotation's (`*` for any uid),
+/// else every one of the pod's own containers' `runAsUser` (or the
+/// pod's). When some container's uid is known only to its image, those
+/// containers cannot be named, so only the known uids are allowed (the
+/// sidecar's own, `floor`, when none is known): the socket never opens to
+/// every uid in the pod unless the pod says so, and a warning says how.
+/// `None` is any uid.
+fn allow_uids(pod: &Shape<'_>, floor: u32, warnings: &mut Vec<String>) -> Option<Vec<u32>> {
     if let Some(text) = pod.annotation(ALLOW_UIDS) {
+        if text.trim() == "*" {
+            return None;
+        }
         let uids: Result<Vec<u32>, _> = text.split(',').map(|u| u.trim().parse()).collect();
         match uids {
             Ok(mut uids) if !uids.is_empty() => {
                 uids.sort_unstable();
                 uids.dedup();
-                return uids;
+                return Some(uids);
             }
             _ => warnings.push(format!(
-                "{ALLOW_UIDS}: {text:?} is not a list of uids (1000,1001); ignored"
+                "{ALLOW_UIDS}: {text:?} is not a list of uids (1000,1001) or *; ignored"
             )),
         }
     }
@@ -506,14 +532,16 @@ fn allow_uids(pod: &Shape<'_>, warnings: &mut Vec<String>) -> Vec<u32> {
     }
     if !unknown.is_empty() {
         warnings.push(format!(
-            "containers {} set no runAsUser, so any uid in the pod may use the sidecar's socket; set runAsUser or {ALLOW_UIDS}",
+            "containers {} set no runAsUser, so they cannot use the sidecar's socket or outbound proxy; set runAsUser, or {ALLOW_UIDS} (\"1000,1001\", or \"*\" for any uid in the pod)",
             unknown.join(", ")
         ));
-        return Vec::new();
+        if uids.is_empty() {
+            uids.push(floor);
+        }
     }
     uids.sort_unstable();
     uids.dedup();
-    uids
+    Some(uids)
 }
 
 fn add(path: String, value: Value) -> Value {

@@ -19,12 +19,22 @@ const TEXT: &str = "text/plain; charset=utf-8";
 /// The running webhook's state: the template every pod gets (rebuilt when
 /// the trust bundle changes) and its counters.
 pub struct Injector {
+    /// Reviews being read or decided at once: each may hold a 1 MiB body
+    /// and its parsed tree, so a flood of them must wait or be turned away
+    /// (503) rather than grow the process past its memory limit.
+    reviewing: tokio::sync::Semaphore,
     template: RwLock<Arc<Template>>,
     bundle: Option<ReloadingBundle>,
     injections: CounterVec,
     refused: CounterVec,
     listeners: crate::http::Listeners,
 }
+
+/// Reviews read and decided at once (see [`Injector`]'s `reviewing`).
+pub const MAX_REVIEWS_IN_FLIGHT: usize = 8;
+/// How long a review waits for its turn before a 503: well inside the
+/// API server's webhook timeout (`timeoutSeconds`, 5 s in the manifests).
+const REVIEW_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl std::fmt::Debug for Injector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -39,6 +49,7 @@ impl Injector {
     /// that file's, re-read when it changes.
     pub fn new(template: Template, bundle: Option<ReloadingBundle>) -> Self {
         Self {
+            reviewing: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
             template: RwLock::new(Arc::new(template)),
             bundle,
             injections: CounterVec::new(
@@ -191,6 +202,16 @@ async fn handle(
             );
         }
     }
+    let permit = match tokio::time::timeout(REVIEW_QUEUE_WAIT, injector.reviewing.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return refuse(
+                &injector,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many reviews at once; try again",
+            );
+        }
+    };
     let mut incoming = req.into_body();
     let body = match read_body(&mut incoming, review::MAX_REVIEW_BYTES).await {
         Ok(body) => body,
@@ -207,11 +228,13 @@ async fn handle(
     };
     // The pod is decided on a blocking thread: a large review is parsed
     // and walked without holding the runtime's workers.
+    let decider = Arc::clone(&injector);
     let answer = tokio::task::spawn_blocking(move || {
-        let result = injector.review(&body);
-        (injector, result)
+        let result = decider.review(&body);
+        (decider, result)
     })
     .await;
+    drop(permit);
     match answer {
         Ok((_, Ok(response))) => json(StatusCode::OK, &response),
         Ok((injector, Err(e))) => {

@@ -90,8 +90,9 @@ pub struct PodChoices {
     pub outbound_map: Option<String>,
     /// Resources for this pod's sidecar.
     pub resources: Resources,
-    /// Peer uids allowed on the socket (empty: any uid in the pod).
-    pub allow_uids: Vec<u32>,
+    /// Peer uids allowed on the socket; `None` is any uid in the pod (only
+    /// when the pod asks for it with `tally.dev/allow-uids: "*"`).
+    pub allow_uids: Option<Vec<u32>>,
 }
 
 /// The environment each of the pod's own containers gets (never
@@ -111,8 +112,16 @@ pub fn app_env(choices: &PodChoices) -> Vec<(&'static str, String)> {
     env
 }
 
-/// The mount each of the pod's own containers gets.
+/// The mount each of the pod's own containers gets: read-only, so that
+/// no process in them can remove the sidecar's socket and bind its own in
+/// its place (the kubelet makes an emptyDir mode 0777 without the sticky
+/// bit); `connect(2)` to a socket needs no write access to its directory.
 pub fn app_mount() -> Value {
+    json!({ "name": RUN_VOLUME, "mountPath": RUN_DIR, "readOnly": true })
+}
+
+/// The sidecar's own, writable mount of the socket directory.
+fn sidecar_run_mount() -> Value {
     json!({ "name": RUN_VOLUME, "mountPath": RUN_DIR })
 }
 
@@ -159,7 +168,7 @@ pub fn sidecar(t: &Template, choices: &PodChoices) -> Value {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    for uid in &choices.allow_uids {
+    for uid in choices.allow_uids.iter().flatten() {
         args.extend(["--allow-uid".to_owned(), uid.to_string()]);
     }
     let mut ports =
@@ -179,7 +188,7 @@ pub fn sidecar(t: &Template, choices: &PodChoices) -> Value {
         );
     }
     let mut mounts = vec![
-        app_mount(),
+        sidecar_run_mount(),
         json!({ "name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true }),
     ];
     if choices.outbound_map.is_some() {
