@@ -274,6 +274,33 @@ async fn a_token_review_decides_before_an_svid_is_issued() {
         "the broker sent its own token, not the pod's"
     );
 
+    // Renewal: never on the SVID alone while TokenReview is on (a deleted
+    // pod's key must not renew itself); the sidecar attests again with its
+    // current token, and that is reviewed again.
+    {
+        use tally::sidecar::identity::{Attestation, IdentityClient};
+        let token_file = dir.path().join("sa-token");
+        std::fs::write(&token_file, &token).unwrap();
+        let client = IdentityClient::new(
+            format!(
+                "https://localhost:{}",
+                broker.grpc.rsplit(':').next().unwrap()
+            ),
+            std::fs::read_to_string(data.join("bundle.pem")).unwrap(),
+        );
+        let how = Attestation::ServiceAccountTokenFile(token_file);
+        let svid = client.attest(&how, now()).await.unwrap();
+        let e = client.renew(&svid, now()).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("attest again with the current token"),
+            "{e}"
+        );
+        let before = api.answers.reviews.lock().unwrap().len();
+        client.attest(&how, now()).await.unwrap();
+        assert_eq!(api.answers.reviews.lock().unwrap().len(), before + 1);
+    }
+
     for (m, needle) in [(1, "does not authenticate"), (2, "names pod uid")] {
         mode.store(m, Ordering::SeqCst);
         let e = attest(&broker, &data, &token).await.unwrap_err();

@@ -303,12 +303,18 @@ pub async fn keep_renewed(
             tracing::error!(spiffe_id = %current.spiffe_id, "the X.509-SVID expired before it could be renewed; restart the sidecar with a new join token");
             return;
         }
-        let next = match (&reattest, expired) {
-            (Some(how), true) => {
-                tracing::warn!(spiffe_id = %current.spiffe_id, "the X.509-SVID expired before it could be renewed; attesting again");
+        // A ServiceAccount token proves the identity afresh at every
+        // renewal (the kubelet keeps the file current), so a broker doing
+        // TokenReview sees the pod still there each time; a join token is
+        // spent, so its SVID is renewed by mTLS.
+        let next = match &reattest {
+            Some(how) => {
+                if expired {
+                    tracing::warn!(spiffe_id = %current.spiffe_id, "the X.509-SVID expired before it could be renewed; attesting again");
+                }
                 client.attest(how, now).await
             }
-            _ => client.renew(&current, now).await,
+            None => client.renew(&current, now).await,
         };
         match next {
             Ok(next) => {

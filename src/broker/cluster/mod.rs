@@ -76,6 +76,13 @@ impl ServiceAccounts {
         }
     }
 
+    /// Whether every attestation is confirmed by a TokenReview: then an
+    /// SVID a pod's token got is renewed only by attesting again (the
+    /// review must see the pod still there), never on the SVID alone.
+    pub fn reviews(&self) -> bool {
+        self.review.is_some()
+    }
+
     /// Offline attestation against a JWKS (no TokenReview).
     pub fn offline(keys: SaKeys, config: SaTokenConfig) -> Self {
         Self::new(KeySource::File(keys), config, None)

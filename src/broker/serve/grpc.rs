@@ -379,6 +379,20 @@ impl pb::identity_server::Identity for IdentityService {
                 .map_err(|e| internal("reading the SVID renewed", e))?,
             None => None,
         };
+        // With TokenReview on, a pod's SVID is renewed by its current
+        // ServiceAccount token (Attest, reviewed again), never by the SVID
+        // alone: the key of a deleted pod must not renew itself forever.
+        if pod.is_some()
+            && broker
+                .settings()
+                .service_accounts
+                .as_ref()
+                .is_some_and(|accounts| accounts.reviews())
+        {
+            return Err(Status::failed_precondition(
+                "this SVID was attested by a pod's ServiceAccount token and TokenReview is on: attest again with the current token to renew",
+            ));
+        }
         let ttl = broker.settings().svid_ttl;
         let csr = &request.get_ref().csr_der;
         issue_svid(broker, &id, csr, "renew", ttl, &id, pod.as_ref()).await
