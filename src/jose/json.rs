@@ -6,8 +6,7 @@
 //! counts are exactly how signature-wrapping attacks start. Duplicates are
 //! rejected at every depth.
 
-use serde::Deserialize;
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 use std::fmt;
 
@@ -28,18 +27,23 @@ pub enum JsonError {
 
 const DUPLICATE_PREFIX: &str = "duplicate member ";
 
+/// Deepest nesting [`parse_object`] accepts: a JOSE header or claim set is
+/// a few levels deep; this bounds the work on a hostile one well below
+/// serde_json's own recursion limit.
+pub const MAX_DEPTH: usize = 64;
+
 /// Parses `bytes` as one JSON object, rejecting duplicate member names.
 ///
 /// # Errors
-/// [`JsonError`] for invalid JSON, a duplicate name at any depth, or a
-/// top-level value that is not an object.
+/// [`JsonError`] for invalid JSON, a duplicate name at any depth, nesting
+/// deeper than [`MAX_DEPTH`], or a top-level value that is not an object.
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, JsonError> {
-    match serde_json::from_slice::<StrictValue>(bytes) {
-        Ok(StrictValue(Value::Object(map))) => Ok(map),
+    match parse_strict(bytes, MAX_DEPTH) {
+        Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(JsonError::NotAnObject),
         Err(err) => {
             // Our visitor reports duplicates as "data" errors; every other
-            // failure is syntax, EOF or I/O.
+            // failure is syntax, depth, EOF or I/O.
             let text = err.to_string();
             match text.strip_prefix(DUPLICATE_PREFIX) {
                 Some(rest) if err.is_data() => {
@@ -52,18 +56,56 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, JsonError> {
     }
 }
 
-/// A `serde_json::Value` whose deserializer refuses duplicate member names.
-struct StrictValue(Value);
+/// Parses `bytes` as exactly one JSON value (nothing after it), refusing a
+/// member name repeated in any object (`duplicate member NAME`) and
+/// nesting deeper than `max_depth` (`nesting deeper than N levels`): the
+/// one strict reader for untrusted JSON, JOSE's and the admission
+/// webhook's alike.
+///
+/// # Errors
+/// serde_json's error, with its line and column.
+pub fn parse_strict(bytes: &[u8], max_depth: usize) -> Result<Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = Strict {
+        depth: 0,
+        max: max_depth,
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
 
-impl<'de> Deserialize<'de> for StrictValue {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+/// A value whose deserializer refuses duplicate member names and nesting
+/// past `max`.
+struct Strict {
+    depth: usize,
+    max: usize,
+}
+
+impl Strict {
+    fn deeper<E: de::Error>(&self) -> Result<Self, E> {
+        if self.depth >= self.max {
+            return Err(E::custom(format_args!(
+                "nesting deeper than {} levels",
+                self.max
+            )));
+        }
+        Ok(Self {
+            depth: self.depth + 1,
+            max: self.max,
+        })
     }
 }
 
-struct StrictVisitor;
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = Value;
 
-impl<'de> Visitor<'de> for StrictVisitor {
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -102,7 +144,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::new();
-        while let Some(StrictValue(item)) = seq.next_element()? {
+        while let Some(item) = seq.next_element_seed(self.deeper()?)? {
             items.push(item);
         }
         Ok(Value::Array(items))
@@ -114,7 +156,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
             if map.contains_key(&name) {
                 return Err(de::Error::custom(format_args!("{DUPLICATE_PREFIX}{name}")));
             }
-            let StrictValue(value) = access.next_value()?;
+            let value = access.next_value_seed(self.deeper()?)?;
             map.insert(name, value);
         }
         Ok(Value::Object(map))
@@ -172,7 +214,10 @@ mod tests {
         let text = format!("{{\"a\":{deep}}}");
         assert!(matches!(
             parse_object(text.as_bytes()),
-            Err(JsonError::Syntax(_))
+            Err(JsonError::Syntax(e)) if e.contains("nesting deeper than 64 levels")
         ));
+        // The cap itself: 64 levels below the top object parse.
+        let ok = format!("{{\"a\":{}{}}}", "[".repeat(63), "]".repeat(63));
+        assert!(parse_object(ok.as_bytes()).is_ok());
     }
 }
