@@ -199,24 +199,8 @@ fn bad_settings_are_all_reported_and_exit_64() {
 /// A TLS connection that sends a review's head and one byte of its body,
 /// then stalls: the review holds its turn until the body timeout.
 async fn stalled_review(hook: &Webhook) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use rustls_pki_types::pem::PemObject as _;
     use tokio::io::AsyncWriteExt as _;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(hook.ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(hook.addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut tls = hook.tls_trusting(&hook.ca_pem).await;
     tls.write_all(b"POST /inject HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\n{")
         .await
         .unwrap();

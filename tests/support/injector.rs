@@ -105,8 +105,11 @@ impl Webhook {
         }
     }
 
-    /// A new HTTPS connection trusting `ca_pem`.
-    pub async fn connect_trusting(&self, ca_pem: &str) -> Conn {
+    /// A TLS connection (no HTTP yet) trusting `ca_pem`.
+    pub async fn tls_trusting(
+        &self,
+        ca_pem: &str,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         use rustls_pki_types::pem::PemObject as _;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -120,10 +123,15 @@ impl Webhook {
             .with_no_client_auth();
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A new HTTPS connection trusting `ca_pem`.
+    pub async fn connect_trusting(&self, ca_pem: &str) -> Conn {
+        let tls = self.tls_trusting(ca_pem).await;
         let server_cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
         let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
