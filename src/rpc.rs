@@ -37,6 +37,23 @@ pub fn refusal_text(status: &tonic::Status) -> String {
     }
 }
 
+/// Whether a status from the broker means "try again later" rather than
+/// "no": the broker was down, slow, or lost the connection mid-call. A
+/// dropped connection arrives as `Cancelled` (the HTTP/2 stream was reset
+/// while the broker shut down), which the broker never sends as a verdict.
+pub fn is_transient(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Internal
+            | Code::Unknown
+            | Code::Aborted
+    )
+}
+
 /// Why a connection to the broker could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -146,6 +163,24 @@ mod tests {
         assert_eq!(refusal_text(&s), "unavailable");
         let s = Status::new(Code::NotFound, " ");
         assert_eq!(refusal_text(&s), Code::NotFound.description());
+    }
+
+    #[test]
+    fn a_connection_lost_mid_call_is_an_outage_and_a_verdict_is_not() {
+        // tonic reports a stream reset by a broker shutting down as
+        // Cancelled; the sidecar must wait for it, not pass it on as a "no".
+        for code in [Code::Unavailable, Code::Cancelled, Code::DeadlineExceeded] {
+            assert!(is_transient(code), "{code:?}");
+        }
+        for code in [
+            Code::PermissionDenied,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::ResourceExhausted,
+            Code::Unauthenticated,
+        ] {
+            assert!(!is_transient(code), "{code:?}");
+        }
     }
 
     #[test]

@@ -225,15 +225,11 @@ impl IdentityClient {
 }
 
 fn status_error(status: tonic::Status) -> IdentityError {
-    use tonic::Code;
     let text = crate::rpc::refusal_text(&status);
-    match status.code() {
-        Code::Unavailable
-        | Code::DeadlineExceeded
-        | Code::Internal
-        | Code::Unknown
-        | Code::Aborted => IdentityError::Unreachable(text),
-        _ => IdentityError::Refused(text),
+    if crate::rpc::is_transient(status.code()) {
+        IdentityError::Unreachable(text)
+    } else {
+        IdentityError::Refused(text)
     }
 }
 

@@ -9,7 +9,6 @@ use crate::proto::v1 as pb;
 use crate::token::{AccessToken, Audience, Scope, Scopes};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tonic::Code;
 use tonic::transport::Channel;
 
 /// Longest wait for the broker on one call.
@@ -72,14 +71,6 @@ impl BrokerIssuer {
     }
 }
 
-/// Whether a status means "try again later" rather than "no".
-fn retryable(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown | Code::Aborted
-    )
-}
-
 impl Fetch for BrokerIssuer {
     async fn fetch(&self, audience: &Audience, scopes: &Scopes) -> Result<Fetched, FetchError> {
         let now = self.clock.now();
@@ -99,7 +90,7 @@ impl Fetch for BrokerIssuer {
             .await
             .map_err(|status| {
                 let text = crate::rpc::refusal_text(&status);
-                if retryable(status.code()) {
+                if crate::rpc::is_transient(status.code()) {
                     FetchError::Unreachable(text)
                 } else {
                     FetchError::Refused(text)
