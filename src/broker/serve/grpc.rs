@@ -397,6 +397,13 @@ impl pb::identity_server::Identity for IdentityService {
         let csr = &request.get_ref().csr_der;
         issue_svid(broker, &id, csr, "renew", ttl, &id, pod.as_ref()).await
     }
+
+    async fn issue_workload_svid(
+        &self,
+        _request: Request<pb::WorkloadSvidRequest>,
+    ) -> Result<Response<pb::SvidResponse>, Status> {
+        Err(Status::unimplemented("workload SVIDs are not issued yet"))
+    }
 }
 
 /// The one mapping from issuance refusals to gRPC statuses.
@@ -467,6 +474,13 @@ impl pb::tokens_server::Tokens for TokensService {
             jti: claims.jti,
             kid: claims.kid,
         }))
+    }
+
+    async fn issue_jwt_svid(
+        &self,
+        _request: Request<pb::JwtSvidRequest>,
+    ) -> Result<Response<pb::JwtSvidResponse>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not issued yet"))
     }
 }
 
