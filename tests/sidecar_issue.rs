@@ -9,7 +9,7 @@ use std::time::Duration;
 use support::broker::{channel_as, serve_broker, settings};
 use tally::clock::{Clock, SystemClock};
 use tally::dpop::ProofKey;
-use tally::sidecar::cache::{CacheConfig, CacheError, TokenCache};
+use tally::sidecar::cache::{CacheConfig, CacheError, TokenAsk, TokenCache};
 use tally::sidecar::issuer::BrokerIssuer;
 use tally::store::Sealer;
 use tally::token::{TokenConfig, verify};
@@ -40,7 +40,9 @@ async fn the_cache_gets_bound_tokens_from_the_broker_once_and_rides_out_an_outag
     let tasks: Vec<_> = (0..200)
         .map(|_| {
             let (cache, payments, charge) = (Arc::clone(&cache), payments.clone(), charge.clone());
-            tokio::spawn(async move { cache.get(&payments, &charge).await.unwrap() })
+            tokio::spawn(
+                async move { cache.get(&TokenAsk::new(&payments, &charge)).await.unwrap() },
+            )
         })
         .collect();
     let mut jtis = std::collections::HashSet::new();
@@ -52,7 +54,7 @@ async fn the_cache_gets_bound_tokens_from_the_broker_once_and_rides_out_an_outag
     assert_eq!(broker.store().live_tokens(now, 10).await.unwrap().len(), 1);
 
     // Bound to the sidecar's key, for the caller, with the scope asked for.
-    let fetched = cache.get(&payments, &charge).await.unwrap();
+    let fetched = cache.get(&TokenAsk::new(&payments, &charge)).await.unwrap();
     let config = TokenConfig::new(broker.issuer(), payments.clone());
     let claims = verify(
         fetched.token.expose(),
@@ -73,7 +75,10 @@ async fn the_cache_gets_bound_tokens_from_the_broker_once_and_rides_out_an_outag
 
     // A scope the policy does not grant: refused, naming it; not an outage.
     let refund: tally::token::Scopes = "payments:refund".parse().unwrap();
-    let err = cache.get(&payments, &refund).await.unwrap_err();
+    let err = cache
+        .get(&TokenAsk::new(&payments, &refund))
+        .await
+        .unwrap_err();
     let CacheError::Refused(why) = &err else {
         panic!("{err:?}")
     };
@@ -84,11 +89,18 @@ async fn the_cache_gets_bound_tokens_from_the_broker_once_and_rides_out_an_outag
     // cannot be filled and says the broker is unreachable.
     served.stop().await;
     assert_eq!(
-        cache.get(&payments, &charge).await.unwrap().jti,
+        cache
+            .get(&TokenAsk::new(&payments, &charge))
+            .await
+            .unwrap()
+            .jti,
         fetched.jti
     );
     let read: tally::token::Scopes = "payments:read".parse().unwrap();
-    let err = cache.get(&payments, &read).await.unwrap_err();
+    let err = cache
+        .get(&TokenAsk::new(&payments, &read))
+        .await
+        .unwrap_err();
     assert!(matches!(err, CacheError::Unreachable { .. }), "{err:?}");
     assert!(cache.unreachable_since().is_some());
 }

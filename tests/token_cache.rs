@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tally::sidecar::cache::{CacheConfig, CacheError, Fetch, FetchError, Fetched, TokenCache};
+use tally::sidecar::cache::{
+    CacheConfig, CacheError, Fetch, FetchError, Fetched, TokenAsk, TokenCache,
+};
 use tally::token::{AccessToken, Audience, Scopes};
 use tokio::time::{Instant, advance};
 
@@ -36,7 +38,11 @@ impl Broker {
 }
 
 impl Fetch for Broker {
-    async fn fetch(&self, _audience: &Audience, scopes: &Scopes) -> Result<Fetched, FetchError> {
+    type Ask = TokenAsk;
+    type Got = Fetched;
+
+    async fn fetch(&self, ask: &TokenAsk) -> Result<Fetched, FetchError> {
+        let scopes = &ask.scopes;
         tokio::time::sleep(self.latency).await;
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         if self.down.load(Ordering::SeqCst) {
@@ -79,7 +85,7 @@ async fn a_thousand_concurrent_callers_cause_one_broker_call() {
         .map(|_| {
             let cache = Arc::clone(&cache);
             let a = a.clone();
-            tokio::spawn(async move { cache.get(&a, &scopes()).await.unwrap().jti })
+            tokio::spawn(async move { cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap().jti })
         })
         .collect();
     for t in tasks {
@@ -88,7 +94,7 @@ async fn a_thousand_concurrent_callers_cause_one_broker_call() {
     assert_eq!(broker.calls.load(Ordering::SeqCst), 1);
     assert_eq!(cache.stats().misses.load(Ordering::SeqCst), 1000);
     // Afterwards: hits, no more calls.
-    cache.get(&a, &scopes()).await.unwrap();
+    cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap();
     assert_eq!(cache.stats().hits.load(Ordering::SeqCst), 1);
     assert_eq!(broker.calls.load(Ordering::SeqCst), 1);
 }
@@ -98,11 +104,11 @@ async fn a_thousand_concurrent_callers_cause_one_broker_call() {
 /// it got the first token without a broker call, and none waited.
 async fn refresh_point(broker: &Broker, cache: &Arc<TokenCache<Arc<Broker>>>) -> u64 {
     let a = aud("spiffe://example.org/ns/pay/sa/payments");
-    let first = cache.get(&a, &scopes()).await.unwrap();
+    let first = cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap();
     for second in 1..300 {
         advance(Duration::from_secs(1)).await;
         let t0 = Instant::now();
-        let got = cache.get(&a, &scopes()).await.unwrap();
+        let got = cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap();
         assert_eq!(t0.elapsed(), Duration::ZERO, "no wait on the broker");
         assert_eq!(got.jti, first.jti, "at {second} s");
         if cache.stats().refreshes.load(Ordering::SeqCst) == 1 {
@@ -126,7 +132,10 @@ async fn tokens_are_refreshed_ahead_and_callers_never_wait_or_get_a_stale_one() 
     // another call.
     tokio::time::sleep(Duration::from_millis(50)).await;
     for _ in 0..10 {
-        assert_eq!(cache.get(&a, &scopes()).await.unwrap().jti, "jti-2");
+        assert_eq!(
+            cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap().jti,
+            "jti-2"
+        );
     }
     assert_eq!(broker.calls.load(Ordering::SeqCst), 2);
     assert_eq!(cache.stats().refreshes.load(Ordering::SeqCst), 1);
@@ -150,17 +159,23 @@ async fn sidecars_started_together_do_not_refresh_together() {
 async fn while_the_broker_is_down_cached_tokens_serve_until_the_floor_then_a_clear_error() {
     let (broker, cache) = setup(300);
     let a = aud("spiffe://example.org/ns/pay/sa/payments");
-    cache.get(&a, &scopes()).await.unwrap();
+    cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap();
     broker.down.store(true, Ordering::SeqCst);
     // Due for refresh; the refresh fails; the token still has > 30 s.
     advance(Duration::from_secs(260)).await;
-    assert_eq!(cache.get(&a, &scopes()).await.unwrap().jti, "jti-1");
+    assert_eq!(
+        cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap().jti,
+        "jti-1"
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
     let down_at = cache.unreachable_since().expect("the failure is recorded");
-    assert_eq!(cache.get(&a, &scopes()).await.unwrap().jti, "jti-1");
+    assert_eq!(
+        cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap().jti,
+        "jti-1"
+    );
     // 10% of 300 s is the floor: at 271 s the token is not handed out.
     advance(Duration::from_secs(11)).await;
-    let err = cache.get(&a, &scopes()).await.unwrap_err();
+    let err = cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap_err();
     let CacheError::Unreachable { since, reason } = &err else {
         panic!("{err:?}")
     };
@@ -169,7 +184,7 @@ async fn while_the_broker_is_down_cached_tokens_serve_until_the_floor_then_a_cle
     assert!(err.to_string().contains("unreachable for 11s"), "{err}");
     // Back up: the next caller gets a fresh token and the outage is over.
     broker.down.store(false, Ordering::SeqCst);
-    assert!(cache.get(&a, &scopes()).await.is_ok());
+    assert!(cache.get(&TokenAsk::new(&a, &scopes())).await.is_ok());
     assert_eq!(cache.unreachable_since(), None);
 }
 
@@ -178,11 +193,11 @@ async fn a_short_lived_token_keeps_five_seconds_in_hand() {
     // 10% of 20 s is 2 s; the 5 s floor wins.
     let (broker, cache) = setup(20);
     let a = aud("spiffe://example.org/ns/pay/sa/payments");
-    cache.get(&a, &scopes()).await.unwrap();
+    cache.get(&TokenAsk::new(&a, &scopes())).await.unwrap();
     broker.down.store(true, Ordering::SeqCst);
     advance(Duration::from_millis(15_500)).await;
     assert!(matches!(
-        cache.get(&a, &scopes()).await,
+        cache.get(&TokenAsk::new(&a, &scopes())).await,
         Err(CacheError::Unreachable { .. })
     ));
 }
@@ -192,7 +207,7 @@ async fn a_refusal_is_passed_on_and_is_not_an_outage() {
     let (broker, cache) = setup(300);
     broker.refuse.store(true, Ordering::SeqCst);
     let err = cache
-        .get(&aud("spiffe://example.org/x"), &scopes())
+        .get(&TokenAsk::new(&aud("spiffe://example.org/x"), &scopes()))
         .await
         .unwrap_err();
     assert_eq!(err, CacheError::Refused("scope x is not granted".into()));
@@ -210,7 +225,10 @@ async fn the_cache_is_bounded_and_evicts_the_soonest_to_expire() {
     let cache = TokenCache::new(Arc::clone(&broker), config);
     for i in 0..5 {
         cache
-            .get(&aud(&format!("spiffe://example.org/svc/{i}")), &scopes())
+            .get(&TokenAsk::new(
+                &aud(&format!("spiffe://example.org/svc/{i}")),
+                &scopes(),
+            ))
             .await
             .unwrap();
         advance(Duration::from_secs(1)).await;
@@ -219,12 +237,18 @@ async fn the_cache_is_bounded_and_evicts_the_soonest_to_expire() {
     // The oldest (soonest to expire) went: asking again calls the broker.
     let before = broker.calls.load(Ordering::SeqCst);
     cache
-        .get(&aud("spiffe://example.org/svc/0"), &scopes())
+        .get(&TokenAsk::new(
+            &aud("spiffe://example.org/svc/0"),
+            &scopes(),
+        ))
         .await
         .unwrap();
     assert_eq!(broker.calls.load(Ordering::SeqCst), before + 1);
     cache
-        .get(&aud("spiffe://example.org/svc/4"), &scopes())
+        .get(&TokenAsk::new(
+            &aud("spiffe://example.org/svc/4"),
+            &scopes(),
+        ))
         .await
         .unwrap();
     assert_eq!(

@@ -17,7 +17,7 @@
 //! identity), 503 (broker unreachable) — mapped in one place
 //! (`api_error`).
 
-use super::cache::{CacheError, Fetch, Fetched, TokenCache};
+use super::cache::{CacheError, FetchTokens, Fetched, TokenAsk, TokenCache};
 use super::identity::Svid;
 pub use super::service_map::{Destination, ServiceMap, ServiceMapError};
 use super::watch::MeshState;
@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 const MAX_BODY: usize = 16 * 1024;
 
 /// The local API's state.
-pub struct LocalApi<F> {
+pub struct LocalApi<F: FetchTokens> {
     cache: Arc<TokenCache<F>>,
     identity: tokio::sync::watch::Receiver<Arc<Svid>>,
     /// The broker's revocations, when the sidecar follows Watch: a cached
@@ -50,7 +50,7 @@ pub struct LocalApi<F> {
     clock: Arc<dyn Clock>,
 }
 
-impl<F> std::fmt::Debug for LocalApi<F> {
+impl<F: FetchTokens> std::fmt::Debug for LocalApi<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalApi")
             .field("allowed_uids", &self.allowed_uids)
@@ -112,7 +112,7 @@ fn api_error(e: &CacheError) -> ApiError {
     }
 }
 
-impl<F: Fetch> LocalApi<F> {
+impl<F: FetchTokens> LocalApi<F> {
     /// The API over these parts. `allowed_uids`, when set, lists the only
     /// peer user ids served; `mesh`, when set, supplies revocations.
     pub fn new(
@@ -391,7 +391,7 @@ impl<F: Fetch> LocalApi<F> {
         }
         let fetched = self
             .cache
-            .get(audience, scopes)
+            .get(&TokenAsk::new(audience, scopes))
             .await
             .map_err(|e| api_error(&e))?;
         let Some(mesh) = &self.mesh else {
@@ -406,7 +406,7 @@ impl<F: Fetch> LocalApi<F> {
         self.cache.forget_where(covered);
         let again = self
             .cache
-            .get(audience, scopes)
+            .get(&TokenAsk::new(audience, scopes))
             .await
             .map_err(|e| api_error(&e))?;
         if covered(&again) {
@@ -509,7 +509,7 @@ pub fn bind_with_mode(
 ///
 /// # Errors
 /// If accepting fails.
-pub async fn serve<F: Fetch>(
+pub async fn serve<F: FetchTokens>(
     api: Arc<LocalApi<F>>,
     listener: tokio::net::UnixListener,
     listen: crate::http::Listen,

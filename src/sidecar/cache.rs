@@ -1,6 +1,8 @@
-//! The sidecar's token cache: one DPoP-bound token per (audience, scope
-//! set), refreshed ahead of expiry so callers never wait on the broker in
-//! the common case.
+//! The sidecar's token cache: one token per thing asked for (a DPoP-bound
+//! access token per audience and scope set, a JWT-SVID per audience set),
+//! refreshed ahead of expiry so callers never wait on the broker in the
+//! common case. What is asked for and what comes back are the fetcher's
+//! ([`Fetch::Ask`], [`Fetch::Got`]); the timing is the cache's.
 //!
 //! - Refresh at 80% of a token's life, jittered by ±5% of the life so a
 //!   fleet started together does not refresh together. A caller that
@@ -77,25 +79,62 @@ pub enum FetchError {
     Refused(String),
 }
 
+impl Expiring for Fetched {
+    fn expires_in(&self) -> Duration {
+        self.expires_in
+    }
+}
+
+/// What a caller asks for an access token: one cache entry each.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenAsk {
+    /// The audience.
+    pub audience: Audience,
+    /// The scopes (sorted, so equal sets are one entry).
+    pub scopes: Scopes,
+}
+
+impl TokenAsk {
+    /// An ask for a token for `audience` with `scopes`.
+    pub fn new(audience: &Audience, scopes: &Scopes) -> Self {
+        Self {
+            audience: audience.clone(),
+            scopes: scopes.clone(),
+        }
+    }
+}
+
+/// A token's remaining life as the fetcher received it.
+pub trait Expiring {
+    /// How long it is valid from when it arrived.
+    fn expires_in(&self) -> Duration;
+}
+
 /// Gets tokens from the broker.
 pub trait Fetch: Send + Sync + 'static {
-    /// Asks the broker for a token for `audience` with `scopes`.
-    fn fetch(
-        &self,
-        audience: &Audience,
-        scopes: &Scopes,
-    ) -> impl Future<Output = Result<Fetched, FetchError>> + Send;
+    /// What a caller asks for; one cache entry per distinct value.
+    type Ask: Clone + Eq + std::hash::Hash + Send + Sync + 'static;
+    /// What the broker answers with.
+    type Got: Expiring + Clone + Send + Sync + 'static;
+
+    /// Asks the broker for `ask`.
+    fn fetch(&self, ask: &Self::Ask) -> impl Future<Output = Result<Self::Got, FetchError>> + Send;
 }
 
 impl<T: Fetch> Fetch for Arc<T> {
-    fn fetch(
-        &self,
-        audience: &Audience,
-        scopes: &Scopes,
-    ) -> impl Future<Output = Result<Fetched, FetchError>> + Send {
-        (**self).fetch(audience, scopes)
+    type Ask = T::Ask;
+    type Got = T::Got;
+
+    fn fetch(&self, ask: &Self::Ask) -> impl Future<Output = Result<Self::Got, FetchError>> + Send {
+        (**self).fetch(ask)
     }
 }
+
+/// A fetcher of DPoP-bound access tokens (what the local API and the
+/// outbound proxy use).
+pub trait FetchTokens: Fetch<Ask = TokenAsk, Got = Fetched> {}
+
+impl<T: Fetch<Ask = TokenAsk, Got = Fetched>> FetchTokens for T {}
 
 /// Why the cache has no token to give.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -154,35 +193,42 @@ impl Default for CacheConfig {
     }
 }
 
-type Key = (String, String);
-
 #[derive(Debug, Clone)]
-struct Entry {
-    fetched: Fetched,
+struct Entry<T> {
+    fetched: T,
     expires: Instant,
     refresh: Instant,
     floor: Duration,
 }
 
-impl Entry {
+impl<T> Entry<T> {
     fn usable(&self, now: Instant) -> bool {
         self.expires.saturating_duration_since(now) >= self.floor
     }
 }
 
-#[derive(Debug, Default)]
-struct Slot {
-    entry: Option<Entry>,
+#[derive(Debug)]
+struct Slot<T> {
+    entry: Option<Entry<T>>,
     /// Held while a fetch for this key is in flight (single flight).
     fetching: Arc<tokio::sync::Mutex<()>>,
 }
 
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Self {
+            entry: None,
+            fetching: Arc::default(),
+        }
+    }
+}
+
 /// The token cache.
 #[derive(Debug)]
-pub struct TokenCache<F> {
+pub struct TokenCache<F: Fetch> {
     fetcher: F,
     config: CacheConfig,
-    slots: Mutex<HashMap<Key, Slot>>,
+    slots: Mutex<HashMap<F::Ask, Slot<F::Got>>>,
     down_since: Mutex<Option<(Instant, String)>>,
     stats: CacheStats,
 }
@@ -209,7 +255,7 @@ impl<F: Fetch> TokenCache<F> {
         self.lock_down().as_ref().map(|(at, _)| *at)
     }
 
-    fn lock_slots(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, HashMap<F::Ask, Slot<F::Got>>> {
         self.slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -221,18 +267,14 @@ impl<F: Fetch> TokenCache<F> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A token for `audience` with `scopes`: from the cache when it has one
-    /// with enough life left (starting a background refresh when due),
-    /// else from the broker, one fetch for all concurrent callers.
+    /// A token for `ask`: from the cache when it has one with enough life
+    /// left (starting a background refresh when due), else from the
+    /// broker, one fetch for all concurrent callers.
     ///
     /// # Errors
     /// [`CacheError`].
-    pub async fn get(
-        self: &Arc<Self>,
-        audience: &Audience,
-        scopes: &Scopes,
-    ) -> Result<Fetched, CacheError> {
-        let key = (audience.to_string(), scopes.to_string());
+    pub async fn get(self: &Arc<Self>, ask: &F::Ask) -> Result<F::Got, CacheError> {
+        let key = ask;
         let now = Instant::now();
         let (cached, lock) = {
             let mut slots = self.lock_slots();
@@ -242,7 +284,7 @@ impl<F: Fetch> TokenCache<F> {
         if let Some(entry) = cached.filter(|e| e.usable(now)) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             if now >= entry.refresh {
-                self.refresh_in_background(key, lock, audience.clone(), scopes.clone());
+                self.refresh_in_background(key.clone(), lock);
             }
             return Ok(entry.fetched);
         }
@@ -250,23 +292,17 @@ impl<F: Fetch> TokenCache<F> {
         let _flight = lock.lock().await;
         // Whoever held the lock may have just fetched it.
         let now = Instant::now();
-        if let Some(entry) = self.cached(&key).filter(|e| e.usable(now)) {
+        if let Some(entry) = self.cached(key).filter(|e| e.usable(now)) {
             return Ok(entry.fetched);
         }
-        self.fetch_and_store(&key, audience, scopes).await
+        self.fetch_and_store(key).await
     }
 
-    fn cached(&self, key: &Key) -> Option<Entry> {
+    fn cached(&self, key: &F::Ask) -> Option<Entry<F::Got>> {
         self.lock_slots().get(key).and_then(|s| s.entry.clone())
     }
 
-    fn refresh_in_background(
-        self: &Arc<Self>,
-        key: Key,
-        lock: Arc<tokio::sync::Mutex<()>>,
-        audience: Audience,
-        scopes: Scopes,
-    ) {
+    fn refresh_in_background(self: &Arc<Self>, key: F::Ask, lock: Arc<tokio::sync::Mutex<()>>) {
         // Already in flight: nothing to do.
         let Ok(flight) = lock.try_lock_owned() else {
             return;
@@ -277,17 +313,12 @@ impl<F: Fetch> TokenCache<F> {
             let _flight = flight;
             // A failure is recorded (unreachable_since); the cached token
             // keeps serving until its floor, and the next caller retries.
-            let _ = cache.fetch_and_store(&key, &audience, &scopes).await;
+            let _ = cache.fetch_and_store(&key).await;
         });
     }
 
-    async fn fetch_and_store(
-        &self,
-        key: &Key,
-        audience: &Audience,
-        scopes: &Scopes,
-    ) -> Result<Fetched, CacheError> {
-        match self.fetcher.fetch(audience, scopes).await {
+    async fn fetch_and_store(&self, key: &F::Ask) -> Result<F::Got, CacheError> {
+        match self.fetcher.fetch(key).await {
             Ok(fetched) => {
                 *self.lock_down() = None;
                 let entry = self.entry_for(fetched.clone());
@@ -320,9 +351,9 @@ impl<F: Fetch> TokenCache<F> {
         }
     }
 
-    fn entry_for(&self, fetched: Fetched) -> Entry {
+    fn entry_for(&self, fetched: F::Got) -> Entry<F::Got> {
         let now = Instant::now();
-        let life = fetched.expires_in;
+        let life = fetched.expires_in();
         let jitter = (random_unit() * 2.0 - 1.0) * self.config.jitter;
         let refresh_after = life.mul_f64((self.config.refresh_at + jitter).clamp(0.0, 1.0));
         let floor = life
@@ -336,7 +367,7 @@ impl<F: Fetch> TokenCache<F> {
         }
     }
 
-    fn store(&self, key: &Key, entry: Entry) {
+    fn store(&self, key: &F::Ask, entry: Entry<F::Got>) {
         let mut slots = self.lock_slots();
         let new = slots.get(key).is_none_or(|s| s.entry.is_none());
         let filled = slots.values().filter(|s| s.entry.is_some()).count();
@@ -357,7 +388,7 @@ impl<F: Fetch> TokenCache<F> {
 
     /// Drops the slot for `key` if it holds no token (after a failed
     /// fetch), so refused or failed keys do not pile up.
-    fn forget_empty(&self, key: &Key) {
+    fn forget_empty(&self, key: &F::Ask) {
         let mut slots = self.lock_slots();
         if slots.get(key).is_some_and(|s| s.entry.is_none()) {
             slots.remove(key);
@@ -367,7 +398,7 @@ impl<F: Fetch> TokenCache<F> {
     /// Drops every cached token `revoked` says is revoked (after a
     /// revocation arrives); the next caller gets a new one. Returns how
     /// many were dropped.
-    pub fn forget_where(&self, revoked: impl Fn(&Fetched) -> bool) -> usize {
+    pub fn forget_where(&self, revoked: impl Fn(&F::Got) -> bool) -> usize {
         let mut slots = self.lock_slots();
         let before = slots.len();
         slots.retain(|_, s| !s.entry.as_ref().is_some_and(|e| revoked(&e.fetched)));

@@ -2,11 +2,11 @@
 //! [`Fetch`] the token cache uses. Each call carries a fresh DPoP proof
 //! for the sidecar's key, so the token comes back bound to it.
 
-use super::cache::{Fetch, FetchError, Fetched};
+use super::cache::{Fetch, FetchError, Fetched, TokenAsk};
 use crate::clock::Clock;
 use crate::dpop::ProofKey;
 use crate::proto::v1 as pb;
-use crate::token::{AccessToken, Audience, Scope, Scopes};
+use crate::token::{AccessToken, Scope, Scopes};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -72,7 +72,11 @@ impl BrokerIssuer {
 }
 
 impl Fetch for BrokerIssuer {
-    async fn fetch(&self, audience: &Audience, scopes: &Scopes) -> Result<Fetched, FetchError> {
+    type Ask = TokenAsk;
+    type Got = Fetched;
+
+    async fn fetch(&self, ask: &TokenAsk) -> Result<Fetched, FetchError> {
+        let (audience, scopes) = (&ask.audience, &ask.scopes);
         let now = self.clock.now();
         let (channel, key) = self.current();
         let proof = key

@@ -29,7 +29,7 @@
 //!   remembered, so the next request carries it.
 
 use super::api::{LocalApi, MeshHeaders, RequestHeaders, origin_of};
-use super::cache::Fetch;
+use super::cache::FetchTokens;
 use super::mesh_client::{DialError, MeshClient};
 use super::mtls::MeshTls;
 use super::proxy::{self, NextHop, ProxyBody};
@@ -78,7 +78,7 @@ impl Default for OutboundConfig {
 }
 
 /// The outbound proxy. Share it behind an `Arc`.
-pub struct Outbound<F> {
+pub struct Outbound<F: FetchTokens> {
     api: Arc<LocalApi<F>>,
     config: OutboundConfig,
     next_hop: NextHop,
@@ -88,7 +88,7 @@ pub struct Outbound<F> {
     requests: CounterVec,
 }
 
-impl<F> std::fmt::Debug for Outbound<F> {
+impl<F: FetchTokens> std::fmt::Debug for Outbound<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbound")
             .field("config", &self.config)
@@ -114,7 +114,7 @@ impl Outgoing {
     }
 }
 
-impl<F: Fetch> Outbound<F> {
+impl<F: FetchTokens> Outbound<F> {
     /// The proxy, taking tokens, proofs, the service map and nonces from
     /// the local API's state, and its TLS identity for mesh destinations
     /// from `tls`.
@@ -336,7 +336,7 @@ impl<F: Fetch> Outbound<F> {
     }
 }
 
-impl<F: Fetch> Outbound<F> {
+impl<F: FetchTokens> Outbound<F> {
     /// A request to a mesh destination, over mutual TLS and HTTP/2: the
     /// server at the address must prove it is `server` before anything is
     /// sent. `audience` is `None` when the app brought its own
@@ -618,7 +618,7 @@ fn asks_for_nonce(response: &Response<ProxyBody>) -> bool {
             .any(|v| v.as_bytes().windows(14).any(|w| w == b"use_dpop_nonce"))
 }
 
-impl<F: Fetch> Outbound<F> {
+impl<F: FetchTokens> Outbound<F> {
     /// `CONNECT host:port`: a tunnel, unless the proxy is strict and the
     /// destination is not in the service map.
     async fn connect(
