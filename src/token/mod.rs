@@ -15,7 +15,7 @@ pub use access::{
     TokenSigner, verify,
 };
 pub use cache::VerifiedTokens;
-pub use claims::{Audience, ClaimValueError, Scope, Scopes, TokenClass};
+pub use claims::{Audience, ClaimValueError, Scope, Scopes, TokenClass, TokenKind};
 pub use jwks::{Jwks, JwksError};
 pub use jwt_svid::{JwtSvid, JwtSvidClaims, JwtSvidError, VerifiedJwtSvid};
 pub use revocation::{Revocation, RevocationSet, RevocationTarget, TokenRef};

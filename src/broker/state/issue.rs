@@ -11,7 +11,7 @@ use crate::dpop::proof::{self, NonceRule, ProofContext, ProofError};
 use crate::identity::SpiffeId;
 use crate::policy::IssueDenial;
 use crate::store::{IssuedToken, Write};
-use crate::token::{AccessToken, Audience, MintRequest, Scopes, TokenClaims};
+use crate::token::{AccessToken, Audience, MintRequest, Scopes, TokenClaims, TokenKind};
 use aws_lc_rs::hmac;
 
 /// One issuance request, already parsed.
@@ -257,11 +257,12 @@ impl Broker {
         self.record(
             Some(Write::Issued(IssuedToken {
                 jti: claims.jti.clone(),
+                kind: TokenKind::Access,
                 sub: input.caller.clone(),
-                aud: input.audience.clone(),
+                aud: vec![input.audience.clone()],
                 scope: claims.scope.clone(),
                 class: claims.class,
-                jkt: claims.jkt,
+                jkt: Some(claims.jkt),
                 iat: claims.iat,
                 exp: claims.exp,
                 kid: claims.kid.clone(),
