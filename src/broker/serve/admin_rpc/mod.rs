@@ -4,7 +4,8 @@
 //! every call is audited with the admin as actor, and every refusal with
 //! the caller.
 
-use super::grpc::{internal, issue_svid};
+use super::grpc::internal;
+use super::identity::issue_svid;
 use helpers::{
     admin, audiences, audit_query, condition, denial_change, policy_change, unix, version_message,
     workload_id,
