@@ -149,8 +149,7 @@ pub fn jwt_svid_verify(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
         return false;
     };
-    let Ok(svid) =
-        tally::token::jwt_svid::verify(text, jwks, JWT_SVID_AUDIENCE, 1_800_000_000, 30)
+    let Ok(svid) = tally::token::jwt_svid::verify(text, jwks, JWT_SVID_AUDIENCE, 1_800_000_000, 30)
     else {
         return false;
     };

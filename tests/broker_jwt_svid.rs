@@ -104,9 +104,18 @@ async fn a_jwt_svid_for_a_permitted_audience_verifies_and_is_recorded_before_it_
     let live = broker.store().find_live_tokens(&filter, 10).await.unwrap();
     assert_eq!(live.len(), 1);
     let row = &live[0];
-    assert_eq!((row.jti.as_str(), row.sub.as_str()), (got.jti.as_str(), CHECKOUT));
-    assert_eq!(row.aud.iter().map(ToString::to_string).collect::<Vec<_>>(), [PAYMENTS]);
-    assert_eq!((row.jkt, row.scope.is_empty(), row.exp), (None, true, v.exp));
+    assert_eq!(
+        (row.jti.as_str(), row.sub.as_str()),
+        (got.jti.as_str(), CHECKOUT)
+    );
+    assert_eq!(
+        row.aud.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        [PAYMENTS]
+    );
+    assert_eq!(
+        (row.jkt, row.scope.is_empty(), row.exp),
+        (None, true, v.exp)
+    );
     assert_eq!(row.token_hmac, broker.token_hmac(&got.svid));
 
     // In the audit log, by jti and keyed hash, never the token itself.
@@ -121,7 +130,10 @@ async fn a_jwt_svid_for_a_permitted_audience_verifies_and_is_recorded_before_it_
     assert_eq!(line["outcome"], "ok");
     assert_eq!(line["actor"], CHECKOUT);
     assert_eq!(line["audience"], serde_json::json!([PAYMENTS]));
-    assert_eq!((line["kid"].as_str(), line["exp"].as_u64()), (Some(got.kid.as_str()), Some(v.exp)));
+    assert_eq!(
+        (line["kid"].as_str(), line["exp"].as_u64()),
+        (Some(got.kid.as_str()), Some(v.exp))
+    );
     assert_eq!(
         line["token_hmac"],
         tally::audit::hex(&broker.token_hmac(&got.svid))
@@ -132,7 +144,8 @@ async fn a_jwt_svid_for_a_permitted_audience_verifies_and_is_recorded_before_it_
 
     let metrics = broker.render_metrics().await;
     assert!(
-        metrics.contains(r#"tally_broker_jwt_svid_issuance_total{result="issued",class="service"} 1"#),
+        metrics
+            .contains(r#"tally_broker_jwt_svid_issuance_total{result="issued",class="service"} 1"#),
         "{metrics}"
     );
     served.stop().await;
@@ -142,11 +155,21 @@ async fn a_jwt_svid_for_a_permitted_audience_verifies_and_is_recorded_before_it_
 async fn several_audiences_make_one_jwt_svid_whose_life_the_strictest_rule_caps() {
     let (_dir, served) = start().await;
     let jwks = served.broker.jwks();
-    let got = ask(&served, CHECKOUT, &[PAYMENTS, API, PAYMENTS], 0).await.unwrap();
+    let got = ask(&served, CHECKOUT, &[PAYMENTS, API, PAYMENTS], 0)
+        .await
+        .unwrap();
     for aud in [PAYMENTS, API] {
         let v = jwt_svid::verify(&got.svid, &jwks, aud, now(), 5).unwrap();
-        assert_eq!(v.claims["aud"], serde_json::json!([PAYMENTS, API]), "duplicates collapsed");
-        assert_eq!(v.exp - v.iat.unwrap(), 120, "the api rule's max_ttl caps the default");
+        assert_eq!(
+            v.claims["aud"],
+            serde_json::json!([PAYMENTS, API]),
+            "duplicates collapsed"
+        );
+        assert_eq!(
+            v.exp - v.iat.unwrap(),
+            120,
+            "the api rule's max_ttl caps the default"
+        );
     }
     // Asked for longer than a rule allows: capped; shorter: as asked.
     for (ttl, life) in [(3600, 120), (30, 30)] {
@@ -155,10 +178,17 @@ async fn several_audiences_make_one_jwt_svid_whose_life_the_strictest_rule_caps(
         assert_eq!(v.exp - v.iat.unwrap(), life, "ttl {ttl}");
     }
     // The admin class's default is the shortest: it wins, and is recorded.
-    let got = ask(&served, CHECKOUT, &[PAYMENTS, ADMIN_API], 0).await.unwrap();
+    let got = ask(&served, CHECKOUT, &[PAYMENTS, ADMIN_API], 0)
+        .await
+        .unwrap();
     let v = jwt_svid::verify(&got.svid, &jwks, ADMIN_API, now(), 5).unwrap();
     assert_eq!(v.exp - v.iat.unwrap(), 60);
-    let lookup = served.broker.lookup_token(&got.svid).await.unwrap().unwrap();
+    let lookup = served
+        .broker
+        .lookup_token(&got.svid)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(lookup.token.class, tally::token::TokenClass::Admin);
     assert_eq!(lookup.token.aud.len(), 2);
     served.stop().await;
@@ -171,7 +201,11 @@ async fn an_audience_no_rule_grants_is_refused_by_name_and_nothing_is_issued() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("https://other.example"), "{}", e.message());
+    assert!(
+        e.message().contains("https://other.example"),
+        "{}",
+        e.message()
+    );
     // Another caller gets nothing for checkout's audience either.
     let e = ask(&served, LIMITED, &[PAYMENTS], 0).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -184,7 +218,10 @@ async fn an_audience_no_rule_grants_is_refused_by_name_and_nothing_is_issued() {
     let records = served.broker.query_audit(&filter, 10).await.unwrap();
     assert_eq!(records.len(), 2);
     let line: serde_json::Value = serde_json::from_str(&records[0].line).unwrap();
-    assert_eq!((line["outcome"].as_str(), line["reason"].as_str()), (Some("denied"), Some("no_rule")));
+    assert_eq!(
+        (line["outcome"].as_str(), line["reason"].as_str()),
+        (Some("denied"), Some("no_rule"))
+    );
 
     // Malformed requests: InvalidArgument, naming what is wrong.
     let many: Vec<String> = (0..17).map(|i| format!("https://a{i}.example")).collect();
@@ -212,7 +249,14 @@ async fn each_granting_rules_rate_limit_is_spent() {
     }
     let e = ask(&served, LIMITED, &[API], 0).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    let retry: u64 = e.metadata().get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    let retry: u64 = e
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
     // Another caller's budget under another rule is its own.
     ask(&served, CHECKOUT, &[API], 0).await.unwrap();
@@ -236,7 +280,11 @@ async fn a_denied_identity_gets_no_jwt_svid() {
         ..AuditFilter::default()
     };
     let records = served.broker.query_audit(&filter, 10).await.unwrap();
-    assert_eq!(records.len(), 1, "the refusal is recorded under the call's own kind");
+    assert_eq!(
+        records.len(),
+        1,
+        "the refusal is recorded under the call's own kind"
+    );
     served.stop().await;
 }
 
@@ -248,12 +296,22 @@ async fn revoking_a_jwt_svid_by_jti_puts_it_on_the_watch_streams_revocation_list
     let admin: tally::identity::SpiffeId = "spiffe://example.org/admin/ops".parse().unwrap();
     let (_, revocation) = served
         .broker
-        .revoke(RevocationTarget::Jti(got.jti.clone()), None, "leaked", &admin)
+        .revoke(
+            RevocationTarget::Jti(got.jti.clone()),
+            None,
+            "leaked",
+            &admin,
+        )
         .await
         .unwrap();
     // Kept until the JWT-SVID itself has expired (plus leeway).
     assert!(revocation.expires_at >= u64::try_from(got.expires_at).unwrap());
-    let lookup = served.broker.lookup_token(&got.svid).await.unwrap().unwrap();
+    let lookup = served
+        .broker
+        .lookup_token(&got.svid)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(lookup.revoked);
 
     let mut stream = pb::watch_client::WatchClient::new(channel_as(&served, PAYMENTS))
@@ -273,4 +331,60 @@ async fn revoking_a_jwt_svid_by_jti_puts_it_on_the_watch_streams_revocation_list
     };
     assert_eq!(revoked.target, Some(pb::revocation::Target::Jti(got.jti)));
     served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tally_ctl_lists_and_looks_up_a_jwt_svid_by_its_kind() {
+    use support::ctl::{mint_svid, text};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = support::broker::Spawned::start(&data);
+    let checkout = dir.path().join("checkout");
+    mint_svid(&broker, &data, CHECKOUT, &checkout);
+    let got = pb::tokens_client::TokensClient::new(broker.channel_with(&checkout).await)
+        .issue_jwt_svid(pb::JwtSvidRequest {
+            audience: vec![PAYMENTS.into()],
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    support::ctl::issue_with(&broker, &checkout).await.unwrap();
+
+    let all = text(&broker.ctl(&data, &["tokens", "list"]));
+    assert!(all.contains("KIND"), "{all}");
+    let row = all
+        .lines()
+        .find(|l| l.contains(&got.jti))
+        .unwrap_or_else(|| panic!("{all}"));
+    assert!(row.contains("jwt_svid"), "{row}");
+    assert_eq!(
+        all.lines().filter(|l| l.contains(" access ")).count(),
+        1,
+        "{all}"
+    );
+    let only = text(&broker.ctl(
+        &data,
+        &["tokens", "list", "--kind", "jwt_svid", "--output", "json"],
+    ));
+    let rows: serde_json::Value = serde_json::from_str(&only).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{only}");
+    assert_eq!(rows[0]["kind"], "jwt_svid");
+    assert_eq!(rows[0]["jti"], got.jti.as_str());
+    assert_eq!(rows[0]["jkt"], "");
+
+    let lookup = text(&broker.ctl(&data, &["audit", "lookup", "--token", &got.svid]));
+    assert!(
+        lookup.contains(&format!("{} (jwt_svid)", got.jti)),
+        "{lookup}"
+    );
+    assert!(lookup.contains("jwt_svid.issue"), "{lookup}");
+    assert!(
+        !lookup.contains(&got.svid),
+        "the token is never printed back"
+    );
+    broker.ctl(&data, &["revoke", "--jti", &got.jti, "--reason", "leaked"]);
+    let after = text(&broker.ctl(&data, &["tokens", "list", "--kind", "jwt_svid"]));
+    assert!(after.contains("revoked"), "{after}");
+    broker.stop();
 }

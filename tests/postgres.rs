@@ -108,7 +108,10 @@ async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_sit_be
     drop(open(&url, &key).await);
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     for sql in support::inventory::before_kinds(true) {
-        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     pool.close().await;
     support::inventory::old_tokens_read_as_access_tokens(&open(&url, &key).await).await;

@@ -76,7 +76,10 @@ async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_sit_be
     let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
     let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
     for sql in support::inventory::before_kinds(false) {
-        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
     }
     pool.close().await;
     let store = open().await.unwrap();

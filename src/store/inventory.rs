@@ -235,7 +235,10 @@ impl Store {
     /// [`StoreError`].
     pub async fn token_usage(&self, since: u64) -> Result<Vec<TokenUsage>, StoreError> {
         let rows = self.db.query(TOKEN_USAGE, &[since.into()]).all().await?;
-        let per_row = rows.iter().map(usage_from_row).collect::<Result<Vec<_>, _>>()?;
+        let per_row = rows
+            .iter()
+            .map(usage_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(per_row.into_iter().flatten().collect())
     }
 

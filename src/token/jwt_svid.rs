@@ -8,9 +8,9 @@
 //! the key only from the [`Jwks`] it is given, by `kid`, and checks times
 //! against the caller's `now` with a bounded leeway.
 
+use super::access::TokenSigner;
 use super::claims::Audience;
 use super::jwks::Jwks;
-use super::access::TokenSigner;
 use crate::identity::{SpiffeId, SpiffeIdError};
 use crate::jose::claims::{self, ClaimError};
 use crate::jose::jws::{self, Jws, JwsError, Limits};
@@ -446,7 +446,10 @@ mod tests {
             let mut h = header();
             h["typ"] = json!(typ);
             let err = verify(&forge(&s, h, good_claims()), &jwks(&s), AUD, NOW, 0);
-            assert!(matches!(err, Err(JwtSvidError::Typ { .. })), "{typ}: {err:?}");
+            assert!(
+                matches!(err, Err(JwtSvidError::Typ { .. })),
+                "{typ}: {err:?}"
+            );
         }
         let mut h = header();
         h["typ"] = json!(1);
@@ -498,7 +501,13 @@ mod tests {
         );
         let other = signer();
         assert_eq!(
-            verify(&forge(&other, header(), good_claims()), &jwks(&s), AUD, NOW, 0),
+            verify(
+                &forge(&other, header(), good_claims()),
+                &jwks(&s),
+                AUD,
+                NOW,
+                0
+            ),
             Err(JwtSvidError::Jws(JwsError::BadSignature))
         );
         let huge = "a".repeat(9000);

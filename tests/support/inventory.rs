@@ -60,11 +60,18 @@ pub async fn jwt_svids_sit_beside_access_tokens(store: &Store) {
         };
         async move { store.find_live_tokens(&filter, 10).await.unwrap() }
     };
-    for aud in ["spiffe://example.org/ns/pay/sa/payments", "https://api.example.org"] {
+    for aud in [
+        "spiffe://example.org/ns/pay/sa/payments",
+        "https://api.example.org",
+    ] {
         assert_eq!(find(Some(aud), None).await, vec![t.clone()], "{aud}");
     }
     // Neither a part of an audience nor a LIKE pattern matches.
-    for aud in ["https://api", "%", "spiffe://example.org/ns/pay/sa/payments https"] {
+    for aud in [
+        "https://api",
+        "%",
+        "spiffe://example.org/ns/pay/sa/payments https",
+    ] {
         assert!(find(Some(aud), None).await.is_empty(), "{aud}");
     }
     assert_eq!(find(None, Some(TokenKind::JwtSvid)).await, vec![t.clone()]);
@@ -74,7 +81,10 @@ pub async fn jwt_svids_sit_beside_access_tokens(store: &Store) {
     auds.sort();
     assert_eq!(
         auds,
-        ["https://api.example.org", "spiffe://example.org/ns/pay/sa/payments"]
+        [
+            "https://api.example.org",
+            "spiffe://example.org/ns/pay/sa/payments"
+        ]
     );
     assert_eq!(
         store

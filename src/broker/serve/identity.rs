@@ -367,7 +367,6 @@ impl pb::identity_server::Identity for IdentityService {
     }
 }
 
-
 /// A second X.509-SVID for the caller's own identity, with a key made
 /// for its application (the SPIFFE Workload API's `FetchX509SVID` must
 /// never hand out the sidecar's key): the CSR may name no identity or
@@ -440,4 +439,3 @@ pub fn identity_server(
 ) -> pb::identity_server::IdentityServer<impl pb::identity_server::Identity> {
     pb::identity_server::IdentityServer::new(IdentityService(broker))
 }
-

@@ -217,7 +217,9 @@ impl Broker {
 }
 
 fn audience_list(aud: &[Audience]) -> serde_json::Value {
-    aud.iter().map(|a| serde_json::Value::from(a.as_str())).collect()
+    aud.iter()
+        .map(|a| serde_json::Value::from(a.as_str()))
+        .collect()
 }
 
 fn with_pod(event: AuditEvent, pod: Option<&Pod>) -> AuditEvent {

@@ -180,8 +180,7 @@ pub(super) fn tokens(
                 "{}",
                 table(
                     &[
-                        "JTI", "KIND", "HOLDER", "AUDIENCE", "SCOPES", "CLASS", "EXPIRES",
-                        "STATE"
+                        "JTI", "KIND", "HOLDER", "AUDIENCE", "SCOPES", "CLASS", "EXPIRES", "STATE"
                     ],
                     rows
                 )
