@@ -133,6 +133,36 @@ pub fn token_verify(data: &[u8]) -> bool {
     true
 }
 
+/// The audience `jwt_svid_verify` checks JWT-SVIDs for.
+pub const JWT_SVID_AUDIENCE: &str = "spiffe://example.org/ns/pay/sa/payments";
+
+/// The JWT-SVID verifier against a JWKS holding [`token_signer`]'s key as
+/// `k1`. Oracle: an accepted JWT-SVID re-encodes to the input, verifies
+/// under that key, carries no `cnf` and names the audience.
+pub fn jwt_svid_verify(data: &[u8]) -> bool {
+    static JWKS: OnceLock<Jwks> = OnceLock::new();
+    let jwks = JWKS.get_or_init(|| {
+        let mut jwks = Jwks::default();
+        jwks.insert("k1", token_signer().key().public_key().clone());
+        jwks
+    });
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let Ok(svid) = tally::token::jwt_svid::verify(text, jwks, JWT_SVID_AUDIENCE, 1_800_000_000, 30)
+    else {
+        return false;
+    };
+    re_encodes(text);
+    assert_eq!(svid.kid, "k1");
+    assert!(!svid.claims.contains_key("cnf"), "a bound token passed");
+    assert!(svid.aud.iter().any(|a| a == JWT_SVID_AUDIENCE));
+    let jws = Jws::parse(text, &Limits::default()).expect("an accepted JWT-SVID parses");
+    jws.verify(token_signer().key().public_key())
+        .expect("it verifies under the trusted key");
+    true
+}
+
 /// The Kubernetes ServiceAccount token verifier and the cluster JWKS
 /// parser (the first byte picks which).
 pub fn sa_token_verify(data: &[u8]) -> bool {

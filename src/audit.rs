@@ -50,11 +50,16 @@ pub enum AuditKind {
     /// OAuth introspection or revocation) refused before it reached its
     /// service: the caller's identity is denied.
     CallRefused,
+    /// A JWT-SVID was asked for (issued or denied).
+    JwtSvidIssue,
+    /// A workload got a second X.509-SVID for its own identity, with a
+    /// key made for the application (SPIFFE Workload API).
+    WorkloadSvid,
 }
 
 impl AuditKind {
     /// Every kind, for the reference (docs/AUDIT.md is made from it).
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 19] = [
         Self::Attest,
         Self::Renew,
         Self::TokenIssue,
@@ -72,6 +77,8 @@ impl AuditKind {
         Self::IdentityDeny,
         Self::IdentityAllow,
         Self::CallRefused,
+        Self::JwtSvidIssue,
+        Self::WorkloadSvid,
     ];
 
     /// What a record of this kind says happened, for the reference.
@@ -118,6 +125,12 @@ impl AuditKind {
             Self::CallRefused => {
                 "A call with no kind of its own (Watch, Reports, Admin, OAuth introspection or revocation) refused because the caller's identity is denied."
             }
+            Self::JwtSvidIssue => {
+                "A JWT-SVID was asked for (`Tokens.IssueJwtSvid`): issued, with `audience` (a list), `jti`, `exp`, `kid` and `token_hmac`, or denied with the reason."
+            }
+            Self::WorkloadSvid => {
+                "A workload got a second X.509-SVID for its own identity with a key made for its application (`Identity.IssueWorkloadSvid`, method `workload`), or was refused."
+            }
         }
     }
 
@@ -141,6 +154,8 @@ impl AuditKind {
             Self::IdentityDeny => "identity.deny",
             Self::IdentityAllow => "identity.allow",
             Self::CallRefused => "call.refused",
+            Self::JwtSvidIssue => "jwt_svid.issue",
+            Self::WorkloadSvid => "identity.workload_svid",
         }
     }
 }

@@ -89,7 +89,10 @@ async fn an_allowed_request_gets_a_bound_verifiable_recorded_token() {
         (issued.jti.as_str(), CHECKOUT, claims.exp)
     );
     assert_eq!(again.token.scope.to_string(), "payments:charge");
-    assert_eq!(again.token.jkt.to_string(), key.thumbprint().to_string());
+    assert_eq!(
+        again.token.jkt.unwrap().to_string(),
+        key.thumbprint().to_string()
+    );
     let forged = format!("{}A", issued.access_token);
     assert!(r.broker.lookup_token(&forged).await.unwrap().is_none());
     r.stop().await;

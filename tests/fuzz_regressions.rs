@@ -12,12 +12,13 @@ use std::path::Path;
 type Target = fn(&[u8]) -> bool;
 
 /// Every target, by name.
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 6] = [
     ("jws_parse", targets::jws_parse),
     ("proof_verify", targets::proof_verify),
     ("token_verify", targets::token_verify),
     ("sa_token_verify", targets::sa_token_verify),
     ("admission_review", targets::admission_review),
+    ("jwt_svid_verify", targets::jwt_svid_verify),
 ];
 
 #[test]
@@ -67,6 +68,20 @@ fn a_valid_proof_and_a_valid_token_reach_the_oracles() {
         .mint(&request, 1_800_000_000)
         .unwrap();
     assert!(targets::token_verify(token.expose().as_bytes()));
+    // An access token is no JWT-SVID, and the reverse.
+    assert!(!targets::jwt_svid_verify(token.expose().as_bytes()));
+
+    let audience = targets::JWT_SVID_AUDIENCE.parse().unwrap();
+    let (svid, _) = tally::token::jwt_svid::mint(
+        targets::token_signer(),
+        &"spiffe://example.org/ns/shop/sa/checkout".parse().unwrap(),
+        &[audience],
+        300,
+        1_800_000_000,
+    )
+    .unwrap();
+    assert!(targets::jwt_svid_verify(svid.expose().as_bytes()));
+    assert!(!targets::token_verify(svid.expose().as_bytes()));
 }
 
 #[test]

@@ -345,6 +345,83 @@ async fn a_token_review_decides_before_an_svid_is_issued() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_token_review_a_pod_still_gets_a_workload_svid_that_ends_with_its_own() {
+    use tally::sidecar::identity::{Attestation, IdentityClient};
+    let cluster = StandIn::start().await;
+    let api = StandIn::start().await;
+    let rsa = Signer::rsa("rsa-1");
+    *cluster.answers.jwks.lock().unwrap() = jwks(&[&rsa]);
+    api.review_with(|req| {
+        let user = "system:serviceaccount:shop:checkout";
+        (201, review_answer(req, true, user, POD.1))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, data) = broker(
+        dir.path(),
+        &cluster.url,
+        &[&cluster.ca_pem, &api.ca_pem],
+        &["--sa-token-review", "--kube-api", &api.url],
+    );
+    let token_file = dir.path().join("sa-token");
+    std::fs::write(&token_file, checkout(&cluster, &rsa, None)).unwrap();
+    let client = IdentityClient::new(
+        format!(
+            "https://localhost:{}",
+            broker.grpc.rsplit(':').next().unwrap()
+        ),
+        std::fs::read_to_string(data.join("bundle.pem")).unwrap(),
+    );
+    let svid = client
+        .attest(&Attestation::ServiceAccountTokenFile(token_file), now())
+        .await
+        .unwrap();
+    let out = dir.path().join("svid");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("cert.pem"), &svid.chain_pem).unwrap();
+    std::fs::write(out.join("key.pem"), svid.key_pem.as_bytes()).unwrap();
+    std::fs::write(out.join("bundle.pem"), &svid.bundle_pem).unwrap();
+    let mut identity = pb::identity_client::IdentityClient::new(broker.channel_with(&out).await);
+
+    // Renew is refused under TokenReview; a workload SVID extends nothing,
+    // so it is issued, and it expires no later than the pod's SVID.
+    let e = identity
+        .renew(pb::RenewRequest {
+            csr_der: support::broker::csr(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let got = identity
+        .issue_workload_svid(pb::WorkloadSvidRequest {
+            csr_der: support::broker::csr(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.spiffe_id, "spiffe://example.org/ns/shop/sa/checkout");
+    assert!(u64::try_from(got.expires_at).unwrap() <= svid.expires_at);
+
+    // Recorded as `workload`, with the pod.
+    let records = support::ctl::text(&broker.ctl(
+        &data,
+        &[
+            "audit",
+            "query",
+            "--type",
+            "identity.workload_svid",
+            "--output",
+            "json",
+        ],
+    ));
+    let records: Value = serde_json::from_str(&records).unwrap();
+    let record = &records.as_array().unwrap()[0];
+    assert_eq!(record["method"], "workload", "{records}");
+    assert_eq!(record["pod"], POD.0, "{records}");
+    assert_eq!(record["pod_uid"], POD.1, "{records}");
+    broker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inventory_and_a_leaked_tokens_lookup_name_the_pod() {
     use tally::sidecar::identity::{Attestation, IdentityClient};
     let cluster = StandIn::start().await;

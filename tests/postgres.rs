@@ -21,13 +21,16 @@ const NOW: u64 = 1_800_000_000;
 fn issued(i: u64, sub: &str) -> IssuedToken {
     IssuedToken {
         jti: format!("{NOW:09x}{i:06x}jti"),
+        kind: tally::token::TokenKind::Access,
         sub: sub.parse().unwrap(),
-        aud: "spiffe://example.org/ns/pay/sa/payments".parse().unwrap(),
+        aud: vec!["spiffe://example.org/ns/pay/sa/payments".parse().unwrap()],
         scope: "payments:read".parse().unwrap(),
         class: "service".parse().unwrap(),
-        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
-            .parse()
-            .unwrap(),
+        jkt: Some(
+            "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+                .parse()
+                .unwrap(),
+        ),
         iat: NOW,
         exp: NOW + 300 + i,
         kid: "k1".into(),
@@ -98,14 +101,34 @@ async fn svid_rows_from_before_pods_still_read_and_new_ones_keep_their_pod() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_sit_beside_them() {
+    let pg = Postgres::start();
+    let url = pg.database().await;
+    let key = Sealer::generate_key_text().unwrap();
+    drop(open(&url, &key).await);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for sql in support::inventory::before_kinds(true) {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    support::inventory::old_tokens_read_as_access_tokens(&open(&url, &key).await).await;
+
+    let fresh = pg.database().await;
+    support::inventory::jwt_svids_sit_beside_access_tokens(&open(&fresh, &key).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers() {
     let pg = Postgres::start();
     let url = pg.database().await;
     let key = Sealer::generate_key_text().unwrap();
     // Two handles on one database: two replicas.
     let (a, b) = tokio::join!(open(&url, &key), open(&url, &key));
-    assert_eq!(a.schema_version().await.unwrap(), 10);
-    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 10);
+    assert_eq!(a.schema_version().await.unwrap(), 11);
+    assert_eq!(open(&url, &key).await.schema_version().await.unwrap(), 11);
 
     // Secrets: whoever creates first, both read the same.
     let (x, y) = tokio::join!(
@@ -304,7 +327,7 @@ async fn the_postgres_store_keeps_what_the_sqlite_store_keeps_with_two_writers()
         b.latest_live_exp(NOW, NOW, Some(n1), None).await.unwrap(),
         Some(NOW + 300 + 197)
     );
-    let jkt = t.jkt.to_string();
+    let jkt = t.jkt.unwrap().to_string();
     assert_eq!(
         b.latest_live_exp(NOW, NOW, None, Some(&jkt)).await.unwrap(),
         Some(NOW + 300 + 199)

@@ -184,7 +184,7 @@ async fn a_sidecar_cut_off_from_the_broker_catches_up_on_the_revocations_it_miss
         caught_up.revocations.covers(&tally::token::TokenRef {
             jti: "j",
             sub,
-            jkt: &jkt,
+            jkt: Some(&jkt),
             kid,
             iat: now - 5,
         })

@@ -36,13 +36,16 @@ fn file_bytes(dir: &std::path::Path) -> Vec<u8> {
 fn issued(i: u64, exp: u64) -> IssuedToken {
     IssuedToken {
         jti: format!("jti-{i}"),
+        kind: tally::token::TokenKind::Access,
         sub: "spiffe://example.org/ns/shop/sa/checkout".parse().unwrap(),
-        aud: "spiffe://example.org/ns/pay/sa/payments".parse().unwrap(),
+        aud: vec!["spiffe://example.org/ns/pay/sa/payments".parse().unwrap()],
         scope: "payments:charge".parse().unwrap(),
         class: "service".parse().unwrap(),
-        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
-            .parse()
-            .unwrap(),
+        jkt: Some(
+            "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+                .parse()
+                .unwrap(),
+        ),
         iat: NOW,
         exp,
         kid: "k1".into(),
@@ -59,10 +62,10 @@ async fn a_new_store_is_migrated_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_text();
     let store = open(dir.path(), &key).await;
-    assert_eq!(store.schema_version().await.unwrap(), 10);
+    assert_eq!(store.schema_version().await.unwrap(), 11);
     drop(store);
     let again = open(dir.path(), &key).await;
-    assert_eq!(again.schema_version().await.unwrap(), 10);
+    assert_eq!(again.schema_version().await.unwrap(), 11);
 }
 
 #[tokio::test]

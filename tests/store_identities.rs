@@ -65,3 +65,33 @@ async fn svid_rows_from_before_pods_still_read_and_new_ones_keep_their_pod() {
     pool.close().await;
     support::cluster::pods_survive_the_migration(&open().await.unwrap()).await;
 }
+
+#[tokio::test]
+async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_sit_beside_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tally.db");
+    let key = Sealer::generate_key_text().unwrap();
+    let open = || Store::open_sqlite(&path, Sealer::from_key_material(key.as_bytes()).unwrap());
+    drop(open().await.unwrap());
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    for sql in support::inventory::before_kinds(false) {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    let store = open().await.unwrap();
+    support::inventory::old_tokens_read_as_access_tokens(&store).await;
+    drop(store);
+
+    let other = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(
+        &other.path().join("tally.db"),
+        Sealer::from_key_material(key.as_bytes()).unwrap(),
+    )
+    .await
+    .unwrap();
+    support::inventory::jwt_svids_sit_beside_access_tokens(&store).await;
+}

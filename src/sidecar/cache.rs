@@ -60,7 +60,7 @@ impl Fetched {
         set.covers(&crate::token::TokenRef {
             jti: &self.jti,
             sub: holder,
-            jkt: &jkt,
+            jkt: Some(&jkt),
             kid: &self.kid,
             iat: self.issued_at,
         })

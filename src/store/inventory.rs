@@ -1,5 +1,5 @@
-//! The inventory of what the broker issued: tokens (by `jti` and keyed
-//! hash, never the token) and X.509-SVIDs, for lookup, listings, access
+//! The inventory of what the broker issued: tokens, access tokens and
+//! JWT-SVIDs alike (by `jti` and keyed hash, never the token) and X.509-SVIDs, for lookup, listings, access
 //! review, how long revocations and retired keys must last, and pruning.
 
 use super::db::Sql;
@@ -23,18 +23,24 @@ const COUNT_ISSUED: Sql = Sql::both("SELECT COUNT(*) AS n FROM issued_tokens");
 const LIVE_SVIDS: Sql = Sql::both("SELECT COUNT(*) AS n FROM svids WHERE expires_at > $1");
 /// Walks the exp index from `now` (or the page's last row); each
 /// condition is off when its parameter is NULL.
+/// An audience matches a row naming it among others (a JWT-SVID's `aud`
+/// lists them separated by single spaces) by position, never by pattern.
 const LIVE_TOKENS: Sql = Sql::each(
-    "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens \
-     WHERE exp > ?1 \
+    "SELECT jti, kind, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac \
+     FROM issued_tokens WHERE exp > ?1 \
      AND (?2 IS NULL OR exp > ?2 OR (exp = ?2 AND jti > ?3)) \
-     AND (?4 IS NULL OR sub = ?4) AND (?5 IS NULL OR aud = ?5) \
+     AND (?4 IS NULL OR sub = ?4) \
+     AND (?5 IS NULL OR aud = ?5 OR instr(' ' || aud || ' ', ' ' || ?5 || ' ') > 0) \
      AND (?6 IS NULL OR class = ?6) AND (?7 IS NULL OR exp <= ?7) \
+     AND (?9 IS NULL OR kind = ?9) \
      ORDER BY exp, jti LIMIT ?8",
-    "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens \
-     WHERE exp > $1 \
+    "SELECT jti, kind, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac \
+     FROM issued_tokens WHERE exp > $1 \
      AND ($2::bigint IS NULL OR exp > $2 OR (exp = $2 AND jti > $3)) \
-     AND ($4::text IS NULL OR sub = $4) AND ($5::text IS NULL OR aud = $5) \
+     AND ($4::text IS NULL OR sub = $4) \
+     AND ($5::text IS NULL OR aud = $5 OR strpos(' ' || aud || ' ', ' ' || $5 || ' ') > 0) \
      AND ($6::text IS NULL OR class = $6) AND ($7::bigint IS NULL OR exp <= $7) \
+     AND ($9::text IS NULL OR kind = $9) \
      ORDER BY exp, jti LIMIT $8",
 );
 const LIVE_TOKEN_COUNTS: Sql = Sql::both(
@@ -86,8 +92,8 @@ const SVID_POD: Sql = Sql::both("SELECT pod_name, pod_uid FROM svids WHERE seria
 /// the pruned SVID rows.
 const FIRST_SEEN: Sql = Sql::both("SELECT spiffe_id, first_seen FROM identity_first_seen");
 const TOKEN_BY_JTI: Sql = Sql::both(
-    "SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac FROM issued_tokens \
-     WHERE jti = $1 AND token_hmac = $2",
+    "SELECT jti, kind, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac \
+     FROM issued_tokens WHERE jti = $1 AND token_hmac = $2",
 );
 
 impl Store {
@@ -182,6 +188,7 @@ impl Store {
             filter.class.as_deref().into(),
             filter.expires_by.into(),
             limit.into(),
+            filter.kind.map(|k| k.as_str()).into(),
         ];
         let rows = self.db.query(LIVE_TOKENS, &args).all().await?;
         rows.iter().map(issued_from_row).collect()
@@ -228,7 +235,11 @@ impl Store {
     /// [`StoreError`].
     pub async fn token_usage(&self, since: u64) -> Result<Vec<TokenUsage>, StoreError> {
         let rows = self.db.query(TOKEN_USAGE, &[since.into()]).all().await?;
-        rows.iter().map(usage_from_row).collect()
+        let per_row = rows
+            .iter()
+            .map(usage_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(per_row.into_iter().flatten().collect())
     }
 
     /// Every identity the broker has issued an SVID or a token to.

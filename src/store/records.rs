@@ -7,7 +7,7 @@
 use crate::audit::ChainHash;
 use crate::identity::SpiffeId;
 use crate::jose::Jkt;
-use crate::token::{Audience, Scopes, TokenClass};
+use crate::token::{Audience, Scopes, TokenClass, TokenKind};
 use zeroize::Zeroizing;
 
 /// A signing key as stored.
@@ -39,22 +39,25 @@ impl std::fmt::Debug for SigningKeyRecord {
     }
 }
 
-/// One issued token, as the inventory keeps it: never the token, only its
-/// id and a keyed hash (for leaked-token lookup).
+/// One issued token (an access token or a JWT-SVID), as the inventory
+/// keeps it: never the token, only its id and a keyed hash (for
+/// leaked-token lookup).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedToken {
     /// Token id.
     pub jti: String,
+    /// Access token or JWT-SVID.
+    pub kind: TokenKind,
     /// Holder.
     pub sub: SpiffeId,
-    /// Audience.
-    pub aud: Audience,
-    /// Scopes.
+    /// Audiences: one for an access token, one or more for a JWT-SVID.
+    pub aud: Vec<Audience>,
+    /// Scopes (none for a JWT-SVID).
     pub scope: Scopes,
-    /// Token class.
+    /// Token class (a JWT-SVID's: that of the rule that capped its life).
     pub class: TokenClass,
-    /// DPoP key thumbprint it is bound to.
-    pub jkt: Jkt,
+    /// DPoP key thumbprint it is bound to (none: a bearer JWT-SVID).
+    pub jkt: Option<Jkt>,
     /// Issued at.
     pub iat: u64,
     /// Expires at.
@@ -134,7 +137,7 @@ pub struct TokenFilter {
     pub now: u64,
     /// Holder.
     pub sub: Option<String>,
-    /// Audience.
+    /// Audience (one of a JWT-SVID's).
     pub aud: Option<String>,
     /// Class.
     pub class: Option<String>,
@@ -142,9 +145,12 @@ pub struct TokenFilter {
     pub expires_by: Option<u64>,
     /// After this (exp, jti): the previous page's last row.
     pub after: Option<(u64, String)>,
+    /// Access tokens or JWT-SVIDs only.
+    pub kind: Option<TokenKind>,
 }
 
-/// Tokens issued for one (holder, audience, scopes, class).
+/// Tokens issued for one (holder, audience, scopes, class); a JWT-SVID
+/// counts once for each of its audiences.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenUsage {
     /// Holder.

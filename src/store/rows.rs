@@ -14,6 +14,8 @@ use crate::audit::{AuditEvent, AuditRecord, ChainHash};
 use crate::ca::CaMaterial;
 use crate::identity::SpiffeId;
 use crate::identity::k8s::Pod;
+use crate::jose::Jkt;
+use crate::token::{Audience, Scopes, TokenClass, TokenKind};
 use serde_json::{Value, json};
 use std::fmt::Display;
 use std::str::FromStr;
@@ -126,15 +128,53 @@ pub(super) fn change_from_row(row: &Row) -> Result<Change, StoreError> {
     })
 }
 
+/// Audiences as the `aud` column holds them: separated by single spaces
+/// (an [`Audience`] holds no whitespace, so the list reads back exactly).
+pub(super) fn audience_text(aud: &[Audience]) -> String {
+    let texts: Vec<&str> = aud.iter().map(Audience::as_str).collect();
+    texts.join(" ")
+}
+
+impl Cells<'_> {
+    /// The `aud` column: one or more audiences.
+    fn audiences(&self, column: &'static str) -> Result<Vec<Audience>, StoreError> {
+        let text = self.text(column)?;
+        let aud = text
+            .split(' ')
+            .map(str::parse)
+            .collect::<Result<Vec<Audience>, _>>()
+            .map_err(|e| self.corrupt(column, e))?;
+        Ok(aud)
+    }
+
+    /// The `jkt` column: empty for a bearer token.
+    fn opt_jkt(&self, column: &'static str) -> Result<Option<Jkt>, StoreError> {
+        match self.text(column)?.as_str() {
+            "" => Ok(None),
+            text => text.parse().map(Some).map_err(|e| self.corrupt(column, e)),
+        }
+    }
+}
+
 pub(super) fn issued_from_row(row: &Row) -> Result<IssuedToken, StoreError> {
     let c = Cells::of("issued_tokens", row);
+    let kind: TokenKind = c.parse("kind")?;
+    let jkt = c.opt_jkt("jkt")?;
+    // What the kind promises, so nothing downstream meets a bound JWT-SVID
+    // or an unbound access token.
+    match (kind, &jkt) {
+        (TokenKind::Access, Some(_)) | (TokenKind::JwtSvid, None) => {}
+        (TokenKind::Access, None) => return Err(c.corrupt("jkt", "empty for an access token")),
+        (TokenKind::JwtSvid, Some(_)) => return Err(c.corrupt("jkt", "set for a JWT-SVID")),
+    }
     Ok(IssuedToken {
         jti: c.text("jti")?,
+        kind,
         sub: c.parse("sub")?,
-        aud: c.parse("aud")?,
+        aud: c.audiences("aud")?,
         scope: c.parse("scope")?,
         class: c.parse("class")?,
-        jkt: c.parse("jkt")?,
+        jkt,
         iat: c.uint("iat")?,
         exp: c.uint("exp")?,
         kid: c.text("kid")?,
@@ -199,18 +239,25 @@ pub(super) fn head_from_row(row: &Row) -> Result<AuditHead, StoreError> {
     })
 }
 
-/// A row of the per-(holder, audience, scopes, class) usage query.
-pub(super) fn usage_from_row(row: &Row) -> Result<TokenUsage, StoreError> {
+/// A row of the per-(holder, audience, scopes, class) usage query: one
+/// usage per audience (a JWT-SVID's row lists several).
+pub(super) fn usage_from_row(row: &Row) -> Result<Vec<TokenUsage>, StoreError> {
     let c = Cells::of("issued_tokens", row);
-    Ok(TokenUsage {
-        sub: c.parse("sub")?,
-        aud: c.parse("aud")?,
-        scope: c.parse("scope")?,
-        class: c.parse("class")?,
-        count: c.uint("n")?,
-        longest_life: c.uint("longest")?,
-        last_issued: c.uint("last")?,
-    })
+    let (sub, scope, class): (SpiffeId, Scopes, TokenClass) =
+        (c.parse("sub")?, c.parse("scope")?, c.parse("class")?);
+    let (count, longest_life, last_issued) = (c.uint("n")?, c.uint("longest")?, c.uint("last")?);
+    Ok(c.audiences("aud")?
+        .into_iter()
+        .map(|aud| TokenUsage {
+            sub: sub.clone(),
+            aud,
+            scope: scope.clone(),
+            class,
+            count,
+            longest_life,
+            last_issued,
+        })
+        .collect())
 }
 
 /// Identities from the per-identity SVID summary (`spiffe_id`, `first`,
@@ -363,9 +410,10 @@ pub(super) fn batch_rows<'a>(
     for write in writes {
         match write {
             Some(Write::Issued(t)) => issued.push(json!({
-                "jti": t.jti, "sub": t.sub.as_str(), "aud": t.aud.as_str(),
+                "jti": t.jti, "kind": t.kind.as_str(), "sub": t.sub.as_str(),
+                "aud": audience_text(&t.aud),
                 "scope": t.scope.to_string(), "class": t.class.as_str(),
-                "jkt": t.jkt.to_string(), "iat": db_int(t.iat),
+                "jkt": t.jkt.map(|k| k.to_string()).unwrap_or_default(), "iat": db_int(t.iat),
                 "exp": db_int(t.exp), "kid": t.kid,
                 "token_hmac": crate::audit::hex(&t.token_hmac),
             })),

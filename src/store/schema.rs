@@ -94,6 +94,15 @@ ALTER TABLE svids ADD COLUMN pod_name TEXT;
 ALTER TABLE svids ADD COLUMN pod_uid TEXT;
 ";
 
+/// JWT-SVIDs in the inventory beside access tokens: `kind` says which
+/// (rows written before are access tokens). A JWT-SVID's `aud` lists its
+/// audiences separated by single spaces (an audience holds no whitespace);
+/// its `scope` and `jkt` are empty: a bearer token has neither scopes nor
+/// a key binding. One text both dialects read.
+const TOKEN_KIND: &str = "
+ALTER TABLE issued_tokens ADD COLUMN kind TEXT NOT NULL DEFAULT 'access';
+";
+
 /// SQLite's migrations, oldest first. Never edit one that has shipped:
 /// add another (to both histories).
 pub(super) const SQLITE: &[(i64, &str)] = &[
@@ -258,6 +267,7 @@ ALTER TABLE audit_head ADD COLUMN anchor BLOB NOT NULL
     ),
     (9, FIRST_SEEN),
     (10, SVID_POD),
+    (11, TOKEN_KIND),
 ];
 
 /// PostgreSQL's migrations. A PostgreSQL store starts at the SQLite
@@ -365,4 +375,5 @@ ALTER TABLE audit_head ADD COLUMN anchor BYTEA NOT NULL DEFAULT decode(repeat('0
     (8, DEPLOYMENT),
     (9, FIRST_SEEN),
     (10, SVID_POD),
+    (11, TOKEN_KIND),
 ];

@@ -25,14 +25,16 @@ const QUEUE: usize = 8192;
 /// whatever the batch's size (one statement per row cost a round trip
 /// each, which dominated commit time under load).
 const INSERT_ISSUED: Sql = Sql::each(
-    "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
-     SELECT value->>'jti', value->>'sub', value->>'aud', value->>'scope', value->>'class', \
-     value->>'jkt', value->>'iat', value->>'exp', value->>'kid', unhex(value->>'token_hmac') \
-     FROM json_each(?)",
-    "INSERT INTO issued_tokens (jti, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
-     SELECT jti, sub, aud, scope, class, jkt, iat, exp, kid, decode(token_hmac, 'hex') \
-     FROM jsonb_to_recordset($1::jsonb) AS x(jti text, sub text, aud text, scope text, \
-     class text, jkt text, iat bigint, exp bigint, kid text, token_hmac text)",
+    "INSERT INTO issued_tokens \
+     (jti, kind, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
+     SELECT value->>'jti', value->>'kind', value->>'sub', value->>'aud', value->>'scope', \
+     value->>'class', value->>'jkt', value->>'iat', value->>'exp', value->>'kid', \
+     unhex(value->>'token_hmac') FROM json_each(?)",
+    "INSERT INTO issued_tokens \
+     (jti, kind, sub, aud, scope, class, jkt, iat, exp, kid, token_hmac) \
+     SELECT jti, kind, sub, aud, scope, class, jkt, iat, exp, kid, decode(token_hmac, 'hex') \
+     FROM jsonb_to_recordset($1::jsonb) AS x(jti text, kind text, sub text, aud text, \
+     scope text, class text, jkt text, iat bigint, exp bigint, kid text, token_hmac text)",
 );
 const INSERT_SVIDS: Sql = Sql::each(
     "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at, pod_name, pod_uid) \

@@ -471,6 +471,32 @@ impl TokenSigner {
         &self.key
     }
 
+    /// A fresh `jti` for a token this signer mints at `now`.
+    ///
+    /// jti = issue second (9 hex digits) ‖ this signer's sequence number
+    /// (6 hex digits) ‖ 128 random bits (base64url). The randomness makes
+    /// it unguessable; the prefix sorts in issue order, so the broker's
+    /// inventory (keyed by jti) appends instead of dirtying a random page
+    /// per token. Access tokens and JWT-SVIDs share it: one inventory.
+    ///
+    /// # Errors
+    /// Only if the system random source fails.
+    pub(crate) fn next_jti(&self, now: u64) -> Result<String, SignError> {
+        let mut random = [0u8; 16];
+        SystemRandom::new()
+            .fill(&mut random)
+            .map_err(|_| SignError)?;
+        let sequence = self
+            .sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            & 0xff_ffff;
+        Ok(format!(
+            "{:09x}{sequence:06x}{}",
+            now & 0xf_ffff_ffff,
+            b64::encode(random)
+        ))
+    }
+
     /// Mints a token valid from `now` for `request.ttl` seconds.
     ///
     /// # Errors
@@ -480,19 +506,7 @@ impl TokenSigner {
         request: &MintRequest<'_>,
         now: u64,
     ) -> Result<(AccessToken, TokenClaims), SignError> {
-        // jti = issue second (9 hex digits) ‖ this signer's sequence number
-        // (6 hex digits) ‖ 128 random bits (base64url). The randomness makes
-        // it unguessable; the prefix sorts in issue order, so the broker's
-        // inventory (keyed by jti) appends instead of dirtying a random page
-        // per token.
-        let mut random = [0u8; 16];
-        SystemRandom::new()
-            .fill(&mut random)
-            .map_err(|_| SignError)?;
-        let sequence = self
-            .sequence
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            & 0xff_ffff;
+        let jti = self.next_jti(now)?;
         let claims = TokenClaims {
             iss: self.issuer.clone(),
             sub: request.subject.clone(),
@@ -501,11 +515,7 @@ impl TokenSigner {
             iat: now,
             nbf: Some(now),
             exp: now.saturating_add(request.ttl.max(1)),
-            jti: format!(
-                "{:09x}{sequence:06x}{}",
-                now & 0xf_ffff_ffff,
-                b64::encode(random)
-            ),
+            jti,
             jkt: request.jkt,
             class: request.class,
             kid: self.kid.clone(),

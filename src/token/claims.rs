@@ -1,4 +1,5 @@
-//! Typed access-token claim values: scopes, audiences and token classes.
+//! Typed access-token claim values: scopes, audiences, token classes,
+//! and the kinds of token the broker issues.
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,6 +26,9 @@ pub enum ClaimValueError {
     /// Not one of `service`, `partner`, `admin`, `user`.
     #[error("unknown token class {0:?} (expected service, partner, admin or user)")]
     Class(String),
+    /// Not one of `access`, `jwt_svid`.
+    #[error("unknown token kind {0:?} (expected access or jwt_svid)")]
+    Kind(String),
 }
 
 /// One RFC 6749 scope token, e.g. `payments:charge`.
@@ -203,6 +207,44 @@ impl FromStr for TokenClass {
 }
 
 impl fmt::Display for TokenClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of token the broker issued: the inventory holds both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TokenKind {
+    /// A DPoP-bound RFC 9068 access token (`Tokens.Issue`, OAuth).
+    Access,
+    /// A SPIFFE JWT-SVID: a bearer token, no key binding, no scopes
+    /// (`Tokens.IssueJwtSvid`).
+    JwtSvid,
+}
+
+impl TokenKind {
+    /// The stored and displayed name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Access => "access",
+            Self::JwtSvid => "jwt_svid",
+        }
+    }
+}
+
+impl FromStr for TokenKind {
+    type Err = ClaimValueError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "access" => Ok(Self::Access),
+            "jwt_svid" => Ok(Self::JwtSvid),
+            other => Err(ClaimValueError::Kind(crate::jose::jws::truncate(other))),
+        }
+    }
+}
+
+impl fmt::Display for TokenKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

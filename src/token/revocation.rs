@@ -72,8 +72,9 @@ pub struct TokenRef<'a> {
     pub jti: &'a str,
     /// Its holder.
     pub sub: &'a SpiffeId,
-    /// The DPoP key it is bound to.
-    pub jkt: &'a Jkt,
+    /// The DPoP key it is bound to (none: a bearer JWT-SVID, which no
+    /// DPoP-key revocation covers; its jti, holder or signing key do).
+    pub jkt: Option<&'a Jkt>,
     /// The key that signed it.
     pub kid: &'a str,
     /// When it was issued.
@@ -85,7 +86,7 @@ impl<'a> From<&'a TokenClaims> for TokenRef<'a> {
         Self {
             jti: &claims.jti,
             sub: &claims.sub,
-            jkt: &claims.jkt,
+            jkt: Some(&claims.jkt),
             kid: &claims.kid,
             iat: claims.iat,
         }
@@ -117,7 +118,7 @@ impl Revocation {
         match &self.target {
             RevocationTarget::Jti(j) => j == token.jti,
             RevocationTarget::Subject(s) => before && s == token.sub,
-            RevocationTarget::Jkt(k) => before && k == token.jkt,
+            RevocationTarget::Jkt(k) => before && token.jkt == Some(k),
             RevocationTarget::Everything => before,
             RevocationTarget::Kid(k) => k == token.kid,
         }
@@ -229,7 +230,10 @@ impl RevocationSet {
         self.jtis.contains(token.jti)
             || self.kids.contains(token.kid)
             || self.subjects.get(token.sub).is_some_and(|b| iat <= *b)
-            || self.jkts.get(token.jkt).is_some_and(|b| iat <= *b)
+            || token
+                .jkt
+                .and_then(|jkt| self.jkts.get(jkt))
+                .is_some_and(|b| iat <= *b)
             || self.everything.is_some_and(|b| iat <= b)
     }
 
@@ -277,7 +281,7 @@ mod tests {
         TokenRef {
             jti,
             sub,
-            jkt,
+            jkt: Some(jkt),
             kid,
             iat,
         }

@@ -121,11 +121,21 @@ pub fn channel_via(
     id: &str,
     addr: std::net::SocketAddr,
 ) -> tonic::transport::Channel {
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let svid = served
         .broker
         .mint_credential(&id.parse().unwrap(), 600)
         .unwrap();
+    channel_holding(served, &svid, addr)
+}
+
+/// An mTLS channel to `addr` presenting `svid` (a credential the broker
+/// minted: its key and certificate are known to the test).
+pub fn channel_holding(
+    served: &ServedBroker,
+    svid: &tally::ca::Credential,
+    addr: std::net::SocketAddr,
+) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(served.broker.bundle_pem()))
         .identity(Identity::from_pem(

@@ -304,7 +304,7 @@ pub async fn pods_survive_the_migration(store: &tally::store::Store) {
     use tally::identity::k8s::Pod;
     use tally::store::{SvidRecord, Write};
     const NOW: u64 = 1_800_000_000;
-    assert_eq!(store.schema_version().await.unwrap(), 10);
+    assert_eq!(store.schema_version().await.unwrap(), 11);
     let ids = store.identities(NOW).await.unwrap();
     assert_eq!(ids.len(), 1, "the old row still reads");
     assert!(ids[0].pods.is_empty());
@@ -340,10 +340,11 @@ pub async fn pods_survive_the_migration(store: &tally::store::Store) {
     );
 }
 
-/// SQL that takes a schema-10 store back to 9 with one old SVID row.
-pub const BEFORE_PODS: [&str; 4] = [
+/// SQL that takes a schema-11 store back to 9 with one old SVID row.
+pub const BEFORE_PODS: [&str; 5] = [
     "ALTER TABLE svids DROP COLUMN pod_name",
     "ALTER TABLE svids DROP COLUMN pod_uid",
-    "DELETE FROM schema_version WHERE version = 10",
+    "ALTER TABLE issued_tokens DROP COLUMN kind",
+    "DELETE FROM schema_version WHERE version >= 10",
     "INSERT INTO svids (serial, spiffe_id, method, issued_at, expires_at) VALUES ('old', 'spiffe://example.org/ns/shop/sa/checkout', 'join_token', 1799999000, 1800003600)",
 ];

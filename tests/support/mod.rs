@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod ctl;
 pub mod grpc;
 pub mod https;
+pub mod inventory;
 pub mod mesh;
 pub mod mtls;
 pub mod partition;

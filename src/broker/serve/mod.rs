@@ -11,6 +11,7 @@
 pub mod admin_port;
 pub mod admin_rpc;
 pub mod grpc;
+pub mod identity;
 pub mod oauth;
 pub mod reports;
 pub mod tls;
@@ -37,7 +38,7 @@ pub async fn serve_grpc(
     use tower_service::Service as _;
     let config = tls::server_config(&broker, certs, &[b"h2"]).map_err(std::io::Error::other)?;
     let routes = tonic::service::Routes::builder()
-        .add_service(grpc::identity_server(Arc::clone(&broker)))
+        .add_service(identity::identity_server(Arc::clone(&broker)))
         .add_service(grpc::tokens_server(Arc::clone(&broker)))
         .add_service(grpc::watch_server(Arc::clone(&broker)))
         .add_service(admin_rpc::admin_server(Arc::clone(&broker)))

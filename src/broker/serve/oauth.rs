@@ -15,7 +15,7 @@ use crate::broker::state::issue::{IssueError, IssueInput};
 use crate::dpop::NormalizedUri;
 use crate::http::{AfterRequest, Body, Peer, json, read_body};
 use crate::identity::SpiffeId;
-use crate::token::{Audience, Scope, Scopes};
+use crate::token::{Audience, Scope, Scopes, TokenKind};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::json;
@@ -502,19 +502,22 @@ async fn introspect(
 ) -> Result<Response<Body>, OAuthError> {
     let (caller, live) = live_token(broker, req, peer, Call::Introspect).await?;
     let answer = match live {
-        Some(t) if may_manage(broker, &caller, &t) => {
+        // Only access tokens: a JWT-SVID (bearer, no cnf) must never be
+        // described as one, so it is inactive here as a stranger's is.
+        Some(t) if may_manage(broker, &caller, &t) && t.kind == TokenKind::Access => {
+            let aud: Vec<&str> = t.aud.iter().map(Audience::as_str).collect();
             json!({
                 "active": true,
                 "iss": broker.issuer(),
                 "sub": t.sub.as_str(),
                 "client_id": t.sub.as_str(),
-                "aud": t.aud.as_str(),
+                "aud": aud.join(" "),
                 "scope": t.scope.to_string(),
                 "iat": t.iat,
                 "exp": t.exp,
                 "jti": t.jti,
                 "token_type": "DPoP",
-                "cnf": {"jkt": t.jkt.to_string()},
+                "cnf": {"jkt": t.jkt.map(|k| k.to_string()).unwrap_or_default()},
                 "tcl": t.class.as_str(),
             })
         }

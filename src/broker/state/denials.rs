@@ -6,7 +6,7 @@
 //! workload reaches a service, over a connection opened before the denial
 //! too. Attestation happens before there is a certificate: the SVID
 //! issuer checks the identity being attested (see
-//! `grpc::issue_svid`).
+//! `identity::issue_svid`).
 //!
 //! A denial is a `denial` entry in the change feed: committed before the
 //! admin is answered, loaded into the snapshot at start, taken in from
@@ -83,6 +83,10 @@ pub enum Call {
     Introspect,
     /// `POST /oauth2/revoke`.
     OAuthRevoke,
+    /// `Tokens.IssueJwtSvid`.
+    IssueJwtSvid,
+    /// `Identity.IssueWorkloadSvid`.
+    WorkloadSvid,
 }
 
 impl Call {
@@ -98,6 +102,8 @@ impl Call {
             Self::OAuthToken => "oauth_token",
             Self::Introspect => "introspect",
             Self::OAuthRevoke => "oauth_revoke",
+            Self::IssueJwtSvid => "issue_jwt_svid",
+            Self::WorkloadSvid => "workload_svid",
         }
     }
 
@@ -109,6 +115,8 @@ impl Call {
             Self::Attest => AuditKind::Attest,
             Self::Renew => AuditKind::Renew,
             Self::Issue | Self::OAuthToken => AuditKind::TokenIssue,
+            Self::IssueJwtSvid => AuditKind::JwtSvidIssue,
+            Self::WorkloadSvid => AuditKind::WorkloadSvid,
             Self::Watch | Self::Reports | Self::Admin | Self::Introspect | Self::OAuthRevoke => {
                 AuditKind::CallRefused
             }

@@ -144,9 +144,13 @@ impl Broker {
         // Pruned from the inventory: its issuance record has the same
         // keyed hash, so a forgery still finds nothing.
         let hmac = crate::audit::hex(&self.token_hmac(token));
+        let issuance = [
+            crate::audit::AuditKind::TokenIssue.as_str(),
+            crate::audit::AuditKind::JwtSvidIssue.as_str(),
+        ];
         let Some(issued) = records
             .iter()
-            .filter(|r| r.kind == crate::audit::AuditKind::TokenIssue.as_str())
+            .filter(|r| issuance.contains(&r.kind.as_str()))
             .filter_map(|r| {
                 serde_json::from_str::<serde_json::Value>(&r.line)
                     .ok()
@@ -167,20 +171,44 @@ impl Broker {
     }
 }
 
-/// An inventory record rebuilt from a token's issuance audit record.
+/// An inventory record rebuilt from a token's issuance audit record (an
+/// access token's `token.issue`, a JWT-SVID's `jwt_svid.issue`).
 fn issued_from_record(record: &AuditRecord, v: &serde_json::Value) -> Option<IssuedToken> {
+    use crate::token::TokenKind;
     let text = |k: &str| v[k].as_str().map(str::to_owned);
     fn parse<T: std::str::FromStr>(v: &serde_json::Value, k: &str) -> Option<T> {
         v[k].as_str()?.parse().ok()
     }
     let token_hmac = crate::audit::unhex32(v["token_hmac"].as_str()?)?;
+    let kind = if record.kind == crate::audit::AuditKind::JwtSvidIssue.as_str() {
+        TokenKind::JwtSvid
+    } else {
+        TokenKind::Access
+    };
+    let (aud, scope, jkt) = match kind {
+        TokenKind::Access => (
+            vec![parse(v, "audience")?],
+            parse(v, "scope")?,
+            Some(parse(v, "jkt")?),
+        ),
+        TokenKind::JwtSvid => (
+            v["audience"]
+                .as_array()?
+                .iter()
+                .map(|a| a.as_str()?.parse().ok())
+                .collect::<Option<Vec<_>>>()?,
+            crate::token::Scopes::default(),
+            None,
+        ),
+    };
     Some(IssuedToken {
         jti: text("jti")?,
+        kind,
         sub: parse(v, "actor")?,
-        aud: parse(v, "audience")?,
-        scope: parse(v, "scope")?,
+        aud,
+        scope,
         class: parse(v, "class")?,
-        jkt: parse(v, "jkt")?,
+        jkt,
         iat: record.at,
         exp: v["exp"].as_u64()?,
         kid: text("kid")?,

@@ -10,6 +10,9 @@ pub struct BrokerMetrics {
     pub issuance: CounterVec,
     /// Time to answer a token request.
     pub issue_latency: Histogram,
+    /// JWT-SVID requests by result (`issued` or the refusal reason) and
+    /// class.
+    pub jwt_svid_issuance: CounterVec,
     /// Attestations and renewals by method and result.
     pub attestations: CounterVec,
     /// Policy reloads by result.
@@ -30,9 +33,14 @@ impl BrokerMetrics {
                 "tally_broker_issuance_duration_seconds",
                 "Time to answer a token request, including the durable inventory write.",
             ),
+            jwt_svid_issuance: CounterVec::new(
+                "tally_broker_jwt_svid_issuance_total",
+                "JWT-SVID requests by result (issued or the refusal reason) and token class.",
+                &["result", "class"],
+            ),
             attestations: CounterVec::new(
                 "tally_broker_attestations_total",
-                "X.509-SVID requests by method (join_token, k8s_sa, renew, admin_mint) and result.",
+                "X.509-SVID requests by method (join_token, k8s_sa, renew, workload, admin_mint) and result.",
                 &["method", "result"],
             ),
             policy_reloads: CounterVec::new(
@@ -61,6 +69,7 @@ impl Broker {
         let mut out = String::new();
         self.metrics.issuance.render(&mut out);
         self.metrics.issue_latency.render(&mut out);
+        self.metrics.jwt_svid_issuance.render(&mut out);
         self.metrics.attestations.render(&mut out);
         self.metrics.policy_reloads.render(&mut out);
         self.listeners.render(&mut out);

@@ -11,7 +11,7 @@ use crate::dpop::proof::{self, NonceRule, ProofContext, ProofError};
 use crate::identity::SpiffeId;
 use crate::policy::IssueDenial;
 use crate::store::{IssuedToken, Write};
-use crate::token::{AccessToken, Audience, MintRequest, Scopes, TokenClaims};
+use crate::token::{AccessToken, Audience, MintRequest, Scopes, TokenClaims, TokenKind};
 use aws_lc_rs::hmac;
 
 /// One issuance request, already parsed.
@@ -90,7 +90,7 @@ impl IssueError {
     }
 }
 
-fn internal(context: &str, error: impl std::fmt::Display) -> IssueError {
+pub(super) fn internal(context: &str, error: impl std::fmt::Display) -> IssueError {
     tracing::error!(%error, "{context}");
     IssueError::Internal
 }
@@ -193,24 +193,7 @@ impl Broker {
             .inspect_err(|denial| {
                 tracing::info!(caller = %input.caller, audience = %input.audience, reason = %denial, "issuance denied");
             })?;
-        if let Some(rate) = grant.rate
-            && let Err(retry_after) = {
-                // Each caller has its own budget under a rule, so one caller
-                // (with a wildcard `from:`) cannot spend everyone's.
-                let rule = RuleKey::of(&policy.issue[grant.rule]);
-                self.rule_limits.take_or_share(
-                    &(rule, Some(input.caller.clone())),
-                    &(rule, None),
-                    rate,
-                    self.clock.now_ms(),
-                )
-            }
-        {
-            return Err(IssueError::RateLimited {
-                line: grant.pos.line,
-                retry_after,
-            });
-        }
+        self.take_rule_budget(&policy, &grant, input.caller)?;
 
         let (token, claims) = {
             let keys = self
@@ -257,11 +240,12 @@ impl Broker {
         self.record(
             Some(Write::Issued(IssuedToken {
                 jti: claims.jti.clone(),
+                kind: TokenKind::Access,
                 sub: input.caller.clone(),
-                aud: input.audience.clone(),
+                aud: vec![input.audience.clone()],
                 scope: claims.scope.clone(),
                 class: claims.class,
-                jkt: claims.jkt,
+                jkt: Some(claims.jkt),
                 iat: claims.iat,
                 exp: claims.exp,
                 kid: claims.kid.clone(),
@@ -273,6 +257,37 @@ impl Broker {
         .map_err(|e| internal("recording an issued token", e))?;
         tracing::info!(caller = %input.caller, audience = %input.audience, jti = %claims.jti, class = %claims.class, "token issued");
         Ok(Issued { token, claims })
+    }
+
+    /// Takes one issuance from the caller's budget under the rule that
+    /// granted it, if the rule has a rate limit. Shared by access tokens
+    /// and JWT-SVIDs: a rule's budget is one, whatever it is spent on.
+    ///
+    /// # Errors
+    /// [`IssueError::RateLimited`] with the seconds until one is free.
+    pub(super) fn take_rule_budget(
+        &self,
+        policy: &crate::policy::Policy,
+        grant: &crate::policy::IssueGrant,
+        caller: &SpiffeId,
+    ) -> Result<(), IssueError> {
+        let Some(rate) = grant.rate else {
+            return Ok(());
+        };
+        // Each caller has its own budget under a rule, so one caller
+        // (with a wildcard `from:`) cannot spend everyone's.
+        let rule = RuleKey::of(&policy.issue[grant.rule]);
+        self.rule_limits
+            .take_or_share(
+                &(rule, Some(caller.clone())),
+                &(rule, None),
+                rate,
+                self.clock.now_ms(),
+            )
+            .map_err(|retry_after| IssueError::RateLimited {
+                line: grant.pos.line,
+                retry_after,
+            })
     }
 
     /// HMAC-SHA256 of a token under the deployment's token-hash key: how

@@ -4,7 +4,8 @@
 //! [`super::serve`] call these operations, and [`super::run`] starts the
 //! background tasks.
 //!
-//! [`issue`] is token issuance (both front ends call it); [`denials`]
+//! [`issue`] is token issuance (both front ends call it); [`jwt_svid`]
+//! JWT-SVID issuance, on the same rules and budgets; [`denials`]
 //! who the caller is and the identities an admin cut off; [`deployment`]
 //! the trust domain and issuer every start must agree with; [`keys`] the
 //! signing keys; [`credentials`] the CA and what it hands out;
@@ -21,6 +22,7 @@ pub mod feed;
 pub mod governance;
 pub mod health;
 pub mod issue;
+pub mod jwt_svid;
 pub mod keys;
 pub mod replicas;
 pub mod revoke;

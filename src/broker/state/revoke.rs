@@ -12,7 +12,7 @@ pub(crate) fn is_revoked(set: &crate::token::RevocationSet, t: &crate::store::Is
     set.covers(&crate::token::TokenRef {
         jti: &t.jti,
         sub: &t.sub,
-        jkt: &t.jkt,
+        jkt: t.jkt.as_ref(),
         kid: &t.kid,
         iat: t.iat,
     })

@@ -556,7 +556,7 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
                 "{}",
                 with_times(
                     serde_json::json!({
-                        "found": true, "jti": found.jti, "sub": found.sub, "aud": found.aud,
+                        "found": true, "jti": found.jti, "kind": found.kind, "sub": found.sub, "aud": found.aud,
                         "scope": found.scope, "class": found.class, "jkt": found.jkt,
                         "kid": found.kid, "revoked": found.revoked, "records": records,
                         "from_audit_log": found.from_audit_log,
@@ -573,14 +573,18 @@ fn lookup(conn: &BrokerConnection, token: &str, output: Output) -> Result<ExitCo
                 (false, true) => "LIVE: revoke it with `tally ctl revoke --jti`",
                 (_, false) => "expired",
             };
-            say!("token    {}", found.jti);
+            say!("token    {} ({})", found.jti, found.kind);
             say!("holder   {}", found.sub);
             say!("audience {}", found.aud);
             say!("scope    {}", found.scope);
             say!("class    {}", found.class);
             say!("issued   {}", when(found.iat));
             say!("expires  {}", when(found.exp));
-            say!("dpop key {} (jkt)", found.jkt);
+            if found.jkt.is_empty() {
+                say!("dpop key none (a bearer JWT-SVID)");
+            } else {
+                say!("dpop key {} (jkt)", found.jkt);
+            }
             say!("signed   {} (kid)", found.kid);
             say!("state    {state}");
             if found.from_audit_log {

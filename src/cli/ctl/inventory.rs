@@ -13,8 +13,9 @@ use std::process::ExitCode;
 /// `tally ctl tokens`.
 #[derive(Debug, Subcommand)]
 pub enum TokensCommand {
-    /// Live tokens, soonest expiry first: holder, audience, scopes, class,
-    /// expiry, and whether a revocation covers it. Never the token itself.
+    /// Live tokens, soonest expiry first: kind (access token or JWT-SVID),
+    /// holder, audience(s), scopes, class, expiry, and whether a revocation
+    /// covers it. Never the token itself.
     List(ListTokensArgs),
 }
 
@@ -24,12 +25,15 @@ pub struct ListTokensArgs {
     /// Holder (SPIFFE ID).
     #[arg(long)]
     sub: Option<String>,
-    /// Audience.
+    /// Audience (any one of a JWT-SVID's).
     #[arg(long)]
     aud: Option<String>,
     /// Class (service, partner, admin, user).
     #[arg(long)]
     class: Option<String>,
+    /// Kind: `access` (DPoP-bound access tokens) or `jwt_svid`.
+    #[arg(long, value_parser = ["access", "jwt_svid"])]
+    kind: Option<String>,
     /// Only tokens expiring within this long (e.g. 5m).
     #[arg(long)]
     expiring_within: Option<String>,
@@ -116,6 +120,7 @@ pub(super) fn tokens(
         sub: args.sub.unwrap_or_default(),
         aud: args.aud.unwrap_or_default(),
         class: args.class.unwrap_or_default(),
+        kind: args.kind.unwrap_or_default(),
         expiring_within_seconds: within,
         ..pb::ListTokensRequest::default()
     };
@@ -146,7 +151,7 @@ pub(super) fn tokens(
                 .map(|t| {
                     with_times(
                         json!({
-                            "jti": t.jti, "sub": t.sub, "aud": t.aud, "scope": t.scope,
+                            "jti": t.jti, "kind": t.kind, "sub": t.sub, "aud": t.aud, "scope": t.scope,
                             "class": t.class, "jkt": t.jkt, "kid": t.kid, "revoked": t.revoked,
                         }),
                         &[("iat", t.iat), ("exp", t.exp)],
@@ -161,6 +166,7 @@ pub(super) fn tokens(
                 .map(|t| {
                     vec![
                         t.jti.clone(),
+                        t.kind.clone(),
                         t.sub.clone(),
                         t.aud.clone(),
                         t.scope.clone(),
@@ -174,7 +180,7 @@ pub(super) fn tokens(
                 "{}",
                 table(
                     &[
-                        "JTI", "HOLDER", "AUDIENCE", "SCOPES", "CLASS", "EXPIRES", "STATE"
+                        "JTI", "KIND", "HOLDER", "AUDIENCE", "SCOPES", "CLASS", "EXPIRES", "STATE"
                     ],
                     rows
                 )

@@ -354,7 +354,12 @@ impl<'a> Tour<'a> {
                 say!(
                     "   issued to {} for {} ({}); {}",
                     f.token.sub,
-                    f.token.aud,
+                    f.token
+                        .aud
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     f.token.scope,
                     if f.revoked { "revoked" } else { "live" }
                 );

@@ -55,6 +55,12 @@ pub(super) fn condition(text: String, what: &str) -> Result<Option<String>, Stat
     Ok(Some(text).filter(|s| !s.is_empty()))
 }
 
+/// Audiences as the Admin messages carry them: separated by single spaces.
+pub(super) fn audiences(aud: &[crate::token::Audience]) -> String {
+    let texts: Vec<&str> = aud.iter().map(crate::token::Audience::as_str).collect();
+    texts.join(" ")
+}
+
 pub(super) fn unix(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }

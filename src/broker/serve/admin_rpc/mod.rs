@@ -4,9 +4,11 @@
 //! every call is audited with the admin as actor, and every refusal with
 //! the caller.
 
-use super::grpc::{internal, issue_svid};
+use super::grpc::internal;
+use super::identity::issue_svid;
 use helpers::{
-    admin, audit_query, condition, denial_change, policy_change, unix, version_message, workload_id,
+    admin, audiences, audit_query, condition, denial_change, policy_change, unix, version_message,
+    workload_id,
 };
 
 mod helpers;
@@ -328,6 +330,10 @@ impl pb::admin_server::Admin for AdminService {
                 .then(|| now.saturating_add(q.expiring_within_seconds)),
             after: condition(q.after_jti, "after_jti")?
                 .map(|j| (u64::try_from(q.after_exp).unwrap_or(0), j)),
+            kind: condition(q.kind, "kind")?
+                .map(|k| k.parse::<crate::token::TokenKind>())
+                .transpose()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
         };
         let found = broker
             .store()
@@ -348,11 +354,12 @@ impl pb::admin_server::Admin for AdminService {
             .map(|t| pb::TokenInfo {
                 revoked: crate::broker::state::revoke::is_revoked(&set, t),
                 jti: t.jti.clone(),
+                kind: t.kind.to_string(),
                 sub: t.sub.to_string(),
-                aud: t.aud.to_string(),
+                aud: audiences(&t.aud),
                 scope: t.scope.to_string(),
                 class: t.class.to_string(),
-                jkt: t.jkt.to_string(),
+                jkt: t.jkt.map(|k| k.to_string()).unwrap_or_default(),
                 kid: t.kid.clone(),
                 iat: unix(t.iat),
                 exp: unix(t.exp),
@@ -569,11 +576,12 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::LookupTokenResponse {
             found: true,
             jti: t.jti,
+            kind: t.kind.to_string(),
             sub: t.sub.to_string(),
-            aud: t.aud.to_string(),
+            aud: audiences(&t.aud),
             scope: t.scope.to_string(),
             class: t.class.to_string(),
-            jkt: t.jkt.to_string(),
+            jkt: t.jkt.map(|k| k.to_string()).unwrap_or_default(),
             iat: unix(t.iat),
             exp: unix(t.exp),
             kid: t.kid,
