@@ -166,6 +166,12 @@ async fn serve(
         ),
         ..Listeners::default()
     };
+    if let Some(path) = &config.spiffe_socket {
+        listeners.spiffe = Some(
+            api::bind_with_mode(path, config.socket_mode)
+                .map_err(|e| super::broker::bind_error("--spiffe-socket", &path.display(), &e))?,
+        );
+    }
     if let Some((addr, _)) = &config.inbound {
         listeners.inbound = Some(bind(*addr, "--inbound-listen").await?);
     }

@@ -60,6 +60,11 @@ pub struct SidecarFlags {
     /// pod's private volume, where the apps' uids differ from the sidecar's).
     #[arg(long, env = "TALLY_SOCKET_MODE", value_name = "MODE")]
     pub socket_mode: Option<String>,
+    /// Unix socket for the SPIFFE Workload API (SPIFFE libraries find it
+    /// by SPIFFE_ENDPOINT_SOCKET=unix://PATH); same file mode and
+    /// --allow-uid as --socket. Off unless given.
+    #[arg(long, env = "TALLY_SPIFFE_SOCKET", value_name = "PATH")]
+    pub spiffe_socket: Option<PathBuf>,
     /// Only these peer uids may use the socket and the outbound proxy
     /// (repeatable).
     #[arg(long = "allow-uid", env = "TALLY_ALLOW_UIDS", value_delimiter = ',')]
@@ -138,6 +143,7 @@ pub static DEFAULTS: Defaults = Defaults(&[
         ),
     ),
     ("socket_mode", Text("0660")),
+    ("spiffe_socket", Derived("off")),
     ("allow_uids", Derived("any uid")),
     ("inbound_mtls", Text("optional")),
     ("proof_max_age", Text("30s")),
@@ -163,6 +169,7 @@ pub const KEYS: &[&str] = &[
     "sa_token_file",
     "socket",
     "socket_mode",
+    "spiffe_socket",
     "allow_uids",
     "service_map",
     "inbound_listen",
@@ -194,8 +201,10 @@ pub struct SidecarConfig {
     pub attestation: Attestation,
     /// Local API socket, if given (else [`default_socket`]).
     pub socket: Option<PathBuf>,
-    /// The socket file's mode.
+    /// The socket file's mode (the Workload API socket's too).
     pub socket_mode: u32,
+    /// SPIFFE Workload API socket, if it runs.
+    pub spiffe_socket: Option<PathBuf>,
     /// Peer uids allowed on the socket and outbound proxy (empty: any).
     pub allow_uids: Vec<u32>,
     /// Service map file, if any.
@@ -384,6 +393,12 @@ impl SidecarConfig {
         } else {
             flags.allow_uids.clone()
         };
+        let spiffe_socket = path(&flags.spiffe_socket, "spiffe_socket");
+        if spiffe_socket.is_some() && spiffe_socket == path(&flags.socket, "socket") {
+            errors.push(
+                "spiffe_socket: must not be the local API's socket (give each its own path)".into(),
+            );
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -393,6 +408,7 @@ impl SidecarConfig {
             attestation: attestation.unwrap_or_else(|| unreachable!("checked above")),
             socket: path(&flags.socket, "socket"),
             socket_mode,
+            spiffe_socket,
             allow_uids,
             service_map: path(&flags.service_map, "service_map"),
             inbound,

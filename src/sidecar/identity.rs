@@ -222,6 +222,33 @@ impl IdentityClient {
             .into_inner();
         svid_from(reply, key, now)
     }
+
+    /// Gets an X.509-SVID for `current`'s identity (mTLS with it) to a new
+    /// key made for the workload: what the SPIFFE Workload API hands out,
+    /// so the sidecar's own key, which signs DPoP proofs, never leaves it.
+    /// The broker caps it at `current`'s expiry.
+    ///
+    /// # Errors
+    /// [`IdentityError`].
+    pub async fn workload_svid(&self, current: &Svid, now: u64) -> Result<Svid, IdentityError> {
+        let identity = Identity::from_pem(&current.chain_pem, current.key_pem.as_bytes());
+        let (key, csr) = new_key_and_csr()?;
+        let mut client =
+            pb::identity_client::IdentityClient::new(self.connect(Some(identity)).await?);
+        let reply = client
+            .issue_workload_svid(pb::WorkloadSvidRequest { csr_der: csr })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let svid = svid_from(reply, key, now)?;
+        if svid.spiffe_id != current.spiffe_id {
+            return Err(IdentityError::Local(format!(
+                "the broker sent a workload SVID for {}, not {}",
+                svid.spiffe_id, current.spiffe_id
+            )));
+        }
+        Ok(svid)
+    }
 }
 
 fn status_error(status: tonic::Status) -> IdentityError {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 /// Longest wait for the broker on one call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks the broker for tokens bound to this sidecar's DPoP key.
 pub struct BrokerIssuer {
@@ -71,6 +71,16 @@ impl BrokerIssuer {
     }
 }
 
+/// A broker's refusal as the cache sees it: wait, or pass it on.
+pub(super) fn fetch_error(status: tonic::Status) -> FetchError {
+    let text = crate::rpc::refusal_text(&status);
+    if crate::rpc::is_transient(status.code()) {
+        FetchError::Unreachable(text)
+    } else {
+        FetchError::Refused(text)
+    }
+}
+
 impl Fetch for BrokerIssuer {
     type Ask = TokenAsk;
     type Got = Fetched;
@@ -92,14 +102,7 @@ impl Fetch for BrokerIssuer {
         let reply = pb::tokens_client::TokensClient::new(channel)
             .issue(request)
             .await
-            .map_err(|status| {
-                let text = crate::rpc::refusal_text(&status);
-                if crate::rpc::is_transient(status.code()) {
-                    FetchError::Unreachable(text)
-                } else {
-                    FetchError::Refused(text)
-                }
-            })?
+            .map_err(fetch_error)?
             .into_inner();
         let granted = reply
             .scopes

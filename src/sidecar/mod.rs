@@ -19,6 +19,7 @@ pub mod identity;
 pub mod inbound;
 pub mod issuer;
 pub mod jitter;
+pub mod jwt_svids;
 pub mod mesh_client;
 pub mod mesh_conn;
 pub mod mtls;
@@ -27,5 +28,7 @@ pub mod proxy;
 pub mod run;
 pub mod service_map;
 pub mod watch;
+pub mod workload_api;
+pub mod workload_svid;
 
 pub use jitter::random_unit;

@@ -10,9 +10,12 @@ use super::cache::{CacheConfig, TokenCache};
 use super::identity::{Attestation, IdentityClient, IdentityError, Svid, backoff, keep_renewed};
 use super::inbound::{Inbound, InboundConfig};
 use super::issuer::BrokerIssuer;
+use super::jwt_svids::JwtSvids;
 use super::mtls::MeshTls;
 use super::outbound::{Outbound, OutboundConfig};
 use super::watch::{MeshState, follow};
+use super::workload_api::{WorkloadApi, WorkloadParts};
+use super::workload_svid::keep_workload_svid;
 use crate::auth::{RequestVerifier, VerifierConfig};
 use crate::clock::Clock;
 use crate::dpop::ProofKey;
@@ -56,6 +59,8 @@ pub struct SidecarSettings {
 pub struct Listeners {
     /// The local API (see [`super::api::bind`]).
     pub socket: Option<tokio::net::UnixListener>,
+    /// The SPIFFE Workload API (bound like the local API).
+    pub spiffe: Option<tokio::net::UnixListener>,
     /// The inbound verifying proxy.
     pub inbound: Option<tokio::net::TcpListener>,
     /// The outbound forward proxy.
@@ -165,13 +170,30 @@ impl Sidecar {
         ));
         tokio::spawn(follow_renewals(
             svid_rx.clone(),
-            identity,
+            identity.clone(),
             Arc::clone(&issuer),
         ));
         let current = Arc::clone(&issuer);
         tokio::spawn(follow(move || current.channel(), Arc::clone(&clock), mesh));
 
         let reporter = Arc::clone(&issuer);
+        // The Workload API's SVID and JWT-SVIDs are asked for only when it
+        // is served.
+        let workload = listeners.spiffe.is_some().then(|| {
+            let (out, rx) = watch::channel(None);
+            tokio::spawn(keep_workload_svid(
+                identity.clone(),
+                Arc::clone(&clock),
+                svid_rx.clone(),
+                out,
+            ));
+            let jwt = TokenCache::new(
+                JwtSvids::new(Arc::clone(&issuer), Arc::clone(&clock)),
+                settings.cache,
+            );
+            (rx, jwt)
+        });
+        let allowed_uids = settings.allowed_uids.clone();
         let cache = TokenCache::new(issuer, settings.cache);
         let api = LocalApi::new(
             cache,
@@ -216,6 +238,7 @@ impl Sidecar {
         tokio::spawn(enforce_revocations(
             mesh_rx.clone(),
             Arc::clone(api.cache()),
+            workload.as_ref().map(|(_, jwt)| Arc::clone(jwt)),
             spiffe_id.clone(),
             Arc::clone(&revocation_lag),
         ));
@@ -247,6 +270,24 @@ impl Sidecar {
             let server =
                 super::api::serve(api, socket, listen("socket"), stopped(stop.subscribe()));
             servers.push(("local API", tokio::spawn(server)));
+        }
+        if let (Some(socket), Some((svid, jwt))) = (listeners.spiffe, workload) {
+            let api = WorkloadApi::new(WorkloadParts {
+                own_id: spiffe_id.clone(),
+                svid,
+                mesh: parts.mesh.clone(),
+                jwt,
+                allowed_uids,
+                clock: Arc::clone(&parts.clock),
+                stop: stop.subscribe(),
+            });
+            let server = super::workload_api::serve(
+                api,
+                socket,
+                listen("spiffe"),
+                stopped(stop.subscribe()),
+            );
+            servers.push(("Workload API", tokio::spawn(server)));
         }
         if let (Some(listener), Some(inbound)) = (listeners.inbound, parts.inbound.clone()) {
             // TLS (mesh peers) and plaintext on one port, by first byte.
@@ -415,11 +456,12 @@ async fn follow_renewals(
 }
 
 /// On every revocation that arrives: records its lag from the broker's
-/// commit, and drops this workload's cached tokens it covers so callers
+/// commit, and drops this workload's cached tokens and JWT-SVIDs it covers so callers
 /// get new ones (the inbound check enforces it for tokens presented here).
 async fn enforce_revocations(
     mut mesh: watch::Receiver<MeshState>,
     cache: Arc<TokenCache<Arc<BrokerIssuer>>>,
+    jwt: Option<Arc<TokenCache<JwtSvids>>>,
     own_id: SpiffeId,
     lag: Arc<crate::metrics::Histogram>,
 ) {
@@ -441,7 +483,10 @@ async fn enforce_revocations(
         lag.observe(Duration::from_millis(
             received_ms.saturating_sub(committed_ms),
         ));
-        let dropped = cache.forget_where(|f| f.revoked_by(&set, &own_id));
+        let dropped = cache.forget_where(|f| f.revoked_by(&set, &own_id))
+            + jwt
+                .as_ref()
+                .map_or(0, |jwt| jwt.forget_where(|j| j.revoked_by(&set, &own_id)));
         if dropped > 0 {
             tracing::info!(dropped, "dropped cached tokens a revocation covers");
         }

@@ -132,6 +132,8 @@ pub struct Mesh {
 #[derive(Default)]
 pub struct Parts {
     pub socket: bool,
+    /// Serve the SPIFFE Workload API on a socket of its own.
+    pub spiffe: bool,
     pub inbound_to: Option<std::net::SocketAddr>,
     pub outbound: bool,
     pub admin: bool,
@@ -166,6 +168,7 @@ pub struct Parts {
 pub struct Started {
     pub sidecar: Sidecar,
     pub socket: Option<std::path::PathBuf>,
+    pub spiffe: Option<std::path::PathBuf>,
     pub inbound: Option<std::net::SocketAddr>,
     pub outbound: Option<std::net::SocketAddr>,
     pub admin: Option<std::net::SocketAddr>,
@@ -238,8 +241,16 @@ impl Mesh {
                 .path()
                 .join(format!("{}.sock", id.rsplit('/').next().unwrap()))
         });
+        let spiffe_path = parts.spiffe.then(|| {
+            self.dir
+                .path()
+                .join(format!("{}.spiffe.sock", id.rsplit('/').next().unwrap()))
+        });
         let mut listeners = Listeners {
             socket: socket_path
+                .as_ref()
+                .map(|p| tally::sidecar::api::bind(p).unwrap()),
+            spiffe: spiffe_path
                 .as_ref()
                 .map(|p| tally::sidecar::api::bind(p).unwrap()),
             ..Listeners::default()
@@ -312,6 +323,7 @@ impl Mesh {
         Started {
             sidecar,
             socket: socket_path,
+            spiffe: spiffe_path,
             inbound,
             outbound,
             admin,

@@ -17,8 +17,14 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 /// The least life a caller's SVID must have left for a workload SVID to
-/// be worth signing: it expires when the caller's does.
+/// be worth signing (it expires when the caller's does): 10 s, or a tenth
+/// of the SVID lifetime when that is shorter (a broker issuing seconds-long
+/// SVIDs), at least 1 s.
 pub const MIN_WORKLOAD_SVID_LIFE: u64 = 10;
+
+fn min_workload_svid_life(svid_ttl: u64) -> u64 {
+    MIN_WORKLOAD_SVID_LIFE.min(svid_ttl / 10).max(1)
+}
 
 fn ca_status(e: CaError) -> Status {
     match e {
@@ -391,7 +397,7 @@ async fn issue_workload_svid(
     let now = broker.now();
     let left = caller.expires_at.saturating_sub(now);
     let pod = broker.caller_pod(certs).await;
-    if left < MIN_WORKLOAD_SVID_LIFE {
+    if left < min_workload_svid_life(broker.settings().svid_ttl) {
         let status = Status::failed_precondition(format!(
             "the calling X.509-SVID expires in {left}s and a workload SVID cannot outlive it: renew first"
         ));
