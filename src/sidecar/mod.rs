@@ -15,6 +15,7 @@ pub mod api;
 pub mod cache;
 pub mod config;
 pub mod failures;
+pub mod gate;
 pub mod identity;
 pub mod inbound;
 pub mod issuer;

@@ -8,6 +8,7 @@ use super::admin::Parts;
 use super::api::{LocalApi, ServiceMap};
 use super::cache::{CacheConfig, TokenCache};
 use super::identity::{Attestation, IdentityClient, IdentityError, Svid, backoff, keep_renewed};
+use super::gate::Gate;
 use super::inbound::{Inbound, InboundConfig};
 use super::issuer::BrokerIssuer;
 use super::mtls::MeshTls;
@@ -185,13 +186,14 @@ impl Sidecar {
             (Some(_), Some(config)) => {
                 let verifier = RequestVerifier::new(verifier_config(&config))
                     .map_err(|_| IdentityError::Local("the random source failed".into()))?;
-                Some(Inbound::new(
+                let gate = Gate::new(
                     spiffe_id.clone(),
-                    config,
+                    config.gate(),
                     verifier,
                     mesh_rx.clone(),
                     Arc::clone(&clock),
-                ))
+                );
+                Some(Inbound::new(config, gate))
             }
             (Some(_), None) => {
                 return Err(IdentityError::Local(
