@@ -14,13 +14,15 @@ use super::failures::{Failure, FailureLog};
 use super::watch::MeshState;
 use crate::auth::target::{Authority, RequestTarget, Scheme, request_target};
 use crate::auth::verdict::{self, Allowed, CallerLimits, Refusal, StaleRule, VerifiedRequest};
-use crate::auth::{self, AuthError, ConnectionTokens, HttpAnswer, ParsedRequest, RequestVerifier};
+use crate::auth::{
+    self, AuthError, ConnectionTokens, ForwardedError, HttpAnswer, ParsedRequest, RequestVerifier,
+};
 use crate::clock::Clock;
 use crate::identity::{PeerIdentity, SpiffeId};
 use std::sync::Arc;
 
 /// What the gate needs to know besides the request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateConfig {
     /// When the Watch stream has been down longer than this (seconds),
     /// revocations may be missing here.
@@ -72,6 +74,10 @@ pub struct Head<'a> {
     pub dpop: &'a [&'a [u8]],
     /// Who sent it.
     pub hop: Hop<'a>,
+    /// The app receives `path` as sent, not from this sidecar (a proxy in
+    /// front forwards the request): it must then be in normal form
+    /// already, or the app would route a path other than the one judged.
+    pub forwarded_as_sent: bool,
 }
 
 /// A request the gate admitted.
@@ -154,6 +160,9 @@ impl Gate {
             head.hosts,
             &self.config.authorities,
         )?;
+        if head.forwarded_as_sent && target.path() != head.path {
+            return Err(ForwardedError::NotNormalized.into());
+        }
         let mesh = self.mesh.borrow().snapshot().ok_or(Refusal::NotReady)?;
         let request = ParsedRequest {
             method: head.method,

@@ -361,6 +361,8 @@ impl Inbound {
                     },
                     None => Hop::Plain,
                 },
+                // The app gets the normalized path from this proxy.
+                forwarded_as_sent: false,
             },
             now_ms,
         )?;

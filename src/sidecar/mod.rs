@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod config;
+pub mod ext_authz;
 pub mod failures;
 pub mod gate;
 pub mod identity;
