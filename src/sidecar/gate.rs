@@ -15,7 +15,7 @@ use super::watch::MeshState;
 use crate::auth::target::{Authority, RequestTarget, Scheme, request_target};
 use crate::auth::verdict::{self, Allowed, CallerLimits, Refusal, StaleRule, VerifiedRequest};
 use crate::auth::{
-    self, AuthError, ConnectionTokens, ForwardedError, HttpAnswer, ParsedRequest, RequestVerifier,
+    self, ConnectionTokens, ForwardedError, HttpAnswer, ParsedRequest, RequestVerifier,
 };
 use crate::clock::Clock;
 use crate::identity::{PeerIdentity, SpiffeId};
@@ -177,11 +177,9 @@ impl Gate {
                     .token
             }
             Hop::Claimed(principal) => {
-                let verified = self.verifier.verify_parsed(&request, &mesh.jwks, now)?;
-                if verified.token.sub != *principal {
-                    return Err(AuthError::NotThePeer.into());
-                }
-                verified.token
+                self.verifier
+                    .verify_claimed(&request, principal, &mesh.jwks, now)?
+                    .token
             }
             Hop::Plain => {
                 self.verifier
