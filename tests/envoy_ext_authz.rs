@@ -198,6 +198,66 @@ async fn with_the_sidecar_down_envoy_refuses_every_request() {
     app.stop();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn envoy_reaches_the_sidecar_over_a_unix_socket_and_only_from_an_allowed_uid() {
+    let Some(bin) = support::envoy::binary() else {
+        return;
+    };
+    let me = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    for (uids, admitted) in [(vec![me], true), (vec![me.wrapping_add(1)], false)] {
+        let scene = Scene::start_with(Parts {
+            ext_authz_socket: true,
+            allowed_uids: Some(uids),
+            ..Parts::default()
+        })
+        .await;
+        let app = App::start().await;
+        let socket = scene.payments.ext_authz_socket.clone().unwrap();
+        let envoy = Envoy::start(&bin, DOC_CONFIGS[1], app.addr, &Authz::Unix(socket)).await;
+        // The nonce a fresh gate asks for, through Envoy.
+        let (auth, dpop) = scene.credentials("GET", "/nonce").await;
+        let first = through(
+            &envoy,
+            "GET",
+            "/nonce",
+            &[("authorization", &auth), ("dpop", &dpop)],
+        )
+        .await;
+        if let Some(nonce) = first.header("dpop-nonce") {
+            let url = format!("http://{HOST}/nonce");
+            let socket = scene.checkout.socket.as_deref().unwrap();
+            support::mesh::authorize_with_nonce(
+                socket,
+                "GET",
+                &url,
+                "payments:charge",
+                Some(nonce),
+            )
+            .await;
+        }
+        let (auth, dpop) = scene.credentials("POST", "/v1/charges").await;
+        let answer = through(
+            &envoy,
+            "POST",
+            "/v1/charges",
+            &[("authorization", &auth), ("dpop", &dpop)],
+        )
+        .await;
+        if admitted {
+            assert_eq!(answer.status, 200, "{:?}", answer.body);
+            assert_eq!(answer.json()["caller"], CHECKOUT);
+        } else {
+            assert_eq!(answer.status, 403, "a uid not allowed is refused");
+            assert_eq!(app.seen.load(Ordering::SeqCst), 0);
+        }
+        drop(envoy);
+        app.stop();
+        scene.stop().await;
+    }
+}
+
 #[test]
 fn every_documented_envoy_config_passes_envoys_own_validation() {
     let Some(bin) = support::envoy::binary() else {

@@ -214,7 +214,7 @@ async fn a_path_the_app_could_route_elsewhere_is_refused_before_the_proof_is_spe
 async fn a_huge_check_is_refused_by_the_decoder_and_the_service_goes_on() {
     let scene = Scene::start().await;
     let big = "x".repeat(300 * 1024);
-    let mut client = scene.client.clone();
+    let mut client = scene.client.clone().unwrap();
     let refused = client
         .check(http("POST", "/v1/charges", &[("x-padding", &big)]))
         .await

@@ -21,7 +21,8 @@ pub struct Scene {
     pub mesh: Mesh,
     pub payments: Started,
     pub checkout: Started,
-    pub client: AuthorizationClient<Channel>,
+    /// A gRPC client for the TCP listener (none on a Unix socket).
+    pub client: Option<AuthorizationClient<Channel>>,
 }
 
 impl Scene {
@@ -36,7 +37,7 @@ impl Scene {
             .sidecar(
                 PAYMENTS,
                 Parts {
-                    ext_authz: true,
+                    ext_authz: !payments.ext_authz_socket,
                     admin: true,
                     ..payments
                 },
@@ -52,14 +53,19 @@ impl Scene {
                 },
             )
             .await;
-        let client = client(payments.ext_authz.unwrap()).await;
+        let client = match payments.ext_authz {
+            Some(at) => Some(client(at).await),
+            None => None,
+        };
         let scene = Self {
             mesh,
             payments,
             checkout,
             client,
         };
-        scene.prime(&scene.checkout, "payments:charge").await;
+        if scene.client.is_some() {
+            scene.prime(&scene.checkout, "payments:charge").await;
+        }
         scene
     }
 
@@ -96,6 +102,7 @@ impl Scene {
     pub async fn check(&self, request: CheckRequest) -> CheckResponse {
         self.client
             .clone()
+            .expect("a TCP ext_authz listener")
             .check(request)
             .await
             .expect("a check is answered with a CheckResponse")

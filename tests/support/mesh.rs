@@ -163,6 +163,9 @@ pub struct Parts {
     /// Serve Envoy's ext_authz on 127.0.0.1:0 (with the inbound proxy's
     /// check settings above).
     pub ext_authz: bool,
+    /// Serve Envoy's ext_authz on a Unix socket in the mesh's directory
+    /// instead (peer uids checked against `allowed_uids`).
+    pub ext_authz_socket: bool,
     /// Let credentials through to the app (`--pass-credentials`).
     pub pass_credentials: bool,
 }
@@ -175,6 +178,7 @@ pub struct Started {
     pub outbound: Option<std::net::SocketAddr>,
     pub admin: Option<std::net::SocketAddr>,
     pub ext_authz: Option<std::net::SocketAddr>,
+    pub ext_authz_socket: Option<std::path::PathBuf>,
 }
 
 impl Mesh {
@@ -268,6 +272,16 @@ impl Mesh {
             ext_authz = Some(listener.local_addr().unwrap());
             listeners.ext_authz = Some(tally::sidecar::ext_authz::ExtAuthzListener::Tcp(listener));
         }
+        let ext_authz_socket = parts.ext_authz_socket.then(|| {
+            let path = self
+                .dir
+                .path()
+                .join(format!("{}-authz.sock", id.rsplit('/').next().unwrap()));
+            listeners.ext_authz = Some(tally::sidecar::ext_authz::ExtAuthzListener::Unix(
+                tally::sidecar::api::bind(&path).unwrap(),
+            ));
+            path
+        });
         let report_every = parts
             .report_every
             .unwrap_or(std::time::Duration::from_millis(100));
@@ -310,7 +324,7 @@ impl Mesh {
                 }
                 c
             }),
-            ext_authz: parts.ext_authz.then(|| {
+            ext_authz: (parts.ext_authz || parts.ext_authz_socket).then(|| {
                 let mut c = tally::sidecar::ext_authz::ExtAuthzConfig {
                     pass_credentials: parts.pass_credentials,
                     report_every,
@@ -341,6 +355,7 @@ impl Mesh {
             outbound,
             admin,
             ext_authz,
+            ext_authz_socket,
         }
     }
 }
