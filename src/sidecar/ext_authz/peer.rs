@@ -41,11 +41,14 @@ pub enum PeerClaim {
     Verified(PeerIdentity),
 }
 
+/// A verifier and the bundle (DER roots) it was built from.
+type Built = (Vec<Vec<u8>>, Arc<dyn ClientCertVerifier>);
+
 /// Client-certificate verifiers, one per trust bundle (rebuilt when the
 /// bundle changes).
 #[derive(Default)]
 pub struct PeerVerifier {
-    built: Mutex<Option<(Vec<Vec<u8>>, Arc<dyn ClientCertVerifier>)>>,
+    built: Mutex<Option<Built>>,
 }
 
 impl std::fmt::Debug for PeerVerifier {

@@ -32,10 +32,13 @@ const OK: i32 = 0;
 const PERMISSION_DENIED: i32 = 7;
 const UNAUTHENTICATED: i32 = 16;
 
+/// The identity headers an admission sets, by name.
+pub type IdentityHeaders = [(&'static str, String); 4];
+
 /// The headers the app gets for an admitted request (`allowed`, that
 /// reached the proxy in front by `transport`), as the inbound proxy sets
 /// them.
-pub fn identity_headers(allowed: &Allowed, transport: &'static str) -> [(&'static str, String); 4] {
+pub fn identity_headers(allowed: &Allowed, transport: &'static str) -> IdentityHeaders {
     [
         (CALLER, allowed.caller().to_string()),
         (SCOPES, allowed.scopes().to_string()),
@@ -48,7 +51,7 @@ pub fn identity_headers(allowed: &Allowed, transport: &'static str) -> [(&'stati
 /// [`identity_headers`]); `tally_headers` are the `x-tally-*` names the
 /// request carried.
 pub fn admitted(
-    ours: [(&'static str, String); 4],
+    ours: IdentityHeaders,
     tally_headers: &[String],
     pass_credentials: bool,
 ) -> CheckResponse {
