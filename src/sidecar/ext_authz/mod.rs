@@ -340,3 +340,53 @@ pub async fn serve(
         ExtAuthzListener::Unix(l) => crate::http::serve_unix(l, listen, handler, shutdown).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sidecar::config::{SidecarConfig, SidecarFlags};
+
+    fn flags(listen: &str) -> SidecarFlags {
+        SidecarFlags {
+            broker: Some("https://broker:8443".into()),
+            trust_bundle: Some("bundle.pem".into()),
+            sa_token_file: Some("/var/run/token".into()),
+            ext_authz_listen: Some(listen.into()),
+            pass_credentials: true,
+            deny_when_stale: true,
+            inbound_authorities: vec!["pay.svc:8080".into()],
+            ..SidecarFlags::default()
+        }
+    }
+
+    #[test]
+    fn the_listener_is_an_ip_and_port_or_a_unix_socket_path() {
+        assert_eq!(
+            "127.0.0.1:15030".parse(),
+            Ok(ExtAuthzAddr::Tcp("127.0.0.1:15030".parse().unwrap()))
+        );
+        assert_eq!(
+            "unix:/run/tally/ext_authz.sock".parse(),
+            Ok(ExtAuthzAddr::Unix("/run/tally/ext_authz.sock".into()))
+        );
+        assert!("unix:".parse::<ExtAuthzAddr>().is_err());
+        let errors = SidecarConfig::resolve(&flags("localhost:15030"), None).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("ext_authz_listen \"localhost:15030\""));
+    }
+
+    #[test]
+    fn settings_carry_the_inbound_checks_to_ext_authz() {
+        let settings = SidecarConfig::resolve(&flags("unix:/tmp/a.sock"), None)
+            .unwrap()
+            .settings("PEM".into(), crate::sidecar::api::ServiceMap::default());
+        let c = settings.ext_authz.unwrap();
+        assert!(c.pass_credentials && c.gate.deny_when_stale);
+        assert_eq!(
+            (c.proof_max_age, c.clock_skew, c.gate.stale_after),
+            (30, 5, 30)
+        );
+        assert_eq!(c.gate.authorities.len(), 1);
+        assert!(settings.inbound.is_none(), "no inbound proxy unless asked");
+    }
+}
