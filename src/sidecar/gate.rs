@@ -207,7 +207,7 @@ impl Gate {
     /// Notes `refusal` of a request (`method`, `path` as sent, its
     /// `Authorization` values) for the audit log when it is the caller's
     /// failure, and gives its answer at `now` (Unix seconds), through the
-    /// one mapping in [`crate::auth::answer`].
+    /// one mapping in [`mod@crate::auth::answer`].
     pub fn refuse(
         &self,
         method: &str,

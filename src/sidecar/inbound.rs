@@ -3,17 +3,17 @@
 //! `x-tally-*` headers.
 //!
 //! A request is judged in three steps, each pure and shared with every
-//! other front end: its target, parsed once ([`auth::target`]: the
+//! other front end: its target, parsed once ([`crate::auth::target`]: the
 //! authority it addresses, the URL a proof must name, the normalized
-//! path); the token core ([`RequestVerifier`]: credentials, the access
+//! path); the token core ([`RequestVerifier`](crate::auth::RequestVerifier): credentials, the access
 //! token against the broker's JWKS with `aud` = this workload, the DPoP
 //! proof against that URL and this token, replay); then the admission
-//! verdict ([`auth::verdict::judge`]) on what the Watch stream delivered:
+//! verdict ([`crate::auth::verdict::judge`]) on what the Watch stream delivered:
 //! revocations and denied identities, staleness (when the stream has been
 //! down too long, `admin` tokens, or all with `deny_when_stale`, get
 //! 503), the `access:` rules for this workload and the per-caller rate
 //! limit of the rule that admitted it. Every refusal is answered through
-//! the one mapping ([`auth::answer::refusal_answer`]) and never reaches
+//! the one mapping ([`crate::auth::answer::refusal_answer`]) and never reaches
 //! the app.
 //!
 //! The URL a proof must name is `http://` + the request's `Host` (or

@@ -8,7 +8,7 @@
 //!   passed on.
 //! - Refused: `DeniedHttpResponse` with the status, `WWW-Authenticate`,
 //!   `DPoP-Nonce`, `Retry-After` and JSON body of the one mapping
-//!   ([`crate::auth::answer`]), and a non-OK `status` (Envoy's ext_authz
+//!   ([`mod@crate::auth::answer`]), and a non-OK `status` (Envoy's ext_authz
 //!   denies on any): `UNAUTHENTICATED` for 401, `PERMISSION_DENIED` for
 //!   every other refusal.
 
