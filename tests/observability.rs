@@ -185,6 +185,7 @@ async fn scrape_after_traffic() -> Scraped {
             Parts {
                 inbound_to: Some(app.addr),
                 admin: true,
+                ext_authz: true,
                 ..Parts::default()
             },
         )
@@ -228,6 +229,25 @@ async fn scrape_after_traffic() -> Scraped {
     )
     .await;
     assert_eq!(charge(&elsewhere).await, 401);
+    // The same verdict through Envoy's ext_authz, with its own metrics.
+    let (a, d) = authorize(socket, "POST", &url, "payments:charge").await;
+    let check = support::ext_authz::request(
+        tally::proto::envoy::service::auth::v3::attribute_context::HttpRequest {
+            method: "POST".into(),
+            scheme: "http".into(),
+            host: inbound.to_string(),
+            path: "/v1/charges".into(),
+            headers: [("authorization".into(), a), ("dpop".into(), d)].into(),
+            ..Default::default()
+        },
+    );
+    let answer = support::ext_authz::client(payments.ext_authz.unwrap())
+        .await
+        .check(check)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(support::ext_authz::status(&answer), 200, "{answer:?}");
     // revoked: headers made before their token was revoked.
     let jti = {
         let payload = kept

@@ -6,6 +6,7 @@
 //! [`answer`]).
 
 use super::error::{AuthError, RequestError};
+use super::forwarded::ForwardedError;
 use super::target::TargetError;
 use super::verdict::Refusal;
 use crate::jose::jws::ALG_ES256;
@@ -123,6 +124,16 @@ pub fn refusal_answer(refusal: &Refusal, fresh_nonce: Option<String>) -> HttpAns
             | TargetError::Authority(_)
             | TargetError::Url(_)
             | TargetError::Path(_),
+        ) => HttpAnswer::plain(400, "invalid_request", &text),
+        Refusal::Forwarded(ForwardedError::PeerUnverified(_)) => {
+            HttpAnswer::plain(403, "invalid_peer", &text)
+        }
+        Refusal::Forwarded(
+            ForwardedError::NoHttpRequest
+            | ForwardedError::NoMethod
+            | ForwardedError::Scheme
+            | ForwardedError::Disagrees(_)
+            | ForwardedError::NotNormalized,
         ) => HttpAnswer::plain(400, "invalid_request", &text),
         Refusal::MtlsRequired => HttpAnswer::plain(403, "mtls_required", &text),
         Refusal::NotReady => {

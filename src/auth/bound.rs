@@ -20,10 +20,10 @@
 
 use super::credentials::{self, Credentials};
 use super::error::{AuthError, RequestError};
-use super::request::{ParsedRequest, RequestVerifier};
+use super::request::{ParsedRequest, RequestVerifier, Verified};
 use crate::dpop::TokenHash;
 use crate::dpop::proof::VerifiedProof;
-use crate::identity::PeerIdentity;
+use crate::identity::{PeerIdentity, SpiffeId};
 use crate::token::{Jwks, TokenClaims};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -68,6 +68,34 @@ pub struct VerifiedOnConnection {
 }
 
 impl RequestVerifier {
+    /// Checks one request whose sender a proxy in front named `holder`
+    /// without proving it (Envoy's `source.principal` alone): the token's
+    /// `sub` must be `holder`, checked before the proof so a refused
+    /// request does not spend it, and the proof is demanded as on
+    /// plaintext. A claim can only narrow what passes.
+    ///
+    /// # Errors
+    /// The [`AuthError`] to answer with.
+    pub fn verify_claimed(
+        &self,
+        request: &ParsedRequest<'_>,
+        holder: &SpiffeId,
+        jwks: &Jwks,
+        now: u64,
+    ) -> Result<Verified, AuthError> {
+        let Credentials { token, proof } = credentials::parse(request.authorization, request.dpop)?;
+        let hash = TokenHash::of(token);
+        let claims = self.token(token, &hash, jwks, now)?;
+        if claims.sub != *holder {
+            return Err(AuthError::NotThePeer);
+        }
+        let proof = self.proof(proof, &claims, &hash, request.method, request.url, now)?;
+        Ok(Verified {
+            token: claims,
+            proof,
+        })
+    }
+
     /// Checks one request that arrived on a TLS connection whose verified
     /// client SVID is `peer` (see the module doc), against the trusted
     /// `jwks` at `now`. `tokens` is the connection's cache.

@@ -6,6 +6,7 @@
 //! case, an example and a sentence here.
 
 use super::error::{AuthError, RequestError};
+use super::forwarded::ForwardedError;
 use super::target::TargetError;
 use super::verdict::Refusal;
 use crate::dpop::ProofError;
@@ -47,6 +48,11 @@ pub enum Case {
     Misdirected,
     /// A request head with no usable target.
     BadTarget,
+    /// A proxy in front (ext_authz) described a request that cannot be
+    /// judged.
+    BadCheck,
+    /// A peer certificate sent along by a proxy in front does not verify.
+    PeerUnverified,
     /// Plaintext on a port that demands mutual TLS.
     MtlsRequired,
     /// No keys or access rules from the broker yet.
@@ -67,7 +73,7 @@ pub enum Case {
 
 impl Case {
     /// Every case, in the table's order.
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 25] = [
         Self::NoCredentials,
         Self::MissingProof,
         Self::MultipleProofs,
@@ -83,6 +89,8 @@ impl Case {
         Self::Overloaded,
         Self::Misdirected,
         Self::BadTarget,
+        Self::BadCheck,
+        Self::PeerUnverified,
         Self::MtlsRequired,
         Self::NotReady,
         Self::Revoked,
@@ -130,6 +138,12 @@ impl Case {
             }
             Self::BadTarget => {
                 "The request head has no usable target: several `Host` headers, none, one that is not text, one that disagrees with the URI, or a bad authority, URL or path."
+            }
+            Self::BadCheck => {
+                "Envoy's ext_authz check describes no HTTP request or method, a scheme other than http or https, a header two different ways, or a path not in normal form (the app would route a path other than the one judged; set Envoy's `normalize_path: true`)."
+            }
+            Self::PeerUnverified => {
+                "Envoy's ext_authz check carries a peer certificate that does not chain to the sidecar's trust bundle, is not valid now, or does not name the peer (`source.principal`) the check claims."
             }
             Self::MtlsRequired => {
                 "The inbound port demands mutual TLS (`--inbound-mtls required`) and the request came in plaintext, or over TLS without a mesh SVID (checked before any token work)."
@@ -181,6 +195,11 @@ impl Case {
             Self::Overloaded => AuthError::Overloaded.into(),
             Self::Misdirected => TargetError::Misdirected("pay.svc:9090".into()).into(),
             Self::BadTarget => TargetError::TwoHosts.into(),
+            Self::BadCheck => ForwardedError::NoHttpRequest.into(),
+            Self::PeerUnverified => {
+                ForwardedError::PeerUnverified("it does not chain to the trust bundle".into())
+                    .into()
+            }
             Self::MtlsRequired => Refusal::MtlsRequired,
             Self::NotReady => Refusal::NotReady,
             Self::Revoked => Refusal::Revoked {
@@ -234,6 +253,14 @@ pub fn case(refusal: &Refusal) -> Case {
             | TargetError::Url(_)
             | TargetError::Path(_),
         ) => Case::BadTarget,
+        Refusal::Forwarded(ForwardedError::PeerUnverified(_)) => Case::PeerUnverified,
+        Refusal::Forwarded(
+            ForwardedError::NoHttpRequest
+            | ForwardedError::NoMethod
+            | ForwardedError::Scheme
+            | ForwardedError::Disagrees(_)
+            | ForwardedError::NotNormalized,
+        ) => Case::BadCheck,
         Refusal::MtlsRequired => Case::MtlsRequired,
         Refusal::NotReady => Case::NotReady,
         Refusal::Revoked { .. } => Case::Revoked,

@@ -17,6 +17,7 @@
 //! forget to charge it.
 
 use super::error::AuthError;
+use super::forwarded::ForwardedError;
 use super::target::TargetError;
 use crate::identity::{DenialSet, SpiffeId};
 use crate::policy::{AccessDenial, AccessRequest, Policy, Pos};
@@ -110,6 +111,11 @@ pub enum Refusal {
     /// 421 for an authority it does not serve.
     #[error(transparent)]
     Target(#[from] TargetError),
+    /// A proxy in front described the request in a way that cannot be
+    /// judged (ext_authz): 400, or 403 for an unverified peer
+    /// certificate.
+    #[error(transparent)]
+    Forwarded(#[from] ForwardedError),
     /// Plaintext (or TLS without a mesh SVID) on an inbound port that
     /// demands mutual TLS (`--inbound-mtls required`): 403
     /// `mtls_required`, before any token work.
@@ -185,6 +191,14 @@ impl Refusal {
                 | TargetError::Url(_)
                 | TargetError::Path(_),
             ) => "bad_request",
+            Self::Forwarded(ForwardedError::PeerUnverified(_)) => "peer_unverified",
+            Self::Forwarded(
+                ForwardedError::NoHttpRequest
+                | ForwardedError::NoMethod
+                | ForwardedError::Scheme
+                | ForwardedError::Disagrees(_)
+                | ForwardedError::NotNormalized,
+            ) => "bad_request",
             Self::MtlsRequired => "mtls_required",
             Self::NotReady => "not_ready",
             Self::Unverified(AuthError::NoCredentials) => "no_credentials",
@@ -217,6 +231,7 @@ impl Refusal {
             Self::NotReady => false,
             Self::Unverified(AuthError::Proof(e)) => !e.wants_nonce(),
             Self::Target(_)
+            | Self::Forwarded(_)
             | Self::MtlsRequired
             | Self::Unverified(
                 AuthError::NoCredentials

@@ -11,6 +11,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::rpc::ConnectFailure;
 use crate::sidecar::api::{self, ServiceMap};
 use crate::sidecar::config::{SidecarConfig, TrustBundle, service_map};
+use crate::sidecar::ext_authz::{ExtAuthzAddr, ExtAuthzListener};
 use crate::sidecar::identity::IdentityError;
 use crate::sidecar::run::{Listeners, Sidecar};
 use std::net::SocketAddr;
@@ -181,6 +182,26 @@ async fn serve(
     if let Some(addr) = config.admin_listen {
         listeners.admin = Some(bind(addr, "--admin-listen").await?);
     }
+    let ext_authz_at = match &config.ext_authz_listen {
+        Some(ExtAuthzAddr::Tcp(addr)) => {
+            let listener = bind(*addr, "--ext-authz-listen").await?;
+            let at = listener.local_addr().map(|a| a.to_string()).ok();
+            listeners.ext_authz = Some(ExtAuthzListener::Tcp(listener));
+            at
+        }
+        Some(ExtAuthzAddr::Unix(path)) => {
+            let listener = api::bind_with_mode(path, config.socket_mode).map_err(|e| {
+                super::broker::bind_error("--ext-authz-listen", &path.display(), &e)
+            })?;
+            listeners.ext_authz = Some(ExtAuthzListener::Unix(listener));
+            Some(format!("unix:{}", path.display()))
+        }
+        None => None,
+    };
+    let ext_authz_socket = match &config.ext_authz_listen {
+        Some(ExtAuthzAddr::Unix(path)) => Some(path.clone()),
+        _ => None,
+    };
     let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (inbound_at, outbound_at, admin_at) = (
         local(&listeners.inbound),
@@ -214,6 +235,9 @@ async fn serve(
         }
         () = super::shutdown_signal() => {
             let _ = std::fs::remove_file(&socket);
+            if let Some(path) = &ext_authz_socket {
+                let _ = std::fs::remove_file(path);
+            }
             return Ok(ExitCode::SUCCESS);
         }
     };
@@ -239,6 +263,9 @@ async fn serve(
     if let Some(at) = admin_at {
         say!("tally sidecar: admin listening on {at}");
     }
+    if let Some(at) = ext_authz_at {
+        say!("tally sidecar: ext_authz listening on {at}");
+    }
     // In-flight requests get DRAIN to finish after the signal; a client
     // that never lets go does not keep the sidecar from exiting.
     let signal_then_drain = async {
@@ -253,6 +280,9 @@ async fn serve(
         }
     };
     let _ = std::fs::remove_file(&socket);
+    if let Some(path) = ext_authz_socket {
+        let _ = std::fs::remove_file(path);
+    }
     result.map_err(|e| CliError::Failed(e.to_string()))?;
     say!("tally sidecar: stopped");
     Ok(ExitCode::SUCCESS)

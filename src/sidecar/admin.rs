@@ -30,6 +30,8 @@ pub struct Parts {
     pub api: Arc<LocalApi<Arc<BrokerIssuer>>>,
     /// The inbound proxy, if it runs.
     pub inbound: Option<Arc<Inbound>>,
+    /// The Envoy ext_authz service, if it runs.
+    pub ext_authz: Option<Arc<super::ext_authz::ExtAuthz>>,
     /// The outbound proxy.
     pub outbound: Arc<Outbound<Arc<BrokerIssuer>>>,
     /// The clock.
@@ -244,6 +246,9 @@ fn render_metrics(parts: &Parts) -> String {
     );
     if let Some(inbound) = &parts.inbound {
         inbound.metrics().render(&mut out);
+    }
+    if let Some(ext_authz) = &parts.ext_authz {
+        ext_authz.metrics().render(&mut out);
     }
     parts.outbound.render_metrics(&mut out);
     parts.listeners.render(&mut out);

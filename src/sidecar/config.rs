@@ -6,6 +6,7 @@
 
 use super::api::ServiceMap;
 use super::cache::CacheConfig;
+use super::ext_authz::{ExtAuthzAddr, ExtAuthzConfig};
 use super::identity::Attestation;
 use super::inbound::InboundConfig;
 use super::outbound::OutboundConfig;
@@ -88,7 +89,13 @@ pub struct SidecarFlags {
     /// Demand DPoP server nonces from inbound callers (RFC 9449 §8).
     #[arg(long, env = "TALLY_INBOUND_NONCES")]
     pub inbound_nonces: bool,
-    /// Also hand Authorization and DPoP to the app (dropped by default).
+    /// Envoy ext_authz gRPC service address (Authorization/Check), e.g.
+    /// 127.0.0.1:15030, or unix:PATH (callers' uids checked against
+    /// --allow-uid); bind it to loopback or a socket, see docs/ENVOY.md.
+    #[arg(long, env = "TALLY_EXT_AUTHZ_LISTEN", value_name = "ADDR")]
+    pub ext_authz_listen: Option<String>,
+    /// Also hand Authorization and DPoP to the app (dropped by default),
+    /// from the inbound proxy and through Envoy's ext_authz.
     #[arg(long, env = "TALLY_PASS_CREDENTIALS")]
     pub pass_credentials: bool,
     /// Oldest inbound DPoP proof accepted, after its iat.
@@ -176,6 +183,7 @@ pub const KEYS: &[&str] = &[
     "upstream",
     "inbound_mtls",
     "inbound_nonces",
+    "ext_authz_listen",
     "pass_credentials",
     "proof_max_age",
     "clock_skew",
@@ -213,6 +221,8 @@ pub struct SidecarConfig {
     pub inbound: Option<(SocketAddr, String)>,
     /// Whether the inbound port refuses plaintext.
     pub inbound_mtls: super::mtls::InboundMtls,
+    /// Where Envoy's ext_authz service listens, if it runs.
+    pub ext_authz_listen: Option<ExtAuthzAddr>,
     /// Demand DPoP server nonces from inbound callers.
     pub inbound_nonces: bool,
     /// Hand `Authorization` and `DPoP` to the app too.
@@ -310,6 +320,8 @@ impl SidecarConfig {
         };
         let inbound_listen = address(&flags.inbound_listen, "inbound_listen");
         let outbound_listen = address(&flags.outbound_listen, "outbound_listen");
+        let ext_authz_listen = one(&flags.ext_authz_listen, "ext_authz_listen")
+            .and_then(|text| text.parse().map_err(|e| errors.push(e)).ok());
         let admin_text = one(&flags.admin_listen, "admin_listen")
             .unwrap_or_else(|| DEFAULTS.text("admin_listen"));
         let admin_listen = if admin_text == "off" {
@@ -413,6 +425,7 @@ impl SidecarConfig {
             service_map: path(&flags.service_map, "service_map"),
             inbound,
             inbound_mtls,
+            ext_authz_listen,
             inbound_nonces,
             pass_credentials,
             proof_max_age: proof_max_age.unwrap_or_else(|| unreachable!("checked above")),
@@ -430,6 +443,17 @@ impl SidecarConfig {
     /// What the sidecar runs with: these settings, the trust bundle's PEM
     /// and the service map (both read by the caller).
     pub fn settings(self, bundle_pem: String, services: ServiceMap) -> SidecarSettings {
+        let ext_authz = self.ext_authz_listen.as_ref().map(|_| ExtAuthzConfig {
+            pass_credentials: self.pass_credentials,
+            proof_max_age: self.proof_max_age,
+            clock_skew: self.clock_skew,
+            gate: super::gate::GateConfig {
+                stale_after: self.watch_staleness,
+                deny_when_stale: self.deny_when_stale,
+                authorities: self.inbound_authorities.clone(),
+            },
+            ..ExtAuthzConfig::default()
+        });
         let inbound = self.inbound.map(|(_, upstream)| {
             let mut c = InboundConfig::new(upstream);
             c.pass_credentials = self.pass_credentials;
@@ -449,6 +473,7 @@ impl SidecarConfig {
             allowed_uids: (!self.allow_uids.is_empty()).then_some(self.allow_uids),
             cache: CacheConfig::default(),
             inbound,
+            ext_authz,
             inbound_nonces: self.inbound_nonces,
             outbound: OutboundConfig {
                 strict: self.outbound_strict,

@@ -3,17 +3,17 @@
 //! `x-tally-*` headers.
 //!
 //! A request is judged in three steps, each pure and shared with every
-//! other front end: its target, parsed once ([`auth::target`]: the
+//! other front end: its target, parsed once ([`crate::auth::target`]: the
 //! authority it addresses, the URL a proof must name, the normalized
-//! path); the token core ([`RequestVerifier`]: credentials, the access
+//! path); the token core ([`RequestVerifier`](crate::auth::RequestVerifier): credentials, the access
 //! token against the broker's JWKS with `aud` = this workload, the DPoP
 //! proof against that URL and this token, replay); then the admission
-//! verdict ([`auth::verdict::judge`]) on what the Watch stream delivered:
+//! verdict ([`crate::auth::verdict::judge`]) on what the Watch stream delivered:
 //! revocations and denied identities, staleness (when the stream has been
 //! down too long, `admin` tokens, or all with `deny_when_stale`, get
 //! 503), the `access:` rules for this workload and the per-caller rate
 //! limit of the rule that admitted it. Every refusal is answered through
-//! the one mapping ([`auth::answer::refusal_answer`]) and never reaches
+//! the one mapping ([`crate::auth::answer::refusal_answer`]) and never reaches
 //! the app.
 //!
 //! The URL a proof must name is `http://` + the request's `Host` (or
@@ -28,14 +28,12 @@
 //! that opened the tunnel expires or a revocation covers it; frames after
 //! the handshake are the app's protocol, not checked here.
 
+use super::gate::{Gate, GateConfig, Head, Hop};
 use super::proxy::{self, NextHop, ProxyBody};
-use super::watch::MeshState;
-use crate::auth::target::{Scheme, TargetError, request_target};
-use crate::auth::verdict::{self, Allowed, CallerLimits, Refusal, StaleRule, VerifiedRequest};
-use crate::auth::{self, HttpAnswer, ParsedRequest, RequestVerifier};
-use crate::clock::Clock;
+use crate::auth::HttpAnswer;
+use crate::auth::target::{Scheme, TargetError};
+use crate::auth::verdict::{Allowed, Refusal};
 use crate::dpop::UriError;
-use crate::identity::SpiffeId;
 use crate::metrics::{CounterVec, Histogram};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
@@ -88,6 +86,15 @@ pub struct InboundConfig {
 }
 
 impl InboundConfig {
+    /// The admission settings among these, for the [`Gate`].
+    pub fn gate(&self) -> GateConfig {
+        GateConfig {
+            stale_after: self.stale_after,
+            deny_when_stale: self.deny_when_stale,
+            authorities: self.authorities.clone(),
+        }
+    }
+
     /// Defaults for `upstream`: credentials dropped, 16 MiB bodies, 30 s
     /// for the app; proofs accepted for 30 s after `iat` with 5 s of clock
     /// skew. Callers in the mesh sign each proof just before sending it and
@@ -139,6 +146,41 @@ impl InboundMetrics {
                 "Admitted inbound requests by how the caller reached this sidecar: mtls, tls or plaintext.",
                 &["transport"],
             ),
+        }
+    }
+
+    /// The same three metrics for another front end that judges inbound
+    /// requests: `names` of the requests counter, the check histogram and
+    /// the admitted counter.
+    pub fn named(names: [&'static str; 3]) -> Self {
+        let [requests, check_seconds, admitted] = names;
+        Self {
+            requests: CounterVec::new(
+                requests,
+                "Checked requests by result: allowed, or why they were refused.",
+                &["result"],
+            ),
+            check_seconds: Histogram::new(
+                check_seconds,
+                "Time to check a request (token, proof, replay, policy).",
+            ),
+            admitted: CounterVec::new(
+                admitted,
+                "Admitted requests by how the caller reached the proxy in front: mtls, tls or plaintext.",
+                &["transport"],
+            ),
+        }
+    }
+
+    /// Counts one check that took `took`, and its result.
+    pub fn count(&self, took: Duration, result: Result<&'static str, &Refusal>) {
+        self.check_seconds.observe(took);
+        match result {
+            Ok(transport) => {
+                self.requests.inc(&["allowed"]);
+                self.admitted.inc(&[transport]);
+            }
+            Err(refusal) => self.requests.inc(&[refusal.reason()]),
         }
     }
 
@@ -207,48 +249,30 @@ impl Unforwarded {
 
 /// The inbound proxy. Share it behind an `Arc`.
 pub struct Inbound {
-    workload: SpiffeId,
     config: InboundConfig,
-    verifier: RequestVerifier,
-    mesh: tokio::sync::watch::Receiver<MeshState>,
-    /// Per (policy version, caller, allow entry).
-    limits: CallerLimits,
+    gate: Arc<Gate>,
     next_hop: NextHop,
-    clock: Arc<dyn Clock>,
     metrics: InboundMetrics,
-    failures: Arc<super::failures::FailureLog>,
 }
 
 impl std::fmt::Debug for Inbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inbound")
-            .field("workload", &self.workload)
+            .field("gate", &self.gate)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
 impl Inbound {
-    /// The proxy for `workload` (tokens must name it in `aud`; the
-    /// verifier's config says so), verifying with what `mesh` holds.
-    pub fn new(
-        workload: SpiffeId,
-        config: InboundConfig,
-        verifier: RequestVerifier,
-        mesh: tokio::sync::watch::Receiver<MeshState>,
-        clock: Arc<dyn Clock>,
-    ) -> Arc<Self> {
+    /// The proxy, judging every request with `gate`.
+    pub fn new(config: InboundConfig, gate: Arc<Gate>) -> Arc<Self> {
         let next_hop = proxy::next_hop(config.upstream_timeout);
         Arc::new(Self {
-            workload,
             config,
-            verifier,
-            mesh,
-            limits: CallerLimits::new(),
+            gate,
             next_hop,
-            clock,
             metrics: InboundMetrics::new(),
-            failures: Arc::default(),
         })
     }
 
@@ -259,7 +283,7 @@ impl Inbound {
 
     /// The refusals of the current interval, for the broker's audit log.
     pub fn failures(&self) -> &Arc<super::failures::FailureLog> {
-        &self.failures
+        self.gate.failures()
     }
 
     /// The proxy's metrics.
@@ -275,13 +299,14 @@ impl Inbound {
         peer: Arc<crate::http::Peer>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let now_ms = self.clock.now_ms();
+        let now_ms = self.gate.clock().now_ms();
         let checked = self.check(&req, &peer, now_ms);
-        self.metrics.check_seconds.observe(started.elapsed());
+        self.metrics.count(
+            started.elapsed(),
+            checked.as_ref().map(|admitted| admitted.transport),
+        );
         match checked {
             Ok(admitted) => {
-                self.metrics.requests.inc(&["allowed"]);
-                self.metrics.admitted.inc(&[admitted.transport]);
                 if let Some(protocol) = admitted.upgrade.clone() {
                     return self.tunnel(req, admitted, protocol, peer).await;
                 }
@@ -299,7 +324,6 @@ impl Inbound {
         peer: &crate::http::Peer,
         now_ms: u64,
     ) -> Result<Admitted, Refusal> {
-        let now = now_ms / 1000;
         let mesh_peer = peer.identity.as_ref().filter(|_| peer.tls);
         if self.config.mtls == super::mtls::InboundMtls::Required && mesh_peer.is_none() {
             return Err(Refusal::MtlsRequired);
@@ -309,78 +333,50 @@ impl Inbound {
             (true, None) => (Scheme::Https, "tls"),
             (false, _) => (Scheme::Http, "plaintext"),
         };
-        let hosts: Vec<&[u8]> = req
-            .headers()
-            .get_all(header::HOST)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
-        let target = request_target(
-            scheme,
-            req.uri().authority().map(|a| a.as_str()),
-            req.uri().path(),
-            &hosts,
-            &self.config.authorities,
+        let values = |name: &str| -> Vec<&[u8]> {
+            req.headers()
+                .get_all(name)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect()
+        };
+        let (hosts, authorization, dpop) = (
+            values(header::HOST.as_str()),
+            values(header::AUTHORIZATION.as_str()),
+            values("dpop"),
+        );
+        let passed = self.gate.check(
+            &Head {
+                scheme,
+                target_authority: req.uri().authority().map(|a| a.as_str()),
+                hosts: &hosts,
+                path: req.uri().path(),
+                method: req.method().as_str(),
+                authorization: &authorization,
+                dpop: &dpop,
+                hop: match mesh_peer {
+                    Some(identity) => Hop::Mesh {
+                        peer: identity,
+                        tokens: &peer.tokens,
+                    },
+                    None => Hop::Plain,
+                },
+                // The app gets the normalized path from this proxy.
+                forwarded_as_sent: false,
+            },
+            now_ms,
         )?;
         // The target check admitted only host characters and a port, so
         // this holds; were it not so, the authority would be malformed.
-        let authority = HeaderValue::from_str(&target.authority)
+        let authority = HeaderValue::from_str(&passed.target.authority)
             .map_err(|_| TargetError::Authority(UriError::Host))?;
-        let mesh = self.mesh.borrow().snapshot().ok_or(Refusal::NotReady)?;
-
-        let authorization: Vec<&[u8]> = req
-            .headers()
-            .get_all(header::AUTHORIZATION)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
-        let dpop: Vec<&[u8]> = req
-            .headers()
-            .get_all("dpop")
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
-        let method = req.method().as_str();
-        let request = ParsedRequest {
-            method,
-            url: &target.url,
-            authorization: &authorization,
-            dpop: &dpop,
-        };
-        let token = match mesh_peer {
-            Some(identity) => {
-                self.verifier
-                    .verify_on_connection(&request, identity, &peer.tokens, &mesh.jwks, now)?
-                    .token
-            }
-            None => {
-                self.verifier
-                    .verify_parsed(&request, &mesh.jwks, now)?
-                    .token
-            }
-        };
-        let stale = StaleRule {
-            after: self.config.stale_after,
-            deny_all: self.config.deny_when_stale,
-        };
-        let allowed = verdict::judge(
-            &VerifiedRequest {
-                token: &token,
-                method,
-                path: target.path(),
-            },
-            &mesh.view(&self.workload, stale),
-            &self.limits,
-            now_ms,
-        )?;
-
-        let mut path_and_query = target.path().to_owned();
+        let mut path_and_query = passed.target.path().to_owned();
         if let Some(query) = req.uri().query() {
             path_and_query.push('?');
             path_and_query.push_str(query);
         }
         Ok(Admitted {
-            allowed,
+            allowed: passed.allowed,
             path_and_query,
             authority,
             upgrade: upgrade_to(req),
@@ -391,28 +387,21 @@ impl Inbound {
     /// Counts, audits and answers a refused request, through the one
     /// mapping in [`crate::auth::answer`].
     fn refuse(&self, req: &Request<Incoming>, refusal: &Refusal, now: u64) -> Response<ProxyBody> {
-        let reason = refusal.reason();
-        self.metrics.requests.inc(&[reason]);
-        if refusal.is_callers_failure() {
-            let token = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split_once(' '))
-                .map(|(_, t)| t.trim());
-            self.failures.note(
-                super::failures::Failure::new(
-                    reason,
-                    req.method().as_str(),
-                    req.uri().path(),
-                    token,
-                ),
-                now,
-            );
-        }
-        let answer = auth::refusal_answer(refusal, self.verifier.fresh_nonce(now));
+        let authorization: Vec<&[u8]> = req
+            .headers()
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        let answer = self.gate.refuse(
+            req.method().as_str(),
+            req.uri().path(),
+            &authorization,
+            refusal,
+            now,
+        );
         tracing::debug!(
-            reason,
+            reason = refusal.reason(),
             status = answer.status,
             method = %req.method(),
             path = req.uri().path(),
@@ -514,8 +503,8 @@ impl Inbound {
         if let Some(agreed) = agreed {
             parts.headers.insert(header::UPGRADE, agreed);
         }
-        let mut mesh = self.mesh.clone();
-        let clock = Arc::clone(&self.clock);
+        let mut mesh = self.gate.mesh().clone();
+        let clock = Arc::clone(self.gate.clock());
         tokio::spawn(async move {
             let (caller, app) = match tokio::try_join!(caller_side, app_side) {
                 Ok(both) => both,

@@ -4,7 +4,8 @@
 //! ([`cache`]) filled by the broker call ([`issuer`]); the Watch stream
 //! follower ([`watch`]); and the servers: the local socket API ([`api`],
 //! reading the [`service_map`]), the inbound verifying proxy
-//! ([`inbound`], which reports refusals through [`failures`]), the
+//! ([`inbound`]) and Envoy's ext_authz service ([`ext_authz`]), which
+//! judge with one [`gate`] (reporting refusals through [`failures`]), the
 //! outbound proxy ([`outbound`], which reaches mesh destinations over
 //! mutual TLS ([`mtls`]) through [`mesh_client`]; both proxies share
 //! [`proxy`]) and the admin port ([`admin`]). [`jitter`] spreads their
@@ -14,7 +15,9 @@ pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod config;
+pub mod ext_authz;
 pub mod failures;
+pub mod gate;
 pub mod identity;
 pub mod inbound;
 pub mod issuer;

@@ -7,6 +7,8 @@
 use super::admin::Parts;
 use super::api::{LocalApi, ServiceMap};
 use super::cache::{CacheConfig, TokenCache};
+use super::ext_authz::{ExtAuthz, ExtAuthzConfig, ExtAuthzListener};
+use super::gate::Gate;
 use super::identity::{Attestation, IdentityClient, IdentityError, Svid, backoff, keep_renewed};
 use super::inbound::{Inbound, InboundConfig};
 use super::issuer::BrokerIssuer;
@@ -43,6 +45,9 @@ pub struct SidecarSettings {
     pub cache: CacheConfig,
     /// Inbound proxy settings (used when an inbound listener is given).
     pub inbound: Option<InboundConfig>,
+    /// Envoy ext_authz settings (used when an ext_authz listener is
+    /// given).
+    pub ext_authz: Option<ExtAuthzConfig>,
     /// Demand server nonces (`use_dpop_nonce`) from inbound callers.
     pub inbound_nonces: bool,
     /// Outbound proxy settings.
@@ -67,6 +72,8 @@ pub struct Listeners {
     pub outbound: Option<tokio::net::TcpListener>,
     /// The admin port: `/healthz`, `/readyz`, `/metrics`.
     pub admin: Option<tokio::net::TcpListener>,
+    /// Envoy's ext_authz service (gRPC, TCP or a Unix socket).
+    pub ext_authz: Option<ExtAuthzListener>,
 }
 
 /// A running sidecar.
@@ -141,14 +148,14 @@ impl Sidecar {
         let token_issuer = svid.issuer.clone();
         let inbound_nonces = settings.inbound_nonces;
         let started_at = clock.now();
-        let verifier_config = move |inbound: &InboundConfig| {
+        let verifier_config = move |proof_max_age: u64, clock_skew: u64| {
             let mut c = VerifierConfig::new(TokenConfig::new(token_issuer, own_audience));
             c.nonce_slot_secs = inbound_nonces.then_some(30);
-            c.proof.max_age = inbound.proof_max_age;
-            c.proof.max_skew = inbound.clock_skew;
+            c.proof.max_age = proof_max_age;
+            c.proof.max_skew = clock_skew;
             // The replay cache starts empty: a proof the previous process
             // (before a restart) could have accepted needs a nonce of ours.
-            c.fresh_proofs_after = Some(started_at + inbound.clock_skew);
+            c.fresh_proofs_after = Some(started_at + clock_skew);
             c
         };
         let (stop, _) = watch::channel(false);
@@ -204,17 +211,7 @@ impl Sidecar {
             Arc::clone(&clock),
         );
         let inbound = match (&listeners.inbound, settings.inbound) {
-            (Some(_), Some(config)) => {
-                let verifier = RequestVerifier::new(verifier_config(&config))
-                    .map_err(|_| IdentityError::Local("the random source failed".into()))?;
-                Some(Inbound::new(
-                    spiffe_id.clone(),
-                    config,
-                    verifier,
-                    mesh_rx.clone(),
-                    Arc::clone(&clock),
-                ))
-            }
+            (Some(_), Some(config)) => Some(config),
             (Some(_), None) => {
                 return Err(IdentityError::Local(
                     "an inbound listener needs an upstream (the app's address)".into(),
@@ -222,14 +219,51 @@ impl Sidecar {
             }
             _ => None,
         };
-        let reporter = inbound.as_ref().map(|inbound| {
+        let ext_authz = listeners
+            .ext_authz
+            .as_ref()
+            .map(|_| settings.ext_authz.unwrap_or_default());
+        // One gate for both front ends (one replay cache, one rate limit
+        // per caller), so they must check alike.
+        let checks = match (&inbound, &ext_authz) {
+            (Some(i), Some(e)) if (i.proof_max_age, i.clock_skew, i.gate()) != e.checks() => {
+                return Err(IdentityError::Local(
+                    "the inbound proxy and ext_authz share one check: give them the same proof, skew, staleness and authority settings".into(),
+                ));
+            }
+            (Some(i), _) => Some(((i.proof_max_age, i.clock_skew, i.gate()), i.report_every)),
+            (None, Some(e)) => Some((e.checks(), e.report_every)),
+            (None, None) => None,
+        };
+        let gate = match &checks {
+            Some(((proof_max_age, clock_skew, gate), _)) => {
+                let verifier =
+                    RequestVerifier::new(verifier_config(*proof_max_age, *clock_skew))
+                        .map_err(|_| IdentityError::Local("the random source failed".into()))?;
+                Some(Gate::new(
+                    spiffe_id.clone(),
+                    gate.clone(),
+                    verifier,
+                    mesh_rx.clone(),
+                    Arc::clone(&clock),
+                ))
+            }
+            None => None,
+        };
+        let reporter = gate.as_ref().zip(checks).map(|(gate, (_, every))| {
             tokio::spawn(super::failures::report(
-                Arc::downgrade(inbound.failures()),
-                inbound.config().report_every,
+                Arc::downgrade(gate.failures()),
+                every,
                 move || reporter.channel(),
                 stop.subscribe(),
             ))
         });
+        let inbound = inbound
+            .zip(gate.clone())
+            .map(|(config, gate)| Inbound::new(config, gate));
+        let ext_authz = ext_authz
+            .zip(gate)
+            .map(|(config, gate)| ExtAuthz::new(config, gate, svid_rx.clone()));
         let outbound = Outbound::new(Arc::clone(&api), settings.outbound, Arc::clone(&mesh_tls));
         let revocation_lag = Arc::new(crate::metrics::Histogram::new(
             "tally_sidecar_revocation_lag_seconds",
@@ -247,6 +281,7 @@ impl Sidecar {
             mesh: mesh_rx,
             api,
             inbound,
+            ext_authz,
             outbound,
             clock,
             revocation_lag,
@@ -326,6 +361,21 @@ impl Sidecar {
                 stopped(stop.subscribe()),
             );
             servers.push(("outbound proxy", tokio::spawn(server)));
+        }
+        if let (Some(listener), Some(ext_authz)) = (listeners.ext_authz, parts.ext_authz.clone()) {
+            let api = Arc::clone(&parts.api);
+            let admit: super::ext_authz::Admit = Arc::new(move |peer| {
+                api.admit(peer, "ext_authz socket")
+                    .map_err(|e| e.description)
+            });
+            let server = super::ext_authz::serve(
+                ext_authz,
+                admit,
+                listener,
+                listen("ext_authz"),
+                stopped(stop.subscribe()),
+            );
+            servers.push(("ext_authz", tokio::spawn(server)));
         }
         if let Some(listener) = listeners.admin {
             let admin = Arc::clone(&parts);

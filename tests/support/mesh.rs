@@ -162,6 +162,14 @@ pub struct Parts {
     pub service_map: Option<ServiceMap>,
     /// Outbound proxy settings (`strict` still comes from `strict`).
     pub outbound_config: Option<OutboundConfig>,
+    /// Serve Envoy's ext_authz on 127.0.0.1:0 (with the inbound proxy's
+    /// check settings above).
+    pub ext_authz: bool,
+    /// Serve Envoy's ext_authz on a Unix socket in the mesh's directory
+    /// instead (peer uids checked against `allowed_uids`).
+    pub ext_authz_socket: bool,
+    /// Let credentials through to the app (`--pass-credentials`).
+    pub pass_credentials: bool,
 }
 
 /// A started sidecar and where it listens.
@@ -172,6 +180,8 @@ pub struct Started {
     pub inbound: Option<std::net::SocketAddr>,
     pub outbound: Option<std::net::SocketAddr>,
     pub admin: Option<std::net::SocketAddr>,
+    pub ext_authz: Option<std::net::SocketAddr>,
+    pub ext_authz_socket: Option<std::path::PathBuf>,
 }
 
 impl Mesh {
@@ -267,6 +277,30 @@ impl Mesh {
         if parts.admin {
             listeners.admin = Some(bind().await);
         }
+        let mut ext_authz = None;
+        if parts.ext_authz {
+            let listener = bind().await;
+            ext_authz = Some(listener.local_addr().unwrap());
+            listeners.ext_authz = Some(tally::sidecar::ext_authz::ExtAuthzListener::Tcp(listener));
+        }
+        let ext_authz_socket = parts.ext_authz_socket.then(|| {
+            let path = self
+                .dir
+                .path()
+                .join(format!("{}-authz.sock", id.rsplit('/').next().unwrap()));
+            listeners.ext_authz = Some(tally::sidecar::ext_authz::ExtAuthzListener::Unix(
+                tally::sidecar::api::bind(&path).unwrap(),
+            ));
+            path
+        });
+        let report_every = parts
+            .report_every
+            .unwrap_or(std::time::Duration::from_millis(100));
+        let authorities: Vec<_> = parts
+            .authorities
+            .iter()
+            .map(|a| tally::auth::target::Authority::parse(a).unwrap())
+            .collect();
         let addr =
             |l: &Option<tokio::net::TcpListener>| l.as_ref().map(|l| l.local_addr().unwrap());
         let (inbound, outbound, admin) = (
@@ -292,18 +326,23 @@ impl Mesh {
             inbound: parts.inbound_to.map(|up| {
                 let mut c = InboundConfig::new(up.to_string());
                 c.deny_when_stale = parts.deny_when_stale;
+                c.pass_credentials = parts.pass_credentials;
                 // Refusals reach the broker's audit log quickly.
-                c.report_every = parts
-                    .report_every
-                    .unwrap_or(std::time::Duration::from_millis(100));
-                c.authorities = parts
-                    .authorities
-                    .iter()
-                    .map(|a| tally::auth::target::Authority::parse(a).unwrap())
-                    .collect();
+                c.report_every = report_every;
+                c.authorities = authorities.clone();
                 if parts.mtls_required {
                     c.mtls = tally::sidecar::mtls::InboundMtls::Required;
                 }
+                c
+            }),
+            ext_authz: (parts.ext_authz || parts.ext_authz_socket).then(|| {
+                let mut c = tally::sidecar::ext_authz::ExtAuthzConfig {
+                    pass_credentials: parts.pass_credentials,
+                    report_every,
+                    ..Default::default()
+                };
+                c.gate.deny_when_stale = parts.deny_when_stale;
+                c.gate.authorities = authorities.clone();
                 c
             }),
             inbound_nonces: parts.nonces,
@@ -327,6 +366,8 @@ impl Mesh {
             inbound,
             outbound,
             admin,
+            ext_authz,
+            ext_authz_socket,
         }
     }
 }

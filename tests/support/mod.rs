@@ -6,6 +6,8 @@
 pub mod broker;
 pub mod cluster;
 pub mod ctl;
+pub mod envoy;
+pub mod ext_authz;
 pub mod grpc;
 pub mod https;
 pub mod inventory;

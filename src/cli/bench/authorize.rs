@@ -43,7 +43,7 @@ async fn authorize(
     let dir = crate::cli::ScratchDir::new("bench")?;
     let (_broker, addr, _issuer) = start_broker(dir.path())?;
     let token = join_token(&addr, &dir.path().join("data"), CLIENT).await?;
-    let sidecar = start_sidecar(dir.path(), &addr, &token, None, None)?;
+    let sidecar = start_sidecar(dir.path(), &addr, &token, None, false, None)?;
     let pid = sidecar.child.id();
     let idle = memory_kib(pid);
 

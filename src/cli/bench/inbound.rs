@@ -53,6 +53,11 @@ pub struct InboundArgs {
     /// With `--mtls`: requests in flight on each connection.
     #[arg(long, default_value_t = 8, requires = "mtls")]
     streams: usize,
+    /// Through this Envoy instead of the inbound proxy: its ext_authz
+    /// filter calls the sidecar (docs/envoy/envoy.yaml), both on
+    /// `--sidecar-cpu`; the CPU per request counts both.
+    #[arg(long, value_name = "ENVOY", conflicts_with = "mtls")]
+    envoy: Option<std::path::PathBuf>,
 }
 
 pub(super) fn run_inbound(args: &InboundArgs) -> Result<ExitCode, CliError> {
@@ -243,12 +248,39 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
     };
     let token = join_token(&addr, &data, AUDIENCE).await?;
     let started = Instant::now();
-    let sidecar = start_sidecar(dir.path(), &addr, &token, Some(app), args.sidecar_cpu)?;
-    let inbound = sidecar
-        .inbound
-        .ok_or_else(|| CliError::Failed("the sidecar has no inbound listener".into()))?;
+    let via_envoy = args.envoy.is_some();
+    let sidecar = start_sidecar(
+        dir.path(),
+        &addr,
+        &token,
+        (!via_envoy).then_some(app),
+        via_envoy,
+        args.sidecar_cpu,
+    )?;
     let pid = sidecar.child.id();
     let idle = memory_kib(pid);
+    let envoy = match (&args.envoy, sidecar.ext_authz) {
+        (Some(bin), Some(ext_authz)) => {
+            Some(super::envoy::start(bin, dir.path(), app, ext_authz, args.sidecar_cpu).await?)
+        }
+        _ => None,
+    };
+    // Where wrk sends: the inbound proxy, or Envoy in front of ext_authz.
+    let inbound = match &envoy {
+        Some(envoy) => envoy.addr,
+        None => sidecar
+            .inbound
+            .ok_or_else(|| CliError::Failed("the sidecar has no inbound listener".into()))?,
+    };
+    let envoy_pid = envoy.as_ref().map(|e| e.child.id());
+    // The sidecar's CPU, and Envoy's with it when Envoy checks through it.
+    let cpu = move || {
+        let sidecar = cpu_seconds(pid)?;
+        match envoy_pid {
+            Some(envoy) => Some(sidecar + cpu_seconds(envoy)?),
+            None => Some(sidecar),
+        }
+    };
 
     if args.mtls {
         let peer = super::mesh::Peer::attest(&addr, &data).await?;
@@ -329,9 +361,9 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
     let minted_in = minting.elapsed();
 
     // Through the proxy first (the proofs are fresh), then direct.
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = cpu();
     let proxied = wrk(args, duration, &url, Some(&script)).await?;
-    let cpu1 = cpu_seconds(pid);
+    let cpu1 = cpu();
     let loaded = memory_kib(pid);
     let direct = wrk(args, duration, &format!("http://{app}/bench/hello"), None).await?;
 
@@ -354,7 +386,12 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
         direct.p99_ms
     );
     say!(
-        "  through the inbound proxy:{:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  (every request verified)",
+        "  through {}:{:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  (every request verified)",
+        if via_envoy {
+            "Envoy + ext_authz"
+        } else {
+            "the inbound proxy"
+        },
         proxied.rate,
         proxied.p50_ms,
         proxied.p99_ms
@@ -364,6 +401,9 @@ pub(super) async fn inbound(args: &InboundArgs, duration: Duration) -> Result<Ex
         proxied.p50_ms - direct.p50_ms,
         proxied.p99_ms - direct.p99_ms
     );
+    if via_envoy {
+        say!("  (the CPU below is Envoy's and the sidecar's together; the memory the sidecar's)");
+    }
     report_sidecar(cpu0.zip(cpu1), proxied.requests, duration, idle, loaded);
     say!(
         "  refused through the proxy: {} of {} ({})",

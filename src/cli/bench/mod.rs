@@ -5,6 +5,7 @@
 
 mod authorize;
 mod common;
+mod envoy;
 mod inbound;
 mod issue;
 mod mesh;

@@ -37,6 +37,8 @@ pub(super) struct SidecarProcess {
     pub(super) child: std::process::Child,
     pub(super) socket: PathBuf,
     pub(super) inbound: Option<SocketAddr>,
+    /// Its ext_authz service, when asked for.
+    pub(super) ext_authz: Option<SocketAddr>,
 }
 
 impl Drop for SidecarProcess {
@@ -74,12 +76,14 @@ fn sidecar_program() -> Result<(PathBuf, &'static [&'static str]), CliError> {
     })
 }
 
-/// Starts the sidecar for `id` and waits until it says it is ready.
+/// Starts the sidecar for `id` (with an inbound proxy to `upstream`, and
+/// ext_authz when asked) and waits until it says it is ready.
 pub(super) fn start_sidecar(
     dir: &Path,
     broker: &str,
     token: &str,
     upstream: Option<SocketAddr>,
+    ext_authz: bool,
     cpu: Option<usize>,
 ) -> Result<SidecarProcess, CliError> {
     // Its own copy of the binary: code pages the broker process faulted
@@ -115,6 +119,9 @@ pub(super) fn start_sidecar(
             .args(["--inbound-listen", "127.0.0.1:0", "--upstream"])
             .arg(up.to_string());
     }
+    if ext_authz {
+        command.args(["--ext-authz-listen", "127.0.0.1:0"]);
+    }
     let mut child = command
         .spawn()
         .map_err(|e| failed("starting the sidecar", e))?;
@@ -126,6 +133,7 @@ pub(super) fn start_sidecar(
         child,
         socket,
         inbound: None,
+        ext_authz: None,
     };
     let mut lines = std::io::BufReader::new(stdout).lines();
     let first = lines.next().and_then(Result::ok).unwrap_or_default();
@@ -142,6 +150,18 @@ pub(super) fn start_sidecar(
             .and_then(|rest| rest.split(',').next())
             .and_then(|a| a.parse().ok());
         if process.inbound.is_none() {
+            return Err(CliError::Failed(format!(
+                "unexpected sidecar output: {line}"
+            )));
+        }
+    }
+    if ext_authz {
+        let line = lines.next().and_then(Result::ok).unwrap_or_default();
+        process.ext_authz = line
+            .split("ext_authz listening on ")
+            .nth(1)
+            .and_then(|a| a.trim().parse().ok());
+        if process.ext_authz.is_none() {
             return Err(CliError::Failed(format!(
                 "unexpected sidecar output: {line}"
             )));

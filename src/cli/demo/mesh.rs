@@ -103,6 +103,7 @@ impl Mesh {
             allowed_uids: None,
             cache: CacheConfig::default(),
             inbound,
+            ext_authz: None,
             inbound_nonces: false,
             outbound: OutboundConfig {
                 strict: true,

@@ -1,0 +1,231 @@
+//! The admission check every front end of this sidecar shares (the
+//! inbound proxy, the Envoy ext_authz service): a request's head, in
+//! whatever form the front end received it, judged in the order
+//! [`crate::auth`] gives: target → credentials and token core
+//! ([`RequestVerifier`]) → verdict ([`verdict::judge`]). Refusals are
+//! counted for the broker's audit log here and answered through the one
+//! mapping ([`auth::refusal_answer`]).
+//!
+//! When both front ends run they share one gate: one replay cache (a
+//! proof spent at one is spent at the other) and one rate limit per
+//! caller.
+
+use super::failures::{Failure, FailureLog};
+use super::watch::MeshState;
+use crate::auth::target::{Authority, RequestTarget, Scheme, request_target};
+use crate::auth::verdict::{self, Allowed, CallerLimits, Refusal, StaleRule, VerifiedRequest};
+use crate::auth::{
+    self, ConnectionTokens, ForwardedError, HttpAnswer, ParsedRequest, RequestVerifier,
+};
+use crate::clock::Clock;
+use crate::identity::{PeerIdentity, SpiffeId};
+use std::sync::Arc;
+
+/// What the gate needs to know besides the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateConfig {
+    /// When the Watch stream has been down longer than this (seconds),
+    /// revocations may be missing here.
+    pub stale_after: u64,
+    /// Then refuse every request (503), not only `admin`-class tokens.
+    pub deny_when_stale: bool,
+    /// When not empty, the only authorities requests may address.
+    pub authorities: Vec<Authority>,
+}
+
+/// Who the request's hop came from, as far as the front end knows.
+#[derive(Debug, Clone, Copy)]
+pub enum Hop<'a> {
+    /// No verified peer identity: every request carries its proof.
+    Plain,
+    /// A peer whose SVID was verified against the trust bundle (the
+    /// inbound port's TLS handshake, or a certificate the ext_authz
+    /// service checked): a token bound to its key needs no proof, and a
+    /// token that is not its own is refused ([`crate::auth::bound`]).
+    Mesh {
+        /// The peer's verified SVID.
+        peer: &'a PeerIdentity,
+        /// Tokens already verified on the peer's connection.
+        tokens: &'a ConnectionTokens,
+    },
+    /// A peer identity someone else says it verified, without its
+    /// certificate (Envoy's `source.principal`): a token whose `sub` is
+    /// not that identity is refused, and possession is still proven per
+    /// request. Naming a principal can only narrow what passes.
+    Claimed(&'a SpiffeId),
+}
+
+/// A request head as a front end received it.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    /// `http` or `https`: what a proof's `htu` names.
+    pub scheme: Scheme,
+    /// The target's own authority (absolute-form, HTTP/2 `:authority`).
+    pub target_authority: Option<&'a str>,
+    /// Every `Host` value.
+    pub hosts: &'a [&'a [u8]],
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The method.
+    pub method: &'a str,
+    /// Every `Authorization` value.
+    pub authorization: &'a [&'a [u8]],
+    /// Every `DPoP` value.
+    pub dpop: &'a [&'a [u8]],
+    /// Who sent it.
+    pub hop: Hop<'a>,
+    /// The app receives `path` as sent, not from this sidecar (a proxy in
+    /// front forwards the request): it must then be in normal form
+    /// already, or the app would route a path other than the one judged.
+    pub forwarded_as_sent: bool,
+}
+
+/// A request the gate admitted.
+#[derive(Debug)]
+pub struct Passed {
+    /// The verdict.
+    pub allowed: Allowed,
+    /// What it addressed.
+    pub target: RequestTarget,
+}
+
+/// The shared check. Share it behind an `Arc`.
+pub struct Gate {
+    workload: SpiffeId,
+    config: GateConfig,
+    verifier: RequestVerifier,
+    mesh: tokio::sync::watch::Receiver<MeshState>,
+    /// Per (policy version, caller, allow entry).
+    limits: CallerLimits,
+    clock: Arc<dyn Clock>,
+    failures: Arc<FailureLog>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("workload", &self.workload)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gate {
+    /// The gate for `workload` (tokens must name it in `aud`; the
+    /// verifier's config says so), judging with what `mesh` holds.
+    pub fn new(
+        workload: SpiffeId,
+        config: GateConfig,
+        verifier: RequestVerifier,
+        mesh: tokio::sync::watch::Receiver<MeshState>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            workload,
+            config,
+            verifier,
+            mesh,
+            limits: CallerLimits::new(),
+            clock,
+            failures: Arc::default(),
+        })
+    }
+
+    /// The refusals of the current interval, for the broker's audit log.
+    pub fn failures(&self) -> &Arc<FailureLog> {
+        &self.failures
+    }
+
+    /// The clock requests are judged by.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The mesh state it judges with.
+    pub fn mesh(&self) -> &tokio::sync::watch::Receiver<MeshState> {
+        &self.mesh
+    }
+
+    /// Every check of `head` at `now_ms` (Unix milliseconds): the
+    /// target, the token core, then the verdict.
+    ///
+    /// # Errors
+    /// The [`Refusal`] to answer with.
+    pub fn check(&self, head: &Head<'_>, now_ms: u64) -> Result<Passed, Refusal> {
+        let now = now_ms / 1000;
+        let target = request_target(
+            head.scheme,
+            head.target_authority,
+            head.path,
+            head.hosts,
+            &self.config.authorities,
+        )?;
+        if head.forwarded_as_sent && target.path() != head.path {
+            return Err(ForwardedError::NotNormalized.into());
+        }
+        let mesh = self.mesh.borrow().snapshot().ok_or(Refusal::NotReady)?;
+        let request = ParsedRequest {
+            method: head.method,
+            url: &target.url,
+            authorization: head.authorization,
+            dpop: head.dpop,
+        };
+        let token = match head.hop {
+            Hop::Mesh { peer, tokens } => {
+                self.verifier
+                    .verify_on_connection(&request, peer, tokens, &mesh.jwks, now)?
+                    .token
+            }
+            Hop::Claimed(principal) => {
+                self.verifier
+                    .verify_claimed(&request, principal, &mesh.jwks, now)?
+                    .token
+            }
+            Hop::Plain => {
+                self.verifier
+                    .verify_parsed(&request, &mesh.jwks, now)?
+                    .token
+            }
+        };
+        let stale = StaleRule {
+            after: self.config.stale_after,
+            deny_all: self.config.deny_when_stale,
+        };
+        let allowed = verdict::judge(
+            &VerifiedRequest {
+                token: &token,
+                method: head.method,
+                path: target.path(),
+            },
+            &mesh.view(&self.workload, stale),
+            &self.limits,
+            now_ms,
+        )?;
+        Ok(Passed { allowed, target })
+    }
+
+    /// Notes `refusal` of a request (`method`, `path` as sent, its
+    /// `Authorization` values) for the audit log when it is the caller's
+    /// failure, and gives its answer at `now` (Unix seconds), through the
+    /// one mapping in [`mod@crate::auth::answer`].
+    pub fn refuse(
+        &self,
+        method: &str,
+        path: &str,
+        authorization: &[&[u8]],
+        refusal: &Refusal,
+        now: u64,
+    ) -> HttpAnswer {
+        if refusal.is_callers_failure() {
+            // Only the claims a token names are kept (see `Failure`).
+            let token = authorization
+                .first()
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.split_once(' '))
+                .map(|(_, t)| t.trim());
+            self.failures
+                .note(Failure::new(refusal.reason(), method, path, token), now);
+        }
+        auth::refusal_answer(refusal, self.verifier.fresh_nonce(now))
+    }
+}
