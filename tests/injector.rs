@@ -133,13 +133,22 @@ async fn a_deployment_pod_gets_a_native_sidecar_locked_down_and_probed() {
     let app = &pod["spec"]["containers"][0];
     assert_eq!(
         app["env"],
-        json!([{"name": "TALLY_SOCKET", "value": "/var/run/tally/sidecar.sock"}])
+        json!([
+            {"name": "TALLY_SOCKET", "value": "/var/run/tally/sidecar.sock"},
+            {"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///var/run/tally/spiffe.sock"}
+        ])
     );
     assert_eq!(
         app["volumeMounts"],
         json!([{"name": "tally-run", "mountPath": "/var/run/tally", "readOnly": true}])
     );
-    assert!(app.get("SPIFFE_ENDPOINT_SOCKET").is_none());
+    // SPIFFE libraries find the sidecar's Workload API, served on the
+    // same read-only volume with the same uid check.
+    let a = args(&pod);
+    assert!(
+        has_pair(&a, "--spiffe-socket", "/var/run/tally/spiffe.sock"),
+        "{a:?}"
+    );
     app_unchanged_but_appended(&before, &pod, "containers");
     assert_eq!(
         pod["metadata"]["annotations"],

@@ -17,10 +17,10 @@ pub const RUN_VOLUME: &str = "tally-run";
 pub const RUN_DIR: &str = "/var/run/tally";
 /// The local API socket (the apps' `TALLY_SOCKET`).
 pub const SOCKET: &str = "/var/run/tally/sidecar.sock";
-/// Where the SPIFFE Workload API socket will be, as the apps'
-/// `SPIFFE_ENDPOINT_SOCKET`. Not injected yet: the sidecar does not serve
-/// the Workload API until issue 14, and a variable pointing at nothing
-/// would make SPIFFE libraries wait for a socket that never comes.
+/// The SPIFFE Workload API socket (`--spiffe-socket`).
+pub const SPIFFE_SOCKET: &str = "/var/run/tally/spiffe.sock";
+/// [`SPIFFE_SOCKET`] as the apps' `SPIFFE_ENDPOINT_SOCKET`, where SPIFFE
+/// libraries look for the Workload API.
 pub const SPIFFE_ENDPOINT_SOCKET: &str = "unix:///var/run/tally/spiffe.sock";
 /// The projected ServiceAccount token volume (sidecar only).
 pub const TOKEN_VOLUME: &str = "tally-token";
@@ -98,7 +98,10 @@ pub struct PodChoices {
 /// The environment each of the pod's own containers gets (never
 /// replacing a variable it already has).
 pub fn app_env(choices: &PodChoices) -> Vec<(&'static str, String)> {
-    let mut env = vec![("TALLY_SOCKET", SOCKET.to_owned())];
+    let mut env = vec![
+        ("TALLY_SOCKET", SOCKET.to_owned()),
+        ("SPIFFE_ENDPOINT_SOCKET", SPIFFE_ENDPOINT_SOCKET.to_owned()),
+    ];
     if choices.outbound_map.is_some() {
         let proxy = format!("http://127.0.0.1:{OUTBOUND_PORT}");
         let local = "localhost,127.0.0.1,::1".to_owned();
@@ -162,6 +165,9 @@ pub fn sidecar(t: &Template, choices: &PodChoices) -> Value {
         // file mode must let every uid in the pod reach that check.
         "--socket-mode",
         "0666",
+        // The same mode and uid check.
+        "--spiffe-socket",
+        SPIFFE_SOCKET,
         "--admin-listen",
         &format!("0.0.0.0:{ADMIN_PORT}"),
     ]
