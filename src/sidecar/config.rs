@@ -62,8 +62,8 @@ pub struct SidecarFlags {
     #[arg(long, env = "TALLY_SOCKET_MODE", value_name = "MODE")]
     pub socket_mode: Option<String>,
     /// Unix socket for the SPIFFE Workload API (SPIFFE libraries find it
-    /// by SPIFFE_ENDPOINT_SOCKET=unix://PATH); same file mode and
-    /// --allow-uid as --socket. Off unless given.
+    /// by SPIFFE_ENDPOINT_SOCKET=unix://PATH), with the local API
+    /// socket's file mode and uid allow-list. Off unless given.
     #[arg(long, env = "TALLY_SPIFFE_SOCKET", value_name = "PATH")]
     pub spiffe_socket: Option<PathBuf>,
     /// Only these peer uids may use the socket and the outbound proxy
