@@ -223,3 +223,33 @@ async fn a_denied_identity_gets_no_workload_svid() {
     );
     served.stop().await;
 }
+
+#[tokio::test]
+async fn a_workload_svid_cannot_renew_itself_out_of_the_sidecars_lifecycle() {
+    let (_dir, served) = start().await;
+    let caller = served
+        .broker
+        .mint_credential(&CHECKOUT.parse().unwrap(), 600)
+        .unwrap();
+    let channel = channel_holding(&served, &caller, served.addr);
+    let app_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let got = ask(channel.clone(), csr_for(&app_key, &[])).await.unwrap();
+    let pem = |der: &[u8]| tally::ca::pem("CERTIFICATE", der);
+    let workload = tally::ca::Credential {
+        cert_chain_pem: std::iter::once(&got.svid_der)
+            .chain(&got.chain_der)
+            .map(|d| pem(d))
+            .collect(),
+        key_pem: app_key.serialize_pem().into(),
+        expires_at: u64::try_from(got.expires_at).unwrap(),
+        serial: String::new(),
+    };
+    // The application holding its workload SVID dials the broker itself.
+    let as_app = channel_holding(&served, &workload, served.addr);
+    let e = support::broker::renew(&as_app).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("workload SVID"), "{}", e.message());
+    // The sidecar's own SVID still renews.
+    support::broker::renew(&channel).await.unwrap();
+    served.stop().await;
+}

@@ -296,37 +296,87 @@ async fn a_forged_peer_gains_nothing_and_a_verified_one_needs_no_proof() {
     assert_eq!(status(&answer), 200, "{answer:?}");
     assert_eq!(header(&answer, "x-tally-transport").unwrap(), "tls");
 
-    // Checkout sidecar's own SVID (its key is the token's): the
-    // certificate proves possession, as the handshake does on the mesh.
-    let chain = scene
-        .checkout
-        .sidecar
-        .parts()
-        .svid
-        .borrow()
-        .chain_pem
-        .clone();
-    let leaf_end = chain.find("-----END CERTIFICATE-----").unwrap() + 26;
-    let leaf = &chain[..leaf_end];
-    let (auth, _) = scene.credentials("POST", "/v1/charges").await;
+    // Checkout sidecar's own SVID (its key is the token's). A certificate
+    // is public: over TCP, where any local process can send a check, it
+    // does not replace the proof; it only narrows, like a principal.
+    let leaf = leaf_of(&scene.checkout);
+    let (auth, dpop) = scene.credentials("POST", "/v1/charges").await;
     let token_only = [("authorization", auth.as_str())];
     let answer = scene
         .check(from_peer(
             http("POST", "/v1/charges", &token_only),
             CHECKOUT,
-            Some(leaf),
+            Some(&leaf),
+        ))
+        .await;
+    assert_eq!(
+        (status(&answer), error(&answer).as_str()),
+        (401, "invalid_dpop_proof"),
+        "a replayed certificate stood for the key over TCP"
+    );
+    let creds = [("authorization", auth.as_str()), ("dpop", dpop.as_str())];
+    let answer = scene
+        .check(from_peer(
+            http("POST", "/v1/charges", &creds),
+            CHECKOUT,
+            Some(&leaf),
         ))
         .await;
     assert_eq!(status(&answer), 200, "{answer:?}");
-    assert_eq!(header(&answer, "x-tally-transport").unwrap(), "mtls");
+    assert_eq!(header(&answer, "x-tally-transport").unwrap(), "tls");
     // The same certificate claimed for another workload.
     let answer = scene
         .check(from_peer(
             http("POST", "/v1/charges", &token_only),
             REPORTING,
-            Some(leaf),
+            Some(&leaf),
         ))
         .await;
     assert_eq!(status(&answer), 403);
+    scene.stop().await;
+}
+
+/// The first certificate of `sidecar`'s own SVID chain, PEM.
+fn leaf_of(sidecar: &support::mesh::Started) -> String {
+    let chain = sidecar.sidecar.parts().svid.borrow().chain_pem.clone();
+    let leaf_end = chain.find("-----END CERTIFICATE-----").unwrap() + 26;
+    chain[..leaf_end].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_unix_socket_a_verified_peer_certificate_stands_for_its_key() {
+    use tally::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let scene = Scene::start_with(support::mesh::Parts {
+        ext_authz_socket: true,
+        ..support::mesh::Parts::default()
+    })
+    .await;
+    let path = scene.payments.ext_authz_socket.clone().unwrap();
+    let channel = tonic::transport::Endpoint::from_static("http://ext-authz")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = AuthorizationClient::new(channel);
+    let (auth, _) = scene.credentials("POST", "/v1/charges").await;
+    let token_only = [("authorization", auth.as_str())];
+    let leaf = leaf_of(&scene.checkout);
+    let answer = client
+        .check(from_peer(
+            http("POST", "/v1/charges", &token_only),
+            CHECKOUT,
+            Some(&leaf),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status(&answer), 200, "{answer:?}");
+    assert_eq!(header(&answer, "x-tally-transport").unwrap(), "mtls");
     scene.stop().await;
 }

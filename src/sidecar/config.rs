@@ -66,7 +66,8 @@ pub struct SidecarFlags {
     /// socket's file mode and uid allow-list. Off unless given.
     #[arg(long, env = "TALLY_SPIFFE_SOCKET", value_name = "PATH")]
     pub spiffe_socket: Option<PathBuf>,
-    /// Only these peer uids may use the socket and the outbound proxy
+    /// Only these peer uids may use the local API and Workload API
+    /// sockets, the outbound proxy and a unix: ext_authz socket
     /// (repeatable).
     #[arg(long = "allow-uid", env = "TALLY_ALLOW_UIDS", value_delimiter = ',')]
     pub allow_uids: Vec<u32>,

@@ -154,14 +154,25 @@ impl Fetch for JwtSvids {
             .map_err(fetch_error)?
             .into_inner();
         let expires_at = u64::try_from(reply.expires_at).unwrap_or(0);
+        // Revocations by subject or time compare with the broker's `iat`,
+        // not this sidecar's clock (which may run ahead of the broker's).
+        let issued_at = broker_iat(&reply.svid).unwrap_or(now);
         Ok(JwtSvid {
             svid: Arc::new(Zeroizing::new(reply.svid)),
             expires_in: Duration::from_secs(expires_at.saturating_sub(self.clock.now())),
             jti: reply.jti,
             kid: reply.kid,
-            issued_at: now,
+            issued_at,
         })
     }
+}
+
+/// The `iat` the broker wrote into a JWT-SVID it just issued (read, not
+/// verified: it only places the token against revocations, and an
+/// earlier value is the stricter one).
+fn broker_iat(svid: &str) -> Option<u64> {
+    let jws = crate::jose::Jws::parse(svid, &crate::jose::Limits::default()).ok()?;
+    jws.payload().get("iat")?.as_u64()
 }
 
 #[cfg(test)]

@@ -359,12 +359,30 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for Arc<WorkloadApi> {
                 self.own_id
             )));
         }
-        let got = self.jwt.get(&ask).await.map_err(|e| match e {
-            CacheError::Refused(why) => Status::permission_denied(why),
-            unreachable @ CacheError::Unreachable { .. } => {
-                Status::unavailable(unreachable.to_string())
+        let fetch = || async {
+            self.jwt.get(&ask).await.map_err(|e| match e {
+                CacheError::Refused(why) => Status::permission_denied(why),
+                unreachable @ CacheError::Unreachable { .. } => {
+                    Status::unavailable(unreachable.to_string())
+                }
+            })
+        };
+        let revoked = |got: &super::jwt_svids::JwtSvid| {
+            got.revoked_by(&self.mesh.borrow().revocations, &self.own_id)
+        };
+        let mut got = fetch().await?;
+        // A revocation may have arrived while this one was being fetched,
+        // after the cache dropped what it covered: never hand it out.
+        if revoked(&got) {
+            let jti = got.jti.clone();
+            self.jwt.forget_where(|j| j.jti == jti);
+            got = fetch().await?;
+            if revoked(&got) {
+                return Err(Status::unavailable(
+                    "the broker's JWT-SVID is covered by a revocation; retry shortly",
+                ));
             }
-        })?;
+        }
         Ok(Response::new(pb::JwtsvidResponse {
             svids: vec![pb::Jwtsvid {
                 spiffe_id: self.own_id.to_string(),

@@ -88,6 +88,7 @@ const LIVE_PODS: Sql = Sql::both(
 );
 /// The pod an SVID was issued to, by serial (a renewal keeps it).
 const SVID_POD: Sql = Sql::both("SELECT pod_name, pod_uid FROM svids WHERE serial = $1");
+const SVID_METHOD: Sql = Sql::both("SELECT method FROM svids WHERE serial = $1");
 /// Each identity's first SVID as noted when it was issued: it outlives
 /// the pruned SVID rows.
 const FIRST_SEEN: Sql = Sql::both("SELECT spiffe_id, first_seen FROM identity_first_seen");
@@ -273,6 +274,22 @@ impl Store {
             Some(row) => Cells::of("svids", &row).pod(),
             None => Ok(None),
         }
+    }
+
+    /// How the SVID with `serial` (hex) was issued (`join_token`,
+    /// `k8s_sa`, `renew`, `workload`, `admin_mint`), if it is recorded.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn svid_method(&self, serial: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .db
+            .query(SVID_METHOD, &[serial.into()])
+            .optional()
+            .await?;
+        row.map(|row| Cells::of("svids", &row).opt_text("method"))
+            .transpose()
+            .map(Option::flatten)
     }
 
     /// The inventory record of a token: by its `jti`, and only if its keyed

@@ -338,14 +338,28 @@ impl pb::identity_server::Identity for IdentityService {
             .and_then(|peer| peer.certs.as_deref())
             .and_then(<[_]>::first)
             .and_then(|leaf| crate::ca::serial_of(leaf).ok());
-        let pod = match serial {
+        let pod = match &serial {
             Some(serial) => broker
                 .store()
-                .svid_pod(&serial)
+                .svid_pod(serial)
                 .await
                 .map_err(|e| internal("reading the SVID renewed", e))?,
             None => None,
         };
+        // A workload SVID never outlives the sidecar SVID it was issued
+        // under: renewing it would take it out of the sidecar's lifecycle.
+        if let Some(serial) = &serial {
+            let method = broker
+                .store()
+                .svid_method(serial)
+                .await
+                .map_err(|e| internal("reading the SVID renewed", e))?;
+            if method.as_deref() == Some("workload") {
+                return Err(Status::failed_precondition(
+                    "this is a workload SVID (from the SPIFFE Workload API): it is not renewed; the sidecar hands out a new one with its own SVID",
+                ));
+            }
+        }
         // With TokenReview on, a pod's SVID is renewed by its current
         // ServiceAccount token (Attest, reviewed again), never by the SVID
         // alone: the key of a deleted pod must not renew itself forever.

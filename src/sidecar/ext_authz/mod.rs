@@ -132,15 +132,21 @@ impl ExtAuthz {
         &self.gate
     }
 
-    /// Answers one check.
-    pub fn check(&self, request: &CheckRequest) -> CheckResponse {
+    /// Answers one check. `sender_known` says whether the check came from
+    /// a caller the sidecar authenticated (its Unix socket, whose file mode
+    /// and `--allow-uid` choose who may call): only then does a verified
+    /// peer certificate stand for possession of its key. A certificate is
+    /// public (every TLS handshake shows it), so from an unauthenticated
+    /// caller it is read like a bare principal: it narrows what passes,
+    /// and the proof is still required.
+    pub fn check(&self, request: &CheckRequest, sender_known: bool) -> CheckResponse {
         let started = Instant::now();
         let now_ms = self.gate.clock().now_ms();
         let described = check::describe(request);
         let judged = described
             .as_ref()
             .map_err(|e| Refusal::Forwarded(e.clone()))
-            .and_then(|d| self.judge(d, now_ms));
+            .and_then(|d| self.judge(d, sender_known, now_ms));
         self.metrics.count(
             started.elapsed(),
             judged.as_ref().map(|(_, transport)| *transport),
@@ -183,6 +189,7 @@ impl ExtAuthz {
     fn judge(
         &self,
         d: &Described,
+        sender_known: bool,
         now_ms: u64,
     ) -> Result<(reply::IdentityHeaders, &'static str), Refusal> {
         let now = now_ms / 1000;
@@ -196,6 +203,10 @@ impl ExtAuthz {
                 &svid,
                 now,
             )?
+        };
+        let claim = match claim {
+            PeerClaim::Verified(peer) if !sender_known => PeerClaim::Claimed(peer.spiffe_id),
+            other => other,
         };
         let tokens = ConnectionTokens::default();
         let (hop, transport) = match (&claim, d.scheme) {
@@ -257,7 +268,7 @@ impl Authorization for Service {
             api(peer).map_err(tonic::Status::permission_denied)?;
         }
         Ok(tonic::Response::new(
-            self.ext_authz.check(request.get_ref()),
+            self.ext_authz.check(request.get_ref(), self.uids.is_some()),
         ))
     }
 }

@@ -11,11 +11,13 @@
 //!   (as the inbound port's TLS layer would: chain, validity now, client
 //!   usage), with the intermediates sent after the leaf and this
 //!   sidecar's own; it must name the principal, when one is claimed.
-//!   Then the hop is treated as the inbound proxy treats a mesh peer: a
-//!   token bound to that key needs no proof, and a token whose `sub` is
-//!   not that peer is refused whatever proof it carries. What this
-//!   skips is only the per-request proof, and only for the holder of a
-//!   key the bundle vouches for (who could sign that proof anyway);
+//!   Then, when the check came over the sidecar's Unix socket (callers
+//!   chosen by its file mode and `--allow-uid`: Envoy, not any local
+//!   process), the hop is treated as the inbound proxy treats a mesh
+//!   peer: a token bound to that key needs no proof, and a token whose
+//!   `sub` is not that peer is refused whatever proof it carries. Over
+//!   TCP anyone local can send a check, and a certificate is public (every
+//!   handshake shows it), so there it only narrows, like a principal;
 //! - a principal without a certificate can only narrow: a token whose
 //!   `sub` differs is refused, and possession is still proven per
 //!   request with a DPoP proof;
