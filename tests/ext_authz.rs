@@ -352,17 +352,7 @@ async fn on_the_unix_socket_a_verified_peer_certificate_stands_for_its_key() {
     })
     .await;
     let path = scene.payments.ext_authz_socket.clone().unwrap();
-    let channel = tonic::transport::Endpoint::from_static("http://ext-authz")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = support::grpc::unix_channel(&path).await;
     let mut client = AuthorizationClient::new(channel);
     let (auth, _) = scene.credentials("POST", "/v1/charges").await;
     let token_only = [("authorization", auth.as_str())];

@@ -25,18 +25,7 @@ async fn client(path: &std::path::Path) -> spiffe::WorkloadApiClient {
 async fn raw_client(
     path: &std::path::Path,
 ) -> pb::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel> {
-    let path = path.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://workload.api")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = support::grpc::unix_channel(path).await;
     pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
 }
 

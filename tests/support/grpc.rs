@@ -1,5 +1,6 @@
 //! The broker served in process over real mTLS gRPC on 127.0.0.1:0, with
-//! a real SQLite store, and the clients the broker tests call it with.
+//! a real SQLite store, and the clients the broker tests call it with (and a
+//! channel to a gRPC server on a Unix socket).
 
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use std::sync::Arc;
@@ -171,4 +172,20 @@ pub fn issue_request(r: &Running, key: &ProofKey, scopes: &[&str], ttl: u32) -> 
             .mint("POST", r.broker.issue_uri(), None, None, SystemClock.now())
             .unwrap(),
     }
+}
+
+/// A gRPC channel to a server on the Unix socket at `path`.
+pub async fn unix_channel(path: &std::path::Path) -> tonic::transport::Channel {
+    let path = path.to_owned();
+    tonic::transport::Endpoint::from_static("http://unix.socket")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
 }

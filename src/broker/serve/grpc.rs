@@ -22,6 +22,18 @@ pub(super) fn internal(context: &str, error: impl std::fmt::Display) -> Status {
     Status::internal("internal error")
 }
 
+/// The caller's client certificate chain, leaf first, as the TLS layer
+/// verified it (the connection's [`crate::http::Peer`], put in the request
+/// by [`super::serve_grpc`]).
+pub(super) fn client_certs<T>(
+    request: &Request<T>,
+) -> Option<&[rustls_pki_types::CertificateDer<'static>]> {
+    request
+        .extensions()
+        .get::<Arc<crate::http::Peer>>()
+        .and_then(|peer| peer.certs.as_deref())
+}
+
 /// The caller's SPIFFE ID from its verified client certificate (the
 /// connection's [`crate::http::Peer`], put in the request by
 /// [`super::serve_grpc`]). A denied identity is refused (counted and audited as
@@ -31,10 +43,7 @@ pub(super) async fn peer_id<T>(
     request: &Request<T>,
     call: Call,
 ) -> Result<SpiffeId, Status> {
-    let certs = request
-        .extensions()
-        .get::<Arc<crate::http::Peer>>()
-        .and_then(|peer| peer.certs.as_deref());
+    let certs = client_certs(request);
     match broker.caller(certs) {
         Ok(id) => Ok(id),
         Err(CallerError::Denied { id }) => {
@@ -83,10 +92,7 @@ impl pb::tokens_server::Tokens for TokensService {
     ) -> Result<Response<pb::IssueResponse>, Status> {
         let broker = &self.0;
         let caller = peer_id(broker, &request, Call::Issue).await?;
-        let certs = request
-            .extensions()
-            .get::<Arc<crate::http::Peer>>()
-            .and_then(|peer| peer.certs.as_deref());
+        let certs = client_certs(&request);
         let pod = broker.caller_pod(certs).await;
         let body = request.into_inner();
         let audience: Audience = body
@@ -132,10 +138,7 @@ impl pb::tokens_server::Tokens for TokensService {
     ) -> Result<Response<pb::JwtSvidResponse>, Status> {
         let broker = &self.0;
         let caller = peer_id(broker, &request, Call::IssueJwtSvid).await?;
-        let certs = request
-            .extensions()
-            .get::<Arc<crate::http::Peer>>()
-            .and_then(|peer| peer.certs.as_deref());
+        let certs = client_certs(&request);
         let pod = broker.caller_pod(certs).await;
         let body = request.into_inner();
         let audiences =

@@ -3,7 +3,7 @@
 //! application, all through one signing and recording path
 //! ([`issue_svid`]).
 
-use super::grpc::{denied_status, internal, peer_id};
+use super::grpc::{client_certs, denied_status, internal, peer_id};
 use crate::audit::{AuditEvent, AuditKind, Outcome};
 use crate::broker::Broker;
 use crate::broker::cluster::SaAttestError;
@@ -332,10 +332,7 @@ impl pb::identity_server::Identity for IdentityService {
         let broker = &self.0;
         let id = peer_id(broker, &request, Call::Renew).await?;
         // The renewed SVID stays with the pod its first one was attested by.
-        let serial = request
-            .extensions()
-            .get::<Arc<crate::http::Peer>>()
-            .and_then(|peer| peer.certs.as_deref())
+        let serial = client_certs(&request)
             .and_then(<[_]>::first)
             .and_then(|leaf| crate::ca::serial_of(leaf).ok());
         let pod = match &serial {
@@ -398,10 +395,7 @@ async fn issue_workload_svid(
     request: &Request<pb::WorkloadSvidRequest>,
 ) -> Result<Response<pb::SvidResponse>, Status> {
     let id = peer_id(broker, request, Call::WorkloadSvid).await?;
-    let certs = request
-        .extensions()
-        .get::<Arc<crate::http::Peer>>()
-        .and_then(|peer| peer.certs.as_deref());
+    let certs = client_certs(request);
     let caller = certs
         .and_then(<[_]>::first)
         .map(|leaf| PeerIdentity::of(leaf))
