@@ -442,3 +442,45 @@ async fn before_the_workload_has_an_identity_calls_are_unavailable_and_streams_w
     stop_tx.send(true).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_rotation_streams_a_new_jwt_bundle() {
+    use tokio_stream::StreamExt as _;
+    let mesh = Mesh::start().await;
+    let started = sidecar_with_api(&mesh, PAYMENTS).await;
+    let api = client(started.spiffe.as_ref().unwrap()).await;
+    let mut bundles = api.stream_jwt_bundles().await.unwrap();
+    let td: spiffe::TrustDomain = "example.org".parse().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), bundles.next())
+        .await
+        .expect("a JWT bundle")
+        .unwrap()
+        .unwrap();
+    let (new_kid, _) = mesh
+        .broker
+        .broker
+        .rotate_signing_key(0, None)
+        .await
+        .unwrap();
+    assert!(
+        first
+            .get(&td)
+            .unwrap()
+            .find_jwt_authority(&new_kid)
+            .is_none()
+    );
+    // The Watch stream brings the new key; the bundle stream follows.
+    let next = tokio::time::timeout(Duration::from_secs(10), bundles.next())
+        .await
+        .expect("a new JWT bundle after the rotation")
+        .unwrap()
+        .unwrap();
+    assert!(
+        next.get(&td)
+            .unwrap()
+            .find_jwt_authority(&new_kid)
+            .is_some(),
+        "the rotated-in key is a JWT authority"
+    );
+    started.sidecar.stop().await.unwrap();
+}
