@@ -9,9 +9,9 @@ use super::issuer::{BrokerIssuer, CALL_TIMEOUT, fetch_error};
 use crate::clock::Clock;
 use crate::proto::v1 as pb;
 use crate::token::Audience;
+use crate::token::jwt_svid::JwtSvid;
 use std::sync::Arc;
 use std::time::Duration;
-use zeroize::Zeroizing;
 
 /// Most audiences one JWT-SVID may name (the broker has its own cap).
 pub const MAX_AUDIENCES: usize = 16;
@@ -72,11 +72,11 @@ impl JwtAsk {
     }
 }
 
-/// A JWT-SVID as the broker returned it.
-#[derive(Clone)]
-pub struct JwtSvid {
-    /// The token, compact JWS. A bearer secret.
-    pub svid: Arc<Zeroizing<String>>,
+/// A JWT-SVID as the broker returned it, with what the cache needs.
+#[derive(Debug, Clone)]
+pub struct FetchedJwtSvid {
+    /// The token, compact JWS: a bearer secret (redacted in `Debug`).
+    pub svid: Arc<JwtSvid>,
     /// How long it is valid from when it arrived.
     pub expires_in: Duration,
     /// Its `jti`.
@@ -87,23 +87,13 @@ pub struct JwtSvid {
     pub issued_at: u64,
 }
 
-impl std::fmt::Debug for JwtSvid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtSvid")
-            .field("svid", &"<redacted>")
-            .field("jti", &self.jti)
-            .field("expires_in", &self.expires_in)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Expiring for JwtSvid {
+impl Expiring for FetchedJwtSvid {
     fn expires_in(&self) -> Duration {
         self.expires_in
     }
 }
 
-impl JwtSvid {
+impl FetchedJwtSvid {
     /// Whether a revocation in `set` covers this JWT-SVID, held by
     /// `holder` (a JWT-SVID is bound to no key, so a revocation by DPoP
     /// key never covers it).
@@ -139,9 +129,9 @@ impl JwtSvids {
 
 impl Fetch for JwtSvids {
     type Ask = JwtAsk;
-    type Got = JwtSvid;
+    type Got = FetchedJwtSvid;
 
-    async fn fetch(&self, ask: &JwtAsk) -> Result<JwtSvid, FetchError> {
+    async fn fetch(&self, ask: &JwtAsk) -> Result<FetchedJwtSvid, FetchError> {
         let now = self.clock.now();
         let mut request = tonic::Request::new(pb::JwtSvidRequest {
             audience: ask.0.iter().map(ToString::to_string).collect(),
@@ -157,8 +147,8 @@ impl Fetch for JwtSvids {
         // Revocations by subject or time compare with the broker's `iat`,
         // not this sidecar's clock (which may run ahead of the broker's).
         let issued_at = broker_iat(&reply.svid).unwrap_or(now);
-        Ok(JwtSvid {
-            svid: Arc::new(Zeroizing::new(reply.svid)),
+        Ok(FetchedJwtSvid {
+            svid: Arc::new(JwtSvid::new(reply.svid)),
             expires_in: Duration::from_secs(expires_at.saturating_sub(self.clock.now())),
             jti: reply.jti,
             kid: reply.kid,
@@ -211,8 +201,8 @@ mod tests {
 
     #[test]
     fn debug_hides_the_token() {
-        let svid = JwtSvid {
-            svid: Arc::new(Zeroizing::new("eyJhbGciOiJFUzI1NiJ9.secret.sig".into())),
+        let svid = FetchedJwtSvid {
+            svid: Arc::new(JwtSvid::new("eyJhbGciOiJFUzI1NiJ9.secret.sig".into())),
             expires_in: Duration::from_secs(60),
             jti: "j1".into(),
             kid: "k1".into(),

@@ -367,7 +367,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for Arc<WorkloadApi> {
                 }
             })
         };
-        let revoked = |got: &super::jwt_svids::JwtSvid| {
+        let revoked = |got: &super::jwt_svids::FetchedJwtSvid| {
             got.revoked_by(&self.mesh.borrow().revocations, &self.own_id)
         };
         let mut got = fetch().await?;
@@ -386,7 +386,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for Arc<WorkloadApi> {
         Ok(Response::new(pb::JwtsvidResponse {
             svids: vec![pb::Jwtsvid {
                 spiffe_id: self.own_id.to_string(),
-                svid: got.svid.as_str().to_owned(),
+                svid: got.svid.expose().to_owned(),
                 hint: String::new(),
             }],
         }))

@@ -33,6 +33,11 @@ pub const MAX_AUDIENCES: usize = 16;
 pub struct JwtSvid(Zeroizing<String>);
 
 impl JwtSvid {
+    /// Wraps a JWT-SVID string (as a sidecar receives one from the broker).
+    pub fn new(token: String) -> Self {
+        Self(Zeroizing::new(token))
+    }
+
     /// The token text, for the one place that must send it.
     pub fn expose(&self) -> &str {
         &self.0

@@ -75,6 +75,16 @@ pub enum IssueError {
 }
 
 impl IssueError {
+    /// How the audit record of this refusal reads: an error of ours, or a
+    /// "no".
+    pub fn outcome(&self) -> Outcome {
+        if matches!(self, Self::Internal) {
+            Outcome::Error
+        } else {
+            Outcome::Denied
+        }
+    }
+
     /// The short label used in metrics and audit records.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -140,11 +150,7 @@ impl Broker {
                 .inc(&["issued", issued.claims.class.as_str()]),
             Err(e) => {
                 self.metrics.issuance.inc(&[e.reason(), "none"]);
-                let outcome = if matches!(e, IssueError::Internal) {
-                    Outcome::Error
-                } else {
-                    Outcome::Denied
-                };
+                let outcome = e.outcome();
                 let event = AuditEvent::new(AuditKind::TokenIssue, outcome, now)
                     .actor(input.caller)
                     .field("audience", input.audience.as_str())

@@ -111,11 +111,7 @@ impl Broker {
                 .inc(&["issued", issued.class.as_str()]),
             Err(e) => {
                 self.metrics.jwt_svid_issuance.inc(&[e.reason(), "none"]);
-                let outcome = if matches!(e, IssueError::Internal) {
-                    Outcome::Error
-                } else {
-                    Outcome::Denied
-                };
+                let outcome = e.outcome();
                 let event = AuditEvent::new(AuditKind::JwtSvidIssue, outcome, now)
                     .actor(input.caller)
                     .field("audience", audience_list(input.audiences))
