@@ -10,6 +10,8 @@
 //!   replay cache and stateless server nonces.
 //! - [`token`]: RFC 9068 access tokens (mint and verify), JWKS key sets, the
 //!   verified-token cache.
+//! - [`wimse`]: WIMSE Workload Identity Tokens (minted by the broker,
+//!   verified by `kid`) and Workload Proof Tokens (one request's proof).
 //! - [`policy`]: trust policy: parsing with positioned errors, issue and
 //!   access decisions, explanations.
 //! - [`auth`]: a whole DPoP-bound request check, and the one mapping from
@@ -67,3 +69,4 @@ pub mod rpc;
 pub mod sidecar;
 pub mod store;
 pub mod token;
+pub mod wimse;
