@@ -56,6 +56,15 @@ impl HttpAnswer {
         }
     }
 
+    /// An answer with a `WPT` challenge (draft-ietf-wimse-wpt §2.1: the
+    /// scheme has no parameters, so the error is in the body only).
+    fn wpt_challenge(status: u16, error: &'static str, text: &str) -> Self {
+        Self {
+            www_authenticate: Some(WPT_CHALLENGE.to_owned()),
+            ..Self::plain(status, error, text)
+        }
+    }
+
     fn retry_after(self, secs: u64) -> Self {
         Self {
             retry_after: Some(secs),
@@ -63,6 +72,9 @@ impl HttpAnswer {
         }
     }
 }
+
+/// The challenge of the WIMSE `WPT` authentication scheme.
+pub const WPT_CHALLENGE: &str = "WPT";
 
 /// Maps a token-core `error` to its answer. `fresh_nonce` is sent as
 /// `DPoP-Nonce` when the error asks for one.
@@ -142,6 +154,7 @@ pub fn refusal_answer(refusal: &Refusal, fresh_nonce: Option<String>) -> HttpAns
         Refusal::Revoked { .. } | Refusal::IdentityDenied { .. } => {
             HttpAnswer::challenge(401, "invalid_token", &text)
         }
+        Refusal::WitRevoked { .. } => HttpAnswer::wpt_challenge(401, "invalid_wit", &text),
         // Long enough for a reconnecting Watch stream to catch up.
         Refusal::Stale { .. } => {
             HttpAnswer::plain(503, "temporarily_unavailable", &text).retry_after(5)

@@ -59,6 +59,8 @@ pub enum Case {
     NotReady,
     /// A revocation covers the token.
     Revoked,
+    /// A revocation covers the WIMSE Workload Identity Token.
+    WitRevoked,
     /// The holder is a denied identity.
     IdentityDenied,
     /// The Watch stream has been down too long.
@@ -73,7 +75,7 @@ pub enum Case {
 
 impl Case {
     /// Every case, in the table's order.
-    pub const ALL: [Self; 25] = [
+    pub const ALL: [Self; 26] = [
         Self::NoCredentials,
         Self::MissingProof,
         Self::MultipleProofs,
@@ -94,6 +96,7 @@ impl Case {
         Self::MtlsRequired,
         Self::NotReady,
         Self::Revoked,
+        Self::WitRevoked,
         Self::IdentityDenied,
         Self::Stale,
         Self::MissingScope,
@@ -154,6 +157,9 @@ impl Case {
             Self::Revoked => {
                 "A revocation covers the token (by `jti`, holder, key, signing key or issue time)."
             }
+            Self::WitRevoked => {
+                "A revocation covers the WIMSE Workload Identity Token (by `jti`, holder, key, signing key or issue time): 401 with a `WPT` challenge."
+            }
             Self::IdentityDenied => {
                 "The token's holder has been denied with `tally ctl identities deny`, whatever the token says."
             }
@@ -204,6 +210,9 @@ impl Case {
             Self::NotReady => Refusal::NotReady,
             Self::Revoked => Refusal::Revoked {
                 jti: "0190a1b2c3d4".into(),
+            },
+            Self::WitRevoked => Refusal::WitRevoked {
+                jti: "0190a1b2c3d5".into(),
             },
             Self::IdentityDenied => Refusal::IdentityDenied { caller: caller() },
             Self::Stale => Refusal::Stale {
@@ -264,6 +273,7 @@ pub fn case(refusal: &Refusal) -> Case {
         Refusal::MtlsRequired => Case::MtlsRequired,
         Refusal::NotReady => Case::NotReady,
         Refusal::Revoked { .. } => Case::Revoked,
+        Refusal::WitRevoked { .. } => Case::WitRevoked,
         Refusal::IdentityDenied { .. } => Case::IdentityDenied,
         Refusal::Stale { .. } => Case::Stale,
         Refusal::AccessDenied(AccessDenial::MissingScope(_)) => Case::MissingScope,

@@ -20,17 +20,130 @@ use super::error::AuthError;
 use super::forwarded::ForwardedError;
 use super::target::TargetError;
 use crate::identity::{DenialSet, SpiffeId};
+use crate::jose::Jkt;
 use crate::policy::{AccessDenial, AccessRequest, Policy, Pos};
 use crate::rate::RateLimiter;
-use crate::token::{RevocationSet, Scopes, TokenClaims, TokenClass};
+use crate::token::{RevocationSet, Scopes, TokenClaims, TokenClass, TokenRef};
 use std::sync::Arc;
+
+/// The scopes of a caller that presented no access token.
+static NO_SCOPES: Scopes = Scopes::empty();
+
+/// A WIMSE Workload Identity Token whose key proved possession (a
+/// Workload Proof Token verified with it), as the verdict judges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitHolder {
+    /// The workload it names (`sub`, a SPIFFE ID).
+    pub sub: SpiffeId,
+    /// Its `jti` (empty when it has none: only a revocation by holder,
+    /// key, signing key or time can cover it then).
+    pub jti: String,
+    /// The thumbprint of its `cnf.jwk`.
+    pub jkt: Jkt,
+    /// The key that signed it.
+    pub kid: String,
+    /// When it was issued (0 when it does not say, so every revocation by
+    /// holder or key covers it).
+    pub iat: u64,
+    /// When it expires.
+    pub exp: u64,
+}
+
+impl WitHolder {
+    /// The parts a revocation can match.
+    pub fn token_ref(&self) -> TokenRef<'_> {
+        TokenRef {
+            jti: &self.jti,
+            sub: &self.sub,
+            jkt: Some(&self.jkt),
+            kid: &self.kid,
+            iat: self.iat,
+        }
+    }
+}
+
+/// What the credentials of a request that passed the token core prove.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A DPoP-bound access token (proven by a proof, or by the mutual-TLS
+    /// handshake of the connection it came on).
+    Token(Arc<TokenClaims>),
+    /// A WIMSE WIT proven by a WPT, and the access token sent with them,
+    /// if any (its `cnf.jkt` is the WIT's key, its hash in the WPT's
+    /// `ath`): the caller is the WIT's `sub`, its scopes the token's.
+    Wimse {
+        /// The WIT.
+        wit: Arc<WitHolder>,
+        /// The access token, if one came.
+        token: Option<Arc<TokenClaims>>,
+    },
+}
+
+impl Caller {
+    /// Who is calling: the token's or the WIT's `sub`.
+    pub fn sub(&self) -> &SpiffeId {
+        match self {
+            Self::Token(token) => &token.sub,
+            Self::Wimse { wit, .. } => &wit.sub,
+        }
+    }
+
+    /// The scopes the caller holds: the access token's (none without one).
+    pub fn scopes(&self) -> &Scopes {
+        match self.token() {
+            Some(token) => &token.scope,
+            None => &NO_SCOPES,
+        }
+    }
+
+    /// The access token, if one came.
+    pub fn token(&self) -> Option<&Arc<TokenClaims>> {
+        match self {
+            Self::Token(token) | Self::Wimse { token: Some(token), .. } => Some(token),
+            Self::Wimse { token: None, .. } => None,
+        }
+    }
+
+    /// The id the app is told (`x-tally-token-id`): the access token's
+    /// `jti`, else the WIT's.
+    pub fn token_id(&self) -> &str {
+        match self {
+            Self::Token(token) | Self::Wimse { token: Some(token), .. } => &token.jti,
+            Self::Wimse { wit, token: None } => &wit.jti,
+        }
+    }
+
+    /// When the credentials stop being valid: the earliest `exp` among
+    /// them (a tunnel they open lives no longer).
+    pub fn expires_at(&self) -> u64 {
+        match self {
+            Self::Token(token) => token.exp,
+            Self::Wimse { wit, token } => token.as_ref().map_or(wit.exp, |t| t.exp.min(wit.exp)),
+        }
+    }
+
+    /// The token class the staleness rule goes by: the access token's; a
+    /// WIT alone is a workload's identity, `service`.
+    pub fn class(&self) -> TokenClass {
+        self.token().map_or(TokenClass::Service, |t| t.class)
+    }
+
+    /// Whether `revocations` cover any of the credentials.
+    pub fn revoked_by(&self, revocations: &RevocationSet) -> bool {
+        let wit = match self {
+            Self::Wimse { wit, .. } => revocations.covers(&wit.token_ref()),
+            Self::Token(_) => false,
+        };
+        wit || self.token().is_some_and(|t| revocations.revoked(t))
+    }
+}
 
 /// A request the token core passed, as the verdict judges it.
 #[derive(Debug, Clone, Copy)]
 pub struct VerifiedRequest<'a> {
-    /// The verified access token: caller (`sub`), scopes, `jti`, `cnf.jkt`,
+    /// What its credentials prove: caller (`sub`), scopes, `jti`s, keys,
     /// class, `iat` and `exp`.
-    pub token: &'a Arc<TokenClaims>,
+    pub caller: &'a Caller,
     /// The request method.
     pub method: &'a str,
     /// The normalized path (what access rules match and the app gets).
@@ -73,31 +186,32 @@ pub type CallerLimits = RateLimiter<(u64, SpiffeId, Pos)>;
 /// A request every check admitted.
 #[derive(Debug, Clone)]
 pub struct Allowed {
-    /// The token that admitted it (a tunnel it opens lives as long).
-    pub token: Arc<TokenClaims>,
+    /// The credentials that admitted it (a tunnel they open lives as
+    /// long).
+    pub credentials: Caller,
     /// The allow entry that admitted it.
     pub rule: Pos,
 }
 
 impl Allowed {
-    /// The caller (the token's `sub`).
+    /// The caller (the token's or the WIT's `sub`).
     pub fn caller(&self) -> &SpiffeId {
-        &self.token.sub
+        self.credentials.sub()
     }
 
-    /// The token's scopes.
+    /// The access token's scopes (none without one).
     pub fn scopes(&self) -> &Scopes {
-        &self.token.scope
+        self.credentials.scopes()
     }
 
-    /// The token's `jti`.
+    /// The access token's `jti`, else the WIT's.
     pub fn token_id(&self) -> &str {
-        &self.token.jti
+        self.credentials.token_id()
     }
 
-    /// When the token expires (Unix seconds).
+    /// When the credentials expire (Unix seconds).
     pub fn expires_at(&self) -> u64 {
-        self.token.exp
+        self.credentials.expires_at()
     }
 }
 
@@ -131,6 +245,13 @@ pub enum Refusal {
     #[error("access token was revoked")]
     Revoked {
         /// The token's `jti`.
+        jti: String,
+    },
+    /// A revocation covers the WIMSE Workload Identity Token: 401 with a
+    /// `WPT` challenge.
+    #[error("workload identity token was revoked")]
+    WitRevoked {
+        /// The WIT's `jti`.
         jti: String,
     },
     /// The token's holder is an identity the broker's admins have denied:
@@ -209,7 +330,7 @@ impl Refusal {
             Self::Unverified(AuthError::Proof(ProofError::Replayed)) => "replayed_proof",
             Self::Unverified(AuthError::Proof(_)) => "invalid_dpop_proof",
             Self::Unverified(AuthError::Overloaded) => "overloaded",
-            Self::Revoked { .. } => "revoked",
+            Self::Revoked { .. } | Self::WitRevoked { .. } => "revoked",
             Self::IdentityDenied { .. } => "identity_denied",
             Self::Stale { .. } => "revocations_stale",
             Self::AccessDenied(AccessDenial::MissingScope(_)) => "insufficient_scope",
@@ -241,6 +362,7 @@ impl Refusal {
                 | AuthError::Overloaded,
             )
             | Self::Revoked { .. }
+            | Self::WitRevoked { .. }
             | Self::IdentityDenied { .. }
             | Self::Stale { .. }
             | Self::AccessDenied(_)
@@ -261,22 +383,32 @@ pub fn judge(
     limits: &CallerLimits,
     now_ms: u64,
 ) -> Result<Allowed, Refusal> {
-    let token = request.token;
-    if mesh.revocations.revoked(token) {
+    let caller = request.caller;
+    if let Caller::Wimse { wit, .. } = caller
+        && mesh.revocations.covers(&wit.token_ref())
+    {
+        return Err(Refusal::WitRevoked {
+            jti: wit.jti.clone(),
+        });
+    }
+    if let Some(token) = caller.token()
+        && mesh.revocations.revoked(token)
+    {
         return Err(Refusal::Revoked {
             jti: token.jti.clone(),
         });
     }
-    if mesh.denied.is_denied(&token.sub) {
+    let sub = caller.sub();
+    if mesh.denied.is_denied(sub) {
         return Err(Refusal::IdentityDenied {
-            caller: token.sub.clone(),
+            caller: sub.clone(),
         });
     }
     let now = now_ms / 1000;
     if let Some(since) = mesh.watch_down_since {
         let down_for = now.saturating_sub(since);
         let stale = down_for > mesh.stale.after;
-        if stale && (mesh.stale.deny_all || token.class == TokenClass::Admin) {
+        if stale && (mesh.stale.deny_all || caller.class() == TokenClass::Admin) {
             return Err(Refusal::Stale {
                 down_for,
                 after: mesh.stale.after,
@@ -287,20 +419,20 @@ pub fn judge(
     let grant = policy
         .decide_access(&AccessRequest {
             workload: mesh.workload,
-            caller: &token.sub,
+            caller: sub,
             method: request.method,
             path: request.path,
-            scopes: &token.scope,
+            scopes: caller.scopes(),
         })
         .map_err(Refusal::AccessDenied)?;
     if let Some(rate) = grant.rate {
-        let key = (version, token.sub.clone(), grant.pos);
+        let key = (version, sub.clone(), grant.pos);
         limits
             .take(&key, rate, now_ms)
             .map_err(|retry_after| Refusal::RateLimited { retry_after })?;
     }
     Ok(Allowed {
-        token: Arc::clone(token),
+        credentials: caller.clone(),
         rule: grant.pos,
     })
 }
@@ -415,11 +547,28 @@ access:
                 stale: self.stale,
             };
             let request = VerifiedRequest {
-                token,
+                caller: &Caller::Token(Arc::clone(token)),
                 method,
                 path,
             };
             judge(&request, &view, limits, now_ms)
+        }
+
+        fn judge_caller(&self, caller: &Caller, method: &str, path: &str) -> Result<Allowed, Refusal> {
+            let view = MeshView {
+                workload: &self.workload,
+                access: (7, &self.policy),
+                revocations: &self.revocations,
+                denied: &self.denied,
+                watch_down_since: self.watch_down_since,
+                stale: self.stale,
+            };
+            let request = VerifiedRequest {
+                caller,
+                method,
+                path,
+            };
+            judge(&request, &view, &CallerLimits::new(), NOW_MS)
         }
 
         fn charge(&self, token: &Arc<TokenClaims>) -> Result<Allowed, Refusal> {
@@ -435,6 +584,117 @@ access:
         assert_eq!(allowed.token_id(), format!("jti-{CHECKOUT}"));
         assert_eq!(allowed.expires_at(), IAT + 300);
         assert_eq!(allowed.rule.line, 5);
+    }
+
+    fn wit(sub: &str) -> Arc<WitHolder> {
+        Arc::new(WitHolder {
+            sub: id(sub),
+            jti: format!("wit-{sub}"),
+            jkt: jkt(1),
+            kid: "k1".into(),
+            iat: IAT,
+            exp: IAT + 3_600,
+        })
+    }
+
+    /// The test policy, plus an entry that asks for no scope.
+    fn mesh_with_unscoped_rule() -> Mesh {
+        let policy = format!(
+            "{POLICY}      - from: spiffe://example.org/ns/shop/sa/checkout\n        methods: [GET]\n        paths: [/v1/status]\n"
+        );
+        Mesh {
+            policy: Policy::parse(&policy).unwrap(),
+            ..Mesh::new()
+        }
+    }
+
+    #[test]
+    fn a_wit_alone_names_its_caller_and_passes_only_rules_that_ask_for_no_scope() {
+        let mesh = mesh_with_unscoped_rule();
+        let caller = Caller::Wimse {
+            wit: wit(CHECKOUT),
+            token: None,
+        };
+        let allowed = mesh.judge_caller(&caller, "GET", "/v1/status").unwrap();
+        assert_eq!(allowed.caller().as_str(), CHECKOUT);
+        assert!(allowed.scopes().is_empty());
+        assert_eq!(allowed.token_id(), format!("wit-{CHECKOUT}"));
+        assert_eq!(allowed.expires_at(), IAT + 3_600);
+        assert_eq!(
+            mesh.judge_caller(&caller, "POST", "/v1/charges").unwrap_err(),
+            Refusal::AccessDenied(AccessDenial::MissingScope("payments:charge".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn a_wit_with_an_access_token_has_the_tokens_scopes_and_the_earliest_expiry() {
+        let mesh = Mesh::new();
+        let caller = Caller::Wimse {
+            wit: wit(CHECKOUT),
+            token: Some(checkout()),
+        };
+        let allowed = mesh.judge_caller(&caller, "POST", "/v1/charges").unwrap();
+        assert_eq!(allowed.scopes().to_string(), "payments:charge");
+        assert_eq!(allowed.token_id(), format!("jti-{CHECKOUT}"));
+        assert_eq!(allowed.expires_at(), IAT + 300);
+    }
+
+    #[test]
+    fn revocations_cover_a_wit_by_jti_holder_and_key_and_its_token_too() {
+        let caller = Caller::Wimse {
+            wit: wit(CHECKOUT),
+            token: Some(checkout()),
+        };
+        let wit_jti = format!("wit-{CHECKOUT}");
+        for target in [
+            RevocationTarget::Jti(wit_jti.clone()),
+            RevocationTarget::Subject(id(CHECKOUT)),
+            RevocationTarget::Jkt(jkt(1)),
+        ] {
+            let mesh = Mesh::new().revoke(target.clone(), IAT);
+            assert_eq!(
+                mesh.judge_caller(&caller, "POST", "/v1/charges").unwrap_err(),
+                Refusal::WitRevoked {
+                    jti: wit_jti.clone()
+                },
+                "{target:?}"
+            );
+            assert!(caller.revoked_by(&mesh.revocations));
+        }
+        // Revoking only the access token refuses the request as well.
+        let mesh = Mesh::new().revoke(RevocationTarget::Jti(format!("jti-{CHECKOUT}")), IAT);
+        assert_eq!(
+            mesh.judge_caller(&caller, "POST", "/v1/charges").unwrap_err(),
+            Refusal::Revoked {
+                jti: format!("jti-{CHECKOUT}")
+            }
+        );
+        // A WIT issued after a holder revocation is not covered by it.
+        let mesh = Mesh::new().revoke(RevocationTarget::Subject(id(CHECKOUT)), IAT - 1);
+        assert!(mesh.judge_caller(&caller, "POST", "/v1/charges").is_ok());
+    }
+
+    #[test]
+    fn a_denied_identity_is_refused_whatever_wit_it_holds() {
+        let mut mesh = mesh_with_unscoped_rule();
+        mesh.denied.apply(
+            1,
+            Denial {
+                spiffe_id: id(CHECKOUT),
+                denied: true,
+                reason: "pod compromised".into(),
+                actor: "spiffe://example.org/admin".into(),
+                at: IAT,
+            },
+        );
+        let caller = Caller::Wimse {
+            wit: wit(CHECKOUT),
+            token: None,
+        };
+        assert!(matches!(
+            mesh.judge_caller(&caller, "GET", "/v1/status"),
+            Err(Refusal::IdentityDenied { .. })
+        ));
     }
 
     #[test]

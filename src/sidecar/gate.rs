@@ -13,7 +13,9 @@
 use super::failures::{Failure, FailureLog};
 use super::watch::MeshState;
 use crate::auth::target::{Authority, RequestTarget, Scheme, request_target};
-use crate::auth::verdict::{self, Allowed, CallerLimits, Refusal, StaleRule, VerifiedRequest};
+use crate::auth::verdict::{
+    self, Allowed, Caller, CallerLimits, Refusal, StaleRule, VerifiedRequest,
+};
 use crate::auth::{
     self, ConnectionTokens, ForwardedError, HttpAnswer, ParsedRequest, RequestVerifier,
 };
@@ -193,7 +195,7 @@ impl Gate {
         };
         let allowed = verdict::judge(
             &VerifiedRequest {
-                token: &token,
+                caller: &Caller::Token(token),
                 method: head.method,
                 path: target.path(),
             },

@@ -461,7 +461,7 @@ impl Inbound {
         protocol: HeaderValue,
         peer: Arc<crate::http::Peer>,
     ) -> Response<ProxyBody> {
-        let token = Arc::clone(&admitted.allowed.token);
+        let credentials = admitted.allowed.credentials.clone();
         let caller_side = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
         if let Err(unforwarded) = self.upstream_head(&mut parts, admitted) {
@@ -518,19 +518,20 @@ impl Inbound {
             // The tunnel lives as long as the token that opened it, and
             // no longer than a mesh peer's SVID: it is closed when either
             // expires or a revocation or denial covers the token.
+            let expires_at = credentials.expires_at();
             let until = peer
                 .identity
                 .as_ref()
-                .map_or(token.exp, |p| token.exp.min(p.expires_at));
+                .map_or(expires_at, |p| expires_at.min(p.expires_at));
             let left = until.saturating_sub(clock.now());
             let ended = async {
                 loop {
                     let why = {
                         let m = mesh.borrow_and_update();
-                        if m.revocations.revoked(&token) {
+                        if credentials.revoked_by(&m.revocations) {
                             Some("revoked")
                         } else {
-                            m.denied.is_denied(&token.sub).then_some("denied")
+                            m.denied.is_denied(credentials.sub()).then_some("denied")
                         }
                     };
                     if let Some(why) = why {
@@ -545,12 +546,12 @@ impl Inbound {
                 // The tunnel keeps the connection's slot (`peer`), and ends
                 // when both sides are quiet for the idle timeout.
                 how = crate::http::tunnel::join(&mut caller, &mut app, peer.idle_timeout()) => {
-                    tracing::debug!(jti = token.jti, ?how, "a tunnel ended");
+                    tracing::debug!(jti = credentials.token_id(), ?how, "a tunnel ended");
                 }
                 () = tokio::time::sleep(Duration::from_secs(left)) => {
-                    tracing::debug!(jti = token.jti, "closed a tunnel: its token (or the peer's SVID) expired");
+                    tracing::debug!(jti = credentials.token_id(), "closed a tunnel: its token (or the peer's SVID) expired");
                 }
-                why = ended => tracing::info!(jti = token.jti, why, "closed a tunnel: its token was revoked or its holder denied"),
+                why = ended => tracing::info!(jti = credentials.token_id(), why, "closed a tunnel: its token was revoked or its holder denied"),
             }
         });
         let empty = http_body_util::Empty::new()

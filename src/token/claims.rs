@@ -67,6 +67,11 @@ impl fmt::Display for Scope {
 pub struct Scopes(Vec<Scope>);
 
 impl Scopes {
+    /// The empty set (as a constant, for a `static`).
+    pub const fn empty() -> Self {
+        Self(Vec::new())
+    }
+
     /// Builds a set from scopes.
     ///
     /// # Errors
