@@ -83,7 +83,7 @@ async fn envoy_refuses_what_the_inbound_proxy_refuses_with_its_answers() {
 
     let none = through(&envoy, "POST", "/v1/charges", &[]).await;
     assert_eq!(none.status, 401);
-    assert_eq!(challenge(&none), "DPoP algs=\"ES256\"");
+    assert_eq!(challenge(&none), "DPoP algs=\"ES256\", WPT");
 
     let (auth, _) = scene.credentials("POST", "/v1/charges").await;
     let no_proof = through(&envoy, "POST", "/v1/charges", &[("authorization", &auth)]).await;

@@ -192,7 +192,7 @@ fn no_credentials_get_the_bare_challenge() {
     let a = answer(&err, None);
     assert_eq!(
         (a.status, a.www_authenticate.as_deref()),
-        (401, Some("DPoP algs=\"ES256\""))
+        (401, Some("DPoP algs=\"ES256\", WPT"))
     );
 }
 

@@ -221,7 +221,7 @@ async fn no_credentials(scene: &Scene) {
     // Nothing at all: a bare challenge.
     let none = send(inbound, "POST", "/v1/charges", &[], "").await;
     assert_eq!(none.status, 401);
-    assert_eq!(challenge(&none), "DPoP algs=\"ES256\"");
+    assert_eq!(challenge(&none), "DPoP algs=\"ES256\", WPT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,8 +85,10 @@ pub const WPT_CHALLENGE: &str = "WPT";
 pub fn answer(error: &AuthError, fresh_nonce: Option<String>) -> HttpAnswer {
     let text = error.to_string();
     match error {
+        // Both schemes this verifier accepts are offered (RFC 9110
+        // §11.6.1: one field, a list of challenges).
         AuthError::NoCredentials => HttpAnswer {
-            www_authenticate: Some(format!("DPoP algs=\"{ALG_ES256}\"")),
+            www_authenticate: Some(format!("DPoP algs=\"{ALG_ES256}\", {WPT_CHALLENGE}")),
             ..HttpAnswer::plain(401, "unauthorized", &text)
         },
         // A missing or doubled proof is a proof failure, and a bound token
@@ -105,6 +107,13 @@ pub fn answer(error: &AuthError, fresh_nonce: Option<String>) -> HttpAnswer {
             | RequestError::MissingToken
             | RequestError::Malformed,
         ) => HttpAnswer::challenge(400, "invalid_request", &text),
+        AuthError::Request(
+            RequestError::MultipleWits
+            | RequestError::MultipleWpts
+            | RequestError::DpopWithWimse
+            | RequestError::UnknownSchemeWithWimse,
+        ) => HttpAnswer::plain(400, "invalid_request", &text),
+        AuthError::WimseIncomplete { .. } => HttpAnswer::wpt_challenge(401, "invalid_wpt", &text),
         AuthError::Token(_) | AuthError::NotThePeer => {
             HttpAnswer::challenge(401, "invalid_token", &text)
         }
@@ -194,7 +203,10 @@ mod tests {
     fn no_credentials_gets_a_bare_challenge() {
         let a = answer(&AuthError::NoCredentials, None);
         assert_eq!((a.status, a.error), (401, "unauthorized"));
-        assert_eq!(a.www_authenticate.as_deref(), Some("DPoP algs=\"ES256\""));
+        assert_eq!(
+            a.www_authenticate.as_deref(),
+            Some("DPoP algs=\"ES256\", WPT")
+        );
         assert_eq!(a.description, "no DPoP credentials");
     }
 

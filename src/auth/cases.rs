@@ -34,6 +34,10 @@ pub enum Case {
     MissingToken,
     /// Headers that are not `scheme token68`, or not ASCII.
     Malformed,
+    /// WIMSE credentials doubled, or mixed with DPoP or another scheme.
+    WimseMalformed,
+    /// A WIT without a WPT, or a WPT without a WIT.
+    WimseIncomplete,
     /// The access token failed a check.
     Token,
     /// On mutual TLS, a token held by another workload than the peer.
@@ -75,7 +79,7 @@ pub enum Case {
 
 impl Case {
     /// Every case, in the table's order.
-    pub const ALL: [Self; 26] = [
+    pub const ALL: [Self; 28] = [
         Self::NoCredentials,
         Self::MissingProof,
         Self::MultipleProofs,
@@ -84,6 +88,8 @@ impl Case {
         Self::BearerWithProof,
         Self::MissingToken,
         Self::Malformed,
+        Self::WimseMalformed,
+        Self::WimseIncomplete,
         Self::Token,
         Self::NotThePeer,
         Self::Nonce,
@@ -120,6 +126,12 @@ impl Case {
             Self::MissingToken => "A `DPoP` proof header without `Authorization: DPoP`.",
             Self::Malformed => {
                 "An `Authorization` or `DPoP` value that is not `scheme token68`, or not ASCII."
+            }
+            Self::WimseMalformed => {
+                "Two `Workload-Identity-Token` headers, two WPTs (two `Workload-Proof-Token` headers, or one and `Authorization: WPT`), a `DPoP` header beside WIMSE credentials, a scheme other than DPoP beside a `Workload-Proof-Token`, or a WIT or WPT value that is not one compact JWT."
+            }
+            Self::WimseIncomplete => {
+                "A `Workload-Identity-Token` without a WPT, or a WPT without a WIT: a WIT is never a bearer token."
             }
             Self::Token => {
                 "The access token failed a check: not a JWS, `typ` not `at+jwt`, unknown `kid`, bad signature, wrong `iss` or `aud`, expired or not yet valid, a claim missing or malformed."
@@ -194,6 +206,11 @@ impl Case {
             Self::BearerWithProof => AuthError::Request(RequestError::BearerWithProof).into(),
             Self::MissingToken => AuthError::Request(RequestError::MissingToken).into(),
             Self::Malformed => AuthError::Request(RequestError::Malformed).into(),
+            Self::WimseMalformed => AuthError::Request(RequestError::DpopWithWimse).into(),
+            Self::WimseIncomplete => AuthError::WimseIncomplete {
+                missing: "Workload-Proof-Token",
+            }
+            .into(),
             Self::Token => AuthError::Token(TokenError::KidMissing).into(),
             Self::NotThePeer => AuthError::NotThePeer.into(),
             Self::Nonce => AuthError::Proof(ProofError::NonceMissing).into(),
@@ -245,7 +262,12 @@ pub fn case(refusal: &Refusal) -> Case {
                 RequestError::BearerWithProof => Case::BearerWithProof,
                 RequestError::MissingToken => Case::MissingToken,
                 RequestError::Malformed => Case::Malformed,
+                RequestError::MultipleWits
+                | RequestError::MultipleWpts
+                | RequestError::DpopWithWimse
+                | RequestError::UnknownSchemeWithWimse => Case::WimseMalformed,
             },
+            AuthError::WimseIncomplete { .. } => Case::WimseIncomplete,
             AuthError::Token(_) => Case::Token,
             AuthError::NotThePeer => Case::NotThePeer,
             AuthError::Proof(p) if p.wants_nonce() => Case::Nonce,

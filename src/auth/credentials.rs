@@ -99,6 +99,149 @@ fn dpop_token(value: &[u8], with_proof: bool) -> Result<&str, AuthError> {
     Err(AuthError::NoCredentials)
 }
 
+/// The WIMSE credentials of a request (draft-ietf-wimse-workload-creds,
+/// draft-ietf-wimse-wpt): a Workload Identity Token, the Workload Proof
+/// Token made for this request with its key, and the access token sent
+/// with them, if any.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct WimseCredentials<'a> {
+    /// The `Workload-Identity-Token` value.
+    pub wit: &'a str,
+    /// The WPT: the `Workload-Proof-Token` value (draft -01), or the
+    /// credentials of `Authorization: WPT` (draft -02).
+    pub wpt: &'a str,
+    /// The access token of `Authorization: DPoP <token>` sent with a
+    /// `Workload-Proof-Token` header (its hash is the WPT's `ath`).
+    pub token: Option<&'a str>,
+}
+
+impl std::fmt::Debug for WimseCredentials<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WimseCredentials(<redacted>)")
+    }
+}
+
+/// The WIMSE credentials in a request's `Workload-Identity-Token`,
+/// `Workload-Proof-Token`, `Authorization` and `DPoP` values, or `None`
+/// when it sends none (neither WIMSE header, and no `WPT` scheme): it is
+/// then judged as a DPoP request.
+///
+/// A request cannot mix the two: a `DPoP` header beside a WIT is refused,
+/// as are two WITs, two WPTs (both headers, or a header and the `WPT`
+/// scheme), a WIT without a WPT (a WIT is never a bearer token) and a
+/// WPT without a WIT. The only access token taken with a WPT is a DPoP
+/// one (tally's tokens are bound: a `Bearer` one is refused, as RFC 9449
+/// §7.2 and the WPT draft's coexistence rules ask).
+///
+/// # Errors
+/// [`AuthError::Request`] for a malformed request (400),
+/// [`AuthError::WimseIncomplete`] for a WIT or WPT alone (401).
+pub fn wimse<'a>(
+    authorization: &[&'a [u8]],
+    dpop: &[&'a [u8]],
+    wit: &[&'a [u8]],
+    wpt: &[&'a [u8]],
+) -> Result<Option<WimseCredentials<'a>>, AuthError> {
+    let malformed = AuthError::Request(RequestError::Malformed);
+    let wpt_scheme = match authorization {
+        [value] => wpt_credentials(value)?,
+        _ => None,
+    };
+    if wit.is_empty() && wpt.is_empty() && wpt_scheme.is_none() {
+        return Ok(None);
+    }
+    if authorization.len() > 1 {
+        return Err(AuthError::Request(RequestError::MultipleAuthorization));
+    }
+    if wit.len() > 1 {
+        return Err(AuthError::Request(RequestError::MultipleWits));
+    }
+    if wpt.len() > 1 || (wpt.len() == 1 && wpt_scheme.is_some()) {
+        return Err(AuthError::Request(RequestError::MultipleWpts));
+    }
+    if !dpop.is_empty() {
+        return Err(AuthError::Request(RequestError::DpopWithWimse));
+    }
+    let wit = match wit.first() {
+        Some(value) => Some(jwt_value(value).ok_or(malformed.clone())?),
+        None => None,
+    };
+    let wpt = match (wpt.first(), wpt_scheme) {
+        (Some(value), _) => Some(jwt_value(value).ok_or(malformed.clone())?),
+        (None, scheme) => scheme,
+    };
+    let (Some(wit), Some(wpt)) = (wit, wpt) else {
+        return Err(AuthError::WimseIncomplete {
+            missing: if wit.is_none() {
+                "Workload-Identity-Token"
+            } else {
+                "Workload-Proof-Token"
+            },
+        });
+    };
+    // With the WPT in a header of its own, `Authorization` may carry the
+    // access token the WPT's `ath` hashes.
+    let token = match (wpt_scheme, authorization.first()) {
+        (None, Some(value)) => Some(wimse_token(value)?),
+        _ => None,
+    };
+    Ok(Some(WimseCredentials { wit, wpt, token }))
+}
+
+/// The credentials of `Authorization: WPT <jwt>`, if that is its scheme.
+fn wpt_credentials(value: &[u8]) -> Result<Option<&str>, AuthError> {
+    let malformed = AuthError::Request(RequestError::Malformed);
+    let value = ascii(value).ok_or(malformed.clone())?;
+    match value.split_once(' ') {
+        Some((scheme, jwt)) if scheme.eq_ignore_ascii_case("WPT") => {
+            let jwt = jwt.trim_start_matches(' ');
+            is_compact_jwt(jwt).then_some(Some(jwt)).ok_or(malformed)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The access token beside a `Workload-Proof-Token`: `DPoP <token>` only.
+fn wimse_token(value: &[u8]) -> Result<&str, AuthError> {
+    let malformed = AuthError::Request(RequestError::Malformed);
+    let value = ascii(value).ok_or(malformed.clone())?;
+    let (scheme, token) = value.split_once(' ').ok_or(malformed.clone())?;
+    let token = token.trim_start_matches(' ');
+    if !is_token68(token) {
+        return Err(malformed);
+    }
+    if scheme.eq_ignore_ascii_case("DPoP") {
+        Ok(token)
+    } else if scheme.eq_ignore_ascii_case("Bearer") {
+        Err(AuthError::Request(RequestError::BoundTokenAsBearer))
+    } else {
+        Err(AuthError::Request(RequestError::UnknownSchemeWithWimse))
+    }
+}
+
+/// A header value that is one compact JWT (the WIT header's ABNF:
+/// `base64url "." base64url "." base64url`), nothing else: no list, no
+/// padding, no whitespace.
+fn jwt_value(value: &[u8]) -> Option<&str> {
+    let value = ascii(value)?;
+    is_compact_jwt(value).then_some(value)
+}
+
+fn is_compact_jwt(s: &str) -> bool {
+    let mut parts = s.split('.');
+    let segment = |p: Option<&str>| {
+        p.is_some_and(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+    };
+    segment(parts.next())
+        && segment(parts.next())
+        && segment(parts.next())
+        && parts.next().is_none()
+}
+
 fn ascii(value: &[u8]) -> Option<&str> {
     if value.len() > MAX_HEADER_LEN || !value.iter().all(|b| (0x20..0x7f).contains(b)) {
         return None;
@@ -200,6 +343,95 @@ mod tests {
         assert_eq!(
             parse(&[b"DPoP a\r\n"], &[b"p"]).unwrap_err(),
             req(RequestError::Malformed)
+        );
+    }
+
+    fn wimse_one<'a>(
+        auth: &[&'a str],
+        dpop: &[&'a str],
+        wit: &[&'a str],
+        wpt: &[&'a str],
+    ) -> Result<Option<WimseCredentials<'a>>, AuthError> {
+        let bytes = |v: &[&'a str]| v.iter().map(|s| s.as_bytes()).collect::<Vec<&'a [u8]>>();
+        wimse(&bytes(auth), &bytes(dpop), &bytes(wit), &bytes(wpt))
+    }
+
+    #[test]
+    fn a_request_without_wimse_headers_is_left_to_dpop() {
+        assert_eq!(
+            wimse_one(&["DPoP a.b.c"], &["p.q.r"], &[], &[]).unwrap(),
+            None
+        );
+        assert_eq!(wimse_one(&[], &[], &[], &[]).unwrap(), None);
+        assert_eq!(wimse_one(&["Bearer x"], &[], &[], &[]).unwrap(), None);
+    }
+
+    #[test]
+    fn both_draft_forms_of_the_wpt_are_read() {
+        let c = wimse_one(&[], &[], &["w.i.t"], &["w.p.t"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.wit, c.wpt, c.token), ("w.i.t", "w.p.t", None));
+        let c = wimse_one(&["DPoP a.b.c"], &[], &["w.i.t"], &["w.p.t"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.token, Some("a.b.c"));
+        let c = wimse_one(&["wpt  w.p.t"], &[], &["w.i.t"], &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.wit, c.wpt, c.token), ("w.i.t", "w.p.t", None));
+    }
+
+    #[test]
+    fn mixed_doubled_or_partial_wimse_credentials_are_refused() {
+        let req = |e| Err(AuthError::Request(e));
+        assert_eq!(
+            wimse_one(&[], &[], &["w.i.t", "w.i.t"], &["w.p.t"]),
+            req(RequestError::MultipleWits)
+        );
+        assert_eq!(
+            wimse_one(&[], &[], &["w.i.t"], &["w.p.t", "w.p.t"]),
+            req(RequestError::MultipleWpts)
+        );
+        assert_eq!(
+            wimse_one(&["WPT w.p.t"], &[], &["w.i.t"], &["w.p.t"]),
+            req(RequestError::MultipleWpts)
+        );
+        assert_eq!(
+            wimse_one(&["DPoP a.b.c"], &["p.q.r"], &["w.i.t"], &["w.p.t"]),
+            req(RequestError::DpopWithWimse)
+        );
+        assert_eq!(
+            wimse_one(&["Bearer a.b.c"], &[], &["w.i.t"], &["w.p.t"]),
+            req(RequestError::BoundTokenAsBearer)
+        );
+        assert_eq!(
+            wimse_one(&["Basic dXNlcg=="], &[], &["w.i.t"], &["w.p.t"]),
+            req(RequestError::UnknownSchemeWithWimse)
+        );
+        assert_eq!(
+            wimse_one(&["DPoP a", "DPoP b"], &[], &["w.i.t"], &["w.p.t"]),
+            req(RequestError::MultipleAuthorization)
+        );
+        // A list, padding or whitespace is not one JWT.
+        for bad in ["w.i.t,w.i.t", "w.i.t=", " w.i.t", "w.i", "w.i.t.x", "w..t"] {
+            assert_eq!(
+                wimse_one(&[], &[], &[bad], &["w.p.t"]),
+                req(RequestError::Malformed),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            wimse_one(&[], &[], &["w.i.t"], &[]),
+            Err(AuthError::WimseIncomplete {
+                missing: "Workload-Proof-Token"
+            })
+        );
+        assert_eq!(
+            wimse_one(&["WPT w.p.t"], &[], &[], &[]),
+            Err(AuthError::WimseIncomplete {
+                missing: "Workload-Identity-Token"
+            })
         );
     }
 

@@ -29,6 +29,14 @@ pub enum AuthError {
     /// TLS peer: 401 `invalid_token`, whatever proof comes with it.
     #[error("access token: its holder is not this connection's TLS peer")]
     NotThePeer,
+    /// A WIMSE Workload Identity Token without its proof, or a proof
+    /// without the token: 401 with a `WPT` challenge (a WIT is never a
+    /// bearer token).
+    #[error("WIMSE credentials without a {missing} header")]
+    WimseIncomplete {
+        /// The header that is missing.
+        missing: &'static str,
+    },
     /// The verifier cannot safely accept more proofs right now (the replay
     /// cache is full): 503, failing closed.
     #[error("verifier overloaded")]
@@ -58,6 +66,20 @@ pub enum RequestError {
     /// A `DPoP` proof header without `Authorization: DPoP`.
     #[error("DPoP proof header without a DPoP access token")]
     MissingToken,
+    /// More than one `Workload-Identity-Token` header.
+    #[error("more than one Workload-Identity-Token header")]
+    MultipleWits,
+    /// More than one WPT (two `Workload-Proof-Token` headers, or one and
+    /// `Authorization: WPT`).
+    #[error("more than one Workload Proof Token")]
+    MultipleWpts,
+    /// A `DPoP` proof header together with WIMSE credentials.
+    #[error("DPoP proof and WIMSE credentials used together")]
+    DpopWithWimse,
+    /// An `Authorization` scheme other than DPoP beside a
+    /// `Workload-Proof-Token`.
+    #[error("only Authorization: DPoP may accompany a Workload-Proof-Token")]
+    UnknownSchemeWithWimse,
     /// The header value is not `scheme token68` or is not ASCII.
     #[error("malformed Authorization or DPoP header")]
     Malformed,

@@ -99,7 +99,10 @@ impl Caller {
     /// The access token, if one came.
     pub fn token(&self) -> Option<&Arc<TokenClaims>> {
         match self {
-            Self::Token(token) | Self::Wimse { token: Some(token), .. } => Some(token),
+            Self::Token(token)
+            | Self::Wimse {
+                token: Some(token), ..
+            } => Some(token),
             Self::Wimse { token: None, .. } => None,
         }
     }
@@ -108,7 +111,10 @@ impl Caller {
     /// `jti`, else the WIT's.
     pub fn token_id(&self) -> &str {
         match self {
-            Self::Token(token) | Self::Wimse { token: Some(token), .. } => &token.jti,
+            Self::Token(token)
+            | Self::Wimse {
+                token: Some(token), ..
+            } => &token.jti,
             Self::Wimse { wit, token: None } => &wit.jti,
         }
     }
@@ -325,6 +331,7 @@ impl Refusal {
             Self::Unverified(AuthError::NoCredentials) => "no_credentials",
             Self::Unverified(AuthError::NotThePeer) => "not_the_peer",
             Self::Unverified(AuthError::Request(_)) => "bad_request",
+            Self::Unverified(AuthError::WimseIncomplete { .. }) => "wimse_incomplete",
             Self::Unverified(AuthError::Token(_)) => "invalid_token",
             Self::Unverified(AuthError::Proof(e)) if e.wants_nonce() => "use_dpop_nonce",
             Self::Unverified(AuthError::Proof(ProofError::Replayed)) => "replayed_proof",
@@ -356,6 +363,7 @@ impl Refusal {
             | Self::MtlsRequired
             | Self::Unverified(
                 AuthError::NoCredentials
+                | AuthError::WimseIncomplete { .. }
                 | AuthError::Request(_)
                 | AuthError::Token(_)
                 | AuthError::NotThePeer
@@ -554,7 +562,12 @@ access:
             judge(&request, &view, limits, now_ms)
         }
 
-        fn judge_caller(&self, caller: &Caller, method: &str, path: &str) -> Result<Allowed, Refusal> {
+        fn judge_caller(
+            &self,
+            caller: &Caller,
+            method: &str,
+            path: &str,
+        ) -> Result<Allowed, Refusal> {
             let view = MeshView {
                 workload: &self.workload,
                 access: (7, &self.policy),
@@ -621,8 +634,11 @@ access:
         assert_eq!(allowed.token_id(), format!("wit-{CHECKOUT}"));
         assert_eq!(allowed.expires_at(), IAT + 3_600);
         assert_eq!(
-            mesh.judge_caller(&caller, "POST", "/v1/charges").unwrap_err(),
-            Refusal::AccessDenied(AccessDenial::MissingScope("payments:charge".parse().unwrap()))
+            mesh.judge_caller(&caller, "POST", "/v1/charges")
+                .unwrap_err(),
+            Refusal::AccessDenied(AccessDenial::MissingScope(
+                "payments:charge".parse().unwrap()
+            ))
         );
     }
 
@@ -653,7 +669,8 @@ access:
         ] {
             let mesh = Mesh::new().revoke(target.clone(), IAT);
             assert_eq!(
-                mesh.judge_caller(&caller, "POST", "/v1/charges").unwrap_err(),
+                mesh.judge_caller(&caller, "POST", "/v1/charges")
+                    .unwrap_err(),
                 Refusal::WitRevoked {
                     jti: wit_jti.clone()
                 },
@@ -664,7 +681,8 @@ access:
         // Revoking only the access token refuses the request as well.
         let mesh = Mesh::new().revoke(RevocationTarget::Jti(format!("jti-{CHECKOUT}")), IAT);
         assert_eq!(
-            mesh.judge_caller(&caller, "POST", "/v1/charges").unwrap_err(),
+            mesh.judge_caller(&caller, "POST", "/v1/charges")
+                .unwrap_err(),
             Refusal::Revoked {
                 jti: format!("jti-{CHECKOUT}")
             }
