@@ -1,6 +1,8 @@
 //! The service map: which audience a destination (`host:port`, or
-//! `host:*` for every port of a host) is, and whether the hop to it is
-//! mutual TLS. `/v1/authorize` and the outbound proxy read it.
+//! `host:*` for every port of a host) is, whether the hop to it is
+//! mutual TLS, and which proof of possession requests to it carry (a
+//! DPoP proof, or WIMSE's WIT and WPT). `/v1/authorize` and the outbound
+//! proxy read it.
 //!
 //! A destination whose audience is a workload's SPIFFE ID is a tally
 //! sidecar's inbound port, so the outbound proxy dials it with mTLS by
@@ -12,6 +14,30 @@ use crate::identity::SpiffeId;
 use crate::token::Audience;
 use std::collections::HashMap;
 
+/// How a request proves the sidecar holds its key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Proof {
+    /// `Authorization: DPoP <token>` and a `DPoP` proof (RFC 9449), or on
+    /// a mutual-TLS hop the handshake itself.
+    #[default]
+    Dpop,
+    /// `Workload-Identity-Token` and `Workload-Proof-Token` (WIMSE), with
+    /// `Authorization: DPoP <token>` when the app asks for scopes.
+    Wimse,
+}
+
+impl std::str::FromStr for Proof {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "dpop" => Ok(Self::Dpop),
+            "wimse" => Ok(Self::Wimse),
+            other => Err(format!("proof {other:?} must be dpop or wimse")),
+        }
+    }
+}
+
 /// One service-map entry: whom the destination's tokens are for, and how
 /// to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,9 +45,29 @@ pub struct Destination {
     audience: Audience,
     /// The workload the server must prove it is (mTLS), if the hop is TLS.
     mtls: Option<SpiffeId>,
+    proof: Proof,
+}
+
+/// A service-map entry as written, before it is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `host:port` or `host:*`.
+    pub destination: String,
+    /// The audience of tokens sent there.
+    pub audience: Audience,
+    /// Whether the hop is mutual TLS; `None`: exactly when the audience
+    /// is a workload's SPIFFE ID.
+    pub mtls: Option<bool>,
+    /// The proof requests carry.
+    pub proof: Proof,
 }
 
 impl Destination {
+    /// The proof of possession requests to it carry.
+    pub fn proof(&self) -> Proof {
+        self.proof
+    }
+
     /// The audience of tokens sent there.
     pub fn audience(&self) -> &Audience {
         &self.audience
@@ -101,9 +147,35 @@ impl ServiceMap {
     pub fn with_transport(
         entries: impl IntoIterator<Item = (String, Audience, Option<bool>)>,
     ) -> Result<Self, Vec<ServiceMapError>> {
+        Self::from_entries(
+            entries
+                .into_iter()
+                .map(|(destination, audience, mtls)| Entry {
+                    destination,
+                    audience,
+                    mtls,
+                    proof: Proof::Dpop,
+                }),
+        )
+    }
+
+    /// A map from whole entries. Every entry is checked and every fault
+    /// reported.
+    ///
+    /// # Errors
+    /// One [`ServiceMapError`] per refused entry.
+    pub fn from_entries(
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<Self, Vec<ServiceMapError>> {
         let mut map = HashMap::new();
         let mut errors = Vec::new();
-        for (destination, audience, mtls) in entries {
+        for Entry {
+            destination,
+            audience,
+            mtls,
+            proof,
+        } in entries
+        {
             let key = destination.to_ascii_lowercase();
             let Some((host, port)) = key.rsplit_once(':') else {
                 errors.push(ServiceMapError::NoPort(destination));
@@ -131,7 +203,12 @@ impl ServiceMap {
                 (Some(false), _) | (None, None) => None,
                 (Some(true) | None, Some(id)) => Some(id),
             };
-            if map.insert(key, Destination { audience, mtls }).is_some() {
+            let entry = Destination {
+                audience,
+                mtls,
+                proof,
+            };
+            if map.insert(key, entry).is_some() {
                 errors.push(ServiceMapError::Duplicate(destination));
             }
         }
@@ -175,8 +252,9 @@ impl ServiceMap {
 
 /// Reads a service map (`name` is the file's, for errors): a YAML
 /// mapping of `host:port` (or `host:*`) to an audience, or to
-/// `{audience: AUDIENCE, mtls: true|false}` (mtls defaults to true for a
-/// workload's SPIFFE ID, false otherwise).
+/// `{audience: AUDIENCE, mtls: true|false, proof: dpop|wimse}` (mtls
+/// defaults to true for a workload's SPIFFE ID, false otherwise; proof
+/// to dpop).
 ///
 /// # Errors
 /// Every problem found, one line each.
@@ -192,10 +270,10 @@ pub fn parse(name: &str, text: &str) -> Result<ServiceMap, Vec<String>> {
     let mut errors = Vec::new();
     let mut out = Vec::new();
     for (host, pos, node) in entries {
-        let (audience, mtls) = match &node.value {
-            Value::Str(a) => ((a.as_str(), node.pos), None),
+        let (audience, mtls, proof) = match &node.value {
+            Value::Str(a) => ((a.as_str(), node.pos), None, Proof::Dpop),
             Value::Map(fields) => {
-                let (mut audience, mut mtls) = (None, None);
+                let (mut audience, mut mtls, mut proof) = (None, None, Proof::Dpop);
                 let faults_before = errors.len();
                 for (key, key_pos, value) in fields {
                     match (key.as_str(), &value.value) {
@@ -204,13 +282,17 @@ pub fn parse(name: &str, text: &str) -> Result<ServiceMap, Vec<String>> {
                             Ok(b) => mtls = Some(b),
                             Err(e) => errors.push(format!("{name}:{}: {host}: {e}", value.pos)),
                         },
-                        ("audience" | "mtls", _) => errors.push(format!(
+                        ("proof", Value::Str(p)) => match p.parse() {
+                            Ok(p) => proof = p,
+                            Err(e) => errors.push(format!("{name}:{}: {host}: {e}", value.pos)),
+                        },
+                        ("audience" | "mtls" | "proof", _) => errors.push(format!(
                             "{name}:{}: {host}: {key} must be text, not {}",
                             value.pos,
                             value.kind()
                         )),
                         _ => errors.push(format!(
-                            "{name}:{key_pos}: {host}: unknown key {key:?} (expected audience, mtls)"
+                            "{name}:{key_pos}: {host}: unknown key {key:?} (expected audience, mtls, proof)"
                         )),
                     }
                 }
@@ -223,22 +305,27 @@ pub fn parse(name: &str, text: &str) -> Result<ServiceMap, Vec<String>> {
                     errors.push(format!("{name}:{pos}: {host}: audience is required"));
                     continue;
                 };
-                (audience, mtls)
+                (audience, mtls, proof)
             }
             _ => {
                 errors.push(format!(
-                    "{name}:{pos}: the audience for {host} must be text or {{audience, mtls}}"
+                    "{name}:{pos}: the audience for {host} must be text or {{audience, mtls, proof}}"
                 ));
                 continue;
             }
         };
         let (text, at) = audience;
         match text.parse() {
-            Ok(audience) => out.push((host, audience, mtls)),
+            Ok(audience) => out.push(Entry {
+                destination: host,
+                audience,
+                mtls,
+                proof,
+            }),
             Err(e) => errors.push(format!("{name}:{at}: audience for {host}: {e}")),
         }
     }
-    match ServiceMap::with_transport(out) {
+    match ServiceMap::from_entries(out) {
         Ok(map) if errors.is_empty() => Ok(map),
         Ok(_) => Err(errors),
         Err(faults) => {
@@ -375,7 +462,7 @@ mod tests {
         assert_eq!(
             errors,
             [
-                "map.yaml:1:1: the audience for a must be text or {audience, mtls}",
+                "map.yaml:1:1: the audience for a must be text or {audience, mtls, proof}",
                 "map.yaml: \"b.svc\" names no port: write b.svc:PORT for one port, or b.svc:* to send tokens to every port of that host"
             ]
         );
@@ -434,11 +521,41 @@ d.svc:80: {audience: [x]}
             errors,
             [
                 "map.yaml:1:51: a.svc:80: mtls \"sometimes\" must be true or false",
-                "map.yaml:2:45: b.svc:80: unknown key \"tls\" (expected audience, mtls)",
+                "map.yaml:2:45: b.svc:80: unknown key \"tls\" (expected audience, mtls, proof)",
                 "map.yaml:3:1: c.svc:80: audience is required",
                 "map.yaml:5:22: d.svc:80: audience must be text, not a list",
                 "map.yaml: \"partner.example:443\" asks for mtls but its audience https://api.partner.example is not a workload's SPIFFE ID (spiffe://TRUST-DOMAIN/PATH); use mtls: false for a destination outside the mesh",
             ]
+        );
+    }
+
+    #[test]
+    fn a_service_map_entry_may_ask_for_wimse_proofs_and_dpop_is_the_default() {
+        let text = "\
+pay.svc:80: {audience: spiffe://td/ns/pay/sa/payments, proof: wimse}
+ledger.svc:80: spiffe://td/ns/fin/sa/ledger
+web.svc:80: {audience: https://web.example, mtls: false, proof: dpop}
+bad.svc:80: {audience: spiffe://td/ns/x/sa/x, proof: bearer}
+";
+        let errors = parse("map.yaml", text).unwrap_err();
+        assert_eq!(
+            errors,
+            ["map.yaml:4:54: bad.svc:80: proof \"bearer\" must be dpop or wimse"]
+        );
+        let map = parse(
+            "map.yaml",
+            &text.lines().take(3).collect::<Vec<_>>().join("\n"),
+        )
+        .unwrap();
+        let proof = |url: &str| map.destination_for(url).map(Destination::proof);
+        assert_eq!(proof("http://pay.svc/"), Some(Proof::Wimse));
+        assert_eq!(proof("http://ledger.svc/"), Some(Proof::Dpop));
+        assert_eq!(proof("http://web.svc/"), Some(Proof::Dpop));
+        assert!(
+            map.destination_for("http://pay.svc/")
+                .unwrap()
+                .mtls()
+                .is_some()
         );
     }
 }
