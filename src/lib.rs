@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //!
-//! - [`jose`]: strict base64url and JSON, P-256 JWKs and RFC 7638
-//!   thumbprints, ES256 keys, the compact JWS parser.
+//! - [`jose`]: strict base64url and JSON, P-256 and Ed25519 JWKs and
+//!   RFC 7638 thumbprints, ES256 and EdDSA keys, the compact JWS parser
+//!   (ES256 only, EdDSA where a WIMSE token asks for it).
 //! - [`identity`]: SPIFFE IDs, join tokens, denied identities.
 //! - [`ca`]: the identity CA: root and intermediate, X.509-SVIDs from CSRs.
 //! - [`dpop`]: RFC 9449 proofs (mint and verify), `htu` normalization, the

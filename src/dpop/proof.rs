@@ -78,7 +78,12 @@ pub struct TokenHash([u8; 32]);
 impl TokenHash {
     /// Hashes an access token as presented.
     pub fn of(token: &str) -> Self {
-        let hash = digest::digest(&digest::SHA256, token.as_bytes());
+        Self::of_bytes(token.as_bytes())
+    }
+
+    /// SHA-256 of any bytes (a WIMSE `oth` header value).
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        let hash = digest::digest(&digest::SHA256, bytes);
         let mut out = [0u8; 32];
         out.copy_from_slice(hash.as_ref());
         Self(out)

@@ -1,5 +1,6 @@
 //! P-256 public keys as JWKs (RFC 7517/7518) and their RFC 7638 SHA-256
-//! thumbprints (`jkt`).
+//! thumbprints (`jkt`). Ed25519 keys (RFC 8037) are in
+//! [`super::ed25519`]; [`super::VerifyingKey`] is either.
 
 use super::b64;
 use aws_lc_rs::digest;
@@ -29,18 +30,24 @@ pub enum JwkError {
     /// The key carries private material (`d` and friends).
     #[error("jwk contains private key member {0:?}")]
     PrivateKey(&'static str),
-    /// `kty` other than `EC`.
+    /// `kty` other than `EC` (or, where Ed25519 keys are accepted, `OKP`).
     #[error("unsupported jwk kty {0:?}")]
     UnsupportedKeyType(String),
-    /// `crv` other than `P-256`.
+    /// `crv` other than `P-256` (or `Ed25519` for an `OKP` key).
     #[error("unsupported jwk crv {0:?}")]
     UnsupportedCurve(String),
     /// `x` or `y` is not canonical base64url of exactly 32 bytes.
+    /// (Ed25519 public keys are also 32 bytes, in `x`.)
     #[error("jwk coordinate {0:?} is not 32 bytes of canonical base64url")]
     BadCoordinate(&'static str),
     /// The coordinates do not name a point on P-256.
     #[error("jwk point is not on the P-256 curve")]
     NotOnCurve,
+    /// An Ed25519 `x` that is a non-canonical encoding or a point of
+    /// small order: such a key would let anyone forge signatures that
+    /// verify under it.
+    #[error("jwk x is not a canonical Ed25519 public key of large order")]
+    WeakEd25519Key,
     /// `alg` is present and is not `ES256`.
     #[error("jwk alg {0:?} is not ES256")]
     WrongAlg(String),
@@ -49,8 +56,9 @@ pub enum JwkError {
     WrongUse(String),
 }
 
-/// Private members of EC, RSA and oct JWKs (RFC 7518 §6).
-const PRIVATE_MEMBERS: [&str; 7] = ["d", "p", "q", "dp", "dq", "qi", "k"];
+/// Private members of EC, OKP, RSA and oct JWKs (RFC 7518 §6, RFC 8037
+/// §2).
+pub(super) const PRIVATE_MEMBERS: [&str; 7] = ["d", "p", "q", "dp", "dq", "qi", "k"];
 
 /// A validated P-256 public key, parsed once for fast verification.
 ///
@@ -151,6 +159,15 @@ impl PublicKey {
         &self.parsed
     }
 
+    /// The uncompressed SEC1 point (`04 ‖ x ‖ y`).
+    pub fn to_sec1(&self) -> [u8; 65] {
+        let mut sec1 = [0u8; 65];
+        sec1[0] = 0x04;
+        sec1[1..33].copy_from_slice(&self.x);
+        sec1[33..].copy_from_slice(&self.y);
+        sec1
+    }
+
     /// The RFC 7638 JSON members in lexicographic order, which is also a
     /// valid minimal public JWK.
     pub fn to_jwk_json(&self) -> String {
@@ -174,10 +191,7 @@ fn jwk_json(x: &[u8; 32], y: &[u8; 32]) -> String {
 }
 
 fn thumbprint_of(x: &[u8; 32], y: &[u8; 32]) -> Jkt {
-    let hash = digest::digest(&digest::SHA256, jwk_json(x, y).as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(hash.as_ref());
-    Jkt(out)
+    Jkt::of_members(&jwk_json(x, y))
 }
 
 /// Checks the members of a public P-256 JWK and returns its coordinates.
@@ -276,11 +290,14 @@ impl fmt::Debug for PublicKey {
     }
 }
 
-fn member<'a>(map: &'a Map<String, Value>, name: &'static str) -> Result<&'a str, JwkError> {
+pub(super) fn member<'a>(
+    map: &'a Map<String, Value>,
+    name: &'static str,
+) -> Result<&'a str, JwkError> {
     optional_member(map, name)?.ok_or(JwkError::MissingMember(name))
 }
 
-fn optional_member<'a>(
+pub(super) fn optional_member<'a>(
     map: &'a Map<String, Value>,
     name: &'static str,
 ) -> Result<Option<&'a str>, JwkError> {
@@ -306,6 +323,15 @@ pub struct Jkt([u8; 32]);
 pub struct JktParseError;
 
 impl Jkt {
+    /// The SHA-256 of a key's RFC 7638 member JSON (required members
+    /// only, lexicographic order, no whitespace).
+    pub(super) fn of_members(json: &str) -> Self {
+        let hash = digest::digest(&digest::SHA256, json.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(hash.as_ref());
+        Self(out)
+    }
+
     /// The 32 digest bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0

@@ -2,13 +2,16 @@
 //!
 //! The private scalar lives inside aws-lc, whose allocator wipes memory on
 //! free (`OPENSSL_free` cleanses), so dropping a [`SigningKey`] erases it.
-//! PKCS#8 copies we hand out are wrapped in [`Zeroizing`].
+//! PKCS#8 copies we hand out, and private JWK members we read, are
+//! wrapped in [`Zeroizing`].
 
+use super::b64;
 use super::jwk::{Jkt, JwkError, PublicKey};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use rustls_pki_types::pem::PemObject;
+use serde_json::Value;
 use std::fmt;
 use zeroize::Zeroizing;
 
@@ -22,6 +25,15 @@ pub enum KeyError {
     /// PKCS#8, but not a valid P-256 ECDSA key.
     #[error("not a valid P-256 ECDSA PKCS#8 key")]
     NotP256,
+    /// PKCS#8, but not a valid Ed25519 key.
+    #[error("not a valid Ed25519 PKCS#8 key")]
+    NotEd25519,
+    /// A private JWK that cannot be used (what is wrong is named).
+    #[error("private JWK: {0}")]
+    PrivateJwk(&'static str),
+    /// Neither PKCS#8 PEM (P-256 or Ed25519) nor a private JWK.
+    #[error("not a PKCS#8 PEM private key (P-256 or Ed25519) nor a private JWK")]
+    NotAKey,
     /// The system random source failed.
     #[error("could not generate a key")]
     Generate,
@@ -67,6 +79,36 @@ impl SigningKey {
         Self::from_pkcs8_der(der.secret_pkcs8_der())
     }
 
+    /// Loads a key from a private `EC` JWK (`crv: P-256`, `x`, `y`, `d`).
+    /// `d` must belong to `x` and `y`.
+    ///
+    /// # Errors
+    /// [`KeyError::PrivateJwk`] naming what is wrong, or
+    /// [`KeyError::Public`] for a bad public half.
+    pub fn from_jwk(value: &Value) -> Result<Self, KeyError> {
+        let map = value
+            .as_object()
+            .ok_or(KeyError::PrivateJwk("not a JSON object"))?;
+        let d = map
+            .get("d")
+            .and_then(Value::as_str)
+            .ok_or(KeyError::PrivateJwk("no d member"))?;
+        let d = Zeroizing::new(
+            b64::decode_array::<32>(d.as_bytes())
+                .map_err(|_| KeyError::PrivateJwk("d is not 32 bytes of canonical base64url"))?,
+        );
+        let mut public = map.clone();
+        public.remove("d");
+        let public = PublicKey::from_jwk(&Value::Object(public))?;
+        let pair = EcdsaKeyPair::from_private_key_and_public_key(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            d.as_slice(),
+            &public.to_sec1(),
+        )
+        .map_err(|_| KeyError::PrivateJwk("d does not belong to x and y"))?;
+        Self::from_pair(pair)
+    }
+
     fn from_pair(pair: EcdsaKeyPair) -> Result<Self, KeyError> {
         let public = PublicKey::from_sec1(pair.public_key().as_ref())?;
         let jkt = public.thumbprint();
@@ -87,17 +129,7 @@ impl SigningKey {
     /// # Errors
     /// As [`SigningKey::to_pkcs8_der`].
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
-        let der = self.to_pkcs8_der()?;
-        let body = Zeroizing::new(base64_std(&der));
-        let mut pem = Zeroizing::new(String::with_capacity(body.len() + 80));
-        pem.push_str("-----BEGIN PRIVATE KEY-----\n");
-        for line in body.as_bytes().chunks(64) {
-            // The body is base64 text, so every chunk is ASCII.
-            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
-            pem.push('\n');
-        }
-        pem.push_str("-----END PRIVATE KEY-----\n");
-        Ok(pem)
+        Ok(pkcs8_pem(&self.to_pkcs8_der()?))
     }
 
     /// The public half.
@@ -130,10 +162,24 @@ impl SigningKey {
     }
 }
 
-/// Signing failed inside the crypto library.
+/// Signing failed inside the crypto library (or the random source).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("ES256 signing failed")]
+#[error("JWS signing failed")]
 pub struct SignError;
+
+/// PKCS#8 DER as a `PRIVATE KEY` PEM document, wiped when dropped.
+pub(super) fn pkcs8_pem(der: &[u8]) -> Zeroizing<String> {
+    let body = Zeroizing::new(base64_std(der));
+    let mut pem = Zeroizing::new(String::with_capacity(body.len() + 80));
+    pem.push_str("-----BEGIN PRIVATE KEY-----\n");
+    for line in body.as_bytes().chunks(64) {
+        // The body is base64 text, so every chunk is ASCII.
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    pem
+}
 
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -171,6 +217,39 @@ mod tests {
         let debug = format!("{key:?}");
         assert!(debug.contains("<redacted>"));
         assert!(!debug.contains(&body[..20]));
+    }
+
+    #[test]
+    fn private_jwk_loads_the_same_key_and_a_foreign_d_is_refused() {
+        let key = SigningKey::generate().unwrap();
+        // The private scalar is the last 32 bytes of the SEC1 structure
+        // inside PKCS#8 v1 for P-256 keys aws-lc writes; take it from there.
+        let der = key.to_pkcs8_der().unwrap();
+        let mut jwk: Value = serde_json::from_str(&key.public_key().to_jwk_json()).unwrap();
+        let d = find_private_scalar(&der);
+        jwk["d"] = Value::from(b64::encode(d));
+        let again = SigningKey::from_jwk(&jwk).unwrap();
+        assert_eq!(again.thumbprint(), key.thumbprint());
+        jwk["d"] = Value::from(b64::encode([5u8; 32]));
+        assert_eq!(
+            SigningKey::from_jwk(&jwk).unwrap_err(),
+            KeyError::PrivateJwk("d does not belong to x and y")
+        );
+        jwk.as_object_mut().unwrap().remove("d");
+        assert_eq!(
+            SigningKey::from_jwk(&jwk).unwrap_err(),
+            KeyError::PrivateJwk("no d member")
+        );
+    }
+
+    /// The 32 bytes after the `04 20` (OCTET STRING, 32) that holds the
+    /// private key in an ECPrivateKey structure.
+    fn find_private_scalar(der: &[u8]) -> [u8; 32] {
+        let at = der
+            .windows(5)
+            .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+            .expect("ECPrivateKey version 1 then the key");
+        der[at + 5..at + 37].try_into().unwrap()
     }
 
     #[test]

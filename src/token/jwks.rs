@@ -98,6 +98,11 @@ impl Jwks {
         self.keys.get(kid)
     }
 
+    /// Every key with its `kid`, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &PublicKey)> {
+        self.keys.iter().map(|(kid, key)| (kid.as_str(), key))
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.keys.len()
