@@ -113,7 +113,17 @@ pub fn answer(error: &AuthError, fresh_nonce: Option<String>) -> HttpAnswer {
             | RequestError::DpopWithWimse
             | RequestError::UnknownSchemeWithWimse,
         ) => HttpAnswer::plain(400, "invalid_request", &text),
-        AuthError::WimseIncomplete { .. } => HttpAnswer::wpt_challenge(401, "invalid_wpt", &text),
+        AuthError::Request(RequestError::MultipleTxnTokens) => {
+            HttpAnswer::plain(400, "invalid_request", &text)
+        }
+        AuthError::Wit(_) => HttpAnswer::wpt_challenge(401, "invalid_wit", &text),
+        AuthError::WimseIncomplete { .. }
+        | AuthError::Wpt(_)
+        | AuthError::WptReplayed
+        | AuthError::WptBeforeRestart { .. } => {
+            HttpAnswer::wpt_challenge(401, "invalid_wpt", &text)
+        }
+        AuthError::TokenNotForWit => HttpAnswer::challenge(401, "invalid_token", &text),
         AuthError::Token(_) | AuthError::NotThePeer => {
             HttpAnswer::challenge(401, "invalid_token", &text)
         }

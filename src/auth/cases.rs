@@ -38,6 +38,12 @@ pub enum Case {
     WimseMalformed,
     /// A WIT without a WPT, or a WPT without a WIT.
     WimseIncomplete,
+    /// The WIMSE Workload Identity Token failed a check.
+    Wit,
+    /// The WIMSE Workload Proof Token failed a check, replay included.
+    Wpt,
+    /// The access token sent with a WIT is not bound to its key.
+    TokenNotForWit,
     /// The access token failed a check.
     Token,
     /// On mutual TLS, a token held by another workload than the peer.
@@ -79,7 +85,7 @@ pub enum Case {
 
 impl Case {
     /// Every case, in the table's order.
-    pub const ALL: [Self; 28] = [
+    pub const ALL: [Self; 31] = [
         Self::NoCredentials,
         Self::MissingProof,
         Self::MultipleProofs,
@@ -90,6 +96,9 @@ impl Case {
         Self::Malformed,
         Self::WimseMalformed,
         Self::WimseIncomplete,
+        Self::Wit,
+        Self::Wpt,
+        Self::TokenNotForWit,
         Self::Token,
         Self::NotThePeer,
         Self::Nonce,
@@ -128,10 +137,19 @@ impl Case {
                 "An `Authorization` or `DPoP` value that is not `scheme token68`, or not ASCII."
             }
             Self::WimseMalformed => {
-                "Two `Workload-Identity-Token` headers, two WPTs (two `Workload-Proof-Token` headers, or one and `Authorization: WPT`), a `DPoP` header beside WIMSE credentials, a scheme other than DPoP beside a `Workload-Proof-Token`, or a WIT or WPT value that is not one compact JWT."
+                "Two `Workload-Identity-Token` or `Txn-Token` headers, two WPTs (two `Workload-Proof-Token` headers, or one and `Authorization: WPT`), a `DPoP` header beside WIMSE credentials, a scheme other than DPoP beside a `Workload-Proof-Token`, or a WIT or WPT value that is not one compact JWT."
             }
             Self::WimseIncomplete => {
                 "A `Workload-Identity-Token` without a WPT, or a WPT without a WIT: a WIT is never a bearer token."
+            }
+            Self::Wit => {
+                "The `Workload-Identity-Token` failed a check: not a JWS, `typ` not `wit+jwt`, `alg` not ES256 or EdDSA, unknown `kid`, bad signature, `sub` not a SPIFFE ID, expired or not yet valid, `cnf.jwk` missing, private or without a fitting `alg`: 401 with a `WPT` challenge."
+            }
+            Self::Wpt => {
+                "The Workload Proof Token failed a check: `typ` not `wpt+jwt`, `alg` not the WIT's `cnf.jwk.alg`, signature not by the WIT's key, `aud` not this request's URL, expired or too long-lived, `jti` short or already seen (replay), `wth`, `ath`, `tth` or `oth` not matching what came, or (just after a restart) no `iat` after the start: 401 with a `WPT` challenge."
+            }
+            Self::TokenNotForWit => {
+                "The access token sent with a WIT is held by another workload, or bound (`cnf.jkt`) to another key than the WIT's."
             }
             Self::Token => {
                 "The access token failed a check: not a JWS, `typ` not `at+jwt`, unknown `kid`, bad signature, wrong `iss` or `aud`, expired or not yet valid, a claim missing or malformed."
@@ -211,6 +229,9 @@ impl Case {
                 missing: "Workload-Proof-Token",
             }
             .into(),
+            Self::Wit => AuthError::Wit(crate::wimse::WitError::KidMissing).into(),
+            Self::Wpt => AuthError::WptReplayed.into(),
+            Self::TokenNotForWit => AuthError::TokenNotForWit.into(),
             Self::Token => AuthError::Token(TokenError::KidMissing).into(),
             Self::NotThePeer => AuthError::NotThePeer.into(),
             Self::Nonce => AuthError::Proof(ProofError::NonceMissing).into(),
@@ -265,9 +286,15 @@ pub fn case(refusal: &Refusal) -> Case {
                 RequestError::MultipleWits
                 | RequestError::MultipleWpts
                 | RequestError::DpopWithWimse
-                | RequestError::UnknownSchemeWithWimse => Case::WimseMalformed,
+                | RequestError::UnknownSchemeWithWimse
+                | RequestError::MultipleTxnTokens => Case::WimseMalformed,
             },
             AuthError::WimseIncomplete { .. } => Case::WimseIncomplete,
+            AuthError::Wit(_) => Case::Wit,
+            AuthError::Wpt(_) | AuthError::WptReplayed | AuthError::WptBeforeRestart { .. } => {
+                Case::Wpt
+            }
+            AuthError::TokenNotForWit => Case::TokenNotForWit,
             AuthError::Token(_) => Case::Token,
             AuthError::NotThePeer => Case::NotThePeer,
             AuthError::Proof(p) if p.wants_nonce() => Case::Nonce,

@@ -4,6 +4,13 @@
 use super::error::{AuthError, RequestError};
 use crate::jose::{b64, json};
 
+/// The WIMSE WIT header (draft-ietf-wimse-workload-creds), lower case.
+pub const WIT_HEADER: &str = "workload-identity-token";
+/// The WIMSE WPT header of draft-ietf-wimse-wpt-01, lower case.
+pub const WPT_HEADER: &str = "workload-proof-token";
+/// The OAuth transaction token header, lower case: a WPT's `tth` binds it.
+pub const TXN_TOKEN_HEADER: &str = "txn-token";
+
 /// Longest header value considered, in bytes (beyond the JWS caps).
 const MAX_HEADER_LEN: usize = 16 * 1024;
 

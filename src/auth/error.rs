@@ -6,6 +6,7 @@
 
 use crate::dpop::ProofError;
 use crate::token::TokenError;
+use crate::wimse::{WitError, WptError};
 
 /// Why the token core ([`super::RequestVerifier`]) refused a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +30,31 @@ pub enum AuthError {
     /// TLS peer: 401 `invalid_token`, whatever proof comes with it.
     #[error("access token: its holder is not this connection's TLS peer")]
     NotThePeer,
+    /// The WIMSE Workload Identity Token failed a check: 401 with a `WPT`
+    /// challenge, `invalid_wit`.
+    #[error("workload identity token: {0}")]
+    Wit(#[from] WitError),
+    /// The WIMSE Workload Proof Token failed a check: 401 with a `WPT`
+    /// challenge, `invalid_wpt`.
+    #[error("workload proof token: {0}")]
+    Wpt(#[from] WptError),
+    /// The WPT's `jti` was seen before: 401 `invalid_wpt`.
+    #[error("workload proof token: already used (replay)")]
+    WptReplayed,
+    /// This verifier started less than a WPT lifetime ago, and the WPT
+    /// has no `iat` after that start: it may have been spent with the
+    /// previous process, whose replay cache is gone. 401 `invalid_wpt`.
+    #[error(
+        "workload proof token: this verifier started at {started} and, until a WPT lifetime has passed, accepts only WPTs whose iat is after that"
+    )]
+    WptBeforeRestart {
+        /// When the verifier started (Unix seconds).
+        started: u64,
+    },
+    /// The access token sent with a WIT is not the WIT holder's, or not
+    /// bound to the WIT's key: 401 `invalid_token`.
+    #[error("access token: not held by the WIT's subject with the WIT's key (cnf.jkt)")]
+    TokenNotForWit,
     /// A WIMSE Workload Identity Token without its proof, or a proof
     /// without the token: 401 with a `WPT` challenge (a WIT is never a
     /// bearer token).
@@ -76,6 +102,9 @@ pub enum RequestError {
     /// A `DPoP` proof header together with WIMSE credentials.
     #[error("DPoP proof and WIMSE credentials used together")]
     DpopWithWimse,
+    /// More than one `Txn-Token` header.
+    #[error("more than one Txn-Token header")]
+    MultipleTxnTokens,
     /// An `Authorization` scheme other than DPoP beside a
     /// `Workload-Proof-Token`.
     #[error("only Authorization: DPoP may accompany a Workload-Proof-Token")]

@@ -17,6 +17,7 @@ pub mod path;
 pub mod request;
 pub mod target;
 pub mod verdict;
+pub mod wimse;
 
 pub use answer::{HttpAnswer, answer, refusal_answer};
 pub use bound::{ConnectionTokens, Possession, VerifiedOnConnection};

@@ -6,11 +6,14 @@
 use super::answer::HttpAnswer;
 use super::credentials::{self, Credentials};
 use super::error::{AuthError, RequestError};
+use crate::dpop::ReplayKey;
 use crate::dpop::proof::{self, NonceRule, ProofConfig, ProofContext, TokenHash, VerifiedProof};
 use crate::dpop::{Nonces, NormalizedUri, ReplayCache, ReplayError};
+use crate::jose::Jkt;
 use crate::jose::KeyCache;
 use crate::token::access::{self, TokenClaims, TokenConfig};
 use crate::token::{Jwks, VerifiedTokens};
+use crate::wimse::{WitConfig, WptConfig};
 use std::sync::Arc;
 
 /// How long a nonce stays valid when only the restart rule issues them
@@ -24,6 +27,10 @@ pub struct VerifierConfig {
     pub token: TokenConfig,
     /// Proof checks.
     pub proof: ProofConfig,
+    /// WIMSE Workload Identity Token checks (`sub` must be a SPIFFE ID).
+    pub wit: WitConfig,
+    /// WIMSE Workload Proof Token checks.
+    pub wpt: WptConfig,
     /// Most live proofs remembered for replay detection.
     pub replay_capacity: usize,
     /// Most verified tokens cached (0 turns the cache off).
@@ -48,6 +55,11 @@ impl VerifierConfig {
         Self {
             token,
             proof: ProofConfig::default(),
+            wit: WitConfig {
+                require_spiffe: true,
+                ..WitConfig::default()
+            },
+            wpt: WptConfig::default(),
             replay_capacity: 1 << 20,
             token_cache_capacity: 10_000,
             key_cache_capacity: 4_096,
@@ -112,7 +124,10 @@ impl RequestVerifier {
     /// # Errors
     /// If the system random source fails (salts and nonce keys).
     pub fn new(config: VerifierConfig) -> Result<Self, aws_lc_rs::error::Unspecified> {
-        let window = config.proof.max_age + config.proof.max_skew;
+        // One cache for DPoP proofs and WPTs: it must remember a `jti` as
+        // long as either kind of proof may be valid.
+        let window = (config.proof.max_age + config.proof.max_skew)
+            .max(config.wpt.max_lifetime + 2 * config.wpt.effective_leeway());
         let replay = ReplayCache::new(config.replay_capacity, window)?;
         let tokens = (config.token_cache_capacity > 0)
             .then(|| VerifiedTokens::new(config.token_cache_capacity, config.token.leeway));
@@ -238,6 +253,29 @@ impl RequestVerifier {
             Err(ReplayError::Replayed) => Err(proof::ProofError::Replayed.into()),
             Err(ReplayError::Full) => Err(AuthError::Overloaded),
         }
+    }
+
+    /// The settings it verifies with.
+    pub(super) fn config(&self) -> &VerifierConfig {
+        &self.config
+    }
+
+    /// When this verifier started, if its replay cache is younger than
+    /// the proofs it may be shown (see [`VerifierConfig::fresh_proofs_after`]).
+    pub(super) fn started_at(&self) -> Option<u64> {
+        self.config
+            .fresh_proofs_after
+            .map(|after| after.saturating_sub(self.config.proof.max_skew))
+    }
+
+    /// The replay cache (DPoP proofs and WPTs).
+    pub(super) fn replay(&self) -> &ReplayCache {
+        &self.replay
+    }
+
+    /// The replay-cache key of a proof by the key `jkt` with `jti`.
+    pub(super) fn replay_key(&self, jkt: &Jkt, jti: &str) -> ReplayKey {
+        self.replay.key(jkt, jti)
     }
 
     /// Whether verified `claims` are still live at `now` (the token

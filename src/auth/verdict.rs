@@ -332,6 +332,11 @@ impl Refusal {
             Self::Unverified(AuthError::NotThePeer) => "not_the_peer",
             Self::Unverified(AuthError::Request(_)) => "bad_request",
             Self::Unverified(AuthError::WimseIncomplete { .. }) => "wimse_incomplete",
+            Self::Unverified(AuthError::Wit(e)) => e.reason(),
+            Self::Unverified(AuthError::Wpt(e)) => e.reason(),
+            Self::Unverified(AuthError::WptReplayed) => "replayed_wpt",
+            Self::Unverified(AuthError::WptBeforeRestart { .. }) => "wpt_before_restart",
+            Self::Unverified(AuthError::TokenNotForWit) => "invalid_token",
             Self::Unverified(AuthError::Token(_)) => "invalid_token",
             Self::Unverified(AuthError::Proof(e)) if e.wants_nonce() => "use_dpop_nonce",
             Self::Unverified(AuthError::Proof(ProofError::Replayed)) => "replayed_proof",
@@ -364,6 +369,11 @@ impl Refusal {
             | Self::Unverified(
                 AuthError::NoCredentials
                 | AuthError::WimseIncomplete { .. }
+                | AuthError::Wit(_)
+                | AuthError::Wpt(_)
+                | AuthError::WptReplayed
+                | AuthError::WptBeforeRestart { .. }
+                | AuthError::TokenNotForWit
                 | AuthError::Request(_)
                 | AuthError::Token(_)
                 | AuthError::NotThePeer

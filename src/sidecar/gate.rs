@@ -12,15 +12,18 @@
 
 use super::failures::{Failure, FailureLog};
 use super::watch::MeshState;
+use crate::auth::credentials;
 use crate::auth::target::{Authority, RequestTarget, Scheme, request_target};
 use crate::auth::verdict::{
     self, Allowed, Caller, CallerLimits, Refusal, StaleRule, VerifiedRequest,
 };
+use crate::auth::wimse::WimseRequest;
 use crate::auth::{
     self, ConnectionTokens, ForwardedError, HttpAnswer, ParsedRequest, RequestVerifier,
 };
 use crate::clock::Clock;
 use crate::identity::{PeerIdentity, SpiffeId};
+use crate::wimse::RequestHeaders;
 use std::sync::Arc;
 
 /// What the gate needs to know besides the request.
@@ -58,7 +61,7 @@ pub enum Hop<'a> {
 }
 
 /// A request head as a front end received it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Head<'a> {
     /// `http` or `https`: what a proof's `htu` names.
     pub scheme: Scheme,
@@ -74,12 +77,37 @@ pub struct Head<'a> {
     pub authorization: &'a [&'a [u8]],
     /// Every `DPoP` value.
     pub dpop: &'a [&'a [u8]],
+    /// Every `Workload-Identity-Token` value (WIMSE).
+    pub wit: &'a [&'a [u8]],
+    /// Every `Workload-Proof-Token` value (WIMSE draft -01; draft -02
+    /// sends `Authorization: WPT`).
+    pub wpt: &'a [&'a [u8]],
+    /// Every `Txn-Token` value (a WPT's `tth` must bind it).
+    pub txn_token: &'a [&'a [u8]],
+    /// Every header, for a WPT's `oth`.
+    pub headers: &'a dyn RequestHeaders,
     /// Who sent it.
     pub hop: Hop<'a>,
     /// The app receives `path` as sent, not from this sidecar (a proxy in
     /// front forwards the request): it must then be in normal form
     /// already, or the app would route a path other than the one judged.
     pub forwarded_as_sent: bool,
+}
+
+impl std::fmt::Debug for Head<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Counts only: the values are credentials.
+        f.debug_struct("Head")
+            .field("scheme", &self.scheme)
+            .field("path", &self.path)
+            .field("method", &self.method)
+            .field("authorization", &self.authorization.len())
+            .field("dpop", &self.dpop.len())
+            .field("wit", &self.wit.len())
+            .field("wpt", &self.wpt.len())
+            .field("hop", &self.hop)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A request the gate admitted.
@@ -172,22 +200,44 @@ impl Gate {
             authorization: head.authorization,
             dpop: head.dpop,
         };
-        let token = match head.hop {
-            Hop::Mesh { peer, tokens } => {
-                self.verifier
-                    .verify_on_connection(&request, peer, tokens, &mesh.jwks, now)?
-                    .token
+        let caller = match credentials::wimse(head.authorization, head.dpop, head.wit, head.wpt)? {
+            Some(creds) => {
+                let holder = match head.hop {
+                    Hop::Mesh { peer, .. } => Some(&peer.spiffe_id),
+                    Hop::Claimed(principal) => Some(principal),
+                    Hop::Plain => None,
+                };
+                let request = WimseRequest {
+                    url: &target.url,
+                    txn_token: head.txn_token,
+                    headers: head.headers,
+                };
+                self.verifier.verify_wimse(
+                    &creds,
+                    &request,
+                    holder,
+                    &mesh.jwks,
+                    &mesh.wit_keys,
+                    now,
+                )?
             }
-            Hop::Claimed(principal) => {
-                self.verifier
-                    .verify_claimed(&request, principal, &mesh.jwks, now)?
-                    .token
-            }
-            Hop::Plain => {
-                self.verifier
-                    .verify_parsed(&request, &mesh.jwks, now)?
-                    .token
-            }
+            None => Caller::Token(match head.hop {
+                Hop::Mesh { peer, tokens } => {
+                    self.verifier
+                        .verify_on_connection(&request, peer, tokens, &mesh.jwks, now)?
+                        .token
+                }
+                Hop::Claimed(principal) => {
+                    self.verifier
+                        .verify_claimed(&request, principal, &mesh.jwks, now)?
+                        .token
+                }
+                Hop::Plain => {
+                    self.verifier
+                        .verify_parsed(&request, &mesh.jwks, now)?
+                        .token
+                }
+            }),
         };
         let stale = StaleRule {
             after: self.config.stale_after,
@@ -195,7 +245,7 @@ impl Gate {
         };
         let allowed = verdict::judge(
             &VerifiedRequest {
-                caller: &Caller::Token(token),
+                caller: &caller,
                 method: head.method,
                 path: target.path(),
             },

@@ -31,6 +31,7 @@
 use super::gate::{Gate, GateConfig, Head, Hop};
 use super::proxy::{self, NextHop, ProxyBody};
 use crate::auth::HttpAnswer;
+use crate::auth::credentials::{TXN_TOKEN_HEADER, WIT_HEADER, WPT_HEADER};
 use crate::auth::target::{Scheme, TargetError};
 use crate::auth::verdict::{Allowed, Refusal};
 use crate::dpop::UriError;
@@ -345,6 +346,11 @@ impl Inbound {
             values(header::AUTHORIZATION.as_str()),
             values("dpop"),
         );
+        let (wit, wpt, txn_token) = (
+            values(WIT_HEADER),
+            values(WPT_HEADER),
+            values(TXN_TOKEN_HEADER),
+        );
         let passed = self.gate.check(
             &Head {
                 scheme,
@@ -354,6 +360,10 @@ impl Inbound {
                 method: req.method().as_str(),
                 authorization: &authorization,
                 dpop: &dpop,
+                wit: &wit,
+                wpt: &wpt,
+                txn_token: &txn_token,
+                headers: req.headers(),
                 hop: match mesh_peer {
                     Some(identity) => Hop::Mesh {
                         peer: identity,
@@ -431,6 +441,8 @@ impl Inbound {
         if !self.config.pass_credentials {
             headers.remove(header::AUTHORIZATION);
             headers.remove("dpop");
+            headers.remove(WIT_HEADER);
+            headers.remove(WPT_HEADER);
         }
         // The authority the proof was checked against, whatever `Host`
         // said (HTTP/2 callers send `:authority`; the app gets `Host`).

@@ -13,6 +13,7 @@ use crate::identity::{Denial, DenialSet, SpiffeId};
 use crate::policy::Policy;
 use crate::proto::v1 as pb;
 use crate::token::{Jwks, Revocation, RevocationSet, RevocationTarget};
+use crate::wimse::WitKeys;
 use std::sync::Arc;
 use tonic::transport::Channel;
 
@@ -21,6 +22,9 @@ use tonic::transport::Channel;
 pub struct MeshState {
     /// The broker's signing keys.
     pub jwks: Option<Arc<Jwks>>,
+    /// The same keys as WIMSE WIT issuer keys (made once per JWKS, not
+    /// per request).
+    pub wit_keys: Option<Arc<WitKeys>>,
     /// Trust bundle roots, DER.
     pub bundle_der: Vec<Vec<u8>>,
     /// The access rules protecting this workload (a policy holding only
@@ -65,11 +69,14 @@ impl MeshState {
     /// What a request is judged with, held apart from the watch lock;
     /// `None` until the broker's keys and access rules have arrived.
     pub fn snapshot(&self) -> Option<Snapshot> {
-        let (Some(jwks), Some((version, access))) = (&self.jwks, &self.access) else {
+        let (Some(jwks), Some(wit_keys), Some((version, access))) =
+            (&self.jwks, &self.wit_keys, &self.access)
+        else {
             return None;
         };
         Some(Snapshot {
             jwks: Arc::clone(jwks),
+            wit_keys: Arc::clone(wit_keys),
             access: (*version, Arc::clone(access)),
             revocations: Arc::clone(&self.revocations),
             denied: Arc::clone(&self.denied),
@@ -85,6 +92,8 @@ impl MeshState {
 pub struct Snapshot {
     /// The broker's signing keys.
     pub jwks: Arc<Jwks>,
+    /// The same keys, as WIT issuer keys.
+    pub wit_keys: Arc<WitKeys>,
     /// The access rules for this workload and their version.
     pub access: (u64, Arc<Policy>),
     /// Revocations in force.
@@ -159,6 +168,7 @@ fn apply(state: &mut MeshState, update: pb::Update, now_ms: u64) -> Result<(), S
     match update.kind {
         Some(pb::update::Kind::Jwks(jwks)) => {
             let parsed = Jwks::parse(jwks.json.as_bytes()).map_err(|e| format!("JWKS: {e}"))?;
+            state.wit_keys = Some(Arc::new(WitKeys::from_jwks(&parsed)));
             state.jwks = Some(Arc::new(parsed));
         }
         Some(pb::update::Kind::Bundle(bundle)) => {

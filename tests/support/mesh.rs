@@ -103,6 +103,8 @@ impl App {
                         "tally_headers": tally_headers,
                         "authorization": header("authorization").is_some(),
                         "dpop": header("dpop").is_some(),
+                        "wit": header("workload-identity-token").is_some(),
+                        "wpt": header("workload-proof-token").is_some(),
                     });
                     let body = req.into_body().collect().await.unwrap().to_bytes();
                     let mut description = description;

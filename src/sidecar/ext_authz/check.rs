@@ -28,6 +28,17 @@ use std::collections::HashMap;
 /// Header names this module reads.
 const AUTHORIZATION: &str = "authorization";
 const DPOP: &str = "dpop";
+use crate::auth::credentials::{TXN_TOKEN_HEADER, WIT_HEADER, WPT_HEADER};
+
+impl crate::wimse::RequestHeaders for Described {
+    fn field_values(&self, name: &str) -> Vec<&[u8]> {
+        self.fields
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+            .collect()
+    }
+}
 
 /// The request a check describes.
 #[derive(Clone, PartialEq, Eq)]
@@ -44,6 +55,14 @@ pub struct Described {
     pub authorization: Vec<Vec<u8>>,
     /// Every `DPoP` value, a comma-joined one split.
     pub dpop: Vec<Vec<u8>>,
+    /// Every `Workload-Identity-Token` value, a comma-joined one split.
+    pub wit: Vec<Vec<u8>>,
+    /// Every `Workload-Proof-Token` value, a comma-joined one split.
+    pub wpt: Vec<Vec<u8>>,
+    /// Every `Txn-Token` value, a comma-joined one split.
+    pub txn_token: Vec<Vec<u8>>,
+    /// Every header line (lower-cased name, value), for a WPT's `oth`.
+    pub fields: Vec<(String, Vec<u8>)>,
     /// Names of the `x-tally-*` headers the request carries (the app must
     /// not receive them from outside).
     pub tally_headers: Vec<String>,
@@ -63,6 +82,8 @@ impl std::fmt::Debug for Described {
             .field("path", &self.path)
             .field("authorization", &self.authorization.len())
             .field("dpop", &self.dpop.len())
+            .field("wit", &self.wit.len())
+            .field("wpt", &self.wpt.len())
             .field("principal", &self.principal)
             .finish_non_exhaustive()
     }
@@ -114,6 +135,10 @@ pub fn describe(check: &CheckRequest) -> Result<Described, ForwardedError> {
         path: path.to_owned(),
         authorization: headers.credentials(AUTHORIZATION),
         dpop: headers.credentials(DPOP),
+        wit: headers.credentials(WIT_HEADER),
+        wpt: headers.credentials(WPT_HEADER),
+        txn_token: headers.credentials(TXN_TOKEN_HEADER),
+        fields: headers.fields(),
         tally_headers: headers.tally_names(),
         principal,
         certificate,
@@ -177,6 +202,14 @@ impl<'a> Headers<'a> {
             .collect()
     }
 
+    /// Every line, by name.
+    fn fields(&self) -> Vec<(String, Vec<u8>)> {
+        self.0
+            .iter()
+            .flat_map(|(name, lines)| lines.iter().map(|v| (name.clone(), v.to_vec())))
+            .collect()
+    }
+
     fn tally_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .0
@@ -195,6 +228,9 @@ fn known(name: &str) -> &'static str {
     match name {
         AUTHORIZATION => AUTHORIZATION,
         DPOP => DPOP,
+        WIT_HEADER => WIT_HEADER,
+        WPT_HEADER => WPT_HEADER,
+        TXN_TOKEN_HEADER => TXN_TOKEN_HEADER,
         ":authority" => ":authority",
         ":path" => ":path",
         ":method" => ":method",

@@ -228,6 +228,9 @@ impl ExtAuthz {
         };
         let authorization: Vec<&[u8]> = d.authorization.iter().map(Vec::as_slice).collect();
         let dpop: Vec<&[u8]> = d.dpop.iter().map(Vec::as_slice).collect();
+        let wit: Vec<&[u8]> = d.wit.iter().map(Vec::as_slice).collect();
+        let wpt: Vec<&[u8]> = d.wpt.iter().map(Vec::as_slice).collect();
+        let txn_token: Vec<&[u8]> = d.txn_token.iter().map(Vec::as_slice).collect();
         let hosts = [d.host.as_bytes()];
         let passed = self.gate.check(
             &Head {
@@ -238,6 +241,10 @@ impl ExtAuthz {
                 method: &d.method,
                 authorization: &authorization,
                 dpop: &dpop,
+                wit: &wit,
+                wpt: &wpt,
+                txn_token: &txn_token,
+                headers: d,
                 hop,
                 // Envoy forwards the request, with its path as it is.
                 forwarded_as_sent: true,

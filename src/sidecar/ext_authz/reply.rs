@@ -13,6 +13,7 @@
 //!   every other refusal.
 
 use crate::auth::HttpAnswer;
+use crate::auth::credentials::{WIT_HEADER, WPT_HEADER};
 use crate::auth::verdict::Allowed;
 use crate::proto::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use crate::proto::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -68,7 +69,7 @@ pub fn admitted(
         }
     }
     if !pass_credentials {
-        remove.extend(["authorization".to_owned(), "dpop".to_owned()]);
+        remove.extend(["authorization", "dpop", WIT_HEADER, WPT_HEADER].map(str::to_owned));
     }
     CheckResponse {
         status: Some(Status {
@@ -221,7 +222,13 @@ mod tests {
         );
         assert_eq!(
             ok.headers_to_remove,
-            ["x-tally-extra", "authorization", "dpop"]
+            [
+                "x-tally-extra",
+                "authorization",
+                "dpop",
+                "workload-identity-token",
+                "workload-proof-token"
+            ]
         );
         let passing = admitted(ours(), &[], true);
         assert!(ok_response(&passing).headers_to_remove.is_empty());

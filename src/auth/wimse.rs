@@ -1,0 +1,160 @@
+//! The token core for WIMSE requests (draft-ietf-wimse-workload-creds,
+//! draft-ietf-wimse-wpt): a Workload Identity Token, the Workload Proof
+//! Token made with its key for this request, and the access token sent
+//! with them, if any. The checks, in order:
+//!
+//! 1. the WIT, against the broker's keys ([`crate::wimse::wit::verify`]):
+//!    its `sub` must be a SPIFFE ID, and on a mutual-TLS connection (or
+//!    behind a proxy that names the sender) the peer's, whatever proof
+//!    comes with it;
+//! 2. the access token, when one came: verified as always (and cached),
+//!    held by the WIT's `sub` and bound (`cnf.jkt`) to the WIT's key, so
+//!    the WPT's signature is its proof of possession;
+//! 3. the WPT against the request and the WIT ([`crate::wimse::wpt::verify`]):
+//!    `aud` the URL this server received, `wth`, `ath` for the token,
+//!    `tth` for a `Txn-Token`, `oth` for the headers it names;
+//! 4. while this verifier may be younger than a WPT it is shown (its
+//!    replay cache started empty), the WPT must carry an `iat` after the
+//!    verifier started: a WPT made before could have been spent with the
+//!    previous process;
+//! 5. the WPT's `jti` in the replay cache (shared with DPoP proofs, keyed
+//!    with the WIT's key), last, so a refused request spends nothing.
+//!
+//! What passes is a [`Caller::Wimse`], judged by the one verdict.
+
+use super::credentials::WimseCredentials;
+use super::error::{AuthError, RequestError};
+use super::request::RequestVerifier;
+use super::verdict::{Caller, WitHolder};
+use crate::dpop::{NormalizedUri, ReplayError, TokenHash};
+use crate::identity::SpiffeId;
+use crate::jose::b64;
+use crate::token::{Jwks, TokenClaims};
+use crate::wimse::{self, RequestHeaders, VerifiedWit, WitKeys, WptContext};
+use std::sync::Arc;
+
+/// The parts of a request the WIMSE check needs besides its credentials.
+#[derive(Clone, Copy)]
+pub struct WimseRequest<'a> {
+    /// The request URL (scheme, authority, normalized path): what the
+    /// WPT's `aud` must name.
+    pub url: &'a NormalizedUri,
+    /// Every `Txn-Token` value.
+    pub txn_token: &'a [&'a [u8]],
+    /// Every header, for the WPT's `oth`.
+    pub headers: &'a dyn RequestHeaders,
+}
+
+impl std::fmt::Debug for WimseRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WimseRequest")
+            .field("url", self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestVerifier {
+    /// Checks WIMSE `creds` on `request` at `now`: the WIT against
+    /// `wit_keys`, the access token (if any) against `jwks`. `holder`,
+    /// when a mutual-TLS handshake or a proxy in front named the sender,
+    /// is who the WIT must name.
+    ///
+    /// # Errors
+    /// The [`AuthError`] to answer with.
+    pub fn verify_wimse(
+        &self,
+        creds: &WimseCredentials<'_>,
+        request: &WimseRequest<'_>,
+        holder: Option<&SpiffeId>,
+        jwks: &Jwks,
+        wit_keys: &WitKeys,
+        now: u64,
+    ) -> Result<Caller, AuthError> {
+        let config = self.config();
+        let wit = wimse::wit::verify(creds.wit, wit_keys, now, &config.wit, &mut ())?;
+        let sub = wit
+            .spiffe_id
+            .clone()
+            .ok_or(AuthError::Request(RequestError::Malformed))?;
+        if holder.is_some_and(|h| *h != sub) {
+            return Err(AuthError::NotThePeer);
+        }
+        let token = match creds.token {
+            Some(token) => Some(self.token_for_wit(token, &wit, &sub, jwks, now)?),
+            None => None,
+        };
+        let txn_token = match request.txn_token {
+            [] => None,
+            [one] => Some(
+                std::str::from_utf8(one)
+                    .map_err(|_| AuthError::Request(RequestError::Malformed))?,
+            ),
+            _ => return Err(RequestError::MultipleTxnTokens.into()),
+        };
+        let ctx = WptContext {
+            wit: &wit,
+            uri: request.url,
+            access_token: creds.token,
+            txn_token,
+            headers: request.headers,
+        };
+        let wpt = wimse::wpt::verify(creds.wpt, &ctx, now, &config.wpt, &mut ())?;
+        if let Some(started) = self.started_at() {
+            // A WPT whose `exp` is within a lifetime of this start may
+            // have been made before it: only its `iat` can say it was not.
+            let young = now
+                <= started
+                    .saturating_add(config.wpt.max_lifetime)
+                    .saturating_add(config.wpt.effective_leeway());
+            if young && wpt_iat(creds.wpt).is_none_or(|iat| iat <= started) {
+                return Err(AuthError::WptBeforeRestart { started });
+            }
+        }
+        let key = self.replay_key(&wit.jkt, &wpt.jti);
+        let expires_at = wpt.exp.saturating_add(config.wpt.effective_leeway());
+        match self.replay().check_and_insert(key, expires_at, now) {
+            Ok(()) => {}
+            Err(ReplayError::Replayed) => return Err(AuthError::WptReplayed),
+            Err(ReplayError::Full) => return Err(AuthError::Overloaded),
+        }
+        Ok(Caller::Wimse {
+            wit: Arc::new(WitHolder {
+                sub,
+                jti: wit.jti.clone().unwrap_or_default(),
+                jkt: wit.jkt,
+                kid: wit.kid.clone(),
+                iat: wit.iat.unwrap_or(0),
+                exp: wit.exp,
+            }),
+            token,
+        })
+    }
+
+    /// The access token sent with a WIT: verified (or from the cache),
+    /// held by the WIT's subject and bound to the WIT's key.
+    fn token_for_wit(
+        &self,
+        token: &str,
+        wit: &VerifiedWit,
+        sub: &SpiffeId,
+        jwks: &Jwks,
+        now: u64,
+    ) -> Result<Arc<TokenClaims>, AuthError> {
+        let claims = self.token(token, &TokenHash::of(token), jwks, now)?;
+        if claims.sub != *sub || claims.jkt != wit.jkt {
+            return Err(AuthError::TokenNotForWit);
+        }
+        Ok(claims)
+    }
+}
+
+/// A WPT's `iat`, read after the WPT verified (so its payload is known to
+/// be a JSON object signed by the WIT's key). The drafts define no `iat`
+/// for a WPT; tally's carry one, and a verifier that has just started
+/// needs it.
+fn wpt_iat(wpt: &str) -> Option<u64> {
+    let payload = wpt.split('.').nth(1)?;
+    let bytes = b64::decode(payload.as_bytes()).ok()?;
+    let claims = crate::jose::json::parse_object(&bytes).ok()?;
+    claims.get("iat")?.as_u64()
+}
