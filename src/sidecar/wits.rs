@@ -178,12 +178,15 @@ mod tests {
         let key = key();
         let jwk = crate::wimse::wit::confirmation_jwk(key.signing_key().public_key());
         let payload = serde_json::json!({ "cnf": { "jwk": jwk } });
-        let wit = format!(
-            "{}.{}.{}",
-            crate::jose::b64::encode(br#"{"alg":"ES256","typ":"wit+jwt"}"#),
-            crate::jose::b64::encode(payload.to_string().as_bytes()),
-            crate::jose::b64::encode([0u8; 64]),
+        let header = crate::jose::jws::encode_header(
+            &serde_json::json!({ "alg": "ES256", "typ": "wit+jwt" }),
         );
+        let wit = crate::jose::jws::sign_compact(
+            &header,
+            payload.to_string().as_bytes(),
+            key.signing_key(),
+        )
+        .unwrap();
         assert_eq!(confirmation_jkt(&wit), Some(key.thumbprint()));
         assert_eq!(confirmation_jkt("not.a.wit"), None);
     }
