@@ -204,7 +204,12 @@ impl Sidecar {
         // The WIT is asked for on first use (by the local API or the
         // outbound proxy), then kept like a token.
         let wits = TokenCache::new(
-            Wits::new(Arc::clone(&issuer), Arc::clone(&clock)),
+            Wits::new(
+                Arc::clone(&issuer),
+                mesh_rx.clone(),
+                spiffe_id.clone(),
+                Arc::clone(&clock),
+            ),
             settings.cache,
         );
         let allowed_uids = settings.allowed_uids.clone();

@@ -8,18 +8,22 @@
 //! exactly it). After an SVID renewal brings a new key, the WIT for the
 //! old one is outdated ([`Fetch::outdated`]): the next `get` fetches one
 //! for the new key, and the old one serves only while the broker cannot
-//! be reached (it is still valid, and its key still signs). A WIT is never
+//! be reached (it is still valid, and its key still signs). A WIT a
+//! revocation already covers when it arrives is not kept. A WIT is never
 //! logged and never shown by `Debug`.
 
 use super::cache::{Expiring, Fetch, FetchError};
 use super::issuer::{BrokerIssuer, CALL_TIMEOUT, fetch_error};
+use super::watch::MeshState;
 use crate::clock::Clock;
+use crate::identity::SpiffeId;
 use crate::dpop::ProofKey;
 use crate::jose::{Jkt, PublicKey};
 use crate::proto::v1 as pb;
 use crate::wimse::Wit;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// What is asked for: the sidecar's own WIT (there is one; it names no
 /// audience).
@@ -78,13 +82,27 @@ impl FetchedWit {
 #[derive(Debug)]
 pub struct Wits {
     issuer: Arc<BrokerIssuer>,
+    mesh: watch::Receiver<MeshState>,
+    own_id: SpiffeId,
     clock: Arc<dyn Clock>,
 }
 
 impl Wits {
-    /// A fetcher over `issuer`'s channel.
-    pub fn new(issuer: Arc<BrokerIssuer>, clock: Arc<dyn Clock>) -> Self {
-        Self { issuer, clock }
+    /// A fetcher over `issuer`'s channel for the sidecar of `own_id`,
+    /// checking what it fetches against the revocations in `mesh` (the
+    /// Watch stream's state).
+    pub fn new(
+        issuer: Arc<BrokerIssuer>,
+        mesh: watch::Receiver<MeshState>,
+        own_id: SpiffeId,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            issuer,
+            mesh,
+            own_id,
+            clock,
+        }
     }
 }
 
@@ -121,7 +139,7 @@ impl Fetch for Wits {
         }
         let exp = u64::try_from(reply.expires_at).unwrap_or(0);
         let iat = u64::try_from(reply.issued_at).unwrap_or(0);
-        Ok(FetchedWit {
+        let got = FetchedWit {
             wit: Arc::new(Wit::new(reply.wit)),
             expires_in: Duration::from_secs(exp.saturating_sub(self.clock.now())),
             jti: reply.jti,
@@ -130,7 +148,17 @@ impl Fetch for Wits {
             exp,
             jkt,
             key,
-        })
+        };
+        // A revocation of this holder or key covers what was issued up to
+        // its second: a WIT issued in that second, after the cache dropped
+        // the one revoked, is covered too. Never cache it; the next try,
+        // a second later, gets one that is not.
+        if got.revoked_by(&self.mesh.borrow().revocations, &self.own_id) {
+            return Err(FetchError::Unreachable(
+                "the WIT the broker issued is covered by a revocation (issued in its second); retry shortly".into(),
+            ));
+        }
+        Ok(got)
     }
 
     /// A WIT for another key than the sidecar's current one (it was
