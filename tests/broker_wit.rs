@@ -89,7 +89,9 @@ async fn a_wit_names_the_caller_binds_its_certificate_key_and_verifies_with_the_
     assert_eq!(header["alg"], "ES256");
     assert_eq!(header["kid"], got.kid.as_str());
     let jwks = served.broker.jwks();
-    let key = jwks.get(&got.kid).expect("the kid is in the published JWKS");
+    let key = jwks
+        .get(&got.kid)
+        .expect("the kid is in the published JWKS");
     jws.verify(key).expect("signed by the broker's token key");
 
     let claims = jws.payload();
@@ -119,10 +121,7 @@ async fn a_wit_names_the_caller_binds_its_certificate_key_and_verifies_with_the_
         assert!(!claims.contains_key(absent), "{absent} in {claims:?}");
     }
     let unix = |t: u64| i64::try_from(t).unwrap();
-    assert_eq!(
-        (got.expires_at, got.issued_at),
-        (unix(exp), unix(iat))
-    );
+    assert_eq!((got.expires_at, got.issued_at), (unix(exp), unix(iat)));
     // Neither an access token nor a JWT-SVID.
     let config = tally::token::TokenConfig::new(served.broker.issuer(), PAYMENTS.parse().unwrap());
     assert!(tally::token::verify(&got.wit, &jwks, &config, now(), &mut ()).is_err());
@@ -178,7 +177,11 @@ async fn a_wit_is_recorded_and_audited_before_it_is_answered_and_never_written_d
     );
     assert_eq!(line["jkt"], jkt.to_string());
     assert_eq!(
-        (line["kid"].as_str(), line["exp"].as_i64(), line["via"].as_str()),
+        (
+            line["kid"].as_str(),
+            line["exp"].as_i64(),
+            line["via"].as_str()
+        ),
         (Some(got.kid.as_str()), Some(got.expires_at), Some("grpc"))
     );
     assert_eq!(
@@ -272,7 +275,11 @@ async fn the_rules_ttl_caps_what_is_asked_and_no_wit_outlives_the_client_certifi
     let leaf = first_der(&credential.cert_chain_pem);
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     let not_after = cert.validity().not_after.timestamp();
-    assert!(got.expires_at <= not_after, "{} > {not_after}", got.expires_at);
+    assert!(
+        got.expires_at <= not_after,
+        "{} > {not_after}",
+        got.expires_at
+    );
     assert!(life(&got) <= 120 && life(&got) >= 115, "{}", life(&got));
     let lookup = served.broker.lookup_token(&got.wit).await.unwrap().unwrap();
     assert_eq!(i64::try_from(lookup.token.exp).unwrap(), got.expires_at);
@@ -288,7 +295,9 @@ async fn a_denied_identity_gets_no_wit() {
         .deny_identity(&CHECKOUT.parse().unwrap(), "compromised", &admin)
         .await
         .unwrap();
-    let e = ask_over(channel_as(&served, CHECKOUT), 0).await.unwrap_err();
+    let e = ask_over(channel_as(&served, CHECKOUT), 0)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.metadata().get(DENIED_METADATA).is_some());
     let filter = AuditFilter {
@@ -404,14 +413,20 @@ async fn a_workload_svid_gets_a_wit_for_its_own_key_that_ends_with_it() {
         .thumbprint();
     assert_eq!(bound, thumbprint_of_key(&workload.key_pem));
     assert_ne!(bound, thumbprint_of_key(&sidecar.key_pem));
-    assert!(got.expires_at <= svid.expires_at, "never past the workload SVID");
+    assert!(
+        got.expires_at <= svid.expires_at,
+        "never past the workload SVID"
+    );
     served.stop().await;
 }
 
 /// A root CA for a broker to be supplied with (as `--ca-cert/--ca-key`),
 /// and an rcgen issuer for it, so the test can sign a leaf the broker's
 /// own CA never would.
-fn supplied_root() -> (tally::ca::SuppliedRoot, rcgen::Issuer<'static, rcgen::KeyPair>) {
+fn supplied_root() -> (
+    tally::ca::SuppliedRoot,
+    rcgen::Issuer<'static, rcgen::KeyPair>,
+) {
     let (_, generated) = tally::ca::Authority::generate(
         &"spiffe://example.org".parse().unwrap(),
         tally::ca::Lifetimes::default(),
@@ -483,7 +498,8 @@ async fn tally_ctl_lists_wits_by_their_kind_and_revokes_one_by_jti() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let broker = support::broker::Spawned::start_with(&data, &["--policy", policy.to_str().unwrap()]);
+    let broker =
+        support::broker::Spawned::start_with(&data, &["--policy", policy.to_str().unwrap()]);
     let checkout = dir.path().join("checkout");
     mint_svid(&broker, &data, CHECKOUT, &checkout);
     let got = ask_over(broker.channel_with(&checkout).await, 0)
@@ -512,7 +528,10 @@ async fn tally_ctl_lists_wits_by_their_kind_and_revokes_one_by_jti() {
     let lookup = text(&broker.ctl(&data, &["audit", "lookup", "--token", &got.wit]));
     assert!(lookup.contains(&format!("{} (wit)", got.jti)), "{lookup}");
     assert!(lookup.contains("wit.issue"), "{lookup}");
-    assert!(!lookup.contains(&got.wit), "the token is never printed back");
+    assert!(
+        !lookup.contains(&got.wit),
+        "the token is never printed back"
+    );
     broker.ctl(&data, &["revoke", "--jti", &got.jti, "--reason", "leaked"]);
     let after = text(&broker.ctl(&data, &["tokens", "list", "--kind", "wit"]));
     assert!(after.contains("revoked"), "{after}");

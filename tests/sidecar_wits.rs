@@ -114,11 +114,19 @@ async fn concurrent_callers_cause_one_broker_call_and_get_the_same_wit() {
     }
     jtis.dedup();
     assert_eq!(jtis.len(), 1, "{jtis:?}");
-    assert!(issued(&served).await.ends_with(" 1"), "{}", issued(&served).await);
+    assert!(
+        issued(&served).await.ends_with(" 1"),
+        "{}",
+        issued(&served).await
+    );
     let got = h.wits.get(&WitAsk).await.unwrap();
     assert_eq!(got.jti, jtis[0]);
     assert_eq!(got.jkt, h.issuer.current().1.thumbprint());
-    assert_eq!(bound_key(&got), got.jkt, "the key it carries is the one bound");
+    assert_eq!(
+        bound_key(&got),
+        got.jkt,
+        "the key it carries is the one bound"
+    );
     served.stop().await;
 }
 
@@ -130,11 +138,18 @@ async fn a_wit_is_refreshed_ahead_of_expiry_while_callers_keep_getting_the_cache
     let first = h.wits.get(&WitAsk).await.unwrap();
     assert!(first.exp - first.iat <= 12, "{first:?}");
     tokio::time::sleep(Duration::from_secs(7)).await;
-    let hits = h.wits.stats().hits.load(std::sync::atomic::Ordering::Relaxed);
+    let hits = h
+        .wits
+        .stats()
+        .hits
+        .load(std::sync::atomic::Ordering::Relaxed);
     let again = h.wits.get(&WitAsk).await.unwrap();
     assert_eq!(again.jti, first.jti, "past the refresh point, still served");
     assert_eq!(
-        h.wits.stats().hits.load(std::sync::atomic::Ordering::Relaxed),
+        h.wits
+            .stats()
+            .hits
+            .load(std::sync::atomic::Ordering::Relaxed),
         hits + 1
     );
     let fresh = tokio::time::timeout(Duration::from_secs(3), async {
@@ -149,7 +164,13 @@ async fn a_wit_is_refreshed_ahead_of_expiry_while_callers_keep_getting_the_cache
     .await
     .expect("a background refresh within 3 s");
     assert!(fresh.iat > first.iat);
-    assert!(h.wits.stats().refreshes.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        h.wits
+            .stats()
+            .refreshes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
     served.stop().await;
 }
 
@@ -168,7 +189,11 @@ async fn a_new_key_brings_a_wit_for_it_on_the_next_get() {
     assert_ne!(new.jkt, old.jkt);
     // The old WIT kept the key it was bound to.
     assert_eq!(old.key.thumbprint(), bound_key(&old));
-    assert_eq!(h.wits.get(&WitAsk).await.unwrap().jti, new.jti, "then cached");
+    assert_eq!(
+        h.wits.get(&WitAsk).await.unwrap().jti,
+        new.jti,
+        "then cached"
+    );
     served.stop().await;
 }
 
@@ -184,7 +209,10 @@ async fn through_a_broker_outage_the_wit_serves_until_it_runs_out_then_a_clear_e
     h.issuer.set_identity(channel, key);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let during = h.wits.get(&WitAsk).await.unwrap();
-    assert_eq!((during.jti.as_str(), during.jkt), (first.jti.as_str(), first.jkt));
+    assert_eq!(
+        (during.jti.as_str(), during.jkt),
+        (first.jti.as_str(), first.jkt)
+    );
     assert!(h.wits.unreachable_since().is_some());
     while SystemClock.now() < first.exp {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -220,7 +248,10 @@ async fn after_the_sidecar_renews_its_svid_its_wit_binds_the_new_key() {
     let first_key = thumbprint_of(&svids.borrow_and_update());
     let first = wits.get(&WitAsk).await.unwrap();
     assert_eq!((first.jkt, bound_key(&first)), (first_key, first_key));
-    assert!(first.exp <= svids.borrow().expires_at, "never past the SVID");
+    assert!(
+        first.exp <= svids.borrow().expires_at,
+        "never past the SVID"
+    );
 
     tokio::time::timeout(Duration::from_secs(15), svids.changed())
         .await
@@ -241,7 +272,11 @@ async fn after_the_sidecar_renews_its_svid_its_wit_binds_the_new_key() {
     .expect("a WIT for the new key once the issuer uses it");
     assert_eq!(renewed.jkt, renewed_key);
     assert_eq!(bound_key(&renewed), renewed_key, "cnf changed with the key");
-    assert_eq!(renewed.key.thumbprint(), renewed_key, "proofs use the new key");
+    assert_eq!(
+        renewed.key.thumbprint(),
+        renewed_key,
+        "proofs use the new key"
+    );
     started.sidecar.stop().await.unwrap();
 }
 
@@ -270,7 +305,10 @@ async fn a_revocation_by_jti_holder_or_key_drops_the_cached_wit_and_a_new_one_is
         })
         .await
         .unwrap_or_else(|_| panic!("{kind}: the cached WIT was not dropped"));
-        assert!(held.revoked_by(&mesh_state.borrow().revocations, &own), "{kind}");
+        assert!(
+            held.revoked_by(&mesh_state.borrow().revocations, &own),
+            "{kind}"
+        );
         // Within the revocation's second the broker's WIT is covered too
         // (never kept); a moment later a clean one comes.
         let fresh = tokio::time::timeout(Duration::from_secs(5), async {
@@ -287,8 +325,15 @@ async fn a_revocation_by_jti_holder_or_key_drops_the_cached_wit_and_a_new_one_is
         .await
         .unwrap_or_else(|_| panic!("{kind}: no new WIT"));
         assert_ne!(fresh.jti, held.jti, "{kind}");
-        assert!(!fresh.revoked_by(&mesh_state.borrow().revocations, &own), "{kind}");
-        let lookup = broker.lookup_token(fresh.wit.expose()).await.unwrap().unwrap();
+        assert!(
+            !fresh.revoked_by(&mesh_state.borrow().revocations, &own),
+            "{kind}"
+        );
+        let lookup = broker
+            .lookup_token(fresh.wit.expose())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(!lookup.revoked, "{kind}: the broker agrees");
     }
     started.sidecar.stop().await.unwrap();

@@ -621,7 +621,10 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 4, "{lines:?}");
         assert_eq!(lines[0].0, 3);
-        assert!(lines[0].1.contains("outside the trust domain td"), "{lines:?}");
+        assert!(
+            lines[0].1.contains("outside the trust domain td"),
+            "{lines:?}"
+        );
         assert_eq!(lines[1].0, 5);
         assert!(lines[1].1.contains("at most a day"), "{lines:?}");
         assert_eq!(lines[2].0, 6);
@@ -630,7 +633,10 @@ mod tests {
             "{lines:?}"
         );
         assert_eq!(lines[3].0, 7);
-        assert!(lines[3].1.contains(r#"missing required key "from""#), "{lines:?}");
+        assert!(
+            lines[3].1.contains(r#"missing required key "from""#),
+            "{lines:?}"
+        );
         let e = Policy::parse("trust_domain: td\nwit: spiffe://td/a\n").unwrap_err();
         assert!(e.to_string().contains("wit must be a list"), "{e}");
     }

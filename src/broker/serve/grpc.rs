@@ -180,9 +180,9 @@ impl pb::tokens_server::Tokens for TokensService {
         let caller = peer_id(broker, &request, Call::IssueWit).await?;
         let certs = client_certs(&request);
         // `peer_id` found the caller in this leaf: it is there.
-        let leaf = certs
-            .and_then(<[_]>::first)
-            .ok_or_else(|| Status::unauthenticated("a client certificate (X.509-SVID) is required"))?;
+        let leaf = certs.and_then(<[_]>::first).ok_or_else(|| {
+            Status::unauthenticated("a client certificate (X.509-SVID) is required")
+        })?;
         let pod = broker.caller_pod(certs).await;
         let ttl = request.get_ref().ttl_seconds;
         let issued = broker

@@ -240,10 +240,16 @@ mod tests {
         let denied = WitError::Denied(WitDenial::NoRule {
             from: "spiffe://td/a".into(),
         });
-        assert_eq!((denied.reason(), denied.outcome()), ("no_rule", Outcome::Denied));
+        assert_eq!(
+            (denied.reason(), denied.outcome()),
+            ("no_rule", Outcome::Denied)
+        );
         assert_eq!(WitError::KeyNotP256.reason(), "key_not_p256");
         assert_eq!(WitError::Internal.outcome(), Outcome::Error);
-        let expired = WitError::CertificateExpired { not_after: 1, now: 2 };
+        let expired = WitError::CertificateExpired {
+            not_after: 1,
+            now: 2,
+        };
         assert!(expired.to_string().contains("renew"), "{expired}");
     }
 }
