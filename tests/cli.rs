@@ -282,6 +282,54 @@ const CHECKOUT: &str = "spiffe://example.org/ns/shop/sa/checkout";
 const PAYMENTS: &str = "spiffe://example.org/ns/pay/sa/payments";
 
 #[test]
+fn policy_check_lists_the_wit_rules_of_a_policy_that_has_some() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wit.yaml");
+    let fixture = std::fs::read_to_string(POLICY).unwrap();
+    std::fs::write(
+        &file,
+        format!("{fixture}wit:\n  - from: {CHECKOUT}\n    ttl: 10m\n  - from: spiffe://example.org/ns/*/sa/*\n"),
+    )
+    .unwrap();
+    let o = tally(&["ctl", "policy", "check", file.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = stdout(&o);
+    let lines = fixture.lines().count();
+    assert!(
+        out.contains(&format!(
+            "  wit (line {}): {CHECKOUT} for up to 10m",
+            lines + 2
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("spiffe://example.org/ns/*/sa/* for up to 1h"),
+        "{out}"
+    );
+    // The fixture has none, and says nothing of WITs.
+    let o = tally(&["ctl", "policy", "check", POLICY]);
+    assert!(!stdout(&o).contains("wit"), "{}", stdout(&o));
+
+    std::fs::write(
+        &file,
+        format!("{fixture}wit:\n  - from: {CHECKOUT}\n    ttl: 2d\n"),
+    )
+    .unwrap();
+    let o = tally(&["ctl", "policy", "check", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("wit.yaml:{}:10: ttl:", lines + 3)),
+        "{err}"
+    );
+}
+
+#[test]
 fn policy_check_accepts_a_good_file_and_lists_every_error_of_a_bad_one() {
     let o = tally(&["ctl", "policy", "check", POLICY]);
     assert_eq!(o.status.code(), Some(0));

@@ -101,7 +101,8 @@ async fn svid_rows_from_before_pods_still_read_and_new_ones_keep_their_pod() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_sit_beside_them() {
+async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_and_wits_sit_beside_them()
+{
     let pg = Postgres::start();
     let url = pg.database().await;
     let key = Sealer::generate_key_text().unwrap();
@@ -117,7 +118,9 @@ async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_sit_be
     support::inventory::old_tokens_read_as_access_tokens(&open(&url, &key).await).await;
 
     let fresh = pg.database().await;
-    support::inventory::jwt_svids_sit_beside_access_tokens(&open(&fresh, &key).await).await;
+    let store = open(&fresh, &key).await;
+    support::inventory::jwt_svids_sit_beside_access_tokens(&store).await;
+    support::inventory::wits_sit_beside_other_tokens(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,7 +67,8 @@ async fn svid_rows_from_before_pods_still_read_and_new_ones_keep_their_pod() {
 }
 
 #[tokio::test]
-async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_sit_beside_them() {
+async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_and_wits_sit_beside_them()
+{
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tally.db");
     let key = Sealer::generate_key_text().unwrap();
@@ -94,4 +95,5 @@ async fn token_rows_from_before_kinds_read_as_access_tokens_and_jwt_svids_sit_be
     .await
     .unwrap();
     support::inventory::jwt_svids_sit_beside_access_tokens(&store).await;
+    support::inventory::wits_sit_beside_other_tokens(&store).await;
 }

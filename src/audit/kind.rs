@@ -47,11 +47,13 @@ pub enum AuditKind {
     /// A workload got a second X.509-SVID for its own identity, with a
     /// key made for the application (SPIFFE Workload API).
     WorkloadSvid,
+    /// A WIMSE Workload Identity Token was asked for (issued or denied).
+    WitIssue,
 }
 
 impl AuditKind {
     /// Every kind, for the reference (docs/AUDIT.md is made from it).
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 20] = [
         Self::Attest,
         Self::Renew,
         Self::TokenIssue,
@@ -71,6 +73,7 @@ impl AuditKind {
         Self::CallRefused,
         Self::JwtSvidIssue,
         Self::WorkloadSvid,
+        Self::WitIssue,
     ];
 
     /// What a record of this kind says happened, for the reference.
@@ -123,6 +126,9 @@ impl AuditKind {
             Self::WorkloadSvid => {
                 "A workload got a second X.509-SVID for its own identity with a key made for its application (`Identity.IssueWorkloadSvid`, method `workload`), or was refused."
             }
+            Self::WitIssue => {
+                "A WIMSE Workload Identity Token was asked for (`Tokens.IssueWit`): issued, with `jti`, `token_hmac`, `exp`, `kid`, `jkt` (its `cnf.jwk`: the client certificate's key) and `via`, or denied with the reason."
+            }
         }
     }
 
@@ -148,6 +154,7 @@ impl AuditKind {
             Self::CallRefused => "call.refused",
             Self::JwtSvidIssue => "jwt_svid.issue",
             Self::WorkloadSvid => "identity.workload_svid",
+            Self::WitIssue => "wit.issue",
         }
     }
 }

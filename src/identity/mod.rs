@@ -10,5 +10,5 @@ mod spiffe_id;
 
 pub use denial::{Denial, DenialSet};
 pub use join_token::{JoinToken, JoinTokenHash};
-pub use peer::{PeerError, PeerIdentity};
+pub use peer::{PeerError, PeerIdentity, key_and_expiry};
 pub use spiffe_id::{SpiffeId, SpiffeIdError};

@@ -43,18 +43,30 @@ impl PeerIdentity {
     /// [`PeerError`] when it is not an SVID with a P-256 key.
     pub fn of(leaf_der: &[u8]) -> Result<Self, PeerError> {
         let spiffe_id = crate::ca::spiffe_id_of(leaf_der).map_err(PeerError::NoSpiffeId)?;
-        let (_, cert) =
-            x509_parser::parse_x509_certificate(leaf_der).map_err(|_| PeerError::NotCertificate)?;
-        let spki = cert.public_key();
-        let key =
-            PublicKey::from_sec1(&spki.subject_public_key.data).map_err(|_| PeerError::NotP256)?;
-        let expires_at = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+        let (key, expires_at) = key_and_expiry(leaf_der)?;
         Ok(Self {
             spiffe_id,
             jkt: key.thumbprint(),
             expires_at,
         })
     }
+}
+
+/// The P-256 public key of a certificate (DER) and its `notAfter` (Unix
+/// seconds): what a credential bound to the certificate's key (a WIT's
+/// `cnf.jwk`) names, and how long it may live.
+///
+/// # Errors
+/// [`PeerError::NotCertificate`], or [`PeerError::NotP256`] for any other
+/// kind of key.
+pub fn key_and_expiry(cert_der: &[u8]) -> Result<(PublicKey, u64), PeerError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(cert_der).map_err(|_| PeerError::NotCertificate)?;
+    let spki = cert.public_key();
+    let key =
+        PublicKey::from_sec1(&spki.subject_public_key.data).map_err(|_| PeerError::NotP256)?;
+    let expires_at = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    Ok((key, expires_at))
 }
 
 #[cfg(test)]
@@ -76,6 +88,26 @@ mod tests {
         assert_eq!(peer.spiffe_id, id);
         assert_eq!(peer.jkt, key.thumbprint());
         assert_eq!(peer.expires_at, now + 600);
+        let (public, not_after) = key_and_expiry(&leaf).unwrap();
+        assert_eq!(&public, key.public_key());
+        assert_eq!(not_after, now + 600);
+    }
+
+    #[test]
+    fn a_certificate_for_another_kind_of_key_has_no_p256_key() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(
+            key_and_expiry(cert.der()).map(|_| ()),
+            Err(PeerError::NotP256)
+        );
+        assert_eq!(
+            key_and_expiry(b"not DER").map(|_| ()),
+            Err(PeerError::NotCertificate)
+        );
     }
 
     #[test]

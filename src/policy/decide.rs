@@ -192,6 +192,53 @@ impl Policy {
     }
 }
 
+/// What the policy allows a caller asking for a WIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WitGrant {
+    /// Index of the rule in `wit:`.
+    pub rule: usize,
+    /// Where the rule is.
+    pub pos: Pos,
+    /// Lifetime, seconds: the one asked for capped by the rule's `ttl`
+    /// (the rule's when none is asked for).
+    pub ttl: u64,
+}
+
+/// Why a WIT is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WitDenial {
+    /// No `wit:` rule names this caller.
+    #[error("no wit rule lets {from} hold a Workload Identity Token")]
+    NoRule {
+        /// Caller.
+        from: String,
+    },
+}
+
+impl Policy {
+    /// Decides a WIT request: the first rule (in file order) whose `from`
+    /// matches the caller grants it, for `ttl` (0 or `None`: the rule's)
+    /// capped by the rule's `ttl`.
+    ///
+    /// # Errors
+    /// [`WitDenial::NoRule`] when no rule names the caller.
+    pub fn decide_wit(&self, from: &SpiffeId, ttl: Option<u64>) -> Result<WitGrant, WitDenial> {
+        self.wit
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| rule.from.matches(from))
+            .map(|(index, rule)| WitGrant {
+                rule: index,
+                pos: rule.pos,
+                ttl: ttl.filter(|t| *t > 0).map_or(rule.ttl, |t| t.min(rule.ttl)),
+            })
+            .ok_or_else(|| WitDenial::NoRule {
+                from: from.to_string(),
+            })
+    }
+}
+
 /// An inbound call, as the destination's sidecar sees it after verifying
 /// the token and proof.
 #[derive(Debug, Clone, Copy)]
@@ -285,5 +332,54 @@ impl Policy {
             });
         }
         Err(denial)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "\
+trust_domain: td
+wit:
+  - from: spiffe://td/ns/shop/sa/checkout
+    ttl: 10m
+  - from: spiffe://td/ns/*/sa/*
+";
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_first_wit_rule_naming_the_caller_grants_and_caps_the_lifetime() {
+        let policy = Policy::parse(POLICY).unwrap();
+        let checkout = id("spiffe://td/ns/shop/sa/checkout");
+        let grant = policy.decide_wit(&checkout, None).unwrap();
+        assert_eq!((grant.rule, grant.pos.line, grant.ttl), (0, 3, 600));
+        assert_eq!(policy.decide_wit(&checkout, Some(0)).unwrap().ttl, 600);
+        assert_eq!(policy.decide_wit(&checkout, Some(90)).unwrap().ttl, 90);
+        assert_eq!(policy.decide_wit(&checkout, Some(7200)).unwrap().ttl, 600);
+        let other = policy
+            .decide_wit(&id("spiffe://td/ns/pay/sa/payments"), Some(7200))
+            .unwrap();
+        assert_eq!((other.rule, other.ttl), (1, 3600));
+    }
+
+    #[test]
+    fn a_caller_no_wit_rule_names_is_refused_and_so_is_everyone_without_rules() {
+        let policy = Policy::parse(POLICY).unwrap();
+        let vm = id("spiffe://td/vm/batch");
+        assert_eq!(
+            policy.decide_wit(&vm, None),
+            Err(WitDenial::NoRule {
+                from: vm.to_string()
+            })
+        );
+        let none = Policy::parse("trust_domain: td\n").unwrap();
+        let e = none
+            .decide_wit(&id("spiffe://td/ns/shop/sa/checkout"), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("no wit rule"), "{e}");
     }
 }

@@ -1,10 +1,11 @@
 //! Trust policy: who may get a token for what (`issue:`), token lifetimes
-//! by class (`classes:`), and what each workload accepts (`access:`).
+//! by class (`classes:`), what each workload accepts (`access:`), and who
+//! may hold a WIMSE Workload Identity Token (`wit:`).
 //!
 //! Parsing ([`Policy::parse`]) reports every problem at once, each with
 //! its line and column. Decisions ([`Policy::decide_issue`],
-//! [`Policy::decide_access`]) and explanations are pure functions of the
-//! policy and the request.
+//! [`Policy::decide_access`], [`Policy::decide_wit`]) and explanations
+//! are pure functions of the policy and the request.
 //!
 //! ```yaml
 //! trust_domain: example.org
@@ -25,6 +26,9 @@
 //!         paths: [/v1/charges, /v1/charges/*]   # optional; `**` = rest
 //!         scopes: [payments:charge]             # all required
 //!         rate: 100/s              # optional, per caller
+//! wit:                             # optional; nobody without a rule
+//!   - from: spiffe://example.org/ns/*/sa/*
+//!     ttl: 1h                      # optional, default 1h, 1m to 24h
 //! ```
 
 mod decide;
@@ -36,6 +40,7 @@ pub mod yaml;
 
 pub use decide::{
     AccessDenial, AccessGrant, AccessRequest, IssueDenial, IssueGrant, IssueRequest, RuleVerdict,
+    WitDenial, WitGrant,
 };
 pub use parse::{Diagnostic, KEYS as POLICY_KEYS, PolicyErrors};
 pub use pattern::{AudiencePattern, IdPattern, PathPattern};
@@ -125,6 +130,26 @@ pub struct Allow {
     pub rate: Option<Rate>,
 }
 
+/// A WIT rule's lifetime when it names none: an hour, seconds.
+pub const WIT_DEFAULT_TTL: u64 = 3600;
+/// The shortest lifetime a WIT rule may name (a minute), seconds.
+pub const WIT_MIN_TTL: u64 = 60;
+/// The longest lifetime a WIT rule may name (a day), seconds.
+pub const WIT_MAX_TTL: u64 = 86_400;
+
+/// Who may hold a WIMSE Workload Identity Token (a WIT names its holder
+/// and binds its key; it carries no audience or scope).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitRule {
+    /// Where the rule starts.
+    pub pos: Pos,
+    /// The holders.
+    pub from: IdPattern,
+    /// The longest lifetime of a WIT this rule grants, seconds (also the
+    /// lifetime when the request names none).
+    pub ttl: u64,
+}
+
 /// A parsed, validated trust policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -136,6 +161,8 @@ pub struct Policy {
     pub issue: Vec<IssueRule>,
     /// Access rules, in file order.
     pub access: Vec<AccessRule>,
+    /// WIT rules, in file order (none: nobody holds a WIT).
+    pub wit: Vec<WitRule>,
 }
 
 impl std::fmt::Display for Rate {
@@ -154,7 +181,8 @@ impl Policy {
     /// The `access:` part of the policy as a policy document of its own
     /// (JSON, which the YAML reader accepts): every rule, or only the rules
     /// protecting `workload`. This is what a sidecar is sent on the Watch
-    /// stream: what it enforces, and nothing about who may get which token.
+    /// stream: what it enforces, and nothing about who may get which token
+    /// (neither `issue:` nor `wit:`).
     pub fn access_document(&self, workload: Option<&SpiffeId>) -> String {
         let rules: Vec<serde_json::Value> = self
             .access
@@ -193,5 +221,55 @@ impl Policy {
             })
             .collect();
         serde_json::json!({ "trust_domain": self.trust_domain, "access": rules }).to_string()
+    }
+
+    /// The longest lifetime any token this policy issues may have, seconds:
+    /// the classes' `max_ttl` and the WIT rules' `ttl`. Revocations and
+    /// the published keys must outlive every token, WITs included.
+    pub fn longest_token_life(&self) -> u64 {
+        let classes = self.classes.values().map(|c| c.max_ttl);
+        let wits = self.wit.iter().map(|r| r.ttl);
+        classes.chain(wits).max().unwrap_or(900)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "\
+trust_domain: td
+issue:
+  - from: spiffe://td/a
+    to: spiffe://td/b
+    scopes: [s]
+access:
+  - workload: spiffe://td/b
+    allow:
+      - from: spiffe://td/a
+wit:
+  - from: spiffe://td/ns/*/sa/*
+    ttl: 6h
+";
+
+    #[test]
+    fn the_access_document_carries_neither_issue_nor_wit_rules() {
+        let policy = Policy::parse(POLICY).unwrap();
+        assert_eq!(policy.wit.len(), 1);
+        let doc = policy.access_document(None);
+        assert!(!doc.contains("wit"), "{doc}");
+        assert!(!doc.contains("issue"), "{doc}");
+        let sent = Policy::parse(&doc).unwrap();
+        assert!(sent.wit.is_empty() && sent.issue.is_empty());
+        assert_eq!(sent.access.len(), 1);
+        assert_eq!(sent.access[0].workload, policy.access[0].workload);
+    }
+
+    #[test]
+    fn the_longest_token_life_counts_wit_rules() {
+        let policy = Policy::parse(POLICY).unwrap();
+        assert_eq!(policy.longest_token_life(), 6 * 3600);
+        let without = Policy::parse("trust_domain: td\n").unwrap();
+        assert_eq!(without.longest_token_life(), 900, "the classes' 15m");
     }
 }

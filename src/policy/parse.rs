@@ -4,7 +4,7 @@
 use super::yaml::{self, Node, Pos, Value};
 use super::{
     AccessRule, Allow, AudiencePattern, ClassLimits, IdPattern, IssueRule, PathPattern, Policy,
-    Rate, default_classes,
+    Rate, WIT_DEFAULT_TTL, WIT_MAX_TTL, WIT_MIN_TTL, WitRule, default_classes,
 };
 use crate::clock::human_duration;
 use crate::identity::SpiffeId;
@@ -52,7 +52,7 @@ impl fmt::Display for PolicyErrors {
 }
 
 /// Keys of the document itself.
-const TOP_KEYS: &[&str] = &["trust_domain", "classes", "issue", "access"];
+const TOP_KEYS: &[&str] = &["trust_domain", "classes", "issue", "access", "wit"];
 /// Keys of a class under `classes`.
 const CLASS_KEYS: &[&str] = &["default_ttl", "max_ttl"];
 /// Keys of an `issue` rule.
@@ -61,15 +61,18 @@ const ISSUE_KEYS: &[&str] = &["from", "to", "scopes", "class", "rate", "max_ttl"
 const ACCESS_KEYS: &[&str] = &["workload", "allow"];
 /// Keys of an `allow` entry.
 const ALLOW_KEYS: &[&str] = &["from", "methods", "paths", "scopes", "rate"];
+/// Keys of a `wit` rule.
+const WIT_KEYS: &[&str] = &["from", "ttl"];
 
 /// Every key the parser accepts, by where it goes (docs/POLICY.md lists
 /// them all; a test checks).
-pub const KEYS: [(&str, &[&str]); 5] = [
+pub const KEYS: [(&str, &[&str]); 6] = [
     ("policy", TOP_KEYS),
     ("class", CLASS_KEYS),
     ("issue rule", ISSUE_KEYS),
     ("access rule", ACCESS_KEYS),
     ("allow entry", ALLOW_KEYS),
+    ("wit rule", WIT_KEYS),
 ];
 
 #[derive(Default)]
@@ -295,11 +298,22 @@ fn read_policy(ctx: &mut Ctx, root: &Node) -> Option<Policy> {
             }
         }
     }
+    let mut wit = Vec::new();
+    if let Some(node) = top.get("wit")
+        && let Some(items) = ctx.list(node, "wit")
+    {
+        for item in items {
+            if let Some(rule) = read_wit_rule(ctx, item, td) {
+                wit.push(rule);
+            }
+        }
+    }
     Some(Policy {
         trust_domain: trust_domain?,
         classes,
         issue,
         access,
+        wit,
     })
 }
 
@@ -520,6 +534,34 @@ fn read_allow(ctx: &mut Ctx, node: &Node, td: &str) -> Option<Allow> {
     })
 }
 
+fn read_wit_rule(ctx: &mut Ctx, node: &Node, td: &str) -> Option<WitRule> {
+    let f = ctx.fields(node, "wit rule", WIT_KEYS, &["from"]);
+    let from = f.get("from").and_then(|n| id_pattern(ctx, n, "from", td));
+    let ttl = match f.get("ttl") {
+        Some(n) => ctx.parsed(n, "ttl", wit_ttl),
+        None => Some(WIT_DEFAULT_TTL),
+    };
+    Some(WitRule {
+        pos: node.pos,
+        from: from?,
+        ttl: ttl?,
+    })
+}
+
+/// A WIT rule's `ttl`: a duration from [`WIT_MIN_TTL`] to [`WIT_MAX_TTL`].
+fn wit_ttl(text: &str) -> Result<u64, String> {
+    let ttl = duration(text)?;
+    if (WIT_MIN_TTL..=WIT_MAX_TTL).contains(&ttl) {
+        Ok(ttl)
+    } else {
+        Err(format!(
+            "{text:?} is outside {} to {}: a WIT lives at least a minute and at most a day",
+            human_duration(WIT_MIN_TTL),
+            human_duration(WIT_MAX_TTL)
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,6 +590,55 @@ mod tests {
         assert!(rate("0/s").is_err());
         assert!(rate("50").is_err());
         assert!(rate("50/d").is_err());
+    }
+
+    #[test]
+    fn wit_rules_take_a_pattern_and_a_lifetime_of_a_minute_to_a_day() {
+        let policy = Policy::parse(
+            "trust_domain: td\nwit:\n  - from: spiffe://td/ns/*/sa/*\n  - from: spiffe://td/a\n    ttl: 24h\n",
+        )
+        .unwrap();
+        assert_eq!(policy.wit.len(), 2);
+        assert_eq!(policy.wit[0].from.to_string(), "spiffe://td/ns/*/sa/*");
+        assert_eq!(policy.wit[0].ttl, 3600, "the default");
+        assert_eq!((policy.wit[1].pos.line, policy.wit[1].ttl), (4, 86_400));
+        assert_eq!(wit_ttl("1m"), Ok(60));
+        for bad in ["59s", "25h", "0s", "soon"] {
+            assert!(wit_ttl(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bad_wit_rule_is_reported_with_its_line() {
+        let e = Policy::parse(
+            "trust_domain: td\nwit:\n  - from: spiffe://other/a\n  - from: spiffe://td/a\n    ttl: 2d\n    to: spiffe://td/b\n  - ttl: 1h\n",
+        )
+        .unwrap_err();
+        let lines: Vec<(usize, &str)> = e
+            .diagnostics
+            .iter()
+            .map(|d| (d.pos.line, d.message.as_str()))
+            .collect();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0].0, 3);
+        assert!(
+            lines[0].1.contains("outside the trust domain td"),
+            "{lines:?}"
+        );
+        assert_eq!(lines[1].0, 5);
+        assert!(lines[1].1.contains("at most a day"), "{lines:?}");
+        assert_eq!(lines[2].0, 6);
+        assert!(
+            lines[2].1.contains(r#"unknown key "to" in wit rule"#),
+            "{lines:?}"
+        );
+        assert_eq!(lines[3].0, 7);
+        assert!(
+            lines[3].1.contains(r#"missing required key "from""#),
+            "{lines:?}"
+        );
+        let e = Policy::parse("trust_domain: td\nwit: spiffe://td/a\n").unwrap_err();
+        assert!(e.to_string().contains("wit must be a list"), "{e}");
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct Parts {
     pub ext_authz: Option<Arc<super::ext_authz::ExtAuthz>>,
     /// The outbound proxy.
     pub outbound: Arc<Outbound<Arc<BrokerIssuer>>>,
+    /// The sidecar's WIMSE Workload Identity Token, bound to its current
+    /// key (fetched on first use, then refreshed ahead and replaced after
+    /// an SVID renewal; see [`super::wits`]).
+    pub wits: Arc<super::cache::TokenCache<super::wits::Wits>>,
     /// The clock.
     pub clock: Arc<dyn Clock>,
     /// Broker commit to arrival here, per revocation.

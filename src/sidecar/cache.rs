@@ -1,5 +1,6 @@
 //! The sidecar's token cache: one token per thing asked for (a DPoP-bound
-//! access token per audience and scope set, a JWT-SVID per audience set),
+//! access token per audience and scope set, a JWT-SVID per audience set,
+//! the one WIT),
 //! refreshed ahead of expiry so callers never wait on the broker in the
 //! common case. What is asked for and what comes back are the fetcher's
 //! ([`Fetch::Ask`], [`Fetch::Got`]); the timing is the cache's.
@@ -16,6 +17,9 @@
 //!   saying since when.
 //! - Bounded: when full, expired entries go first, then the one expiring
 //!   soonest.
+//! - A fetcher may call a cached token outdated ([`Fetch::outdated`]: a
+//!   WIT for the key before an SVID renewal): it is fetched anew before it
+//!   is handed out, and serves only while the broker is unreachable.
 //!
 //! Time is tokio's clock, so tests run with `start_paused`.
 
@@ -119,6 +123,16 @@ pub trait Fetch: Send + Sync + 'static {
 
     /// Asks the broker for `ask`.
     fn fetch(&self, ask: &Self::Ask) -> impl Future<Output = Result<Self::Got, FetchError>> + Send;
+
+    /// Whether a cached `got` with life left must be replaced before it is
+    /// handed out again (a WIT bound to a key the sidecar no longer uses):
+    /// the cache then fetches anew, one fetch for all callers, and serves
+    /// `got` only while the broker cannot be reached. None is, unless the
+    /// fetcher says so.
+    fn outdated(&self, got: &Self::Got) -> bool {
+        let _ = got;
+        false
+    }
 }
 
 impl<T: Fetch> Fetch for Arc<T> {
@@ -127,6 +141,10 @@ impl<T: Fetch> Fetch for Arc<T> {
 
     fn fetch(&self, ask: &Self::Ask) -> impl Future<Output = Result<Self::Got, FetchError>> + Send {
         (**self).fetch(ask)
+    }
+
+    fn outdated(&self, got: &Self::Got) -> bool {
+        (**self).outdated(got)
     }
 }
 
@@ -281,7 +299,7 @@ impl<F: Fetch> TokenCache<F> {
             let slot = slots.entry(key.clone()).or_default();
             (slot.entry.clone(), Arc::clone(&slot.fetching))
         };
-        if let Some(entry) = cached.filter(|e| e.usable(now)) {
+        if let Some(entry) = cached.filter(|e| self.serves(e, now)) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             if now >= entry.refresh {
                 self.refresh_in_background(key.clone(), lock);
@@ -292,10 +310,17 @@ impl<F: Fetch> TokenCache<F> {
         let _flight = lock.lock().await;
         // Whoever held the lock may have just fetched it.
         let now = Instant::now();
-        if let Some(entry) = self.cached(key).filter(|e| e.usable(now)) {
+        if let Some(entry) = self.cached(key).filter(|e| self.serves(e, now)) {
             return Ok(entry.fetched);
         }
         self.fetch_and_store(key).await
+    }
+
+    /// Whether `entry` may be handed out at `now` without asking the
+    /// broker: enough life left, and not outdated (see [`Fetch::outdated`];
+    /// an outdated one still serves while the broker is unreachable).
+    fn serves(&self, entry: &Entry<F::Got>, now: Instant) -> bool {
+        entry.usable(now) && !self.fetcher.outdated(&entry.fetched)
     }
 
     fn cached(&self, key: &F::Ask) -> Option<Entry<F::Got>> {

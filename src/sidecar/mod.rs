@@ -1,7 +1,8 @@
 //! The sidecar: the part every application touches. [`run::Sidecar`]
 //! assembles it from the settings [`config`] resolves: the X.509
 //! identity, attested and renewed ([`identity`]); the token cache
-//! ([`cache`]) filled by the broker call ([`issuer`]); the Watch stream
+//! ([`cache`]) filled by the broker call ([`issuer`]), which also holds
+//! the sidecar's WIMSE Workload Identity Token ([`wits`]); the Watch stream
 //! follower ([`watch`]); and the servers: the local socket API ([`api`],
 //! reading the [`service_map`]), the inbound verifying proxy
 //! ([`inbound`]) and Envoy's ext_authz service ([`ext_authz`]), which
@@ -31,6 +32,7 @@ pub mod proxy;
 pub mod run;
 pub mod service_map;
 pub mod watch;
+pub mod wits;
 pub mod workload_api;
 pub mod workload_svid;
 

@@ -1,7 +1,7 @@
 //! A whole sidecar from its settings: attest, keep the SVID (and with it
-//! the DPoP key) renewed, follow the Watch stream, and serve whichever of
-//! the local API, inbound proxy, outbound proxy and admin port were given
-//! a listener. `tally sidecar` and `tally demo` both run this; tests start
+//! the DPoP key, and the WIT bound to it) renewed, follow the Watch
+//! stream, and serve whichever of the local API, inbound proxy, outbound
+//! proxy and admin port were given a listener. `tally sidecar` and `tally demo` both run this; tests start
 //! it on sockets bound to port 0.
 
 use super::admin::Parts;
@@ -16,6 +16,7 @@ use super::jwt_svids::JwtSvids;
 use super::mtls::MeshTls;
 use super::outbound::{Outbound, OutboundConfig};
 use super::watch::{MeshState, follow};
+use super::wits::Wits;
 use super::workload_api::{WorkloadApi, WorkloadParts};
 use super::workload_svid::keep_workload_svid;
 use crate::auth::{RequestVerifier, VerifierConfig};
@@ -200,6 +201,17 @@ impl Sidecar {
             );
             (rx, jwt)
         });
+        // The WIT is asked for on first use (by the local API or the
+        // outbound proxy), then kept like a token.
+        let wits = TokenCache::new(
+            Wits::new(
+                Arc::clone(&issuer),
+                mesh_rx.clone(),
+                spiffe_id.clone(),
+                Arc::clone(&clock),
+            ),
+            settings.cache,
+        );
         let allowed_uids = settings.allowed_uids.clone();
         let cache = TokenCache::new(issuer, settings.cache);
         let api = LocalApi::new(
@@ -271,8 +283,11 @@ impl Sidecar {
         ));
         tokio::spawn(enforce_revocations(
             mesh_rx.clone(),
-            Arc::clone(api.cache()),
-            workload.as_ref().map(|(_, jwt)| Arc::clone(jwt)),
+            Cached {
+                tokens: Arc::clone(api.cache()),
+                jwt: workload.as_ref().map(|(_, jwt)| Arc::clone(jwt)),
+                wits: Arc::clone(&wits),
+            },
             spiffe_id.clone(),
             Arc::clone(&revocation_lag),
         ));
@@ -283,6 +298,7 @@ impl Sidecar {
             inbound,
             ext_authz,
             outbound,
+            wits,
             clock,
             revocation_lag,
             watch_staleness: settings.watch_staleness,
@@ -406,6 +422,13 @@ impl Sidecar {
         &self.parts
     }
 
+    /// The sidecar's WIMSE Workload Identity Token holder:
+    /// `wits().get(&WitAsk)` gives the WIT for the sidecar's current key
+    /// and that key (see [`super::wits`]).
+    pub fn wits(&self) -> &Arc<TokenCache<Wits>> {
+        &self.parts.wits
+    }
+
     /// Waits until the sidecar can verify (keys, bundle and access rules
     /// from the broker), at most `limit`. Returns whether it got there.
     pub async fn ready(&self, limit: Duration) -> bool {
@@ -505,16 +528,24 @@ async fn follow_renewals(
     }
 }
 
+/// What the sidecar holds from the broker, which revocations may cover.
+struct Cached {
+    tokens: Arc<TokenCache<Arc<BrokerIssuer>>>,
+    jwt: Option<Arc<TokenCache<JwtSvids>>>,
+    wits: Arc<TokenCache<Wits>>,
+}
+
 /// On every revocation that arrives: records its lag from the broker's
-/// commit, and drops this workload's cached tokens and JWT-SVIDs it covers so callers
-/// get new ones (the inbound check enforces it for tokens presented here).
+/// commit, and drops this workload's cached tokens, JWT-SVIDs and WIT it
+/// covers so callers get new ones (the inbound check enforces it for
+/// tokens presented here).
 async fn enforce_revocations(
     mut mesh: watch::Receiver<MeshState>,
-    cache: Arc<TokenCache<Arc<BrokerIssuer>>>,
-    jwt: Option<Arc<TokenCache<JwtSvids>>>,
+    cached: Cached,
     own_id: SpiffeId,
     lag: Arc<crate::metrics::Histogram>,
 ) {
+    let Cached { tokens, jwt, wits } = cached;
     let mut seen = mesh.borrow().revocations_seen;
     while mesh.changed().await.is_ok() {
         let (set, count, committed_ms, received_ms) = {
@@ -533,10 +564,11 @@ async fn enforce_revocations(
         lag.observe(Duration::from_millis(
             received_ms.saturating_sub(committed_ms),
         ));
-        let dropped = cache.forget_where(|f| f.revoked_by(&set, &own_id))
+        let dropped = tokens.forget_where(|f| f.revoked_by(&set, &own_id))
             + jwt
                 .as_ref()
-                .map_or(0, |jwt| jwt.forget_where(|j| j.revoked_by(&set, &own_id)));
+                .map_or(0, |jwt| jwt.forget_where(|j| j.revoked_by(&set, &own_id)))
+            + wits.forget_where(|w| w.revoked_by(&set, &own_id));
         if dropped > 0 {
             tracing::info!(dropped, "dropped cached tokens a revocation covers");
         }

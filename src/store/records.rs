@@ -46,17 +46,20 @@ impl std::fmt::Debug for SigningKeyRecord {
 pub struct IssuedToken {
     /// Token id.
     pub jti: String,
-    /// Access token or JWT-SVID.
+    /// Access token, JWT-SVID or WIT.
     pub kind: TokenKind,
     /// Holder.
     pub sub: SpiffeId,
-    /// Audiences: one for an access token, one or more for a JWT-SVID.
+    /// Audiences: one for an access token, one or more for a JWT-SVID,
+    /// none for a WIT.
     pub aud: Vec<Audience>,
-    /// Scopes (none for a JWT-SVID).
+    /// Scopes (none for a JWT-SVID or a WIT).
     pub scope: Scopes,
-    /// Token class (a JWT-SVID's: that of the rule that capped its life).
+    /// Token class (a JWT-SVID's: that of the rule that capped its life;
+    /// a WIT's: `service`).
     pub class: TokenClass,
-    /// DPoP key thumbprint it is bound to (none: a bearer JWT-SVID).
+    /// Key thumbprint it is bound to: the DPoP key of an access token, the
+    /// `cnf.jwk` of a WIT (none: a bearer JWT-SVID).
     pub jkt: Option<Jkt>,
     /// Issued at.
     pub iat: u64,
@@ -145,12 +148,12 @@ pub struct TokenFilter {
     pub expires_by: Option<u64>,
     /// After this (exp, jti): the previous page's last row.
     pub after: Option<(u64, String)>,
-    /// Access tokens or JWT-SVIDs only.
+    /// One kind only (access tokens, JWT-SVIDs or WITs).
     pub kind: Option<TokenKind>,
 }
 
 /// Tokens issued for one (holder, audience, scopes, class); a JWT-SVID
-/// counts once for each of its audiences.
+/// counts once for each of its audiences, a WIT (no audience) not at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenUsage {
     /// Holder.

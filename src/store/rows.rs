@@ -136,9 +136,12 @@ pub(super) fn audience_text(aud: &[Audience]) -> String {
 }
 
 impl Cells<'_> {
-    /// The `aud` column: one or more audiences.
+    /// The `aud` column: one or more audiences, or none (empty: a WIT).
     fn audiences(&self, column: &'static str) -> Result<Vec<Audience>, StoreError> {
         let text = self.text(column)?;
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
         let aud = text
             .split(' ')
             .map(str::parse)
@@ -160,18 +163,25 @@ pub(super) fn issued_from_row(row: &Row) -> Result<IssuedToken, StoreError> {
     let c = Cells::of("issued_tokens", row);
     let kind: TokenKind = c.parse("kind")?;
     let jkt = c.opt_jkt("jkt")?;
-    // What the kind promises, so nothing downstream meets a bound JWT-SVID
-    // or an unbound access token.
+    // What the kind promises, so nothing downstream meets a bound JWT-SVID,
+    // an unbound access token or WIT, or a token for no audience but a WIT.
     match (kind, &jkt) {
-        (TokenKind::Access, Some(_)) | (TokenKind::JwtSvid, None) => {}
+        (TokenKind::Access | TokenKind::Wit, Some(_)) | (TokenKind::JwtSvid, None) => {}
         (TokenKind::Access, None) => return Err(c.corrupt("jkt", "empty for an access token")),
+        (TokenKind::Wit, None) => return Err(c.corrupt("jkt", "empty for a WIT")),
         (TokenKind::JwtSvid, Some(_)) => return Err(c.corrupt("jkt", "set for a JWT-SVID")),
+    }
+    let aud = c.audiences("aud")?;
+    match (kind, aud.is_empty()) {
+        (TokenKind::Wit, true) | (TokenKind::Access | TokenKind::JwtSvid, false) => {}
+        (TokenKind::Wit, false) => return Err(c.corrupt("aud", "set for a WIT")),
+        (_, true) => return Err(c.corrupt("aud", "empty")),
     }
     Ok(IssuedToken {
         jti: c.text("jti")?,
         kind,
         sub: c.parse("sub")?,
-        aud: c.audiences("aud")?,
+        aud,
         scope: c.parse("scope")?,
         class: c.parse("class")?,
         jkt,
@@ -240,7 +250,8 @@ pub(super) fn head_from_row(row: &Row) -> Result<AuditHead, StoreError> {
 }
 
 /// A row of the per-(holder, audience, scopes, class) usage query: one
-/// usage per audience (a JWT-SVID's row lists several).
+/// usage per audience (a JWT-SVID's row lists several; a WIT's none: it
+/// is granted by no issue rule).
 pub(super) fn usage_from_row(row: &Row) -> Result<Vec<TokenUsage>, StoreError> {
     let c = Cells::of("issued_tokens", row);
     let (sub, scope, class): (SpiffeId, Scopes, TokenClass) =

@@ -26,8 +26,8 @@ pub enum ClaimValueError {
     /// Not one of `service`, `partner`, `admin`, `user`.
     #[error("unknown token class {0:?} (expected service, partner, admin or user)")]
     Class(String),
-    /// Not one of `access`, `jwt_svid`.
-    #[error("unknown token kind {0:?} (expected access or jwt_svid)")]
+    /// Not one of `access`, `jwt_svid`, `wit`.
+    #[error("unknown token kind {0:?} (expected access, jwt_svid or wit)")]
     Kind(String),
 }
 
@@ -217,7 +217,7 @@ impl fmt::Display for TokenClass {
     }
 }
 
-/// What kind of token the broker issued: the inventory holds both.
+/// What kind of token the broker issued: the inventory holds them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TokenKind {
     /// A DPoP-bound RFC 9068 access token (`Tokens.Issue`, OAuth).
@@ -225,6 +225,9 @@ pub enum TokenKind {
     /// A SPIFFE JWT-SVID: a bearer token, no key binding, no scopes
     /// (`Tokens.IssueJwtSvid`).
     JwtSvid,
+    /// A WIMSE Workload Identity Token: bound to its holder's key
+    /// (`cnf.jwk`), no audience, no scopes (`Tokens.IssueWit`).
+    Wit,
 }
 
 impl TokenKind {
@@ -233,6 +236,7 @@ impl TokenKind {
         match self {
             Self::Access => "access",
             Self::JwtSvid => "jwt_svid",
+            Self::Wit => "wit",
         }
     }
 }
@@ -244,6 +248,7 @@ impl FromStr for TokenKind {
         match s {
             "access" => Ok(Self::Access),
             "jwt_svid" => Ok(Self::JwtSvid),
+            "wit" => Ok(Self::Wit),
             other => Err(ClaimValueError::Kind(crate::jose::jws::truncate(other))),
         }
     }

@@ -1,7 +1,8 @@
 //! What both stores must do with JWT-SVIDs in the inventory (schema 11):
 //! kept beside access tokens with their kind, several audiences and no
 //! key binding, found by any one of their audiences, and rows written
-//! before the kind column read as access tokens.
+//! before the kind column read as access tokens; and with WITs: no
+//! audience, bound to a key, outside access review.
 
 use tally::audit::{AuditEvent, AuditKind, Outcome};
 use tally::store::{IssuedToken, Store, TokenFilter, Write};
@@ -30,8 +31,84 @@ pub fn jwt_svid(i: u64) -> IssuedToken {
     }
 }
 
+/// A WIT's inventory record: no audience, no scopes, bound to a key.
+pub fn wit(i: u64) -> IssuedToken {
+    IssuedToken {
+        jti: format!("{NOW:09x}{i:06x}wit"),
+        kind: TokenKind::Wit,
+        sub: HOLDER.parse().unwrap(),
+        aud: Vec::new(),
+        scope: tally::token::Scopes::default(),
+        class: tally::token::TokenClass::Service,
+        jkt: Some(
+            "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+                .parse()
+                .unwrap(),
+        ),
+        iat: NOW,
+        exp: NOW + 3600,
+        kid: "k1".into(),
+        token_hmac: [0xb0 | u8::try_from(i % 16).unwrap(); 32],
+    }
+}
+
+/// On a `store` holding no other WIT: a WIT is kept with its kind, no
+/// audience and its key, found by kind and not by any audience, left out
+/// of access review, and covered by a revocation's lifetime by holder and
+/// by key.
+pub async fn wits_sit_beside_other_tokens(store: &Store) {
+    let t = wit(1);
+    let usage_before = store.token_usage(NOW - 10).await.unwrap();
+    record(store, t.clone()).await;
+    assert_eq!(
+        store.token_by_jti(&t.jti, &t.token_hmac).await.unwrap(),
+        Some(t.clone())
+    );
+    let find = |aud: Option<&str>, kind: Option<TokenKind>| {
+        let filter = TokenFilter {
+            now: NOW,
+            aud: aud.map(str::to_owned),
+            kind,
+            ..TokenFilter::default()
+        };
+        async move { store.find_live_tokens(&filter, 10).await.unwrap() }
+    };
+    assert_eq!(find(None, Some(TokenKind::Wit)).await, vec![t.clone()]);
+    assert!(
+        find(Some("https://api.example.org"), Some(TokenKind::Wit))
+            .await
+            .is_empty()
+    );
+    assert!(find(None, None).await.contains(&t));
+    assert_eq!(
+        store.token_usage(NOW - 10).await.unwrap(),
+        usage_before,
+        "a WIT is granted by no issue rule"
+    );
+    let jkt = t.jkt.unwrap().to_string();
+    for (sub, jkt) in [(Some(HOLDER), None), (None, Some(jkt.as_str()))] {
+        assert_eq!(
+            store.latest_live_exp(NOW, NOW, sub, jkt).await.unwrap(),
+            Some(t.exp),
+            "{sub:?} {jkt:?}"
+        );
+    }
+    assert!(
+        store
+            .live_exp_by_kid(NOW)
+            .await
+            .unwrap()
+            .contains(&("k1".to_owned(), t.exp)),
+        "the signing key stays published while the WIT lives"
+    );
+}
+
 async fn record(store: &Store, token: IssuedToken) {
-    let event = AuditEvent::new(AuditKind::JwtSvidIssue, Outcome::Ok, token.iat)
+    let kind = match token.kind {
+        TokenKind::Wit => AuditKind::WitIssue,
+        _ => AuditKind::JwtSvidIssue,
+    };
+    let event = AuditEvent::new(kind, Outcome::Ok, token.iat)
         .actor(&token.sub)
         .field("jti", token.jti.as_str());
     store

@@ -7,6 +7,7 @@ use crate::broker::Broker;
 use crate::broker::state::denials::{Call, CallerError};
 use crate::broker::state::issue::{IssueError, IssueInput};
 use crate::broker::state::jwt_svid::{JwtSvidInput, audiences};
+use crate::broker::state::wit::{WitError, WitInput};
 use crate::identity::SpiffeId;
 use crate::identity::denial::DENIED_METADATA;
 use crate::proto::v1 as pb;
@@ -79,6 +80,17 @@ fn issue_status(e: IssueError) -> Status {
             status
         }
         IssueError::Internal => Status::internal("internal error"),
+    }
+}
+
+/// The one mapping from WIT refusals to gRPC statuses.
+fn wit_status(e: WitError) -> Status {
+    match e {
+        WitError::KeyNotP256 => Status::invalid_argument(e.to_string()),
+        WitError::Certificate(_) => Status::unauthenticated(e.to_string()),
+        WitError::CertificateExpired { .. } => Status::failed_precondition(e.to_string()),
+        WitError::Denied(_) => Status::permission_denied(e.to_string()),
+        WitError::Internal => Status::internal("internal error"),
     }
 }
 
@@ -157,6 +169,39 @@ impl pb::tokens_server::Tokens for TokensService {
             expires_at: i64::try_from(issued.claims.exp).unwrap_or(i64::MAX),
             jti: issued.claims.jti,
             kid: issued.claims.kid,
+        }))
+    }
+
+    async fn issue_wit(
+        &self,
+        request: Request<pb::WitRequest>,
+    ) -> Result<Response<pb::WitResponse>, Status> {
+        let broker = &self.0;
+        let caller = peer_id(broker, &request, Call::IssueWit).await?;
+        let certs = client_certs(&request);
+        // `peer_id` found the caller in this leaf: it is there.
+        let leaf = certs.and_then(<[_]>::first).ok_or_else(|| {
+            Status::unauthenticated("a client certificate (X.509-SVID) is required")
+        })?;
+        let pod = broker.caller_pod(certs).await;
+        let ttl = request.get_ref().ttl_seconds;
+        let issued = broker
+            .issue_wit(&WitInput {
+                caller: &caller,
+                certificate: leaf,
+                ttl: (ttl > 0).then_some(u64::from(ttl)),
+                via: "grpc",
+                pod: pod.as_ref(),
+            })
+            .await
+            .map_err(wit_status)?;
+        let unix = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+        Ok(Response::new(pb::WitResponse {
+            wit: issued.wit.expose().to_owned(),
+            expires_at: unix(issued.claims.exp),
+            jti: issued.claims.jti,
+            kid: issued.claims.kid,
+            issued_at: unix(issued.claims.iat),
         }))
     }
 }

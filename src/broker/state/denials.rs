@@ -87,6 +87,8 @@ pub enum Call {
     IssueJwtSvid,
     /// `Identity.IssueWorkloadSvid`.
     WorkloadSvid,
+    /// `Tokens.IssueWit`.
+    IssueWit,
 }
 
 impl Call {
@@ -104,6 +106,7 @@ impl Call {
             Self::OAuthRevoke => "oauth_revoke",
             Self::IssueJwtSvid => "issue_jwt_svid",
             Self::WorkloadSvid => "workload_svid",
+            Self::IssueWit => "issue_wit",
         }
     }
 
@@ -117,6 +120,7 @@ impl Call {
             Self::Issue | Self::OAuthToken => AuditKind::TokenIssue,
             Self::IssueJwtSvid => AuditKind::JwtSvidIssue,
             Self::WorkloadSvid => AuditKind::WorkloadSvid,
+            Self::IssueWit => AuditKind::WitIssue,
             Self::Watch | Self::Reports | Self::Admin | Self::Introspect | Self::OAuthRevoke => {
                 AuditKind::CallRefused
             }

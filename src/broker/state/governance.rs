@@ -147,6 +147,7 @@ impl Broker {
         let issuance = [
             crate::audit::AuditKind::TokenIssue.as_str(),
             crate::audit::AuditKind::JwtSvidIssue.as_str(),
+            crate::audit::AuditKind::WitIssue.as_str(),
         ];
         let Some(issued) = records
             .iter()
@@ -172,7 +173,8 @@ impl Broker {
 }
 
 /// An inventory record rebuilt from a token's issuance audit record (an
-/// access token's `token.issue`, a JWT-SVID's `jwt_svid.issue`).
+/// access token's `token.issue`, a JWT-SVID's `jwt_svid.issue`, a WIT's
+/// `wit.issue`).
 fn issued_from_record(record: &AuditRecord, v: &serde_json::Value) -> Option<IssuedToken> {
     use crate::token::TokenKind;
     let text = |k: &str| v[k].as_str().map(str::to_owned);
@@ -182,8 +184,15 @@ fn issued_from_record(record: &AuditRecord, v: &serde_json::Value) -> Option<Iss
     let token_hmac = crate::audit::unhex32(v["token_hmac"].as_str()?)?;
     let kind = if record.kind == crate::audit::AuditKind::JwtSvidIssue.as_str() {
         TokenKind::JwtSvid
+    } else if record.kind == crate::audit::AuditKind::WitIssue.as_str() {
+        TokenKind::Wit
     } else {
         TokenKind::Access
+    };
+    // A WIT's record names no class: its inventory row is always `service`.
+    let class = match kind {
+        TokenKind::Wit => crate::token::TokenClass::Service,
+        _ => parse(v, "class")?,
     };
     let (aud, scope, jkt) = match kind {
         TokenKind::Access => (
@@ -200,6 +209,11 @@ fn issued_from_record(record: &AuditRecord, v: &serde_json::Value) -> Option<Iss
             crate::token::Scopes::default(),
             None,
         ),
+        TokenKind::Wit => (
+            Vec::new(),
+            crate::token::Scopes::default(),
+            Some(parse(v, "jkt")?),
+        ),
     };
     Some(IssuedToken {
         jti: text("jti")?,
@@ -207,7 +221,7 @@ fn issued_from_record(record: &AuditRecord, v: &serde_json::Value) -> Option<Iss
         sub: parse(v, "actor")?,
         aud,
         scope,
-        class: parse(v, "class")?,
+        class,
         jkt,
         iat: record.at,
         exp: v["exp"].as_u64()?,

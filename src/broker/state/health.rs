@@ -13,6 +13,8 @@ pub struct BrokerMetrics {
     /// JWT-SVID requests by result (`issued` or the refusal reason) and
     /// class.
     pub jwt_svid_issuance: CounterVec,
+    /// WIT requests by result (`issued` or the refusal reason).
+    pub wit_issuance: CounterVec,
     /// Attestations and renewals by method and result.
     pub attestations: CounterVec,
     /// Policy reloads by result.
@@ -37,6 +39,11 @@ impl BrokerMetrics {
                 "tally_broker_jwt_svid_issuance_total",
                 "JWT-SVID requests by result (issued or the refusal reason) and token class.",
                 &["result", "class"],
+            ),
+            wit_issuance: CounterVec::new(
+                "tally_broker_wit_issuance_total",
+                "WIMSE Workload Identity Token requests by result (issued or the refusal reason).",
+                &["result"],
             ),
             attestations: CounterVec::new(
                 "tally_broker_attestations_total",
@@ -70,6 +77,7 @@ impl Broker {
         self.metrics.issuance.render(&mut out);
         self.metrics.issue_latency.render(&mut out);
         self.metrics.jwt_svid_issuance.render(&mut out);
+        self.metrics.wit_issuance.render(&mut out);
         self.metrics.attestations.render(&mut out);
         self.metrics.policy_reloads.render(&mut out);
         self.listeners.render(&mut out);

@@ -5,7 +5,8 @@
 //! background tasks.
 //!
 //! [`issue`] is token issuance (both front ends call it); [`jwt_svid`]
-//! JWT-SVID issuance, on the same rules and budgets; [`denials`]
+//! JWT-SVID issuance, on the same rules and budgets; [`wit`] WIMSE
+//! Workload Identity Token issuance, under the `wit:` rules; [`denials`]
 //! who the caller is and the identities an admin cut off; [`deployment`]
 //! the trust domain and issuer every start must agree with; [`keys`] the
 //! signing keys; [`credentials`] the CA and what it hands out;
@@ -26,6 +27,7 @@ pub mod jwt_svid;
 pub mod keys;
 pub mod replicas;
 pub mod revoke;
+pub mod wit;
 
 pub use health::BrokerMetrics;
 

@@ -26,21 +26,11 @@ pub(crate) fn unverified_jti(token: &str) -> Option<String> {
     (!jti.is_empty() && jti.len() <= 256).then(|| jti.to_owned())
 }
 
-/// The longest lifetime any token class may have under `policy`, seconds.
-fn longest_life(policy: &Policy) -> u64 {
-    policy
-        .classes
-        .values()
-        .map(|c| c.max_ttl)
-        .max()
-        .unwrap_or(900)
-}
-
 impl Broker {
-    /// The longest lifetime any token class may have under the current
-    /// policy, seconds.
+    /// The longest lifetime any token may have under the current policy
+    /// (its classes and its WIT rules), seconds.
     pub(super) fn longest_token_life(&self) -> u64 {
-        longest_life(&self.policy())
+        self.policy().longest_token_life()
     }
 
     /// The longest lifetime a token issued in the last
@@ -55,7 +45,7 @@ impl Broker {
             .await?
         {
             match Policy::parse(&v.yaml) {
-                Ok(p) => longest = longest.max(longest_life(&p)),
+                Ok(p) => longest = longest.max(p.longest_token_life()),
                 // Never served by this build, so it issued nothing here;
                 // another build may have served it: say so.
                 Err(e) => {

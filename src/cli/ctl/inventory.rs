@@ -13,7 +13,8 @@ use std::process::ExitCode;
 /// `tally ctl tokens`.
 #[derive(Debug, Subcommand)]
 pub enum TokensCommand {
-    /// Live tokens, soonest expiry first: kind (access token or JWT-SVID),
+    /// Live tokens, soonest expiry first: kind (access token, JWT-SVID or
+    /// WIT),
     /// holder, audience(s), scopes, class, expiry, and whether a revocation
     /// covers it. Never the token itself.
     List(ListTokensArgs),
@@ -31,8 +32,9 @@ pub struct ListTokensArgs {
     /// Class (service, partner, admin, user).
     #[arg(long)]
     class: Option<String>,
-    /// Kind: `access` (DPoP-bound access tokens) or `jwt_svid`.
-    #[arg(long, value_parser = ["access", "jwt_svid"])]
+    /// Kind: `access` (DPoP-bound access tokens), `jwt_svid` or `wit`
+    /// (WIMSE Workload Identity Tokens).
+    #[arg(long, value_parser = ["access", "jwt_svid", "wit"])]
     kind: Option<String>,
     /// Only tokens expiring within this long (e.g. 5m).
     #[arg(long)]

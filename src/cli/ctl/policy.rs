@@ -328,6 +328,15 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, CliError> {
             crate::clock::human_duration(limits.max_ttl)
         );
     }
+    // Only a policy with WIT rules says so: one without grants no WIT.
+    for rule in &policy.wit {
+        say!(
+            "  wit (line {}): {} for up to {}",
+            rule.pos.line,
+            rule.from,
+            crate::clock::human_duration(rule.ttl)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -21,7 +21,8 @@ pub struct RevokeArgs {
     /// Every token of this SPIFFE ID issued until now.
     #[arg(long, group = "target")]
     sub: Option<String>,
-    /// Every token bound to this DPoP key thumbprint issued until now.
+    /// Every token bound to this key thumbprint issued until now (an
+    /// access token's DPoP key, a WIT's `cnf.jwk`).
     #[arg(long, group = "target")]
     jkt: Option<String>,
     /// Every token in the trust domain issued at or before this time (Unix
