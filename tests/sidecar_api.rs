@@ -88,6 +88,7 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
         services.clone(),
         None,
         Arc::new(SystemClock),
+        None,
     );
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let unix = tally::sidecar::api::bind(&socket).unwrap();
@@ -242,6 +243,7 @@ async fn apps_get_tokens_and_request_headers_that_the_receiving_side_accepts() {
         services,
         Some(vec![other_uid]),
         Arc::new(SystemClock),
+        None,
     );
     let socket2 = dir.path().join("strict.sock");
     let (stop2, stopped2) = tokio::sync::oneshot::channel::<()>();

@@ -45,7 +45,7 @@ pub enum AuthError {
     /// has no `iat` after that start: it may have been spent with the
     /// previous process, whose replay cache is gone. 401 `invalid_wpt`.
     #[error(
-        "workload proof token: this verifier started at {started} and, until a WPT lifetime has passed, accepts only WPTs whose iat is after that"
+        "workload proof token: this verifier started at {started} and, until a WPT lifetime has passed, accepts only WPTs with an iat from then on"
     )]
     WptBeforeRestart {
         /// When the verifier started (Unix seconds).

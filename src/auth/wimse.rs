@@ -14,9 +14,9 @@
 //!    `aud` the URL this server received, `wth`, `ath` for the token,
 //!    `tth` for a `Txn-Token`, `oth` for the headers it names;
 //! 4. while this verifier may be younger than a WPT it is shown (its
-//!    replay cache started empty), the WPT must carry an `iat` after the
-//!    verifier started: a WPT made before could have been spent with the
-//!    previous process;
+//!    replay cache started empty), the WPT must carry an `iat` no earlier
+//!    than the second the verifier started: a WPT made before could have
+//!    been spent with the previous process;
 //! 5. the WPT's `jti` in the replay cache (shared with DPoP proofs, keyed
 //!    with the WIT's key), last, so a refused request spends nothing.
 //!
@@ -106,7 +106,10 @@ impl RequestVerifier {
                 <= started
                     .saturating_add(config.wpt.max_lifetime)
                     .saturating_add(config.wpt.effective_leeway());
-            if young && wpt_iat(creds.wpt).is_none_or(|iat| iat <= started) {
+            // The second it started counts as after: a restart takes
+            // longer than that, and a sender's clock a second behind
+            // would otherwise be refused for a whole lifetime.
+            if young && wpt_iat(creds.wpt).is_none_or(|iat| iat < started) {
                 return Err(AuthError::WptBeforeRestart { started });
             }
         }

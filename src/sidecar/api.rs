@@ -4,12 +4,16 @@
 //!
 //! - `GET /v1/token?audience=A&scope=S` → `{access_token, token_type,
 //!   expires_at, scope}`
-//! - `POST /v1/authorize {method, url, audience?, scope?, nonce?}` →
+//! - `POST /v1/authorize {method, url, audience?, scope?, nonce?, proof?}` →
 //!   `{authorization, dpop}`: a fresh proof for that request on every call
 //!   (with `ath`, and the nonce given, else the last nonce the sidecar saw
 //!   for the URL's origin: after a `401` with `use_dpop_nonce`, ask again
 //!   with the answer's `DPoP-Nonce`);
-//!   the audience comes from the service map by host when omitted.
+//!   the audience comes from the service map by host when omitted. With
+//!   `proof: "wimse"` (the default for a service-map entry that says so)
+//!   → `{workload-identity-token, workload-proof-token, authorization?}`:
+//!   the sidecar's WIT and a fresh WPT for the URL, and the access token
+//!   (its hash in the WPT's `ath`) only when `scope` is given.
 //! - `GET /v1/identity` → `{spiffe_id, trust_domain, expires_at}`
 //!
 //! Errors are `{error, error_description}` with 400, 403 (the broker or
@@ -19,8 +23,9 @@
 
 use super::cache::{CacheError, FetchTokens, Fetched, TokenAsk, TokenCache};
 use super::identity::Svid;
-pub use super::service_map::{Destination, ServiceMap, ServiceMapError};
+pub use super::service_map::{Destination, Proof, ServiceMap, ServiceMapError};
 use super::watch::MeshState;
+use super::wits::{FetchedWit, WitAsk, Wits};
 use crate::auth::answer::safe_description;
 use crate::clock::Clock;
 use crate::dpop::NormalizedUri;
@@ -36,9 +41,15 @@ use std::sync::{Arc, Mutex};
 /// Largest request body read.
 const MAX_BODY: usize = 16 * 1024;
 
+/// How long a WPT this sidecar makes is valid: long enough for a slow
+/// hop, well inside a verifier's 300 s maximum.
+pub const WPT_LIFETIME: u64 = 60;
+
 /// The local API's state.
 pub struct LocalApi<F: FetchTokens> {
     cache: Arc<TokenCache<F>>,
+    /// The sidecar's WIT, for WIMSE proofs (none: WIMSE is refused).
+    wits: Option<Arc<TokenCache<Wits>>>,
     identity: tokio::sync::watch::Receiver<Arc<Svid>>,
     /// The broker's revocations, when the sidecar follows Watch: a cached
     /// token they cover is never handed out.
@@ -73,6 +84,17 @@ pub struct MeshHeaders {
     pub authorization: String,
     /// `DPoP: <proof>`, unless the token is bound to the connection's key.
     pub dpop: Option<String>,
+}
+
+/// WIMSE header values for one request (they hold the WIT and the
+/// token: never log them).
+pub struct WimseHeaders {
+    /// `Workload-Identity-Token: <wit>`.
+    pub wit: String,
+    /// `Workload-Proof-Token: <wpt>`.
+    pub wpt: String,
+    /// `Authorization: DPoP <token>`, when a token was asked for.
+    pub authorization: Option<String>,
 }
 
 /// A refusal, as the app sees it.
@@ -122,9 +144,11 @@ impl<F: FetchTokens> LocalApi<F> {
         services: ServiceMap,
         allowed_uids: Option<Vec<u32>>,
         clock: Arc<dyn Clock>,
+        wits: Option<Arc<TokenCache<Wits>>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             cache,
+            wits,
             identity,
             mesh,
             services,
@@ -244,6 +268,9 @@ impl<F: FetchTokens> LocalApi<F> {
             /// (`use_dpop_nonce`): the proof carries it, and later proofs
             /// for that origin too.
             nonce: Option<String>,
+            /// `dpop` or `wimse`; the service map's choice for the URL's
+            /// host when omitted, else `dpop`.
+            proof: Option<String>,
         }
         let ask: Ask = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
@@ -267,6 +294,24 @@ impl<F: FetchTokens> LocalApi<F> {
         }
         let htu = NormalizedUri::parse(&ask.url)
             .map_err(|e| ApiError::bad_request(format!("url: {e}")))?;
+        let proof = match &ask.proof {
+            Some(p) => p.parse().map_err(ApiError::bad_request)?,
+            None => self
+                .services
+                .destination_for(&ask.url)
+                .map_or(Proof::Dpop, Destination::proof),
+        };
+        if proof == Proof::Wimse {
+            return self
+                .authorize_wimse(
+                    &ask.url,
+                    &htu,
+                    ask.audience.as_deref(),
+                    ask.scope.as_deref(),
+                    ask.nonce.is_some(),
+                )
+                .await;
+        }
         let audience = match &ask.audience {
             Some(a) => a
                 .parse()
@@ -295,6 +340,162 @@ impl<F: FetchTokens> LocalApi<F> {
                 "dpop": headers.dpop,
             }),
         ))
+    }
+
+    /// The WIMSE answer of `/v1/authorize`.
+    async fn authorize_wimse(
+        &self,
+        url: &str,
+        htu: &NormalizedUri,
+        audience: Option<&str>,
+        scope: Option<&str>,
+        nonce: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        if nonce {
+            return Err(ApiError::bad_request(
+                "nonce is a DPoP server nonce: a WIMSE proof carries none",
+            ));
+        }
+        // A token only when scopes are asked for: the WIT alone names
+        // the caller.
+        let token = match scope {
+            None => None,
+            Some(scope) => {
+                let audience: Audience = match audience {
+                    Some(a) => a
+                        .parse()
+                        .map_err(|e| ApiError::bad_request(format!("audience: {e}")))?,
+                    None => self.services.audience_for(url).cloned().ok_or_else(|| {
+                        ApiError::bad_request(
+                            "no audience given and the URL's host is not in the service map",
+                        )
+                    })?,
+                };
+                Some((audience, parse_scopes(scope)?))
+            }
+        };
+        let headers = self
+            .wimse_headers_for(htu, token.as_ref().map(|(a, s)| (a, s)))
+            .await?;
+        let mut answer = json!({
+            "workload-identity-token": headers.wit,
+            "workload-proof-token": headers.wpt,
+        });
+        if let Some(authorization) = headers.authorization {
+            answer["authorization"] = authorization.into();
+        }
+        Ok(json(StatusCode::OK, &answer))
+    }
+
+    /// WIMSE values for a request to `htu` (its `aud`): the sidecar's WIT,
+    /// a fresh WPT signed with the WIT's key, and, when `token` names an
+    /// audience and scopes, the cached access token for them, bound to
+    /// the same key and hashed into the WPT's `ath`.
+    ///
+    /// # Errors
+    /// [`ApiError`]: 403 if the broker refuses (no `wit:` rule, a denied
+    /// or revoked workload), 503 if it is unreachable or the token and
+    /// WIT cannot be had for one key.
+    pub async fn wimse_headers_for(
+        &self,
+        htu: &NormalizedUri,
+        token: Option<(&Audience, &Scopes)>,
+    ) -> Result<WimseHeaders, ApiError> {
+        let wit = self.wit().await?;
+        let token = match token {
+            None => None,
+            Some((audience, scopes)) => {
+                let mut fetched = self.fetch(audience, scopes).await?;
+                if fetched.key.thumbprint() != wit.jkt {
+                    // Cached for the key before a renewal: one for the
+                    // WIT's key is needed (the WPT is its proof).
+                    self.cache.forget_where(|f| f.key.thumbprint() != wit.jkt);
+                    fetched = self.fetch(audience, scopes).await?;
+                }
+                if fetched.key.thumbprint() != wit.jkt {
+                    return Err(ApiError {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        code: "broker_unreachable",
+                        description: "the access token and the WIT are bound to different keys (an SVID renewal is under way); try again".into(),
+                    });
+                }
+                Some(fetched)
+            }
+        };
+        let access_token = token.as_ref().map(|t| t.token.expose());
+        let wpt = crate::wimse::wpt::mint(
+            wit.key.signing_key(),
+            &crate::wimse::WptInput {
+                aud: htu.as_str(),
+                wit: wit.wit.expose(),
+                access_token,
+                txn_token: None,
+                other: &[],
+                lifetime: WPT_LIFETIME,
+            },
+            self.clock.now(),
+        )
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "server_error",
+            description: format!("signing the WPT: {e}"),
+        })?;
+        Ok(WimseHeaders {
+            wit: wit.wit.expose().to_owned(),
+            wpt,
+            authorization: access_token.map(|t| format!("DPoP {t}")),
+        })
+    }
+
+    /// The sidecar's WIT, unless a revocation known here covers it (then
+    /// it is dropped and replaced; covered again, 403) or an admin denied
+    /// this workload.
+    async fn wit(&self) -> Result<FetchedWit, ApiError> {
+        let Some(wits) = &self.wits else {
+            return Err(ApiError {
+                status: StatusCode::NOT_IMPLEMENTED,
+                code: "unsupported",
+                description: "this sidecar has no WIMSE identity token source".into(),
+            });
+        };
+        self.refuse_if_denied()?;
+        let fetched = wits.get(&WitAsk).await.map_err(|e| api_error(&e))?;
+        let Some(mesh) = &self.mesh else {
+            return Ok(fetched);
+        };
+        let set = Arc::clone(&mesh.borrow().revocations);
+        let own = self.identity.borrow().spiffe_id.clone();
+        let covered = |w: &FetchedWit| w.revoked_by(&set, &own);
+        if !covered(&fetched) {
+            return Ok(fetched);
+        }
+        wits.forget_where(covered);
+        let again = wits.get(&WitAsk).await.map_err(|e| api_error(&e))?;
+        if covered(&again) {
+            return Err(ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "access_denied",
+                description: "the broker has revoked this workload's WIT; new ones are revoked too until the revocation's time has passed".into(),
+            });
+        }
+        Ok(again)
+    }
+
+    /// 403 while the broker denies this workload's identity: even a
+    /// cached token or WIT would be refused everywhere.
+    fn refuse_if_denied(&self) -> Result<(), ApiError> {
+        if self
+            .mesh
+            .as_ref()
+            .is_some_and(|m| m.borrow().own_identity_denied)
+        {
+            return Err(ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "access_denied",
+                description: "an admin has denied this workload's identity at the broker: no token is handed out until it is allowed again".into(),
+            });
+        }
+        Ok(())
     }
 
     /// `Authorization` and `DPoP` values for `method` on `htu`: the cached
@@ -378,17 +579,7 @@ impl<F: FetchTokens> LocalApi<F> {
     /// identity, 403 at once: even a cached token would be refused
     /// everywhere.
     async fn fetch(&self, audience: &Audience, scopes: &Scopes) -> Result<Fetched, ApiError> {
-        if self
-            .mesh
-            .as_ref()
-            .is_some_and(|m| m.borrow().own_identity_denied)
-        {
-            return Err(ApiError {
-                status: StatusCode::FORBIDDEN,
-                code: "access_denied",
-                description: "an admin has denied this workload's identity at the broker: no token is handed out until it is allowed again".into(),
-            });
-        }
+        self.refuse_if_denied()?;
         let fetched = self
             .cache
             .get(&TokenAsk::new(audience, scopes))

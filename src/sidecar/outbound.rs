@@ -28,11 +28,14 @@
 //!   it. Larger or streamed bodies go out once; the nonce is still
 //!   remembered, so the next request carries it.
 
-use super::api::{LocalApi, MeshHeaders, RequestHeaders, origin_of};
+use super::api::{
+    Destination, LocalApi, MeshHeaders, Proof, RequestHeaders, WimseHeaders, origin_of,
+};
 use super::cache::FetchTokens;
 use super::mesh_client::{DialError, MeshClient};
 use super::mtls::MeshTls;
 use super::proxy::{self, NextHop, ProxyBody};
+use crate::auth::credentials::{WIT_HEADER, WPT_HEADER};
 use crate::dpop::NormalizedUri;
 use crate::identity::SpiffeId;
 use crate::metrics::CounterVec;
@@ -205,6 +208,7 @@ impl<F: FetchTokens> Outbound<F> {
 
         let destination = self.api.services().destination_for(&url).cloned();
         let mapped = destination.is_some();
+        let proof = destination.as_ref().map_or(Proof::Dpop, Destination::proof);
         let signed = mapped && !parts.headers.contains_key(header::AUTHORIZATION);
         if let Some(server) = destination.as_ref().and_then(|d| d.mtls()) {
             // A mesh destination gets nothing in clear, not even
@@ -214,7 +218,7 @@ impl<F: FetchTokens> Outbound<F> {
                 .map(|d| d.audience())
                 .filter(|_| signed);
             return self
-                .forward_mtls(parts, body, server, audience, &scopes)
+                .forward_mtls(parts, body, server, audience, &scopes, proof)
                 .await;
         }
         let Some(audience) = destination.map(|d| d.audience().clone()).filter(|_| signed) else {
@@ -255,15 +259,21 @@ impl<F: FetchTokens> Outbound<F> {
         };
 
         for attempt in 0..2 {
-            let headers = match self
-                .api
-                .headers_for(&method, &htu, &audience, &scopes)
-                .await
-            {
-                Ok(h) => h,
-                Err(e) => return ("no_token", proxy::refusal(e.status, e.code, &e.description)),
+            let set = match proof {
+                Proof::Dpop => self
+                    .api
+                    .headers_for(&method, &htu, &audience, &scopes)
+                    .await
+                    .map(|h| set_credentials(&mut parts.headers, &h)),
+                Proof::Wimse => self
+                    .api
+                    .wimse_headers_for(&htu, wimse_token(&audience, &scopes))
+                    .await
+                    .map(|h| set_wimse_credentials(&mut parts.headers, &h)),
             };
-            set_credentials(&mut parts.headers, &headers);
+            if let Err(e) = set {
+                return ("no_token", proxy::refusal(e.status, e.code, &e.description));
+            }
             let this = outgoing.take();
             let retry_possible = matches!(this, Outgoing::Held(_)) && attempt == 0;
             let response = match self.send(&parts, this).await {
@@ -348,6 +358,7 @@ impl<F: FetchTokens> Outbound<F> {
         server: &SpiffeId,
         audience: Option<&Audience>,
         scopes: &Scopes,
+        proof: Proof,
     ) -> (&'static str, Response<ProxyBody>) {
         let refuse = |status, code, text: &str| ("refused", proxy::refusal(status, code, text));
         let Some(authority) = parts.uri.authority().cloned() else {
@@ -404,15 +415,20 @@ impl<F: FetchTokens> Outbound<F> {
                 Err(e) => return dial_refusal(&e),
             };
             if let Some(audience) = audience {
-                match self
-                    .api
-                    .mesh_headers_for(&method, &htu, audience, scopes, lease.jkt())
-                    .await
-                {
-                    Ok(headers) => set_mesh_credentials(&mut parts.headers, &headers),
-                    Err(e) => {
-                        return ("no_token", proxy::refusal(e.status, e.code, &e.description));
-                    }
+                let set = match proof {
+                    Proof::Dpop => self
+                        .api
+                        .mesh_headers_for(&method, &htu, audience, scopes, lease.jkt())
+                        .await
+                        .map(|h| set_mesh_credentials(&mut parts.headers, &h)),
+                    Proof::Wimse => self
+                        .api
+                        .wimse_headers_for(&htu, wimse_token(audience, scopes))
+                        .await
+                        .map(|h| set_wimse_credentials(&mut parts.headers, &h)),
+                };
+                if let Err(e) = set {
+                    return ("no_token", proxy::refusal(e.status, e.code, &e.description));
                 }
             }
             let this = outgoing.take();
@@ -588,6 +604,39 @@ fn set_credentials(headers: &mut http::HeaderMap, values: &RequestHeaders) {
     ) {
         headers.insert(header::AUTHORIZATION, auth);
         headers.insert("dpop", dpop);
+    }
+}
+
+/// The access token a WIMSE request carries: one for the scopes the app
+/// named (`x-tally-scope`), none when it named none (the WIT alone names
+/// the caller).
+fn wimse_token<'a>(
+    audience: &'a Audience,
+    scopes: &'a Scopes,
+) -> Option<(&'a Audience, &'a Scopes)> {
+    (!scopes.is_empty()).then_some((audience, scopes))
+}
+
+/// `Workload-Identity-Token`, `Workload-Proof-Token`, and `Authorization`
+/// when a token goes along (never the app's own `DPoP` or
+/// `Authorization` beside ours).
+fn set_wimse_credentials(headers: &mut http::HeaderMap, values: &WimseHeaders) {
+    headers.remove("dpop");
+    headers.remove(header::AUTHORIZATION);
+    let (Ok(wit), Ok(wpt)) = (
+        HeaderValue::from_str(&values.wit),
+        HeaderValue::from_str(&values.wpt),
+    ) else {
+        return;
+    };
+    headers.insert(WIT_HEADER, wit);
+    headers.insert(WPT_HEADER, wpt);
+    if let Some(auth) = values
+        .authorization
+        .as_deref()
+        .and_then(|a| HeaderValue::from_str(a).ok())
+    {
+        headers.insert(header::AUTHORIZATION, auth);
     }
 }
 

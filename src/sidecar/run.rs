@@ -221,6 +221,7 @@ impl Sidecar {
             settings.services,
             settings.allowed_uids,
             Arc::clone(&clock),
+            Some(Arc::clone(&wits)),
         );
         let inbound = match (&listeners.inbound, settings.inbound) {
             (Some(_), Some(config)) => Some(config),
