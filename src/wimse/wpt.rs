@@ -127,7 +127,10 @@ fn header_hash(value: &[u8]) -> String {
 fn trim_ows(value: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
-    let end = value.iter().rposition(|b| !is_ows(b)).map_or(start, |i| i + 1);
+    let end = value
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
     &value[start..end]
 }
 
@@ -138,18 +141,34 @@ pub trait RequestHeaders {
     fn field_values(&self, name: &str) -> Vec<&[u8]>;
 }
 
-impl RequestHeaders for [(&str, &str)] {
+/// Name–value pairs (a test's or the CLI's headers), names compared
+/// case-insensitively.
+fn pair_values<'a, N: AsRef<str>, V: AsRef<[u8]>>(
+    pairs: &'a [(N, V)],
+    name: &str,
+) -> Vec<&'a [u8]> {
+    pairs
+        .iter()
+        .filter(|(n, _)| n.as_ref().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_ref())
+        .collect()
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>> RequestHeaders for [(N, V)] {
     fn field_values(&self, name: &str) -> Vec<&[u8]> {
-        self.iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_bytes())
-            .collect()
+        pair_values(self, name)
     }
 }
 
-impl<const N: usize> RequestHeaders for [(&str, &str); N] {
+impl<N: AsRef<str>, V: AsRef<[u8]>> RequestHeaders for Vec<(N, V)> {
     fn field_values(&self, name: &str) -> Vec<&[u8]> {
-        self.as_slice().field_values(name)
+        pair_values(self, name)
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>, const L: usize> RequestHeaders for [(N, V); L] {
+    fn field_values(&self, name: &str) -> Vec<&[u8]> {
+        pair_values(self, name)
     }
 }
 
@@ -352,7 +371,11 @@ pub fn verify(
     if now > exp.saturating_add(leeway) {
         return Err(WptError::Expired { exp, now, leeway });
     }
-    if exp > now.saturating_add(config.max_lifetime).saturating_add(leeway) {
+    if exp
+        > now
+            .saturating_add(config.max_lifetime)
+            .saturating_add(leeway)
+    {
         return Err(WptError::TooLongLived {
             exp,
             now,
