@@ -200,7 +200,7 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
     }
 }
 
-fn read_jwks(path: &PathBuf) -> Result<Jwks, CliError> {
+fn read_jwks(path: &std::path::Path) -> Result<Jwks, CliError> {
     let bytes = read_limited(path, crate::token::jwks::MAX_JWKS_LEN as u64 + 1)?;
     Jwks::parse(&bytes).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
 }
