@@ -358,6 +358,35 @@ fn ath_is_required_with_an_access_token_and_refused_without() {
         WptCheck::Ath,
         WptError::AthMismatch,
     );
+    // A padded spelling of the right hash is another string: refused.
+    let padded = format!("{}=", TokenHash::of("tok").to_ath());
+    let text = edit(&fx, &wit_text, |c| c["ath"] = json!(padded));
+    refused(
+        &wit,
+        &text,
+        &with_token,
+        WptCheck::Ath,
+        WptError::AthMismatch,
+    );
+    // Without a token any ath is unexpected, even a malformed one.
+    refused(
+        &wit,
+        &text,
+        &Request::default(),
+        WptCheck::Ath,
+        WptError::AthUnexpected,
+    );
+    let text = edit(&fx, &wit_text, |c| c["ath"] = json!(7));
+    refused(
+        &wit,
+        &text,
+        &with_token,
+        WptCheck::Ath,
+        WptError::ClaimType {
+            claim: "ath",
+            expected: "a string",
+        },
+    );
 }
 
 #[test]

@@ -400,27 +400,32 @@ pub fn verify(
     }
     observer.passed(WptCheck::Jti);
 
-    if digest(claims, "wth")?.ok_or(WptError::MissingClaim("wth"))? != *ctx.wit.wth.as_bytes() {
+    let wth = claims::optional_string(claims, "wth")?.ok_or(WptError::MissingClaim("wth"))?;
+    if !is_hash_of(wth, ctx.wit.wth.as_bytes()) {
         return Err(WptError::WthMismatch);
     }
     observer.passed(WptCheck::Wth);
 
-    match (ctx.access_token, digest(claims, "ath")?) {
-        (Some(token), Some(ath)) if ath == *TokenHash::of(token).as_bytes() => {}
-        (Some(_), Some(_)) => return Err(WptError::AthMismatch),
-        (Some(_), None) => return Err(WptError::AthMissing),
-        (None, Some(_)) => return Err(WptError::AthUnexpected),
-        (None, None) => {}
-    }
+    bound_token(
+        claims::optional_string(claims, "ath")?,
+        ctx.access_token,
+        [
+            WptError::AthMissing,
+            WptError::AthMismatch,
+            WptError::AthUnexpected,
+        ],
+    )?;
     observer.passed(WptCheck::Ath);
 
-    match (ctx.txn_token, digest(claims, "tth")?) {
-        (Some(token), Some(tth)) if tth == *TokenHash::of(token).as_bytes() => {}
-        (Some(_), Some(_)) => return Err(WptError::TthMismatch),
-        (Some(_), None) => return Err(WptError::TthMissing),
-        (None, Some(_)) => return Err(WptError::TthUnexpected),
-        (None, None) => {}
-    }
+    bound_token(
+        claims::optional_string(claims, "tth")?,
+        ctx.txn_token,
+        [
+            WptError::TthMissing,
+            WptError::TthMismatch,
+            WptError::TthUnexpected,
+        ],
+    )?;
     observer.passed(WptCheck::Tth);
 
     if let Some(oth) = claims.get("oth") {
@@ -463,20 +468,27 @@ fn jti_len(jti: &str) -> usize {
     b64::decode(jti.as_bytes()).map_or(jti.len(), |bytes| bytes.len())
 }
 
-/// An optional SHA-256 claim (`wth`, `ath`, `tth`): a string that must be
-/// canonical base64url of 32 bytes. Digests are compared, not strings, so
-/// there is one accepted spelling.
-fn digest(claims: &Map<String, Value>, name: &'static str) -> Result<Option<[u8; 32]>, WptError> {
-    let Some(text) = claims::optional_string(claims, name)? else {
-        return Ok(None);
-    };
-    match b64::decode_array::<32>(text.as_bytes()) {
-        Ok(digest) => Ok(Some(digest)),
-        Err(_) => Err(match name {
-            "wth" => WptError::WthMismatch,
-            "ath" => WptError::AthMismatch,
-            _ => WptError::TthMismatch,
-        }),
+/// Whether `claim` is the canonical base64url of `digest`. Digests are
+/// compared, not strings, so there is one accepted spelling.
+fn is_hash_of(claim: &str, digest: &[u8; 32]) -> bool {
+    b64::decode_array::<32>(claim.as_bytes()).is_ok_and(|found| found == *digest)
+}
+
+/// `ath` or `tth` against the token sent with it: required and matching
+/// when there is one, absent when there is none. `errors` are the
+/// missing, mismatch and unexpected refusals.
+fn bound_token(
+    claim: Option<&str>,
+    token: Option<&str>,
+    errors: [WptError; 3],
+) -> Result<(), WptError> {
+    let [missing, mismatch, unexpected] = errors;
+    match (token, claim) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(unexpected),
+        (Some(_), None) => Err(missing),
+        (Some(token), Some(claim)) if is_hash_of(claim, TokenHash::of(token).as_bytes()) => Ok(()),
+        (Some(_), Some(_)) => Err(mismatch),
     }
 }
 
