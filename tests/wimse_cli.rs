@@ -179,116 +179,67 @@ fn the_wpt_can_come_on_standard_input() {
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
 }
 
+/// Runs `tally` with `args` (split on spaces; `JWKS`, `KEY` and `WIT`
+/// stand for the draft's files) and expects exit 64.
+fn usage_error(args: &str) {
+    let (jwks, key, wit) = (
+        data_path("issuer.jwks.json"),
+        data_path("workload.jwk.json"),
+        at("wit.jwt"),
+    );
+    let args: Vec<&str> = args
+        .split(' ')
+        .map(|a| match a {
+            "JWKS" => jwks.as_str(),
+            "KEY" => key.as_str(),
+            "WIT" => wit.as_str(),
+            "WIT-FILE" => &wit[1..],
+            other => other,
+        })
+        .collect();
+    let o = tally(&args);
+    assert_eq!(
+        o.status.code(),
+        Some(64),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
-fn bad_usage_exits_64() {
-    let jwks = data_path("issuer.jwks.json");
-    let key = data_path("workload.jwk.json");
-    let wit = at("wit.jwt");
+fn verify_usage_errors_exit_64() {
+    let url = DRAFT_URL;
     for args in [
-        // An unreadable file.
-        vec![
-            "wimse",
-            "verify",
-            "--wit",
-            "@/nonexistent/wit",
-            "--wpt",
-            "x",
-            "--url",
-            DRAFT_URL,
-            "--jwks",
-            &jwks,
-        ],
-        vec![
-            "wimse",
-            "verify",
-            "--wit",
-            "x",
-            "--wpt",
-            "x",
-            "--url",
-            DRAFT_URL,
-            "--jwks",
-            "/nonexistent.json",
-        ],
+        // An unreadable file, as a value or as the key set.
+        format!("wimse verify --wit @/nonexistent/wit --wpt x --url {url} --jwks JWKS"),
+        format!("wimse verify --wit x --wpt x --url {url} --jwks /nonexistent.json"),
         // A bad duration, a bad URL, an unknown flag, a missing flag.
-        vec![
-            "wimse",
-            "verify",
-            "--wit",
-            "x",
-            "--wpt",
-            "x",
-            "--url",
-            DRAFT_URL,
-            "--jwks",
-            &jwks,
-            "--max-lifetime",
-            "soon",
-        ],
-        vec![
-            "wimse", "verify", "--wit", "x", "--wpt", "x", "--url", "ftp://x/", "--jwks", &jwks,
-        ],
-        vec![
-            "wimse", "verify", "--wit", "x", "--wpt", "x", "--url", DRAFT_URL, "--jwks", &jwks,
-            "--nope",
-        ],
-        vec![
-            "wimse", "verify", "--wit", "x", "--url", DRAFT_URL, "--jwks", &jwks,
-        ],
-        // Two values from standard input.
-        vec![
-            "wimse", "verify", "--wit", "-", "--wpt", "-", "--url", DRAFT_URL, "--jwks", &jwks,
-        ],
+        format!("wimse verify --wit x --wpt x --url {url} --jwks JWKS --max-lifetime soon"),
+        "wimse verify --wit x --wpt x --url ftp://x/ --jwks JWKS".to_owned(),
+        format!("wimse verify --wit x --wpt x --url {url} --jwks JWKS --nope"),
+        format!("wimse verify --wit x --url {url} --jwks JWKS"),
+        // Two values from standard input; a header that is not one.
+        format!("wimse verify --wit - --wpt - --url {url} --jwks JWKS"),
+        format!("wimse verify --wit x --wpt x --url {url} --jwks JWKS --header no-colon"),
         // A key-set file that is no JWKS.
-        vec![
-            "wimse",
-            "verify",
-            "--wit",
-            "x",
-            "--wpt",
-            "x",
-            "--url",
-            DRAFT_URL,
-            "--jwks",
-            &wit[1..],
-        ],
-        vec![
-            "wimse",
-            "sign",
-            "--key",
-            "/nonexistent.pem",
-            "--wit",
-            "x",
-            "--url",
-            DRAFT_URL,
-        ],
-        vec![
-            "wimse", "sign", "--key", &jwks, "--wit", &wit, "--url", DRAFT_URL,
-        ],
-        vec![
-            "wimse",
-            "sign",
-            "--key",
-            &key,
-            "--wit",
-            &wit,
-            "--url",
-            DRAFT_URL,
-            "--lifetime",
-            "0s",
-        ],
-        vec![
-            "wimse", "sign", "--key", &key, "--wit", &wit, "--url", DRAFT_URL, "--header",
-            "no-colon",
-        ],
+        format!("wimse verify --wit x --wpt x --url {url} --jwks WIT-FILE"),
     ] {
-        let o = tally(&args);
-        assert_eq!(
-            o.status.code(),
-            Some(64),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        usage_error(&args);
+    }
+}
+
+#[test]
+fn sign_usage_errors_exit_64() {
+    let url = DRAFT_URL;
+    for args in [
+        format!("wimse sign --key /nonexistent.pem --wit x --url {url}"),
+        // A key file that is no key, a WIT that is no WIT.
+        format!("wimse sign --key JWKS --wit WIT --url {url}"),
+        format!("wimse sign --key KEY --wit not-a-wit --url {url}"),
+        format!("wimse sign --key KEY --wit WIT --url {url} --lifetime 0s"),
+        format!("wimse sign --key KEY --wit WIT --url {url} --header no-colon"),
+    ] {
+        usage_error(&args);
     }
 }
 
