@@ -11,8 +11,10 @@
 use std::sync::OnceLock;
 use tally::dpop::NormalizedUri;
 use tally::dpop::proof::{self, NonceRule, ProofConfig, ProofContext, TokenHash};
-use tally::jose::{Jws, Limits, PublicKey, SigningKey, b64};
+use tally::jose::jws::ES256_OR_EDDSA;
+use tally::jose::{Jws, Limits, PublicKey, SigningKey, VerifyingKey, b64};
 use tally::token::{Jwks, TokenConfig, TokenSigner};
+use tally::wimse::{VerifiedWit, WitConfig, WitKeys, WptConfig, WptContext};
 
 /// The request `proof_verify` judges proofs for (RFC 9449's example).
 pub const PROOF_METHOD: &str = "GET";
@@ -239,4 +241,139 @@ pub fn admission_review(data: &[u8]) -> bool {
     let again = pod::inject(&t, &namespace, Some(&patched));
     assert!(again.patch.is_empty(), "a second pass changed the pod");
     true
+}
+
+/// The time the WIMSE targets judge at.
+pub const WIMSE_NOW: u64 = 1_800_000_000;
+/// The request `wpt_verify` judges WPTs for.
+pub const WIMSE_URL: &str = "https://payments.example.org/v1/charges";
+/// The header `wpt_verify`'s request carries, for `oth`.
+pub const WIMSE_HEADER: (&str, &str) = ("x-user-token", "alice");
+
+/// The WIT issuers `wit_verify` trusts: [`token_signer`]'s key as `k1`.
+fn wit_keys() -> &'static WitKeys {
+    static KEYS: OnceLock<WitKeys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut keys = WitKeys::default();
+        keys.insert(
+            "k1",
+            VerifyingKey::P256(token_signer().key().public_key().clone()),
+        );
+        keys
+    })
+}
+
+/// The workload key of the WIT `wpt_verify` checks WPTs against.
+pub fn wimse_workload_key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::generate().unwrap())
+}
+
+/// That WIT (for [`wimse_workload_key`], by [`token_signer`]), as text.
+pub fn wimse_wit() -> &'static str {
+    static WIT: OnceLock<String> = OnceLock::new();
+    WIT.get_or_init(|| {
+        let sub = "spiffe://example.org/ns/shop/sa/checkout".parse().unwrap();
+        let (wit, _) = tally::wimse::wit::mint(
+            token_signer(),
+            &sub,
+            wimse_workload_key().public_key(),
+            3600,
+            WIMSE_NOW - 60,
+        )
+        .unwrap();
+        wit.expose().to_owned()
+    })
+}
+
+/// The WIT verifier against [`wit_keys`], and the WIT key-set parser.
+/// Oracle: an accepted WIT re-encodes to the input, verifies under the
+/// trusted key, names a URI, and its `jkt` is its `cnf.jwk`'s.
+pub fn wit_verify(data: &[u8]) -> bool {
+    let _ = WitKeys::parse(data);
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let mut accepted = false;
+    for require_spiffe in [false, true] {
+        let config = WitConfig {
+            require_spiffe,
+            ..WitConfig::default()
+        };
+        let Ok(wit) = tally::wimse::wit::verify(text, wit_keys(), WIMSE_NOW, &config, &mut ())
+        else {
+            continue;
+        };
+        accepted = true;
+        re_encodes(text);
+        assert_eq!(wit.kid, "k1");
+        let jws = Jws::parse_with(text, &Limits::default(), ES256_OR_EDDSA)
+            .expect("an accepted WIT parses");
+        jws.verify(token_signer().key().public_key())
+            .expect("it verifies under the trusted key");
+        let jwk = &jws.payload()["cnf"]["jwk"];
+        let key = VerifyingKey::from_jwk(jwk).expect("its cnf.jwk is a public key");
+        assert_eq!(wit.jkt, key.thumbprint(), "the jkt is its cnf.jwk's");
+        assert_eq!(wit.alg, key.alg(), "the proof alg fits the key");
+        assert!(wit.sub.contains(':'), "sub is a URI");
+        if require_spiffe {
+            assert_eq!(
+                wit.spiffe_id.as_ref().map(|id| id.as_str()),
+                Some(wit.sub.as_str()),
+                "a required SPIFFE ID is the sub"
+            );
+        }
+    }
+    accepted
+}
+
+/// [`wimse_wit`], verified once.
+fn verified_wit() -> &'static VerifiedWit {
+    static WIT: OnceLock<VerifiedWit> = OnceLock::new();
+    WIT.get_or_init(|| {
+        tally::wimse::wit::verify(
+            wimse_wit(),
+            wit_keys(),
+            WIMSE_NOW,
+            &WitConfig::default(),
+            &mut (),
+        )
+        .expect("the fixed WIT verifies")
+    })
+}
+
+/// The WPT verifier for [`WIMSE_URL`], with and without an access token
+/// and the [`WIMSE_HEADER`]. Oracle: an accepted WPT re-encodes to the
+/// input, verifies under the WIT's key, names the request URI, and lives
+/// inside the window.
+pub fn wpt_verify(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let uri = NormalizedUri::parse(WIMSE_URL).unwrap();
+    let config = WptConfig::default();
+    let mut accepted = false;
+    for (access_token, headers) in [(None, vec![]), (Some("tok"), vec![WIMSE_HEADER])] {
+        let ctx = WptContext {
+            wit: verified_wit(),
+            uri: &uri,
+            access_token,
+            txn_token: None,
+            headers: &headers,
+        };
+        let Ok(wpt) = tally::wimse::wpt::verify(text, &ctx, WIMSE_NOW, &config, &mut ()) else {
+            continue;
+        };
+        accepted = true;
+        re_encodes(text);
+        let jws = Jws::parse_with(text, &Limits::default(), ES256_OR_EDDSA)
+            .expect("an accepted WPT parses");
+        jws.verify(wimse_workload_key().public_key())
+            .expect("it verifies under the WIT's key");
+        assert_eq!(wpt.aud, uri, "aud is the request URI");
+        assert!(wpt.exp + 30 >= WIMSE_NOW, "not expired");
+        assert!(wpt.exp <= WIMSE_NOW + 330, "not too long-lived");
+        assert!(wpt.jti.len() >= 16, "jti long enough");
+    }
+    accepted
 }

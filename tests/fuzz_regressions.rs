@@ -12,13 +12,15 @@ use std::path::Path;
 type Target = fn(&[u8]) -> bool;
 
 /// Every target, by name.
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 8] = [
     ("jws_parse", targets::jws_parse),
     ("proof_verify", targets::proof_verify),
     ("token_verify", targets::token_verify),
     ("sa_token_verify", targets::sa_token_verify),
     ("admission_review", targets::admission_review),
     ("jwt_svid_verify", targets::jwt_svid_verify),
+    ("wit_verify", targets::wit_verify),
+    ("wpt_verify", targets::wpt_verify),
 ];
 
 #[test]
@@ -82,6 +84,39 @@ fn a_valid_proof_and_a_valid_token_reach_the_oracles() {
     .unwrap();
     assert!(targets::jwt_svid_verify(svid.expose().as_bytes()));
     assert!(!targets::token_verify(svid.expose().as_bytes()));
+}
+
+#[test]
+fn a_valid_wit_and_wpt_reach_the_wimse_oracles() {
+    let wit = targets::wimse_wit();
+    assert!(targets::wit_verify(wit.as_bytes()));
+    // A WIT is no access token, and the reverse.
+    assert!(!targets::token_verify(wit.as_bytes()));
+    let other = tally::wimse::wpt::WptInput {
+        aud: targets::WIMSE_URL,
+        wit,
+        access_token: None,
+        txn_token: None,
+        other: &[],
+        lifetime: 60,
+    };
+    let wpt =
+        tally::wimse::wpt::mint(targets::wimse_workload_key(), &other, targets::WIMSE_NOW).unwrap();
+    assert!(targets::wpt_verify(wpt.as_bytes()));
+    let bound = tally::wimse::wpt::WptInput {
+        access_token: Some("tok"),
+        other: &[targets::WIMSE_HEADER],
+        ..other
+    };
+    let wpt =
+        tally::wimse::wpt::mint(targets::wimse_workload_key(), &bound, targets::WIMSE_NOW).unwrap();
+    assert!(targets::wpt_verify(wpt.as_bytes()));
+    // A WPT is not a WIT, and one byte off is refused without a panic.
+    assert!(!targets::wit_verify(wpt.as_bytes()));
+    let mut spoiled = wpt.into_bytes();
+    let last = spoiled.len() - 1;
+    spoiled[last] = if spoiled[last] == b'A' { b'B' } else { b'A' };
+    assert!(!targets::wpt_verify(&spoiled));
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `tally dpop verify|sign|keygen`.
 
+use super::checks::{read_limited, report, rfc3339};
 use super::{CliError, arg_or_stdin, wall_clock_now};
 use crate::dpop::NormalizedUri;
 use crate::dpop::proof::{
@@ -9,7 +10,6 @@ use crate::jose::SigningKey;
 use crate::token::access::{self, TokenCheck, TokenConfig};
 use crate::token::{Audience, Jwks};
 use clap::{Args, Subcommand};
-use std::fmt::Display;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -200,40 +200,9 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, CliError> {
     }
 }
 
-/// A claim's time (Unix seconds) as RFC 3339 UTC, as every CLI message
-/// writes times.
-fn rfc3339(secs: u64) -> String {
-    super::ctl::output::when(i64::try_from(secs).unwrap_or(i64::MAX))
-}
-
-fn report<C: Copy + PartialEq + Display>(all: &[C], passed: &[C], error: Option<&impl Display>) {
-    let mut failed_shown = false;
-    for check in all {
-        if passed.contains(check) {
-            say!("  ok    {check}");
-        } else if let (Some(e), false) = (error, failed_shown) {
-            say!("  FAIL  {check}: {e}");
-            failed_shown = true;
-        } else {
-            say!("  --    {check} (not reached)");
-        }
-    }
-}
-
-fn read_jwks(path: &PathBuf) -> Result<Jwks, CliError> {
+fn read_jwks(path: &std::path::Path) -> Result<Jwks, CliError> {
     let bytes = read_limited(path, crate::token::jwks::MAX_JWKS_LEN as u64 + 1)?;
     Jwks::parse(&bytes).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
-}
-
-fn read_limited(path: &PathBuf, max: u64) -> Result<Vec<u8>, CliError> {
-    use std::io::Read as _;
-    let file = std::fs::File::open(path)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
-    let mut bytes = Vec::new();
-    file.take(max)
-        .read_to_end(&mut bytes)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
-    Ok(bytes)
 }
 
 fn sign(args: &SignArgs) -> Result<ExitCode, CliError> {

@@ -11,6 +11,7 @@ macro_rules! say {
 
 mod bench;
 mod broker;
+mod checks;
 mod client;
 mod ctl;
 mod demo;
@@ -19,6 +20,7 @@ mod injector;
 mod shell;
 pub mod sidecar;
 mod token;
+mod wimse;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -65,6 +67,10 @@ pub enum Command {
     /// Access tokens: inspect one.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// WIMSE Workload Identity and Proof Tokens: verify a pair step by
+    /// step, sign a proof.
+    #[command(subcommand)]
+    Wimse(wimse::WimseCommand),
     /// Run the broker: identity CA and token issuer (mTLS gRPC, OAuth over
     /// HTTPS), with audit, inventory and an admin port.
     Broker(crate::broker::config::BrokerFlags),
@@ -138,6 +144,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Dpop(cmd) => dpop::run(cmd),
         Command::Token(cmd) => token::run(cmd),
+        Command::Wimse(cmd) => wimse::run(cmd),
         Command::Broker(flags) => broker::run(flags),
         Command::Sidecar(flags) => sidecar::run(flags),
         Command::Client(args) => client::run(args),
@@ -197,6 +204,18 @@ pub(crate) fn arg_or_stdin(value: &str) -> Result<String, CliError> {
         &mut text,
     )
     .map_err(|e| CliError::Usage(format!("reading standard input: {e}")))?;
+    Ok(text.trim().to_owned())
+}
+
+/// As [`arg_or_stdin`], and `@FILE` reads the value from FILE (at most
+/// 64 KiB, surrounding whitespace trimmed): a WIT is too long to type.
+pub(crate) fn arg_file_or_stdin(value: &str) -> Result<String, CliError> {
+    let Some(path) = value.strip_prefix('@') else {
+        return arg_or_stdin(value);
+    };
+    let bytes = checks::read_limited(std::path::Path::new(path), 64 * 1024)?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| CliError::Usage(format!("{path}: not UTF-8 text")))?;
     Ok(text.trim().to_owned())
 }
 
@@ -307,6 +326,36 @@ mod tests {
                 "--url",
                 "https://a/",
                 "--token",
+                "very-secret",
+            ],
+            &[
+                "tally",
+                "wimse",
+                "verify",
+                "--wit",
+                "very-secret",
+                "--wpt",
+                "very-secret",
+                "--url",
+                "https://a/",
+                "--jwks",
+                "j.json",
+                "--access-token",
+                "very-secret",
+                "--txn-token",
+                "very-secret",
+            ],
+            &[
+                "tally",
+                "wimse",
+                "sign",
+                "--key",
+                "k.pem",
+                "--wit",
+                "very-secret",
+                "--url",
+                "https://a/",
+                "--access-token",
                 "very-secret",
             ],
         ] {

@@ -227,7 +227,8 @@ mod tests {
             parse(&empty_kid).unwrap_err(),
             WitKeysError::Kid { index: 0 }
         );
-        let dup = json!({"keys": [member(&jwk, json!({"kid":"k"})), member(&jwk, json!({"kid":"k"}))]});
+        let dup =
+            json!({"keys": [member(&jwk, json!({"kid":"k"})), member(&jwk, json!({"kid":"k"}))]});
         assert_eq!(
             parse(&dup).unwrap_err(),
             WitKeysError::DuplicateKid("k".into())
@@ -291,10 +292,7 @@ mod tests {
             WitKeysError::Member { index: 0 }
         );
         let many = json!({"keys": vec![json!({"use":"enc"}); MAX_MEMBERS + 1]});
-        assert_eq!(
-            parse(&many).unwrap_err(),
-            WitKeysError::TooManyMembers
-        );
+        assert_eq!(parse(&many).unwrap_err(), WitKeysError::TooManyMembers);
     }
 
     #[test]

@@ -16,6 +16,4 @@ pub mod wpt;
 pub use error::{WitError, WptError};
 pub use keys::{WitKeys, WitKeysError};
 pub use wit::{VerifiedWit, WIT_TYP, Wit, WitCheck, WitClaims, WitConfig};
-pub use wpt::{
-    RequestHeaders, VerifiedWpt, WPT_TYP, WptCheck, WptConfig, WptContext, WptInput,
-};
+pub use wpt::{RequestHeaders, VerifiedWpt, WPT_TYP, WptCheck, WptConfig, WptContext, WptInput};

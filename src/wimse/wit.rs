@@ -352,7 +352,9 @@ fn subject(sub: &str, require_spiffe: bool) -> Result<Option<SpiffeId>, WitError
         return Err(WitError::SubNotUri("not ASCII"));
     }
     if sub.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        return Err(WitError::SubNotUri("holds whitespace or a control character"));
+        return Err(WitError::SubNotUri(
+            "holds whitespace or a control character",
+        ));
     }
     let Some((scheme, rest)) = sub.split_once(':') else {
         return Err(WitError::SubNotUri("no scheme"));
@@ -423,7 +425,10 @@ mod tests {
 
     #[test]
     fn absolute_uris_pass_and_others_are_named() {
-        assert_eq!(subject("wimse://example.com/specific-workload", false), Ok(None));
+        assert_eq!(
+            subject("wimse://example.com/specific-workload", false),
+            Ok(None)
+        );
         assert_eq!(subject("urn:example:w", false), Ok(None));
         for (sub, why) in [
             ("", "no scheme"),
@@ -436,7 +441,11 @@ mod tests {
             ("wimse://a\u{7f}", "holds whitespace or a control character"),
             ("wimse://caf\u{e9}", "not ASCII"),
         ] {
-            assert_eq!(subject(sub, false), Err(WitError::SubNotUri(why)), "{sub:?}");
+            assert_eq!(
+                subject(sub, false),
+                Err(WitError::SubNotUri(why)),
+                "{sub:?}"
+            );
         }
         let long = format!("wimse://a/{}", "b".repeat(MAX_SUB_LEN));
         assert_eq!(
@@ -447,7 +456,9 @@ mod tests {
 
     #[test]
     fn spiffe_ids_are_exposed_and_required_when_asked() {
-        let id = subject("spiffe://example.org/ns/a/sa/b", true).unwrap().unwrap();
+        let id = subject("spiffe://example.org/ns/a/sa/b", true)
+            .unwrap()
+            .unwrap();
         assert_eq!(id.trust_domain(), "example.org");
         assert_eq!(
             subject("wimse://example.com/w", true),

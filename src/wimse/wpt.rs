@@ -145,18 +145,34 @@ pub trait RequestHeaders {
     fn field_values(&self, name: &str) -> Vec<&[u8]>;
 }
 
-impl RequestHeaders for [(&str, &str)] {
+/// Name–value pairs (a test's or the CLI's headers), names compared
+/// case-insensitively.
+fn pair_values<'a, N: AsRef<str>, V: AsRef<[u8]>>(
+    pairs: &'a [(N, V)],
+    name: &str,
+) -> Vec<&'a [u8]> {
+    pairs
+        .iter()
+        .filter(|(n, _)| n.as_ref().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_ref())
+        .collect()
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>> RequestHeaders for [(N, V)] {
     fn field_values(&self, name: &str) -> Vec<&[u8]> {
-        self.iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_bytes())
-            .collect()
+        pair_values(self, name)
     }
 }
 
-impl<const N: usize> RequestHeaders for [(&str, &str); N] {
+impl<N: AsRef<str>, V: AsRef<[u8]>> RequestHeaders for Vec<(N, V)> {
     fn field_values(&self, name: &str) -> Vec<&[u8]> {
-        self.as_slice().field_values(name)
+        pair_values(self, name)
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>, const L: usize> RequestHeaders for [(N, V); L] {
+    fn field_values(&self, name: &str) -> Vec<&[u8]> {
+        pair_values(self, name)
     }
 }
 
@@ -388,27 +404,32 @@ pub fn verify(
     }
     observer.passed(WptCheck::Jti);
 
-    if digest(claims, "wth")?.ok_or(WptError::MissingClaim("wth"))? != *ctx.wit.wth.as_bytes() {
+    let wth = claims::optional_string(claims, "wth")?.ok_or(WptError::MissingClaim("wth"))?;
+    if !is_hash_of(wth, ctx.wit.wth.as_bytes()) {
         return Err(WptError::WthMismatch);
     }
     observer.passed(WptCheck::Wth);
 
-    match (ctx.access_token, digest(claims, "ath")?) {
-        (Some(token), Some(ath)) if ath == *TokenHash::of(token).as_bytes() => {}
-        (Some(_), Some(_)) => return Err(WptError::AthMismatch),
-        (Some(_), None) => return Err(WptError::AthMissing),
-        (None, Some(_)) => return Err(WptError::AthUnexpected),
-        (None, None) => {}
-    }
+    bound_token(
+        claims::optional_string(claims, "ath")?,
+        ctx.access_token,
+        [
+            WptError::AthMissing,
+            WptError::AthMismatch,
+            WptError::AthUnexpected,
+        ],
+    )?;
     observer.passed(WptCheck::Ath);
 
-    match (ctx.txn_token, digest(claims, "tth")?) {
-        (Some(token), Some(tth)) if tth == *TokenHash::of(token).as_bytes() => {}
-        (Some(_), Some(_)) => return Err(WptError::TthMismatch),
-        (Some(_), None) => return Err(WptError::TthMissing),
-        (None, Some(_)) => return Err(WptError::TthUnexpected),
-        (None, None) => {}
-    }
+    bound_token(
+        claims::optional_string(claims, "tth")?,
+        ctx.txn_token,
+        [
+            WptError::TthMissing,
+            WptError::TthMismatch,
+            WptError::TthUnexpected,
+        ],
+    )?;
     observer.passed(WptCheck::Tth);
 
     if let Some(oth) = claims.get("oth") {
@@ -451,20 +472,27 @@ fn jti_len(jti: &str) -> usize {
     b64::decode(jti.as_bytes()).map_or(jti.len(), |bytes| bytes.len())
 }
 
-/// An optional SHA-256 claim (`wth`, `ath`, `tth`): a string that must be
-/// canonical base64url of 32 bytes. Digests are compared, not strings, so
-/// there is one accepted spelling.
-fn digest(claims: &Map<String, Value>, name: &'static str) -> Result<Option<[u8; 32]>, WptError> {
-    let Some(text) = claims::optional_string(claims, name)? else {
-        return Ok(None);
-    };
-    match b64::decode_array::<32>(text.as_bytes()) {
-        Ok(digest) => Ok(Some(digest)),
-        Err(_) => Err(match name {
-            "wth" => WptError::WthMismatch,
-            "ath" => WptError::AthMismatch,
-            _ => WptError::TthMismatch,
-        }),
+/// Whether `claim` is the canonical base64url of `digest`. Digests are
+/// compared, not strings, so there is one accepted spelling.
+fn is_hash_of(claim: &str, digest: &[u8; 32]) -> bool {
+    b64::decode_array::<32>(claim.as_bytes()).is_ok_and(|found| found == *digest)
+}
+
+/// `ath` or `tth` against the token sent with it: required and matching
+/// when there is one, absent when there is none. `errors` are the
+/// missing, mismatch and unexpected refusals.
+fn bound_token(
+    claim: Option<&str>,
+    token: Option<&str>,
+    errors: [WptError; 3],
+) -> Result<(), WptError> {
+    let [missing, mismatch, unexpected] = errors;
+    match (token, claim) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(unexpected),
+        (Some(_), None) => Err(missing),
+        (Some(token), Some(claim)) if is_hash_of(claim, TokenHash::of(token).as_bytes()) => Ok(()),
+        (Some(_), Some(_)) => Err(mismatch),
     }
 }
 

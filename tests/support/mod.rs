@@ -18,6 +18,7 @@ pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod reference;
+pub mod wimse;
 
 use serde_json::{Value, json};
 use tally::dpop::NormalizedUri;
