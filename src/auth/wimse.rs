@@ -28,7 +28,6 @@ use super::request::RequestVerifier;
 use super::verdict::{Caller, WitHolder};
 use crate::dpop::{NormalizedUri, ReplayError, TokenHash};
 use crate::identity::SpiffeId;
-use crate::jose::b64;
 use crate::token::{Jwks, TokenClaims};
 use crate::wimse::{self, RequestHeaders, VerifiedWit, WitKeys, WptContext};
 use std::sync::Arc;
@@ -109,7 +108,7 @@ impl RequestVerifier {
             // The second it started counts as after: a restart takes
             // longer than that, and a sender's clock a second behind
             // would otherwise be refused for a whole lifetime.
-            if young && wpt_iat(creds.wpt).is_none_or(|iat| iat < started) {
+            if young && wpt.iat.is_none_or(|iat| iat < started) {
                 return Err(AuthError::WptBeforeRestart { started });
             }
         }
@@ -149,15 +148,4 @@ impl RequestVerifier {
         }
         Ok(claims)
     }
-}
-
-/// A WPT's `iat`, read after the WPT verified (so its payload is known to
-/// be a JSON object signed by the WIT's key). The drafts define no `iat`
-/// for a WPT; tally's carry one, and a verifier that has just started
-/// needs it.
-fn wpt_iat(wpt: &str) -> Option<u64> {
-    let payload = wpt.split('.').nth(1)?;
-    let bytes = b64::decode(payload.as_bytes()).ok()?;
-    let claims = crate::jose::json::parse_object(&bytes).ok()?;
-    claims.get("iat")?.as_u64()
 }

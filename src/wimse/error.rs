@@ -297,6 +297,14 @@ pub enum WptError {
     /// An `oth` value is not a string.
     #[error("oth value for {0:?} is not a string")]
     OthValueType(String),
+    /// `iat` is in the future, beyond leeway.
+    #[error("WPT issued at {iat}, in the future (now {now})")]
+    IssuedInFuture {
+        /// Issued at.
+        iat: u64,
+        /// Verifier's time.
+        now: u64,
+    },
     /// An `oth` value is not the hash of its header's value.
     #[error("oth value for {0:?} does not match the header's value")]
     OthMismatch(String),
@@ -329,6 +337,7 @@ impl WptError {
             Self::AudInvalid(_) | Self::AudMismatch { .. } => "wpt_aud",
             Self::Expired { .. } => "wpt_expired",
             Self::TooLongLived { .. } => "wpt_lifetime",
+            Self::IssuedInFuture { .. } => "wpt_iat",
             Self::JtiTooShort { .. } | Self::JtiTooLong { .. } => "wpt_jti",
             Self::WthMismatch => "wpt_wth",
             Self::AthMissing | Self::AthMismatch | Self::AthUnexpected => "wpt_ath",

@@ -299,7 +299,9 @@ impl fmt::Display for WptCheck {
             Self::Alg => "alg is the WIT's cnf.jwk.alg",
             Self::Signature => "signature verifies with the WIT's cnf.jwk",
             Self::Audience => "aud matches the request URI",
-            Self::Expiry => "exp not passed and within the maximum lifetime",
+            Self::Expiry => {
+                "exp not passed and within the maximum lifetime, iat (if any) not ahead"
+            }
             Self::Jti => "jti present, at least 128 bits, within length",
             Self::Wth => "wth matches the WIT",
             Self::Ath => "ath matches the access token (absent without one)",
@@ -317,6 +319,9 @@ pub struct VerifiedWpt {
     pub jti: String,
     /// Its expiry: how long the replay cache must remember `jti`.
     pub exp: u64,
+    /// When it was made, if it says (tally's WPTs do; the drafts define
+    /// no `iat`).
+    pub iat: Option<u64>,
     /// Its audience, normalized.
     pub aud: NormalizedUri,
 }
@@ -386,6 +391,14 @@ pub fn verify(
             max_lifetime: config.max_lifetime,
         });
     }
+    // `iat` is no draft claim, but when present it must be sane: a
+    // verifier that just restarted relies on it (see `auth::wimse`).
+    let iat = claims::optional_integer(claims, "iat")?;
+    if let Some(iat) = iat
+        && iat > now.saturating_add(leeway)
+    {
+        return Err(WptError::IssuedInFuture { iat, now });
+    }
     observer.passed(WptCheck::Expiry);
 
     let jti = claims::string(claims, "jti")?;
@@ -440,6 +453,7 @@ pub fn verify(
     Ok(VerifiedWpt {
         jti: jti.to_owned(),
         exp,
+        iat,
         aud,
     })
 }
