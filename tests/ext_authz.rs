@@ -36,7 +36,16 @@ async fn an_admitted_check_sets_the_identity_headers_over_spoofed_ones_and_remov
     );
     assert_eq!(header(&answer, "x-tally-transport").unwrap(), "plaintext");
     assert!(!header(&answer, "x-tally-token-id").unwrap().is_empty());
-    assert_eq!(removed(&answer), ["x-tally-admin", "authorization", "dpop"]);
+    assert_eq!(
+        removed(&answer),
+        [
+            "x-tally-admin",
+            "authorization",
+            "dpop",
+            "workload-identity-token",
+            "workload-proof-token"
+        ]
+    );
 
     // The same proof again: the gate's replay cache, as at the inbound proxy.
     let again = scene

@@ -246,6 +246,30 @@ fn exp_is_required_not_passed_and_not_too_far_ahead() {
 }
 
 #[test]
+fn an_iat_is_optional_but_never_ahead_of_now_beyond_leeway() {
+    let (fx, wit_text, wit) = setup();
+    let text = edit(&fx, &wit_text, |c| c["iat"] = json!(NOW + 30));
+    assert_eq!(
+        accepted(&wit, &text, &Request::default()).iat,
+        Some(NOW + 30)
+    );
+    let text = edit(&fx, &wit_text, |c| c["iat"] = json!(NOW + 31));
+    refused(
+        &wit,
+        &text,
+        &Request::default(),
+        WptCheck::Expiry,
+        WptError::IssuedInFuture {
+            iat: NOW + 31,
+            now: NOW,
+        },
+    );
+    let text = edit(&fx, &wit_text, |c| c["iat"] = json!("soon"));
+    let (result, _) = check(&wit, &text, &Request::default(), &WptConfig::default());
+    assert!(result.is_err());
+}
+
+#[test]
 fn jti_is_required_and_carries_at_least_128_bits() {
     let (fx, wit_text, wit) = setup();
     let text = edit(&fx, &wit_text, |c| {

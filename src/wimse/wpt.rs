@@ -299,9 +299,7 @@ impl fmt::Display for WptCheck {
             Self::Alg => "alg is the WIT's cnf.jwk.alg",
             Self::Signature => "signature verifies with the WIT's cnf.jwk",
             Self::Audience => "aud matches the request URI",
-            Self::Expiry => {
-                "exp not passed and within the maximum lifetime, iat (if any) not ahead"
-            }
+            Self::Expiry => "exp not passed and within the maximum lifetime",
             Self::Jti => "jti present, at least 128 bits, within length",
             Self::Wth => "wth matches the WIT",
             Self::Ath => "ath matches the access token (absent without one)",
