@@ -290,3 +290,49 @@ fn every_documented_envoy_config_passes_envoys_own_validation() {
         assert!(doc.contains(name), "docs/ENVOY.md does not name {name}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn envoy_admits_a_wit_and_wpt_once_and_holds_them_back_from_the_app() {
+    let Some(bin) = support::envoy::binary() else {
+        return;
+    };
+    let scene = Scene::start().await;
+    let (envoy, app) = envoy_for(&scene, &bin).await;
+    let socket = scene.checkout.socket.clone().unwrap();
+    let ask = serde_json::json!({
+        "method": "POST",
+        "url": format!("http://{HOST}/v1/charges"),
+        "scope": "payments:charge",
+        "proof": "wimse",
+    });
+    let (code, values) = support::mesh::local(&socket, "POST", "/v1/authorize", Some(ask)).await;
+    assert_eq!(code, 200, "{values}");
+    let headers = [
+        (
+            "workload-identity-token",
+            values["workload-identity-token"].as_str().unwrap(),
+        ),
+        (
+            "workload-proof-token",
+            values["workload-proof-token"].as_str().unwrap(),
+        ),
+        ("authorization", values["authorization"].as_str().unwrap()),
+    ];
+    let ok = through(&envoy, "POST", "/v1/charges", &headers).await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    let seen = ok.json();
+    assert_eq!(seen["caller"], CHECKOUT);
+    assert_eq!(seen["scopes"], "payments:charge");
+    assert_eq!(seen["wit"], false, "the WIT stays out of the app");
+    assert_eq!(seen["wpt"], false, "the WPT stays out of the app");
+    assert_eq!(seen["authorization"], false);
+
+    let replayed = through(&envoy, "POST", "/v1/charges", &headers).await;
+    assert_eq!(replayed.status, 401);
+    assert_eq!(challenge(&replayed), "WPT");
+    assert_eq!(replayed.json()["error"], "invalid_wpt");
+    assert_eq!(app.seen.load(Ordering::SeqCst), 1);
+    drop(envoy);
+    app.stop();
+    scene.stop().await;
+}

@@ -379,3 +379,61 @@ async fn on_the_unix_socket_a_verified_peer_certificate_stands_for_its_key() {
     assert_eq!(header(&answer, "x-tally-transport").unwrap(), "mtls");
     scene.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wimse_check_is_judged_like_any_other_and_its_credentials_removed() {
+    let scene = Scene::start().await;
+    let socket = scene.checkout.socket.clone().unwrap();
+    let url = format!("http://{}/v1/charges", support::ext_authz::HOST);
+    let ask = serde_json::json!({
+        "method": "POST", "url": url, "scope": "payments:charge", "proof": "wimse",
+    });
+    let (code, values) = support::mesh::local(&socket, "POST", "/v1/authorize", Some(ask)).await;
+    assert_eq!(code, 200, "{values}");
+    let (wit, wpt, auth) = (
+        values["workload-identity-token"].as_str().unwrap(),
+        values["workload-proof-token"].as_str().unwrap(),
+        values["authorization"].as_str().unwrap(),
+    );
+    let headers = [
+        ("workload-identity-token", wit),
+        ("workload-proof-token", wpt),
+        ("authorization", auth),
+    ];
+    let answer = scene.check(http("POST", "/v1/charges", &headers)).await;
+    assert_eq!(status(&answer), 200, "{answer:?}");
+    assert_eq!(header(&answer, "x-tally-caller").unwrap(), CHECKOUT);
+    assert_eq!(
+        header(&answer, "x-tally-scopes").unwrap(),
+        "payments:charge"
+    );
+    assert!(removed(&answer).contains(&"workload-identity-token".to_owned()));
+    assert!(removed(&answer).contains(&"workload-proof-token".to_owned()));
+
+    // The same WPT again, spent at the gate.
+    let again = scene.check(http("POST", "/v1/charges", &headers)).await;
+    assert_eq!(status(&again), 401);
+    assert_eq!(header(&again, "www-authenticate").as_deref(), Some("WPT"));
+    // A comma-joined WIT is two WITs; the WIT alone is no credential.
+    let joined = format!("{wit},{wit}");
+    let doubled = scene
+        .check(http(
+            "POST",
+            "/v1/charges",
+            &[
+                ("workload-identity-token", &joined),
+                ("workload-proof-token", wpt),
+            ],
+        ))
+        .await;
+    assert_eq!(status(&doubled), 400, "{doubled:?}");
+    let bare = scene
+        .check(http(
+            "POST",
+            "/v1/charges",
+            &[("workload-identity-token", wit)],
+        ))
+        .await;
+    assert_eq!(status(&bare), 401);
+    scene.stop().await;
+}
