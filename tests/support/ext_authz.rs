@@ -32,7 +32,9 @@ impl Scene {
 
     /// With `payments` settings beyond ext_authz and the admin port.
     pub async fn start_with(payments: Parts) -> Self {
-        let mesh = Mesh::start().await;
+        // Checkout may hold a WIT: checks may carry WIMSE credentials.
+        let mesh =
+            Mesh::start_with_settings(super::broker::settings(super::mesh::POLICY_WITH_WIT)).await;
         let payments = mesh
             .sidecar(
                 PAYMENTS,

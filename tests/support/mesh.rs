@@ -22,6 +22,11 @@ pub const CHECKOUT: &str = "spiffe://example.org/ns/shop/sa/checkout";
 pub const PAYMENTS: &str = "spiffe://example.org/ns/pay/sa/payments";
 pub const REPORTING: &str = "spiffe://example.org/ns/finance/sa/reporting";
 pub const POLICY: &str = include_str!("../fixtures/policy.yaml");
+/// [`POLICY`], and every workload may hold a WIMSE WIT.
+pub const POLICY_WITH_WIT: &str = concat!(
+    include_str!("../fixtures/policy.yaml"),
+    "wit:\n  - from: spiffe://example.org/ns/*/sa/*\n"
+);
 
 /// An app that answers every request with JSON describing it (method,
 /// path, the x-tally-* headers, whether credentials reached it, body
