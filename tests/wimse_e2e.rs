@@ -8,7 +8,7 @@
 mod support;
 
 use std::sync::atomic::Ordering;
-use support::mesh::{App, CHECKOUT, Mesh, PAYMENTS, Parts, Started, local, send};
+use support::mesh::{App, CHECKOUT, Mesh, PAYMENTS, Parts, REPORTING, Started, local, send};
 use support::proxy::revocations;
 use tally::sidecar::api::ServiceMap;
 use tally::sidecar::service_map::{Entry, Proof};
@@ -34,13 +34,36 @@ access:
       - from: spiffe://example.org/ns/shop/sa/checkout
         methods: [GET]
         paths: [/v1/status]
+  - workload: spiffe://example.org/ns/finance/sa/reporting
+    allow:
+      - from: spiffe://example.org/ns/shop/sa/checkout
+        methods: [GET]
+        paths: [/v1/status]
 ";
 
 async fn mesh() -> Mesh {
     Mesh::start_with_settings(support::broker::settings(POLICY)).await
 }
 
+/// The authority payments is configured to serve (`--inbound-authority`):
+/// what lets it trust a WPT's `aud` without an access token or an mTLS
+/// peer.
+const PAYMENTS_HOST: &str = "payments.svc:8080";
+
 async fn payments(mesh: &Mesh, app: &App) -> Started {
+    mesh.sidecar(
+        PAYMENTS,
+        Parts {
+            inbound_to: Some(app.addr),
+            authorities: vec![PAYMENTS_HOST.to_owned()],
+            ..Parts::default()
+        },
+    )
+    .await
+}
+
+/// Payments without configured authorities (the default).
+async fn payments_anywhere(mesh: &Mesh, app: &App) -> Started {
     mesh.sidecar(
         PAYMENTS,
         Parts {
@@ -84,6 +107,7 @@ async fn authorize(
     let mut ask = serde_json::json!({"method": method, "url": url, "proof": "wimse"});
     if let Some(scope) = scope {
         ask["scope"] = scope.into();
+        ask["audience"] = PAYMENTS.into();
     }
     let (status, answer) = local(socket, "POST", "/v1/authorize", Some(ask)).await;
     assert_eq!(status, 200, "{answer}");
@@ -104,17 +128,16 @@ async fn authorize(
     headers
 }
 
+/// `method path` at `inbound`, addressed to [`PAYMENTS_HOST`].
 async fn call(
     inbound: std::net::SocketAddr,
     method: &str,
     path: &str,
     headers: &[(String, String)],
 ) -> support::mesh::Answer {
-    let headers: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    send(inbound, method, path, &headers, "").await
+    let mut all: Vec<(&str, &str)> = vec![("host", PAYMENTS_HOST)];
+    all.extend(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    send(inbound, method, path, &all, "").await
 }
 
 /// The claims of a compact JWS, unverified (the test only reads them).
@@ -132,28 +155,56 @@ async fn through_the_outbound_proxy_a_wimse_destination_gets_a_wit_and_wpt_and_t
  {
     let mesh = mesh().await;
     let app = App::start().await;
-    let payments = payments(&mesh, &app).await;
+    // Payments knows no authority of its own: over plaintext a WIT alone
+    // is refused (its WPT's aud could be another server's), over mTLS the
+    // handshake names the caller.
+    let payments = payments_anywhere(&mesh, &app).await;
     let inbound = payments.inbound.unwrap();
     for mtls in [false, true] {
         let checkout = checkout(&mesh, inbound, mtls).await;
         let proxy = checkout.outbound.unwrap();
         let status_url = format!("http://{inbound}/v1/status");
-        // The WIT alone passes a rule that asks for no scope.
         let answer = send(proxy, "GET", &status_url, &[], "").await;
-        assert_eq!(answer.status, 200, "mtls {mtls}: {:?}", answer.body);
-        let seen = answer.json();
-        assert_eq!(seen["caller"], CHECKOUT);
-        assert_eq!(seen["scopes"], "");
-        assert_eq!(seen["transport"], if mtls { "mtls" } else { "plaintext" });
-        assert_eq!(seen["wit"], false, "the WIT is not forwarded to the app");
-        assert_eq!(seen["wpt"], false, "the WPT is not forwarded to the app");
-        assert_eq!(seen["authorization"], false);
+        if mtls {
+            // The WIT alone passes a rule that asks for no scope.
+            assert_eq!(answer.status, 200, "mtls: {:?}", answer.body);
+            let seen = answer.json();
+            assert_eq!(seen["caller"], CHECKOUT);
+            assert_eq!(seen["scopes"], "");
+            assert_eq!(seen["transport"], "mtls");
+            assert_eq!(seen["wit"], false, "the WIT is not forwarded to the app");
+            assert_eq!(seen["wpt"], false, "the WPT is not forwarded to the app");
+            assert_eq!(seen["authorization"], false);
+            // The app's Txn-Token goes along, bound by the WPT (`tth`);
+            // two are refused before anything is sent.
+            let with_txn = send(
+                proxy,
+                "GET",
+                &status_url,
+                &[("txn-token", "txn.abc.def")],
+                "",
+            )
+            .await;
+            assert_eq!(with_txn.status, 200, "{:?}", with_txn.body);
+            let two = send(
+                proxy,
+                "GET",
+                &status_url,
+                &[("txn-token", "a"), ("txn-token", "b")],
+                "",
+            )
+            .await;
+            assert_eq!(two.status, 400, "{:?}", two.body);
+        } else {
+            assert_eq!(answer.status, 401, "plaintext: {:?}", answer.body);
+            assert_eq!(answer.json()["error"], "invalid_wpt");
+        }
         // A rule that asks for a scope needs the access token, which the
         // app asks for by naming the scope.
         let charges = format!("http://{inbound}/v1/charges");
         let bare = send(proxy, "POST", &charges, &[], "{}").await;
-        assert_eq!(bare.status, 403, "{:?}", bare.body);
-        assert_eq!(bare.json()["error"], "insufficient_scope");
+        let expected = if mtls { 403 } else { 401 };
+        assert_eq!(bare.status, expected, "{:?}", bare.body);
         let scoped = send(
             proxy,
             "POST",
@@ -165,6 +216,7 @@ async fn through_the_outbound_proxy_a_wimse_destination_gets_a_wit_and_wpt_and_t
         assert_eq!(scoped.status, 200, "{:?}", scoped.body);
         assert_eq!(scoped.json()["scopes"], "payments:charge");
         assert_eq!(scoped.json()["caller"], CHECKOUT);
+        assert_eq!(scoped.json()["wit"], false);
         checkout.sidecar.stop().await.unwrap();
     }
 }
@@ -177,7 +229,7 @@ async fn authorize_gives_wimse_headers_the_inbound_accepts_once_and_for_that_url
     let inbound = payments.inbound.unwrap();
     let checkout = checkout(&mesh, inbound, false).await;
     let socket = checkout.socket.clone().unwrap();
-    let url = format!("http://{inbound}/v1/status");
+    let url = format!("http://{PAYMENTS_HOST}/v1/status");
 
     let headers = authorize(&socket, "GET", &url, None).await;
     let wit = claims(header(&headers, "workload-identity-token"));
@@ -207,7 +259,7 @@ async fn authorize_gives_wimse_headers_the_inbound_accepts_once_and_for_that_url
 
     // With a scope, the access token comes along, bound to the WIT's key
     // and hashed into the WPT.
-    let charges = format!("http://{inbound}/v1/charges");
+    let charges = format!("http://{PAYMENTS_HOST}/v1/charges");
     let headers = authorize(&socket, "POST", &charges, Some("payments:charge")).await;
     let token = header(&headers, "authorization")
         .strip_prefix("DPoP ")
@@ -244,7 +296,7 @@ async fn a_wpt_not_signed_by_the_wits_key_is_refused() {
     let inbound = payments.inbound.unwrap();
     let checkout = checkout(&mesh, inbound, false).await;
     let socket = checkout.socket.clone().unwrap();
-    let url = format!("http://{inbound}/v1/status");
+    let url = format!("http://{PAYMENTS_HOST}/v1/status");
     let headers = authorize(&socket, "GET", &url, None).await;
     let wit = header(&headers, "workload-identity-token").to_owned();
 
@@ -298,7 +350,7 @@ async fn a_revoked_wit_is_refused_and_its_holder_fetches_another() {
     let inbound = payments.inbound.unwrap();
     let checkout = checkout(&mesh, inbound, false).await;
     let socket = checkout.socket.clone().unwrap();
-    let url = format!("http://{inbound}/v1/status");
+    let url = format!("http://{PAYMENTS_HOST}/v1/status");
     let admin: tally::identity::SpiffeId = "spiffe://example.org/admin".parse().unwrap();
 
     let before = authorize(&socket, "GET", &url, None).await;
@@ -344,4 +396,41 @@ async fn a_revoked_wit_is_refused_and_its_holder_fetches_another() {
     let refused = call(inbound, "GET", "/v1/status", &held).await;
     assert_eq!(refused.status, 401, "{:?}", refused.body);
     assert_eq!(refused.json()["error"], "invalid_wit");
+}
+
+#[tokio::test]
+async fn a_wit_and_wpt_made_for_one_workload_are_refused_by_another() {
+    let mesh = mesh().await;
+    let app = App::start().await;
+    let payments = payments(&mesh, &app).await;
+    let checkout = checkout(&mesh, payments.inbound.unwrap(), false).await;
+    let socket = checkout.socket.clone().unwrap();
+    let url = format!("http://{PAYMENTS_HOST}/v1/status");
+    // Reporting lets checkout read its status too; one copy of it serves
+    // any authority (the default), one only its own.
+    let reporting = |authorities: Vec<String>| {
+        mesh.sidecar(
+            REPORTING,
+            Parts {
+                inbound_to: Some(app.addr),
+                authorities,
+                ..Parts::default()
+            },
+        )
+    };
+    let anywhere = reporting(Vec::new()).await;
+    let ledger = reporting(vec!["reporting.svc:8080".to_owned()]).await;
+
+    // What payments (or anyone on its path) saw, sent on to reporting with
+    // payments' Host: nothing ties the WPT's aud to reporting.
+    let captured = authorize(&socket, "GET", &url, None).await;
+    let replayed = call(anywhere.inbound.unwrap(), "GET", "/v1/status", &captured).await;
+    assert_eq!(replayed.status, 401, "{:?}", replayed.body);
+    assert_eq!(replayed.json()["error"], "invalid_wpt");
+    let misdirected = call(ledger.inbound.unwrap(), "GET", "/v1/status", &captured).await;
+    assert_eq!(misdirected.status, 421, "{:?}", misdirected.body);
+    assert_eq!(app.seen.load(Ordering::SeqCst), 0);
+    // Payments, which knows its authority, takes it (once).
+    let ok = call(payments.inbound.unwrap(), "GET", "/v1/status", &captured).await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
 }

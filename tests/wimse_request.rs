@@ -58,6 +58,8 @@ impl Scene {
         .unwrap()
     }
 
+    /// The check as the gate runs it for a server that knows its
+    /// authorities: verified, then the WPT spent.
     fn check(
         &self,
         v: &RequestVerifier,
@@ -65,6 +67,20 @@ impl Scene {
         token: Option<&str>,
         txn: &[&str],
         holder: Option<&str>,
+        now: u64,
+    ) -> Result<Caller, AuthError> {
+        self.check_with(v, wpt, token, txn, holder, true, now)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_with(
+        &self,
+        v: &RequestVerifier,
+        wpt: &str,
+        token: Option<&str>,
+        txn: &[&str],
+        holder: Option<&str>,
+        authority_configured: bool,
         now: u64,
     ) -> Result<Caller, AuthError> {
         let txn: Vec<&[u8]> = txn.iter().map(|t| t.as_bytes()).collect();
@@ -80,12 +96,17 @@ impl Scene {
                 url: &self.url,
                 txn_token: &txn,
                 headers: &headers,
+                authority_configured,
             },
             holder.as_ref(),
             &self.fx.jwks,
             &self.wit_keys,
             now,
         )
+        .and_then(|verified| {
+            v.spend_wpt(verified.wpt, now)?;
+            Ok(verified.caller)
+        })
     }
 }
 
@@ -230,7 +251,9 @@ fn a_verifier_that_just_started_takes_only_wpts_made_since() {
     let since = s.wpt(None, None, started);
     assert!(s.check(&v, &since, None, &[], None, started + 5).is_ok());
     // Once a whole lifetime (and leeway) has passed, no iat is needed.
-    let later = started + 300 + 30 + 1;
+    // (a lifetime and two leeways: a WPT accepted just before the start
+    // may be shown until its `exp` plus leeway).
+    let later = started + 300 + 2 * 30 + 1;
     let no_iat_later = tally::jose::jws::sign_compact(
         &tally::jose::b64::encode(r#"{"typ":"wpt+jwt","alg":"ES256"}"#),
         serde_json::json!({
@@ -267,6 +290,72 @@ fn the_replay_cache_remembers_a_wpt_for_its_whole_lifetime() {
     // Past a DPoP proof's 120 s window, inside the WPT's life.
     assert_eq!(
         s.check(&v, &long, None, &[], None, NOW + 250).unwrap_err(),
+        AuthError::WptReplayed
+    );
+}
+
+#[test]
+fn a_wit_alone_needs_something_that_pins_the_wpts_aud_to_this_server() {
+    let s = Scene::new();
+    let v = verifier(&s.fx);
+    // No configured authority, no authenticated sender, no token: the
+    // URL's authority is only what `Host` said, so the WPT may have been
+    // made for another server.
+    let wpt = s.wpt(None, None, NOW);
+    assert_eq!(
+        s.check_with(&v, &wpt, None, &[], None, false, NOW)
+            .unwrap_err(),
+        AuthError::WptAudUnpinned
+    );
+    assert_eq!(
+        answer(&AuthError::WptAudUnpinned, None).error,
+        "invalid_wpt"
+    );
+    // Refused before it was spent: a mesh peer may still use it...
+    assert!(
+        s.check_with(&v, &wpt, None, &[], Some(CALLER), false, NOW)
+            .is_ok()
+    );
+    // ...and an access token (whose aud names this workload) pins it too.
+    let token = s.fx.token();
+    let wpt = s.wpt(Some(token.expose()), None, NOW);
+    assert!(
+        s.check_with(&v, &wpt, Some(token.expose()), &[], None, false, NOW)
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_wpt_refused_by_a_later_check_is_not_spent() {
+    let s = Scene::new();
+    let v = verifier(&s.fx);
+    let wpt = s.wpt(None, None, NOW);
+    // Verified but never spent (the verdict refused the request).
+    let txn: [&[u8]; 0] = [];
+    let headers: [(&str, &str); 0] = [];
+    let verified = v
+        .verify_wimse(
+            &WimseCredentials {
+                wit: &s.wit,
+                wpt: &wpt,
+                token: None,
+            },
+            &WimseRequest {
+                url: &s.url,
+                txn_token: &txn,
+                headers: &headers,
+                authority_configured: true,
+            },
+            None,
+            &s.fx.jwks,
+            &s.wit_keys,
+            NOW,
+        )
+        .unwrap();
+    drop(verified);
+    assert!(s.check(&v, &wpt, None, &[], None, NOW).is_ok());
+    assert_eq!(
+        s.check(&v, &wpt, None, &[], None, NOW).unwrap_err(),
         AuthError::WptReplayed
     );
 }

@@ -120,9 +120,8 @@ pub fn answer(error: &AuthError, fresh_nonce: Option<String>) -> HttpAnswer {
         AuthError::WimseIncomplete { .. }
         | AuthError::Wpt(_)
         | AuthError::WptReplayed
-        | AuthError::WptBeforeRestart { .. } => {
-            HttpAnswer::wpt_challenge(401, "invalid_wpt", &text)
-        }
+        | AuthError::WptBeforeRestart { .. }
+        | AuthError::WptAudUnpinned => HttpAnswer::wpt_challenge(401, "invalid_wpt", &text),
         AuthError::TokenNotForWit => HttpAnswer::challenge(401, "invalid_token", &text),
         AuthError::Token(_) | AuthError::NotThePeer => {
             HttpAnswer::challenge(401, "invalid_token", &text)

@@ -146,7 +146,7 @@ impl Case {
                 "The `Workload-Identity-Token` failed a check: not a JWS, `typ` not `wit+jwt`, `alg` not ES256 or EdDSA, unknown `kid`, bad signature, `sub` not a SPIFFE ID, expired or not yet valid, `cnf.jwk` missing, private or without a fitting `alg`: 401 with a `WPT` challenge."
             }
             Self::Wpt => {
-                "The Workload Proof Token failed a check: `typ` not `wpt+jwt`, `alg` not the WIT's `cnf.jwk.alg`, signature not by the WIT's key, `aud` not this request's URL, expired or too long-lived, `jti` short or already seen (replay), `wth`, `ath`, `tth` or `oth` not matching what came, or (just after a restart) no `iat` after the start: 401 with a `WPT` challenge."
+                "The Workload Proof Token failed a check: `typ` not `wpt+jwt`, `alg` not the WIT's `cnf.jwk.alg`, signature not by the WIT's key, `aud` not this request's URL, expired or too long-lived, `jti` short or already seen (replay), `wth`, `ath`, `tth` or `oth` not matching what came, (just after a restart) no `iat` after the start, or a WIT alone where nothing pins `aud` to this server (no `--inbound-authority`, no mTLS peer, no access token): 401 with a `WPT` challenge."
             }
             Self::TokenNotForWit => {
                 "The access token sent with a WIT is held by another workload, or bound (`cnf.jkt`) to another key than the WIT's."
@@ -291,9 +291,10 @@ pub fn case(refusal: &Refusal) -> Case {
             },
             AuthError::WimseIncomplete { .. } => Case::WimseIncomplete,
             AuthError::Wit(_) => Case::Wit,
-            AuthError::Wpt(_) | AuthError::WptReplayed | AuthError::WptBeforeRestart { .. } => {
-                Case::Wpt
-            }
+            AuthError::Wpt(_)
+            | AuthError::WptReplayed
+            | AuthError::WptBeforeRestart { .. }
+            | AuthError::WptAudUnpinned => Case::Wpt,
             AuthError::TokenNotForWit => Case::TokenNotForWit,
             AuthError::Token(_) => Case::Token,
             AuthError::NotThePeer => Case::NotThePeer,

@@ -51,6 +51,13 @@ pub enum AuthError {
         /// When the verifier started (Unix seconds).
         started: u64,
     },
+    /// A WIT and WPT alone where nothing pins the WPT's `aud` to this
+    /// server: no configured authorities, no authenticated sender, no
+    /// access token (see [`super::wimse`]). 401 `invalid_wpt`.
+    #[error(
+        "workload proof token: its aud cannot be trusted to name this server (no --inbound-authority is configured): send an access token with it, or call over mutual TLS"
+    )]
+    WptAudUnpinned,
     /// The access token sent with a WIT is not the WIT holder's, or not
     /// bound to the WIT's key: 401 `invalid_token`.
     #[error("access token: not held by the WIT's subject with the WIT's key (cnf.jkt)")]

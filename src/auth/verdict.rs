@@ -336,6 +336,7 @@ impl Refusal {
             Self::Unverified(AuthError::Wpt(e)) => e.reason(),
             Self::Unverified(AuthError::WptReplayed) => "replayed_wpt",
             Self::Unverified(AuthError::WptBeforeRestart { .. }) => "wpt_before_restart",
+            Self::Unverified(AuthError::WptAudUnpinned) => "wpt_aud_unpinned",
             Self::Unverified(AuthError::TokenNotForWit) => "invalid_token",
             Self::Unverified(AuthError::Token(_)) => "invalid_token",
             Self::Unverified(AuthError::Proof(e)) if e.wants_nonce() => "use_dpop_nonce",
@@ -373,6 +374,7 @@ impl Refusal {
                 | AuthError::Wpt(_)
                 | AuthError::WptReplayed
                 | AuthError::WptBeforeRestart { .. }
+                | AuthError::WptAudUnpinned
                 | AuthError::TokenNotForWit
                 | AuthError::Request(_)
                 | AuthError::Token(_)

@@ -18,7 +18,19 @@
 //!    than the second the verifier started: a WPT made before could have
 //!    been spent with the previous process;
 //! 5. the WPT's `jti` in the replay cache (shared with DPoP proofs, keyed
-//!    with the WIT's key), last, so a refused request spends nothing.
+//!    with the WIT's key), last, so a refused request spends nothing: the
+//!    caller spends it ([`RequestVerifier::spend_wpt`]) only after the
+//!    verdict admitted the request, so a workload no access rule admits
+//!    cannot fill this verifier's cache with WPTs of its own.
+//!
+//! A WPT's `aud` is only as good as what it is compared with: the URL's
+//! authority comes from the request (`Host`), so it names this server
+//! only when this server was told its authorities (`--inbound-authority`),
+//! or the sender is authenticated (the mutual-TLS peer, or the principal
+//! a proxy in front names: the WIT must be theirs), or an access token
+//! came along (its `aud` names this workload). Without any of these a WPT
+//! made for another server could be replayed here with that server's
+//! `Host`, so a WIT alone is refused ([`AuthError::WptAudUnpinned`]).
 //!
 //! What passes is a [`Caller::Wimse`], judged by the one verdict.
 
@@ -26,7 +38,7 @@ use super::credentials::WimseCredentials;
 use super::error::{AuthError, RequestError};
 use super::request::RequestVerifier;
 use super::verdict::{Caller, WitHolder};
-use crate::dpop::{NormalizedUri, ReplayError, TokenHash};
+use crate::dpop::{NormalizedUri, ReplayError, ReplayKey, TokenHash};
 use crate::identity::SpiffeId;
 use crate::token::{Jwks, TokenClaims};
 use crate::wimse::{self, RequestHeaders, VerifiedWit, WitKeys, WptContext};
@@ -42,6 +54,34 @@ pub struct WimseRequest<'a> {
     pub txn_token: &'a [&'a [u8]],
     /// Every header, for the WPT's `oth`.
     pub headers: &'a dyn RequestHeaders,
+    /// Whether `url`'s authority was checked against the authorities this
+    /// server is configured to serve (not only taken from `Host`).
+    pub authority_configured: bool,
+}
+
+/// A WIMSE request that passed every check but replay, and the WPT to
+/// spend once the verdict admits it ([`RequestVerifier::spend_wpt`]).
+#[derive(Debug)]
+pub struct VerifiedWimse {
+    /// Who is calling, and with what.
+    pub caller: Caller,
+    /// The WPT's place in the replay cache.
+    pub wpt: PendingWpt,
+}
+
+/// A verified WPT not yet recorded in the replay cache.
+#[must_use = "a WPT must be spent before its request is admitted"]
+pub struct PendingWpt {
+    key: ReplayKey,
+    expires_at: u64,
+}
+
+impl std::fmt::Debug for PendingWpt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingWpt")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for WimseRequest<'_> {
@@ -68,7 +108,7 @@ impl RequestVerifier {
         jwks: &Jwks,
         wit_keys: &WitKeys,
         now: u64,
-    ) -> Result<Caller, AuthError> {
+    ) -> Result<VerifiedWimse, AuthError> {
         let config = self.config();
         let wit = wimse::wit::verify(creds.wit, wit_keys, now, &config.wit, &mut ())?;
         let sub = wit
@@ -82,6 +122,9 @@ impl RequestVerifier {
             Some(token) => Some(self.token_for_wit(token, &wit, &sub, jwks, now)?),
             None => None,
         };
+        if token.is_none() && holder.is_none() && !request.authority_configured {
+            return Err(AuthError::WptAudUnpinned);
+        }
         let txn_token = match request.txn_token {
             [] => None,
             [one] => Some(
@@ -101,10 +144,12 @@ impl RequestVerifier {
         if let Some(started) = self.started_at() {
             // A WPT whose `exp` is within a lifetime of this start may
             // have been made before it: only its `iat` can say it was not.
+            // It may be shown until `exp + leeway`, and `exp` may be up to
+            // a lifetime and a leeway after the moment it was accepted.
             let young = now
                 <= started
                     .saturating_add(config.wpt.max_lifetime)
-                    .saturating_add(config.wpt.effective_leeway());
+                    .saturating_add(2 * config.wpt.effective_leeway());
             // The second it started counts as after: a restart takes
             // longer than that, and a sender's clock a second behind
             // would otherwise be refused for a whole lifetime.
@@ -112,14 +157,15 @@ impl RequestVerifier {
                 return Err(AuthError::WptBeforeRestart { started });
             }
         }
-        let key = self.replay_key(&wit.jkt, &wpt.jti);
-        let expires_at = wpt.exp.saturating_add(config.wpt.effective_leeway());
-        match self.replay().check_and_insert(key, expires_at, now) {
-            Ok(()) => {}
-            Err(ReplayError::Replayed) => return Err(AuthError::WptReplayed),
-            Err(ReplayError::Full) => return Err(AuthError::Overloaded),
+        let pending = PendingWpt {
+            key: self.replay_key(&wit.jkt, &wpt.jti),
+            expires_at: wpt.exp.saturating_add(config.wpt.effective_leeway()),
+        };
+        // Seen already: refused now, before the verdict spends a rate.
+        if self.replay().contains(pending.key, now) {
+            return Err(AuthError::WptReplayed);
         }
-        Ok(Caller::Wimse {
+        let caller = Caller::Wimse {
             wit: Arc::new(WitHolder {
                 sub,
                 jti: wit.jti.clone().unwrap_or_default(),
@@ -129,7 +175,26 @@ impl RequestVerifier {
                 exp: wit.exp,
             }),
             token,
+        };
+        Ok(VerifiedWimse {
+            caller,
+            wpt: pending,
         })
+    }
+
+    /// Records a verified WPT's `jti` in the replay cache at `now`: once
+    /// per WPT, whatever came before.
+    ///
+    /// # Errors
+    /// [`AuthError::WptReplayed`] if it was spent already (two requests
+    /// with one WPT at once), [`AuthError::Overloaded`] if the cache is
+    /// full.
+    pub fn spend_wpt(&self, wpt: PendingWpt, now: u64) -> Result<(), AuthError> {
+        match self.replay().check_and_insert(wpt.key, wpt.expires_at, now) {
+            Ok(()) => Ok(()),
+            Err(ReplayError::Replayed) => Err(AuthError::WptReplayed),
+            Err(ReplayError::Full) => Err(AuthError::Overloaded),
+        }
     }
 
     /// The access token sent with a WIT: verified (or from the cache),

@@ -236,6 +236,17 @@ impl ReplayCache {
         Ok(())
     }
 
+    /// Whether `key` is live at `now` (seen, and not yet expired), without
+    /// recording it: for a check that must refuse a replay early but
+    /// records only once every other check has passed.
+    pub fn contains(&self, key: ReplayKey, now: u64) -> bool {
+        let mut shard = self.shards[key.shard()]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shard.expire(now / self.bucket_secs);
+        shard.contains(Stored(key.bits))
+    }
+
     /// Entry count and heap use.
     pub fn stats(&self) -> ReplayStats {
         let mut stats = ReplayStats {

@@ -118,6 +118,26 @@ impl ApiError {
     }
 }
 
+/// The body of `POST /v1/authorize`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeAsk {
+    method: String,
+    url: String,
+    audience: Option<String>,
+    scope: Option<String>,
+    /// The `DPoP-Nonce` the destination answered with
+    /// (`use_dpop_nonce`): the proof carries it, and later proofs
+    /// for that origin too.
+    nonce: Option<String>,
+    /// `dpop` or `wimse`; the service map's choice for the URL's
+    /// host when omitted, else `dpop`.
+    proof: Option<String>,
+    /// WIMSE: the `Txn-Token` the request will carry, bound by
+    /// the WPT's `tth`.
+    txn_token: Option<String>,
+}
+
 /// The one mapping from cache refusals to HTTP answers.
 fn api_error(e: &CacheError) -> ApiError {
     match e {
@@ -257,22 +277,7 @@ impl<F: FetchTokens> LocalApi<F> {
     }
 
     async fn authorize(&self, body: &[u8]) -> Result<Response<Body>, ApiError> {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Ask {
-            method: String,
-            url: String,
-            audience: Option<String>,
-            scope: Option<String>,
-            /// The `DPoP-Nonce` the destination answered with
-            /// (`use_dpop_nonce`): the proof carries it, and later proofs
-            /// for that origin too.
-            nonce: Option<String>,
-            /// `dpop` or `wimse`; the service map's choice for the URL's
-            /// host when omitted, else `dpop`.
-            proof: Option<String>,
-        }
-        let ask: Ask = serde_json::from_slice(body)
+        let ask: AuthorizeAsk = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
         if let Some(nonce) = &ask.nonce {
             // RFC 9449 §8.1: NQCHAR, 1*%x21 / %x23-5B / %x5D-7E.
@@ -302,15 +307,12 @@ impl<F: FetchTokens> LocalApi<F> {
                 .map_or(Proof::Dpop, Destination::proof),
         };
         if proof == Proof::Wimse {
-            return self
-                .authorize_wimse(
-                    &ask.url,
-                    &htu,
-                    ask.audience.as_deref(),
-                    ask.scope.as_deref(),
-                    ask.nonce.is_some(),
-                )
-                .await;
+            return self.authorize_wimse(&ask.url, &htu, &ask).await;
+        }
+        if ask.txn_token.is_some() {
+            return Err(ApiError::bad_request(
+                "txn_token is bound by a WIMSE proof only (proof: wimse)",
+            ));
         }
         let audience = match &ask.audience {
             Some(a) => a
@@ -347,11 +349,17 @@ impl<F: FetchTokens> LocalApi<F> {
         &self,
         url: &str,
         htu: &NormalizedUri,
-        audience: Option<&str>,
-        scope: Option<&str>,
-        nonce: bool,
+        ask: &AuthorizeAsk,
     ) -> Result<Response<Body>, ApiError> {
-        if nonce {
+        let (audience, scope) = (ask.audience.as_deref(), ask.scope.as_deref());
+        if let Some(txn) = &ask.txn_token
+            && (txn.is_empty() || !txn.bytes().all(|b| (0x21..0x7f).contains(&b)))
+        {
+            return Err(ApiError::bad_request(
+                "txn_token must be a header value: visible ASCII, no spaces",
+            ));
+        }
+        if ask.nonce.is_some() {
             return Err(ApiError::bad_request(
                 "nonce is a DPoP server nonce: a WIMSE proof carries none",
             ));
@@ -375,7 +383,11 @@ impl<F: FetchTokens> LocalApi<F> {
             }
         };
         let headers = self
-            .wimse_headers_for(htu, token.as_ref().map(|(a, s)| (a, s)))
+            .wimse_headers_for(
+                htu,
+                token.as_ref().map(|(a, s)| (a, s)),
+                ask.txn_token.as_deref(),
+            )
             .await?;
         let mut answer = json!({
             "workload-identity-token": headers.wit,
@@ -388,7 +400,8 @@ impl<F: FetchTokens> LocalApi<F> {
     }
 
     /// WIMSE values for a request to `htu` (its `aud`): the sidecar's WIT,
-    /// a fresh WPT signed with the WIT's key, and, when `token` names an
+    /// a fresh WPT signed with the WIT's key (binding `txn_token`, the
+    /// request's `Txn-Token`, with `tth`), and, when `token` names an
     /// audience and scopes, the cached access token for them, bound to
     /// the same key and hashed into the WPT's `ath`.
     ///
@@ -400,6 +413,7 @@ impl<F: FetchTokens> LocalApi<F> {
         &self,
         htu: &NormalizedUri,
         token: Option<(&Audience, &Scopes)>,
+        txn_token: Option<&str>,
     ) -> Result<WimseHeaders, ApiError> {
         let wit = self.wit().await?;
         let token = match token {
@@ -429,7 +443,7 @@ impl<F: FetchTokens> LocalApi<F> {
                 aud: htu.as_str(),
                 wit: wit.wit.expose(),
                 access_token,
-                txn_token: None,
+                txn_token,
                 other: &[],
                 lifetime: WPT_LIFETIME,
             },

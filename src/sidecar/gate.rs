@@ -200,45 +200,51 @@ impl Gate {
             authorization: head.authorization,
             dpop: head.dpop,
         };
-        let caller = match credentials::wimse(head.authorization, head.dpop, head.wit, head.wpt)? {
-            Some(creds) => {
-                let holder = match head.hop {
-                    Hop::Mesh { peer, .. } => Some(&peer.spiffe_id),
-                    Hop::Claimed(principal) => Some(principal),
-                    Hop::Plain => None,
-                };
-                let request = WimseRequest {
-                    url: &target.url,
-                    txn_token: head.txn_token,
-                    headers: head.headers,
-                };
-                self.verifier.verify_wimse(
-                    &creds,
-                    &request,
-                    holder,
-                    &mesh.jwks,
-                    &mesh.wit_keys,
-                    now,
-                )?
-            }
-            None => Caller::Token(match head.hop {
-                Hop::Mesh { peer, tokens } => {
-                    self.verifier
-                        .verify_on_connection(&request, peer, tokens, &mesh.jwks, now)?
-                        .token
+        let (caller, wpt) =
+            match credentials::wimse(head.authorization, head.dpop, head.wit, head.wpt)? {
+                Some(creds) => {
+                    let holder = match head.hop {
+                        Hop::Mesh { peer, .. } => Some(&peer.spiffe_id),
+                        Hop::Claimed(principal) => Some(principal),
+                        Hop::Plain => None,
+                    };
+                    let request = WimseRequest {
+                        url: &target.url,
+                        txn_token: head.txn_token,
+                        headers: head.headers,
+                        authority_configured: !self.config.authorities.is_empty(),
+                    };
+                    let verified = self.verifier.verify_wimse(
+                        &creds,
+                        &request,
+                        holder,
+                        &mesh.jwks,
+                        &mesh.wit_keys,
+                        now,
+                    )?;
+                    (verified.caller, Some(verified.wpt))
                 }
-                Hop::Claimed(principal) => {
-                    self.verifier
-                        .verify_claimed(&request, principal, &mesh.jwks, now)?
-                        .token
-                }
-                Hop::Plain => {
-                    self.verifier
-                        .verify_parsed(&request, &mesh.jwks, now)?
-                        .token
-                }
-            }),
-        };
+                None => (
+                    Caller::Token(match head.hop {
+                        Hop::Mesh { peer, tokens } => {
+                            self.verifier
+                                .verify_on_connection(&request, peer, tokens, &mesh.jwks, now)?
+                                .token
+                        }
+                        Hop::Claimed(principal) => {
+                            self.verifier
+                                .verify_claimed(&request, principal, &mesh.jwks, now)?
+                                .token
+                        }
+                        Hop::Plain => {
+                            self.verifier
+                                .verify_parsed(&request, &mesh.jwks, now)?
+                                .token
+                        }
+                    }),
+                    None,
+                ),
+            };
         let stale = StaleRule {
             after: self.config.stale_after,
             deny_all: self.config.deny_when_stale,
@@ -253,6 +259,11 @@ impl Gate {
             &self.limits,
             now_ms,
         )?;
+        // A WPT is spent only for a request the verdict admits: a caller
+        // no rule admits fills no replay cache here.
+        if let Some(wpt) = wpt {
+            self.verifier.spend_wpt(wpt, now)?;
+        }
         Ok(Passed { allowed, target })
     }
 

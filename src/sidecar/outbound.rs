@@ -35,7 +35,7 @@ use super::cache::FetchTokens;
 use super::mesh_client::{DialError, MeshClient};
 use super::mtls::MeshTls;
 use super::proxy::{self, NextHop, ProxyBody};
-use crate::auth::credentials::{WIT_HEADER, WPT_HEADER};
+use crate::auth::credentials::{TXN_TOKEN_HEADER, WIT_HEADER, WPT_HEADER};
 use crate::dpop::NormalizedUri;
 use crate::identity::SpiffeId;
 use crate::metrics::CounterVec;
@@ -183,6 +183,12 @@ impl<F: FetchTokens> Outbound<F> {
             Ok(s) => s,
             Err(why) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", &why),
         };
+        // A WIMSE proof binds the app's Txn-Token (`tth`); the verifier
+        // refuses one the WPT does not bind.
+        let txn = match txn_token_of(&parts.headers) {
+            Ok(t) => t,
+            Err(why) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", why),
+        };
         parts.headers.remove(&SCOPE);
         proxy::strip_hop_by_hop(&mut parts.headers);
         // RFC 9112 §3.2.2: a proxy replaces `Host` with the target's
@@ -218,7 +224,17 @@ impl<F: FetchTokens> Outbound<F> {
                 .map(|d| d.audience())
                 .filter(|_| signed);
             return self
-                .forward_mtls(parts, body, server, audience, &scopes, proof)
+                .forward_mtls(
+                    parts,
+                    body,
+                    server,
+                    audience,
+                    &Credentials {
+                        scopes: &scopes,
+                        proof,
+                        txn,
+                    },
+                )
                 .await;
         }
         let Some(audience) = destination.map(|d| d.audience().clone()).filter(|_| signed) else {
@@ -267,7 +283,7 @@ impl<F: FetchTokens> Outbound<F> {
                     .map(|h| set_credentials(&mut parts.headers, &h)),
                 Proof::Wimse => self
                     .api
-                    .wimse_headers_for(&htu, wimse_token(&audience, &scopes))
+                    .wimse_headers_for(&htu, wimse_token(&audience, &scopes), txn.as_deref())
                     .await
                     .map(|h| set_wimse_credentials(&mut parts.headers, &h)),
             };
@@ -357,9 +373,9 @@ impl<F: FetchTokens> Outbound<F> {
         body: Incoming,
         server: &SpiffeId,
         audience: Option<&Audience>,
-        scopes: &Scopes,
-        proof: Proof,
+        credentials: &Credentials<'_>,
     ) -> (&'static str, Response<ProxyBody>) {
+        let Credentials { scopes, proof, txn } = credentials;
         let refuse = |status, code, text: &str| ("refused", proxy::refusal(status, code, text));
         let Some(authority) = parts.uri.authority().cloned() else {
             return refuse(
@@ -415,7 +431,7 @@ impl<F: FetchTokens> Outbound<F> {
                 Err(e) => return dial_refusal(&e),
             };
             if let Some(audience) = audience {
-                let set = match proof {
+                let set = match *proof {
                     Proof::Dpop => self
                         .api
                         .mesh_headers_for(&method, &htu, audience, scopes, lease.jkt())
@@ -423,7 +439,7 @@ impl<F: FetchTokens> Outbound<F> {
                         .map(|h| set_mesh_credentials(&mut parts.headers, &h)),
                     Proof::Wimse => self
                         .api
-                        .wimse_headers_for(&htu, wimse_token(audience, scopes))
+                        .wimse_headers_for(&htu, wimse_token(audience, scopes), txn.as_deref())
                         .await
                         .map(|h| set_wimse_credentials(&mut parts.headers, &h)),
                 };
@@ -604,6 +620,30 @@ fn set_credentials(headers: &mut http::HeaderMap, values: &RequestHeaders) {
     ) {
         headers.insert(header::AUTHORIZATION, auth);
         headers.insert("dpop", dpop);
+    }
+}
+
+/// What the outbound proxy puts on a request to a mapped destination.
+struct Credentials<'a> {
+    /// The scopes the app asked for (`x-tally-scope`).
+    scopes: &'a Scopes,
+    /// DPoP or WIMSE.
+    proof: Proof,
+    /// The app's `Txn-Token`, for a WIMSE proof to bind.
+    txn: Option<String>,
+}
+
+/// The app's `Txn-Token`, if it sent one (two are refused: a WPT binds
+/// one).
+fn txn_token_of(headers: &http::HeaderMap) -> Result<Option<String>, &'static str> {
+    let mut values = headers.get_all(TXN_TOKEN_HEADER).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some(one), None) => one
+            .to_str()
+            .map(|t| Some(t.trim().to_owned()))
+            .map_err(|_| "the Txn-Token header is not text"),
+        (Some(_), Some(_)) => Err("more than one Txn-Token header"),
     }
 }
 
