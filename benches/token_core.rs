@@ -224,5 +224,80 @@ fn replay(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, reference, proofs, tokens, requests, replay);
+/// The WIMSE request check (WIT, optional bound token, WPT, replay) on the
+/// same inputs as `request/*`: a WIT alone, and a WIT with the access
+/// token (cached), each with a fresh WPT per request.
+fn wimse(c: &mut Criterion) {
+    use tally::auth::credentials::WimseCredentials;
+    use tally::auth::wimse::WimseRequest;
+    use tally::wimse::{WitKeys, WptInput, wit, wpt};
+    let s = setup();
+    let mut config = VerifierConfig::new(token_config());
+    config.replay_capacity = 64 << 20;
+    let verifier = RequestVerifier::new(config).unwrap();
+    let wit_keys = WitKeys::from_jwks(&s.jwks);
+    let (minted, _) = wit::mint(
+        &s.signer,
+        &CALLER.parse().unwrap(),
+        s.client.signing_key().public_key(),
+        3_600,
+        NOW,
+    )
+    .unwrap();
+    let wit_text = minted.expose().to_owned();
+    let url = NormalizedUri::parse(URL).unwrap();
+    for (name, token) in [
+        ("wimse/full_check_wit_alone", None),
+        (
+            "wimse/full_check_wit_and_token_cached",
+            Some(s.token.as_str()),
+        ),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let wpts: Vec<String> = (0..iters)
+                    .map(|_| {
+                        let input = WptInput {
+                            aud: URL,
+                            wit: &wit_text,
+                            access_token: token,
+                            txn_token: None,
+                            other: &[],
+                            lifetime: 60,
+                        };
+                        wpt::mint(s.client.signing_key(), &input, NOW).unwrap()
+                    })
+                    .collect();
+                let headers: [(&str, &str); 0] = [];
+                let start = std::time::Instant::now();
+                for text in &wpts {
+                    let verified = verifier
+                        .verify_wimse(
+                            &WimseCredentials {
+                                wit: &wit_text,
+                                wpt: text,
+                                token,
+                            },
+                            &WimseRequest {
+                                url: &url,
+                                txn_token: &[],
+                                headers: &headers,
+                                authority_configured: true,
+                            },
+                            None,
+                            &s.jwks,
+                            &wit_keys,
+                            NOW,
+                        )
+                        .unwrap();
+                    verifier.spend_wpt(verified.wpt, NOW).unwrap();
+                    black_box(verified.caller);
+                }
+                start.elapsed()
+            })
+        });
+    }
+}
+
+criterion_group!(benches, reference, proofs, tokens, requests, replay, wimse);
 criterion_main!(benches);
