@@ -10,7 +10,7 @@
 
 use super::b64;
 use super::jwk::{Jkt, JwkError, PRIVATE_MEMBERS, member};
-use super::key::{KeyError, SignError, pkcs8_pem};
+use super::key::{KeyError, SignError, pkcs8_pem, split_private_jwk};
 use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair as _, ParsedPublicKey};
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use rustls_pki_types::pem::PemObject;
@@ -211,21 +211,9 @@ impl Ed25519SigningKey {
     /// [`KeyError::PrivateJwk`] naming what is wrong, or
     /// [`KeyError::Public`] for a bad public half.
     pub fn from_jwk(value: &Value) -> Result<Self, KeyError> {
-        let map = value
-            .as_object()
-            .ok_or(KeyError::PrivateJwk("not a JSON object"))?;
-        let d = map
-            .get("d")
-            .and_then(Value::as_str)
-            .ok_or(KeyError::PrivateJwk("no d member"))?;
-        let d = Zeroizing::new(
-            b64::decode_array::<32>(d.as_bytes())
-                .map_err(|_| KeyError::PrivateJwk("d is not 32 bytes of canonical base64url"))?,
-        );
         // The public half is checked as any public key would be.
-        let mut public = map.clone();
-        public.remove("d");
-        let public = Ed25519PublicKey::from_jwk(&Value::Object(public))?;
+        let (d, public) = split_private_jwk(value)?;
+        let public = Ed25519PublicKey::from_jwk(&public)?;
         let pair = Ed25519KeyPair::from_seed_and_public_key(d.as_slice(), public.as_bytes())
             .map_err(|_| KeyError::PrivateJwk("d does not belong to x"))?;
         Self::from_pair(pair)

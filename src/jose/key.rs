@@ -86,20 +86,8 @@ impl SigningKey {
     /// [`KeyError::PrivateJwk`] naming what is wrong, or
     /// [`KeyError::Public`] for a bad public half.
     pub fn from_jwk(value: &Value) -> Result<Self, KeyError> {
-        let map = value
-            .as_object()
-            .ok_or(KeyError::PrivateJwk("not a JSON object"))?;
-        let d = map
-            .get("d")
-            .and_then(Value::as_str)
-            .ok_or(KeyError::PrivateJwk("no d member"))?;
-        let d = Zeroizing::new(
-            b64::decode_array::<32>(d.as_bytes())
-                .map_err(|_| KeyError::PrivateJwk("d is not 32 bytes of canonical base64url"))?,
-        );
-        let mut public = map.clone();
-        public.remove("d");
-        let public = PublicKey::from_jwk(&Value::Object(public))?;
+        let (d, public) = split_private_jwk(value)?;
+        let public = PublicKey::from_jwk(&public)?;
         let pair = EcdsaKeyPair::from_private_key_and_public_key(
             &ECDSA_P256_SHA256_FIXED_SIGNING,
             d.as_slice(),
@@ -194,6 +182,29 @@ impl fmt::Debug for SigningKey {
 fn base64_std(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A private JWK's 32-byte `d` and the JWK without it (its public half,
+/// to be checked as any public key is).
+///
+/// # Errors
+/// [`KeyError::PrivateJwk`] when it is not an object or `d` is not 32
+/// bytes of canonical base64url.
+pub(crate) fn split_private_jwk(value: &Value) -> Result<(Zeroizing<[u8; 32]>, Value), KeyError> {
+    let map = value
+        .as_object()
+        .ok_or(KeyError::PrivateJwk("not a JSON object"))?;
+    let d = map
+        .get("d")
+        .and_then(Value::as_str)
+        .ok_or(KeyError::PrivateJwk("no d member"))?;
+    let d = Zeroizing::new(
+        b64::decode_array::<32>(d.as_bytes())
+            .map_err(|_| KeyError::PrivateJwk("d is not 32 bytes of canonical base64url"))?,
+    );
+    let mut public = map.clone();
+    public.remove("d");
+    Ok((d, Value::Object(public)))
 }
 
 #[cfg(test)]
