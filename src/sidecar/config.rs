@@ -72,9 +72,10 @@ pub struct SidecarFlags {
     #[arg(long = "allow-uid", env = "TALLY_ALLOW_UIDS", value_delimiter = ',')]
     pub allow_uids: Vec<u32>,
     /// YAML mapping of HOST:PORT (or HOST:* for every port) to audience,
-    /// or to {audience: A, mtls: true|false}, for /v1/authorize and the
-    /// outbound proxy; mtls (default: true when the audience is a
-    /// workload's SPIFFE ID) dials the destination with mutual TLS.
+    /// or to {audience: A, mtls: true|false, proof: dpop|wimse}, for
+    /// /v1/authorize and the outbound proxy; mtls (default: true when the
+    /// audience is a workload's SPIFFE ID) dials the destination with
+    /// mutual TLS; proof wimse (default dpop) sends a WIMSE WIT and WPT.
     #[arg(long, env = "TALLY_SERVICE_MAP")]
     pub service_map: Option<PathBuf>,
     /// Inbound verifying proxy address, e.g. 0.0.0.0:15006 (needs --upstream).
