@@ -374,6 +374,34 @@ async fn a_revoked_wit_is_refused_and_its_holder_fetches_another() {
     assert_eq!(refused.status, 401, "{:?}", refused.body);
     assert_eq!(refused.json()["error"], "invalid_wit");
     assert_eq!(refused.header("www-authenticate"), Some("WPT"));
+    // The refusal reaches the broker's audit log under the WIT's claims.
+    let wit_text = header(&held, "workload-identity-token").to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let failure: serde_json::Value = loop {
+        let found = mesh
+            .broker
+            .broker
+            .lookup_token(&wit_text)
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(r) = found
+            .records
+            .iter()
+            .find(|r| r.kind == "token.verify_failure")
+        {
+            break serde_json::from_str(&r.line).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no failure reported");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(failure["reason"], "revoked");
+    assert_eq!(failure["claimed_sub"], CHECKOUT);
+    assert_eq!(failure["jti"], jti.as_str());
+    assert!(
+        !failure.to_string().contains(&wit_text),
+        "no WIT in the audit log"
+    );
 
     let fresh = authorize(&socket, "GET", &url, None).await;
     let new_jti = claims(header(&fresh, "workload-identity-token"))["jti"].clone();

@@ -111,10 +111,12 @@ impl RequestVerifier {
     ) -> Result<VerifiedWimse, AuthError> {
         let config = self.config();
         let wit = wimse::wit::verify(creds.wit, wit_keys, now, &config.wit, &mut ())?;
+        // The mesh judges SPIFFE IDs: a WIT naming anything else is
+        // refused as the WIT's fault, whatever `require_spiffe` says.
         let sub = wit
             .spiffe_id
             .clone()
-            .ok_or(AuthError::Request(RequestError::Malformed))?;
+            .ok_or(wimse::WitError::SubNotUri("not a SPIFFE ID"))?;
         if holder.is_some_and(|h| *h != sub) {
             return Err(AuthError::NotThePeer);
         }

@@ -268,24 +268,36 @@ impl Gate {
     }
 
     /// Notes `refusal` of a request (`method`, `path` as sent, its
-    /// `Authorization` values) for the audit log when it is the caller's
-    /// failure, and gives its answer at `now` (Unix seconds), through the
-    /// one mapping in [`mod@crate::auth::answer`].
+    /// `Authorization` and `Workload-Identity-Token` values) for the audit
+    /// log when it is the caller's failure, and gives its answer at `now`
+    /// (Unix seconds), through the one mapping in
+    /// [`mod@crate::auth::answer`].
     pub fn refuse(
         &self,
         method: &str,
         path: &str,
         authorization: &[&[u8]],
+        wit: &[&[u8]],
         refusal: &Refusal,
         now: u64,
     ) -> HttpAnswer {
         if refusal.is_callers_failure() {
-            // Only the claims a token names are kept (see `Failure`).
-            let token = authorization
-                .first()
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.split_once(' '))
-                .map(|(_, t)| t.trim());
+            // Only the claims a token names are kept (see `Failure`): the
+            // WIT's for a WIMSE request, else the access token's (never a
+            // WPT's, which names no holder).
+            fn text<'a>(v: &&'a [u8]) -> Option<&'a str> {
+                std::str::from_utf8(v).ok()
+            }
+            let token = wit.first().and_then(text).or_else(|| {
+                authorization
+                    .first()
+                    .and_then(text)
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| {
+                        scheme.eq_ignore_ascii_case("DPoP") || scheme.eq_ignore_ascii_case("Bearer")
+                    })
+                    .map(|(_, t)| t.trim())
+            });
             self.failures
                 .note(Failure::new(refusal.reason(), method, path, token), now);
         }

@@ -403,10 +403,17 @@ impl Inbound {
             .iter()
             .map(HeaderValue::as_bytes)
             .collect();
+        let wit: Vec<&[u8]> = req
+            .headers()
+            .get_all(WIT_HEADER)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
         let answer = self.gate.refuse(
             req.method().as_str(),
             req.uri().path(),
             &authorization,
+            &wit,
             refusal,
             now,
         );

@@ -160,18 +160,20 @@ impl ExtAuthz {
                 reply::admitted(ours, tally_headers, self.config.pass_credentials)
             }
             Err(refusal) => {
-                let (method, path, authorization) = match &described {
+                let (method, path, authorization, wit) = match &described {
                     Ok(d) => (
                         d.method.as_str(),
                         d.path.as_str(),
                         d.authorization.as_slice(),
+                        d.wit.as_slice(),
                     ),
-                    Err(_) => ("", "", &[][..]),
+                    Err(_) => ("", "", &[][..], &[][..]),
                 };
                 let authorization: Vec<&[u8]> = authorization.iter().map(Vec::as_slice).collect();
+                let wit: Vec<&[u8]> = wit.iter().map(Vec::as_slice).collect();
                 let answer =
                     self.gate
-                        .refuse(method, path, &authorization, &refusal, now_ms / 1000);
+                        .refuse(method, path, &authorization, &wit, &refusal, now_ms / 1000);
                 tracing::debug!(
                     reason = refusal.reason(),
                     status = answer.status,
