@@ -61,7 +61,8 @@ pub struct Described {
     pub wpt: Vec<Vec<u8>>,
     /// Every `Txn-Token` value, a comma-joined one split.
     pub txn_token: Vec<Vec<u8>>,
-    /// Every header line (lower-cased name, value), for a WPT's `oth`.
+    /// Every header line (lower-cased name, value), for a WPT's `oth`:
+    /// empty unless the check carries WIMSE credentials.
     pub fields: Vec<(String, Vec<u8>)>,
     /// Names of the `x-tally-*` headers the request carries (the app must
     /// not receive them from outside).
@@ -128,6 +129,17 @@ pub fn describe(check: &CheckRequest) -> Result<Described, ForwardedError> {
         .filter(|s| !s.certificate.is_empty())
         .map(|s| percent_decode(&s.certificate))
         .transpose()?;
+    let (wit, wpt) = (
+        headers.credentials(WIT_HEADER),
+        headers.credentials(WPT_HEADER),
+    );
+    // Every line is copied only for a WIMSE check (a WPT's `oth` may name
+    // any of them); a DPoP check pays nothing for it.
+    let fields = if wit.is_empty() && wpt.is_empty() {
+        Vec::new()
+    } else {
+        headers.fields()
+    };
     Ok(Described {
         method: http.method.clone(),
         scheme,
@@ -135,10 +147,10 @@ pub fn describe(check: &CheckRequest) -> Result<Described, ForwardedError> {
         path: path.to_owned(),
         authorization: headers.credentials(AUTHORIZATION),
         dpop: headers.credentials(DPOP),
-        wit: headers.credentials(WIT_HEADER),
-        wpt: headers.credentials(WPT_HEADER),
+        wit,
+        wpt,
         txn_token: headers.credentials(TXN_TOKEN_HEADER),
-        fields: headers.fields(),
+        fields,
         tally_headers: headers.tally_names(),
         principal,
         certificate,
